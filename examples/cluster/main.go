@@ -1,0 +1,286 @@
+// Command cluster builds an N-node flannel cluster on this machine out of
+// network namespaces, runs one Agent per node in this process, starts one pod
+// per node, and checks that every pod reaches every other pod over ICMP and
+// TCP. It prints a table and exits 0 only if every pair passed.
+//
+//	go run ./examples/cluster -nodes 3 -backend host-gw
+//
+// It needs root and nothing else: no etcd, no Kubernetes, no containers.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/netip"
+	"os"
+	"os/signal"
+	"syscall"
+	"text/tabwriter"
+	"time"
+
+	"golang.org/x/sync/errgroup"
+
+	"github.com/flannelkit/flannel"
+	"github.com/flannelkit/flannel/backend"
+	"github.com/flannelkit/flannel/hostgw"
+	"github.com/flannelkit/flannel/internal/netlab"
+	"github.com/flannelkit/flannel/lease"
+	"github.com/flannelkit/flannel/lease/memstore"
+)
+
+func main() {
+	if err := run(); err != nil {
+		fmt.Fprintln(os.Stderr, "cluster:", err)
+		os.Exit(1)
+	}
+}
+
+type options struct {
+	nodes   int
+	backend string
+	store   string
+	keep    bool
+	verbose bool
+	ipv6    bool
+	ipv4    bool
+}
+
+func run() error {
+	var o options
+	flag.IntVar(&o.nodes, "nodes", 3, "number of nodes")
+	flag.StringVar(&o.backend, "backend", "host-gw", "dataplane: host-gw")
+	flag.StringVar(&o.store, "store", "memory", "lease store: memory")
+	flag.BoolVar(&o.ipv4, "ipv4", true, "enable IPv4 pod network")
+	flag.BoolVar(&o.ipv6, "ipv6", false, "enable IPv6 pod network")
+	flag.BoolVar(&o.keep, "keep", false, "stay up until interrupted, to look around")
+	flag.BoolVar(&o.verbose, "v", false, "log agent activity to stderr")
+	flag.Parse()
+	if o.nodes < 1 || o.nodes > 200 {
+		return fmt.Errorf("-nodes %d: want 1..200", o.nodes)
+	}
+	if o.store != "memory" {
+		return fmt.Errorf("-store %q: only \"memory\" is available", o.store)
+	}
+	if !o.ipv4 && !o.ipv6 {
+		return errors.New("-ipv4=false and -ipv6=false: enable at least one family")
+	}
+	if os.Geteuid() != 0 {
+		return errors.New("needs root (network namespaces)")
+	}
+
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	start := time.Now()
+
+	logOut := io.Discard
+	if o.verbose {
+		logOut = os.Stderr
+	}
+	log := slog.New(slog.NewTextHandler(logOut, &slog.HandlerOptions{Level: slog.LevelDebug}))
+
+	cfg, err := lease.ParseConfig(netConf(o))
+	if err != nil {
+		return err
+	}
+	reg := backend.NewRegistry()
+	if err := reg.Register("host-gw", hostgw.FromConfig); err != nil {
+		return err
+	}
+
+	lab, err := netlab.New(netlab.Options{Nodes: o.nodes, IPv4: o.ipv4, IPv6: o.ipv6})
+	if err != nil {
+		return fmt.Errorf("build topology: %w", err)
+	}
+	defer func() {
+		if err := lab.Close(); err != nil {
+			fmt.Fprintln(os.Stderr, "cluster: teardown:", err)
+		}
+	}()
+
+	store := memstore.New(cfg, memstore.Options{Logger: log})
+	agents := make([]*flannel.Agent, len(lab.Nodes))
+	for i, n := range lab.Nodes {
+		be, err := reg.New(cfg)
+		if err != nil {
+			return err
+		}
+		iface, err := backend.FindInterface(n.Handle, backend.InterfaceOptions{IPv4: o.ipv4, IPv6: o.ipv6})
+		if err != nil {
+			return fmt.Errorf("node %s: %w", n.Name, err)
+		}
+		agents[i], err = flannel.NewAgent(flannel.AgentOptions{
+			Store:   store,
+			Backend: be,
+			Iface:   iface,
+			Handle:  n.Handle,
+			NS:      n.NS,
+			Logger:  log.With("node", n.Name),
+		})
+		if err != nil {
+			return fmt.Errorf("node %s: %w", n.Name, err)
+		}
+	}
+
+	runCtx, cancelAgents := context.WithCancel(ctx)
+	g, gctx := errgroup.WithContext(runCtx)
+	for _, a := range agents {
+		g.Go(func() error { return a.Run(gctx) })
+	}
+	// The agents stop, and their goroutines are joined, on every return path.
+	defer func() {
+		cancelAgents()
+		if err := g.Wait(); err != nil {
+			fmt.Fprintln(os.Stderr, "cluster: agent:", err)
+		}
+	}()
+
+	readyCtx, cancelReady := context.WithTimeout(gctx, 60*time.Second)
+	defer cancelReady()
+	for i, a := range agents {
+		select {
+		case <-a.Ready():
+		case <-readyCtx.Done():
+			return fmt.Errorf("node %s not ready: %w", lab.Nodes[i].Name, context.Cause(readyCtx))
+		}
+	}
+	// Every agent is ready; wait until each has programmed all the others.
+	for i, a := range agents {
+		for a.State().Peers < len(agents)-1 {
+			select {
+			case <-readyCtx.Done():
+				return fmt.Errorf("node %s sees %d of %d peers", lab.Nodes[i].Name, a.State().Peers, len(agents)-1)
+			case <-time.After(50 * time.Millisecond):
+			}
+		}
+	}
+
+	pods := make([]*netlab.Pod, len(lab.Nodes))
+	for i, n := range lab.Nodes {
+		st := agents[i].State()
+		pods[i], err = n.AddPod("pod0", st.Lease.Subnet, st.Lease.IPv6Subnet)
+		if err != nil {
+			return fmt.Errorf("node %s: add pod: %w", n.Name, err)
+		}
+	}
+
+	ok := checkAll(ctx, os.Stdout, lab, agents, pods)
+	fmt.Printf("\n%d nodes, backend %s, store %s: %s in %s\n", o.nodes, o.backend, o.store,
+		map[bool]string{true: "all pairs reachable", false: "SOME PAIRS FAILED"}[ok], time.Since(start).Round(time.Millisecond))
+
+	if o.keep {
+		fmt.Println("\nStaying up until interrupted. Enter a pod with:")
+		for _, p := range pods {
+			fmt.Printf("  ip netns exec %s sh    # %s\n", p.Name, addrs(p.IP, p.IPv6))
+		}
+		<-ctx.Done()
+	}
+	if !ok {
+		return errors.New("not every pod pair could reach each other")
+	}
+	return nil
+}
+
+func netConf(o options) []byte {
+	conf := `{"EnableIPv4": ` + fmt.Sprint(o.ipv4) + `, "EnableIPv6": ` + fmt.Sprint(o.ipv6)
+	if o.ipv4 {
+		conf += `, "Network": "10.244.0.0/16"`
+	}
+	if o.ipv6 {
+		conf += `, "IPv6Network": "fd00:10:244::/56"`
+	}
+	return []byte(conf + `, "Backend": {"Type": "` + o.backend + `"}}`)
+}
+
+// checkAll checks every ordered pod pair over ICMP and TCP (per family) and
+// prints the node table and the reachability matrix.
+func checkAll(ctx context.Context, out io.Writer, lab *netlab.Lab, agents []*flannel.Agent, pods []*netlab.Pod) bool {
+	tw := tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "NODE\tSUBNET\tPUBLIC IP\tMTU\tPOD")
+	for i, n := range lab.Nodes {
+		st := agents[i].State()
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\n", n.Name, st.Lease, addrs(st.Lease.Attrs.PublicIP, st.Lease.Attrs.PublicIPv6), st.MTU, addrs(pods[i].IP, pods[i].IPv6))
+	}
+	tw.Flush()
+
+	res := make([][]error, len(pods))
+	g, gctx := errgroup.WithContext(ctx)
+	g.SetLimit(8)
+	for i := range pods {
+		res[i] = make([]error, len(pods))
+		for j := range pods {
+			if i == j {
+				continue
+			}
+			g.Go(func() error {
+				res[i][j] = checkPair(gctx, pods[i], pods[j])
+				return nil
+			})
+		}
+	}
+	_ = g.Wait()
+
+	fmt.Fprintln(out)
+	header := "FROM \\ TO"
+	for _, n := range lab.Nodes {
+		header += "\t" + n.Name
+	}
+	fmt.Fprintln(tw, header)
+	ok := true
+	var failures []string
+	for i, n := range lab.Nodes {
+		row := n.Name
+		for j := range lab.Nodes {
+			switch {
+			case i == j:
+				row += "\t-"
+			case res[i][j] == nil:
+				row += "\tok"
+			default:
+				ok = false
+				row += "\tFAIL"
+				failures = append(failures, fmt.Sprintf("%s -> %s: %v", n.Name, lab.Nodes[j].Name, res[i][j]))
+			}
+		}
+		fmt.Fprintln(tw, row)
+	}
+	tw.Flush()
+	for _, f := range failures {
+		fmt.Fprintln(out, "  ", f)
+	}
+	return ok
+}
+
+// checkPair sends ICMP echo and a TCP payload from one pod to another, on
+// every address family the destination has.
+func checkPair(ctx context.Context, from, to *netlab.Pod) error {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	var errs []error
+	for _, dst := range []netip.Addr{to.IP, to.IPv6} {
+		if !dst.IsValid() {
+			continue
+		}
+		if err := from.Ping(ctx, dst); err != nil {
+			errs = append(errs, fmt.Errorf("icmp %s: %w", dst, err))
+		}
+		if err := from.TCPCheck(ctx, to, dst); err != nil {
+			errs = append(errs, fmt.Errorf("tcp %s: %w", dst, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func addrs(a, b netip.Addr) string {
+	switch {
+	case a.IsValid() && b.IsValid():
+		return a.String() + "," + b.String()
+	case b.IsValid():
+		return b.String()
+	default:
+		return a.String()
+	}
+}
