@@ -1,0 +1,13 @@
+// Package backend holds the dataplane machinery that every backend (host-gw,
+// vxlan, ipsec) shares: finding the node's external interface
+// (FindInterface), a level-triggered route reconciler that only touches
+// routes marked with RouteProtocol (DiffRoutes, RouteReconciler), netlink dump
+// helpers that retry on netlink.ErrDumpInterrupted (ListLinks, ListAddrs,
+// ListRoutes, ListNeighs), running code inside a network namespace on a
+// locked thread (InNamespace, SetSysctl), and a Registry that maps
+// net-conf.json backend types to constructors.
+//
+// It is not a backend itself and holds no state of its own: there is no
+// global registry, no package-level handle, and every kernel operation goes
+// through a *netlink.Handle (or namespace handle) that the caller passes in.
+package backend

@@ -1,0 +1,97 @@
+package backend
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strings"
+
+	"github.com/vishvananda/netns"
+)
+
+// InNamespace runs fn on a locked OS thread switched into ns, for what has
+// no namespace-bound handle (sysctls, sockets opened in the namespace). It
+// runs fn on a goroutine of its own and waits for it: if switching the
+// thread back fails, that goroutine exits still locked, so the runtime
+// destroys the thread instead of reusing it in the wrong namespace. The
+// error joins fn's error with any failure to switch.
+func InNamespace(ns netns.NsHandle, fn func() error) error {
+	if !ns.IsOpen() {
+		return errors.New("run in namespace: namespace handle is not open")
+	}
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		orig, err := netns.Get()
+		if err != nil {
+			runtime.UnlockOSThread()
+			errc <- fmt.Errorf("run in namespace: get current namespace: %w", err)
+			return
+		}
+		defer orig.Close()
+		if err := netns.Set(ns); err != nil {
+			// setns failed, so the thread is still where it was.
+			runtime.UnlockOSThread()
+			errc <- fmt.Errorf("run in namespace %s: %w", ns, err)
+			return
+		}
+		ferr := fn()
+		if err := netns.Set(orig); err != nil {
+			// Leave the thread locked: it dies with this goroutine.
+			errc <- errors.Join(ferr, fmt.Errorf("run in namespace %s: switch back: %w", ns, err))
+			return
+		}
+		runtime.UnlockOSThread()
+		errc <- ferr
+	}()
+	return <-errc
+}
+
+// sysctlPath turns "net.ipv4.ip_forward", "net/ipv4/ip_forward" or
+// "/proc/sys/net/ipv4/ip_forward" into the /proc/sys path. Dotted names
+// cannot hold interface names with dots; use slashes for those.
+func sysctlPath(name string) (string, error) {
+	p := strings.TrimPrefix(name, "/proc/sys/")
+	if !strings.Contains(p, "/") {
+		p = strings.ReplaceAll(p, ".", "/")
+	}
+	p = filepath.Clean("/proc/sys/" + p)
+	if !strings.HasPrefix(p, "/proc/sys/") {
+		return "", fmt.Errorf("sysctl %q: not under /proc/sys", name)
+	}
+	return p, nil
+}
+
+// SetSysctl writes value to the sysctl path (e.g. "net/ipv4/ip_forward" or
+// "net.ipv4.ip_forward") inside ns. It does nothing to any other namespace.
+func SetSysctl(ns netns.NsHandle, path, value string) error {
+	p, err := sysctlPath(path)
+	if err != nil {
+		return err
+	}
+	err = InNamespace(ns, func() error { return os.WriteFile(p, []byte(value), 0o644) })
+	if err != nil {
+		return fmt.Errorf("set sysctl %s=%s: %w", path, value, err)
+	}
+	return nil
+}
+
+// GetSysctl reads the sysctl path inside ns, without the trailing newline.
+func GetSysctl(ns netns.NsHandle, path string) (string, error) {
+	p, err := sysctlPath(path)
+	if err != nil {
+		return "", err
+	}
+	var out []byte
+	err = InNamespace(ns, func() error {
+		var rerr error
+		out, rerr = os.ReadFile(p)
+		return rerr
+	})
+	if err != nil {
+		return "", fmt.Errorf("read sysctl %s: %w", path, err)
+	}
+	return strings.TrimSpace(string(out)), nil
+}
