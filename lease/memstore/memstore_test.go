@@ -1,0 +1,395 @@
+package memstore_test
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"go.uber.org/goleak"
+
+	"github.com/flannelkit/flannel/lease"
+	"github.com/flannelkit/flannel/lease/memstore"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+func mustConfig(t *testing.T, js string) lease.Config {
+	t.Helper()
+	cfg, err := lease.ParseConfig([]byte(js))
+	require.NoError(t, err)
+	return cfg
+}
+
+func attrs(ip string) lease.Attrs {
+	return lease.Attrs{PublicIP: netip.MustParseAddr(ip), BackendType: "host-gw"}
+}
+
+func nodeIP(i int) string { return fmt.Sprintf("192.168.%d.%d", i/250, i%250+1) }
+
+func TestAcquireConcurrentDistinct(t *testing.T) {
+	t.Parallel()
+	// 10.10.0.0/22 in /28s: 63 subnets after the reserved first one.
+	cfg := mustConfig(t, `{"Network":"10.10.0.0/22","SubnetLen":28,"IPv6Network":"fd00:10::/56","EnableIPv6":true}`)
+	s := memstore.New(cfg, memstore.Options{})
+	const n = 50
+	got := make([]lease.Lease, n)
+	errs := make([]error, n)
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Go(func() {
+			got[i], errs[i] = s.Acquire(t.Context(), lease.Request{Attrs: attrs(nodeIP(i))})
+		})
+	}
+	wg.Wait()
+	seen4 := map[netip.Prefix]bool{}
+	seen6 := map[netip.Prefix]bool{}
+	for i := range n {
+		require.NoError(t, errs[i])
+		require.NoError(t, cfg.CheckLease(got[i]))
+		assert.False(t, seen4[got[i].Subnet], "duplicate %s", got[i].Subnet)
+		assert.False(t, seen6[got[i].IPv6Subnet], "duplicate %s", got[i].IPv6Subnet)
+		seen4[got[i].Subnet], seen6[got[i].IPv6Subnet] = true, true
+	}
+	assert.Len(t, s.Leases(), n)
+}
+
+func TestAcquireExhaustion(t *testing.T) {
+	t.Parallel()
+	// /28 in /30s: 3 subnets (the first is skipped by SubnetMin's default).
+	cfg := mustConfig(t, `{"Network":"10.20.0.0/28","SubnetLen":30}`)
+	s := memstore.New(cfg, memstore.Options{})
+	held := 0
+	for i := range 10 {
+		_, err := s.Acquire(t.Context(), lease.Request{Attrs: attrs(nodeIP(i))})
+		if err != nil {
+			assert.ErrorIs(t, err, lease.ErrNoFreeSubnet)
+			assert.Contains(t, err.Error(), nodeIP(i), "error names the node")
+			break
+		}
+		held++
+	}
+	assert.Equal(t, 3, held)
+
+	// Freeing one makes room again.
+	require.True(t, s.Remove(s.Leases()[0].Subnet))
+	_, err := s.Acquire(t.Context(), lease.Request{Attrs: attrs("10.99.0.1")})
+	require.NoError(t, err)
+}
+
+func TestAcquireReclaimAndPrevious(t *testing.T) {
+	t.Parallel()
+	cfg := mustConfig(t, `{"Network":"10.30.0.0/16"}`)
+	tests := []struct {
+		name string
+		run  func(t *testing.T, s *memstore.Store)
+	}{
+		{
+			name: "reclaim by public ip updates attrs",
+			run: func(t *testing.T, s *memstore.Store) {
+				a := attrs("192.0.2.1")
+				first, err := s.Acquire(t.Context(), lease.Request{Attrs: a})
+				require.NoError(t, err)
+				a.BackendData = []byte(`{"VNI":1}`)
+				again, err := s.Acquire(t.Context(), lease.Request{
+					Attrs:    a,
+					Previous: lease.Lease{Subnet: netip.MustParsePrefix("10.30.200.0/24")}, // reclaim wins
+				})
+				require.NoError(t, err)
+				assert.Equal(t, first.Subnet, again.Subnet)
+				assert.JSONEq(t, `{"VNI":1}`, string(again.Attrs.BackendData))
+				require.Len(t, s.Leases(), 1)
+				assert.JSONEq(t, `{"VNI":1}`, string(s.Leases()[0].Attrs.BackendData))
+			},
+		},
+		{
+			name: "previous honoured when free",
+			run: func(t *testing.T, s *memstore.Store) {
+				prev := lease.Lease{Subnet: netip.MustParsePrefix("10.30.77.0/24")}
+				got, err := s.Acquire(t.Context(), lease.Request{Attrs: attrs("192.0.2.2"), Previous: prev})
+				require.NoError(t, err)
+				assert.Equal(t, prev.Subnet, got.Subnet)
+			},
+		},
+		{
+			name: "previous taken by another node",
+			run: func(t *testing.T, s *memstore.Store) {
+				prev := lease.Lease{Subnet: netip.MustParsePrefix("10.30.78.0/24")}
+				other, err := s.Acquire(t.Context(), lease.Request{Attrs: attrs("192.0.2.3"), Previous: prev})
+				require.NoError(t, err)
+				require.Equal(t, prev.Subnet, other.Subnet)
+				got, err := s.Acquire(t.Context(), lease.Request{Attrs: attrs("192.0.2.4"), Previous: prev})
+				require.NoError(t, err)
+				assert.NotEqual(t, prev.Subnet, got.Subnet)
+			},
+		},
+		{
+			name: "previous outside the network ignored",
+			run: func(t *testing.T, s *memstore.Store) {
+				prev := lease.Lease{Subnet: netip.MustParsePrefix("10.99.1.0/24")}
+				got, err := s.Acquire(t.Context(), lease.Request{Attrs: attrs("192.0.2.5"), Previous: prev})
+				require.NoError(t, err)
+				require.NoError(t, cfg.CheckLease(got))
+			},
+		},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			tc.run(t, memstore.New(cfg, memstore.Options{}))
+		})
+	}
+}
+
+func TestAcquireReclaimIPv6Only(t *testing.T) {
+	t.Parallel()
+	cfg := mustConfig(t, `{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:40::/56"}`)
+	s := memstore.New(cfg, memstore.Options{})
+	a := lease.Attrs{PublicIPv6: netip.MustParseAddr("fd00::1"), BackendType: "host-gw"}
+	first, err := s.Acquire(t.Context(), lease.Request{Attrs: a})
+	require.NoError(t, err)
+	require.True(t, first.IPv6Subnet.IsValid())
+	assert.False(t, first.Subnet.IsValid())
+	again, err := s.Acquire(t.Context(), lease.Request{Attrs: a})
+	require.NoError(t, err)
+	assert.True(t, first.SameSubnets(again))
+	assert.Len(t, s.Leases(), 1)
+}
+
+// watcher collects snapshots from Watch in the background.
+type watcher struct {
+	mu    sync.Mutex
+	snaps []lease.Snapshot
+	wake  chan struct{}
+}
+
+func startWatch(t *testing.T, s *memstore.Store) (*watcher, func()) {
+	w := &watcher{wake: make(chan struct{}, 1)}
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan error, 1)
+	go func() {
+		done <- s.Watch(ctx, func(sn lease.Snapshot) {
+			w.mu.Lock()
+			w.snaps = append(w.snaps, sn)
+			w.mu.Unlock()
+			select {
+			case w.wake <- struct{}{}:
+			default:
+			}
+		})
+	}()
+	return w, func() {
+		cancel()
+		require.NoError(t, <-done)
+	}
+}
+
+// waitFor waits until the latest snapshot satisfies ok.
+func (w *watcher) waitFor(t *testing.T, ok func(lease.Snapshot) bool) lease.Snapshot {
+	t.Helper()
+	timeout := time.After(10 * time.Second)
+	for {
+		w.mu.Lock()
+		var last lease.Snapshot
+		have := len(w.snaps) > 0
+		if have {
+			last = w.snaps[len(w.snaps)-1]
+		}
+		w.mu.Unlock()
+		if have && ok(last) {
+			return last
+		}
+		select {
+		case <-w.wake:
+		case <-timeout:
+			t.Fatalf("snapshot condition not met; last: %+v", last)
+		}
+	}
+}
+
+func subnets(sn lease.Snapshot) []string {
+	var out []string
+	for _, l := range sn.Leases {
+		out = append(out, l.Subnet.String())
+	}
+	return out
+}
+
+func TestWatchSeesAddAndRemove(t *testing.T) {
+	t.Parallel()
+	cfg := mustConfig(t, `{"Network":"10.50.0.0/16"}`)
+	s := memstore.New(cfg, memstore.Options{})
+	a, err := s.Acquire(t.Context(), lease.Request{Attrs: attrs("192.0.2.1"), Previous: lease.Lease{Subnet: netip.MustParsePrefix("10.50.1.0/24")}})
+	require.NoError(t, err)
+
+	w, stop := startWatch(t, s)
+	defer stop()
+	first := w.waitFor(t, func(sn lease.Snapshot) bool { return true })
+	assert.True(t, first.Resync, "first snapshot is a resync")
+	assert.Equal(t, []string{"10.50.1.0/24"}, subnets(first))
+
+	b, err := s.Acquire(t.Context(), lease.Request{Attrs: attrs("192.0.2.2"), Previous: lease.Lease{Subnet: netip.MustParsePrefix("10.50.2.0/24")}})
+	require.NoError(t, err)
+	sn := w.waitFor(t, func(sn lease.Snapshot) bool { return len(sn.Leases) == 2 })
+	assert.False(t, sn.Resync)
+	assert.Equal(t, []string{"10.50.1.0/24", "10.50.2.0/24"}, subnets(sn))
+
+	require.True(t, s.Remove(a.Subnet))
+	assert.False(t, s.Remove(a.Subnet), "already gone")
+	sn = w.waitFor(t, func(sn lease.Snapshot) bool { return len(sn.Leases) == 1 })
+	assert.Equal(t, []string{b.Subnet.String()}, subnets(sn))
+
+	require.NoError(t, s.Release(t.Context(), b))
+	w.waitFor(t, func(sn lease.Snapshot) bool { return len(sn.Leases) == 0 })
+}
+
+func TestWatchSlowConsumerCoalesces(t *testing.T) {
+	t.Parallel()
+	cfg := mustConfig(t, `{"Network":"10.60.0.0/16"}`)
+	s := memstore.New(cfg, memstore.Options{})
+	release := make(chan struct{})
+	var calls atomic.Int32
+	var last atomic.Int32
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan error, 1)
+	go func() {
+		done <- s.Watch(ctx, func(sn lease.Snapshot) {
+			if calls.Add(1) == 1 {
+				<-release // the first callback blocks
+			}
+			last.Store(int32(len(sn.Leases)))
+		})
+	}()
+	// While the watcher is stuck, the store keeps working (its lock is not
+	// held across fn).
+	for i := range 20 {
+		_, err := s.Acquire(t.Context(), lease.Request{Attrs: attrs(nodeIP(i))})
+		require.NoError(t, err)
+	}
+	close(release)
+	require.Eventually(t, func() bool { return last.Load() == 20 }, 10*time.Second, time.Millisecond)
+	cancel()
+	require.NoError(t, <-done)
+	assert.Less(t, calls.Load(), int32(21), "intermediate states coalesced")
+}
+
+func TestKeepLostOnRemove(t *testing.T) {
+	t.Parallel()
+	cfg := mustConfig(t, `{"Network":"10.70.0.0/16"}`)
+	s := memstore.New(cfg, memstore.Options{})
+	own, err := s.Acquire(t.Context(), lease.Request{Attrs: attrs("192.0.2.1")})
+	require.NoError(t, err)
+
+	done := make(chan error, 1)
+	go func() { done <- s.Keep(t.Context(), own) }()
+	require.True(t, s.Remove(own.Subnet))
+	select {
+	case err := <-done:
+		assert.ErrorIs(t, err, lease.ErrLeaseLost)
+	case <-time.After(10 * time.Second):
+		t.Fatal("Keep did not notice the removal")
+	}
+}
+
+func TestKeepLostWhenTakenOver(t *testing.T) {
+	t.Parallel()
+	cfg := mustConfig(t, `{"Network":"10.71.0.0/16"}`)
+	s := memstore.New(cfg, memstore.Options{})
+	own, err := s.Acquire(t.Context(), lease.Request{Attrs: attrs("192.0.2.1")})
+	require.NoError(t, err)
+	// Gone and immediately taken by another node: Keep reports the loss
+	// even though a lease with the same key exists.
+	require.True(t, s.Remove(own.Subnet))
+	other, err := s.Acquire(t.Context(), lease.Request{Attrs: attrs("192.0.2.2"), Previous: own})
+	require.NoError(t, err)
+	require.True(t, other.SameSubnets(own))
+	err = s.Keep(t.Context(), own)
+	assert.ErrorIs(t, err, lease.ErrLeaseLost)
+
+	// Release of a lease held by someone else leaves it alone.
+	require.NoError(t, s.Release(t.Context(), own))
+	assert.Len(t, s.Leases(), 1)
+}
+
+func TestKeepReturnsNilOnCancel(t *testing.T) {
+	t.Parallel()
+	cfg := mustConfig(t, `{"Network":"10.72.0.0/16"}`)
+	s := memstore.New(cfg, memstore.Options{TTL: time.Hour})
+	own, err := s.Acquire(t.Context(), lease.Request{Attrs: attrs("192.0.2.1")})
+	require.NoError(t, err)
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan error, 1)
+	go func() { done <- s.Keep(ctx, own) }()
+	cancel()
+	require.NoError(t, <-done)
+}
+
+func TestTTLExpiryAndRenewal(t *testing.T) {
+	t.Parallel()
+	cfg := mustConfig(t, `{"Network":"10.80.0.0/16"}`)
+	var mu sync.Mutex
+	now := time.Date(2025, 1, 1, 0, 0, 0, 0, time.UTC)
+	clock := func() time.Time { mu.Lock(); defer mu.Unlock(); return now }
+	advance := func(d time.Duration) { mu.Lock(); now = now.Add(d); mu.Unlock() }
+
+	s := memstore.New(cfg, memstore.Options{TTL: time.Hour, Now: clock})
+	a, err := s.Acquire(t.Context(), lease.Request{Attrs: attrs("192.0.2.1")})
+	require.NoError(t, err)
+	assert.Equal(t, clock().Add(time.Hour), a.Expiration)
+
+	// A re-acquire (reclaim) renews.
+	advance(30 * time.Minute)
+	a2, err := s.Acquire(t.Context(), lease.Request{Attrs: attrs("192.0.2.1")})
+	require.NoError(t, err)
+	assert.True(t, a2.SameSubnets(a))
+	assert.Equal(t, clock().Add(time.Hour), a2.Expiration)
+
+	// Not renewed for a TTL: gone, and Keep reports the loss.
+	advance(time.Hour)
+	assert.Empty(t, s.Leases())
+	assert.ErrorIs(t, s.Keep(t.Context(), a2), lease.ErrLeaseLost)
+}
+
+func TestKeepRenews(t *testing.T) {
+	t.Parallel()
+	cfg := mustConfig(t, `{"Network":"10.81.0.0/16"}`)
+	s := memstore.New(cfg, memstore.Options{TTL: 30 * time.Millisecond})
+	own, err := s.Acquire(t.Context(), lease.Request{Attrs: attrs("192.0.2.1")})
+	require.NoError(t, err)
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan error, 1)
+	go func() { done <- s.Keep(ctx, own) }()
+	// The expiration moves forward while Keep runs.
+	require.Eventually(t, func() bool {
+		ls := s.Leases()
+		return len(ls) == 1 && ls[0].Expiration.After(own.Expiration)
+	}, 10*time.Second, time.Millisecond)
+	cancel()
+	require.NoError(t, <-done)
+}
+
+func TestWatchSeesExpiry(t *testing.T) {
+	t.Parallel()
+	cfg := mustConfig(t, `{"Network":"10.82.0.0/16"}`)
+	s := memstore.New(cfg, memstore.Options{TTL: 20 * time.Millisecond})
+	_, err := s.Acquire(t.Context(), lease.Request{Attrs: attrs("192.0.2.1")})
+	require.NoError(t, err)
+	w, stop := startWatch(t, s)
+	defer stop()
+	// Without Keep, the lease expires and the watcher sees it go without
+	// any other store activity.
+	w.waitFor(t, func(sn lease.Snapshot) bool { return len(sn.Leases) == 0 })
+}
+
+func TestConfig(t *testing.T) {
+	t.Parallel()
+	cfg := mustConfig(t, `{"Network":"10.90.0.0/16"}`)
+	got, err := memstore.New(cfg, memstore.Options{}).Config(t.Context())
+	require.NoError(t, err)
+	assert.True(t, cfg.Equal(got))
+}
