@@ -1,0 +1,458 @@
+// Package netlab builds throwaway network topologies out of real Linux
+// network namespaces: L2 segments (a bridge each) joined by a router, nodes
+// on those segments, and pods behind a "cni0" bridge on each node. It is the
+// kernel every dataplane test and the examples/cluster demo run against.
+//
+// Everything a Lab creates lives in namespaces named "<lab>-...", so several
+// Labs can run in parallel and `ip netns exec <name> ...` works for
+// debugging; nothing is created in, and no sysctl is changed in, the
+// caller's own namespace. Close removes it all.
+//
+// netlab is test infrastructure: it is not a CNI plugin and does not try to
+// be fast or to survive a crash of the process that built it (a crashed
+// test leaves "<lab>-*" names in /run/netns; `ip netns del` removes them).
+package netlab
+
+import (
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"sync"
+
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+)
+
+// Options describe a Lab. The zero value (after defaults) is one IPv4
+// segment; Nodes is required.
+type Options struct {
+	// Nodes is the number of nodes, 1..245 (required).
+	Nodes int
+	// IPv4 and IPv6 select the underlay families; both false means IPv4.
+	IPv4, IPv6 bool
+	// Segments is the number of L2 segments, 1..256 (default 1). Node i is
+	// on segment i % Segments; segments are joined by a router namespace
+	// that routes between them.
+	Segments int
+	// MTU of every underlay link (default 1500; at least 1280 with IPv6).
+	MTU int
+}
+
+const (
+	maxNodes    = 245 // nodes are .10+i in a /24
+	maxSegments = 256
+	defaultMTU  = 1500
+
+	// UnderlayIface is the name of every node's underlay interface.
+	UnderlayIface = "eth0"
+	// BridgeName is the name of the pod bridge AddPod creates in a node.
+	BridgeName = "cni0"
+	// PodIface is the name of the interface inside every pod namespace.
+	PodIface = "eth0"
+
+	segmentBridge = "br0"
+)
+
+func (o Options) withDefaults() (Options, error) {
+	if !o.IPv4 && !o.IPv6 {
+		o.IPv4 = true
+	}
+	if o.Segments == 0 {
+		o.Segments = 1
+	}
+	if o.MTU == 0 {
+		o.MTU = defaultMTU
+	}
+	switch {
+	case o.Nodes < 1 || o.Nodes > maxNodes:
+		return o, fmt.Errorf("netlab: nodes %d: want 1..%d", o.Nodes, maxNodes)
+	case o.Segments < 1 || o.Segments > maxSegments:
+		return o, fmt.Errorf("netlab: segments %d: want 1..%d", o.Segments, maxSegments)
+	case o.MTU < 576 || o.MTU > 65535:
+		return o, fmt.Errorf("netlab: mtu %d: want 576..65535", o.MTU)
+	case o.IPv6 && o.MTU < 1280:
+		return o, fmt.Errorf("netlab: mtu %d: IPv6 needs at least 1280", o.MTU)
+	}
+	return o, nil
+}
+
+// Lab is a topology of namespaces. Its exported fields are set by New and
+// must not be changed.
+type Lab struct {
+	// Name is the unique prefix of every namespace the Lab owns.
+	Name string
+	// Nodes in index order; node i is named "node<i>".
+	Nodes []*Node
+
+	opts     Options
+	routerNS netns.NsHandle
+	router   *netlink.Handle
+
+	mu     sync.Mutex
+	owned  []*ownedNS // in creation order
+	closed bool
+}
+
+// ownedNS is one namespace the Lab created and must delete.
+type ownedNS struct {
+	name string
+	ns   netns.NsHandle
+	h    *netlink.Handle
+}
+
+// SegmentPrefix returns the IPv4 underlay prefix of segment s,
+// 172.30.<s>.0/24.
+func SegmentPrefix(s int) netip.Prefix {
+	return netip.PrefixFrom(netip.AddrFrom4([4]byte{172, 30, byte(s), 0}), 24)
+}
+
+// SegmentPrefix6 returns the IPv6 underlay prefix of segment s,
+// fd00:172:30:<s>::/64 (s written in decimal digits, as in the IPv4 form).
+func SegmentPrefix6(s int) netip.Prefix {
+	return netip.MustParsePrefix(fmt.Sprintf("fd00:172:30:%d::/64", s))
+}
+
+// RouterIP and RouterIPv6 return the router's address on segment s (.1, ::1),
+// every node's default gateway there.
+func RouterIP(s int) netip.Addr   { return SegmentPrefix(s).Addr().Next() }
+func RouterIPv6(s int) netip.Addr { return SegmentPrefix6(s).Addr().Next() }
+
+// nodeAddrs returns node i's underlay addresses (.10+i and ::a+i).
+func nodeAddrs(i, segments int) (v4, v6 netip.Addr) {
+	s := i % segments
+	b4 := SegmentPrefix(s).Addr().As4()
+	b4[3] = byte(10 + i)
+	b6 := SegmentPrefix6(s).Addr().As16()
+	b6[15] = byte(0xa + i)
+	return netip.AddrFrom4(b4), netip.AddrFrom16(b6)
+}
+
+// New builds the topology described by opts. On failure everything created
+// so far is removed again.
+func New(opts Options) (*Lab, error) {
+	opts, err := opts.withDefaults()
+	if err != nil {
+		return nil, err
+	}
+	l := &Lab{opts: opts}
+	if err := l.build(); err != nil {
+		return nil, errors.Join(err, l.Close())
+	}
+	return l, nil
+}
+
+func newPrefix() (string, error) {
+	var b [3]byte
+	if _, err := rand.Read(b[:]); err != nil {
+		return "", fmt.Errorf("random lab name: %w", err)
+	}
+	return "fl" + hex.EncodeToString(b[:]), nil
+}
+
+func (l *Lab) build() error {
+	// The router namespace is created first and doubles as the claim on the
+	// prefix: its name is created with O_EXCL.
+	var err error
+	for range 5 {
+		if l.Name, err = newPrefix(); err != nil {
+			return err
+		}
+		var o *ownedNS
+		o, err = l.addNS("rt", l.routerSysctls())
+		if errors.Is(err, os.ErrExist) {
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		l.routerNS, l.router = o.ns, o.h
+		break
+	}
+	if err != nil {
+		return fmt.Errorf("netlab: pick a unique lab name: %w", err)
+	}
+	segs := make([]*ownedNS, l.opts.Segments)
+	for s := range segs {
+		if segs[s], err = l.addSegment(s); err != nil {
+			return err
+		}
+	}
+	for i := range l.opts.Nodes {
+		n, err := l.addNode(i, segs[i%len(segs)])
+		if err != nil {
+			return err
+		}
+		l.Nodes = append(l.Nodes, n)
+	}
+	return nil
+}
+
+// NSName returns the full name of the Lab's namespace with the given suffix
+// ("rt", "s0", "node1", "node1-pod0").
+func (l *Lab) NSName(suffix string) string { return l.Name + "-" + suffix }
+
+// Namespaces returns the names of all namespaces the Lab currently owns.
+func (l *Lab) Namespaces() []string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	names := make([]string, 0, len(l.owned))
+	for _, o := range l.owned {
+		names = append(names, o.name)
+	}
+	return names
+}
+
+// addNS creates the namespace "<lab>-<suffix>", applies sysctls, brings lo
+// up, and records it for Close.
+func (l *Lab) addNS(suffix string, sysctls []sysctl) (*ownedNS, error) {
+	name := l.NSName(suffix)
+	ns, err := newNamedNS(name)
+	if err != nil {
+		return nil, err
+	}
+	o := &ownedNS{name: name, ns: ns}
+	h, err := netlink.NewHandleAt(ns)
+	if err != nil {
+		return nil, errors.Join(fmt.Errorf("netlink handle in %s: %w", name, err), o.close())
+	}
+	o.h = h
+	if err := l.own(o); err != nil {
+		return nil, err
+	}
+	if err := setSysctls(ns, sysctls); err != nil {
+		return nil, fmt.Errorf("namespace %s: %w", name, err)
+	}
+	lo, err := h.LinkByName("lo")
+	if err == nil {
+		err = h.LinkSetUp(lo)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("set lo up in %s: %w", name, err)
+	}
+	return o, nil
+}
+
+// own records o for Close; if the Lab is already closed it removes o at once.
+func (l *Lab) own(o *ownedNS) error {
+	l.mu.Lock()
+	closed := l.closed
+	if !closed {
+		l.owned = append(l.owned, o)
+	}
+	l.mu.Unlock()
+	if closed {
+		return errors.Join(fmt.Errorf("netlab %s: closed", l.Name), o.close())
+	}
+	return nil
+}
+
+func (o *ownedNS) close() error {
+	if o.h != nil {
+		o.h.Close()
+		o.h = nil
+	}
+	if o.ns.IsOpen() {
+		o.ns.Close()
+		o.ns = netns.None()
+	}
+	return deleteNamedNS(o.name)
+}
+
+// Close deletes every namespace the Lab created (which destroys the
+// interfaces in them) and closes its handles. It is safe to call more than
+// once; later calls return nil. Handles and namespace fds of the Lab's nodes
+// and pods must not be used after Close.
+func (l *Lab) Close() error {
+	l.mu.Lock()
+	if l.closed {
+		l.mu.Unlock()
+		return nil
+	}
+	l.closed = true
+	owned := l.owned
+	l.owned = nil
+	l.mu.Unlock()
+	var errs []error
+	for i := len(owned) - 1; i >= 0; i-- {
+		errs = append(errs, owned[i].close())
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("netlab %s: close: %w", l.Name, err)
+	}
+	return nil
+}
+
+// commonSysctls apply to every namespace that routes or hosts addresses:
+// IPv6 addresses must be usable at once (no DAD), and reverse-path filtering
+// must not drop asymmetric test traffic.
+func commonSysctls() []sysctl {
+	return []sysctl{
+		{path: "net/ipv4/conf/all/rp_filter", value: "0"},
+		{path: "net/ipv4/conf/default/rp_filter", value: "0"},
+		{path: "net/ipv6/conf/all/accept_dad", value: "0", optional: true},
+		{path: "net/ipv6/conf/default/accept_dad", value: "0", optional: true},
+	}
+}
+
+func forwardingSysctls() []sysctl {
+	return append(commonSysctls(),
+		sysctl{path: "net/ipv4/ip_forward", value: "1"},
+		sysctl{path: "net/ipv6/conf/all/forwarding", value: "1", optional: true},
+	)
+}
+
+func (l *Lab) routerSysctls() []sysctl { return forwardingSysctls() }
+
+// addSegment creates segment s: a namespace with bridge br0, and a veth from
+// the router ("eth<s>" there, holding .1 and ::1) to the bridge.
+func (l *Lab) addSegment(s int) (*ownedNS, error) {
+	seg, err := l.addNS(fmt.Sprintf("s%d", s), nil)
+	if err != nil {
+		return nil, err
+	}
+	snoop := false
+	br := &netlink.Bridge{
+		LinkAttrs:         netlink.LinkAttrs{Name: segmentBridge},
+		MulticastSnooping: &snoop,
+	}
+	if err := seg.h.LinkAdd(br); err != nil {
+		return nil, fmt.Errorf("add bridge %s in %s: %w", segmentBridge, seg.name, err)
+	}
+	if err := seg.h.LinkSetUp(br); err != nil {
+		return nil, fmt.Errorf("set bridge %s up in %s: %w", segmentBridge, seg.name, err)
+	}
+	rtIface := fmt.Sprintf("eth%d", s)
+	link, err := l.attach(l.router, l.NSName("rt"), rtIface, seg, "rt")
+	if err != nil {
+		return nil, err
+	}
+	if err := l.configure(l.router, l.NSName("rt"), link, RouterIP(s), RouterIPv6(s), netip.Addr{}, netip.Addr{}); err != nil {
+		return nil, err
+	}
+	return seg, nil
+}
+
+// attach creates a veth named local in the namespace of h whose peer, named
+// port, is enslaved to the segment's bridge, and brings both ends up.
+func (l *Lab) attach(h *netlink.Handle, nsName, local string, seg *ownedNS, port string) (netlink.Link, error) {
+	veth := &netlink.Veth{
+		LinkAttrs:     netlink.LinkAttrs{Name: local, MTU: l.opts.MTU},
+		PeerName:      port,
+		PeerMTU:       uint32(l.opts.MTU),
+		PeerNamespace: netlink.NsFd(seg.ns),
+	}
+	if err := h.LinkAdd(veth); err != nil {
+		return nil, fmt.Errorf("add veth %s in %s (peer %s in %s): %w", local, nsName, port, seg.name, err)
+	}
+	peer, err := seg.h.LinkByName(port)
+	if err != nil {
+		return nil, fmt.Errorf("find veth %s in %s: %w", port, seg.name, err)
+	}
+	br, err := seg.h.LinkByName(segmentBridge)
+	if err != nil {
+		return nil, fmt.Errorf("find bridge %s in %s: %w", segmentBridge, seg.name, err)
+	}
+	if err := seg.h.LinkSetMaster(peer, br); err != nil {
+		return nil, fmt.Errorf("attach %s to %s in %s: %w", port, segmentBridge, seg.name, err)
+	}
+	if err := seg.h.LinkSetUp(peer); err != nil {
+		return nil, fmt.Errorf("set %s up in %s: %w", port, seg.name, err)
+	}
+	link, err := h.LinkByName(local)
+	if err != nil {
+		return nil, fmt.Errorf("find veth %s in %s: %w", local, nsName, err)
+	}
+	if err := h.LinkSetUp(link); err != nil {
+		return nil, fmt.Errorf("set %s up in %s: %w", local, nsName, err)
+	}
+	return link, nil
+}
+
+// configure adds the enabled families' underlay addresses (/24, /64) to link
+// and, when gw/gw6 are valid, default routes via them.
+func (l *Lab) configure(h *netlink.Handle, nsName string, link netlink.Link, ip, ip6, gw, gw6 netip.Addr) error {
+	type fam struct {
+		on     bool
+		addr   netip.Addr
+		bits   int
+		gw     netip.Addr
+		anyDst netip.Prefix
+	}
+	for _, f := range []fam{
+		{l.opts.IPv4, ip, 24, gw, netip.PrefixFrom(netip.IPv4Unspecified(), 0)},
+		{l.opts.IPv6, ip6, 64, gw6, netip.PrefixFrom(netip.IPv6Unspecified(), 0)},
+	} {
+		if !f.on {
+			continue
+		}
+		p := netip.PrefixFrom(f.addr, f.bits)
+		if err := addAddr(h, link, p); err != nil {
+			return fmt.Errorf("%s in %s: %w", link.Attrs().Name, nsName, err)
+		}
+		if f.gw.IsValid() {
+			if err := addDefaultRoute(h, link, f.gw); err != nil {
+				return fmt.Errorf("%s in %s: %w", link.Attrs().Name, nsName, err)
+			}
+		}
+	}
+	return nil
+}
+
+// addAddr adds p to link; IPv6 addresses skip duplicate address detection
+// so they are usable at once.
+func addAddr(h *netlink.Handle, link netlink.Link, p netip.Prefix) error {
+	a := &netlink.Addr{IPNet: prefixIPNet(p)}
+	if p.Addr().Is6() {
+		a.Flags = unix.IFA_F_NODAD
+	}
+	if err := h.AddrAdd(link, a); err != nil {
+		return fmt.Errorf("add address %s: %w", p, err)
+	}
+	return nil
+}
+
+// addDefaultRoute adds a default route via gw over link.
+func addDefaultRoute(h *netlink.Handle, link netlink.Link, gw netip.Addr) error {
+	dst := netip.PrefixFrom(netip.IPv4Unspecified(), 0)
+	if gw.Is6() {
+		dst = netip.PrefixFrom(netip.IPv6Unspecified(), 0)
+	}
+	r := &netlink.Route{
+		LinkIndex: link.Attrs().Index,
+		Dst:       prefixIPNet(dst),
+		Gw:        net.IP(gw.AsSlice()),
+	}
+	if err := h.RouteAdd(r); err != nil {
+		return fmt.Errorf("add default route via %s: %w", gw, err)
+	}
+	return nil
+}
+
+// prefixIPNet converts p (address bits kept) for netlink.
+func prefixIPNet(p netip.Prefix) *net.IPNet {
+	return &net.IPNet{IP: net.IP(p.Addr().AsSlice()), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
+}
+
+// disown removes o from the Lab's namespaces and deletes it now (unless
+// Close already has).
+func (l *Lab) disown(o *ownedNS) error {
+	l.mu.Lock()
+	found := false
+	for i, x := range l.owned {
+		if x == o {
+			l.owned = append(l.owned[:i], l.owned[i+1:]...)
+			found = true
+			break
+		}
+	}
+	l.mu.Unlock()
+	if !found {
+		return nil // Close got it
+	}
+	return o.close()
+}

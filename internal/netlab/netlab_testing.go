@@ -1,0 +1,25 @@
+package netlab
+
+import (
+	"testing"
+
+	"github.com/flannelkit/flannel/internal/testenv"
+)
+
+// NewT builds a Lab for a test: it requires root (testenv.RequireRoot),
+// fails the test if New fails, and closes the Lab in t.Cleanup, failing the
+// test if Close does.
+func NewT(t testing.TB, opts Options) *Lab {
+	t.Helper()
+	testenv.RequireRoot(t)
+	l, err := New(opts)
+	if err != nil {
+		t.Fatalf("netlab: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := l.Close(); err != nil {
+			t.Errorf("netlab: %v", err)
+		}
+	})
+	return l
+}

@@ -1,0 +1,183 @@
+package netlab
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strings"
+
+	"github.com/vishvananda/netns"
+)
+
+// netnsDir is where iproute2 (and netns.NewNamed) keep named namespaces.
+const netnsDir = "/run/netns"
+
+// newNamedNS creates the named network namespace name (visible to
+// `ip netns exec name ...`) and returns a handle to it. netns.NewNamed moves
+// the calling thread into the new namespace, so it runs on a fresh goroutine
+// with a locked thread that is moved back afterwards; if moving back fails the
+// thread stays locked and dies with its goroutine.
+func newNamedNS(name string) (netns.NsHandle, error) {
+	type result struct {
+		h   netns.NsHandle
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		runtime.LockOSThread()
+		orig, err := netns.Get()
+		if err != nil {
+			runtime.UnlockOSThread()
+			done <- result{netns.None(), fmt.Errorf("get current namespace: %w", err)}
+			return
+		}
+		defer orig.Close()
+		h, err := netns.NewNamed(name)
+		if err != nil {
+			err = fmt.Errorf("create namespace %s: %w", name, err)
+		}
+		if rerr := netns.Set(orig); rerr != nil {
+			// The thread is stuck in another namespace: keep it locked so
+			// the runtime discards it when this goroutine exits.
+			if err == nil {
+				h.Close()
+				_ = netns.DeleteNamed(name)
+			}
+			done <- result{netns.None(), errors.Join(err, fmt.Errorf("restore namespace after creating %s: %w", name, rerr))}
+			return
+		}
+		runtime.UnlockOSThread()
+		done <- result{h, err}
+	}()
+	r := <-done
+	if r.err != nil {
+		// NewNamed may leave the placeholder file behind when the bind
+		// mount fails; never leave a dangling name.
+		if !errors.Is(r.err, os.ErrExist) {
+			_ = os.Remove(filepath.Join(netnsDir, name))
+		}
+		return netns.None(), r.err
+	}
+	return r.h, nil
+}
+
+// deleteNamedNS removes the named namespace; a missing name is success.
+// The kernel destroys the namespace (and every interface in it) once the last
+// reference (bind mount, open fd, socket) is gone.
+func deleteNamedNS(name string) error {
+	if err := netns.DeleteNamed(name); err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return nil
+		}
+		if _, serr := os.Stat(filepath.Join(netnsDir, name)); errors.Is(serr, os.ErrNotExist) {
+			return nil
+		}
+		return fmt.Errorf("delete namespace %s: %w", name, err)
+	}
+	return nil
+}
+
+// inNS runs fn on a fresh goroutine whose OS thread is locked and switched
+// into ns, and waits for it. If switching back fails the thread stays locked
+// and dies with the goroutine, so no other goroutine ever runs in ns by
+// accident. A panic in fn is re-raised in the caller.
+func inNS(ns netns.NsHandle, fn func() error) error {
+	var (
+		err      error
+		panicked bool
+		pval     any
+	)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		runtime.LockOSThread()
+		orig, gerr := netns.Get()
+		if gerr != nil {
+			runtime.UnlockOSThread()
+			err = fmt.Errorf("get current namespace: %w", gerr)
+			return
+		}
+		defer orig.Close()
+		if serr := netns.Set(ns); serr != nil {
+			if rerr := netns.Set(orig); rerr == nil {
+				runtime.UnlockOSThread()
+			}
+			err = fmt.Errorf("enter namespace %s: %w", ns, serr)
+			return
+		}
+		func() {
+			defer func() {
+				if r := recover(); r != nil {
+					panicked, pval = true, r
+				}
+			}()
+			err = fn()
+		}()
+		if rerr := netns.Set(orig); rerr != nil {
+			err = errors.Join(err, fmt.Errorf("leave namespace %s: %w", ns, rerr))
+			return // thread stays locked and is discarded
+		}
+		runtime.UnlockOSThread()
+	}()
+	<-done
+	if panicked {
+		panic(pval)
+	}
+	return err
+}
+
+// sysctl is one /proc/sys/net setting, path relative to /proc/sys with
+// slashes, e.g. "net/ipv4/ip_forward".
+type sysctl struct {
+	path, value string
+	// optional settings are skipped when the kernel lacks them (IPv6
+	// disabled at boot); whatever needs them fails later with a clearer
+	// error.
+	optional bool
+}
+
+// setSysctls writes the settings inside ns. /proc/sys/net resolves against
+// the network namespace of the writing thread, hence inNS.
+func setSysctls(ns netns.NsHandle, settings []sysctl) error {
+	return inNS(ns, func() error {
+		for _, s := range settings {
+			p := filepath.Join("/proc/sys", s.path)
+			if err := writeFile(p, s.value); err != nil {
+				if s.optional && errors.Is(err, os.ErrNotExist) {
+					continue
+				}
+				return fmt.Errorf("set sysctl %s=%s: %w", strings.ReplaceAll(s.path, "/", "."), s.value, err)
+			}
+		}
+		return nil
+	})
+}
+
+// readSysctl reads one setting inside ns.
+func readSysctl(ns netns.NsHandle, path string) (string, error) {
+	var v string
+	err := inNS(ns, func() error {
+		b, err := os.ReadFile(filepath.Join("/proc/sys", path))
+		if err != nil {
+			return fmt.Errorf("read sysctl %s: %w", strings.ReplaceAll(path, "/", "."), err)
+		}
+		v = strings.TrimSpace(string(b))
+		return nil
+	})
+	return v, err
+}
+
+// writeFile writes an existing file without creating it (procfs).
+func writeFile(path, value string) error {
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_TRUNC, 0)
+	if err != nil {
+		return err
+	}
+	if _, err := f.WriteString(value); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
+}
