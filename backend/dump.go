@@ -54,12 +54,13 @@ func ListAddrs(h *netlink.Handle, link netlink.Link, family int) ([]netlink.Addr
 // the main table is listed unless the mask includes RT_FILTER_TABLE.
 func ListRoutes(h *netlink.Handle, family int, filter *netlink.Route, filterMask uint64) ([]netlink.Route, error) {
 	return retryDump("routes", func() ([]netlink.Route, error) {
-		var f *netlink.Route
+		// A copy, since RouteListFiltered writes to its filter (and
+		// dereferences a nil one).
+		var f netlink.Route
 		if filter != nil {
-			c := *filter // RouteListFiltered may write to its filter
-			f = &c
+			f = *filter
 		}
-		return h.RouteListFiltered(family, f, filterMask)
+		return h.RouteListFiltered(family, &f, filterMask)
 	})
 }
 
