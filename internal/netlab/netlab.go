@@ -96,7 +96,27 @@ type Lab struct {
 	mu     sync.Mutex
 	owned  []*ownedNS // in creation order
 	closed bool
+	ops    sync.WaitGroup // in-flight AddPod, Do, Ping, TCPCheck
 }
+
+// ErrClosed is returned by operations on a Lab (or its nodes and pods) after
+// Close.
+var ErrClosed = errors.New("netlab: lab closed")
+
+// begin registers an operation that uses the Lab's namespaces or handles, so
+// that Close waits for it; it fails with ErrClosed once Close has started.
+// Every successful begin is paired with end.
+func (l *Lab) begin() error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.closed {
+		return fmt.Errorf("netlab %s: %w", l.Name, ErrClosed)
+	}
+	l.ops.Add(1)
+	return nil
+}
+
+func (l *Lab) end() { l.ops.Done() }
 
 // ownedNS is one namespace the Lab created and must delete.
 type ownedNS struct {
@@ -246,7 +266,7 @@ func (l *Lab) own(o *ownedNS) error {
 	}
 	l.mu.Unlock()
 	if closed {
-		return errors.Join(fmt.Errorf("netlab %s: closed", l.Name), o.close())
+		return errors.Join(fmt.Errorf("netlab %s: %w", l.Name, ErrClosed), o.close())
 	}
 	return nil
 }
@@ -263,10 +283,15 @@ func (o *ownedNS) close() error {
 	return deleteNamedNS(o.name)
 }
 
-// Close deletes every namespace the Lab created (which destroys the
-// interfaces in them) and closes its handles. It is safe to call more than
-// once; later calls return nil. Handles and namespace fds of the Lab's nodes
-// and pods must not be used after Close.
+// Close waits for the Lab's own operations in flight (AddPod, Do, Ping,
+// TCPCheck; so it must not be called from inside Do), then deletes every
+// namespace the Lab created, which destroys the interfaces in them, and
+// closes the namespace fds and netlink handles. It is safe to call more than
+// once; later calls return nil, and the Lab's methods return ErrClosed.
+//
+// Stop everything that uses Node.Handle, Pod.Handle or the NS fields before
+// Close: a closed netlink.Handle silently falls back to the calling thread's
+// namespace (usually the host's), and a closed fd number may be reused.
 func (l *Lab) Close() error {
 	l.mu.Lock()
 	if l.closed {
@@ -274,6 +299,9 @@ func (l *Lab) Close() error {
 		return nil
 	}
 	l.closed = true
+	l.mu.Unlock()
+	l.ops.Wait()
+	l.mu.Lock()
 	owned := l.owned
 	l.owned = nil
 	l.mu.Unlock()

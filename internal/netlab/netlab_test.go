@@ -125,6 +125,10 @@ func TestCloseRemovesEverything(t *testing.T) {
 		_, err := os.Stat(filepath.Join("/run/netns", name))
 		assert.ErrorIs(t, err, os.ErrNotExist, name)
 	}
+	// After Close nothing touches the kernel any more (a closed netlink
+	// handle would act in the test's own namespace).
 	_, err = lab.Nodes[1].AddPod("late", podNet1, netip.Prefix{})
-	assert.Error(t, err)
+	assert.ErrorIs(t, err, netlab.ErrClosed)
+	assert.ErrorIs(t, lab.Nodes[0].Do(func() error { return nil }), netlab.ErrClosed)
+	assert.ErrorIs(t, lab.Nodes[0].Ping(t.Context(), lab.Nodes[1].IP), netlab.ErrClosed)
 }

@@ -81,11 +81,21 @@ func (l *Lab) addNode(i int, seg *ownedNS) (*Node, error) {
 // Do runs fn on a locked OS thread inside the node's namespace and returns
 // its error. fn must not start goroutines that expect to stay in the
 // namespace. If the thread cannot be switched back it is discarded.
-func (n *Node) Do(fn func() error) error { return inNS(n.NS, fn) }
+func (n *Node) Do(fn func() error) error {
+	if err := n.lab.begin(); err != nil {
+		return err
+	}
+	defer n.lab.end()
+	return inNS(n.NS, fn)
+}
 
 // Ping sends ICMP (or ICMPv6) echo requests from the node's underlay address
 // of dst's family until one is answered or ctx ends.
 func (n *Node) Ping(ctx context.Context, dst netip.Addr) error {
+	if err := n.lab.begin(); err != nil {
+		return err
+	}
+	defer n.lab.end()
 	return ping(ctx, n.NS, n.Name, pickSrc(dst, n.IP, n.IPv6), dst)
 }
 

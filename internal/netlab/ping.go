@@ -23,6 +23,10 @@ const retryInterval = 200 * time.Millisecond
 // family until one is answered or ctx ends. The error names both ends and
 // the last failure seen (a send error, an ICMP error, or no reply).
 func (p *Pod) Ping(ctx context.Context, dst netip.Addr) error {
+	if err := p.Node.lab.begin(); err != nil {
+		return err
+	}
+	defer p.Node.lab.end()
 	return ping(ctx, p.NS, p.Node.Name+"/"+p.Name, pickSrc(dst, p.IP, p.IPv6), dst)
 }
 

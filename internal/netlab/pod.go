@@ -54,6 +54,10 @@ func (n *Node) AddPod(name string, subnet, subnet6 netip.Prefix, opts ...PodOpti
 		return nil, fmt.Errorf("node %s: add pod %q: %w", n.Name, name, err)
 	}
 	subnet, subnet6 = subnet.Masked(), subnet6.Masked()
+	if err := n.lab.begin(); err != nil {
+		return nil, err
+	}
+	defer n.lab.end()
 
 	n.mu.Lock()
 	defer n.mu.Unlock()

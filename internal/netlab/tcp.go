@@ -25,6 +25,10 @@ func (p *Pod) TCPCheck(ctx context.Context, dst *Pod, dstIP netip.Addr) error {
 	if dst == nil {
 		return fmt.Errorf("tcp check from %s/%s: no destination pod", p.Node.Name, p.Name)
 	}
+	if err := p.Node.lab.begin(); err != nil {
+		return err
+	}
+	defer p.Node.lab.end()
 	dstIP = dstIP.WithZone("")
 	src := pickSrc(dstIP, p.IP, p.IPv6)
 	fail := func(err error) error {
