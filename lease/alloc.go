@@ -33,19 +33,7 @@ func (c Config) Allocate(taken []Lease, previous Lease, rng *rand.Rand) (Lease, 
 	}
 	var out Lease
 	for _, s := range c.spaces() {
-		prefixes := make([]netip.Prefix, 0, len(taken))
-		prev := previous.Subnet
-		for _, l := range taken {
-			if s.is4 {
-				prefixes = append(prefixes, l.Subnet)
-			} else {
-				prefixes = append(prefixes, l.IPv6Subnet)
-			}
-		}
-		if !s.is4 {
-			prev = previous.IPv6Subnet
-		}
-		p, err := s.allocate(prefixes, prev, rng)
+		p, err := s.allocate(taken, s.of(previous), rng)
 		if err != nil {
 			return Lease{}, err
 		}
@@ -58,29 +46,44 @@ func (c Config) Allocate(taken []Lease, previous Lease, rng *rand.Rand) (Lease, 
 	return out, nil
 }
 
+// of returns l's subnet of s's family.
+func (s space) of(l Lease) netip.Prefix {
+	if s.is4 {
+		return l.Subnet
+	}
+	return l.IPv6Subnet
+}
+
 // allocate picks a free subnet of s, preferring prev.
-func (s space) allocate(taken []netip.Prefix, prev netip.Prefix, rng *rand.Rand) (netip.Prefix, error) {
+func (s space) allocate(taken []Lease, prev netip.Prefix, rng *rand.Rand) (netip.Prefix, error) {
 	prevOK := prev.IsValid() && s.check(prev) == nil
 	var prevIdx uint64
 	if prevOK {
 		prevIdx = s.index(prev.Addr())
 	}
 
-	spans := make([]span, 0, len(taken))
-	for _, p := range taken {
-		sp, ok := s.overlap(p)
+	// Most taken prefixes block one subnet: sort those as plain integers
+	// (much faster than sorting spans) and merge in the few wider spans.
+	singles := make([]uint64, 0, len(taken))
+	var wide []span
+	for i := range taken {
+		sp, ok := s.overlap(s.of(taken[i]))
 		if !ok {
 			continue
 		}
 		if prevOK && sp.first <= prevIdx && prevIdx <= sp.last {
 			prevOK = false
 		}
-		spans = append(spans, sp)
+		if sp.first == sp.last {
+			singles = append(singles, sp.first)
+		} else {
+			wide = append(wide, sp)
+		}
 	}
 	if prevOK {
 		return prev, nil
 	}
-	spans = mergeSpans(spans)
+	spans := mergeSpans(singles, wide)
 
 	var used uint64
 	for _, sp := range spans {
@@ -111,20 +114,29 @@ func (s space) allocate(taken []netip.Prefix, prev netip.Prefix, rng *rand.Rand)
 	return s.subnet(next + r), nil
 }
 
-// mergeSpans sorts spans and merges overlapping or adjacent ones in place.
-func mergeSpans(spans []span) []span {
-	if len(spans) < 2 {
-		return spans
-	}
-	slices.SortFunc(spans, func(a, b span) int { return cmp.Compare(a.first, b.first) })
-	out := spans[:1]
-	for _, sp := range spans[1:] {
-		last := &out[len(out)-1]
-		if sp.first <= last.last+1 {
-			last.last = max(last.last, sp.last)
-			continue
+// mergeSpans sorts singles (one-subnet spans) and wide, and returns the
+// union of both as sorted, disjoint, non-adjacent spans. It sorts its
+// arguments in place.
+func mergeSpans(singles []uint64, wide []span) []span {
+	slices.Sort(singles)
+	slices.SortFunc(wide, func(a, b span) int { return cmp.Compare(a.first, b.first) })
+	out := make([]span, 0, len(singles)+len(wide))
+	add := func(sp span) {
+		if n := len(out); n > 0 && sp.first <= out[n-1].last+1 {
+			out[n-1].last = max(out[n-1].last, sp.last)
+			return
 		}
 		out = append(out, sp)
+	}
+	i, j := 0, 0
+	for i < len(singles) || j < len(wide) {
+		if j == len(wide) || (i < len(singles) && singles[i] < wide[j].first) {
+			add(span{singles[i], singles[i]})
+			i++
+		} else {
+			add(wide[j])
+			j++
+		}
 	}
 	return out
 }

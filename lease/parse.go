@@ -94,10 +94,10 @@ func (c *Config) UnmarshalJSON(b []byte) error {
 
 // configWire is the net-conf.json shape MarshalJSON writes.
 type configWire struct {
-	Network        string          `json:",omitempty"`
-	SubnetLen      int             `json:",omitempty"`
-	SubnetMin      string          `json:",omitempty"`
-	SubnetMax      string          `json:",omitempty"`
+	Network        string `json:",omitempty"`
+	SubnetLen      int    `json:",omitempty"`
+	SubnetMin      string `json:",omitempty"`
+	SubnetMax      string `json:",omitempty"`
 	EnableIPv4     bool
 	EnableIPv6     bool
 	EnableNFTables bool            `json:",omitempty"`
