@@ -1,0 +1,172 @@
+package hostgw
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"slices"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/vishvananda/netlink"
+
+	flannel "github.com/flannelkit/flannel"
+	"github.com/flannelkit/flannel/backend"
+	"github.com/flannelkit/flannel/lease"
+)
+
+// Network is a started host-gw dataplane. Apply and the repairs of Run are
+// serialized; it is safe for concurrent use.
+type Network struct {
+	env      flannel.Env
+	own      lease.Lease
+	interval time.Duration
+	log      *slog.Logger
+	rec      backend.RouteReconciler
+
+	mu      sync.Mutex
+	peers   []lease.Lease
+	applied bool // Apply was called: repairs may run
+}
+
+var _ flannel.Network = (*Network)(nil)
+
+func newNetwork(env flannel.Env, own lease.Lease, interval time.Duration) *Network {
+	log := logger(env.Logger).With("backend", Type, "iface", env.Iface.Name)
+	return &Network{
+		env:      env,
+		own:      own,
+		interval: interval,
+		log:      log,
+		rec:      backend.RouteReconciler{Logger: log},
+	}
+}
+
+// Lease returns the lease the network was started with.
+func (n *Network) Lease() lease.Lease { return n.own }
+
+// MTU is the external interface's MTU: host-gw adds no header.
+func (n *Network) MTU() int { return n.env.Iface.MTU }
+
+// Apply makes the routes on the external interface match peers: one route
+// per peer subnet via the peer's public address of that family, for the
+// families of the own lease. Leases of other backend types and the own
+// subnet are skipped. Routes of ours (backend.RouteProtocol) for peers not
+// in the set, including those left by a previous run, are deleted; other
+// routes are left alone. A peer that cannot be programmed (no public address
+// of the family, or a public address not directly reachable on the
+// interface) yields a *flannel.PeerError in the joined error while every
+// other peer is programmed. Apply may be called repeatedly with the same
+// peers; it changes nothing then.
+func (n *Network) Apply(ctx context.Context, peers []lease.Lease) error {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	n.peers = slices.Clone(peers)
+	n.applied = true
+	return n.applyLocked(ctx)
+}
+
+// peerRoute is a desired route and the index of the peer it is for.
+type peerRoute struct {
+	route netlink.Route
+	peer  int
+}
+
+// peerErrs collects the errors of each peer, in first-failure order.
+type peerErrs struct {
+	order []int
+	errs  map[int][]error
+}
+
+func (p *peerErrs) add(peer int, err error) {
+	if p.errs == nil {
+		p.errs = map[int][]error{}
+	}
+	if _, seen := p.errs[peer]; !seen {
+		p.order = append(p.order, peer)
+	}
+	p.errs[peer] = append(p.errs[peer], err)
+}
+
+// desired computes the routes for peers and records each peer that
+// cannot have one.
+func (n *Network) desired(peers []lease.Lease, failed *peerErrs) []peerRoute {
+	var routes []peerRoute
+	for i, p := range peers {
+		if p.Attrs.BackendType != Type {
+			n.log.Debug("skipping peer of another backend", "subnet", p.String(), "backend_type", p.Attrs.BackendType)
+			continue
+		}
+		if (p.Subnet.IsValid() && p.Subnet == n.own.Subnet) || (p.IPv6Subnet.IsValid() && p.IPv6Subnet == n.own.IPv6Subnet) {
+			continue
+		}
+		add := func(dst netip.Prefix, gw netip.Addr, family string) {
+			if !gw.IsValid() {
+				failed.add(i, fmt.Errorf("no public %s address for subnet %s", family, dst))
+				return
+			}
+			routes = append(routes, peerRoute{peer: i, route: netlink.Route{
+				LinkIndex: n.env.Iface.Index,
+				Dst:       backend.IPNetFromPrefix(dst),
+				Gw:        backend.IPFromAddr(gw),
+			}})
+		}
+		if n.own.Subnet.IsValid() && p.Subnet.IsValid() {
+			add(p.Subnet, p.Attrs.PublicIP, "IPv4")
+		}
+		if n.own.IPv6Subnet.IsValid() && p.IPv6Subnet.IsValid() {
+			add(p.IPv6Subnet, p.Attrs.PublicIPv6, "IPv6")
+		}
+	}
+	return routes
+}
+
+func (n *Network) applyLocked(ctx context.Context) error {
+	var failed peerErrs
+	want := n.desired(n.peers, &failed)
+	routes := make([]netlink.Route, 0, len(want))
+	byDst := make(map[netip.Prefix]int, len(want))
+	for _, w := range want {
+		routes = append(routes, w.route)
+		dst, _ := backend.PrefixFromIPNet(w.route.Dst)
+		byDst[dst] = w.peer
+	}
+	var rest []error
+	if err := n.rec.Reconcile(ctx, n.env.Handle, n.env.Iface.Index, routes); err != nil {
+		// Map each failed route back to its peer.
+		for _, e := range flatten(err) {
+			var re *backend.RouteError
+			if !errors.As(e, &re) || re.Op != "replace" {
+				rest = append(rest, e)
+				continue
+			}
+			dst, _ := backend.PrefixFromIPNet(re.Route.Dst)
+			peer, ok := byDst[dst]
+			if !ok {
+				rest = append(rest, e)
+				continue
+			}
+			if errors.Is(re.Err, syscall.ENETUNREACH) || errors.Is(re.Err, syscall.EHOSTUNREACH) {
+				e = fmt.Errorf("gateway %s is not directly reachable on %s (host-gw needs all nodes on one L2 segment): %w",
+					re.Route.Gw, n.env.Iface.Name, re)
+			}
+			failed.add(peer, e)
+		}
+	}
+	var errs []error
+	for _, i := range failed.order {
+		errs = append(errs, &flannel.PeerError{Lease: n.peers[i], Err: errors.Join(failed.errs[i]...)})
+	}
+	return errors.Join(append(errs, rest...)...)
+}
+
+// flatten unpacks a joined error into its parts.
+func flatten(err error) []error {
+	if j, ok := err.(interface{ Unwrap() []error }); ok {
+		return j.Unwrap()
+	}
+	return []error{err}
+}
