@@ -12,8 +12,8 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/assert"
-	"github.com/vishvananda/netlink"
 	"github.com/stretchr/testify/require"
+	"github.com/vishvananda/netlink"
 	"go.uber.org/goleak"
 
 	"github.com/flannelkit/flannel/internal/netlab"
