@@ -1,0 +1,267 @@
+package flannel
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/flannelkit/flannel/lease"
+)
+
+// latest hands the newest watch snapshot from the store's callback to the
+// applier. put never blocks: a snapshot replaces the one not yet taken
+// (latest wins), and signal holds at most one pending wake-up.
+type latest struct {
+	mu     sync.Mutex
+	snap   lease.Snapshot
+	have   bool
+	signal chan struct{}
+}
+
+func newLatest() *latest { return &latest{signal: make(chan struct{}, 1)} }
+
+func (l *latest) put(s lease.Snapshot) {
+	l.mu.Lock()
+	l.snap, l.have = s, true
+	l.mu.Unlock()
+	select {
+	case l.signal <- struct{}{}:
+	default:
+	}
+}
+
+func (l *latest) get() (lease.Snapshot, bool) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.snap, l.have
+}
+
+// watchLoop runs Store.Watch until ctx ends, restarting it with backoff when
+// it fails. The store is expected to recover by itself (relist); this only
+// guards against a watch that returns.
+func (a *Agent) watchLoop(ctx context.Context, out *latest) error {
+	bo := a.newBackoff()
+	for {
+		var delivered atomic.Bool
+		err := a.opts.Store.Watch(ctx, func(s lease.Snapshot) {
+			delivered.Store(true)
+			out.put(s)
+		})
+		if ctx.Err() != nil {
+			return nil
+		}
+		if err == nil {
+			err = errors.New("watch ended early")
+		}
+		if delivered.Load() {
+			bo.reset()
+		}
+		d := bo.next()
+		a.log.Warn("lease watch failed; restarting", "error", err, "retry_in", d)
+		if !sleepCtx(ctx, d) {
+			return nil
+		}
+	}
+}
+
+// applyLoop applies the latest snapshot's peers to the network each time a
+// new one arrives, retrying failures with backoff. Snapshots arriving while
+// Apply runs or while it waits to retry are coalesced: the retry uses the
+// newest one.
+func (a *Agent) applyLoop(ctx context.Context, r *run, in *latest) error {
+	bo := a.newBackoff()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-in.signal:
+		}
+		for {
+			snap, _ := in.get()
+			peers := a.peers(r.own, snap.Leases)
+			err := r.network.Apply(ctx, peers)
+			if ctx.Err() != nil {
+				return nil
+			}
+			peerOnly := a.logApplyError(err, len(peers))
+			if err == nil || peerOnly {
+				a.applied(len(peers))
+			}
+			if err == nil {
+				bo.reset()
+				break
+			}
+			d := bo.next()
+			a.log.Debug("retrying apply", "retry_in", d)
+			if !sleepCtx(ctx, d) {
+				return nil
+			}
+		}
+	}
+}
+
+// peers returns every lease but own. A lease sharing only one of own's
+// subnets is a conflict (two nodes claim one subnet); it is dropped too,
+// with a warning, since routing our own subnet away would cut our pods off.
+func (a *Agent) peers(own lease.Lease, all []lease.Lease) []lease.Lease {
+	out := make([]lease.Lease, 0, len(all))
+	for _, l := range all {
+		same4 := own.Subnet.IsValid() && l.Subnet == own.Subnet
+		same6 := own.IPv6Subnet.IsValid() && l.IPv6Subnet == own.IPv6Subnet
+		switch {
+		case l.SameSubnets(own):
+		case same4 || same6:
+			a.log.Warn("ignoring peer lease that shares this node's subnet", "peer", l, "own", own)
+		default:
+			out = append(out, l)
+		}
+	}
+	return out
+}
+
+// logApplyError logs err and reports whether it consists only of
+// *PeerError (the rest of the peers were programmed).
+func (a *Agent) logApplyError(err error, n int) (peerOnly bool) {
+	if err == nil {
+		a.log.Debug("peers applied", "peers", n)
+		return false
+	}
+	var leaves []error
+	if j, ok := err.(interface{ Unwrap() []error }); ok {
+		leaves = j.Unwrap()
+	} else {
+		leaves = []error{err}
+	}
+	peerOnly = true
+	for _, e := range leaves {
+		var pe *PeerError
+		if errors.As(e, &pe) {
+			a.log.Warn("peer not programmed; will retry", "peer", pe.Lease.String(),
+				"public_ip", peerIP(pe.Lease), "error", pe.Err)
+			continue
+		}
+		peerOnly = false
+		a.log.Warn("apply peers failed; will retry", "peers", n, "error", e)
+	}
+	return peerOnly
+}
+
+// keepLoop holds the lease until ctx ends. On loss it re-acquires, asking
+// for the same subnets: the same ones continue silently, different ones
+// end Run with a *SubnetChangedError.
+func (a *Agent) keepLoop(ctx context.Context, r *run) error {
+	bo := a.newBackoff()
+	own := r.own
+	for {
+		err := a.opts.Store.Keep(ctx, own)
+		if ctx.Err() != nil {
+			return nil
+		}
+		if err == nil || !errors.Is(err, lease.ErrLeaseLost) {
+			if err == nil {
+				err = errors.New("keep ended early")
+			}
+			d := bo.next()
+			a.log.Warn("keeping lease failed; retrying", "lease", own, "error", err, "retry_in", d)
+			if !sleepCtx(ctx, d) {
+				return nil
+			}
+			continue
+		}
+
+		a.log.Warn("lease lost; re-acquiring", "lease", own, "error", err)
+		got, err := a.reacquire(ctx, r.attrs, own)
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			return err
+		}
+		if !got.SameSubnets(own) {
+			a.log.Error("lease re-acquired with different subnets; pods must move", "old", own, "new", got)
+			return &SubnetChangedError{Old: own, New: got}
+		}
+		a.log.Info("lease re-acquired", "lease", got)
+		own = got
+		a.mu.Lock()
+		a.state.Lease = got
+		a.mu.Unlock()
+		bo.reset()
+	}
+}
+
+// reacquire retries Acquire with backoff until it succeeds, ctx ends, or
+// the network is full.
+func (a *Agent) reacquire(ctx context.Context, attrs lease.Attrs, own lease.Lease) (lease.Lease, error) {
+	bo := a.newBackoff()
+	for {
+		got, err := a.acquire(ctx, lease.Request{Attrs: attrs, Previous: own})
+		if err == nil {
+			return got, nil
+		}
+		if errors.Is(err, lease.ErrNoFreeSubnet) || ctx.Err() != nil {
+			return lease.Lease{}, fmt.Errorf("re-acquire lost lease %s: %w", own, err)
+		}
+		d := bo.next()
+		a.log.Warn("re-acquiring lease failed; retrying", "lease", own, "error", err, "retry_in", d)
+		if !sleepCtx(ctx, d) {
+			return lease.Lease{}, ctx.Err()
+		}
+	}
+}
+
+// beginRun resets the readiness for a new Run.
+func (a *Agent) beginRun() {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.state.Ready = false
+	a.state.Peers = 0
+}
+
+// endRun gives the next Run a fresh Ready channel, so that Ready() called
+// between two Runs does not report the previous one's readiness.
+func (a *Agent) endRun() {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.state.Ready = false
+	if a.readyClosed {
+		a.ready = make(chan struct{})
+		a.readyClosed = false
+	}
+}
+
+// applied records a completed Apply and, the first time in a Run, closes
+// the Ready channel and calls OnReady.
+func (a *Agent) applied(peers int) {
+	a.mu.Lock()
+	a.state.Peers = peers
+	first := !a.readyClosed
+	if first {
+		a.readyClosed = true
+		a.state.Ready = true
+		close(a.ready)
+	}
+	st := a.state
+	a.mu.Unlock()
+	if first {
+		a.log.Info("node ready", "lease", st.Lease, "mtu", st.MTU, "peers", st.Peers)
+		if a.opts.OnReady != nil {
+			a.opts.OnReady(st)
+		}
+	}
+}
+
+// sleepCtx waits d or until ctx ends; it reports whether d elapsed.
+func sleepCtx(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return false
+	case <-t.C:
+		return true
+	}
+}
