@@ -29,7 +29,6 @@ func allRoutes(t *testing.T, h *netlink.Handle) []string {
 	return out
 }
 
-
 // owned renders the routes with our protocol on link.
 func owned(t *testing.T, h *netlink.Handle, link int) []string {
 	t.Helper()

@@ -113,7 +113,7 @@ func TestDiffRoutes(t *testing.T) {
 				{Family: netlink.FAMILY_V4, Gw: net.ParseIP("172.30.0.1"), LinkIndex: 2},
 				{Family: netlink.FAMILY_V6, Gw: net.ParseIP("fd00::1"), LinkIndex: 2},
 			},
-			actual: []netlink.Route{{Family: netlink.FAMILY_V4, Dst: IPNetFromPrefix(netip.MustParsePrefix("0.0.0.0/0")), Gw: net.IPv4(172, 30, 0, 1).To4(), LinkIndex: 2}},
+			actual:  []netlink.Route{{Family: netlink.FAMILY_V4, Dst: IPNetFromPrefix(netip.MustParsePrefix("0.0.0.0/0")), Gw: net.IPv4(172, 30, 0, 1).To4(), LinkIndex: 2}},
 			wantAdd: []netlink.Route{{Family: netlink.FAMILY_V6, Gw: net.ParseIP("fd00::1"), LinkIndex: 2}},
 		},
 	}

@@ -1,11 +1,17 @@
 package hostgw
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
+	"math/rand/v2"
 	"net/netip"
+	"os"
 	"slices"
+	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -387,4 +393,90 @@ func TestRunWaitsForFirstApply(t *testing.T) {
 	assert.Equal(t, c.wantOurs(n0, n1), ours(t, n0))
 	cancel()
 	require.NoError(t, <-done)
+}
+
+func TestRunSurvivesSubscriptionFailure(t *testing.T) {
+	ignore := goleak.IgnoreCurrent()
+	c := newCluster(t, netlab.Options{Nodes: 2}, Options{RepairInterval: 50 * time.Millisecond})
+	n0, n1 := c.nodes[0], c.nodes[1]
+	// A descriptor that is open but no namespace: every subscribe attempt
+	// fails (setns EINVAL); Run must keep retrying and keep repairing.
+	f, err := os.Open(os.DevNull)
+	require.NoError(t, err)
+	t.Cleanup(func() { f.Close() })
+	n0.net.env.NS = netns.NsHandle(int(f.Fd()))
+	var logs syncBuffer
+	n0.net.log = slog.New(slog.NewTextHandler(&logs, nil))
+
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- n0.net.Run(ctx) }()
+	require.NoError(t, n0.net.Apply(context.Background(), c.leases()))
+	r := netlink.Route{Dst: backend.IPNetFromPrefix(n1.lease.Subnet), LinkIndex: n0.env.Iface.Index, Protocol: backend.RouteProtocol}
+	require.NoError(t, n0.node.Handle.RouteDel(&r))
+	want := c.wantOurs(n0, n1)
+	require.Eventually(t, func() bool { return slices.Equal(want, ours(t, n0)) }, 30*time.Second, 20*time.Millisecond, "restored by the timer")
+	require.Eventually(t, func() bool { return strings.Contains(logs.String(), "route subscription failed") }, 30*time.Second, 20*time.Millisecond)
+	cancel()
+	require.NoError(t, <-done)
+	goleak.VerifyNone(t, ignore)
+}
+
+// syncBuffer is a bytes.Buffer safe for a logger and a reader at once.
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+// TestApplyStates replays random peer sets, in random order, on one node and
+// checks after each that the kernel holds exactly the routes of that set
+// (tailscale's TestRouterStates idea). The peers' public IPs are unused
+// addresses on the node's segment: the kernel only needs them on-link.
+func TestApplyStates(t *testing.T) {
+	c := newCluster(t, netlab.Options{Nodes: 1, IPv4: true, IPv6: true}, Options{})
+	n0 := c.nodes[0]
+	var all []lease.Lease
+	for k := 1; k <= 8; k++ {
+		all = append(all, lease.Lease{
+			Subnet:     netip.MustParsePrefix(fmt.Sprintf("10.244.%d.0/24", 100+k)),
+			IPv6Subnet: netip.MustParsePrefix(fmt.Sprintf("fd00:10:244:%d::/64", 100+k)),
+			Attrs: lease.Attrs{
+				BackendType: Type,
+				PublicIP:    netip.MustParseAddr(fmt.Sprintf("172.30.0.%d", 100+k)),
+				PublicIPv6:  netip.MustParseAddr(fmt.Sprintf("fd00:172:30:0::%d", 100+k)),
+			},
+		})
+	}
+	rng := rand.New(rand.NewPCG(1, 2))
+	for step := range 30 {
+		var set []lease.Lease
+		var want []string
+		for _, l := range all {
+			if rng.IntN(2) == 0 {
+				continue
+			}
+			if rng.IntN(4) == 0 { // a peer that moved to another address
+				l.Attrs.PublicIP = l.Attrs.PublicIP.Next()
+				l.Attrs.PublicIPv6 = l.Attrs.PublicIPv6.Next()
+			}
+			set = append(set, l)
+			want = append(want, fmt.Sprintf("%s via %s", l.Subnet, l.Attrs.PublicIP), fmt.Sprintf("%s via %s", l.IPv6Subnet, l.Attrs.PublicIPv6))
+		}
+		rng.Shuffle(len(set), func(i, j int) { set[i], set[j] = set[j], set[i] })
+		slices.Sort(want)
+		require.NoError(t, n0.net.Apply(context.Background(), append(set, n0.lease)), "step %d", step)
+		require.Equal(t, want, ours(t, n0), "step %d", step)
+	}
 }
