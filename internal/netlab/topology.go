@@ -186,4 +186,3 @@ func addDefaultRoute(h *netlink.Handle, link netlink.Link, gw netip.Addr) error 
 func prefixIPNet(p netip.Prefix) *net.IPNet {
 	return &net.IPNet{IP: net.IP(p.Addr().AsSlice()), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
 }
-
