@@ -26,15 +26,17 @@ const (
 // all its goroutines and returns nil when ctx ends.
 func (n *Network) Run(ctx context.Context) error {
 	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
 	kick := make(chan struct{}, 1)
 	var wg sync.WaitGroup
+	defer func() {
+		cancel()
+		wg.Wait()
+	}()
 	if n.env.NS.IsOpen() {
 		wg.Go(func() { n.watchRoutes(ctx, kick) })
 	} else {
 		n.log.Info("no namespace handle: repairing on a timer only", "interval", n.interval)
 	}
-	defer wg.Wait()
 
 	ticker := time.NewTicker(n.interval)
 	defer ticker.Stop()
