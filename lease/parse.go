@@ -327,11 +327,11 @@ func getBackend(raw map[string]json.RawMessage) (json.RawMessage, string, error)
 		return nil, "", nil
 	}
 	if v[0] != '{' {
-		return nil, "", configErr("Backend", string(v), "want a JSON object")
+		return nil, "", backendErr(v)
 	}
 	var obj map[string]json.RawMessage
 	if err := json.Unmarshal(v, &obj); err != nil {
-		return nil, "", configErr("Backend", string(v), "want a JSON object")
+		return nil, "", backendErr(v)
 	}
 	typ, ok, err := getString(obj, "Type")
 	if err != nil {
@@ -342,7 +342,7 @@ func getBackend(raw map[string]json.RawMessage) (json.RawMessage, string, error)
 	}
 	compact, err := compactRaw(v)
 	if err != nil {
-		return nil, "", configErr("Backend", string(v), "want a JSON object")
+		return nil, "", backendErr(v)
 	}
 	return compact, typ, nil
 }
@@ -367,4 +367,27 @@ func decodeAny(b json.RawMessage) (any, error) {
 	var v any
 	err := d.Decode(&v)
 	return v, err
+}
+
+// backendErr reports a Backend that is not a JSON object. It names the kind
+// of value rather than quoting it: Backend holds secrets (the ipsec PSK).
+func backendErr(v []byte) *ConfigError {
+	kind := "invalid JSON"
+	if json.Valid(v) {
+		switch v = bytes.TrimSpace(v); v[0] {
+		case '"':
+			kind = "a string"
+		case '[':
+			kind = "an array"
+		case 't', 'f':
+			kind = "a boolean"
+		case 'n':
+			kind = "null"
+		case '{':
+			kind = "an object" // unreachable: objects are accepted
+		default:
+			kind = "a number"
+		}
+	}
+	return configErr("Backend", "", "want a JSON object, got "+kind)
 }

@@ -310,9 +310,10 @@ func TestParseConfigErrors(t *testing.T) {
 		{"both families disabled", `{"EnableIPv4":false,"Network":"10.0.0.0/16"}`, "EnableIPv4", "EnableIPv6"},
 		{"IPv4 enabled without Network", `{"EnableIPv6":true,"IPv6Network":"fd00::/48"}`, "Network", "missing"},
 
-		{"Backend string", `{"Network":"10.0.0.0/16","Backend":"vxlan"}`, "Backend", `"vxlan"`},
+		{"Backend string", `{"Network":"10.0.0.0/16","Backend":"vxlan"}`, "Backend", "got a string"},
 		{"Backend array", `{"Network":"10.0.0.0/16","Backend":[]}`, "Backend", "want a JSON object"},
-		{"Backend number", `{"Network":"10.0.0.0/16","Backend":5}`, "Backend", "want a JSON object"},
+		{"Backend number", `{"Network":"10.0.0.0/16","Backend":5}`, "Backend", "got a number"},
+		{"Backend bool", `{"Network":"10.0.0.0/16","Backend":true}`, "Backend", "got a boolean"},
 		{"Backend.Type number", `{"Network":"10.0.0.0/16","Backend":{"Type":5}}`, "Backend.Type", "want a string"},
 		{"Backend.Type object", `{"Network":"10.0.0.0/16","Backend":{"Type":{}}}`, "Backend.Type", "want a string"},
 		{"Backend.Type empty", `{"Network":"10.0.0.0/16","Backend":{"Type":""}}`, "Backend.Type", "empty"},

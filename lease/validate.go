@@ -202,7 +202,7 @@ func (c Config) validateBackend() error {
 	b := bytes.TrimSpace(c.Backend)
 	var obj map[string]json.RawMessage
 	if b[0] != '{' || json.Unmarshal(b, &obj) != nil {
-		return configErr("Backend", string(b), "want a JSON object")
+		return backendErr(b)
 	}
 	typ, ok, err := getString(obj, "Type")
 	if err != nil {

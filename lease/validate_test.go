@@ -108,6 +108,16 @@ func TestValidate(t *testing.T) {
 	}
 }
 
+func TestValidateBackendErrorHidesSecrets(t *testing.T) {
+	t.Parallel()
+	c := dualConfig()
+	c.Backend = json.RawMessage(`{"Type":"ipsec","PSK":"s3cr3t"`)
+	err := c.Validate()
+	require.ErrorIs(t, err, ErrInvalidConfig)
+	assert.Contains(t, err.Error(), "Backend")
+	assert.NotContains(t, err.Error(), "s3cr3t")
+}
+
 func TestCheckLease(t *testing.T) {
 	t.Parallel()
 	p := netip.MustParsePrefix
