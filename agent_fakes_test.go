@@ -72,6 +72,24 @@ func (b *fakeBackend) Cleanup(ctx context.Context, env flannel.Env) error {
 	return nil
 }
 
+func (b *fakeBackend) started() int {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return len(b.networks)
+}
+
+func (b *fakeBackend) preparedCount() int {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.prepared
+}
+
+func (b *fakeBackend) cleanedCount() int {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.cleaned
+}
+
 // applies returns every peer set passed to Apply, across networks.
 func (b *fakeBackend) applies() [][]lease.Lease {
 	b.mu.Lock()

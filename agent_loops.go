@@ -129,14 +129,8 @@ func (a *Agent) logApplyError(err error, n int) (peerOnly bool) {
 		a.log.Debug("peers applied", "peers", n)
 		return false
 	}
-	var leaves []error
-	if j, ok := err.(interface{ Unwrap() []error }); ok {
-		leaves = j.Unwrap()
-	} else {
-		leaves = []error{err}
-	}
 	peerOnly = true
-	for _, e := range leaves {
+	for _, e := range leaves(err) {
 		var pe *PeerError
 		if errors.As(e, &pe) {
 			a.log.Warn("peer not programmed; will retry", "peer", pe.Lease.String(),
@@ -147,6 +141,29 @@ func (a *Agent) logApplyError(err error, n int) (peerOnly bool) {
 		a.log.Warn("apply peers failed; will retry", "peers", n, "error", e)
 	}
 	return peerOnly
+}
+
+// leaves flattens err into the errors it joins (errors.Join, fmt.Errorf
+// with several %w, through single wrappers), stopping at *PeerError.
+func leaves(err error) []error {
+	for e := err; e != nil; {
+		if _, ok := e.(*PeerError); ok {
+			return []error{e}
+		}
+		if j, ok := e.(interface{ Unwrap() []error }); ok {
+			var out []error
+			for _, x := range j.Unwrap() {
+				out = append(out, leaves(x)...)
+			}
+			return out
+		}
+		u, ok := e.(interface{ Unwrap() error })
+		if !ok {
+			break
+		}
+		e = u.Unwrap()
+	}
+	return []error{err}
 }
 
 // keepLoop holds the lease until ctx ends. On loss it re-acquires, asking

@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -61,7 +62,7 @@ func TestNewAgentValidates(t *testing.T) {
 // TestRunStopsPromptlyNoLeaks is not parallel so that goleak sees only
 // its own goroutines.
 func TestRunStopsPromptlyNoLeaks(t *testing.T) {
-	store := memstore.New(mustConfig(t, v4Conf), memstore.Options{TTL: 1e9 /* 1 s: Keep renews */})
+	store := memstore.New(mustConfig(t, v4Conf), memstore.Options{TTL: time.Second /* Keep renews */})
 	var readyState atomic.Pointer[flannel.State]
 	opts := nodeOptions(store, newFakeBackend(), 0)
 	opts.OnReady = func(s flannel.State) { readyState.Store(&s) }
@@ -167,7 +168,7 @@ func TestRestartKeepsLease(t *testing.T) {
 	assert.True(t, first.SameSubnets(a.State().Lease))
 	assert.NotEqual(t, fmt.Sprint(firstReady), fmt.Sprint(a.Ready()), "a new Ready channel per Run")
 	require.NoError(t, r.stop(t))
-	assert.Equal(t, 2, b.prepared)
+	assert.Equal(t, 2, b.preparedCount())
 
 	// A new process with a fresh store (the lease is gone): the previous
 	// subnet is read back from subnet.env.
@@ -239,7 +240,7 @@ func TestSubnetFileWrittenByAgent(t *testing.T) {
 			require.NoError(t, r.agent.Cleanup(t.Context()))
 			assert.NoFileExists(t, opts.SubnetFile)
 			assert.Empty(t, store.Leases())
-			assert.Equal(t, 1, opts.Backend.(*fakeBackend).cleaned)
+			assert.Equal(t, 1, opts.Backend.(*fakeBackend).cleanedCount())
 			require.NoError(t, r.agent.Cleanup(t.Context()), "cleanup again")
 		})
 	}
@@ -261,7 +262,7 @@ func TestLeaseLostSameSubnetContinues(t *testing.T) {
 	}, "lease re-acquired")
 	assert.False(t, r.returned(), "Run continues")
 	assert.True(t, r.agent.State().Lease.SameSubnets(own))
-	assert.Len(t, b.networks, 1, "backend not restarted")
+	assert.Equal(t, 1, b.started(), "backend not restarted")
 
 	// And it keeps holding it: a second loss is handled the same way.
 	require.True(t, store.Remove(own.Subnet))
@@ -300,7 +301,7 @@ func TestLeaseLostSubnetTaken(t *testing.T) {
 	assert.True(t, sc.New.Subnet.IsValid())
 	// Nothing was reprogrammed: the backend was started once, with the old
 	// lease, and the agent still reports it.
-	assert.Len(t, b.networks, 1)
+	assert.Equal(t, 1, b.started())
 	assert.True(t, r.agent.State().Lease.SameSubnets(own))
 }
 

@@ -33,6 +33,8 @@ type Options struct {
 	// TTL is how long a lease lives unless Keep renews it. Optional: 0 means
 	// leases never expire.
 	TTL time.Duration
+	// RenewInterval is how often Keep renews a lease. Optional: TTL/3.
+	RenewInterval time.Duration
 	// Now returns the current time. Optional: time.Now.
 	Now func() time.Time
 	// Logger receives the store's logs. Optional: nil discards.
@@ -42,10 +44,11 @@ type Options struct {
 // Store is an in-memory lease store, safe for concurrent use. Create it with
 // New.
 type Store struct {
-	cfg lease.Config
-	ttl time.Duration
-	now func() time.Time
-	log *slog.Logger
+	cfg   lease.Config
+	ttl   time.Duration
+	renew time.Duration
+	now   func() time.Time
+	log   *slog.Logger
 
 	mu     sync.Mutex
 	leases map[string]lease.Lease // by lease.Key()
@@ -60,6 +63,7 @@ func New(cfg lease.Config, opts Options) *Store {
 	s := &Store{
 		cfg:     cfg,
 		ttl:     opts.TTL,
+		renew:   opts.RenewInterval,
 		now:     opts.Now,
 		log:     opts.Logger,
 		leases:  map[string]lease.Lease{},
@@ -67,6 +71,9 @@ func New(cfg lease.Config, opts Options) *Store {
 	}
 	if s.now == nil {
 		s.now = time.Now
+	}
+	if s.renew <= 0 {
+		s.renew = max(s.ttl/3, time.Millisecond)
 	}
 	if s.log == nil {
 		s.log = slog.New(slog.DiscardHandler)
@@ -138,11 +145,11 @@ func (s *Store) Acquire(ctx context.Context, req lease.Request) (lease.Lease, er
 	}
 	got, err := s.cfg.Allocate(taken, lease.Lease{}, nil)
 	if err != nil {
-		return lease.Lease{}, fmt.Errorf("acquire lease for %s: %w", identity(req.Attrs), err)
+		return lease.Lease{}, fmt.Errorf("allocate subnet for %s: %w", identity(req.Attrs), err)
 	}
 	if holder, dup := s.overlapLocked(got); dup {
 		// Defence in depth: the allocator must never hand out a held subnet.
-		return lease.Lease{}, fmt.Errorf("acquire lease for %s: allocator returned %s held by %s", identity(req.Attrs), got, holder)
+		return lease.Lease{}, fmt.Errorf("allocate subnet for %s: allocator returned %s held by %s", identity(req.Attrs), got, holder)
 	}
 	l := s.stamp(lease.Lease{Subnet: got.Subnet, IPv6Subnet: got.IPv6Subnet, Attrs: cloneAttrs(req.Attrs)})
 	s.leases[l.Key()] = l
@@ -152,7 +159,7 @@ func (s *Store) Acquire(ctx context.Context, req lease.Request) (lease.Lease, er
 }
 
 // Keep holds own until ctx ends, renewing it (when the store has a TTL)
-// every third of the TTL. It returns nil when ctx ends, and an error
+// every RenewInterval. It returns nil when ctx ends, and an error
 // wrapping lease.ErrLeaseLost as soon as the lease expired, was removed or
 // is held by another node.
 func (s *Store) Keep(ctx context.Context, own lease.Lease) error {
@@ -160,7 +167,7 @@ func (s *Store) Keep(ctx context.Context, own lease.Lease) error {
 	var renew <-chan time.Time
 	var ticker *time.Ticker
 	if s.ttl > 0 {
-		ticker = time.NewTicker(max(s.ttl/3, time.Millisecond))
+		ticker = time.NewTicker(s.renew)
 		defer ticker.Stop()
 		renew = ticker.C
 	}

@@ -358,16 +358,23 @@ func TestTTLExpiryAndRenewal(t *testing.T) {
 func TestKeepRenews(t *testing.T) {
 	t.Parallel()
 	cfg := mustConfig(t, `{"Network":"10.81.0.0/16"}`)
-	s := memstore.New(cfg, memstore.Options{TTL: 30 * time.Millisecond})
+	var mu sync.Mutex
+	now := time.Date(2025, 1, 1, 0, 0, 0, 0, time.UTC)
+	clock := func() time.Time { mu.Lock(); defer mu.Unlock(); return now }
+	s := memstore.New(cfg, memstore.Options{TTL: time.Hour, RenewInterval: time.Millisecond, Now: clock})
 	own, err := s.Acquire(t.Context(), lease.Request{Attrs: attrs("192.0.2.1")})
 	require.NoError(t, err)
+	mu.Lock()
+	now = now.Add(time.Minute) // still far from expiry
+	mu.Unlock()
+
 	ctx, cancel := context.WithCancel(t.Context())
 	done := make(chan error, 1)
 	go func() { done <- s.Keep(ctx, own) }()
 	// The expiration moves forward while Keep runs.
 	require.Eventually(t, func() bool {
 		ls := s.Leases()
-		return len(ls) == 1 && ls[0].Expiration.After(own.Expiration)
+		return len(ls) == 1 && ls[0].Expiration.Equal(clock().Add(time.Hour))
 	}, 10*time.Second, time.Millisecond)
 	cancel()
 	require.NoError(t, <-done)
