@@ -68,38 +68,51 @@ func (a *Agent) watchLoop(ctx context.Context, out *latest) error {
 }
 
 // applyLoop applies the latest snapshot's peers to the network each time a
-// new one arrives, retrying failures with backoff. Snapshots arriving while
-// Apply runs or while it waits to retry are coalesced: the retry uses the
-// newest one.
+// new one arrives. A failed Apply is retried after a capped, jittered
+// backoff, or at once when a new snapshot arrives (new information; the
+// backoff keeps growing while Apply keeps failing). Snapshots arriving
+// while Apply runs are coalesced: the next call uses the newest one.
 func (a *Agent) applyLoop(ctx context.Context, r *run, in *latest) error {
 	bo := a.newBackoff()
+	var retry *time.Timer
+	var retryC <-chan time.Time
+	defer func() {
+		if retry != nil {
+			retry.Stop()
+		}
+	}()
 	for {
 		select {
 		case <-ctx.Done():
 			return nil
 		case <-in.signal:
+		case <-retryC:
 		}
-		for {
-			snap, _ := in.get()
-			peers := a.peers(r.own, snap.Leases)
-			err := r.network.Apply(ctx, peers)
-			if ctx.Err() != nil {
-				return nil
-			}
-			peerOnly := a.logApplyError(err, len(peers))
-			if err == nil || peerOnly {
-				a.applied(len(peers))
-			}
-			if err == nil {
-				bo.reset()
-				break
-			}
-			d := bo.next()
-			a.log.Debug("retrying apply", "retry_in", d)
-			if !sleepCtx(ctx, d) {
-				return nil
-			}
+		if retry != nil {
+			retry.Stop()
+			retry, retryC = nil, nil
 		}
+		snap, ok := in.get()
+		if !ok {
+			continue
+		}
+		peers := a.peers(r.own, snap.Leases)
+		err := r.network.Apply(ctx, peers)
+		if ctx.Err() != nil {
+			return nil
+		}
+		peerOnly := a.logApplyError(err, len(peers))
+		if err == nil || peerOnly {
+			a.applied(len(peers))
+		}
+		if err == nil {
+			bo.reset()
+			continue
+		}
+		d := bo.next()
+		a.log.Debug("retrying apply", "retry_in", d)
+		retry = time.NewTimer(d)
+		retryC = retry.C
 	}
 }
 

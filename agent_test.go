@@ -74,8 +74,9 @@ func TestRunStopsPromptlyNoLeaks(t *testing.T) {
 	assert.Equal(t, 1450, st.MTU)
 	assert.Equal(t, 0, st.Peers)
 	require.True(t, st.Lease.Subnet.IsValid())
+	// OnReady runs after the channel is closed.
+	eventually(t, func() bool { return readyState.Load() != nil }, "OnReady called")
 	got := readyState.Load()
-	require.NotNil(t, got, "OnReady called")
 	assert.True(t, got.Ready)
 	assert.Equal(t, st.Lease.Subnet, got.Lease.Subnet)
 
@@ -354,6 +355,35 @@ func TestApplyErrorsRetried(t *testing.T) {
 	})
 }
 
+func TestNewSnapshotNotDelayedByBackoff(t *testing.T) {
+	t.Parallel()
+	store := memstore.New(mustConfig(t, v4Conf), memstore.Options{})
+	bad, err := store.Acquire(t.Context(), lease.Request{Attrs: lease.Attrs{PublicIP: netip.MustParseAddr("192.0.2.210")}})
+	require.NoError(t, err)
+	b := newFakeBackend()
+	b.apply = func(ctx context.Context, n int, peers []lease.Lease) error {
+		for _, p := range peers {
+			if p.SameSubnets(bad) {
+				return &flannel.PeerError{Lease: p, Err: errors.New("no route to host")}
+			}
+		}
+		return nil
+	}
+	opts := nodeOptions(store, b, 14)
+	opts.RetryMin, opts.RetryMax = time.Hour, time.Hour // no retry within the test
+	r := startAgent(t, opts)
+	r.waitReady(t)
+
+	// A node joins while the failing peer waits for its retry: it is
+	// programmed at once, not after the backoff.
+	joined, err := store.Acquire(t.Context(), lease.Request{Attrs: lease.Attrs{PublicIP: netip.MustParseAddr("192.0.2.211")}})
+	require.NoError(t, err)
+	eventually(t, func() bool {
+		l, _ := b.lastApply()
+		return assert.ObjectsAreEqual(subnetsOf([]lease.Lease{bad, joined}), subnetsOf(l))
+	}, "new peer applied despite pending retry")
+}
+
 func TestWatchErrorsAndUnassignedRetried(t *testing.T) {
 	t.Parallel()
 	store := &wrapStore{Store: memstore.New(mustConfig(t, v4Conf), memstore.Options{})}
@@ -400,7 +430,7 @@ func TestSlowApplyDoesNotBlockWatch(t *testing.T) {
 	eventually(t, func() bool { return len(b.applies()) == 2 }, "one more Apply")
 	applies := b.applies()
 	assert.Equal(t, subnetsOf(want), subnetsOf(applies[1]), "the latest snapshot wins")
-	assert.Equal(t, 10, r.agent.State().Peers)
+	eventually(t, func() bool { return r.agent.State().Peers == 10 }, "state counts the applied peers")
 }
 
 func TestRunTwiceConcurrently(t *testing.T) {
