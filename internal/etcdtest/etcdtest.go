@@ -342,6 +342,18 @@ func (s *Server) logger() *zap.Logger {
 	return zap.New(&quietCore{Core: core, stopping: &s.stopping})
 }
 
+// benign reports error-level etcd messages that a fresh single-member
+// server logs as a matter of course.
+func benign(msg string) bool {
+	switch msg {
+	case "failed to update storage version":
+		// Logged once at the first start, before the first raft term is
+		// persisted; the next attempt succeeds.
+		return true
+	}
+	return false
+}
+
 type quietCore struct {
 	zapcore.Core
 	stopping *atomic.Bool
@@ -352,7 +364,7 @@ func (c *quietCore) With(f []zapcore.Field) zapcore.Core {
 }
 
 func (c *quietCore) Check(e zapcore.Entry, ce *zapcore.CheckedEntry) *zapcore.CheckedEntry {
-	if c.stopping.Load() {
+	if c.stopping.Load() || benign(e.Message) {
 		return ce
 	}
 	return c.Core.Check(e, ce)

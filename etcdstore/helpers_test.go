@@ -1,0 +1,238 @@
+package etcdstore_test
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/goleak"
+
+	"github.com/flannelkit/flannel/etcdstore"
+	"github.com/flannelkit/flannel/internal/etcdtest"
+	"github.com/flannelkit/flannel/lease"
+)
+
+func TestMain(m *testing.M) {
+	goleak.VerifyTestMain(m, etcdtest.IgnoreEtcdGoroutines()...)
+}
+
+const netConf = `{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}`
+
+// env is one test's etcd server, an admin client, and a key prefix.
+type env struct {
+	srv    *etcdtest.Server
+	admin  *clientv3.Client
+	prefix string
+}
+
+func newEnv(t *testing.T, opts etcdtest.Options) *env {
+	t.Helper()
+	srv := etcdtest.NewT(t, opts)
+	return &env{srv: srv, admin: etcdtest.ClientT(t, srv), prefix: "/test/" + strings.ReplaceAll(t.Name(), "/", "_")}
+}
+
+// client returns a new client of the server, closed at cleanup.
+func (e *env) client(t *testing.T) *clientv3.Client {
+	t.Helper()
+	return etcdtest.ClientT(t, e.srv)
+}
+
+// store returns a store on c (a new client when nil) under e.prefix.
+func (e *env) store(t *testing.T, c *clientv3.Client, opts etcdstore.Options) *etcdstore.Store {
+	t.Helper()
+	if c == nil {
+		c = e.client(t)
+	}
+	if opts.Prefix == "" {
+		opts.Prefix = e.prefix
+	}
+	if opts.RetryMax == 0 {
+		opts.RetryMin, opts.RetryMax = 50*time.Millisecond, 500*time.Millisecond
+	}
+	s, err := etcdstore.New(c, opts)
+	require.NoError(t, err)
+	return s
+}
+
+func (e *env) putConfig(t *testing.T, conf string) {
+	t.Helper()
+	s := e.store(t, e.admin, etcdstore.Options{})
+	require.NoError(t, s.PutConfig(t.Context(), []byte(conf)))
+}
+
+func (e *env) get(t *testing.T, key string) (*clientKV, bool) {
+	t.Helper()
+	resp, err := e.admin.Get(t.Context(), key)
+	require.NoError(t, err)
+	if len(resp.Kvs) == 0 {
+		return nil, false
+	}
+	kv := resp.Kvs[0]
+	return &clientKV{Value: string(kv.Value), Lease: kv.Lease, ModRevision: kv.ModRevision}, true
+}
+
+type clientKV struct {
+	Value       string
+	Lease       int64
+	ModRevision int64
+}
+
+func (e *env) subnetKeys(t *testing.T) []string {
+	t.Helper()
+	resp, err := e.admin.Get(t.Context(), e.prefix+"/subnets/", clientv3.WithPrefix(), clientv3.WithKeysOnly())
+	require.NoError(t, err)
+	var out []string
+	for _, kv := range resp.Kvs {
+		out = append(out, strings.TrimPrefix(string(kv.Key), e.prefix+"/subnets/"))
+	}
+	return out
+}
+
+func nodeIP(i int) netip.Addr {
+	return netip.AddrFrom4([4]byte{192, 168, byte(i / 250), byte(i%250 + 1)})
+}
+
+func attrs(i int) lease.Attrs {
+	return lease.Attrs{
+		PublicIP:    nodeIP(i),
+		BackendType: "vxlan",
+		BackendData: []byte(fmt.Sprintf(`{"VNI":1,"VtepMAC":"7a:1e:6c:d2:4a:%02x"}`, i%256)),
+	}
+}
+
+// logBuffer is a concurrency-safe slog sink for asserting on logs.
+type logBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *logBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *logBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+func (b *logBuffer) logger() *slog.Logger {
+	return slog.New(slog.NewTextHandler(b, &slog.HandlerOptions{Level: slog.LevelDebug}))
+}
+
+// watcher runs Store.Watch in the background and records snapshots.
+type watcher struct {
+	mu     sync.Mutex
+	snaps  []lease.Snapshot
+	notify chan struct{}
+	cancel context.CancelFunc
+	done   chan error
+}
+
+func startWatch(t *testing.T, s *etcdstore.Store) *watcher {
+	t.Helper()
+	ctx, cancel := context.WithCancel(t.Context())
+	w := &watcher{notify: make(chan struct{}, 1), cancel: cancel, done: make(chan error, 1)}
+	go func() {
+		w.done <- s.Watch(ctx, func(sn lease.Snapshot) {
+			w.mu.Lock()
+			w.snaps = append(w.snaps, sn)
+			w.mu.Unlock()
+			select {
+			case w.notify <- struct{}{}:
+			default:
+			}
+		})
+	}()
+	t.Cleanup(func() { w.stop(t) })
+	return w
+}
+
+func (w *watcher) stop(t *testing.T) {
+	t.Helper()
+	w.cancel()
+	select {
+	case err, ok := <-w.done:
+		if ok {
+			require.NoError(t, err, "Watch returns nil on cancel")
+			close(w.done)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("Watch did not return after cancel")
+	}
+}
+
+// all returns the snapshots seen so far.
+func (w *watcher) all() []lease.Snapshot {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return append([]lease.Snapshot(nil), w.snaps...)
+}
+
+// waitFor waits until the latest snapshot satisfies ok, and returns it.
+func (w *watcher) waitFor(t *testing.T, what string, ok func(lease.Snapshot) bool) lease.Snapshot {
+	t.Helper()
+	deadline := time.After(60 * time.Second)
+	for {
+		w.mu.Lock()
+		var last lease.Snapshot
+		have := len(w.snaps) > 0
+		if have {
+			last = w.snaps[len(w.snaps)-1]
+		}
+		w.mu.Unlock()
+		if have && ok(last) {
+			return last
+		}
+		select {
+		case <-w.notify:
+		case <-deadline:
+			t.Fatalf("watch: timed out waiting for %s; last snapshot %v", what, keysOf(last))
+		}
+	}
+}
+
+func keysOf(sn lease.Snapshot) []string {
+	out := make([]string, 0, len(sn.Leases))
+	for _, l := range sn.Leases {
+		out = append(out, l.Key())
+	}
+	return out
+}
+
+func hasKey(key string) func(lease.Snapshot) bool {
+	return func(sn lease.Snapshot) bool {
+		for _, l := range sn.Leases {
+			if l.Key() == key {
+				return true
+			}
+		}
+		return false
+	}
+}
+
+func not(f func(lease.Snapshot) bool) func(lease.Snapshot) bool {
+	return func(sn lease.Snapshot) bool { return !f(sn) }
+}
+
+// eventually polls cond every 50ms for up to 60s.
+func eventually(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(60 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
