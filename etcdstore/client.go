@@ -16,10 +16,16 @@ import (
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
+	"google.golang.org/grpc"
+	grpcbackoff "google.golang.org/grpc/backoff"
 )
 
 // DefaultDialTimeout is ClientOptions.DialTimeout's default.
 const DefaultDialTimeout = 5 * time.Second
+
+// MaxReconnectDelay caps the jittered exponential backoff between attempts
+// to reconnect to an endpoint of a client made by NewClient.
+const MaxReconnectDelay = 5 * time.Second
 
 // ClientOptions describe how to reach etcd, as upstream flanneld's
 // -etcd-* flags do.
@@ -90,6 +96,12 @@ func NewClient(opts ClientOptions) (*clientv3.Client, error) {
 		Username:    opts.Username,
 		Password:    opts.Password,
 		Logger:      zap.New(newSlogCore(log.Handler())),
+		// gRPC's reconnect backoff grows to two minutes by default, so a
+		// node would take that long to notice etcd is back; cap it.
+		DialOptions: []grpc.DialOption{grpc.WithConnectParams(grpc.ConnectParams{
+			Backoff:           grpcbackoff.Config{BaseDelay: time.Second, Multiplier: 1.6, Jitter: 0.2, MaxDelay: MaxReconnectDelay},
+			MinConnectTimeout: 5 * time.Second,
+		})},
 	}
 	c, err := clientv3.New(cfg)
 	if err != nil {

@@ -39,10 +39,14 @@ func newEnv(t *testing.T, opts etcdtest.Options) *env {
 	return &env{srv: srv, admin: etcdtest.ClientT(t, srv), prefix: "/test/" + strings.ReplaceAll(t.Name(), "/", "_")}
 }
 
-// client returns a new client of the server, closed at cleanup.
+// client returns a new client of the (plain) server made by NewClient,
+// closed at cleanup.
 func (e *env) client(t *testing.T) *clientv3.Client {
 	t.Helper()
-	return etcdtest.ClientT(t, e.srv)
+	c, err := etcdstore.NewClient(etcdstore.ClientOptions{Endpoints: e.srv.Endpoints})
+	require.NoError(t, err)
+	t.Cleanup(func() { c.Close() })
+	return c
 }
 
 // store returns a store on c (a new client when nil) under e.prefix.

@@ -161,10 +161,14 @@ func (s *Server) config() *embed.Config {
 	cfg.Metrics = "basic"
 	if s.opts.TLS {
 		cfg.ClientTLSInfo = transport.TLSInfo{
-			CertFile:       s.Certs.ServerCertFile,
-			KeyFile:        s.Certs.ServerKeyFile,
-			TrustedCAFile:  s.Certs.CAFile,
-			ClientCertAuth: s.opts.ClientCertAuth,
+			CertFile: s.Certs.ServerCertFile,
+			KeyFile:  s.Certs.ServerKeyFile,
+		}
+		if s.opts.ClientCertAuth {
+			// etcd asks for client certificates whenever it has a
+			// trusted CA, so set it only then.
+			cfg.ClientTLSInfo.TrustedCAFile = s.Certs.CAFile
+			cfg.ClientTLSInfo.ClientCertAuth = true
 		}
 	}
 	return cfg
