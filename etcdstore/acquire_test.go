@@ -21,6 +21,7 @@ import (
 )
 
 func TestNewOptions(t *testing.T) {
+	t.Parallel()
 	srv := etcdtest.NewT(t, etcdtest.Options{})
 	c := etcdtest.ClientT(t, srv)
 	tests := []struct {
@@ -50,6 +51,7 @@ func TestNewOptions(t *testing.T) {
 }
 
 func TestConfig(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, etcdtest.Options{})
 	s := e.store(t, nil, etcdstore.Options{})
 	ctx := t.Context()
@@ -107,6 +109,7 @@ func readSamples(t *testing.T) (config string, subnets []sample) {
 // TestUpstreamSamples reads keys written in upstream flannel's format and
 // checks that the values this store writes are upstream's bytes.
 func TestUpstreamSamples(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, etcdtest.Options{})
 	config, subnets := readSamples(t)
 	ctx := t.Context()
@@ -174,6 +177,7 @@ func TestUpstreamSamples(t *testing.T) {
 }
 
 func TestAcquireConcurrent(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, etcdtest.Options{})
 	const agents = 50
 	clients := make([]*clientv3.Client, 5)
@@ -248,6 +252,7 @@ func (e *env) subnetKeysUnder(t *testing.T, prefix string) []string {
 }
 
 func TestAcquireReclaim(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, etcdtest.Options{})
 	e.putConfig(t, netConf)
 	ctx := t.Context()
@@ -295,6 +300,7 @@ func TestAcquireReclaim(t *testing.T) {
 }
 
 func TestAcquirePrevious(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, etcdtest.Options{})
 	e.putConfig(t, netConf)
 	ctx := t.Context()
@@ -341,6 +347,7 @@ func TestAcquirePrevious(t *testing.T) {
 }
 
 func TestReservation(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, etcdtest.Options{})
 	// 15 subnets: 10.5.0.16/28 .. 10.5.0.240/28.
 	e.putConfig(t, `{"Network":"10.5.0.0/24","SubnetLen":28}`)
@@ -393,6 +400,7 @@ func mustJSON(t *testing.T, a lease.Attrs) string {
 }
 
 func TestRelease(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, etcdtest.Options{})
 	e.putConfig(t, netConf)
 	ctx := t.Context()
@@ -416,6 +424,7 @@ func TestRelease(t *testing.T) {
 }
 
 func TestAcquireNeedsPublicIP(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, etcdtest.Options{})
 	e.putConfig(t, netConf)
 	_, err := e.store(t, nil, etcdstore.Options{}).Acquire(t.Context(), lease.Request{Attrs: lease.Attrs{BackendType: "vxlan"}})

@@ -49,6 +49,7 @@ func (k *keeper) wait(t *testing.T) error {
 }
 
 func TestTTLExpiryAndRenewal(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, etcdtest.Options{})
 	e.putConfig(t, netConf)
 	ctx := t.Context()
@@ -100,6 +101,7 @@ func TestTTLExpiryAndRenewal(t *testing.T) {
 // shorter, as if written by a node with another setting) is re-put on a
 // lease of the store's TTL with its value unchanged.
 func TestKeepMovesToStoreTTL(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, etcdtest.Options{})
 	e.putConfig(t, netConf)
 	ctx := t.Context()
@@ -125,6 +127,7 @@ func TestKeepMovesToStoreTTL(t *testing.T) {
 }
 
 func TestKeepLost(t *testing.T) {
+	t.Parallel()
 	tests := []struct {
 		name  string
 		steal func(t *testing.T, e *env, key string)
@@ -162,6 +165,7 @@ func TestKeepLost(t *testing.T) {
 }
 
 func TestKeepReturnsNilOnCancel(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, etcdtest.Options{})
 	e.putConfig(t, netConf)
 	s := e.store(t, nil, etcdstore.Options{})

@@ -46,6 +46,7 @@ func assertNoSpin(t *testing.T, cpu, d time.Duration) {
 	assert.Less(t, cpu, d/2, "CPU time during the outage: something spins")
 }
 
+// Not parallel: it measures the CPU time of the whole process.
 func TestWatchAcrossRestart(t *testing.T) {
 	e := newEnv(t, etcdtest.Options{})
 	e.putConfig(t, netConf)
@@ -164,6 +165,7 @@ func (p *proxy) close() {
 	p.wg.Wait()
 }
 
+// Not parallel: it measures the CPU time of the whole process.
 func TestWatchCompaction(t *testing.T) {
 	e := newEnv(t, etcdtest.Options{})
 	e.putConfig(t, netConf)
@@ -235,6 +237,7 @@ func sortedStrings(s []string) []string {
 }
 
 func TestWatchMalformed(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, etcdtest.Options{})
 	e.putConfig(t, netConf)
 	ctx := t.Context()
