@@ -28,6 +28,9 @@ func (e entry) reservation() bool { return e.leaseID == clientv3.NoLease }
 // errRace means a compare-and-swap lost against another writer.
 var errRace = errors.New("lost a race with another writer")
 
+// errRelist asks Acquire to list again after reclaim deleted keys.
+var errRelist = errors.New("own keys deleted; list again")
+
 // Acquire returns this node's lease, the node being identified by
 // req.Attrs.PublicIP (PublicIPv6 when it has no IPv4 address). In order:
 //
@@ -90,6 +93,10 @@ func (s *Store) Acquire(ctx context.Context, req lease.Request) (lease.Lease, er
 		l, usedGrant, err := s.reclaim(ctx, cfg, req, entries, value, ensureGrant)
 		if errors.Is(err, errRace) {
 			s.log.Debug("own lease changed while reclaiming it; retrying", "public_ip", id, "attempt", attempt)
+			continue
+		}
+		if errors.Is(err, errRelist) {
+			// Stale own keys were deleted: their subnets may be free now.
 			continue
 		}
 		if err != nil {
@@ -170,6 +177,7 @@ func (s *Store) reclaim(ctx context.Context, cfg lease.Config, req lease.Request
 	})
 
 	var chosen *entry
+	deleted := false
 	for i := range own {
 		e := &own[i]
 		err := cfg.CheckLease(e.l)
@@ -188,10 +196,14 @@ func (s *Store) reclaim(ctx context.Context, cfg lease.Config, req lease.Request
 			if derr := s.deleteIfUnchanged(ctx, *e); derr != nil {
 				return lease.Lease{}, false, derr
 			}
+			deleted = true
 			s.log.Info("deleted own lease", "key", e.key, "reason", why)
 		}
 	}
 	if chosen == nil {
+		if deleted {
+			return lease.Lease{}, false, errRelist
+		}
 		return lease.Lease{}, false, nil
 	}
 

@@ -297,6 +297,18 @@ func TestAcquireReclaim(t *testing.T) {
 	_, ok = e.get(t, oddReservation)
 	assert.True(t, ok, "reservation kept")
 	assert.Len(t, e.subnetKeys(t), 3)
+
+	// A dual-stack lease in an IPv4-only network is replaced, and its IPv4
+	// subnet, asked for as previous, is reused.
+	dual := e.prefix + "/subnets/10.244.200.0-24&fd00:1::-64"
+	_, err = e.admin.Put(ctx, dual, `{"PublicIP":"192.168.0.4","PublicIPv6":"fd00::4"}`, clientv3.WithLease(g.ID))
+	require.NoError(t, err)
+	got, err = s.Acquire(ctx, lease.Request{Attrs: attrs(3), Previous: lease.Lease{
+		Subnet: netip.MustParsePrefix("10.244.200.0/24"), IPv6Subnet: netip.MustParsePrefix("fd00:1::/64")}})
+	require.NoError(t, err)
+	assert.Equal(t, "10.244.200.0-24", got.Key())
+	_, ok = e.get(t, dual)
+	assert.False(t, ok, "dual-stack key deleted")
 }
 
 func TestAcquirePrevious(t *testing.T) {

@@ -21,7 +21,7 @@ import (
 )
 
 func TestMain(m *testing.M) {
-	goleak.VerifyTestMain(m, etcdtest.IgnoreEtcdGoroutines()...)
+	goleak.VerifyTestMain(m)
 }
 
 const netConf = `{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}`

@@ -11,7 +11,7 @@ import (
 )
 
 func TestMain(m *testing.M) {
-	goleak.VerifyTestMain(m, IgnoreEtcdGoroutines()...)
+	goleak.VerifyTestMain(m)
 }
 
 func TestServer(t *testing.T) {

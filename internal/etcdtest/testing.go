@@ -4,7 +4,6 @@ import (
 	"testing"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
-	"go.uber.org/goleak"
 )
 
 // NewT starts a server for the test and closes it in t.Cleanup. Without
@@ -36,12 +35,4 @@ func ClientT(tb testing.TB, s *Server) *clientv3.Client {
 	}
 	tb.Cleanup(func() { c.Close() })
 	return c
-}
-
-// IgnoreEtcdGoroutines lists goroutines that the etcd client and the
-// embedded server leave running after Close, for goleak: they belong to
-// process-wide singletons inside etcd and gRPC (not to a client or server
-// instance) and are started once per process.
-func IgnoreEtcdGoroutines() []goleak.Option {
-	return []goleak.Option{}
 }
