@@ -5,7 +5,10 @@
 //
 //	go run ./examples/cluster -nodes 3 -backend host-gw
 //
-// It needs root and nothing else: no etcd, no Kubernetes, no containers.
+// It needs root and nothing else: no Kubernetes, no containers. With
+// -store etcd (the default) it runs an etcd server inside this process and
+// every node's agent talks to it over its own etcd client; -store memory
+// shares one in-memory store instead.
 package main
 
 import (
@@ -22,11 +25,14 @@ import (
 	"text/tabwriter"
 	"time"
 
+	clientv3 "go.etcd.io/etcd/client/v3"
 	"golang.org/x/sync/errgroup"
 
 	"github.com/flannelkit/flannel"
 	"github.com/flannelkit/flannel/backend"
+	"github.com/flannelkit/flannel/etcdstore"
 	"github.com/flannelkit/flannel/hostgw"
+	"github.com/flannelkit/flannel/internal/etcdtest"
 	"github.com/flannelkit/flannel/internal/netlab"
 	"github.com/flannelkit/flannel/lease"
 	"github.com/flannelkit/flannel/lease/memstore"
@@ -53,7 +59,7 @@ func run() error {
 	var o options
 	flag.IntVar(&o.nodes, "nodes", 3, "number of nodes")
 	flag.StringVar(&o.backend, "backend", "host-gw", "dataplane: host-gw")
-	flag.StringVar(&o.store, "store", "memory", "lease store: memory")
+	flag.StringVar(&o.store, "store", "etcd", "lease store: etcd (embedded server) or memory")
 	flag.BoolVar(&o.ipv4, "ipv4", true, "enable IPv4 pod network")
 	flag.BoolVar(&o.ipv6, "ipv6", false, "enable IPv6 pod network")
 	flag.BoolVar(&o.keep, "keep", false, "stay up until interrupted, to look around")
@@ -62,8 +68,8 @@ func run() error {
 	if o.nodes < 1 || o.nodes > 200 {
 		return fmt.Errorf("-nodes %d: want 1..200", o.nodes)
 	}
-	if o.store != "memory" {
-		return fmt.Errorf("-store %q: only \"memory\" is available", o.store)
+	if o.store != "memory" && o.store != "etcd" {
+		return fmt.Errorf("-store %q: want \"etcd\" or \"memory\"", o.store)
 	}
 	if !o.ipv4 && !o.ipv6 {
 		return errors.New("-ipv4=false and -ipv6=false: enable at least one family")
@@ -86,6 +92,11 @@ func run() error {
 	if err != nil {
 		return err
 	}
+	newStore, closeStores, err := stores(ctx, o, cfg, log)
+	if err != nil {
+		return err
+	}
+	defer closeStores()
 	reg := backend.NewRegistry()
 	if err := reg.Register("host-gw", hostgw.FromConfig); err != nil {
 		return err
@@ -101,9 +112,12 @@ func run() error {
 		}
 	}()
 
-	store := memstore.New(cfg, memstore.Options{Logger: log})
 	agents := make([]*flannel.Agent, len(lab.Nodes))
 	for i, n := range lab.Nodes {
+		store, err := newStore(log.With("node", n.Name))
+		if err != nil {
+			return fmt.Errorf("node %s: %w", n.Name, err)
+		}
 		be, err := reg.New(cfg)
 		if err != nil {
 			return err
@@ -182,6 +196,47 @@ func run() error {
 		return errors.New("not every pod pair could reach each other")
 	}
 	return nil
+}
+
+// stores returns a function giving each node its lease store, and one that
+// releases what they hold. With etcd: an embedded server, one client per
+// node (as separate machines would have), the network config written once.
+func stores(ctx context.Context, o options, cfg lease.Config, log *slog.Logger) (func(*slog.Logger) (flannel.LeaseStore, error), func(), error) {
+	if o.store == "memory" {
+		mem := memstore.New(cfg, memstore.Options{Logger: log})
+		return func(*slog.Logger) (flannel.LeaseStore, error) { return mem, nil }, func() {}, nil
+	}
+	srv, err := etcdtest.New(etcdtest.Options{})
+	if err != nil {
+		return nil, nil, fmt.Errorf("start embedded etcd: %w", err)
+	}
+	var clients []*clientv3.Client
+	closeAll := func() {
+		for _, c := range clients {
+			c.Close()
+		}
+		if err := srv.Close(); err != nil {
+			fmt.Fprintln(os.Stderr, "cluster: etcd:", err)
+		}
+	}
+	newEtcdStore := func(nlog *slog.Logger) (*etcdstore.Store, error) {
+		c, err := etcdstore.NewClient(etcdstore.ClientOptions{Endpoints: srv.Endpoints, Logger: nlog})
+		if err != nil {
+			return nil, err
+		}
+		clients = append(clients, c)
+		return etcdstore.New(c, etcdstore.Options{Logger: nlog})
+	}
+	admin, err := newEtcdStore(log)
+	if err == nil {
+		err = admin.PutConfig(ctx, netConf(o))
+	}
+	if err != nil {
+		closeAll()
+		return nil, nil, fmt.Errorf("embedded etcd: %w", err)
+	}
+	newStore := func(nlog *slog.Logger) (flannel.LeaseStore, error) { return newEtcdStore(nlog) }
+	return newStore, closeAll, nil
 }
 
 func netConf(o options) []byte {
