@@ -46,6 +46,7 @@ func (a *Agent) watchLoop(ctx context.Context, out *latest) error {
 	bo := a.newBackoff()
 	for {
 		var delivered atomic.Bool
+		began := time.Now()
 		err := a.opts.Store.Watch(ctx, func(s lease.Snapshot) {
 			delivered.Store(true)
 			out.put(s)
@@ -56,7 +57,9 @@ func (a *Agent) watchLoop(ctx context.Context, out *latest) error {
 		if err == nil {
 			err = errors.New("watch ended early")
 		}
-		if delivered.Load() {
+		// A watch that worked for a while starts the backoff over; one
+		// that fails right after its first snapshot keeps backing off.
+		if delivered.Load() && time.Since(began) >= a.opts.RetryMax {
 			bo.reset()
 		}
 		d := bo.next()
@@ -186,9 +189,13 @@ func (a *Agent) keepLoop(ctx context.Context, r *run) error {
 	bo := a.newBackoff()
 	own := r.own
 	for {
+		began := time.Now()
 		err := a.opts.Store.Keep(ctx, own)
 		if ctx.Err() != nil {
 			return nil
+		}
+		if time.Since(began) >= a.opts.RetryMax {
+			bo.reset() // it held the lease for a while: start over
 		}
 		if err == nil || !errors.Is(err, lease.ErrLeaseLost) {
 			if err == nil {
