@@ -3,6 +3,7 @@ package netlab_test
 import (
 	"context"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -289,17 +290,29 @@ func TestWrongFamily(t *testing.T) {
 
 func TestPodsDifferentNodesIsolated(t *testing.T) {
 	t.Parallel()
-	lab := netlab.NewT(t, netlab.Options{Nodes: 2})
-	a, err := lab.Nodes[0].AddPod("a", podNet0, netip.Prefix{})
+	// Without routes for the pod subnets (a backend's job) pods on
+	// different nodes cannot reach each other; the checks give up with ctx.
+	lab := netlab.NewT(t, netlab.Options{Nodes: 2, IPv4: true, IPv6: true})
+	a, err := lab.Nodes[0].AddPod("a", podNet0, podNet60)
 	require.NoError(t, err)
-	b, err := lab.Nodes[1].AddPod("b", podNet1, netip.Prefix{})
+	b, err := lab.Nodes[1].AddPod("b", podNet1, podNet61)
 	require.NoError(t, err)
-	err = a.Ping(ctxTimeout(t, 600*time.Millisecond), b.IP)
-	require.Error(t, err)
-	t.Log(err)
-	err = a.TCPCheck(ctxTimeout(t, 600*time.Millisecond), b, b.IP)
-	require.Error(t, err)
-	t.Log(err)
+	var wg sync.WaitGroup
+	for _, ip := range []netip.Addr{b.IP, b.IPv6} {
+		wg.Go(func() {
+			err := a.Ping(ctxTimeout(t, 600*time.Millisecond), ip)
+			assert.ErrorIs(t, err, context.DeadlineExceeded)
+			assert.ErrorContains(t, err, ip.String())
+			t.Log(err)
+		})
+		wg.Go(func() {
+			err := a.TCPCheck(ctxTimeout(t, 600*time.Millisecond), b, ip)
+			assert.ErrorIs(t, err, context.DeadlineExceeded)
+			assert.ErrorContains(t, err, ip.String())
+			t.Log(err)
+		})
+	}
+	wg.Wait()
 }
 
 func TestCloseRemovesEverything(t *testing.T) {
@@ -327,4 +340,39 @@ func TestCloseRemovesEverything(t *testing.T) {
 	assert.ErrorIs(t, err, netlab.ErrClosed)
 	assert.ErrorIs(t, lab.Nodes[0].Do(func() error { return nil }), netlab.ErrClosed)
 	assert.ErrorIs(t, lab.Nodes[0].Ping(t.Context(), lab.Nodes[1].IP), netlab.ErrClosed)
+}
+
+func TestPodsDifferentNodesWithRoutes(t *testing.T) {
+	t.Parallel()
+	// What host-gw programs: each node routes the other's pod subnets via
+	// the other's underlay address. The topology must forward the rest.
+	lab := netlab.NewT(t, netlab.Options{Nodes: 2, IPv4: true, IPv6: true})
+	n0, n1 := lab.Nodes[0], lab.Nodes[1]
+	a, err := n0.AddPod("a", podNet0, podNet60)
+	require.NoError(t, err)
+	b, err := n1.AddPod("b", podNet1, podNet61)
+	require.NoError(t, err)
+	for _, r := range []struct {
+		on  *netlab.Node
+		dst netip.Prefix
+		via netip.Addr
+	}{
+		{n0, podNet1, n1.IP}, {n0, podNet61, n1.IPv6},
+		{n1, podNet0, n0.IP}, {n1, podNet60, n0.IPv6},
+	} {
+		link, err := r.on.Handle.LinkByName(r.on.Iface)
+		require.NoError(t, err)
+		require.NoError(t, r.on.Handle.RouteAdd(&netlink.Route{
+			LinkIndex: link.Attrs().Index,
+			Dst:       &net.IPNet{IP: r.dst.Addr().AsSlice(), Mask: net.CIDRMask(r.dst.Bits(), r.dst.Addr().BitLen())},
+			Gw:        r.via.AsSlice(),
+		}))
+	}
+	for _, pair := range [][2]*netlab.Pod{{a, b}, {b, a}} {
+		from, to := pair[0], pair[1]
+		for _, ip := range []netip.Addr{to.IP, to.IPv6} {
+			assert.NoError(t, from.Ping(ctxTimeout(t, 10*time.Second), ip))
+			assert.NoError(t, from.TCPCheck(ctxTimeout(t, 10*time.Second), to, ip))
+		}
+	}
 }
