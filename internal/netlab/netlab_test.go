@@ -376,3 +376,23 @@ func TestPodsDifferentNodesWithRoutes(t *testing.T) {
 		}
 	}
 }
+
+func TestAddPodFailureLeavesNothing(t *testing.T) {
+	t.Parallel()
+	lab := netlab.NewT(t, netlab.Options{Nodes: 1})
+	n := lab.Nodes[0]
+	// Take the name AddPod will use for the pod's host-side veth.
+	require.NoError(t, n.Handle.LinkAdd(&netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: "veth1"}}))
+	before := lab.Namespaces()
+	_, err := n.AddPod("p", podNet0, netip.Prefix{})
+	require.Error(t, err)
+	t.Log(err)
+	assert.Equal(t, before, lab.Namespaces())
+	_, err = os.Stat(filepath.Join("/run/netns", lab.Name+"-node0-p"))
+	assert.ErrorIs(t, err, os.ErrNotExist)
+	// The same pod can be added again and gets the first pod address.
+	p, err := n.AddPod("p", podNet0, netip.Prefix{})
+	require.NoError(t, err)
+	assert.Equal(t, netip.MustParseAddr("10.244.0.2"), p.IP)
+	assert.NoError(t, p.Ping(ctxTimeout(t, 10*time.Second), n.IP))
+}
