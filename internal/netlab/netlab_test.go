@@ -396,3 +396,28 @@ func TestAddPodFailureLeavesNothing(t *testing.T) {
 	assert.Equal(t, netip.MustParseAddr("10.244.0.2"), p.IP)
 	assert.NoError(t, p.Ping(ctxTimeout(t, 10*time.Second), n.IP))
 }
+
+func TestSweep(t *testing.T) {
+	t.Parallel()
+	live := netlab.NewT(t, netlab.Options{Nodes: 1})
+	// An orphan: a Lab whose namespaces nobody holds any more, as after a
+	// test binary was killed. Close's fds only, keeping the names.
+	orphan, err := netlab.New(netlab.Options{Nodes: 1})
+	require.NoError(t, err)
+	names := orphan.Namespaces()
+	require.NotEmpty(t, names)
+	netlab.Forget(orphan)
+
+	removed, err := netlab.Sweep()
+	require.NoError(t, err)
+	for _, name := range names {
+		assert.Contains(t, removed, name)
+		_, err := os.Stat(filepath.Join("/run/netns", name))
+		assert.ErrorIs(t, err, os.ErrNotExist)
+	}
+	for _, name := range live.Namespaces() {
+		assert.NotContains(t, removed, name)
+		_, err := os.Stat(filepath.Join("/run/netns", name))
+		assert.NoError(t, err)
+	}
+}

@@ -7,11 +7,18 @@ import (
 )
 
 // NewT builds a Lab for a test: it requires root (testenv.RequireRoot),
-// fails the test if New fails, and closes the Lab in t.Cleanup, failing the
+// sweeps namespaces of dead processes' Labs (Sweep), fails the test if New
+// fails, and closes the Lab in t.Cleanup, failing the
 // test if Close does.
 func NewT(t testing.TB, opts Options) *Lab {
 	t.Helper()
 	testenv.RequireRoot(t)
+	// Clean up after earlier test binaries killed by their timeout.
+	if removed, err := Sweep(); err != nil {
+		t.Logf("netlab: %v", err)
+	} else if len(removed) > 0 {
+		t.Logf("netlab: removed %d namespaces of dead labs", len(removed))
+	}
 	l, err := New(opts)
 	if err != nil {
 		t.Fatalf("netlab: %v", err)
