@@ -188,7 +188,7 @@ func run() error {
 	if o.keep {
 		fmt.Println("\nStaying up until interrupted. Enter a pod with:")
 		for _, p := range pods {
-			fmt.Printf("  ip netns exec %s sh    # %s\n", p.Name, addrs(p.IP, p.IPv6))
+			fmt.Printf("  ip netns exec %s sh    # %s\n", p.NSName, addrs(p.IP, p.IPv6))
 		}
 		<-ctx.Done()
 	}
