@@ -1,0 +1,187 @@
+package ipsec
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+
+	"github.com/vishvananda/netlink"
+
+	flannel "github.com/flannelkit/flannel"
+	"github.com/flannelkit/flannel/backend"
+	"github.com/flannelkit/flannel/lease"
+)
+
+// Backend is the ipsec flannel.Backend. Every Prepare makes a fresh key
+// pair, so a restarted agent never reuses keys. It is safe for concurrent
+// use.
+type Backend struct {
+	opts Options
+
+	mu       sync.Mutex
+	env      flannel.Env
+	key      keyPair
+	prepared bool
+}
+
+var _ flannel.Backend = (*Backend)(nil)
+
+// New returns an ipsec backend. It fails (wrapping lease.ErrInvalidConfig)
+// when the PSK is missing or too short or the cipher is unsupported.
+func New(opts Options) (*Backend, error) {
+	opts = opts.withDefaults()
+	if err := opts.validate(); err != nil {
+		return nil, err
+	}
+	return &Backend{opts: opts}, nil
+}
+
+// Type returns "ipsec".
+func (b *Backend) Type() string { return Type }
+
+func logger(l *slog.Logger) *slog.Logger {
+	if l == nil {
+		return slog.New(slog.DiscardHandler)
+	}
+	return l
+}
+
+// resolveLink finds the external interface by index, else by name.
+func resolveLink(h *netlink.Handle, iface flannel.ExternalInterface) (netlink.Link, error) {
+	switch {
+	case iface.Index != 0:
+		link, err := h.LinkByIndex(iface.Index)
+		if err != nil {
+			return nil, fmt.Errorf("external interface %q (index %d): %w", iface.Name, iface.Index, err)
+		}
+		return link, nil
+	case iface.Name != "":
+		link, err := h.LinkByName(iface.Name)
+		if err != nil {
+			return nil, fmt.Errorf("external interface %q: %w", iface.Name, err)
+		}
+		return link, nil
+	}
+	return nil, errors.New("no external interface given")
+}
+
+// ErrNoESP is wrapped by Prepare's error when the kernel cannot do ESP
+// with the configured cipher (no esp4/xfrm_user module or no AES-GCM).
+var ErrNoESP = errors.New("kernel lacks ESP/XFRM support (modules esp4, esp6, xfrm_user and rfc4106(gcm(aes)) needed)")
+
+// Prepare checks the environment, enables IP forwarding in env.NS when it
+// is open, probes that the kernel accepts an ESP state with the cipher
+// (ErrNoESP otherwise), makes a fresh X25519 key pair and returns the
+// attributes to publish: the public addresses and BackendData with the
+// public key and its PSK authentication tag.
+func (b *Backend) Prepare(ctx context.Context, env flannel.Env) (lease.Attrs, error) {
+	if env.Handle == nil {
+		return lease.Attrs{}, errors.New("ipsec: prepare: no netlink handle")
+	}
+	link, err := resolveLink(env.Handle, env.Iface)
+	if err != nil {
+		return lease.Attrs{}, fmt.Errorf("ipsec: prepare: %w", err)
+	}
+	env.Iface.Index = link.Attrs().Index
+	if env.Iface.Name == "" {
+		env.Iface.Name = link.Attrs().Name
+	}
+	if env.Iface.MTU == 0 {
+		env.Iface.MTU = link.Attrs().MTU
+	}
+	if env.Config.EnableIPv4 && !env.Iface.PublicIP.IsValid() {
+		return lease.Attrs{}, fmt.Errorf("ipsec: prepare: interface %s has no public IPv4 address and IPv4 is enabled", env.Iface.Name)
+	}
+	if env.Config.EnableIPv6 && !env.Iface.PublicIPv6.IsValid() {
+		return lease.Attrs{}, fmt.Errorf("ipsec: prepare: interface %s has no public IPv6 address and IPv6 is enabled", env.Iface.Name)
+	}
+	if err := probeESP(env.Handle, b.opts); err != nil {
+		return lease.Attrs{}, fmt.Errorf("ipsec: prepare: %w", err)
+	}
+	if env.NS.IsOpen() {
+		if env.Config.EnableIPv4 || env.Iface.PublicIP.IsValid() {
+			if err := backend.SetSysctl(env.NS, "net/ipv4/ip_forward", "1"); err != nil {
+				return lease.Attrs{}, fmt.Errorf("ipsec: prepare: %w", err)
+			}
+		}
+		if env.Config.EnableIPv6 {
+			if err := backend.SetSysctl(env.NS, "net/ipv6/conf/all/forwarding", "1"); err != nil {
+				return lease.Attrs{}, fmt.Errorf("ipsec: prepare: %w", err)
+			}
+		}
+	}
+	key, err := newKeyPair()
+	if err != nil {
+		return lease.Attrs{}, fmt.Errorf("ipsec: prepare: %w", err)
+	}
+	data, err := marshalBackendData(b.opts.PSK, key.pub)
+	if err != nil {
+		return lease.Attrs{}, fmt.Errorf("ipsec: prepare: %w", err)
+	}
+	b.mu.Lock()
+	b.env, b.key, b.prepared = env, key, true
+	b.mu.Unlock()
+	return lease.Attrs{
+		BackendType: Type,
+		PublicIP:    env.Iface.PublicIP,
+		PublicIPv6:  env.Iface.PublicIPv6,
+		BackendData: data,
+	}, nil
+}
+
+// Start returns the Network for own, using the key pair of the last
+// Prepare. It programs nothing until the first Apply.
+func (b *Backend) Start(ctx context.Context, own lease.Lease) (flannel.Network, error) {
+	b.mu.Lock()
+	env, key, ok := b.env, b.key, b.prepared
+	b.mu.Unlock()
+	if !ok {
+		return nil, errors.New("ipsec: start: Prepare was not called")
+	}
+	if !own.Subnet.IsValid() && !own.IPv6Subnet.IsValid() {
+		return nil, errors.New("ipsec: start: lease has no subnet")
+	}
+	return newNetwork(env, own, b.opts, key), nil
+}
+
+// Cleanup removes every XFRM state and policy of ours (Options.Reqid and
+// our priorities) and our routes on the external interface. It is safe to
+// call when nothing is there. Removing the block policy re-opens the
+// cluster network to plain-text traffic: only call it when the node leaves.
+func (b *Backend) Cleanup(ctx context.Context, env flannel.Env) error {
+	if env.Handle == nil {
+		return errors.New("ipsec: cleanup: no netlink handle")
+	}
+	k := kernel{h: env.Handle, reqid: b.opts.Reqid}
+	var errs []error
+	if pols, err := k.policies(); err != nil {
+		errs = append(errs, err)
+	} else {
+		for _, p := range pols {
+			errs = append(errs, k.delPolicy(p))
+		}
+	}
+	if sts, err := k.states(); err != nil {
+		errs = append(errs, err)
+	} else {
+		for _, s := range sts {
+			errs = append(errs, k.delState(s))
+		}
+	}
+	link, err := resolveLink(env.Handle, env.Iface)
+	if err == nil {
+		rec := backend.RouteReconciler{Logger: logger(env.Logger)}
+		errs = append(errs, rec.Reconcile(ctx, env.Handle, link.Attrs().Index, nil))
+	} else {
+		var nf netlink.LinkNotFoundError
+		if !errors.As(err, &nf) {
+			errs = append(errs, err)
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("ipsec: cleanup: %w", err)
+	}
+	return nil
+}

@@ -1,0 +1,341 @@
+package ipsec
+
+import (
+	"bytes"
+	"cmp"
+	"fmt"
+	"net/netip"
+	"slices"
+)
+
+// Policy directions and actions, as in the kernel (XFRM_POLICY_IN/OUT/FWD,
+// XFRM_POLICY_ALLOW/BLOCK).
+type dir uint8
+
+const (
+	dirIn  dir = 0
+	dirOut dir = 1
+	dirFwd dir = 2
+)
+
+const (
+	// Priorities of our policies (lower wins). The allow and block ones
+	// have no template and are recognised as ours by these values.
+	prioAllow = 0x66c0
+	prioPeer  = 0x66c1
+	prioBlock = 0x66cf
+)
+
+// xstate is a desired or actual ESP tunnel-mode state. Key holds secret
+// material: never print an xstate.
+type xstate struct {
+	Src, Dst netip.Addr
+	SPI      uint32
+	Key      []byte
+	Encap    bool
+	Out      bool // outbound (informational; not compared)
+	Peer     int  // index into the peers of the input, -1 if none
+}
+
+type stateID struct {
+	src, dst netip.Addr
+	spi      uint32
+}
+
+func (s xstate) id() stateID { return stateID{s.Src, s.Dst, s.SPI} }
+
+// xpolicy is a desired or actual policy. A valid TmplSrc means an ESP
+// tunnel template between TmplSrc and TmplDst; otherwise Block decides.
+type xpolicy struct {
+	Src, Dst         netip.Prefix
+	Dir              dir
+	Priority         int
+	Block            bool
+	TmplSrc, TmplDst netip.Addr
+	Peer             int
+}
+
+type policyID struct {
+	src, dst netip.Prefix
+	dir      dir
+}
+
+func (p xpolicy) id() policyID { return policyID{p.Src, p.Dst, p.Dir} }
+
+func (p xpolicy) String() string {
+	s := fmt.Sprintf("%s->%s dir %d prio %#x", p.Src, p.Dst, p.Dir, p.Priority)
+	if p.TmplSrc.IsValid() {
+		return s + fmt.Sprintf(" esp tunnel %s->%s", p.TmplSrc, p.TmplDst)
+	}
+	if p.Block {
+		return s + " block"
+	}
+	return s + " allow"
+}
+
+// nodeView is what the desired-state computation knows about a node: its
+// subnets, public addresses and public keys (prev is a key replaced within
+// the grace period, nil when none).
+type nodeView struct {
+	Subnet, Subnet6 netip.Prefix
+	IP, IP6         netip.Addr
+	Cur, Prev       []byte
+}
+
+// localKeys are this node's key pairs: cur is published; prev was replaced
+// within the grace period; outPrev says outbound still uses prev (peers may
+// not have seen cur yet).
+type localKeys struct {
+	cur     keyPair
+	prev    *keyPair
+	outPrev bool
+}
+
+// input is everything desired needs.
+type input struct {
+	psk      []byte
+	cipher   Cipher
+	encap    bool
+	cluster  netip.Prefix // IPv4 cluster network; invalid when off
+	cluster6 netip.Prefix
+	own      nodeView
+	keys     localKeys
+	peers    []nodeView
+	valid    []bool // peers[i] has a usable key (checked by the caller)
+}
+
+// family selects the IPv4 or IPv6 fields of a nodeView.
+type family struct {
+	subnet  func(nodeView) netip.Prefix
+	ip      func(nodeView) netip.Addr
+	cluster func(input) netip.Prefix
+	name    string
+}
+
+var families = [...]family{
+	{func(n nodeView) netip.Prefix { return n.Subnet }, func(n nodeView) netip.Addr { return n.IP }, func(i input) netip.Prefix { return i.cluster }, "IPv4"},
+	{func(n nodeView) netip.Prefix { return n.Subnet6 }, func(n nodeView) netip.Addr { return n.IP6 }, func(i input) netip.Prefix { return i.cluster6 }, "IPv6"},
+}
+
+// desired computes the states and policies for in. Peers that cannot be
+// programmed get an error in failed (by peer index).
+func desired(in input) (states []xstate, policies []xpolicy, failed map[int]error) {
+	failed = map[int]error{}
+	fail := func(i int, err error) {
+		if _, ok := failed[i]; !ok {
+			failed[i] = err
+		}
+	}
+	// Current (published) keys of every node, for SPI assignment: the own
+	// node first.
+	type spiTable map[keyPairID]uint32
+	curKeys := [][]byte{in.keys.cur.pub}
+	for i, p := range in.peers {
+		if in.valid[i] {
+			curKeys = append(curKeys, p.Cur)
+		}
+	}
+	spisTo := func(receiver []byte) (spiTable, map[uint32]bool) {
+		var pairs []keyPairID
+		for _, k := range curKeys {
+			if !bytes.Equal(k, receiver) {
+				pairs = append(pairs, keyPairID{string(k), string(receiver)})
+			}
+		}
+		used := map[uint32]bool{}
+		return assignSPIs(pairs, used), used
+	}
+	// graceSPI is the SPI of a pair outside the current set: the first
+	// candidate not taken by the current set at that receiver.
+	graceSPI := func(p keyPairID, used map[uint32]bool) uint32 {
+		for try := uint32(0); ; try++ {
+			if s := spiCandidate([]byte(p.sender), []byte(p.receiver), try); !used[s] {
+				return s
+			}
+		}
+	}
+	spiFor := func(sender, receiver []byte, table spiTable, used map[uint32]bool) uint32 {
+		id := keyPairID{string(sender), string(receiver)}
+		if s, ok := table[id]; ok {
+			return s
+		}
+		return graceSPI(id, used)
+	}
+	inTable, inUsed := spisTo(in.keys.cur.pub)
+	var prevTable spiTable
+	var prevUsed map[uint32]bool
+	if in.keys.prev != nil {
+		prevTable, prevUsed = spisTo(in.keys.prev.pub)
+	}
+
+	for _, f := range families {
+		ownSub, ownIP, cluster := f.subnet(in.own), f.ip(in.own), f.cluster(in)
+		if !ownSub.IsValid() || !cluster.IsValid() {
+			continue
+		}
+		// Own subnet to itself stays local; the rest of the cluster
+		// network is blocked unless a peer policy matches.
+		policies = append(policies,
+			xpolicy{Src: ownSub, Dst: ownSub, Dir: dirOut, Priority: prioAllow, Peer: -1},
+			xpolicy{Src: ownSub, Dst: cluster, Dir: dirOut, Priority: prioBlock, Block: true, Peer: -1},
+		)
+		if !ownIP.IsValid() {
+			continue
+		}
+		for i, p := range in.peers {
+			sub, ip := f.subnet(p), f.ip(p)
+			if !sub.IsValid() {
+				continue
+			}
+			if sub == ownSub {
+				continue
+			}
+			if !ip.IsValid() {
+				fail(i, fmt.Errorf("no public %s address for subnet %s", f.name, sub))
+				continue
+			}
+			if !in.valid[i] {
+				continue
+			}
+			// Outbound: our key the peer knows, the peer's current key.
+			outKey := in.keys.cur
+			if in.keys.outPrev && in.keys.prev != nil {
+				outKey = *in.keys.prev
+			}
+			table, used := spisTo(p.Cur)
+			k, err := deriveKey(in.psk, in.cipher, outKey.priv, p.Cur, outKey.pub, p.Cur)
+			if err != nil {
+				fail(i, err)
+				continue
+			}
+			states = append(states, xstate{Src: ownIP, Dst: ip, SPI: spiFor(outKey.pub, p.Cur, table, used), Key: k, Encap: in.encap, Out: true, Peer: i})
+			// Inbound: every live sender key of the peer to every live
+			// key of ours.
+			senders := [][]byte{p.Cur}
+			if p.Prev != nil {
+				senders = append(senders, p.Prev)
+			}
+			type recv struct {
+				kp    keyPair
+				table spiTable
+				used  map[uint32]bool
+			}
+			recvs := []recv{{in.keys.cur, inTable, inUsed}}
+			if in.keys.prev != nil {
+				recvs = append(recvs, recv{*in.keys.prev, prevTable, prevUsed})
+			}
+			for _, r := range recvs {
+				for _, s := range senders {
+					k, err := deriveKey(in.psk, in.cipher, r.kp.priv, s, s, r.kp.pub)
+					if err != nil {
+						fail(i, err)
+						continue
+					}
+					states = append(states, xstate{Src: ip, Dst: ownIP, SPI: spiFor(s, r.kp.pub, r.table, r.used), Key: k, Encap: in.encap, Peer: i})
+				}
+			}
+			tmplOut := xpolicy{Src: ownSub, Dst: sub, Dir: dirOut, Priority: prioPeer, TmplSrc: ownIP, TmplDst: ip, Peer: i}
+			tmplIn := xpolicy{Src: sub, Dst: ownSub, Dir: dirIn, Priority: prioPeer, TmplSrc: ip, TmplDst: ownIP, Peer: i}
+			tmplFwd := tmplIn
+			tmplFwd.Dir = dirFwd
+			policies = append(policies, tmplOut, tmplIn, tmplFwd)
+		}
+	}
+	// Duplicate state ids (an SPI collision among grace pairs) keep the
+	// first.
+	seen := map[stateID]bool{}
+	states = slices.DeleteFunc(states, func(s xstate) bool {
+		if seen[s.id()] {
+			return true
+		}
+		seen[s.id()] = true
+		return false
+	})
+	return states, policies, failed
+}
+
+// diffStates returns the states to add and to delete to go from have to
+// want. A state with the same id but other key material or encapsulation
+// is deleted and added again.
+func diffStates(want, have []xstate) (add, del []xstate) {
+	h := make(map[stateID]xstate, len(have))
+	for _, s := range have {
+		h[s.id()] = s
+	}
+	w := make(map[stateID]bool, len(want))
+	for _, s := range want {
+		w[s.id()] = true
+		old, ok := h[s.id()]
+		if ok && bytes.Equal(old.Key, s.Key) && old.Encap == s.Encap {
+			continue
+		}
+		if ok {
+			del = append(del, old)
+		}
+		add = append(add, s)
+	}
+	for _, s := range have {
+		if !w[s.id()] {
+			del = append(del, s)
+		}
+	}
+	sortStates(add)
+	sortStates(del)
+	return add, del
+}
+
+func sortStates(s []xstate) {
+	slices.SortFunc(s, func(a, b xstate) int {
+		return cmp.Or(a.Src.Compare(b.Src), a.Dst.Compare(b.Dst), cmp.Compare(a.SPI, b.SPI))
+	})
+}
+
+// samePolicy compares what we set on a policy.
+func samePolicy(a, b xpolicy) bool {
+	return a.id() == b.id() && a.Priority == b.Priority && a.Block == b.Block &&
+		a.TmplSrc == b.TmplSrc && a.TmplDst == b.TmplDst
+}
+
+// diffPolicies returns the policies to add or update and those to delete.
+// Block and allow policies come first in upsert, so the cluster network is
+// closed before anything else changes.
+func diffPolicies(want, have []xpolicy) (upsert, del []xpolicy) {
+	h := make(map[policyID]xpolicy, len(have))
+	for _, p := range have {
+		h[p.id()] = p
+	}
+	w := make(map[policyID]bool, len(want))
+	for _, p := range want {
+		w[p.id()] = true
+		if old, ok := h[p.id()]; ok && samePolicy(old, p) {
+			continue
+		}
+		upsert = append(upsert, p)
+	}
+	for _, p := range have {
+		if !w[p.id()] {
+			del = append(del, p)
+		}
+	}
+	slices.SortStableFunc(upsert, func(a, b xpolicy) int {
+		return cmp.Compare(b.Priority, a.Priority) // block first
+	})
+	return upsert, del
+}
+
+// MTU returns the largest inner packet that fits in an ESP tunnel-mode
+// packet of at most linkMTU bytes with cipher c: outer IP header, ESP
+// header (SPI, sequence number), 8-byte IV, payload plus 2 trailer bytes
+// padded to 4 bytes, ICV; plus 8 bytes of UDP header with encap.
+func MTU(linkMTU int, ipv6, encap bool, c Cipher) int {
+	outer := 20
+	if ipv6 {
+		outer = 40
+	}
+	if encap {
+		outer += 8
+	}
+	room := linkMTU - outer - 8 - 8 - c.ICVBits/8
+	room -= room % 4
+	return room - 2
+}

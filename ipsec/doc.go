@@ -1,0 +1,49 @@
+// Package ipsec is the ipsec dataplane: pod traffic between nodes is carried
+// in ESP tunnel mode, programmed directly into the kernel's XFRM tables
+// through a netlink handle. There is no IKE daemon (no strongSwan/charon):
+// keys are derived from the cluster's pre-shared key and per-node X25519
+// keys that every node publishes with its lease.
+//
+// # Keys
+//
+// Every Prepare (so every agent start) and every Network.Rekey makes a fresh
+// X25519 key pair. The public key is published in the lease's BackendData
+// ({"PublicKey":"<base64>","Auth":"<base64>"}), together with
+// Auth = HMAC-SHA256(HKDF-SHA256(PSK, info "flannel-ipsec v1 auth"), PublicKey),
+// which lets peers tell a node holding another PSK apart (it is reported as
+// a *flannel.PeerError naming the reason) without revealing the PSK. The
+// ESP key for traffic from sender S to receiver R is
+//
+//	HKDF-SHA256(secret = X25519(S, R) || PSK,
+//	            salt   = "flannel-ipsec v1",
+//	            info   = "flannel-ipsec v1 esp " + cipher + pub(S) + pub(R))
+//
+// truncated to the cipher's key length plus the 4-byte GCM salt. It is
+// distinct per node pair and direction (the info orders the two public
+// keys), changes on every restart and rekey (fresh X25519 keys), cannot be
+// computed without the PSK even by someone who can write leases, and gives
+// forward secrecy per key lifetime (private keys live only in memory).
+//
+// The SPI of a (sender, receiver) key pair is derived from the two public
+// keys; collisions among the senders of one receiver are resolved
+// deterministically (sorted probing), so SPIs are unique per destination and
+// both ends compute the same value.
+//
+// # Kernel state
+//
+// For each peer and family: an outbound and an inbound ESP tunnel-mode state
+// between the public IPs (AES-GCM, rfc4106), out/in/fwd policies between the
+// own and the peer's pod subnets, and a route for the peer's subnet via the
+// next hop towards its public IP (so peers on other L2 segments work). Under
+// the per-peer policies sits a block policy for traffic from the own subnet
+// to the whole cluster network, so pod traffic is never sent in plain text:
+// not before a peer's states exist, not after they were deleted by hand, not
+// while the agent restarts. States and policies are ours when they carry
+// Options.Reqid (policies: in their template, or the block/allow priorities);
+// reconcile is level-triggered and deletes ours that are not wanted,
+// including those of a previous run.
+//
+// It does not run IKE, does not interoperate with upstream flannel's
+// strongSwan-based ipsec backend on the wire, and does not set up
+// masquerading.
+package ipsec

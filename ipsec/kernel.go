@@ -1,0 +1,174 @@
+package ipsec
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"syscall"
+
+	"github.com/vishvananda/netlink"
+
+	"github.com/flannelkit/flannel/backend"
+)
+
+// kernel programs XFRM through a namespace-bound handle. Errors name the
+// state by addresses and SPI, never by key.
+type kernel struct {
+	h      *netlink.Handle
+	reqid  uint32
+	cipher Cipher
+}
+
+const dumpAttempts = 5
+
+func retry[T any](what string, fn func() (T, error)) (T, error) {
+	var res T
+	var err error
+	for range dumpAttempts {
+		if res, err = fn(); err == nil || !errors.Is(err, netlink.ErrDumpInterrupted) {
+			break
+		}
+	}
+	if err != nil {
+		var zero T
+		return zero, fmt.Errorf("list %s: %w", what, err)
+	}
+	return res, nil
+}
+
+func addrOf(ip net.IP) netip.Addr {
+	a, _ := netip.AddrFromSlice(ip)
+	return a.Unmap()
+}
+
+// states lists our states (Reqid).
+func (k kernel) states() ([]xstate, error) {
+	all, err := retry("xfrm states", func() ([]netlink.XfrmState, error) { return k.h.XfrmStateList(netlink.FAMILY_ALL) })
+	if err != nil {
+		return nil, err
+	}
+	var out []xstate
+	for _, s := range all {
+		if uint32(s.Reqid) != k.reqid || s.Proto != netlink.XFRM_PROTO_ESP {
+			continue
+		}
+		x := xstate{Src: addrOf(s.Src), Dst: addrOf(s.Dst), SPI: uint32(s.Spi), Encap: s.Encap != nil, Peer: -1}
+		if s.Aead != nil {
+			x.Key = s.Aead.Key
+		}
+		out = append(out, x)
+	}
+	return out, nil
+}
+
+func (k kernel) toState(s xstate) *netlink.XfrmState {
+	st := &netlink.XfrmState{
+		Src:   backend.IPFromAddr(s.Src),
+		Dst:   backend.IPFromAddr(s.Dst),
+		Proto: netlink.XFRM_PROTO_ESP,
+		Mode:  netlink.XFRM_MODE_TUNNEL,
+		Spi:   int(s.SPI),
+		Reqid: int(k.reqid),
+		// A replay window for inbound; 0 keeps the kernel default off.
+		ReplayWindow: 128,
+		Aead:         &netlink.XfrmStateAlgo{Name: k.cipher.Name, Key: s.Key, ICVLen: k.cipher.ICVBits},
+	}
+	if s.Encap {
+		st.Encap = &netlink.XfrmStateEncap{Type: netlink.XFRM_ENCAP_ESPINUDP, SrcPort: UDPEncapPort, DstPort: UDPEncapPort}
+	}
+	return st
+}
+
+func (k kernel) addState(s xstate) error {
+	if err := k.h.XfrmStateAdd(k.toState(s)); err != nil && !errors.Is(err, syscall.EEXIST) {
+		return fmt.Errorf("add esp state %s->%s spi %#x: %w", s.Src, s.Dst, s.SPI, err)
+	}
+	return nil
+}
+
+func (k kernel) delState(s xstate) error {
+	st := &netlink.XfrmState{Src: backend.IPFromAddr(s.Src), Dst: backend.IPFromAddr(s.Dst), Proto: netlink.XFRM_PROTO_ESP, Spi: int(s.SPI)}
+	if err := k.h.XfrmStateDel(st); err != nil && !errors.Is(err, syscall.ESRCH) && !errors.Is(err, syscall.ENOENT) {
+		return fmt.Errorf("delete esp state %s->%s spi %#x: %w", s.Src, s.Dst, s.SPI, err)
+	}
+	return nil
+}
+
+// policies lists our policies: those with a template of our reqid and the
+// template-less ones with our allow/block priorities.
+func (k kernel) policies() ([]xpolicy, error) {
+	all, err := retry("xfrm policies", func() ([]netlink.XfrmPolicy, error) { return k.h.XfrmPolicyList(netlink.FAMILY_ALL) })
+	if err != nil {
+		return nil, err
+	}
+	var out []xpolicy
+	for _, p := range all {
+		src, ok1 := backend.PrefixFromIPNet(p.Src)
+		dst, ok2 := backend.PrefixFromIPNet(p.Dst)
+		if !ok1 || !ok2 || p.Mark != nil || p.Ifid != 0 {
+			continue
+		}
+		x := xpolicy{Src: src, Dst: dst, Dir: dir(p.Dir), Priority: p.Priority, Block: p.Action == netlink.XFRM_POLICY_BLOCK, Peer: -1}
+		switch {
+		case len(p.Tmpls) == 1 && uint32(p.Tmpls[0].Reqid) == k.reqid:
+			x.TmplSrc, x.TmplDst = addrOf(p.Tmpls[0].Src), addrOf(p.Tmpls[0].Dst)
+		case len(p.Tmpls) == 0 && (p.Priority == prioAllow || p.Priority == prioBlock):
+		default:
+			continue
+		}
+		out = append(out, x)
+	}
+	return out, nil
+}
+
+func (k kernel) toPolicy(p xpolicy) *netlink.XfrmPolicy {
+	np := &netlink.XfrmPolicy{
+		Src:      backend.IPNetFromPrefix(p.Src),
+		Dst:      backend.IPNetFromPrefix(p.Dst),
+		Dir:      netlink.Dir(p.Dir),
+		Priority: p.Priority,
+		Action:   netlink.XFRM_POLICY_ALLOW,
+	}
+	if p.Block {
+		np.Action = netlink.XFRM_POLICY_BLOCK
+	}
+	if p.TmplSrc.IsValid() {
+		np.Tmpls = []netlink.XfrmPolicyTmpl{{
+			Src:   backend.IPFromAddr(p.TmplSrc),
+			Dst:   backend.IPFromAddr(p.TmplDst),
+			Proto: netlink.XFRM_PROTO_ESP,
+			Mode:  netlink.XFRM_MODE_TUNNEL,
+			Reqid: int(k.reqid),
+		}}
+	}
+	return np
+}
+
+func (k kernel) upsertPolicy(p xpolicy) error {
+	if err := k.h.XfrmPolicyUpdate(k.toPolicy(p)); err != nil {
+		return fmt.Errorf("program xfrm policy %s: %w", p, err)
+	}
+	return nil
+}
+
+func (k kernel) delPolicy(p xpolicy) error {
+	if err := k.h.XfrmPolicyDel(k.toPolicy(p)); err != nil && !errors.Is(err, syscall.ENOENT) && !errors.Is(err, syscall.ESRCH) {
+		return fmt.Errorf("delete xfrm policy %s: %w", p, err)
+	}
+	return nil
+}
+
+// probeESP adds and deletes a throwaway state with the cipher, so a kernel
+// without ESP says so before anything is published.
+func probeESP(h *netlink.Handle, o Options) error {
+	k := kernel{h: h, reqid: o.Reqid, cipher: o.Cipher}
+	s := xstate{
+		Src: netip.MustParseAddr("192.0.2.1"), Dst: netip.MustParseAddr("192.0.2.2"),
+		SPI: 0xff, Key: make([]byte, o.Cipher.keyLen()),
+	}
+	if err := h.XfrmStateAdd(k.toState(s)); err != nil && !errors.Is(err, syscall.EEXIST) {
+		return fmt.Errorf("%w: probe esp state with %s: %v", ErrNoESP, o.Cipher.Name, err)
+	}
+	return k.delState(s)
+}

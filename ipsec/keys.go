@@ -1,0 +1,154 @@
+package ipsec
+
+import (
+	"bytes"
+	"crypto/ecdh"
+	"crypto/hkdf"
+	"crypto/hmac"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"slices"
+)
+
+// ErrPeerAuth is wrapped by the error for a peer whose published key is not
+// authenticated with our PSK (the peer, or this node, has another PSK).
+var ErrPeerAuth = errors.New("peer key not authenticated with this cluster's PSK (different PSK on one side?)")
+
+// keyPair is one X25519 key of this node.
+type keyPair struct {
+	priv *ecdh.PrivateKey
+	pub  []byte
+}
+
+func newKeyPair() (keyPair, error) {
+	k, err := ecdh.X25519().GenerateKey(rand.Reader)
+	if err != nil {
+		return keyPair{}, fmt.Errorf("generate x25519 key: %w", err)
+	}
+	return keyPair{priv: k, pub: k.PublicKey().Bytes()}, nil
+}
+
+// backendData is the BackendData an ipsec node publishes.
+type backendData struct {
+	PublicKey []byte // base64 in JSON
+	Auth      []byte // HMAC of PublicKey under the PSK-derived auth key
+}
+
+// authTag proves that whoever published pub holds psk.
+func authTag(psk, pub []byte) ([]byte, error) {
+	k, err := hkdf.Key(sha256.New, psk, []byte("flannel-ipsec v1"), "flannel-ipsec v1 auth", 32)
+	if err != nil {
+		return nil, fmt.Errorf("derive auth key: %w", err)
+	}
+	m := hmac.New(sha256.New, k)
+	m.Write(pub)
+	return m.Sum(nil), nil
+}
+
+// marshalBackendData renders the BackendData for pub.
+func marshalBackendData(psk, pub []byte) (json.RawMessage, error) {
+	tag, err := authTag(psk, pub)
+	if err != nil {
+		return nil, err
+	}
+	return json.Marshal(backendData{PublicKey: pub, Auth: tag})
+}
+
+// parsePeerKey reads a peer's BackendData and checks its auth tag. The
+// error wraps ErrPeerAuth when the tag does not match.
+func parsePeerKey(psk []byte, raw json.RawMessage) ([]byte, error) {
+	if len(bytes.TrimSpace(raw)) == 0 {
+		return nil, errors.New("no ipsec BackendData (no public key)")
+	}
+	var d backendData
+	if err := json.Unmarshal(raw, &d); err != nil {
+		return nil, fmt.Errorf("ipsec BackendData: %w", err)
+	}
+	if len(d.PublicKey) != 32 {
+		return nil, fmt.Errorf("ipsec BackendData: public key of %d bytes, want 32", len(d.PublicKey))
+	}
+	want, err := authTag(psk, d.PublicKey)
+	if err != nil {
+		return nil, err
+	}
+	if !hmac.Equal(want, d.Auth) {
+		return nil, ErrPeerAuth
+	}
+	return d.PublicKey, nil
+}
+
+// deriveKey returns the ESP key material (AES key and GCM salt) for traffic
+// from the holder of sender's public key to receiver, computed by either
+// end: own is this node's private key, peerPub the other public key.
+func deriveKey(psk []byte, c Cipher, own *ecdh.PrivateKey, peerPub []byte, senderPub, receiverPub []byte) ([]byte, error) {
+	pk, err := ecdh.X25519().NewPublicKey(peerPub)
+	if err != nil {
+		return nil, fmt.Errorf("peer public key: %w", err)
+	}
+	shared, err := own.ECDH(pk)
+	if err != nil {
+		return nil, fmt.Errorf("x25519: %w", err)
+	}
+	secret := make([]byte, 0, len(shared)+len(psk))
+	secret = append(append(secret, shared...), psk...)
+	info := "flannel-ipsec v1 esp " + c.String() + string(senderPub) + string(receiverPub)
+	k, err := hkdf.Key(sha256.New, secret, []byte("flannel-ipsec v1"), info, c.keyLen())
+	clear(secret)
+	clear(shared)
+	if err != nil {
+		return nil, fmt.Errorf("derive esp key: %w", err)
+	}
+	return k, nil
+}
+
+// spiCandidate is the try-th SPI candidate for (sender, receiver): never
+// below 256 (reserved by RFC 4303).
+func spiCandidate(senderPub, receiverPub []byte, try uint32) uint32 {
+	h := sha256.New()
+	h.Write([]byte("flannel-ipsec v1 spi"))
+	h.Write(senderPub)
+	h.Write(receiverPub)
+	var b [4]byte
+	binary.BigEndian.PutUint32(b[:], try)
+	h.Write(b[:])
+	s := binary.BigEndian.Uint32(h.Sum(nil))
+	if s < 256 {
+		s += 256
+	}
+	return s
+}
+
+// keyPairID is a (sender, receiver) pair of public keys.
+type keyPairID struct{ sender, receiver string }
+
+// assignSPIs gives every (sender, receiver) pair an SPI, unique per receiver
+// key and, through used, per destination: pairs are taken in sorted order
+// and probe further candidates on a collision, so every node that sees the
+// same pairs computes the same SPIs. used holds SPIs already taken at the
+// destination and is updated.
+func assignSPIs(pairs []keyPairID, used map[uint32]bool) map[keyPairID]uint32 {
+	sorted := slices.Clone(pairs)
+	slices.SortFunc(sorted, func(a, b keyPairID) int {
+		if c := bytes.Compare([]byte(a.receiver), []byte(b.receiver)); c != 0 {
+			return c
+		}
+		return bytes.Compare([]byte(a.sender), []byte(b.sender))
+	})
+	sorted = slices.Compact(sorted)
+	out := make(map[keyPairID]uint32, len(sorted))
+	for _, p := range sorted {
+		for try := uint32(0); ; try++ {
+			s := spiCandidate([]byte(p.sender), []byte(p.receiver), try)
+			if !used[s] {
+				used[s] = true
+				out[p] = s
+				break
+			}
+		}
+	}
+	return out
+}

@@ -1,0 +1,397 @@
+package ipsec
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/vishvananda/netlink"
+
+	flannel "github.com/flannelkit/flannel"
+	"github.com/flannelkit/flannel/backend"
+	"github.com/flannelkit/flannel/lease"
+)
+
+// Network is a started ipsec dataplane. Apply, Rekey and the repairs of
+// Run are serialized; it is safe for concurrent use.
+type Network struct {
+	env  flannel.Env
+	own  lease.Lease
+	opts Options
+	log  *slog.Logger
+	k    kernel
+	rec  backend.RouteReconciler
+	now  func() time.Time
+
+	mu        sync.Mutex
+	peers     []lease.Lease
+	applied   bool
+	keys      localKeys
+	rekeyedAt time.Time
+	peerKeys  map[string]*peerKey // by lease key
+}
+
+// peerKey tracks a peer's published key and the one it replaced.
+type peerKey struct {
+	cur, prev []byte
+	changed   time.Time
+}
+
+var _ flannel.Network = (*Network)(nil)
+
+func newNetwork(env flannel.Env, own lease.Lease, opts Options, key keyPair) *Network {
+	log := logger(env.Logger).With("backend", Type, "iface", env.Iface.Name)
+	return &Network{
+		env:      env,
+		own:      own,
+		opts:     opts,
+		log:      log,
+		k:        kernel{h: env.Handle, reqid: opts.Reqid, cipher: opts.Cipher},
+		rec:      backend.RouteReconciler{Logger: log},
+		now:      time.Now,
+		keys:     localKeys{cur: key},
+		peerKeys: map[string]*peerKey{},
+	}
+}
+
+// Lease returns the lease the network was started with.
+func (n *Network) Lease() lease.Lease { return n.own }
+
+// MTU is the external MTU minus the ESP tunnel overhead of the cipher (the
+// IPv6 overhead when the node has an IPv6 subnet).
+func (n *Network) MTU() int {
+	return MTU(n.env.Iface.MTU, n.own.IPv6Subnet.IsValid(), n.opts.UDPEncap, n.opts.Cipher)
+}
+
+// PublicKey returns the node's current public key (for tests and status).
+func (n *Network) PublicKey() []byte {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return slices.Clone(n.keys.cur.pub)
+}
+
+// Apply makes the XFRM states, policies and routes match peers (the other
+// nodes' leases): per peer and family an outbound and inbound ESP state,
+// out/in/fwd policies between the pod subnets and a route for the peer's
+// subnet; plus an allow policy for the own subnet and a block policy for
+// the rest of the cluster network. Ours that are not wanted, including
+// those of a previous run, are deleted. Leases of other backend types are
+// skipped. A peer whose key is missing, malformed or not authenticated with
+// our PSK (ErrPeerAuth) yields a *flannel.PeerError and gets no states, so
+// traffic to it is blocked. Apply may be called repeatedly with the same
+// peers; it changes nothing then.
+func (n *Network) Apply(ctx context.Context, peers []lease.Lease) error {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	n.peers = slices.Clone(peers)
+	n.applied = true
+	return n.applyLocked(ctx)
+}
+
+func (n *Network) ownIPs() (v4, v6 netip.Addr) {
+	v4, v6 = n.env.Iface.IP, n.env.Iface.IPv6
+	if !v4.IsValid() {
+		v4 = n.env.Iface.PublicIP
+	}
+	if !v6.IsValid() {
+		v6 = n.env.Iface.PublicIPv6
+	}
+	return v4, v6
+}
+
+func (n *Network) applyLocked(ctx context.Context) error {
+	now := n.now()
+	// Key lifetimes after a rekey.
+	if n.keys.prev != nil && now.Sub(n.rekeyedAt) >= n.opts.Grace {
+		n.keys.prev = nil
+	}
+	n.keys.outPrev = n.keys.prev != nil && now.Sub(n.rekeyedAt) < n.opts.Grace/2
+
+	v4, v6 := n.ownIPs()
+	in := input{
+		psk:      n.opts.PSK,
+		cipher:   n.opts.Cipher,
+		encap:    n.opts.UDPEncap,
+		cluster:  n.env.Config.Network,
+		cluster6: n.env.Config.IPv6Network,
+		own:      nodeView{Subnet: n.own.Subnet, Subnet6: n.own.IPv6Subnet, IP: v4, IP6: v6},
+		keys:     n.keys,
+	}
+	if !in.cluster.IsValid() && n.own.Subnet.IsValid() {
+		in.cluster = n.own.Subnet // a hand-built Config: block at least the own subnet's peers
+	}
+	failed := map[int]error{}
+	var idx []int // input peer -> n.peers index
+	seen := map[string]bool{}
+	for i, p := range n.peers {
+		if p.Attrs.BackendType != Type {
+			n.log.Debug("skipping peer of another backend", "subnet", p.String(), "backend_type", p.Attrs.BackendType)
+			continue
+		}
+		if p.SameSubnets(n.own) {
+			continue
+		}
+		v := nodeView{Subnet: p.Subnet, Subnet6: p.IPv6Subnet, IP: p.Attrs.PublicIP, IP6: p.Attrs.PublicIPv6}
+		pub, err := parsePeerKey(n.opts.PSK, p.Attrs.BackendData)
+		ok := err == nil
+		if err != nil {
+			failed[len(in.peers)] = err
+		} else {
+			key := p.Key()
+			seen[key] = true
+			pk := n.peerKeys[key]
+			switch {
+			case pk == nil:
+				pk = &peerKey{cur: pub}
+				n.peerKeys[key] = pk
+			case !bytes.Equal(pk.cur, pub):
+				pk.prev, pk.cur, pk.changed = pk.cur, pub, now
+				n.log.Info("peer key changed", "subnet", p.String())
+			}
+			if pk.prev != nil && now.Sub(pk.changed) >= n.opts.Grace {
+				pk.prev = nil
+			}
+			v.Cur, v.Prev = pk.cur, pk.prev
+		}
+		in.peers = append(in.peers, v)
+		in.valid = append(in.valid, ok)
+		idx = append(idx, i)
+	}
+	for key := range n.peerKeys {
+		if !seen[key] {
+			delete(n.peerKeys, key)
+		}
+	}
+	states, policies, failed2 := desired(in)
+	for i, err := range failed2 {
+		if _, ok := failed[i]; !ok {
+			failed[i] = err
+		}
+	}
+
+	var rest []error
+	have, err := n.k.states()
+	if err != nil {
+		return fmt.Errorf("ipsec: %w", err)
+	}
+	havePol, err := n.k.policies()
+	if err != nil {
+		return fmt.Errorf("ipsec: %w", err)
+	}
+	addS, delS := diffStates(states, have)
+	upP, delP := diffPolicies(policies, havePol)
+	// Policies first (block before anything else), then new states, then
+	// stale policies and states: outbound never lacks a policy.
+	for _, p := range upP {
+		if err := n.k.upsertPolicy(p); err != nil {
+			n.addErr(failed, &rest, p.Peer, err)
+		}
+	}
+	// Delete replaced states (same id, other key) before adding them.
+	for _, s := range delS {
+		if slices.ContainsFunc(addS, func(a xstate) bool { return a.id() == s.id() }) {
+			if err := n.k.delState(s); err != nil {
+				rest = append(rest, err)
+			}
+		}
+	}
+	for _, s := range addS {
+		if err := n.k.addState(s); err != nil {
+			n.addErr(failed, &rest, s.Peer, err)
+		}
+	}
+	for _, p := range delP {
+		if err := n.k.delPolicy(p); err != nil {
+			rest = append(rest, err)
+		}
+	}
+	for _, s := range delS {
+		if !slices.ContainsFunc(addS, func(a xstate) bool { return a.id() == s.id() }) {
+			if err := n.k.delState(s); err != nil {
+				rest = append(rest, err)
+			}
+		}
+	}
+	if len(addS)+len(delS)+len(upP)+len(delP) > 0 {
+		n.log.Info("xfrm reconciled", "states_added", len(addS), "states_deleted", len(delS),
+			"policies_programmed", len(upP), "policies_deleted", len(delP))
+	}
+	if err := n.reconcileRoutes(ctx, in, failed); err != nil {
+		rest = append(rest, err)
+	}
+
+	var errs []error
+	for i := range in.peers {
+		if err, ok := failed[i]; ok {
+			errs = append(errs, &flannel.PeerError{Lease: n.peers[idx[i]], Err: err})
+		}
+	}
+	return errors.Join(append(errs, rest...)...)
+}
+
+func (n *Network) addErr(failed map[int]error, rest *[]error, peer int, err error) {
+	if peer < 0 {
+		*rest = append(*rest, err)
+		return
+	}
+	failed[peer] = errors.Join(failed[peer], err)
+}
+
+// reconcileRoutes routes every valid peer subnet via the next hop towards
+// the peer's public address on the external interface (the address itself
+// when on-link), so pod traffic reaches the xfrm output path whether or
+// not the peer shares the L2 segment.
+func (n *Network) reconcileRoutes(ctx context.Context, in input, failed map[int]error) error {
+	var routes []netlink.Route
+	for i, p := range in.peers {
+		if !in.valid[i] {
+			continue
+		}
+		for _, f := range families {
+			sub, ip := f.subnet(p), f.ip(p)
+			ownSub := f.subnet(in.own)
+			if !sub.IsValid() || !ip.IsValid() || !ownSub.IsValid() || sub == ownSub {
+				continue
+			}
+			gw, err := n.nextHop(ip)
+			if err != nil {
+				failed[i] = errors.Join(failed[i], err)
+				continue
+			}
+			routes = append(routes, netlink.Route{
+				LinkIndex: n.env.Iface.Index,
+				Dst:       backend.IPNetFromPrefix(sub),
+				Gw:        backend.IPFromAddr(gw),
+			})
+		}
+	}
+	if err := n.rec.Reconcile(ctx, n.env.Handle, n.env.Iface.Index, routes); err != nil {
+		return fmt.Errorf("ipsec: routes: %w", err)
+	}
+	return nil
+}
+
+// nextHop returns the gateway the kernel uses towards ip on the external
+// interface, or ip itself when it is on-link.
+func (n *Network) nextHop(ip netip.Addr) (netip.Addr, error) {
+	rs, err := n.env.Handle.RouteGet(backend.IPFromAddr(ip))
+	if err != nil {
+		return netip.Addr{}, fmt.Errorf("route to peer %s: %w", ip, err)
+	}
+	for _, r := range rs {
+		if r.LinkIndex != n.env.Iface.Index {
+			continue
+		}
+		if r.Gw != nil {
+			return addrOf(r.Gw), nil
+		}
+		return ip, nil
+	}
+	return netip.Addr{}, fmt.Errorf("peer %s is not reached through %s", ip, n.env.Iface.Name)
+}
+
+// Rekey makes a fresh key pair, installs inbound states for it next to the
+// old ones (outbound keeps the old key for Options.Grace/2, since peers need
+// to see the new public key first; the old key goes after Options.Grace)
+// and returns the attributes to publish with the lease. The caller must
+// publish them (Run passes them to Options.Publish).
+func (n *Network) Rekey(ctx context.Context) (lease.Attrs, error) {
+	key, err := newKeyPair()
+	if err != nil {
+		return lease.Attrs{}, fmt.Errorf("ipsec: rekey: %w", err)
+	}
+	data, err := marshalBackendData(n.opts.PSK, key.pub)
+	if err != nil {
+		return lease.Attrs{}, fmt.Errorf("ipsec: rekey: %w", err)
+	}
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	old := n.keys.cur
+	n.keys.prev, n.keys.cur = &old, key
+	n.rekeyedAt = n.now()
+	attrs := n.own.Attrs
+	attrs.BackendData = data
+	n.own.Attrs = attrs
+	n.log.Info("rekeyed; publishing new public key")
+	if n.applied {
+		if err := n.applyLocked(ctx); err != nil {
+			n.log.Warn("apply after rekey", "err", err)
+		}
+	}
+	return attrs, nil
+}
+
+// Run repairs drift until ctx ends: it re-applies the last peer set every
+// RepairInterval (and more often while a rekey is in its grace period, to
+// switch and retire keys on time), rekeys every RekeyInterval when
+// Options.Publish is set, and with UDPEncap holds the UDP port 4500 socket
+// the kernel needs to decapsulate ESP in UDP. It returns nil when ctx
+// ends, with every goroutine joined.
+func (n *Network) Run(ctx context.Context) error {
+	if n.opts.UDPEncap {
+		closeSock, err := openEncapSocket(n.env.NS)
+		if err != nil {
+			n.log.Warn("udp encapsulation socket", "err", err)
+		} else {
+			defer closeSock()
+		}
+	}
+	tick := min(n.opts.RepairInterval, n.opts.Grace/4)
+	ticker := time.NewTicker(tick)
+	defer ticker.Stop()
+	var rekey <-chan time.Time
+	if n.opts.Publish != nil {
+		t := time.NewTicker(n.opts.RekeyInterval)
+		defer t.Stop()
+		rekey = t.C
+	}
+	lastRepair := n.now()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-rekey:
+			attrs, err := n.Rekey(ctx)
+			if err != nil {
+				n.log.Warn("rekey failed", "err", err)
+				continue
+			}
+			n.opts.Publish(attrs)
+		case <-ticker.C:
+			n.mu.Lock()
+			inGrace := n.keys.prev != nil || n.anyPeerPrevLocked()
+			n.mu.Unlock()
+			if !inGrace && n.now().Sub(lastRepair) < n.opts.RepairInterval {
+				continue
+			}
+			lastRepair = n.now()
+			n.repair(ctx)
+		}
+	}
+}
+
+func (n *Network) anyPeerPrevLocked() bool {
+	for _, pk := range n.peerKeys {
+		if pk.prev != nil {
+			return true
+		}
+	}
+	return false
+}
+
+func (n *Network) repair(ctx context.Context) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if !n.applied {
+		return
+	}
+	if err := n.applyLocked(ctx); err != nil && ctx.Err() == nil {
+		n.log.Warn("repair failed", "err", err)
+	}
+}
