@@ -82,6 +82,22 @@ type AgentOptions struct {
 	// used to retry failed Apply, Watch and Keep calls. Optional: defaults
 	// DefaultRetryMin and DefaultRetryMax.
 	RetryMin, RetryMax time.Duration
+	// Rules keeps the node's masquerade and forward rules: ensured after
+	// subnet.env is written and before the agent is ready (a failure ends
+	// Run), run alongside the network, removed by Cleanup. Optional: nil
+	// means the agent touches no netfilter rule.
+	Rules TrafficRules
+	// OnApply is called after every Apply of the peers with the number of
+	// peers, how long Apply took and its error, e.g. for metrics. It must
+	// not block. Optional.
+	OnApply func(peers int, took time.Duration, err error)
+	// OnWatchRestart is called when the store's Watch returned an error
+	// and is about to be restarted. It must not block. Optional.
+	OnWatchRestart func(err error)
+	// OnKeepError is called when keeping the lease failed; err wraps
+	// lease.ErrLeaseLost when the lease was lost. It must not block.
+	// Optional.
+	OnKeepError func(err error)
 }
 
 // State is a point-in-time view of an Agent.
@@ -196,6 +212,14 @@ func (a *Agent) Run(ctx context.Context) error {
 		}
 		return nil
 	})
+	if a.opts.Rules != nil {
+		g.Go(func() error {
+			if err := a.opts.Rules.Run(gctx); err != nil && gctx.Err() == nil {
+				return fmt.Errorf("traffic rules: %w", err)
+			}
+			return nil
+		})
+	}
 	g.Go(func() error { return a.watchLoop(gctx, latest) })
 	g.Go(func() error { return a.applyLoop(gctx, r, latest) })
 	g.Go(func() error { return a.keepLoop(gctx, r) })
@@ -256,6 +280,11 @@ func (a *Agent) start(ctx context.Context) (*run, error) {
 	if a.opts.SubnetFile != "" {
 		if err := WriteSubnetEnv(a.opts.SubnetFile, SubnetEnvFor(cfg, own, mtu, a.opts.IPMasq)); err != nil {
 			return nil, err
+		}
+	}
+	if a.opts.Rules != nil {
+		if err := a.opts.Rules.Ensure(ctx, cfg, own); err != nil {
+			return nil, fmt.Errorf("ensure traffic rules for lease %s: %w", own, err)
 		}
 	}
 	a.mu.Lock()
@@ -332,8 +361,8 @@ func (a *Agent) acquire(ctx context.Context, req lease.Request) (lease.Lease, er
 	}
 }
 
-// Cleanup removes what the node set up: the backend's kernel state, its
-// lease (when the store can release leases and the agent knows it, i.e.
+// Cleanup removes what the node set up: the backend's kernel state, the
+// traffic rules (when Rules is set), its lease (when the store can release leases and the agent knows it, i.e.
 // after a Run) and SubnetFile. It attempts every step and returns their
 // errors joined. It must not be called while Run runs (ErrAgentRunning);
 // it is safe to call again.
@@ -357,6 +386,11 @@ func (a *Agent) Cleanup(ctx context.Context) error {
 	}
 	if err := a.opts.Backend.Cleanup(ctx, a.env(cfg)); err != nil {
 		errs = append(errs, fmt.Errorf("clean up %s backend: %w", a.opts.Backend.Type(), err))
+	}
+	if a.opts.Rules != nil {
+		if err := a.opts.Rules.Cleanup(ctx); err != nil {
+			errs = append(errs, fmt.Errorf("clean up traffic rules: %w", err))
+		}
 	}
 	if rel, ok := a.opts.Store.(LeaseReleaser); ok && (own.Subnet.IsValid() || own.IPv6Subnet.IsValid()) {
 		if err := rel.Release(ctx, own); err != nil {

@@ -62,6 +62,9 @@ func (a *Agent) watchLoop(ctx context.Context, out *latest) error {
 		if delivered.Load() && time.Since(began) >= a.opts.RetryMax {
 			bo.reset()
 		}
+		if a.opts.OnWatchRestart != nil {
+			a.opts.OnWatchRestart(err)
+		}
 		d := bo.next()
 		a.log.Warn("lease watch failed; restarting", "error", err, "retry_in", d)
 		if !sleepCtx(ctx, d) {
@@ -100,9 +103,13 @@ func (a *Agent) applyLoop(ctx context.Context, r *run, in *latest) error {
 			continue
 		}
 		peers := a.peers(r.own, snap.Leases)
+		began := time.Now()
 		err := r.network.Apply(ctx, peers)
 		if ctx.Err() != nil {
 			return nil
+		}
+		if a.opts.OnApply != nil {
+			a.opts.OnApply(len(peers), time.Since(began), err)
 		}
 		peerOnly := a.logApplyError(err, len(peers))
 		if err == nil || peerOnly {
@@ -197,10 +204,13 @@ func (a *Agent) keepLoop(ctx context.Context, r *run) error {
 		if time.Since(began) >= a.opts.RetryMax {
 			bo.reset() // it held the lease for a while: start over
 		}
-		if err == nil || !errors.Is(err, lease.ErrLeaseLost) {
-			if err == nil {
-				err = errors.New("keep ended early")
-			}
+		if err == nil {
+			err = errors.New("keep ended early")
+		}
+		if a.opts.OnKeepError != nil {
+			a.opts.OnKeepError(err)
+		}
+		if !errors.Is(err, lease.ErrLeaseLost) {
 			d := bo.next()
 			a.log.Warn("keeping lease failed; retrying", "lease", own, "error", err, "retry_in", d)
 			if !sleepCtx(ctx, d) {

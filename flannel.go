@@ -38,6 +38,20 @@ type LeaseReleaser interface {
 	Release(ctx context.Context, l lease.Lease) error
 }
 
+// TrafficRules keeps a node's masquerade and forward rules (package rules
+// implements it). An Agent given one calls Ensure once the lease is bound
+// and subnet.env written, before it becomes ready; Run for as long as its
+// own Run lasts (periodic repair); Cleanup from Agent.Cleanup.
+type TrafficRules interface {
+	// Ensure installs the rules for network cfg and the node's lease own.
+	// It is called again with the same values on every Run.
+	Ensure(ctx context.Context, cfg lease.Config, own lease.Lease) error
+	// Run keeps the rules in place until ctx ends and returns nil then.
+	Run(ctx context.Context) error
+	// Cleanup removes the rules; safe to call when there are none.
+	Cleanup(ctx context.Context) error
+}
+
 // Backend is a dataplane: it programs the kernel of one node.
 type Backend interface {
 	// Type is the backend's name in net-conf.json: "host-gw", "vxlan", "ipsec".

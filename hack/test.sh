@@ -17,10 +17,18 @@ fi
 need=()
 command -v ip >/dev/null || need+=(iproute2)
 command -v modprobe >/dev/null || need+=(kmod)
+# nftables and iptables: the traffic rules (package rules) run the nft and
+# iptables binaries inside node namespaces.
+command -v nft >/dev/null || need+=(nftables)
+command -v iptables >/dev/null || need+=(iptables)
 if [ ${#need[@]} -gt 0 ]; then
 	apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
 fi
+# iptables through nf_tables (Debian's default), chosen explicitly.
+for t in iptables ip6tables; do
+	update-alternatives --set "$t" "/usr/sbin/$t-nft" >/dev/null 2>&1 || true
+done
 for m in veth bridge vxlan; do
 	modprobe "$m" 2>/dev/null || true
 done

@@ -1,0 +1,275 @@
+package rules
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os/exec"
+	"sync"
+	"time"
+
+	"github.com/coreos/go-iptables/iptables"
+	"github.com/vishvananda/netns"
+	"sigs.k8s.io/knftables"
+
+	flannel "github.com/flannelkit/flannel"
+	"github.com/flannelkit/flannel/backend"
+	"github.com/flannelkit/flannel/lease"
+)
+
+// Mode selects the implementation.
+type Mode string
+
+// Modes. ModeAuto follows the network config's EnableNFTables.
+const (
+	ModeAuto     Mode = ""
+	ModeNFTables Mode = "nftables"
+	ModeIPTables Mode = "iptables"
+)
+
+// DefaultResyncPeriod is how often Run checks the rules by default, as
+// upstream's --iptables-resync (5 seconds).
+const DefaultResyncPeriod = 5 * time.Second
+
+// Options configure a Manager.
+type Options struct {
+	// NS is the node's network namespace; every nft/iptables command runs
+	// inside it. Required (the zero value and netns.None() are rejected).
+	NS netns.NsHandle
+	// Mode picks nftables or iptables. Optional: ModeAuto (default) uses
+	// nftables when the network config sets EnableNFTables.
+	Mode Mode
+	// Masquerade installs the masquerade rules (upstream --ip-masq).
+	// Optional: default off.
+	Masquerade bool
+	// Forward installs the forward-accept rules (upstream
+	// --iptables-forward-rules, on by default there). Optional: default off.
+	Forward bool
+	// DisableRandomFully masquerades without --random-fully / fully-random.
+	// Optional: by default random-fully is used where iptables supports it.
+	DisableRandomFully bool
+	// ResyncPeriod is how often Run checks and repairs the rules. Optional:
+	// default DefaultResyncPeriod.
+	ResyncPeriod time.Duration
+	// Logger receives the manager's logs; nil discards.
+	Logger *slog.Logger
+}
+
+// Manager keeps one node's traffic rules. It is safe for concurrent use.
+type Manager struct {
+	opts Options
+	log  *slog.Logger
+
+	mu   sync.Mutex
+	want *desired // nil before Ensure and after Cleanup
+	nft  map[knftables.Family]knftables.Interface
+	ipt  map[iptables.Protocol]*iptables.IPTables
+}
+
+// desired is what Ensure asked for.
+type desired struct {
+	mode     Mode
+	fams     []family // the enabled families
+	disabled []bool   // v6 flags of the families that are off
+}
+
+// New checks opts and returns a Manager. It runs nothing yet.
+func New(opts Options) (*Manager, error) {
+	if opts.NS <= 0 { // the zero value (fd 0) is never a namespace handle here
+		return nil, errors.New("rules options: NS is required")
+	}
+	switch opts.Mode {
+	case ModeAuto, ModeNFTables, ModeIPTables:
+	default:
+		return nil, fmt.Errorf("rules options: unknown mode %q (want %q or %q)", opts.Mode, ModeNFTables, ModeIPTables)
+	}
+	if opts.ResyncPeriod < 0 {
+		return nil, fmt.Errorf("rules options: ResyncPeriod %s is negative", opts.ResyncPeriod)
+	}
+	if opts.ResyncPeriod == 0 {
+		opts.ResyncPeriod = DefaultResyncPeriod
+	}
+	log := opts.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	return &Manager{
+		opts: opts,
+		log:  log,
+		nft:  map[knftables.Family]knftables.Interface{},
+		ipt:  map[iptables.Protocol]*iptables.IPTables{},
+	}, nil
+}
+
+// ModeFor returns the mode the manager uses for cfg.
+func (m *Manager) ModeFor(cfg lease.Config) Mode {
+	if m.opts.Mode != ModeAuto {
+		return m.opts.Mode
+	}
+	if cfg.EnableNFTables {
+		return ModeNFTables
+	}
+	return ModeIPTables
+}
+
+// Ensure installs the rules for network cfg and this node's lease own, in
+// the mode chosen for cfg, and removes the other mode's rules and those of
+// a family cfg disables. Rules left from another network or subnet (an
+// earlier lease) are replaced. It writes nothing when the rules are already
+// right, so it is safe to call again; Run keeps them so afterwards.
+func (m *Manager) Ensure(ctx context.Context, cfg lease.Config, own lease.Lease) error {
+	w := &desired{mode: m.ModeFor(cfg)}
+	v4 := cfg.EnableIPv4 && cfg.Network.IsValid() && own.Subnet.IsValid()
+	v6 := cfg.EnableIPv6 && cfg.IPv6Network.IsValid() && own.IPv6Subnet.IsValid()
+	if v4 {
+		w.fams = append(w.fams, family{network: cfg.Network.Masked(), subnet: own.Subnet.Masked(), randomFully: !m.opts.DisableRandomFully})
+	} else {
+		w.disabled = append(w.disabled, false)
+	}
+	if v6 {
+		w.fams = append(w.fams, family{network: cfg.IPv6Network.Masked(), subnet: own.IPv6Subnet.Masked(), randomFully: !m.opts.DisableRandomFully})
+	} else {
+		w.disabled = append(w.disabled, true)
+	}
+	if !v4 && !v6 {
+		return fmt.Errorf("ensure rules: lease %s has no subnet of an enabled family", own)
+	}
+
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.want = w
+	return m.inNS(func() error {
+		var errs []error
+		other := ModeIPTables
+		if w.mode == ModeIPTables {
+			other = ModeNFTables
+		}
+		for _, v6 := range []bool{false, true} {
+			if err := m.remove(ctx, other, v6, true); err != nil {
+				errs = append(errs, err)
+			}
+		}
+		for _, v6 := range w.disabled {
+			if err := m.remove(ctx, w.mode, v6, true); err != nil {
+				errs = append(errs, err)
+			}
+		}
+		for _, f := range w.fams {
+			if _, err := m.ensure(ctx, w.mode, f); err != nil {
+				errs = append(errs, err)
+			}
+		}
+		return errors.Join(errs...)
+	})
+}
+
+// Run checks the rules every ResyncPeriod and rewrites those that drifted
+// (a rule deleted or changed by hand, a flushed table) until ctx ends, then
+// returns nil. Before Ensure, and after Cleanup, it checks nothing. Failures
+// are logged and retried at the next period.
+func (m *Manager) Run(ctx context.Context) error {
+	t := time.NewTicker(m.opts.ResyncPeriod)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		}
+		if err := m.Check(ctx); err != nil && ctx.Err() == nil {
+			m.log.Warn("traffic rules check failed; retrying next period", "error", err)
+		}
+	}
+}
+
+// Check repairs the rules Ensure installed, once: Run's periodic step.
+func (m *Manager) Check(ctx context.Context) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	w := m.want
+	if w == nil {
+		return nil
+	}
+	return m.inNS(func() error {
+		var errs []error
+		for _, f := range w.fams {
+			changed, err := m.ensure(ctx, w.mode, f)
+			if err != nil {
+				errs = append(errs, err)
+			}
+			if changed {
+				m.log.Info("traffic rules repaired", "mode", w.mode, "network", f.network, "subnet", f.subnet)
+			}
+		}
+		return errors.Join(errs...)
+	})
+}
+
+// Cleanup removes every rule, chain and table of ours in both modes and
+// both families, leaving everything else alone. A missing nft or iptables
+// binary means there is nothing of that mode to remove. It is safe to call
+// again; Run checks nothing afterwards until the next Ensure.
+func (m *Manager) Cleanup(ctx context.Context) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.want = nil
+	return m.inNS(func() error {
+		var errs []error
+		for _, mode := range []Mode{ModeNFTables, ModeIPTables} {
+			for _, v6 := range []bool{false, true} {
+				if err := m.remove(ctx, mode, v6, true); err != nil {
+					errs = append(errs, err)
+				}
+			}
+		}
+		return errors.Join(errs...)
+	})
+}
+
+// inNS runs fn in the node's namespace; the binaries fn starts inherit it
+// from the locked thread that forks them.
+func (m *Manager) inNS(fn func() error) error {
+	return backend.InNamespace(m.opts.NS, fn)
+}
+
+// ensure checks family f in mode and rewrites it if it differs. It reports
+// whether it wrote.
+func (m *Manager) ensure(ctx context.Context, mode Mode, f family) (bool, error) {
+	var changed bool
+	var err error
+	if mode == ModeNFTables {
+		changed, err = m.nftEnsure(ctx, f)
+	} else {
+		changed, err = m.iptEnsure(f)
+	}
+	if err != nil {
+		return changed, fmt.Errorf("ensure %s rules for network %s subnet %s: %w", mode, f.network, f.subnet, err)
+	}
+	return changed, nil
+}
+
+// remove deletes mode's objects for one family. With missingOK, a missing
+// binary is not an error.
+func (m *Manager) remove(ctx context.Context, mode Mode, v6, missingOK bool) error {
+	var err error
+	if mode == ModeNFTables {
+		err = m.nftRemove(ctx, v6)
+	} else {
+		err = m.iptRemove(v6)
+	}
+	if err != nil && missingOK && errors.Is(err, exec.ErrNotFound) {
+		m.log.Debug("no binary for mode; nothing to remove", "mode", mode, "ipv6", v6, "error", err)
+		return nil
+	}
+	if err != nil {
+		fam := "IPv4"
+		if v6 {
+			fam = "IPv6"
+		}
+		return fmt.Errorf("remove %s %s rules: %w", mode, fam, err)
+	}
+	return nil
+}
+
+var _ flannel.TrafficRules = (*Manager)(nil)
