@@ -1,0 +1,376 @@
+package vxlan
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	flannel "github.com/flannelkit/flannel"
+	"github.com/flannelkit/flannel/backend"
+	"github.com/flannelkit/flannel/lease"
+)
+
+// Network is a started vxlan dataplane. Apply and the repairs of Run are
+// serialized; it is safe for concurrent use.
+type Network struct {
+	env  flannel.Env
+	own  lease.Lease
+	opts Options
+	log  *slog.Logger
+	rec  backend.RouteReconciler
+
+	mu      sync.Mutex
+	devs    []*device
+	peers   []lease.Lease
+	applied bool // Apply was called: repairs may run
+}
+
+var _ flannel.Network = (*Network)(nil)
+
+func newNetwork(env flannel.Env, own lease.Lease, opts Options, devs []*device) *Network {
+	log := logger(env.Logger).With("backend", Type, "iface", env.Iface.Name)
+	return &Network{env: env, own: own, opts: opts, log: log, rec: backend.RouteReconciler{Logger: log}, devs: devs}
+}
+
+// Lease returns the lease the network was started with.
+func (n *Network) Lease() lease.Lease { return n.own }
+
+// MTU is the MTU pods should use: the underlay MTU (Options.MTU or the
+// external interface's) minus the encapsulation overhead, the smaller of
+// the two devices' in dual-stack.
+func (n *Network) MTU() int {
+	mtu := 0
+	for _, d := range n.devs {
+		if mtu == 0 || d.spec.mtu < mtu {
+			mtu = d.spec.mtu
+		}
+	}
+	return mtu
+}
+
+// VtepMAC returns the MAC of the device for the IPv4 (v6 false) or IPv6
+// underlay; nil when there is none.
+func (n *Network) VtepMAC(v6 bool) net.HardwareAddr {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if d := n.dev(v6); d != nil {
+		return slices.Clone(d.mac)
+	}
+	return nil
+}
+
+func (n *Network) dev(v6 bool) *device {
+	for _, d := range n.devs {
+		if d.spec.v6 == v6 {
+			return d
+		}
+	}
+	return nil
+}
+
+// ensureDevicesLocked recreates a device that disappeared or changed (with
+// its MAC), sets it up and puts the lease address on it.
+func (n *Network) ensureDevicesLocked() error {
+	for _, d := range n.devs {
+		before := d.index
+		if err := d.ensure(n.env, n.log); err != nil {
+			return err
+		}
+		if before != 0 && d.index != before {
+			n.log.Warn("device was recreated; replaying every peer", "device", d.spec.name, "mac", d.mac.String())
+		}
+		link := &netlink.Vxlan{LinkAttrs: netlink.LinkAttrs{Name: d.spec.name, Index: d.index}}
+		p := n.own.Subnet
+		if d.spec.v6 {
+			p = n.own.IPv6Subnet
+		}
+		if !p.IsValid() {
+			continue
+		}
+		if err := ensureAddr(n.env.Handle, link, p.Addr(), n.log); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// Apply makes the kernel match peers, for the families of the own lease:
+// on each flannel device one permanent FDB entry (peer VTEP MAC → peer
+// public IP), one permanent neighbour entry (peer subnet address → MAC) and
+// one onlink route via the peer subnet address per peer; with
+// DirectRouting, a peer whose public IP is reached without a gateway gets a
+// route via that IP on the external interface instead. Permanent entries on
+// the devices and routes of ours (backend.RouteProtocol) on the devices and
+// the external interface that no peer needs are deleted. A missing or
+// changed device is recreated first, with its MAC. Leases of other backend
+// types and the own subnet are skipped. A peer that cannot be programmed
+// (no public address, bad backend data, a kernel error) yields a
+// *flannel.PeerError in the joined error while every other peer is
+// programmed. Apply may be called repeatedly with the same peers; it
+// changes nothing then.
+func (n *Network) Apply(ctx context.Context, peers []lease.Lease) error {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	n.peers = slices.Clone(peers)
+	n.applied = true
+	return n.applyLocked(ctx)
+}
+
+// peerErrs collects the errors of each peer, in first-failure order.
+type peerErrs struct {
+	order []int
+	errs  map[int][]error
+}
+
+func (p *peerErrs) add(peer int, err error) {
+	if p.errs == nil {
+		p.errs = map[int][]error{}
+	}
+	if _, seen := p.errs[peer]; !seen {
+		p.order = append(p.order, peer)
+	}
+	p.errs[peer] = append(p.errs[peer], err)
+}
+
+// desired is the kernel state a peer set asks for.
+type desired struct {
+	fdb, neigh []op
+	routes     map[int][]netlink.Route // by link index
+	routePeer  map[routeKey]int
+}
+
+type routeKey struct {
+	link int
+	dst  netip.Prefix
+}
+
+// desire computes the entries for peers. direct reports whether a public
+// IP is on a directly connected network of the external interface (only
+// called with DirectRouting).
+func (n *Network) desire(peers []lease.Lease, direct func(netip.Addr) bool, failed *peerErrs) desired {
+	want := desired{routes: map[int][]netlink.Route{}, routePeer: map[routeKey]int{}}
+	addRoute := func(peer int, r netlink.Route) {
+		dst, _ := backend.PrefixFromIPNet(r.Dst)
+		want.routes[r.LinkIndex] = append(want.routes[r.LinkIndex], r)
+		want.routePeer[routeKey{r.LinkIndex, dst}] = peer
+	}
+	for i, p := range peers {
+		if p.Attrs.BackendType != Type {
+			n.log.Debug("skipping peer of another backend", "subnet", p.String(), "backend_type", p.Attrs.BackendType)
+			continue
+		}
+		if (p.Subnet.IsValid() && p.Subnet == n.own.Subnet) || (p.IPv6Subnet.IsValid() && p.IPv6Subnet == n.own.IPv6Subnet) {
+			continue
+		}
+		for _, v6 := range []bool{false, true} {
+			subnet, public, data, fam := p.Subnet, p.Attrs.PublicIP, p.Attrs.BackendData, "IPv4"
+			ownSubnet := n.own.Subnet
+			if v6 {
+				subnet, public, data, fam = p.IPv6Subnet, p.Attrs.PublicIPv6, p.Attrs.BackendV6Data, "IPv6"
+				ownSubnet = n.own.IPv6Subnet
+			}
+			d := n.dev(v6)
+			if !ownSubnet.IsValid() || !subnet.IsValid() || d == nil {
+				continue
+			}
+			if !public.IsValid() {
+				failed.add(i, fmt.Errorf("no public %s address for subnet %s", fam, subnet))
+				continue
+			}
+			if n.opts.DirectRouting && direct(public) {
+				addRoute(i, netlink.Route{LinkIndex: n.env.Iface.Index, Dst: backend.IPNetFromPrefix(subnet), Gw: backend.IPFromAddr(public)})
+				continue
+			}
+			bd, err := ParseBackendData(data)
+			if err != nil {
+				failed.add(i, fmt.Errorf("subnet %s: %w", subnet, err))
+				continue
+			}
+			gw := subnet.Addr()
+			want.fdb = append(want.fdb, op{kind: kindFDB, link: d.index, ip: public, mac: bd.VtepMAC, peer: i})
+			want.neigh = append(want.neigh, op{kind: kindNeigh, link: d.index, ip: gw, mac: bd.VtepMAC, peer: i})
+			addRoute(i, netlink.Route{LinkIndex: d.index, Dst: backend.IPNetFromPrefix(subnet), Gw: backend.IPFromAddr(gw), Flags: int(netlink.FLAG_ONLINK)})
+		}
+	}
+	return want
+}
+
+// diffNeigh returns the sets for desired entries that are missing or
+// differ, and deletes for permanent actual entries nobody wants. Entries
+// are keyed by (link, ip) for neighbours and (link, mac, ip) for FDB
+// entries. It has no side effects.
+func diffNeigh(k kind, want []op, actual []netlink.Neigh) (set, del []op) {
+	type key struct {
+		link int
+		ip   netip.Addr
+		mac  string
+	}
+	keyOf := func(link int, ip netip.Addr, mac net.HardwareAddr) key {
+		if k == kindFDB {
+			return key{link, ip, string(mac)}
+		}
+		return key{link: link, ip: ip}
+	}
+	have := make(map[key]netlink.Neigh, len(actual))
+	for _, a := range actual {
+		if a.State&netlink.NUD_PERMANENT == 0 {
+			continue
+		}
+		have[keyOf(a.LinkIndex, backend.AddrFromIP(a.IP), a.HardwareAddr)] = a
+	}
+	wanted := make(map[key]bool, len(want))
+	for _, w := range want {
+		kk := keyOf(w.link, w.ip, w.mac)
+		wanted[kk] = true
+		if a, ok := have[kk]; ok && sameMAC(a.HardwareAddr, w.mac) {
+			continue
+		}
+		set = append(set, w)
+	}
+	for kk, a := range have {
+		if wanted[kk] {
+			continue
+		}
+		del = append(del, op{kind: k, del: true, link: a.LinkIndex, ip: backend.AddrFromIP(a.IP), mac: a.HardwareAddr, peer: -1})
+	}
+	slices.SortFunc(del, func(a, b op) int { return a.ip.Compare(b.ip) })
+	return set, del
+}
+
+// isDirect reports whether ip is reached without a gateway through the
+// external interface: the test for "same L2 segment".
+func (n *Network) isDirect(ip netip.Addr) bool {
+	rs, err := n.env.Handle.RouteGet(backend.IPFromAddr(ip))
+	if err != nil || len(rs) == 0 {
+		return false
+	}
+	return rs[0].Gw == nil && rs[0].LinkIndex == n.env.Iface.Index
+}
+
+func (n *Network) applyLocked(ctx context.Context) error {
+	if err := n.ensureDevicesLocked(); err != nil {
+		return err
+	}
+	h := n.env.Handle
+	var failed peerErrs
+	cache := map[netip.Addr]bool{}
+	want := n.desire(n.peers, func(ip netip.Addr) bool {
+		d, ok := cache[ip]
+		if !ok {
+			d = n.isDirect(ip)
+			cache[ip] = d
+		}
+		return d
+	}, &failed)
+
+	var sets, dels []op
+	var rest []error
+	for _, d := range n.devs {
+		family := netlink.FAMILY_V4
+		if d.spec.v6 {
+			family = netlink.FAMILY_V6
+		}
+		fdb, err := backend.ListNeighs(h, d.index, unix.AF_BRIDGE)
+		if err != nil {
+			return fmt.Errorf("device %s: %w", d.spec.name, err)
+		}
+		neigh, err := backend.ListNeighs(h, d.index, family)
+		if err != nil {
+			return fmt.Errorf("device %s: %w", d.spec.name, err)
+		}
+		s, dl := diffNeigh(kindFDB, filterLink(want.fdb, d.index), fdb)
+		sets, dels = append(sets, s...), append(dels, dl...)
+		s, dl = diffNeigh(kindNeigh, filterLink(want.neigh, d.index), neigh)
+		sets, dels = append(sets, s...), append(dels, dl...)
+	}
+	links := []int{n.env.Iface.Index}
+	for _, d := range n.devs {
+		links = append(links, d.index)
+	}
+	for _, link := range links {
+		actual, err := n.rec.Owned(h, link)
+		if err != nil {
+			return err
+		}
+		add, del := backend.DiffRoutes(n.rec.Normalize(link, want.routes[link]), actual)
+		for _, r := range add {
+			dst, _ := backend.PrefixFromIPNet(r.Dst)
+			sets = append(sets, op{kind: kindRoute, link: link, route: r, peer: want.routePeer[routeKey{link, dst}]})
+		}
+		for _, r := range del {
+			dels = append(dels, op{kind: kindRoute, del: true, link: link, route: r, peer: -1})
+		}
+	}
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	// Make before break: sets (FDB, neighbours, routes) before deletes
+	// (routes first, so no route points at a vanished neighbour).
+	slices.SortStableFunc(dels, func(a, b op) int { return int(b.kind) - int(a.kind) })
+	ops := append(sets, dels...)
+	if len(ops) == 0 {
+		return nil
+	}
+	start := time.Now()
+	errs := n.program(ops)
+	for i, e := range errs {
+		if e == nil {
+			continue
+		}
+		e = fmt.Errorf("%s: %w", ops[i], e)
+		if p := ops[i].peer; p >= 0 {
+			failed.add(p, e)
+		} else {
+			rest = append(rest, e)
+		}
+	}
+	n.log.Debug("programmed", "sets", len(sets), "deletes", len(dels), "took", time.Since(start))
+	var out []error
+	for _, i := range failed.order {
+		out = append(out, &flannel.PeerError{Lease: n.peers[i], Err: errors.Join(failed.errs[i]...)})
+	}
+	return errors.Join(append(out, rest...)...)
+}
+
+// program writes ops through raw netlink sockets in the node namespace, or
+// through the handle when there is no namespace to open them in.
+func (n *Network) program(ops []op) []error {
+	if !n.env.NS.IsOpen() {
+		return program(nil, n.env.Handle, ops)
+	}
+	k := min(n.opts.Sockets, max(1, len(ops)/256))
+	ws := make([]*writer, 0, k)
+	defer func() {
+		for _, w := range ws {
+			w.Close()
+		}
+	}()
+	for range k {
+		w, err := newWriter(n.env.NS)
+		if err != nil {
+			n.log.Warn("raw netlink socket unavailable; programming through the handle", "err", err)
+			return program(nil, n.env.Handle, ops)
+		}
+		ws = append(ws, w)
+	}
+	return program(ws, n.env.Handle, ops)
+}
+
+func filterLink(ops []op, link int) []op {
+	var out []op
+	for _, o := range ops {
+		if o.link == link {
+			out = append(out, o)
+		}
+	}
+	return out
+}
