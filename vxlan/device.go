@@ -21,7 +21,7 @@ import (
 // devSpec is what one flannel VXLAN device must look like.
 type devSpec struct {
 	name     string
-	v6       bool       // IPv6 underlay
+	v6       bool // IPv6 underlay
 	vni      int
 	port     int
 	local    netip.Addr // source address on the external interface
@@ -89,16 +89,16 @@ func ensureDevice(h *netlink.Handle, ns netns.NsHandle, s devSpec, mac net.Hardw
 		return nil, fmt.Errorf("look up device %s: %w", s.name, err)
 	}
 	if old != nil {
-		if why := s.mismatch(old); why == "" {
-			return finishDevice(h, ns, s, old.(*netlink.Vxlan))
-		} else {
-			if len(old.Attrs().HardwareAddr) == 6 && checkMAC(old.Attrs().HardwareAddr) == nil {
-				mac = old.Attrs().HardwareAddr
-			}
-			log.Info("replacing device with mismatching attributes", "device", s.name, "mismatch", why)
-			if err := h.LinkDel(old); err != nil && !errors.As(err, &nf) {
-				return nil, fmt.Errorf("delete mismatching device %s: %w", s.name, err)
-			}
+		why := s.mismatch(old)
+		if why == "" {
+			return finishDevice(h, ns, s, old.(*netlink.Vxlan), log)
+		}
+		if checkMAC(old.Attrs().HardwareAddr) == nil {
+			mac = old.Attrs().HardwareAddr // keep peers' FDB entries valid
+		}
+		log.Info("replacing device with mismatching attributes", "device", s.name, "mismatch", why)
+		if err := h.LinkDel(old); err != nil && !errors.As(err, &nf) {
+			return nil, fmt.Errorf("delete mismatching device %s: %w", s.name, err)
 		}
 	}
 	if mac == nil {
@@ -127,11 +127,11 @@ func ensureDevice(h *netlink.Handle, ns netns.NsHandle, s devSpec, mac net.Hardw
 		return nil, fmt.Errorf("device %s exists with other attributes (%s)", s.name, why)
 	}
 	log.Info("device created", "device", s.name, "mac", l.Attrs().HardwareAddr.String(), "vni", s.vni, "port", s.port)
-	return finishDevice(h, ns, s, l.(*netlink.Vxlan))
+	return finishDevice(h, ns, s, l.(*netlink.Vxlan), log)
 }
 
 // finishDevice sets the MTU, accept_ra off (IPv6, when ns is open) and up.
-func finishDevice(h *netlink.Handle, ns netns.NsHandle, s devSpec, v *netlink.Vxlan) (*netlink.Vxlan, error) {
+func finishDevice(h *netlink.Handle, ns netns.NsHandle, s devSpec, v *netlink.Vxlan, log *slog.Logger) (*netlink.Vxlan, error) {
 	if v.MTU != s.mtu {
 		if err := h.LinkSetMTU(v, s.mtu); err != nil {
 			return nil, fmt.Errorf("set mtu %d on %s: %w", s.mtu, s.name, err)
@@ -140,8 +140,9 @@ func finishDevice(h *netlink.Handle, ns netns.NsHandle, s devSpec, v *netlink.Vx
 	}
 	if ns.IsOpen() {
 		// A VXLAN device must not autoconfigure from router adverts.
+		// Not fatal: the device works without it (and upstream only logs).
 		if err := backend.SetSysctl(ns, "net/ipv6/conf/"+s.name+"/accept_ra", "0"); err != nil && !errors.Is(err, unix.ENOENT) {
-			return nil, fmt.Errorf("device %s: %w", s.name, err)
+			log.Warn("cannot turn accept_ra off", "device", s.name, "err", err)
 		}
 	}
 	if v.Flags&net.FlagUp == 0 || v.OperState == netlink.OperDown {

@@ -1,0 +1,344 @@
+package vxlan
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"net"
+	"net/netip"
+	"os"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+	"go.uber.org/goleak"
+	"golang.org/x/sys/unix"
+
+	"github.com/flannelkit/flannel/backend"
+	"github.com/flannelkit/flannel/internal/netlab"
+	"github.com/flannelkit/flannel/lease"
+)
+
+func TestCustomVNIPortGBP(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, netlab.Options{Nodes: 2, IPv4: true, IPv6: true}, Options{VNI: 4242, Port: 4789, GBP: true, MTU: 1400})
+	c.applyAll(t)
+	n0 := c.nodes[0]
+	for _, v6 := range []bool{false, true} {
+		name := deviceName(4242, v6)
+		l, err := n0.node.Handle.LinkByName(name)
+		require.NoError(t, err, name)
+		v := l.(*netlink.Vxlan)
+		assert.Equal(t, 4242, v.VxlanId)
+		assert.Equal(t, 4789, v.Port)
+		assert.True(t, v.GBP)
+		assert.False(t, v.Learning)
+		assert.Equal(t, n0.env.Iface.Index, v.VtepDevIndex)
+		if v6 {
+			assert.Equal(t, 1400-70, v.MTU)
+			assert.Equal(t, n0.node.IPv6, backend.AddrFromIP(v.SrcAddr))
+		} else {
+			assert.Equal(t, 1400-50, v.MTU)
+			assert.Equal(t, n0.node.IP, backend.AddrFromIP(v.SrcAddr))
+		}
+	}
+	assert.Equal(t, 1330, n0.net.MTU())
+	for _, raw := range [][]byte{n0.lease.Attrs.BackendData, n0.lease.Attrs.BackendV6Data} {
+		d, err := ParseBackendData(raw)
+		require.NoError(t, err)
+		assert.Equal(t, 4242, d.VNI)
+		assert.Contains(t, string(raw), `{"VNI":4242,"VtepMAC":"`)
+	}
+	// accept_ra off on the IPv6 device.
+	v, err := backend.GetSysctl(n0.node.NS, "net/ipv6/conf/"+deviceName(4242, true)+"/accept_ra")
+	require.NoError(t, err)
+	assert.Equal(t, "0", v)
+	c.checkAll(t)
+}
+
+func TestDeviceReuseAndReplace(t *testing.T) {
+	t.Parallel()
+	lab := netlab.NewT(t, netlab.Options{Nodes: 1})
+	c := &cluster{lab: lab, v4: true}
+	n := lab.Nodes[0]
+	env := c.env(t, n)
+	mac, _ := net.ParseMAC("0a:58:0a:f4:00:01")
+	tests := []struct {
+		name    string
+		link    *netlink.Vxlan
+		reused  bool
+		keepMAC bool
+	}{
+		{name: "matching", reused: true, keepMAC: true, link: &netlink.Vxlan{VxlanId: 1, Port: 8472}},
+		{name: "other port", keepMAC: true, link: &netlink.Vxlan{VxlanId: 1, Port: 4789}},
+		{name: "learning", keepMAC: true, link: &netlink.Vxlan{VxlanId: 1, Port: 8472, Learning: true}},
+		{name: "gbp", keepMAC: true, link: &netlink.Vxlan{VxlanId: 1, Port: 8472, GBP: true}},
+		{name: "other vni", keepMAC: true, link: &netlink.Vxlan{VxlanId: 9, Port: 8472}},
+		{name: "no local", keepMAC: true, link: &netlink.Vxlan{VxlanId: 1, Port: 8472}},
+		{name: "not vxlan", link: nil},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			if old, err := n.Handle.LinkByName("flannel.1"); err == nil {
+				require.NoError(t, n.Handle.LinkDel(old))
+			}
+			var pre netlink.Link
+			if tc.link != nil {
+				v := *tc.link
+				v.LinkAttrs = netlink.LinkAttrs{Name: "flannel.1", HardwareAddr: mac, MTU: 1450}
+				v.VtepDevIndex = env.Iface.Index
+				if tc.name != "no local" {
+					v.SrcAddr = backend.IPFromAddr(n.IP)
+				}
+				pre = &v
+			} else {
+				pre = &netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: "flannel.1"}}
+			}
+			require.NoError(t, n.Handle.LinkAdd(pre))
+			before, err := n.Handle.LinkByName("flannel.1")
+			require.NoError(t, err)
+			b, err := New(Options{})
+			require.NoError(t, err)
+			attrs, err := b.Prepare(context.Background(), env)
+			require.NoError(t, err)
+			after, err := n.Handle.LinkByName("flannel.1")
+			require.NoError(t, err)
+			assert.Equal(t, tc.reused, before.Attrs().Index == after.Attrs().Index, "same ifindex")
+			assert.Equal(t, tc.keepMAC, after.Attrs().HardwareAddr.String() == mac.String(), "same MAC")
+			assert.Contains(t, string(attrs.BackendData), after.Attrs().HardwareAddr.String())
+			assert.Empty(t, (devSpec{name: "flannel.1", vni: 1, port: 8472, local: n.IP, extIndex: env.Iface.Index}).mismatch(after))
+			assert.NotZero(t, after.Attrs().Flags&net.FlagUp)
+		})
+	}
+}
+
+// TestDirectRouting puts nodes 0 and 2 on segment 0 and nodes 1 and 3 on
+// segment 1: same-segment peers get direct routes on eth0, the others go
+// through the VXLAN device.
+func TestDirectRouting(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, netlab.Options{Nodes: 4, IPv4: true, IPv6: true, Segments: 2}, Options{DirectRouting: true})
+	c.applyAll(t)
+	for _, n := range c.nodes {
+		same := func(p *testNode) bool { return p.node.Segment == n.node.Segment }
+		assert.Equal(t, c.want(n, same, c.nodes...), state(t, n), "entries on %s", n.node.Name)
+	}
+	c.checkAll(t)
+}
+
+// TestRepair deletes a neighbour, an FDB entry, a route and then the whole
+// device (and sets it down) while Run runs, and checks each comes back,
+// with the same MAC, and that traffic recovers; an entry for a peer that no
+// longer exists is removed.
+func TestRepair(t *testing.T) {
+	ignore := goleak.IgnoreCurrent()
+	c := newCluster(t, netlab.Options{Nodes: 2, IPv4: true, IPv6: true}, Options{RepairInterval: 100 * time.Millisecond})
+	n0, n1 := c.nodes[0], c.nodes[1]
+	ctx, cancel := context.WithCancel(context.Background())
+	runErr := make(chan error, 1)
+	go func() { runErr <- n0.net.Run(ctx) }()
+	c.applyAll(t)
+	want := c.want(n0, nil, n1)
+	require.Equal(t, want, state(t, n0))
+	mac4, mac6 := n0.net.VtepMAC(false), n0.net.VtepMAC(true)
+	dev4, err := n0.node.Handle.LinkByName("flannel.1")
+	require.NoError(t, err)
+	restored := func(what string) {
+		t.Helper()
+		require.Eventually(t, func() bool { return slices.Equal(want, state(t, n0)) }, 30*time.Second, 20*time.Millisecond, "%s restored", what)
+	}
+	h := n0.node.Handle
+	peerMAC := n1.net.VtepMAC(false)
+
+	require.NoError(t, h.NeighDel(&netlink.Neigh{LinkIndex: dev4.Attrs().Index, IP: backend.IPFromAddr(n1.lease.Subnet.Addr()), Family: unix.AF_INET}))
+	restored("neighbour")
+	require.NoError(t, h.NeighDel(&netlink.Neigh{LinkIndex: dev4.Attrs().Index, Family: unix.AF_BRIDGE, Flags: netlink.NTF_SELF, HardwareAddr: peerMAC, IP: backend.IPFromAddr(n1.node.IP)}))
+	restored("fdb entry")
+	require.NoError(t, h.RouteDel(&netlink.Route{LinkIndex: dev4.Attrs().Index, Dst: backend.IPNetFromPrefix(n1.lease.Subnet)}))
+	restored("route")
+	// Entries for a peer that no longer exists.
+	ghostMAC, _ := net.ParseMAC("0a:00:00:00:00:99")
+	require.NoError(t, h.NeighSet(&netlink.Neigh{LinkIndex: dev4.Attrs().Index, Family: unix.AF_BRIDGE, Flags: netlink.NTF_SELF, State: netlink.NUD_PERMANENT, HardwareAddr: ghostMAC, IP: net.ParseIP("172.30.0.99")}))
+	require.NoError(t, h.NeighSet(&netlink.Neigh{LinkIndex: dev4.Attrs().Index, Family: unix.AF_INET, State: netlink.NUD_PERMANENT, HardwareAddr: ghostMAC, IP: net.ParseIP("10.244.99.0")}))
+	require.NoError(t, h.RouteAdd(&netlink.Route{LinkIndex: dev4.Attrs().Index, Dst: backend.IPNetFromPrefix(netip.MustParsePrefix("10.244.99.0/24")), Gw: net.ParseIP("10.244.99.0"), Flags: int(netlink.FLAG_ONLINK), Protocol: backend.RouteProtocol}))
+	restored("stale entries removed")
+
+	require.NoError(t, h.LinkSetDown(dev4))
+	require.Eventually(t, func() bool {
+		l, err := h.LinkByName("flannel.1")
+		return err == nil && l.Attrs().Flags&net.FlagUp != 0
+	}, 30*time.Second, 20*time.Millisecond, "device set up again")
+	restored("after down")
+
+	for _, name := range []string{"flannel.1", "flannel-v6.1"} {
+		l, err := h.LinkByName(name)
+		require.NoError(t, err)
+		require.NoError(t, h.LinkDel(l))
+	}
+	restored("device")
+	l, err := h.LinkByName("flannel.1")
+	require.NoError(t, err)
+	assert.NotEqual(t, dev4.Attrs().Index, l.Attrs().Index, "recreated")
+	assert.Equal(t, mac4, l.Attrs().HardwareAddr, "same MAC after recreation")
+	assert.Equal(t, mac4, n0.net.VtepMAC(false))
+	assert.Equal(t, mac6, n0.net.VtepMAC(true))
+	c.checkPair(t, n0, n1)
+	c.checkPair(t, n1, n0)
+	cancel()
+	require.NoError(t, <-runErr)
+	goleak.VerifyNone(t, ignore)
+}
+
+// TestMACStable: a new Backend (an agent restart) reuses the device's MAC;
+// the same Backend recreating a deleted device reuses its MAC; a pinned MAC
+// is used when there is no device.
+func TestMACStable(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, netlab.Options{Nodes: 1, IPv4: true, IPv6: true}, Options{})
+	n := c.nodes[0]
+	mac4, mac6 := n.net.VtepMAC(false), n.net.VtepMAC(true)
+	assert.Equal(t, byte(2), mac4[0]&3, "locally administered unicast")
+	ctx := context.Background()
+
+	b2, err := New(Options{})
+	require.NoError(t, err)
+	attrs, err := b2.Prepare(ctx, n.env)
+	require.NoError(t, err)
+	assert.Equal(t, n.lease.Attrs.BackendData, attrs.BackendData, "restart keeps the v4 MAC")
+	assert.Equal(t, n.lease.Attrs.BackendV6Data, attrs.BackendV6Data, "restart keeps the v6 MAC")
+
+	require.NoError(t, b2.Cleanup(ctx, n.env))
+	_, err = n.node.Handle.LinkByName("flannel.1")
+	require.Error(t, err, "cleanup deleted the device")
+	attrs, err = b2.Prepare(ctx, n.env)
+	require.NoError(t, err)
+	assert.Equal(t, n.lease.Attrs.BackendData, attrs.BackendData, "recreation keeps the MAC")
+	nw, err := b2.Start(ctx, n.lease)
+	require.NoError(t, err)
+	assert.Equal(t, mac4, nw.(*Network).VtepMAC(false))
+	assert.Equal(t, mac6, nw.(*Network).VtepMAC(true))
+
+	pin, _ := net.ParseMAC("0e:00:00:00:00:01")
+	require.NoError(t, b2.Cleanup(ctx, n.env))
+	b3, err := New(Options{VtepMAC: pin})
+	require.NoError(t, err)
+	attrs, err = b3.Prepare(ctx, n.env)
+	require.NoError(t, err)
+	assert.Contains(t, string(attrs.BackendData), pin.String())
+}
+
+func TestDisableTXChecksum(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, netlab.Options{Nodes: 1}, Options{})
+	n := c.nodes[0]
+	on, err := txChecksum(n.node.NS, "flannel.1")
+	require.NoError(t, err)
+	assert.True(t, on, "the kernel's default is left alone")
+	b, err := New(Options{DisableTXChecksum: true})
+	require.NoError(t, err)
+	_, err = b.Prepare(context.Background(), n.env)
+	require.NoError(t, err)
+	on, err = txChecksum(n.node.NS, "flannel.1")
+	require.NoError(t, err)
+	assert.False(t, on)
+}
+
+// TestApplyStates replays random peer sets (peers moving to other public
+// IPs and MACs), in random order, and checks after each that the kernel
+// holds exactly the entries of that set.
+func TestApplyStates(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, netlab.Options{Nodes: 1, IPv4: true, IPv6: true}, Options{})
+	n0 := c.nodes[0]
+	for _, useHandle := range []bool{false, true} {
+		if useHandle {
+			n0.net.env.NS = netns.None() // programs through the handle
+		}
+		rng := rand.New(rand.NewPCG(1, 2))
+		for step := range 25 {
+			var set []lease.Lease
+			var want []string
+			for k := 1; k <= 8; k++ {
+				if rng.IntN(2) == 0 {
+					continue
+				}
+				ip := netip.MustParseAddr(fmt.Sprintf("172.30.0.%d", 100+k+rng.IntN(2)*50))
+				ip6 := netip.MustParseAddr(fmt.Sprintf("fd00:172:30::%d", 100+k+rng.IntN(2)*50))
+				mac := fmt.Sprintf("0a:00:00:00:%02x:%02x", k, rng.IntN(3))
+				l := lease.Lease{
+					Subnet:     netip.MustParsePrefix(fmt.Sprintf("10.244.%d.0/24", 100+k)),
+					IPv6Subnet: netip.MustParsePrefix(fmt.Sprintf("fd00:10:244:%d::/64", 100+k)),
+					Attrs: lease.Attrs{BackendType: Type, PublicIP: ip, PublicIPv6: ip6,
+						BackendData:   []byte(`{"VNI":1,"VtepMAC":"` + mac + `"}`),
+						BackendV6Data: []byte(`{"VNI":1,"VtepMAC":"` + mac + `"}`)},
+				}
+				set = append(set, l)
+				for _, f := range []struct {
+					dev    string
+					subnet netip.Prefix
+					public netip.Addr
+				}{{"flannel.1", l.Subnet, ip}, {"flannel-v6.1", l.IPv6Subnet, ip6}} {
+					want = append(want,
+						fmt.Sprintf("fdb %s %s dst %s", f.dev, mac, f.public),
+						fmt.Sprintf("neigh %s %s %s", f.dev, f.subnet.Addr(), mac),
+						fmt.Sprintf("route %s %s via %s onlink", f.dev, f.subnet, f.subnet.Addr()))
+				}
+			}
+			rng.Shuffle(len(set), func(i, j int) { set[i], set[j] = set[j], set[i] })
+			slices.Sort(want)
+			require.NoError(t, n0.net.Apply(context.Background(), append(set, n0.lease)), "step %d", step)
+			require.Equal(t, want, state(t, n0), "step %d (handle %t)", step, useHandle)
+		}
+	}
+}
+
+func TestBadPeers(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, netlab.Options{Nodes: 2}, Options{})
+	n0, n1 := c.nodes[0], c.nodes[1]
+	bad := n1.lease
+	bad.Subnet = netip.MustParsePrefix("10.244.50.0/24")
+	bad.Attrs.BackendData = []byte(`{"VNI":1}`)
+	other := n1.lease
+	other.Subnet = netip.MustParsePrefix("10.244.51.0/24")
+	other.Attrs.BackendType = "host-gw"
+	err := n0.net.Apply(context.Background(), []lease.Lease{n0.lease, n1.lease, bad, other})
+	require.Error(t, err)
+	assert.ErrorContains(t, err, "peer 10.244.50.0/24")
+	assert.ErrorContains(t, err, "no VtepMAC")
+	assert.Equal(t, c.want(n0, nil, n1), state(t, n0), "the good peer is programmed, the other backend skipped")
+}
+
+func TestRunSurvivesSubscriptionFailure(t *testing.T) {
+	ignore := goleak.IgnoreCurrent()
+	c := newCluster(t, netlab.Options{Nodes: 2}, Options{RepairInterval: 50 * time.Millisecond})
+	n0, n1 := c.nodes[0], c.nodes[1]
+	// Open but not a namespace: every subscribe attempt fails (setns
+	// EINVAL), and so do raw sockets: programming falls back to the handle.
+	f, err := os.Open(os.DevNull)
+	require.NoError(t, err)
+	t.Cleanup(func() { f.Close() })
+	n0.net.env.NS = netns.NsHandle(int(f.Fd()))
+	var logs syncBuffer
+	n0.net.log = slog.New(slog.NewTextHandler(&logs, nil))
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- n0.net.Run(ctx) }()
+	require.NoError(t, n0.net.Apply(context.Background(), c.leases()))
+	want := c.want(n0, nil, n1)
+	require.Equal(t, want, state(t, n0))
+	dev, err := n0.node.Handle.LinkByName("flannel.1")
+	require.NoError(t, err)
+	require.NoError(t, n0.node.Handle.RouteDel(&netlink.Route{LinkIndex: dev.Attrs().Index, Dst: backend.IPNetFromPrefix(n1.lease.Subnet)}))
+	require.Eventually(t, func() bool { return slices.Equal(want, state(t, n0)) }, 30*time.Second, 20*time.Millisecond, "restored by the timer")
+	require.Eventually(t, func() bool { return strings.Contains(logs.String(), "link subscription failed") }, 30*time.Second, 20*time.Millisecond)
+	cancel()
+	require.NoError(t, <-done)
+	goleak.VerifyNone(t, ignore)
+}
