@@ -3,7 +3,7 @@
 // per node, and checks that every pod reaches every other pod over ICMP and
 // TCP. It prints a table and exits 0 only if every pair passed.
 //
-//	go run ./examples/cluster -nodes 3 -backend host-gw
+//	go run ./examples/cluster -nodes 3 -backend vxlan
 //
 // It needs root and nothing else: no Kubernetes, no containers. With
 // -store etcd (the default) it runs an etcd server inside this process and
@@ -36,6 +36,7 @@ import (
 	"github.com/flannelkit/flannel/internal/netlab"
 	"github.com/flannelkit/flannel/lease"
 	"github.com/flannelkit/flannel/lease/memstore"
+	"github.com/flannelkit/flannel/vxlan"
 )
 
 func main() {
@@ -58,7 +59,7 @@ type options struct {
 func run() error {
 	var o options
 	flag.IntVar(&o.nodes, "nodes", 3, "number of nodes")
-	flag.StringVar(&o.backend, "backend", "host-gw", "dataplane: host-gw")
+	flag.StringVar(&o.backend, "backend", "vxlan", "dataplane: vxlan or host-gw")
 	flag.StringVar(&o.store, "store", "etcd", "lease store: etcd (embedded server) or memory")
 	flag.BoolVar(&o.ipv4, "ipv4", true, "enable IPv4 pod network")
 	flag.BoolVar(&o.ipv6, "ipv6", false, "enable IPv6 pod network")
@@ -99,6 +100,9 @@ func run() error {
 	defer closeStores()
 	reg := backend.NewRegistry()
 	if err := reg.Register("host-gw", hostgw.FromConfig); err != nil {
+		return err
+	}
+	if err := reg.Register(vxlan.Type, vxlan.FromConfig); err != nil {
 		return err
 	}
 
@@ -175,7 +179,7 @@ func run() error {
 	pods := make([]*netlab.Pod, len(lab.Nodes))
 	for i, n := range lab.Nodes {
 		st := agents[i].State()
-		pods[i], err = n.AddPod("pod0", st.Lease.Subnet, st.Lease.IPv6Subnet)
+		pods[i], err = n.AddPod("pod0", st.Lease.Subnet, st.Lease.IPv6Subnet, netlab.WithMTU(st.MTU))
 		if err != nil {
 			return fmt.Errorf("node %s: add pod: %w", n.Name, err)
 		}
