@@ -25,6 +25,19 @@ if [ ${#need[@]} -gt 0 ]; then
 	apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
 fi
+# The ipsec dataplane's tests run in a qemu VM (the host kernel may lack
+# ESP): qemu, Debian's stock cloud kernel with its modules, a static busybox
+# for the initramfs, cpio and kmod (depmod). See internal/vmtest.
+vm=()
+command -v qemu-system-x86_64 >/dev/null || vm+=(qemu-system-x86)
+ls /boot/vmlinuz-*-cloud-amd64 >/dev/null 2>&1 || vm+=(linux-image-cloud-amd64)
+dpkg -s busybox-static >/dev/null 2>&1 || vm+=(busybox-static)
+command -v cpio >/dev/null || vm+=(cpio)
+command -v depmod >/dev/null || [ -x /usr/sbin/depmod ] || vm+=(kmod)
+if [ ${#vm[@]} -gt 0 ]; then
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${vm[@]}"
+fi
 # iptables through nf_tables (Debian's default), chosen explicitly.
 for t in iptables ip6tables; do
 	update-alternatives --set "$t" "/usr/sbin/$t-nft" >/dev/null 2>&1 || true
@@ -33,6 +46,19 @@ for m in veth bridge vxlan; do
 	modprobe "$m" 2>/dev/null || true
 done
 mkdir -p /run/netns
+
+# The real kube-apiserver for the Kubernetes store tests, built from the
+# tools module (tools/go.mod pins k8s.io/kubernetes) once per version into
+# the user cache, linked where the tests look (internal/kubetest.Binary).
+kas_dir="${XDG_CACHE_HOME:-$HOME/.cache}/flannelkit/bin"
+kas="$kas_dir/kube-apiserver-$(sha256sum tools/go.sum | cut -c1-16)"
+if [ ! -x "$kas" ]; then
+	mkdir -p "$kas_dir"
+	(cd tools && CGO_ENABLED=0 go build -ldflags='-s -w' -o "$kas.tmp" k8s.io/kubernetes/cmd/kube-apiserver)
+	mv "$kas.tmp" "$kas"
+fi
+mkdir -p .cache/bin
+ln -sfn "$kas" .cache/bin/kube-apiserver
 
 export FLANNEL_STRICT=1
 go vet ./...

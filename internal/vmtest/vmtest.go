@@ -1,0 +1,433 @@
+// Package vmtest runs a package's tests inside a small qemu VM booting
+// Debian's stock kernel, for what the host kernel lacks (ESP/XFRM crypto).
+// It builds the package's test binary statically, packs an initramfs with
+// busybox, the requested kernel modules (with a modules.dep made by
+// depmod -b) and the binary, boots it (kvm when it works, else TCG
+// software emulation), streams the console output and reports whether the
+// inner tests passed.
+//
+// The init script sets InsideEnv=1 for the test binary; inner tests call
+// Inside to run only there, outer tests skip there. Prerequisites (Debian
+// packages qemu-system-x86, linux-image-cloud-amd64, busybox-static, kmod)
+// are looked up by Find; hack/test.sh installs them.
+package vmtest
+
+import (
+	"bufio"
+	"context"
+	"debug/elf"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+)
+
+// InsideEnv is the environment variable the VM's init sets to "1".
+const InsideEnv = "FLANNEL_VMTEST"
+
+// Inside reports whether the test binary runs inside the VM.
+func Inside() bool { return os.Getenv(InsideEnv) == "1" }
+
+// Tools are the host files the harness needs.
+type Tools struct {
+	Qemu    string // qemu-system-x86_64
+	Kernel  string // /boot/vmlinuz-<version>
+	Version string // kernel version, the /lib/modules/<version> directory
+	Busybox string // static busybox
+	Depmod  string
+	Go      string
+}
+
+// Find locates the tools; the error says what is missing and which Debian
+// package provides it.
+func Find() (Tools, error) {
+	var t Tools
+	var missing []string
+	var err error
+	if t.Qemu, err = exec.LookPath("qemu-system-x86_64"); err != nil {
+		missing = append(missing, "qemu-system-x86_64 (Debian package qemu-system-x86)")
+	}
+	kernels, _ := filepath.Glob("/boot/vmlinuz-*")
+	sort.Sort(sort.Reverse(sort.StringSlice(kernels)))
+	for _, k := range kernels {
+		v := strings.TrimPrefix(filepath.Base(k), "vmlinuz-")
+		if _, err := os.Stat(filepath.Join("/lib/modules", v, "modules.dep")); err == nil {
+			if t.Kernel == "" || strings.Contains(v, "cloud") && !strings.Contains(t.Version, "cloud") {
+				t.Kernel, t.Version = k, v
+			}
+		}
+	}
+	if t.Kernel == "" {
+		missing = append(missing, "a kernel in /boot with its modules (Debian package linux-image-cloud-amd64)")
+	}
+	for _, p := range []string{"/bin/busybox", "/usr/bin/busybox"} {
+		if isStatic(p) {
+			t.Busybox = p
+			break
+		}
+	}
+	if t.Busybox == "" {
+		missing = append(missing, "a static busybox (Debian package busybox-static)")
+	}
+	for _, p := range []string{"/usr/sbin/depmod", "/sbin/depmod"} {
+		if fileExists(p) {
+			t.Depmod = p
+			break
+		}
+	}
+	if t.Depmod == "" {
+		missing = append(missing, "depmod (Debian package kmod)")
+	}
+	t.Go = filepath.Join(runtime.GOROOT(), "bin", "go")
+	if !fileExists(t.Go) {
+		if t.Go, err = exec.LookPath("go"); err != nil {
+			missing = append(missing, "the go command")
+		}
+	}
+	if len(missing) > 0 {
+		return t, fmt.Errorf("vmtest: missing %s", strings.Join(missing, ", "))
+	}
+	return t, nil
+}
+
+// isStatic reports whether p is an ELF executable without an interpreter.
+func isStatic(p string) bool {
+	f, err := elf.Open(p)
+	if err != nil {
+		return false
+	}
+	defer f.Close()
+	for _, prog := range f.Progs {
+		if prog.Type == elf.PT_INTERP {
+			return false
+		}
+	}
+	return true
+}
+
+func fileExists(p string) bool {
+	st, err := os.Stat(p)
+	return err == nil && st.Mode().IsRegular()
+}
+
+// Options describe one VM run.
+type Options struct {
+	// Package is the directory of the package whose tests run inside
+	// (required), e.g. "." from that package's own test.
+	Package string
+	// Run is the -test.run pattern inside the VM (required).
+	Run string
+	// Modules are kernel modules to pack and load at boot, by name
+	// ("esp4", "veth"); their dependencies are added.
+	Modules []string
+	// Timeout bounds the whole run after the build (default 10m). The
+	// inner tests get it minus a margin as -test.timeout.
+	Timeout time.Duration
+	// MemoryMB is the VM's memory (default 1024).
+	MemoryMB int
+	// CPUs is the VM's CPU count (default 2).
+	CPUs int
+	// Out receives the VM's console output as it comes. Optional.
+	Out io.Writer
+	// Verbose passes -test.v to the inner tests.
+	Verbose bool
+}
+
+// Result is what a run produced.
+type Result struct {
+	// Output is the whole console output.
+	Output string
+	// Passed is true when the inner test binary exited 0.
+	Passed bool
+	// Boot is the time from starting qemu to the init script's first line.
+	Boot time.Duration
+	// Total is the time qemu ran.
+	Total time.Duration
+}
+
+const exitMarker = "VMTEST-EXIT:"
+
+// Run builds, packs, boots and waits. It returns an error when something
+// around the tests failed (build, boot, timeout); a failing inner test is
+// Result.Passed == false with a nil error.
+func Run(ctx context.Context, tools Tools, opts Options) (Result, error) {
+	if opts.Timeout <= 0 {
+		opts.Timeout = 10 * time.Minute
+	}
+	if opts.MemoryMB <= 0 {
+		opts.MemoryMB = 1024
+	}
+	if opts.CPUs <= 0 {
+		opts.CPUs = 2
+	}
+	dir, err := os.MkdirTemp("", "vmtest-")
+	if err != nil {
+		return Result{}, fmt.Errorf("vmtest: %w", err)
+	}
+	defer os.RemoveAll(dir)
+
+	bin := filepath.Join(dir, "test.bin")
+	build := exec.CommandContext(ctx, tools.Go, "test", "-c", "-o", bin, ".")
+	build.Dir = opts.Package
+	build.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := build.CombinedOutput(); err != nil {
+		return Result{}, fmt.Errorf("vmtest: build test binary of %s: %w\n%s", opts.Package, err, out)
+	}
+	initrd := filepath.Join(dir, "initrd.cpio")
+	if err := pack(tools, opts, bin, filepath.Join(dir, "stage"), initrd); err != nil {
+		return Result{}, err
+	}
+	return boot(ctx, tools, opts, initrd)
+}
+
+func boot(ctx context.Context, tools Tools, opts Options, initrd string) (Result, error) {
+	ctx, cancel := context.WithTimeout(ctx, opts.Timeout)
+	defer cancel()
+	args := []string{
+		"-kernel", tools.Kernel, "-initrd", initrd,
+		"-append", "console=ttyS0 panic=-1 quiet loglevel=3 rdinit=/init",
+		"-m", fmt.Sprint(opts.MemoryMB), "-smp", fmt.Sprint(opts.CPUs),
+		"-display", "none", "-serial", "stdio", "-monitor", "none",
+		"-no-reboot", "-nodefaults",
+	}
+	if f, err := os.OpenFile("/dev/kvm", os.O_RDWR, 0); err == nil {
+		f.Close()
+		args = append(args, "-accel", "kvm", "-accel", "tcg", "-cpu", "max")
+	} else {
+		args = append(args, "-accel", "tcg", "-cpu", "max")
+	}
+	cmd := exec.CommandContext(ctx, tools.Qemu, args...)
+	cmd.WaitDelay = 5 * time.Second
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		return Result{}, fmt.Errorf("vmtest: %w", err)
+	}
+	cmd.Stderr = cmd.Stdout
+	start := time.Now()
+	if err := cmd.Start(); err != nil {
+		return Result{}, fmt.Errorf("vmtest: start qemu: %w", err)
+	}
+	var (
+		res  Result
+		buf  strings.Builder
+		wg   sync.WaitGroup
+		once sync.Once
+	)
+	wg.Go(func() {
+		sc := bufio.NewScanner(stdout)
+		sc.Buffer(make([]byte, 64*1024), 1024*1024)
+		for sc.Scan() {
+			line := strings.TrimRight(sc.Text(), "\r")
+			if strings.HasPrefix(line, "VMTEST-BOOTED") {
+				once.Do(func() { res.Boot = time.Since(start) })
+			}
+			buf.WriteString(line)
+			buf.WriteByte('\n')
+			if opts.Out != nil {
+				fmt.Fprintln(opts.Out, line)
+			}
+		}
+	})
+	wg.Wait()
+	werr := cmd.Wait()
+	res.Total = time.Since(start)
+	res.Output = buf.String()
+	code := ""
+	for _, line := range strings.Split(res.Output, "\n") {
+		if rest, ok := strings.CutPrefix(line, exitMarker); ok {
+			code = strings.TrimSpace(rest)
+		}
+	}
+	if code == "" {
+		if ctx.Err() != nil {
+			return res, fmt.Errorf("vmtest: VM timed out after %v", opts.Timeout)
+		}
+		return res, fmt.Errorf("vmtest: VM ended without the test's exit status (qemu: %v)", werr)
+	}
+	res.Passed = code == "0"
+	return res, nil
+}
+
+// pack writes the initramfs.
+func pack(tools Tools, opts Options, bin, stage, out string) error {
+	mods, err := moduleClosure(tools.Version, opts.Modules)
+	if err != nil {
+		return err
+	}
+	modDir := filepath.Join("lib", "modules", tools.Version)
+	// depmod -b needs a tree: copy the modules and builtin lists there.
+	stageMods := filepath.Join(stage, modDir)
+	files := map[string]string{} // archive path -> host path
+	for _, m := range mods {
+		files[filepath.Join(modDir, m)] = filepath.Join("/lib/modules", tools.Version, m)
+	}
+	for _, f := range []string{"modules.builtin", "modules.builtin.modinfo", "modules.order"} {
+		files[filepath.Join(modDir, f)] = filepath.Join("/lib/modules", tools.Version, f)
+	}
+	for ap, hp := range files {
+		if err := copyFile(hp, filepath.Join(stage, ap)); err != nil {
+			return fmt.Errorf("vmtest: %w", err)
+		}
+	}
+	if out, err := exec.Command(tools.Depmod, "-b", stage, tools.Version).CombinedOutput(); err != nil {
+		return fmt.Errorf("vmtest: depmod -b %s: %w\n%s", stage, err, out)
+	}
+	gen, err := filepath.Glob(filepath.Join(stageMods, "modules.*"))
+	if err != nil {
+		return fmt.Errorf("vmtest: %w", err)
+	}
+	for _, g := range gen {
+		files[filepath.Join(modDir, filepath.Base(g))] = g
+	}
+	files["bin/busybox"] = tools.Busybox
+	files["test.bin"] = bin
+
+	names := opts.Modules
+	timeout := opts.Timeout - 30*time.Second
+	if timeout < time.Minute {
+		timeout = opts.Timeout
+	}
+	v := ""
+	if opts.Verbose {
+		v = "-test.v"
+	}
+	script := fmt.Sprintf(initScript, strings.Join(names, " "), v, shellQuote(opts.Run), timeout, exitMarker)
+
+	f, err := os.Create(out)
+	if err != nil {
+		return fmt.Errorf("vmtest: %w", err)
+	}
+	w := newCpio(f)
+	for _, d := range []string{"bin", "sbin", "dev", "proc", "sys", "run", "tmp", "etc", "lib", "lib/modules", modDir} {
+		w.dir(d)
+	}
+	dirs := map[string]bool{}
+	paths := make([]string, 0, len(files))
+	for ap := range files {
+		paths = append(paths, ap)
+	}
+	sort.Strings(paths)
+	for _, ap := range paths {
+		for d := filepath.Dir(ap); d != "." && !dirs[d]; d = filepath.Dir(d) {
+			dirs[d] = true
+		}
+	}
+	var dl []string
+	for d := range dirs {
+		dl = append(dl, d)
+	}
+	sort.Strings(dl)
+	for _, d := range dl {
+		w.dir(d)
+	}
+	for _, ap := range paths {
+		if err := w.fileFrom(ap, files[ap], 0o755); err != nil {
+			f.Close()
+			return fmt.Errorf("vmtest: pack %s: %w", ap, err)
+		}
+	}
+	w.file("init", []byte(script), 0o755)
+	w.symlink("sbin/modprobe", "/bin/busybox")
+	if err := errors.Join(w.close(), f.Close()); err != nil {
+		return fmt.Errorf("vmtest: write initramfs: %w", err)
+	}
+	return nil
+}
+
+func shellQuote(s string) string { return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'" }
+
+// initScript: %s modules, %s -test.v, %s run pattern, %v timeout, %s marker.
+const initScript = `#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin:/sbin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mount -t tmpfs tmpfs /run
+mount -t tmpfs tmpfs /tmp
+echo /sbin/modprobe > /proc/sys/kernel/modprobe
+echo VMTEST-BOOTED
+for m in %s; do modprobe "$m" || echo "vmtest: modprobe $m failed"; done
+ip link set lo up
+cat /proc/modules | cut -d" " -f1 | tr "\n" " "; echo
+cd /tmp
+FLANNEL_VMTEST=1 FLANNEL_STRICT=1 HOME=/tmp /test.bin %s -test.run %s -test.timeout %v -test.count 1
+echo "%s $?"
+sync
+poweroff -f
+`
+
+// moduleClosure returns the modules.dep paths of names and their
+// dependencies. Built-in modules are skipped.
+func moduleClosure(version string, names []string) ([]string, error) {
+	base := filepath.Join("/lib/modules", version)
+	dep, err := os.ReadFile(filepath.Join(base, "modules.dep"))
+	if err != nil {
+		return nil, fmt.Errorf("vmtest: %w", err)
+	}
+	builtin, _ := os.ReadFile(filepath.Join(base, "modules.builtin"))
+	norm := func(s string) string {
+		s = filepath.Base(s)
+		s = strings.SplitN(s, ".ko", 2)[0]
+		return strings.ReplaceAll(s, "-", "_")
+	}
+	isBuiltin := map[string]bool{}
+	for _, l := range strings.Split(string(builtin), "\n") {
+		if l != "" {
+			isBuiltin[norm(l)] = true
+		}
+	}
+	deps := map[string][]string{}
+	path := map[string]string{}
+	for _, l := range strings.Split(string(dep), "\n") {
+		mod, rest, ok := strings.Cut(l, ":")
+		if !ok {
+			continue
+		}
+		path[norm(mod)] = mod
+		deps[mod] = strings.Fields(rest)
+	}
+	seen := map[string]bool{}
+	var out []string
+	var add func(p string)
+	add = func(p string) {
+		if seen[p] {
+			return
+		}
+		seen[p] = true
+		out = append(out, p)
+		for _, d := range deps[p] {
+			add(d)
+		}
+	}
+	for _, n := range names {
+		p, ok := path[norm(n)]
+		if !ok {
+			if isBuiltin[norm(n)] {
+				continue
+			}
+			return nil, fmt.Errorf("vmtest: kernel %s has no module %s", version, n)
+		}
+		add(p)
+	}
+	sort.Strings(out)
+	return out, nil
+}
+
+func copyFile(from, to string) error {
+	if err := os.MkdirAll(filepath.Dir(to), 0o755); err != nil {
+		return err
+	}
+	b, err := os.ReadFile(from)
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(to, b, 0o644)
+}

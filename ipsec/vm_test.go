@@ -1,0 +1,405 @@
+package ipsec_test
+
+import (
+	"bytes"
+	"context"
+	"encoding/base64"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+
+	flannel "github.com/flannelkit/flannel"
+	"github.com/flannelkit/flannel/backend"
+	"github.com/flannelkit/flannel/internal/netlab"
+	"github.com/flannelkit/flannel/internal/testenv"
+	"github.com/flannelkit/flannel/internal/vmtest"
+	"github.com/flannelkit/flannel/ipsec"
+	"github.com/flannelkit/flannel/lease"
+)
+
+// vmModules are loaded at boot in the VM.
+var vmModules = []string{"esp4", "xfrm_user", "xfrm_algo", "gcm", "ghash_generic", "ctr", "seqiv", "echainiv", "veth", "bridge", "nfnetlink", "drbg", "crypto_null"}
+
+// TestVM runs the TestInVM* tests of this package inside a qemu VM with a
+// kernel that has ESP (the host's has not): one boot for all of them.
+func TestVM(t *testing.T) {
+	if vmtest.Inside() {
+		t.Skip("already inside the VM")
+	}
+	testenv.RequireRoot(t)
+	tools, err := vmtest.Find()
+	testenv.Require(t, err == nil, fmt.Sprint(err))
+	res, err := vmtest.Run(t.Context(), tools, vmtest.Options{
+		Package: ".",
+		Run:     "^TestInVM",
+		Modules: vmModules,
+		Timeout: 8 * time.Minute,
+		Out:     t.Output(),
+		Verbose: true,
+	})
+	t.Logf("VM: boot %v, total %v", res.Boot.Round(time.Millisecond), res.Total.Round(time.Millisecond))
+	require.NoError(t, err)
+	if !res.Passed {
+		t.Fatal("tests inside the VM failed (output above)")
+	}
+	require.Contains(t, res.Output, "--- PASS: TestInVMReachability")
+}
+
+func inVM(t *testing.T) {
+	t.Helper()
+	if !vmtest.Inside() {
+		t.Skip("runs inside the VM (TestVM)")
+	}
+}
+
+var (
+	clusterPSK = strings.Repeat("cluster-psk-0123456789-", 5)
+	otherPSK   = strings.Repeat("another-psk-9876543210-", 5)
+)
+
+// syncBuf is a log sink shared by goroutines.
+type syncBuf struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuf) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuf) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+type vnode struct {
+	node  *netlab.Node
+	psk   string
+	opts  ipsec.Options
+	b     *ipsec.Backend
+	net   flannel.Network
+	lease lease.Lease
+	pod   *netlab.Pod
+	logs  *syncBuf
+	env   flannel.Env
+}
+
+type vcluster struct {
+	t     *testing.T
+	lab   *netlab.Lab
+	cfg   lease.Config
+	nodes []*vnode
+	gone  map[int]bool
+}
+
+func newCluster(t *testing.T, n int, psk func(i int) string, opts ipsec.Options) *vcluster {
+	t.Helper()
+	lab := netlab.NewT(t, netlab.Options{Nodes: n})
+	cfg, err := lease.ParseConfig([]byte(`{"Network":"10.244.0.0/16","Backend":{"Type":"ipsec"}}`))
+	require.NoError(t, err)
+	c := &vcluster{t: t, lab: lab, cfg: cfg, gone: map[int]bool{}}
+	for i, nd := range lab.Nodes {
+		v := &vnode{node: nd, psk: psk(i), logs: &syncBuf{}}
+		v.opts = opts
+		v.opts.PSK = []byte(v.psk)
+		v.env = flannel.Env{
+			Config: cfg,
+			Iface:  flannel.ExternalInterface{Name: nd.Iface, IP: nd.IP, PublicIP: nd.IP},
+			Handle: nd.Handle,
+			NS:     nd.NS,
+			Logger: slog.New(slog.NewJSONHandler(v.logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
+		}
+		c.nodes = append(c.nodes, v)
+		c.start(i)
+		sub := v.lease.Subnet
+		v.pod, err = nd.AddPod("pod", sub, netip.Prefix{}, netlab.WithMTU(v.net.MTU()))
+		require.NoError(t, err)
+	}
+	return c
+}
+
+// start prepares and starts node i's backend (a fresh key, as an agent
+// start does).
+func (c *vcluster) start(i int) {
+	t := c.t
+	v := c.nodes[i]
+	b, err := ipsec.New(v.opts)
+	require.NoError(t, err)
+	attrs, err := b.Prepare(t.Context(), v.env)
+	require.NoError(t, err)
+	v.b = b
+	v.lease = lease.Lease{Subnet: netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 244, byte(i + 1), 0}), 24), Attrs: attrs}
+	v.net, err = b.Start(t.Context(), v.lease)
+	require.NoError(t, err)
+}
+
+func (c *vcluster) leases() []lease.Lease {
+	var ls []lease.Lease
+	for i, v := range c.nodes {
+		if !c.gone[i] {
+			ls = append(ls, v.lease)
+		}
+	}
+	return ls
+}
+
+// apply gives every node the current lease set and returns each Apply's
+// error.
+func (c *vcluster) apply() []error {
+	errs := make([]error, len(c.nodes))
+	for i, v := range c.nodes {
+		if c.gone[i] {
+			continue
+		}
+		var peers []lease.Lease
+		for j, l := range c.leases() {
+			_ = j
+			if l.Subnet != v.lease.Subnet {
+				peers = append(peers, l)
+			}
+		}
+		errs[i] = v.net.Apply(c.t.Context(), peers)
+	}
+	return errs
+}
+
+func (c *vcluster) applyOK() {
+	for i, err := range c.apply() {
+		require.NoError(c.t, err, "node %d apply", i)
+	}
+}
+
+func ctxT(t *testing.T, d time.Duration) context.Context {
+	ctx, cancel := context.WithTimeout(t.Context(), d)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+func (c *vcluster) checkAllPairs() {
+	t := c.t
+	for i, a := range c.nodes {
+		for j, b := range c.nodes {
+			if i == j || c.gone[i] || c.gone[j] {
+				continue
+			}
+			require.NoError(t, a.pod.Ping(ctxT(t, 20*time.Second), b.pod.IP), "ping %d->%d", i, j)
+			require.NoError(t, a.pod.TCPCheck(ctxT(t, 20*time.Second), b.pod, b.pod.IP), "tcp %d->%d", i, j)
+		}
+	}
+}
+
+// capture counts the frames on a node's underlay interface.
+type capture struct {
+	esp, udpESP, plain atomic.Int64
+	marker            []byte
+	first             string // first plain frame's headers (set before plain counts it)
+	stop              func()
+}
+
+// startCapture listens on every interface of the lab's segment 0, i.e. on
+// the wire between the nodes. (A capture on a node's own interface would
+// also see the inner packets the kernel re-injects there after decrypting
+// tunnel-mode ESP.)
+func startCapture(t *testing.T, lab *netlab.Lab, marker []byte) *capture {
+	t.Helper()
+	seg, err := netns.GetFromName(lab.NSName("s0"))
+	require.NoError(t, err)
+	defer seg.Close()
+	var fd int
+	err = backend.InNamespace(seg, func() error {
+		var err error
+		fd, err = unix.Socket(unix.AF_PACKET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, int(htons(unix.ETH_P_ALL)))
+		return err
+	})
+	require.NoError(t, err)
+	require.NoError(t, unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &unix.Timeval{Usec: 100000}))
+	c := &capture{marker: marker}
+	var done atomic.Bool
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		buf := make([]byte, 65536)
+		for !done.Load() {
+			n, _, err := unix.Recvfrom(fd, buf, 0)
+			if err != nil || n < 14+20 {
+				continue
+			}
+			f := buf[:n]
+			if bytes.Contains(f, c.marker) {
+				if c.plain.Add(1) == 1 {
+					c.first = fmt.Sprintf("% x", f[:min(len(f), 54)])
+				}
+			}
+			if f[12] != 0x08 || f[13] != 0x00 {
+				continue
+			}
+			ip := f[14:]
+			switch ip[9] {
+			case unix.IPPROTO_ESP:
+				c.esp.Add(1)
+			case unix.IPPROTO_UDP:
+				hl := int(ip[0]&0xf) * 4
+				if len(ip) >= hl+4 && (ip[hl+2] == 0x11 && ip[hl+3] == 0x94) {
+					c.udpESP.Add(1)
+				}
+			}
+		}
+	})
+	var once sync.Once
+	c.stop = func() {
+		once.Do(func() {
+			done.Store(true)
+			wg.Wait()
+			unix.Close(fd)
+		})
+	}
+	t.Cleanup(c.stop)
+	return c
+}
+
+func htons(v uint16) uint16 { return v<<8 | v>>8 }
+
+// sendMarker sends marker over TCP from pod a to pod b and reports whether
+// b received it.
+func sendMarker(t *testing.T, a, b *netlab.Pod, marker []byte, timeout time.Duration) error {
+	t.Helper()
+	var ln net.Listener
+	err := backend.InNamespace(b.NS, func() error {
+		var err error
+		ln, err = net.Listen("tcp4", netip.AddrPortFrom(b.IP, 0).String())
+		return err
+	})
+	require.NoError(t, err)
+	defer ln.Close()
+	got := make(chan []byte, 1)
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	defer ln.Close()
+	wg.Go(func() {
+		conn, err := ln.Accept()
+		if err != nil {
+			got <- nil
+			return
+		}
+		defer conn.Close()
+		conn.SetReadDeadline(time.Now().Add(timeout))
+		buf := make([]byte, len(marker))
+		_, err = conn.Read(buf)
+		if err != nil {
+			got <- nil
+			return
+		}
+		got <- buf
+	})
+	var conn net.Conn
+	err = backend.InNamespace(a.NS, func() error {
+		d := net.Dialer{Timeout: timeout, LocalAddr: &net.TCPAddr{IP: a.IP.AsSlice()}}
+		var err error
+		conn, err = d.Dial("tcp4", ln.Addr().String())
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	if _, err := conn.Write(marker); err != nil {
+		return err
+	}
+	select {
+	case b := <-got:
+		if !bytes.Equal(b, marker) {
+			return errors.New("marker not received")
+		}
+		return nil
+	case <-time.After(timeout):
+		ln.Close()
+		return errors.New("marker not received in time")
+	}
+}
+
+func xfrmStates(t *testing.T, h *netlink.Handle) []netlink.XfrmState {
+	t.Helper()
+	s, err := h.XfrmStateList(netlink.FAMILY_ALL)
+	require.NoError(t, err)
+	return s
+}
+
+func xfrmPolicies(t *testing.T, h *netlink.Handle) []netlink.XfrmPolicy {
+	t.Helper()
+	p, err := h.XfrmPolicyList(netlink.FAMILY_ALL)
+	require.NoError(t, err)
+	return p
+}
+
+func spis(t *testing.T, h *netlink.Handle) map[int]bool {
+	out := map[int]bool{}
+	for _, s := range xfrmStates(t, h) {
+		out[s.Spi] = true
+	}
+	return out
+}
+
+// checkLogsFree asserts that no node's log holds the PSKs or any ESP key
+// currently installed (hex or base64).
+func (c *vcluster) checkLogsFree() {
+	t := c.t
+	var secrets []string
+	for _, v := range c.nodes {
+		secrets = append(secrets, v.psk)
+		for _, s := range xfrmStates(t, v.node.Handle) {
+			if s.Aead != nil {
+				secrets = append(secrets, hex.EncodeToString(s.Aead.Key), base64.StdEncoding.EncodeToString(s.Aead.Key), string(s.Aead.Key))
+			}
+		}
+	}
+	for i, v := range c.nodes {
+		logs := v.logs.String()
+		for _, s := range secrets {
+			assert.NotContains(t, logs, s, "node %d log holds a secret", i)
+		}
+	}
+}
+
+func TestInVMReachability(t *testing.T) {
+	inVM(t)
+	c := newCluster(t, 3, func(int) string { return clusterPSK }, ipsec.Options{})
+	marker := []byte("PLAINTEXT-MARKER-" + fmt.Sprint(time.Now().UnixNano()))
+	capt := startCapture(t, c.lab, marker)
+	c.applyOK()
+	c.checkAllPairs()
+	for i := range 3 {
+		for j := range 3 {
+			if i != j {
+				require.NoError(t, sendMarker(t, c.nodes[i].pod, c.nodes[j].pod, marker, 10*time.Second), "marker %d->%d", i, j)
+			}
+		}
+	}
+	capt.stop()
+	assert.Positive(t, capt.esp.Load(), "ESP seen on the underlay")
+	assert.Zero(t, capt.plain.Load(), "plain-text marker seen on the underlay; first frame: %s", capt.first)
+	// 2 peers x (in + out) states, policies: allow, block, 2 x (out, in, fwd).
+	for i, v := range c.nodes {
+		assert.Len(t, xfrmStates(t, v.node.Handle), 4, "node %d states", i)
+		assert.Len(t, xfrmPolicies(t, v.node.Handle), 8, "node %d policies", i)
+	}
+	// Idempotent.
+	c.applyOK()
+	assert.Equal(t, 1446, c.nodes[0].net.MTU())
+	c.checkLogsFree()
+}
