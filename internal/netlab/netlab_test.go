@@ -410,8 +410,10 @@ func TestSweep(t *testing.T) {
 
 	removed, err := netlab.Sweep()
 	require.NoError(t, err)
+	// Test binaries of other packages sweep too (go test runs packages in
+	// parallel), so the orphan may be gone before this Sweep: check that it
+	// is gone, not who removed it.
 	for _, name := range names {
-		assert.Contains(t, removed, name)
 		_, err := os.Stat(filepath.Join("/run/netns", name))
 		assert.ErrorIs(t, err, os.ErrNotExist)
 	}
