@@ -1,0 +1,61 @@
+// Command flanneld is the example flannel daemon: a drop-in for upstream
+// flanneld with etcd (same flags, also as FLANNELD_* variables), serving
+// /healthz, /readyz and /metrics on --healthz-ip:--healthz-port, with
+// --cleanup to remove the node's datapath, and `flanneld docker-opts` to
+// write Docker daemon options from subnet.env (upstream's
+// mk-docker-opts.sh). It runs in the network namespace it is started in.
+//
+// All logic lives in internal/daemon; this file only wires.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/flannelkit/flannel/internal/daemon"
+)
+
+// version is set with -ldflags "-X main.version=...".
+var version = "dev"
+
+func main() { os.Exit(run()) }
+
+func run() int {
+	if len(os.Args) > 1 && os.Args[1] == "docker-opts" {
+		if err := daemon.DockerOptsCommand(os.Args[2:], os.Stdout, os.Stderr); err != nil {
+			if errors.Is(err, flag.ErrHelp) {
+				return 0
+			}
+			fmt.Fprintln(os.Stderr, "flanneld:", err)
+			return 1
+		}
+		return 0
+	}
+	cfg, err := daemon.Parse(os.Args[1:], os.Getenv, os.Stderr)
+	if errors.Is(err, flag.ErrHelp) {
+		return 0
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "flanneld:", err)
+		return 2
+	}
+	if cfg.Version {
+		fmt.Println(version)
+		return 0
+	}
+	log := daemon.NewLogger(cfg, os.Stderr)
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	log.Info("starting flanneld", "version", version)
+	if err := daemon.Run(ctx, cfg, log); err != nil {
+		log.Error("flanneld failed", "error", err)
+		return 1
+	}
+	log.Info("flanneld stopped")
+	return 0
+}

@@ -1,0 +1,147 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	flannel "github.com/flannelkit/flannel"
+	"github.com/flannelkit/flannel/lease"
+)
+
+// Metrics holds the daemon's Prometheus metrics and serves /healthz,
+// /readyz and /metrics. It may serve before the agent exists (SetAgent).
+type Metrics struct {
+	agent atomic.Pointer[flannel.Agent]
+	lease atomic.Pointer[func(ctx context.Context, own lease.Lease) (time.Time, error)]
+
+	reg          *prometheus.Registry
+	applies      prometheus.Counter
+	applyErrors  prometheus.Counter
+	applyTime    prometheus.Histogram
+	watchRestart prometheus.Counter
+	keepErrors   prometheus.Counter
+	leaseLost    prometheus.Counter
+
+	mu      sync.Mutex
+	runErr  error
+	runDone bool
+}
+
+// NewMetrics registers the metrics on a registry of their own, with the Go
+// and process collectors.
+func NewMetrics() *Metrics {
+	m := &Metrics{reg: prometheus.NewRegistry()}
+	m.applies = prometheus.NewCounter(prometheus.CounterOpts{Name: "flannel_reconcile_total", Help: "Peer sets applied to the kernel."})
+	m.applyErrors = prometheus.NewCounter(prometheus.CounterOpts{Name: "flannel_reconcile_errors_total", Help: "Peer sets whose application failed (kernel operation errors), in whole or for some peers."})
+	m.applyTime = prometheus.NewHistogram(prometheus.HistogramOpts{Name: "flannel_reconcile_duration_seconds", Help: "Time to apply a peer set.", Buckets: prometheus.ExponentialBuckets(0.0005, 4, 10)})
+	m.watchRestart = prometheus.NewCounter(prometheus.CounterOpts{Name: "flannel_store_watch_restarts_total", Help: "Restarts of the lease store watch after it failed."})
+	m.keepErrors = prometheus.NewCounter(prometheus.CounterOpts{Name: "flannel_lease_keep_errors_total", Help: "Failures to keep (renew) the node's lease, including losses."})
+	m.leaseLost = prometheus.NewCounter(prometheus.CounterOpts{Name: "flannel_lease_lost_total", Help: "Times the node's lease was lost and re-acquired."})
+	m.reg.MustRegister(m.applies, m.applyErrors, m.applyTime, m.watchRestart, m.keepErrors, m.leaseLost,
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "flannel_peers", Help: "Peers in the last set applied to the kernel."}, func() float64 {
+			if a := m.agent.Load(); a != nil {
+				return float64(a.State().Peers)
+			}
+			return 0
+		}),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "flannel_ready", Help: "1 when the node is ready (lease held, rules and subnet.env in place, peers programmed)."}, func() float64 {
+			if a := m.agent.Load(); a != nil && a.State().Ready {
+				return 1
+			}
+			return 0
+		}),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "flannel_lease_expiry_timestamp_seconds", Help: "When the node's lease expires unless renewed (Unix time; 0 when unknown or it never expires)."}, m.expiry),
+	)
+	return m
+}
+
+// Hook sets the Agent callbacks that feed the metrics on opts.
+func (m *Metrics) Hook(opts *flannel.AgentOptions) {
+	opts.OnApply = func(_ int, took time.Duration, err error) {
+		m.applies.Inc()
+		m.applyTime.Observe(took.Seconds())
+		if err != nil {
+			m.applyErrors.Inc()
+		}
+	}
+	opts.OnWatchRestart = func(error) { m.watchRestart.Inc() }
+	opts.OnKeepError = func(err error) {
+		m.keepErrors.Inc()
+		if errors.Is(err, lease.ErrLeaseLost) {
+			m.leaseLost.Inc()
+		}
+	}
+}
+
+// RunDone records that the agent's Run returned (healthz fails when err is
+// not nil).
+func (m *Metrics) RunDone(err error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.runDone, m.runErr = true, err
+}
+
+// SetAgent sets the agent whose state the endpoints and gauges report.
+func (m *Metrics) SetAgent(a *flannel.Agent) { m.agent.Store(a) }
+
+// SetLeaseExpiry sets the function that reports when the node's lease
+// expires (zero time when unknown or never).
+func (m *Metrics) SetLeaseExpiry(fn func(ctx context.Context, own lease.Lease) (time.Time, error)) {
+	m.lease.Store(&fn)
+}
+
+func (m *Metrics) expiry() float64 {
+	a, fn := m.agent.Load(), m.lease.Load()
+	if a == nil || fn == nil {
+		return 0
+	}
+	own := a.State().Lease
+	if !own.Subnet.IsValid() && !own.IPv6Subnet.IsValid() {
+		return 0
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	t, err := (*fn)(ctx, own)
+	if err != nil || t.IsZero() {
+		return 0
+	}
+	return float64(t.Unix())
+}
+
+// Handler serves /healthz (200 while the agent runs without a fatal
+// error), /readyz (200 once the agent is ready: lease held, rules ensured,
+// subnet.env written, first peer set programmed) and /metrics.
+func (m *Metrics) Handler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) {
+		m.mu.Lock()
+		done, err := m.runDone, m.runErr
+		m.mu.Unlock()
+		if done && err != nil {
+			http.Error(w, fmt.Sprintf("agent stopped: %v", err), http.StatusInternalServerError)
+			return
+		}
+		fmt.Fprintln(w, "ok")
+	})
+	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
+		a := m.agent.Load()
+		if a == nil || !a.State().Ready {
+			http.Error(w, "not ready", http.StatusServiceUnavailable)
+			return
+		}
+		st := a.State()
+		fmt.Fprintf(w, "ready: lease %s, %d peers\n", st.Lease, st.Peers)
+	})
+	mux.Handle("/metrics", promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{}))
+	return mux
+}

@@ -1,0 +1,258 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"strconv"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	flannel "github.com/flannelkit/flannel"
+	"github.com/flannelkit/flannel/backend"
+	"github.com/flannelkit/flannel/etcdstore"
+	"github.com/flannelkit/flannel/hostgw"
+	"github.com/flannelkit/flannel/lease"
+	"github.com/flannelkit/flannel/rules"
+)
+
+// Registry returns the backends this daemon links.
+func Registry() (*backend.Registry, error) {
+	r := backend.NewRegistry()
+	if err := r.Register(hostgw.Type, hostgw.FromConfig); err != nil {
+		return nil, err
+	}
+	return r, nil
+}
+
+// NewLogger returns the daemon's logger for c (--log-format, -v).
+func NewLogger(c Config, w interface{ Write([]byte) (int, error) }) *slog.Logger {
+	lvl := slog.LevelInfo
+	if c.Verbosity > 0 {
+		lvl = slog.LevelDebug
+	}
+	o := &slog.HandlerOptions{Level: lvl}
+	if c.LogFormat == "json" {
+		return slog.New(slog.NewJSONHandler(w, o))
+	}
+	return slog.New(slog.NewTextHandler(w, o))
+}
+
+// Run runs the daemon in the network namespace of the calling process
+// until ctx ends, then returns nil with the datapath left in place. With
+// c.Cleanup it removes this node's devices, routes, rules, lease and
+// subnet file instead, and returns.
+func Run(ctx context.Context, c Config, log *slog.Logger) error {
+	if c.KubeSubnetMgr {
+		// TODO(issue 6): wire kubestore once it has landed.
+		return errors.New("-kube-subnet-mgr: the Kubernetes store is not linked into this build yet; use etcd")
+	}
+	m := NewMetrics()
+	if c.HealthzPort > 0 && !c.Cleanup {
+		stop, err := serve(c, m, log)
+		if err != nil {
+			return err
+		}
+		defer stop()
+	}
+	ns, err := netns.Get()
+	if err != nil {
+		return fmt.Errorf("open current network namespace: %w", err)
+	}
+	defer ns.Close()
+	h, err := netlink.NewHandleAt(ns)
+	if err != nil {
+		return fmt.Errorf("netlink handle: %w", err)
+	}
+	defer h.Close()
+
+	client, err := etcdstore.NewClient(etcdstore.ClientOptions{
+		Endpoints: c.EtcdEndpoints,
+		CAFile:    c.EtcdCAFile, CertFile: c.EtcdCertFile, KeyFile: c.EtcdKeyFile,
+		Username: c.EtcdUsername, Password: c.EtcdPassword,
+		Logger: log.With("component", "etcd-client"),
+	})
+	if err != nil {
+		return err
+	}
+	defer client.Close()
+	store, err := etcdstore.New(client, etcdstore.Options{
+		Prefix:      c.EtcdPrefix,
+		RenewMargin: c.SubnetLeaseRenewMargin,
+		Logger:      log.With("component", "etcd-store"),
+	})
+	if err != nil {
+		return err
+	}
+
+	cfg, err := waitConfig(ctx, store, log)
+	if err != nil || ctx.Err() != nil {
+		return err
+	}
+	reg, err := Registry()
+	if err != nil {
+		return err
+	}
+	be, err := reg.New(cfg)
+	if err != nil {
+		return fmt.Errorf("network config: %w", err)
+	}
+	iface, err := backend.FindInterface(h, backend.InterfaceOptions{
+		Names: c.Ifaces, Regexes: c.IfaceRegexes, CanReach: c.IfaceCanReach,
+		PublicIP: c.PublicIP, PublicIPv6: c.PublicIPv6,
+		IPv4: cfg.EnableIPv4, IPv6: cfg.EnableIPv6,
+	})
+	if err != nil {
+		return fmt.Errorf("find external interface: %w", err)
+	}
+	log.Info("using interface", "iface", iface.Name, "ip", iface.IP, "ipv6", iface.IPv6,
+		"public_ip", iface.PublicIP, "public_ipv6", iface.PublicIPv6, "backend", be.Type())
+
+	var tr *rules.Manager
+	if c.IPMasq || c.IPTablesForwardRules || c.Cleanup {
+		tr, err = rules.New(rules.Options{
+			NS: ns, Masquerade: c.IPMasq, Forward: c.IPTablesForwardRules,
+			DisableRandomFully: c.IPMasqRandomFullyDisable, ResyncPeriod: c.IPTablesResync,
+			Logger: log.With("component", "rules"),
+		})
+		if err != nil {
+			return err
+		}
+	}
+	m.SetLeaseExpiry(leaseExpiry(client, store))
+	opts := flannel.AgentOptions{
+		Store: store, Backend: be, Iface: iface, Handle: h, NS: ns,
+		Logger: log, SubnetFile: c.SubnetFile, IPMasq: c.IPMasq,
+	}
+	if tr != nil {
+		opts.Rules = tr
+	}
+	m.Hook(&opts)
+	agent, err := flannel.NewAgent(opts)
+	if err != nil {
+		return err
+	}
+	m.SetAgent(agent)
+
+	if c.Cleanup {
+		return cleanup(ctx, c, store, iface, agent, log)
+	}
+
+	runErr := agent.Run(ctx)
+	m.RunDone(runErr)
+	return runErr
+}
+
+// serve starts the health/metrics server; stop shuts it down and waits.
+func serve(c Config, m *Metrics, log *slog.Logger) (stop func(), err error) {
+	addr := net.JoinHostPort(c.HealthzIP.String(), strconv.Itoa(c.HealthzPort))
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("healthz listener on %s: %w", addr, err)
+	}
+	srv := &http.Server{Handler: m.Handler(), ReadHeaderTimeout: 10 * time.Second}
+	done := make(chan error, 1)
+	go func() { done <- srv.Serve(ln) }()
+	log.Info("serving /healthz, /readyz and /metrics", "addr", addr)
+	return func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_ = srv.Shutdown(ctx)
+		if err := <-done; err != nil && !errors.Is(err, http.ErrServerClosed) {
+			log.Warn("healthz server", "error", err)
+		}
+	}, nil
+}
+
+// waitConfig reads the network config, waiting (as upstream) while it is
+// missing or invalid; it returns when ctx ends.
+func waitConfig(ctx context.Context, store *etcdstore.Store, log *slog.Logger) (lease.Config, error) {
+	d := 500 * time.Millisecond
+	for {
+		cfg, err := store.Config(ctx)
+		if err == nil {
+			if err = cfg.Validate(); err == nil {
+				return cfg, nil
+			}
+		}
+		if ctx.Err() != nil {
+			return lease.Config{}, nil
+		}
+		log.Warn("no usable network config yet; retrying", "prefix", store.Prefix(), "error", err, "retry_in", d)
+		t := time.NewTimer(d)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return lease.Config{}, nil
+		case <-t.C:
+		}
+		d = min(2*d, 10*time.Second)
+	}
+}
+
+// cleanup removes what this node set up: backend state, rules, and the
+// lease named by the subnet file (this process did not acquire it).
+func cleanup(ctx context.Context, c Config, store *etcdstore.Store, iface flannel.ExternalInterface, agent *flannel.Agent, log *slog.Logger) error {
+	var errs []error
+	if c.SubnetFile != "" {
+		env, err := flannel.ReadSubnetEnv(c.SubnetFile)
+		switch {
+		case errors.Is(err, fs.ErrNotExist):
+			log.Info("no subnet file; no lease to release", "path", c.SubnetFile)
+		case err != nil:
+			errs = append(errs, err)
+		default:
+			l := env.Lease()
+			l.Attrs = lease.Attrs{PublicIP: iface.PublicIP, PublicIPv6: iface.PublicIPv6}
+			if !l.Attrs.PublicIP.IsValid() {
+				l.Attrs.PublicIP = iface.IP
+			}
+			if !l.Attrs.PublicIPv6.IsValid() {
+				l.Attrs.PublicIPv6 = iface.IPv6
+			}
+			if !env.Subnet.IsValid() {
+				l.Attrs.PublicIP = netip.Addr{}
+			}
+			if !env.IPv6Subnet.IsValid() {
+				l.Attrs.PublicIPv6 = netip.Addr{}
+			}
+			if err := store.Release(ctx, l); err != nil {
+				errs = append(errs, err)
+			} else {
+				log.Info("lease released", "lease", l)
+			}
+		}
+	}
+	if err := agent.Cleanup(ctx); err != nil {
+		errs = append(errs, err)
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("cleanup: %w", err)
+	}
+	log.Info("cleanup done")
+	return nil
+}
+
+// leaseExpiry returns a function reporting when this node's etcd lease
+// expires (zero when unknown or a reservation), for the metrics.
+func leaseExpiry(client *clientv3.Client, store *etcdstore.Store) func(ctx context.Context, own lease.Lease) (time.Time, error) {
+	return func(ctx context.Context, own lease.Lease) (time.Time, error) {
+		resp, err := client.Get(ctx, store.LeaseKey(own))
+		if err != nil || len(resp.Kvs) == 0 || resp.Kvs[0].Lease == 0 {
+			return time.Time{}, err
+		}
+		ttl, err := client.TimeToLive(ctx, clientv3.LeaseID(resp.Kvs[0].Lease))
+		if err != nil || ttl.TTL <= 0 {
+			return time.Time{}, err
+		}
+		return time.Now().Add(time.Duration(ttl.TTL) * time.Second), nil
+	}
+}
