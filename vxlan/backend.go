@@ -175,7 +175,7 @@ func (b *Backend) pinnedMAC(s devSpec) net.HardwareAddr {
 // the device's index and MAC. With DisableTXChecksum it turns TX checksum
 // offload off (env.NS must be open for that).
 func (d *device) ensure(env flannel.Env, log *slog.Logger) error {
-	v, err := ensureDevice(env.Handle, env.NS, d.spec, d.mac, log)
+	v, err := ensureDevice(env.Handle, env.NS, d.spec, d.mac, d.index == 0, log)
 	if err != nil {
 		return err
 	}

@@ -32,7 +32,7 @@ type op struct {
 	link  int
 	ip    netip.Addr       // neighbour: the peer subnet address; FDB: the peer public IP
 	mac   net.HardwareAddr // neighbour and FDB
-	route netlink.Route    // routes (normalized: protocol, table, family)
+	route *netlink.Route   // routes (normalized: protocol, table, family)
 	peer  int              // index into the peer set; -1 for stale entries
 }
 
@@ -50,7 +50,7 @@ func (o op) String() string {
 	if !o.del {
 		verb = "replace"
 	}
-	return fmt.Sprintf("%s route %s", verb, backend.FormatRoute(o.route))
+	return fmt.Sprintf("%s route %s", verb, backend.FormatRoute(*o.route))
 }
 
 // appendMsg appends o as one netlink request with sequence number seq.
@@ -308,7 +308,7 @@ func viaHandle(h *netlink.Handle, o op) error {
 	var err error
 	switch o.kind {
 	case kindRoute:
-		r := o.route
+		r := *o.route
 		if o.del {
 			err = h.RouteDel(&r)
 		} else {

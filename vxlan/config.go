@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"strconv"
 	"strings"
 	"time"
 
@@ -234,6 +235,9 @@ func ParseBackendData(raw json.RawMessage) (BackendData, error) {
 	if len(raw) == 0 || bytes.Equal(raw, []byte("null")) {
 		return BackendData{}, errors.New("no vxlan backend data")
 	}
+	if d, ok := parseCanonical(raw); ok {
+		return d, nil
+	}
 	var w backendDataWire
 	if err := json.Unmarshal(raw, &w); err != nil {
 		return BackendData{}, fmt.Errorf("vxlan backend data: %v", describe(err))
@@ -249,4 +253,38 @@ func ParseBackendData(raw json.RawMessage) (BackendData, error) {
 		return BackendData{}, fmt.Errorf("vxlan backend data: %w", err)
 	}
 	return BackendData{VNI: w.VNI, VtepMAC: mac}, nil
+}
+
+// parseCanonical decodes the exact form upstream (and MarshalJSON) writes,
+// {"VNI":<n>,"VtepMAC":"<6-byte mac>"}, without encoding/json: thousands of
+// peers are parsed on every full resync. It accepts raw only when
+// re-encoding the result gives raw back byte for byte, so it never
+// disagrees with the general path.
+func parseCanonical(raw []byte) (BackendData, bool) {
+	const pre, mid = `{"VNI":`, `,"VtepMAC":"`
+	if !bytes.HasPrefix(raw, []byte(pre)) || !bytes.HasSuffix(raw, []byte(`"}`)) {
+		return BackendData{}, false
+	}
+	rest := raw[len(pre) : len(raw)-2]
+	i := bytes.Index(rest, []byte(mid))
+	if i <= 0 || i > 8 {
+		return BackendData{}, false
+	}
+	vni, err := strconv.Atoi(string(rest[:i]))
+	if err != nil || vni < 0 {
+		return BackendData{}, false
+	}
+	macStr := rest[i+len(mid):]
+	if len(macStr) != 17 {
+		return BackendData{}, false
+	}
+	mac, err := net.ParseMAC(string(macStr))
+	if err != nil || checkMAC(mac) != nil {
+		return BackendData{}, false
+	}
+	canon := pre + strconv.Itoa(vni) + mid + mac.String() + `"}`
+	if canon != string(raw) {
+		return BackendData{}, false
+	}
+	return BackendData{VNI: vni, VtepMAC: mac}, true
 }

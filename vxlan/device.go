@@ -79,7 +79,10 @@ func (s devSpec) mismatch(l netlink.Link) string {
 // deleted and recreated with the same MAC, a missing one is created with
 // mac (random when nil). The device ends up with s.mtu and up. It returns
 // the link as the kernel reports it.
-func ensureDevice(h *netlink.Handle, ns netns.NsHandle, s devSpec, mac net.HardwareAddr, log *slog.Logger) (*netlink.Vxlan, error) {
+//
+// accept_ra is turned off on a created device, and on a reused one when
+// first is set (the first ensure of a run): not on every repair.
+func ensureDevice(h *netlink.Handle, ns netns.NsHandle, s devSpec, mac net.HardwareAddr, first bool, log *slog.Logger) (*netlink.Vxlan, error) {
 	old, err := h.LinkByName(s.name)
 	var nf netlink.LinkNotFoundError
 	switch {
@@ -91,7 +94,7 @@ func ensureDevice(h *netlink.Handle, ns netns.NsHandle, s devSpec, mac net.Hardw
 	if old != nil {
 		why := s.mismatch(old)
 		if why == "" {
-			return finishDevice(h, ns, s, old.(*netlink.Vxlan), log)
+			return finishDevice(h, ns, s, old.(*netlink.Vxlan), first, log)
 		}
 		if checkMAC(old.Attrs().HardwareAddr) == nil {
 			mac = old.Attrs().HardwareAddr // keep peers' FDB entries valid
@@ -127,18 +130,19 @@ func ensureDevice(h *netlink.Handle, ns netns.NsHandle, s devSpec, mac net.Hardw
 		return nil, fmt.Errorf("device %s exists with other attributes (%s)", s.name, why)
 	}
 	log.Info("device created", "device", s.name, "mac", l.Attrs().HardwareAddr.String(), "vni", s.vni, "port", s.port)
-	return finishDevice(h, ns, s, l.(*netlink.Vxlan), log)
+	return finishDevice(h, ns, s, l.(*netlink.Vxlan), true, log)
 }
 
-// finishDevice sets the MTU, accept_ra off (IPv6, when ns is open) and up.
-func finishDevice(h *netlink.Handle, ns netns.NsHandle, s devSpec, v *netlink.Vxlan, log *slog.Logger) (*netlink.Vxlan, error) {
+// finishDevice sets the MTU, accept_ra off (when setRA and ns is open) and
+// up.
+func finishDevice(h *netlink.Handle, ns netns.NsHandle, s devSpec, v *netlink.Vxlan, setRA bool, log *slog.Logger) (*netlink.Vxlan, error) {
 	if v.MTU != s.mtu {
 		if err := h.LinkSetMTU(v, s.mtu); err != nil {
 			return nil, fmt.Errorf("set mtu %d on %s: %w", s.mtu, s.name, err)
 		}
 		v.MTU = s.mtu
 	}
-	if ns.IsOpen() {
+	if setRA && ns.IsOpen() {
 		// A VXLAN device must not autoconfigure from router adverts.
 		// Not fatal: the device works without it (and upstream only logs).
 		if err := backend.SetSysctl(ns, "net/ipv6/conf/"+s.name+"/accept_ra", "0"); err != nil && !errors.Is(err, unix.ENOENT) {

@@ -141,10 +141,10 @@ func (p *peerErrs) add(peer int, err error) {
 	p.errs[peer] = append(p.errs[peer], err)
 }
 
-// desired is the kernel state a peer set asks for.
+// desired is the kernel state a peer set asks for, by link index.
 type desired struct {
-	fdb, neigh []op
-	routes     map[int][]netlink.Route // by link index
+	fdb, neigh map[int][]op
+	routes     map[int][]netlink.Route
 	routePeer  map[routeKey]int
 }
 
@@ -157,7 +157,12 @@ type routeKey struct {
 // IP is on a directly connected network of the external interface (only
 // called with DirectRouting).
 func (n *Network) desire(peers []lease.Lease, direct func(netip.Addr) bool, failed *peerErrs) desired {
-	want := desired{routes: map[int][]netlink.Route{}, routePeer: map[routeKey]int{}}
+	want := desired{fdb: map[int][]op{}, neigh: map[int][]op{}, routes: map[int][]netlink.Route{}, routePeer: make(map[routeKey]int, 2*len(peers))}
+	for _, d := range n.devs {
+		want.fdb[d.index] = make([]op, 0, len(peers))
+		want.neigh[d.index] = make([]op, 0, len(peers))
+		want.routes[d.index] = make([]netlink.Route, 0, len(peers))
+	}
 	addRoute := func(peer int, r netlink.Route) {
 		dst, _ := backend.PrefixFromIPNet(r.Dst)
 		want.routes[r.LinkIndex] = append(want.routes[r.LinkIndex], r)
@@ -196,8 +201,8 @@ func (n *Network) desire(peers []lease.Lease, direct func(netip.Addr) bool, fail
 				continue
 			}
 			gw := subnet.Addr()
-			want.fdb = append(want.fdb, op{kind: kindFDB, link: d.index, ip: public, mac: bd.VtepMAC, peer: i})
-			want.neigh = append(want.neigh, op{kind: kindNeigh, link: d.index, ip: gw, mac: bd.VtepMAC, peer: i})
+			want.fdb[d.index] = append(want.fdb[d.index], op{kind: kindFDB, link: d.index, ip: public, mac: bd.VtepMAC, peer: i})
+			want.neigh[d.index] = append(want.neigh[d.index], op{kind: kindNeigh, link: d.index, ip: gw, mac: bd.VtepMAC, peer: i})
 			addRoute(i, netlink.Route{LinkIndex: d.index, Dst: backend.IPNetFromPrefix(subnet), Gw: backend.IPFromAddr(gw), Flags: int(netlink.FLAG_ONLINK)})
 		}
 	}
@@ -257,6 +262,7 @@ func (n *Network) isDirect(ip netip.Addr) bool {
 }
 
 func (n *Network) applyLocked(ctx context.Context) error {
+	began := time.Now()
 	if err := n.ensureDevicesLocked(); err != nil {
 		return err
 	}
@@ -287,9 +293,9 @@ func (n *Network) applyLocked(ctx context.Context) error {
 		if err != nil {
 			return fmt.Errorf("device %s: %w", d.spec.name, err)
 		}
-		s, dl := diffNeigh(kindFDB, filterLink(want.fdb, d.index), fdb)
+		s, dl := diffNeigh(kindFDB, want.fdb[d.index], fdb)
 		sets, dels = append(sets, s...), append(dels, dl...)
-		s, dl = diffNeigh(kindNeigh, filterLink(want.neigh, d.index), neigh)
+		s, dl = diffNeigh(kindNeigh, want.neigh[d.index], neigh)
 		sets, dels = append(sets, s...), append(dels, dl...)
 	}
 	links := []int{n.env.Iface.Index}
@@ -302,12 +308,12 @@ func (n *Network) applyLocked(ctx context.Context) error {
 			return err
 		}
 		add, del := backend.DiffRoutes(n.rec.Normalize(link, want.routes[link]), actual)
-		for _, r := range add {
-			dst, _ := backend.PrefixFromIPNet(r.Dst)
-			sets = append(sets, op{kind: kindRoute, link: link, route: r, peer: want.routePeer[routeKey{link, dst}]})
+		for i := range add {
+			dst, _ := backend.PrefixFromIPNet(add[i].Dst)
+			sets = append(sets, op{kind: kindRoute, link: link, route: &add[i], peer: want.routePeer[routeKey{link, dst}]})
 		}
-		for _, r := range del {
-			dels = append(dels, op{kind: kindRoute, del: true, link: link, route: r, peer: -1})
+		for i := range del {
+			dels = append(dels, op{kind: kindRoute, del: true, link: link, route: &del[i], peer: -1})
 		}
 	}
 	if err := ctx.Err(); err != nil {
@@ -333,7 +339,7 @@ func (n *Network) applyLocked(ctx context.Context) error {
 			rest = append(rest, e)
 		}
 	}
-	n.log.Debug("programmed", "sets", len(sets), "deletes", len(dels), "took", time.Since(start))
+	n.log.Debug("programmed", "sets", len(sets), "deletes", len(dels), "diff_took", start.Sub(began), "program_took", time.Since(start))
 	var out []error
 	for _, i := range failed.order {
 		out = append(out, &flannel.PeerError{Lease: n.peers[i], Err: errors.Join(failed.errs[i]...)})
@@ -363,14 +369,4 @@ func (n *Network) program(ops []op) []error {
 		ws = append(ws, w)
 	}
 	return program(ws, n.env.Handle, ops)
-}
-
-func filterLink(ops []op, link int) []op {
-	var out []op
-	for _, o := range ops {
-		if o.link == link {
-			out = append(out, o)
-		}
-	}
-	return out
 }

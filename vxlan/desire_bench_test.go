@@ -1,0 +1,26 @@
+package vxlan
+
+import (
+	"fmt"
+	"net/netip"
+	"testing"
+
+	flannel "github.com/flannelkit/flannel"
+	"github.com/flannelkit/flannel/lease"
+)
+
+func BenchmarkDesire(b *testing.B) {
+	var peers []lease.Lease
+	for k := range 1000 {
+		peers = append(peers, lease.Lease{
+			Subnet: netip.MustParsePrefix(fmt.Sprintf("10.%d.%d.0/24", k>>8, k&255)),
+			Attrs: lease.Attrs{BackendType: Type, PublicIP: netip.MustParseAddr(fmt.Sprintf("100.64.%d.%d", k>>8, k&255)),
+				BackendData: []byte(fmt.Sprintf(`{"VNI":1,"VtepMAC":"0a:00:00:00:%02x:%02x"}`, k>>8, k&255))},
+		})
+	}
+	n := newNetwork(flannel.Env{}, lease.Lease{Subnet: netip.MustParsePrefix("10.255.0.0/24")}, Options{}.withDefaults(), []*device{{spec: devSpec{name: "flannel.1"}, index: 5}})
+	for b.Loop() {
+		var failed peerErrs
+		n.desire(peers, func(netip.Addr) bool { return false }, &failed)
+	}
+}
