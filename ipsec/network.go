@@ -35,6 +35,7 @@ type Network struct {
 	keys      localKeys
 	rekeyedAt time.Time
 	peerKeys  map[string]*peerKey // by lease key
+	badKeys   map[string]string   // lease key -> BackendData last warned about
 }
 
 // peerKey tracks a peer's published key and the one it replaced.
@@ -57,6 +58,7 @@ func newNetwork(env flannel.Env, own lease.Lease, opts Options, key keyPair) *Ne
 		now:      time.Now,
 		keys:     localKeys{cur: key},
 		peerKeys: map[string]*peerKey{},
+		badKeys:  map[string]string{},
 	}
 }
 
@@ -129,6 +131,7 @@ func (n *Network) applyLocked(ctx context.Context) error {
 	failed := map[int]error{}
 	var idx []int // input peer -> n.peers index
 	seen := map[string]bool{}
+	present := map[string]bool{}
 	for i, p := range n.peers {
 		if p.Attrs.BackendType != Type {
 			n.log.Debug("skipping peer of another backend", "subnet", p.String(), "backend_type", p.Attrs.BackendType)
@@ -137,12 +140,19 @@ func (n *Network) applyLocked(ctx context.Context) error {
 		if p.SameSubnets(n.own) {
 			continue
 		}
+		present[p.Key()] = true
 		v := nodeView{Subnet: p.Subnet, Subnet6: p.IPv6Subnet, IP: p.Attrs.PublicIP, IP6: p.Attrs.PublicIPv6}
 		pub, err := parsePeerKey(n.opts.PSK, p.Attrs.BackendData)
 		ok := err == nil
 		if err != nil {
 			failed[len(in.peers)] = err
+			if n.badKeys[p.Key()] != string(p.Attrs.BackendData) {
+				n.badKeys[p.Key()] = string(p.Attrs.BackendData)
+				n.log.Warn("peer not programmed: its key is unusable; traffic to it stays blocked",
+					"subnet", p.String(), "public_ip", p.Attrs.PublicIP, "err", err)
+			}
 		} else {
+			delete(n.badKeys, p.Key())
 			key := p.Key()
 			seen[key] = true
 			pk := n.peerKeys[key]
@@ -166,6 +176,11 @@ func (n *Network) applyLocked(ctx context.Context) error {
 	for key := range n.peerKeys {
 		if !seen[key] {
 			delete(n.peerKeys, key)
+		}
+	}
+	for key := range n.badKeys {
+		if !present[key] {
+			delete(n.badKeys, key)
 		}
 	}
 	states, policies, failed2 := desired(in)

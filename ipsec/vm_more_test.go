@@ -1,0 +1,350 @@
+package ipsec_test
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"net"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"github.com/vishvananda/netlink"
+	"go.uber.org/goleak"
+
+	flannel "github.com/flannelkit/flannel"
+	"github.com/flannelkit/flannel/backend"
+	"github.com/flannelkit/flannel/internal/netlab"
+	"github.com/flannelkit/flannel/ipsec"
+	"github.com/flannelkit/flannel/lease"
+)
+
+// runAll runs every node's Network.Run until the returned stop is called;
+// stop waits for them to return.
+func (c *vcluster) runAll() (stop func()) {
+	ctx, cancel := context.WithCancel(c.t.Context())
+	var wg sync.WaitGroup
+	for i, v := range c.nodes {
+		if c.gone[i] {
+			continue
+		}
+		n := v.net
+		wg.Go(func() { assert.NoError(c.t, n.Run(ctx)) })
+	}
+	var once sync.Once
+	stop = func() { once.Do(func() { cancel(); wg.Wait() }) }
+	c.t.Cleanup(stop)
+	return stop
+}
+
+func TestInVMStatesDeletedByHand(t *testing.T) {
+	inVM(t)
+	ignore := goleak.IgnoreCurrent()
+	c := newCluster(t, 2, func(int) string { return clusterPSK }, ipsec.Options{RepairInterval: 300 * time.Millisecond})
+	marker := []byte("PLAINTEXT-MARKER-DELETED-" + time.Now().String())
+	capt := startCapture(t, c.lab, marker)
+	c.applyOK()
+	c.checkAllPairs()
+
+	n0 := c.nodes[0].node.Handle
+	require.NoError(t, n0.XfrmStateFlush(0))
+	require.Empty(t, xfrmStates(t, n0))
+	// Dropped, not sent in clear.
+	err := sendMarker(t, c.nodes[0].pod, c.nodes[1].pod, marker, 2*time.Second)
+	assert.Error(t, err, "traffic must not pass without states")
+
+	// Run repairs.
+	stop := c.runAll()
+	require.NoError(t, sendMarkerEventually(t, c.nodes[0].pod, c.nodes[1].pod, marker, 30*time.Second))
+	assert.Len(t, xfrmStates(t, n0), 2)
+	stop()
+	capt.stop()
+	assert.Zero(t, capt.plain.Load(), "plain-text marker on the wire; first frame: %s", capt.first)
+	goleak.VerifyNone(t, ignore)
+	c.checkLogsFree()
+}
+
+func sendMarkerEventually(t *testing.T, a, b *netlab.Pod, marker []byte, within time.Duration) error {
+	t.Helper()
+	deadline := time.Now().Add(within)
+	for {
+		err := sendMarker(t, a, b, marker, 2*time.Second)
+		if err == nil || time.Now().After(deadline) {
+			return err
+		}
+	}
+}
+
+func ourStatesTo(t *testing.T, h *netlink.Handle, ip netip.Addr) int {
+	n := 0
+	for _, s := range xfrmStates(t, h) {
+		if s.Dst.Equal(ip.AsSlice()) || s.Src.Equal(ip.AsSlice()) {
+			n++
+		}
+	}
+	return n
+}
+
+func TestInVMPeerRemovedAndStale(t *testing.T) {
+	inVM(t)
+	c := newCluster(t, 3, func(int) string { return clusterPSK }, ipsec.Options{})
+	c.applyOK()
+	n2 := c.nodes[2].node.IP
+	h0 := c.nodes[0].node.Handle
+	require.Equal(t, 2, ourStatesTo(t, h0, n2))
+
+	// Node 2 leaves: its states, policies and route go.
+	c.gone[2] = true
+	c.applyOK()
+	assert.Zero(t, ourStatesTo(t, h0, n2))
+	assert.Len(t, xfrmStates(t, h0), 2)
+	assert.Len(t, xfrmPolicies(t, h0), 5)
+	for _, p := range xfrmPolicies(t, h0) {
+		for _, tm := range p.Tmpls {
+			assert.False(t, tm.Dst.Equal(n2.AsSlice()) || tm.Src.Equal(n2.AsSlice()), "policy for the removed peer: %v", p.Dst)
+		}
+	}
+	require.NoError(t, c.nodes[0].pod.Ping(ctxT(t, 20*time.Second), c.nodes[1].pod.IP))
+
+	// Leftovers of a previous run (our reqid) and someone else's state.
+	key := make([]byte, 20)
+	stale := &netlink.XfrmState{Src: c.nodes[0].node.IP.AsSlice(), Dst: net.ParseIP("172.30.0.99"), Proto: netlink.XFRM_PROTO_ESP,
+		Mode: netlink.XFRM_MODE_TUNNEL, Spi: 0x1234, Reqid: ipsec.DefaultReqid,
+		Aead: &netlink.XfrmStateAlgo{Name: "rfc4106(gcm(aes))", Key: key, ICVLen: 128}}
+	foreign := *stale
+	foreign.Spi, foreign.Reqid = 0x4321, 7
+	require.NoError(t, h0.XfrmStateAdd(stale))
+	require.NoError(t, h0.XfrmStateAdd(&foreign))
+	stalePol := &netlink.XfrmPolicy{
+		Src: backend.IPNetFromPrefix(c.nodes[0].lease.Subnet), Dst: backend.IPNetFromPrefix(netip.MustParsePrefix("10.244.99.0/24")),
+		Dir: netlink.XFRM_DIR_OUT, Priority: 0x66c1,
+		Tmpls: []netlink.XfrmPolicyTmpl{{Src: c.nodes[0].node.IP.AsSlice(), Dst: net.ParseIP("172.30.0.99"), Proto: netlink.XFRM_PROTO_ESP, Mode: netlink.XFRM_MODE_TUNNEL, Reqid: ipsec.DefaultReqid}},
+	}
+	require.NoError(t, h0.XfrmPolicyAdd(stalePol))
+
+	// A restarted node 0 (fresh key) removes them at its first Apply.
+	c.start(0)
+	c.applyOK()
+	var spisNow []int
+	for _, s := range xfrmStates(t, h0) {
+		spisNow = append(spisNow, s.Spi)
+	}
+	assert.NotContains(t, spisNow, 0x1234, "stale state of ours removed")
+	assert.Contains(t, spisNow, 0x4321, "foreign state left alone")
+	assert.Len(t, xfrmPolicies(t, h0), 5, "stale policy removed")
+	require.NoError(t, c.nodes[0].pod.Ping(ctxT(t, 20*time.Second), c.nodes[1].pod.IP))
+	c.checkLogsFree()
+}
+
+func TestInVMWrongPSK(t *testing.T) {
+	inVM(t)
+	c := newCluster(t, 3, func(i int) string {
+		if i == 2 {
+			return otherPSK
+		}
+		return clusterPSK
+	}, ipsec.Options{})
+	marker := []byte("PLAINTEXT-MARKER-WRONGPSK-" + time.Now().String())
+	capt := startCapture(t, c.lab, marker)
+	errs := c.apply()
+	for i, err := range errs {
+		require.Error(t, err, "node %d", i)
+		var pe *flannel.PeerError
+		require.True(t, errors.As(err, &pe), "node %d: %v", i, err)
+		assert.ErrorIs(t, err, ipsec.ErrPeerAuth, "node %d", i)
+	}
+	assert.Len(t, flattenErr(errs[2]), 2, "node 2 cannot use either peer")
+	assert.Len(t, flattenErr(errs[0]), 1, "node 0 only lacks node 2")
+	assert.Contains(t, c.nodes[2].logs.String(), "not authenticated with this cluster's PSK")
+
+	// The others keep working; node 2 reaches no one and nothing leaks.
+	require.NoError(t, c.nodes[0].pod.Ping(ctxT(t, 20*time.Second), c.nodes[1].pod.IP))
+	require.NoError(t, c.nodes[1].pod.TCPCheck(ctxT(t, 20*time.Second), c.nodes[0].pod, c.nodes[0].pod.IP))
+	assert.Error(t, c.nodes[2].pod.Ping(ctxT(t, 2*time.Second), c.nodes[0].pod.IP))
+	assert.Error(t, sendMarker(t, c.nodes[2].pod, c.nodes[0].pod, marker, 2*time.Second))
+	assert.Error(t, sendMarker(t, c.nodes[0].pod, c.nodes[2].pod, marker, 2*time.Second))
+	capt.stop()
+	assert.Zero(t, capt.plain.Load(), "plain-text marker on the wire; first frame: %s", capt.first)
+	c.checkLogsFree()
+}
+
+func flattenErr(err error) []error {
+	if j, ok := err.(interface{ Unwrap() []error }); ok {
+		return j.Unwrap()
+	}
+	return []error{err}
+}
+
+// udpProbe sends numbered datagrams from a to b's echo server every
+// interval until stop, and counts the answers.
+type udpProbe struct {
+	sent, got atomic.Int64
+	stop      func()
+}
+
+func startUDPProbe(t *testing.T, a, b *netlab.Pod, interval time.Duration) *udpProbe {
+	t.Helper()
+	var srv, cli *net.UDPConn
+	require.NoError(t, backend.InNamespace(b.NS, func() error {
+		var err error
+		srv, err = net.ListenUDP("udp4", net.UDPAddrFromAddrPort(netip.AddrPortFrom(b.IP, 0)))
+		return err
+	}))
+	require.NoError(t, backend.InNamespace(a.NS, func() error {
+		var err error
+		cli, err = net.DialUDP("udp4", net.UDPAddrFromAddrPort(netip.AddrPortFrom(a.IP, 0)), srv.LocalAddr().(*net.UDPAddr))
+		return err
+	}))
+	p := &udpProbe{}
+	var wg sync.WaitGroup
+	done := make(chan struct{})
+	wg.Go(func() { // echo
+		buf := make([]byte, 64)
+		for {
+			n, from, err := srv.ReadFromUDPAddrPort(buf)
+			if err != nil {
+				return
+			}
+			srv.WriteToUDPAddrPort(buf[:n], from)
+		}
+	})
+	seen := map[uint64]bool{}
+	var mu sync.Mutex
+	wg.Go(func() { // receive answers
+		buf := make([]byte, 64)
+		for {
+			n, err := cli.Read(buf)
+			if err != nil {
+				return
+			}
+			if n >= 8 {
+				mu.Lock()
+				if s := binary.BigEndian.Uint64(buf); !seen[s] {
+					seen[s] = true
+					p.got.Add(1)
+				}
+				mu.Unlock()
+			}
+		}
+	})
+	wg.Go(func() { // send
+		tk := time.NewTicker(interval)
+		defer tk.Stop()
+		var seq uint64
+		for {
+			select {
+			case <-done:
+				return
+			case <-tk.C:
+				var b [8]byte
+				binary.BigEndian.PutUint64(b[:], seq)
+				seq++
+				if _, err := cli.Write(b[:]); err == nil {
+					p.sent.Add(1)
+				}
+			}
+		}
+	})
+	var once sync.Once
+	p.stop = func() {
+		once.Do(func() {
+			close(done)
+			time.Sleep(time.Second) // answers in flight
+			srv.Close()
+			cli.Close()
+			wg.Wait()
+		})
+	}
+	t.Cleanup(p.stop)
+	return p
+}
+
+func TestInVMRekeyWithoutLoss(t *testing.T) {
+	inVM(t)
+	ignore := goleak.IgnoreCurrent()
+	grace := 3 * time.Second
+	c := newCluster(t, 2, func(int) string { return clusterPSK }, ipsec.Options{Grace: grace, RepairInterval: time.Second})
+	marker := []byte("PLAINTEXT-MARKER-REKEY-" + time.Now().String())
+	capt := startCapture(t, c.lab, marker)
+	c.applyOK()
+	c.checkAllPairs()
+	stop := c.runAll()
+	h1 := c.nodes[1].node.Handle
+	before := spis(t, h1)
+
+	probe := startUDPProbe(t, c.nodes[0].pod, c.nodes[1].pod, 20*time.Millisecond)
+	time.Sleep(500 * time.Millisecond)
+	// Node 1 rekeys and its new key reaches node 0 (the store's job).
+	attrs, err := c.nodes[1].net.(*ipsec.Network).Rekey(t.Context())
+	require.NoError(t, err)
+	c.nodes[1].lease.Attrs = attrs
+	c.applyOK()
+	require.NoError(t, sendMarker(t, c.nodes[0].pod, c.nodes[1].pod, marker, 5*time.Second))
+	time.Sleep(grace + time.Second) // outbound switch and retirement of the old key
+	require.NoError(t, sendMarker(t, c.nodes[1].pod, c.nodes[0].pod, marker, 5*time.Second))
+	probe.stop()
+	stop()
+	capt.stop()
+
+	t.Logf("udp probe: sent %d, answered %d", probe.sent.Load(), probe.got.Load())
+	assert.Positive(t, probe.sent.Load())
+	assert.Equal(t, probe.sent.Load(), probe.got.Load(), "datagrams lost during the rekey")
+	after := spis(t, h1)
+	assert.Len(t, after, 2, "old states retired after the grace period")
+	for s := range after {
+		assert.False(t, before[s], "SPI %#x survived the rekey", s)
+	}
+	assert.Zero(t, capt.plain.Load(), "plain-text marker on the wire; first frame: %s", capt.first)
+	goleak.VerifyNone(t, ignore)
+	c.checkLogsFree()
+}
+
+func TestInVMRestartWhileTrafficFlows(t *testing.T) {
+	inVM(t)
+	c := newCluster(t, 2, func(int) string { return clusterPSK }, ipsec.Options{})
+	marker := []byte("PLAINTEXT-MARKER-RESTART-" + time.Now().String())
+	capt := startCapture(t, c.lab, marker)
+	c.applyOK()
+	c.checkAllPairs()
+	h1 := c.nodes[1].node.Handle
+	before := spis(t, h1)
+	oldKey := c.nodes[1].net.(*ipsec.Network).PublicKey()
+
+	// Marker traffic both ways all along.
+	ctx, cancel := context.WithCancel(t.Context())
+	var wg sync.WaitGroup
+	for _, dir := range [][2]int{{0, 1}, {1, 0}} {
+		wg.Go(func() {
+			for ctx.Err() == nil {
+				_ = sendMarker(t, c.nodes[dir[0]].pod, c.nodes[dir[1]].pod, marker, 300*time.Millisecond)
+			}
+		})
+	}
+	time.Sleep(300 * time.Millisecond)
+	// Node 1's agent restarts: fresh key, its old states still in place
+	// until its first Apply; node 0 sees the new lease afterwards.
+	c.start(1)
+	require.NoError(t, c.nodes[1].net.Apply(t.Context(), []lease.Lease{c.nodes[0].lease}))
+	time.Sleep(300 * time.Millisecond)
+	c.applyOK()
+	time.Sleep(300 * time.Millisecond)
+	cancel()
+	wg.Wait()
+
+	require.NoError(t, sendMarkerEventually(t, c.nodes[0].pod, c.nodes[1].pod, marker, 20*time.Second))
+	require.NoError(t, sendMarkerEventually(t, c.nodes[1].pod, c.nodes[0].pod, marker, 20*time.Second))
+	capt.stop()
+	assert.NotEqual(t, oldKey, c.nodes[1].net.(*ipsec.Network).PublicKey())
+	after := spis(t, h1)
+	assert.Len(t, after, 2)
+	for s := range after {
+		assert.False(t, before[s], "SPI %#x survived the restart", s)
+	}
+	assert.Positive(t, capt.esp.Load())
+	assert.Zero(t, capt.plain.Load(), "plain-text marker on the wire; first frame: %s", capt.first)
+	c.checkLogsFree()
+}
