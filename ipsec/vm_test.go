@@ -208,9 +208,9 @@ func (c *vcluster) checkAllPairs() {
 // capture counts the frames on a node's underlay interface.
 type capture struct {
 	esp, udpESP, plain atomic.Int64
-	marker            []byte
-	first             string // first plain frame's headers (set before plain counts it)
-	stop              func()
+	marker             []byte
+	first              string // first plain frame's headers (set before plain counts it)
+	stop               func()
 }
 
 // startCapture listens on every interface of the lab's segment 0, i.e. on
