@@ -172,3 +172,10 @@ func probeESP(h *netlink.Handle, o Options) error {
 	}
 	return k.delState(s)
 }
+
+// CheckKernel reports whether the kernel behind h can hold ESP states with
+// cipher c: nil, or an error wrapping ErrNoESP. Prepare makes the same
+// check; callers use it to say early and clearly that ipsec cannot run.
+func CheckKernel(h *netlink.Handle, c Cipher) error {
+	return probeESP(h, Options{Cipher: c}.withDefaults())
+}

@@ -13,6 +13,8 @@ package main
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"flag"
 	"fmt"
@@ -34,6 +36,7 @@ import (
 	"github.com/flannelkit/flannel/hostgw"
 	"github.com/flannelkit/flannel/internal/etcdtest"
 	"github.com/flannelkit/flannel/internal/netlab"
+	"github.com/flannelkit/flannel/ipsec"
 	"github.com/flannelkit/flannel/lease"
 	"github.com/flannelkit/flannel/lease/memstore"
 	"github.com/flannelkit/flannel/vxlan"
@@ -59,7 +62,7 @@ type options struct {
 func run() error {
 	var o options
 	flag.IntVar(&o.nodes, "nodes", 3, "number of nodes")
-	flag.StringVar(&o.backend, "backend", "vxlan", "dataplane: vxlan or host-gw")
+	flag.StringVar(&o.backend, "backend", "vxlan", "dataplane: vxlan, host-gw or ipsec (needs a kernel with ESP)")
 	flag.StringVar(&o.store, "store", "etcd", "lease store: etcd (embedded server) or memory")
 	flag.BoolVar(&o.ipv4, "ipv4", true, "enable IPv4 pod network")
 	flag.BoolVar(&o.ipv6, "ipv6", false, "enable IPv6 pod network")
@@ -105,6 +108,9 @@ func run() error {
 	if err := reg.Register(vxlan.Type, vxlan.FromConfig); err != nil {
 		return err
 	}
+	if err := reg.Register(ipsec.Type, ipsec.FromConfig); err != nil {
+		return err
+	}
 
 	lab, err := netlab.New(netlab.Options{Nodes: o.nodes, IPv4: o.ipv4, IPv6: o.ipv6})
 	if err != nil {
@@ -115,6 +121,11 @@ func run() error {
 			fmt.Fprintln(os.Stderr, "cluster: teardown:", err)
 		}
 	}()
+	if o.backend == ipsec.Type {
+		if err := ipsec.CheckKernel(lab.Nodes[0].Handle, ipsec.AESGCM128); err != nil {
+			return fmt.Errorf("-backend ipsec cannot run on this kernel: %w (the ipsec tests run in a VM instead: go test ./ipsec -run TestVM)", err)
+		}
+	}
 
 	agents := make([]*flannel.Agent, len(lab.Nodes))
 	for i, n := range lab.Nodes {
@@ -250,6 +261,12 @@ func netConf(o options) []byte {
 	}
 	if o.ipv6 {
 		conf += `, "IPv6Network": "fd00:10:244::/56"`
+	}
+	if o.backend == ipsec.Type {
+		// A throwaway cluster secret for this run.
+		psk := make([]byte, ipsec.MinPSKLen/2)
+		rand.Read(psk)
+		return []byte(conf + `, "Backend": {"Type": "ipsec", "PSK": "` + hex.EncodeToString(psk) + `"}}`)
 	}
 	return []byte(conf + `, "Backend": {"Type": "` + o.backend + `"}}`)
 }
