@@ -32,6 +32,19 @@ type Network struct {
 	devs    []*device
 	peers   []lease.Lease
 	applied bool // Apply was called: repairs may run
+	// synced is true when the kernel held exactly last after the previous
+	// Apply (no kernel error since the last full sync): the next Apply
+	// diffs against last instead of dumping the tables. Repairs always
+	// dump.
+	synced bool
+	last   kernelState
+}
+
+// kernelState is the entries on our links, by link index, as a dump would
+// show them.
+type kernelState struct {
+	fdb, neigh map[int][]netlink.Neigh
+	routes     map[int][]netlink.Route
 }
 
 var _ flannel.Network = (*Network)(nil)
@@ -122,7 +135,7 @@ func (n *Network) Apply(ctx context.Context, peers []lease.Lease) error {
 	defer n.mu.Unlock()
 	n.peers = slices.Clone(peers)
 	n.applied = true
-	return n.applyLocked(ctx)
+	return n.applyLocked(ctx, false)
 }
 
 // peerErrs collects the errors of each peer, in first-failure order.
@@ -261,10 +274,18 @@ func (n *Network) isDirect(ip netip.Addr) bool {
 	return rs[0].Gw == nil && rs[0].LinkIndex == n.env.Iface.Index
 }
 
-func (n *Network) applyLocked(ctx context.Context) error {
+// applyLocked programs n.peers. With full (repairs), or when the previous
+// Apply left the kernel in an unknown state, it checks the devices and
+// dumps the tables; otherwise it diffs against what it programmed last
+// (so a new peer costs its own entries, not a dump of every peer's).
+func (n *Network) applyLocked(ctx context.Context, full bool) error {
 	began := time.Now()
-	if err := n.ensureDevicesLocked(); err != nil {
-		return err
+	full = full || !n.synced
+	n.synced = false
+	if full {
+		if err := n.ensureDevicesLocked(); err != nil {
+			return err
+		}
 	}
 	h := n.env.Handle
 	var failed peerErrs
@@ -285,13 +306,15 @@ func (n *Network) applyLocked(ctx context.Context) error {
 		if d.spec.v6 {
 			family = netlink.FAMILY_V6
 		}
-		fdb, err := backend.ListNeighs(h, d.index, unix.AF_BRIDGE)
-		if err != nil {
-			return fmt.Errorf("device %s: %w", d.spec.name, err)
-		}
-		neigh, err := backend.ListNeighs(h, d.index, family)
-		if err != nil {
-			return fmt.Errorf("device %s: %w", d.spec.name, err)
+		fdb, neigh := n.last.fdb[d.index], n.last.neigh[d.index]
+		if full {
+			var err error
+			if fdb, err = backend.ListNeighs(h, d.index, unix.AF_BRIDGE); err != nil {
+				return fmt.Errorf("device %s: %w", d.spec.name, err)
+			}
+			if neigh, err = backend.ListNeighs(h, d.index, family); err != nil {
+				return fmt.Errorf("device %s: %w", d.spec.name, err)
+			}
 		}
 		s, dl := diffNeigh(kindFDB, want.fdb[d.index], fdb)
 		sets, dels = append(sets, s...), append(dels, dl...)
@@ -302,12 +325,18 @@ func (n *Network) applyLocked(ctx context.Context) error {
 	for _, d := range n.devs {
 		links = append(links, d.index)
 	}
+	next := kernelState{fdb: map[int][]netlink.Neigh{}, neigh: map[int][]netlink.Neigh{}, routes: map[int][]netlink.Route{}}
 	for _, link := range links {
-		actual, err := n.rec.Owned(h, link)
-		if err != nil {
-			return err
+		actual := n.last.routes[link]
+		if full {
+			var err error
+			if actual, err = n.rec.Owned(h, link); err != nil {
+				return err
+			}
 		}
-		add, del := backend.DiffRoutes(n.rec.Normalize(link, want.routes[link]), actual)
+		normalized := n.rec.Normalize(link, want.routes[link])
+		next.routes[link] = normalized
+		add, del := backend.DiffRoutes(normalized, actual)
 		for i := range add {
 			dst, _ := backend.PrefixFromIPNet(add[i].Dst)
 			sets = append(sets, op{kind: kindRoute, link: link, route: &add[i], peer: want.routePeer[routeKey{link, dst}]})
@@ -323,15 +352,20 @@ func (n *Network) applyLocked(ctx context.Context) error {
 	// (routes first, so no route points at a vanished neighbour).
 	slices.SortStableFunc(dels, func(a, b op) int { return int(b.kind) - int(a.kind) })
 	ops := append(sets, dels...)
-	if len(ops) == 0 {
-		return nil
+	for link, ops := range want.fdb {
+		next.fdb[link] = asNeighs(ops)
+	}
+	for link, ops := range want.neigh {
+		next.neigh[link] = asNeighs(ops)
 	}
 	start := time.Now()
 	errs := n.program(ops)
+	kernelOK := true
 	for i, e := range errs {
 		if e == nil {
 			continue
 		}
+		kernelOK = false
 		e = fmt.Errorf("%s: %w", ops[i], e)
 		if p := ops[i].peer; p >= 0 {
 			failed.add(p, e)
@@ -340,6 +374,9 @@ func (n *Network) applyLocked(ctx context.Context) error {
 		}
 	}
 	n.log.Debug("programmed", "sets", len(sets), "deletes", len(dels), "diff_took", start.Sub(began), "program_took", time.Since(start))
+	// Peers skipped for bad data have nothing in the kernel, which is what
+	// next says; only kernel errors leave the state unknown.
+	n.synced, n.last = kernelOK, next
 	var out []error
 	for _, i := range failed.order {
 		out = append(out, &flannel.PeerError{Lease: n.peers[i], Err: errors.Join(failed.errs[i]...)})
@@ -347,9 +384,21 @@ func (n *Network) applyLocked(ctx context.Context) error {
 	return errors.Join(append(out, rest...)...)
 }
 
+// asNeighs renders desired neighbour or FDB ops as a dump would show them.
+func asNeighs(ops []op) []netlink.Neigh {
+	out := make([]netlink.Neigh, len(ops))
+	for i, o := range ops {
+		out[i] = netlink.Neigh{LinkIndex: o.link, IP: backend.IPFromAddr(o.ip), HardwareAddr: o.mac, State: netlink.NUD_PERMANENT}
+	}
+	return out
+}
+
 // program writes ops through raw netlink sockets in the node namespace, or
 // through the handle when there is no namespace to open them in.
 func (n *Network) program(ops []op) []error {
+	if len(ops) == 0 {
+		return nil
+	}
 	if !n.env.NS.IsOpen() {
 		return program(nil, n.env.Handle, ops)
 	}

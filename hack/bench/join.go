@@ -3,6 +3,8 @@ package main
 import (
 	"context"
 	"fmt"
+	"log/slog"
+	"os"
 	"net/netip"
 	"sync"
 	"time"
@@ -38,7 +40,11 @@ func join(o options) error {
 	if err != nil {
 		return err
 	}
-	agent, err := flannel.NewAgent(flannel.AgentOptions{Store: store, Backend: b, Iface: nd.env.Iface, Handle: nd.n.Handle, NS: nd.n.NS})
+	var log *slog.Logger
+	if o.verbose {
+		log = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	}
+	agent, err := flannel.NewAgent(flannel.AgentOptions{Store: store, Backend: b, Iface: nd.env.Iface, Handle: nd.n.Handle, NS: nd.n.NS, Logger: log})
 	if err != nil {
 		return err
 	}
@@ -51,7 +57,17 @@ func join(o options) error {
 	ch := make(chan netlink.RouteUpdate, 4096)
 	done := make(chan struct{})
 	ns := nd.n.NS
-	if err := netlink.RouteSubscribeWithOptions(ch, done, netlink.RouteSubscribeOptions{Namespace: &ns}); err != nil {
+	subErr := make(chan error, 1)
+	opts := netlink.RouteSubscribeOptions{
+		Namespace: &ns, ReceiveBufferSize: 16 << 20, ReceiveBufferForceSize: true,
+		ErrorCallback: func(err error) {
+			select {
+			case subErr <- err:
+			default:
+			}
+		},
+	}
+	if err := netlink.RouteSubscribeWithOptions(ch, done, opts); err != nil {
 		return err
 	}
 	var wg sync.WaitGroup
@@ -105,6 +121,8 @@ func join(o options) error {
 			}
 			select {
 			case <-arrived:
+			case err := <-subErr:
+				return fmt.Errorf("route subscription: %w", err)
 			case <-deadline:
 				return fmt.Errorf("lease %s never reached the kernel", l)
 			}
