@@ -4,8 +4,8 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
-	"os"
 	"net/netip"
+	"os"
 	"sync"
 	"time"
 
