@@ -20,32 +20,32 @@ const EnvPrefix = "FLANNELD_"
 
 // Config is the parsed command line.
 type Config struct {
-	EtcdEndpoints                     []string
-	EtcdPrefix                        string
-	EtcdKeyFile, EtcdCertFile         string
-	EtcdCAFile                        string
-	EtcdUsername, EtcdPassword        string
-	KubeSubnetMgr                     bool
-	KubeAPIURL, KubeconfigFile        string
-	KubeAnnotationPrefix              string
-	Ifaces, IfaceRegexes              []string
-	IfaceCanReach                     netip.Addr
-	PublicIP, PublicIPv6              netip.Addr
-	SubnetFile                        string
-	NetConfigPath                     string
-	SubnetLeaseRenewMargin            time.Duration
-	IPMasq                            bool
-	IPMasqRandomFullyDisable          bool
-	IPTablesResync                    time.Duration
-	IPTablesForwardRules              bool
-	IPBlackholeRoute                  bool
-	HealthzIP                         netip.Addr
-	HealthzPort                       int
-	SetNodeNetworkUnavailable         bool
-	Version                           bool
-	Verbosity                         int
-	LogFormat                         string
-	Cleanup                           bool
+	EtcdEndpoints              []string
+	EtcdPrefix                 string
+	EtcdKeyFile, EtcdCertFile  string
+	EtcdCAFile                 string
+	EtcdUsername, EtcdPassword string
+	KubeSubnetMgr              bool
+	KubeAPIURL, KubeconfigFile string
+	KubeAnnotationPrefix       string
+	Ifaces, IfaceRegexes       []string
+	IfaceCanReach              netip.Addr
+	PublicIP, PublicIPv6       netip.Addr
+	SubnetFile                 string
+	NetConfigPath              string
+	SubnetLeaseRenewMargin     time.Duration
+	IPMasq                     bool
+	IPMasqRandomFullyDisable   bool
+	IPTablesResync             time.Duration
+	IPTablesForwardRules       bool
+	IPBlackholeRoute           bool
+	HealthzIP                  netip.Addr
+	HealthzPort                int
+	SetNodeNetworkUnavailable  bool
+	Version                    bool
+	Verbosity                  int
+	LogFormat                  string
+	Cleanup                    bool
 	// NodeName is the Kubernetes node (kube mode): NODE_NAME, else the
 	// pod's node is looked up from POD_NAME/POD_NAMESPACE by the store.
 	NodeName, PodName, PodNamespace string

@@ -1,0 +1,434 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"net/url"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/prometheus/common/expfmt"
+	"github.com/prometheus/common/model"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+
+	flannel "github.com/flannelkit/flannel"
+	"github.com/flannelkit/flannel/backend"
+	"github.com/flannelkit/flannel/etcdstore"
+	"github.com/flannelkit/flannel/internal/etcdtest"
+	"github.com/flannelkit/flannel/internal/netlab"
+	"github.com/flannelkit/flannel/internal/testenv"
+	"github.com/flannelkit/flannel/lease"
+)
+
+// binary is the flanneld built once by TestMain.
+var binary string
+
+func TestMain(m *testing.M) {
+	os.Exit(buildAndRun(m))
+}
+
+func buildAndRun(m *testing.M) int {
+	dir, err := os.MkdirTemp("", "flanneld-test-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	defer os.RemoveAll(dir)
+	gobin := filepath.Join(runtime.GOROOT(), "bin", "go")
+	if _, err := os.Stat(gobin); err != nil {
+		gobin = "go"
+	}
+	binary = filepath.Join(dir, "flanneld")
+	out, err := exec.Command(gobin, "build", "-o", binary, ".").CombinedOutput()
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "build flanneld: %v\n%s", err, out)
+		return 1
+	}
+	return m.Run()
+}
+
+const (
+	healthzPort = 8471
+	etcdPort    = 2379
+	netConf     = `{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}`
+)
+
+// world is a lab with etcd reachable from every node at the router's
+// address, and one daemon process slot per node.
+type world struct {
+	t      *testing.T
+	lab    *netlab.Lab
+	etcd   *etcdtest.Server
+	store  *etcdstore.Store
+	dir    string
+	procs  []*proc
+	pods   []*netlab.Pod
+	client *http.Client
+}
+
+type proc struct {
+	cmd  *exec.Cmd
+	done chan error
+	log  string
+}
+
+func newWorld(t *testing.T, nodes int) *world {
+	testenv.RequireRoot(t)
+	for _, b := range []string{"ip", "nft", "iptables"} {
+		_, err := exec.LookPath(b)
+		testenv.Require(t, err == nil, b+" not installed")
+	}
+	w := &world{t: t, lab: netlab.NewT(t, netlab.Options{Nodes: nodes}), dir: t.TempDir(), procs: make([]*proc, nodes), pods: make([]*netlab.Pod, nodes)}
+	w.etcd = etcdtest.NewT(t, etcdtest.Options{})
+	c := etcdtest.ClientT(t, w.etcd)
+	var err error
+	w.store, err = etcdstore.New(c, etcdstore.Options{})
+	require.NoError(t, err)
+	u, err := url.Parse(w.etcd.Endpoints[0])
+	require.NoError(t, err)
+	rt, err := netns.GetFromName(w.lab.NSName("rt"))
+	require.NoError(t, err)
+	t.Cleanup(func() { rt.Close() })
+	forward(t, rt, netip.AddrPortFrom(netlab.RouterIP(0), etcdPort).String(), u.Host)
+	t.Cleanup(func() {
+		for i := range w.procs {
+			w.stop(i, syscall.SIGKILL)
+		}
+	})
+	return w
+}
+
+// forward accepts TCP connections on listen inside ns and relays them to
+// target (dialled from the test's own namespace): how the node namespaces
+// reach the embedded etcd on loopback.
+func forward(t *testing.T, ns netns.NsHandle, listen, target string) {
+	var ln net.Listener
+	require.NoError(t, backend.InNamespace(ns, func() error {
+		var err error
+		ln, err = net.Listen("tcp", listen)
+		return err
+	}))
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	conns := map[net.Conn]bool{}
+	track := func(c net.Conn, on bool) {
+		mu.Lock()
+		defer mu.Unlock()
+		if on {
+			conns[c] = true
+		} else {
+			delete(conns, c)
+		}
+	}
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				d, err := net.Dial("tcp", target)
+				if err != nil {
+					c.Close()
+					return
+				}
+				track(c, true)
+				track(d, true)
+				var pw sync.WaitGroup
+				pw.Add(2)
+				go func() { defer pw.Done(); io.Copy(d, c); d.(*net.TCPConn).CloseWrite() }()
+				go func() { defer pw.Done(); io.Copy(c, d); c.(*net.TCPConn).CloseWrite() }()
+				pw.Wait()
+				c.Close()
+				d.Close()
+				track(c, false)
+				track(d, false)
+			}()
+		}
+	}()
+	t.Cleanup(func() {
+		ln.Close()
+		mu.Lock()
+		for c := range conns {
+			c.Close()
+		}
+		mu.Unlock()
+		wg.Wait()
+	})
+}
+
+func (w *world) subnetFile(i int) string { return filepath.Join(w.dir, fmt.Sprintf("node%d.env", i)) }
+
+func (w *world) args(i int, extra ...string) []string {
+	return append([]string{
+		"netns", "exec", w.lab.Nodes[i].NSName, binary,
+		fmt.Sprintf("--etcd-endpoints=http://%s", netip.AddrPortFrom(netlab.RouterIP(0), etcdPort)),
+		"--subnet-file=" + w.subnetFile(i),
+		fmt.Sprintf("--healthz-port=%d", healthzPort),
+		"--iface=eth0", "--ip-masq", "-v=1",
+	}, extra...)
+}
+
+// start runs the daemon of node i in its namespace.
+func (w *world) start(i int, extra ...string) {
+	w.t.Helper()
+	p := &proc{done: make(chan error, 1), log: filepath.Join(w.dir, fmt.Sprintf("node%d-%d.log", i, time.Now().UnixNano()))}
+	f, err := os.Create(p.log)
+	require.NoError(w.t, err)
+	p.cmd = exec.Command("ip", w.args(i, extra...)...)
+	p.cmd.Stdout, p.cmd.Stderr = f, f
+	require.NoError(w.t, p.cmd.Start())
+	go func() { p.done <- p.cmd.Wait(); f.Close() }()
+	w.procs[i] = p
+	w.t.Cleanup(func() {
+		if w.t.Failed() {
+			b, _ := os.ReadFile(p.log)
+			w.t.Logf("node%d log:\n%s", i, b)
+		}
+	})
+}
+
+// stop signals node i's daemon and waits for it; it returns its exit error.
+func (w *world) stop(i int, sig syscall.Signal) error {
+	p := w.procs[i]
+	if p == nil {
+		return nil
+	}
+	w.procs[i] = nil
+	_ = p.cmd.Process.Signal(sig)
+	select {
+	case err := <-p.done:
+		return err
+	case <-time.After(30 * time.Second):
+		_ = p.cmd.Process.Kill()
+		return errors.New("daemon did not stop")
+	}
+}
+
+// get fetches path from node i's health server, connecting from inside
+// the node's namespace.
+func (w *world) get(ctx context.Context, i int, path string) (int, string, error) {
+	n := w.lab.Nodes[i]
+	tr := &http.Transport{DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+		var c net.Conn
+		err := backend.InNamespace(n.NS, func() error {
+			var err error
+			d := net.Dialer{Timeout: 2 * time.Second}
+			c, err = d.DialContext(ctx, network, addr)
+			return err
+		})
+		return c, err
+	}, DisableKeepAlives: true}
+	defer tr.CloseIdleConnections()
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, fmt.Sprintf("http://%s%s", netip.AddrPortFrom(n.IP, healthzPort), path), nil)
+	if err != nil {
+		return 0, "", err
+	}
+	resp, err := (&http.Client{Transport: tr}).Do(req)
+	if err != nil {
+		return 0, "", err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b), err
+}
+
+func (w *world) status(i int, path string) int {
+	code, _, err := w.get(w.t.Context(), i, path)
+	if err != nil {
+		return 0
+	}
+	return code
+}
+
+func (w *world) waitReady(i int) {
+	w.t.Helper()
+	require.Eventually(w.t, func() bool {
+		select {
+		case err := <-w.procs[i].done:
+			w.t.Fatalf("node%d daemon exited: %v", i, err)
+		default:
+		}
+		return w.status(i, "/readyz") == http.StatusOK
+	}, 60*time.Second, 100*time.Millisecond, "node%d ready", i)
+}
+
+func (w *world) lease(i int) lease.Lease {
+	w.t.Helper()
+	env, err := flannel.ReadSubnetEnv(w.subnetFile(i))
+	require.NoError(w.t, err)
+	return env.Lease()
+}
+
+// routes returns node i's routes of ours (the host-gw route protocol).
+func (w *world) routes(i int) map[netip.Prefix]bool {
+	w.t.Helper()
+	rs, err := w.lab.Nodes[i].Handle.RouteListFiltered(netlink.FAMILY_ALL, &netlink.Route{Protocol: backend.RouteProtocol}, netlink.RT_FILTER_PROTOCOL)
+	require.NoError(w.t, err)
+	out := map[netip.Prefix]bool{}
+	for _, r := range rs {
+		if p, ok := backend.PrefixFromIPNet(r.Dst); ok {
+			out[p] = true
+		}
+	}
+	return out
+}
+
+func (w *world) addPod(i int) {
+	w.t.Helper()
+	p, err := w.lab.Nodes[i].AddPod("p", w.lease(i).Subnet, netip.Prefix{})
+	require.NoError(w.t, err)
+	w.pods[i] = p
+}
+
+func (w *world) pingAll() {
+	w.t.Helper()
+	for i, a := range w.pods {
+		for j, b := range w.pods {
+			if i == j {
+				continue
+			}
+			ctx, cancel := context.WithTimeout(w.t.Context(), 20*time.Second)
+			assert.NoError(w.t, a.Ping(ctx, b.IP), "pod%d -> pod%d", i, j)
+			cancel()
+		}
+	}
+}
+
+// pingWhile pings pod a -> pod b in rounds of one second while fn runs and
+// returns the number of rounds that got no answer.
+func (w *world) pingWhile(a, b int, fn func()) (lost, rounds int) {
+	stop := make(chan struct{})
+	res := make(chan [2]int, 1)
+	go func() {
+		lost, rounds := 0, 0
+		for {
+			select {
+			case <-stop:
+				res <- [2]int{lost, rounds}
+				return
+			default:
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+			if err := w.pods[a].Ping(ctx, w.pods[b].IP); err != nil {
+				lost++
+			}
+			cancel()
+			rounds++
+			time.Sleep(10 * time.Millisecond) // spare the CPU
+		}
+	}()
+	fn()
+	close(stop)
+	r := <-res
+	return r[0], r[1]
+}
+
+func TestDaemonCluster(t *testing.T) {
+	w := newWorld(t, 3)
+	// Before the network config exists the daemons are alive but not ready.
+	w.start(0)
+	w.start(1)
+	require.Eventually(t, func() bool { return w.status(0, "/healthz") == http.StatusOK }, 30*time.Second, 100*time.Millisecond)
+	assert.Equal(t, http.StatusServiceUnavailable, w.status(0, "/readyz"))
+	require.NoError(t, w.store.PutConfig(t.Context(), []byte(netConf)))
+	w.waitReady(0)
+	w.waitReady(1)
+
+	// node2 starts with two peers in etcd: once it says ready, their
+	// routes are in its kernel.
+	w.start(2)
+	w.waitReady(2)
+	r := w.routes(2)
+	assert.True(t, r[w.lease(0).Subnet], "route to node0 when ready: %v", r)
+	assert.True(t, r[w.lease(1).Subnet], "route to node1 when ready: %v", r)
+
+	for i := range 3 {
+		w.addPod(i)
+	}
+	w.pingAll()
+
+	// Metrics parse as Prometheus text and say what the node does.
+	require.Eventually(t, func() bool {
+		_, body, err := w.get(t.Context(), 0, "/metrics")
+		if err != nil {
+			return false
+		}
+		p := expfmt.NewTextParser(model.UTF8Validation)
+		fams, err := p.TextToMetricFamilies(strings.NewReader(body))
+		require.NoError(t, err)
+		peers := fams["flannel_peers"].GetMetric()[0].GetGauge().GetValue()
+		ready := fams["flannel_ready"].GetMetric()[0].GetGauge().GetValue()
+		expiry := fams["flannel_lease_expiry_timestamp_seconds"].GetMetric()[0].GetGauge().GetValue()
+		runs := fams["flannel_reconcile_total"].GetMetric()[0].GetCounter().GetValue()
+		return peers == 2 && ready == 1 && expiry > float64(time.Now().Unix()) && runs >= 1
+	}, 30*time.Second, 200*time.Millisecond, "node0 metrics")
+
+	// SIGTERM leaves the datapath: no ping lost while node1 is down and
+	// restarting; it keeps its subnet.
+	before := w.lease(1)
+	lost, rounds := w.pingWhile(0, 1, func() {
+		require.NoError(t, w.stop(1, syscall.SIGTERM), "graceful stop exits 0")
+		w.pingAll()
+		w.start(1)
+		w.waitReady(1)
+	})
+	t.Logf("SIGTERM+restart: %d ping rounds, %d lost", rounds, lost)
+	assert.Zero(t, lost, "ping rounds lost during SIGTERM and restart (of %d)", rounds)
+	assert.Equal(t, before, w.lease(1))
+
+	// kill -9 too.
+	before = w.lease(2)
+	lost, rounds = w.pingWhile(2, 0, func() {
+		_ = w.stop(2, syscall.SIGKILL)
+		w.start(2)
+		w.waitReady(2)
+	})
+	t.Logf("kill -9+restart: %d ping rounds, %d lost", rounds, lost)
+	assert.Zero(t, lost, "ping rounds lost during kill -9 and restart (of %d)", rounds)
+	assert.Equal(t, before, w.lease(2))
+	w.pingAll()
+
+	// --cleanup removes node2's routes, rules, lease and subnet file.
+	own := w.lease(2)
+	require.NoError(t, w.stop(2, syscall.SIGTERM))
+	out, err := exec.Command("ip", w.args(2, "--cleanup")...).CombinedOutput()
+	require.NoError(t, err, "%s", out)
+	assert.Empty(t, w.routes(2))
+	_, err = os.Stat(w.subnetFile(2))
+	assert.ErrorIs(t, err, os.ErrNotExist)
+	rules, err := exec.Command("ip", "netns", "exec", w.lab.Nodes[2].NSName, "sh", "-c", "nft list ruleset; iptables-save; ip6tables-save").CombinedOutput()
+	require.NoError(t, err, "%s", rules)
+	assert.NotContains(t, string(rules), "FLANNEL")
+	assert.NotContains(t, string(rules), "flannel")
+	// Its lease is gone from etcd: the others drop their routes to it.
+	for _, i := range []int{0, 1} {
+		require.Eventually(t, func() bool { return !w.routes(i)[own.Subnet] }, 30*time.Second, 100*time.Millisecond, "node%d route to node2 removed", i)
+	}
+	scan := bufio.NewScanner(strings.NewReader(string(out)))
+	for scan.Scan() {
+		assert.NotContains(t, scan.Text(), "level=ERROR")
+	}
+}
