@@ -1,0 +1,121 @@
+package ipsec_test
+
+import (
+	"context"
+	"log/slog"
+	"net"
+	"net/netip"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"go.uber.org/goleak"
+
+	flannel "github.com/flannelkit/flannel"
+	"github.com/flannelkit/flannel/backend"
+	"github.com/flannelkit/flannel/internal/netlab"
+	"github.com/flannelkit/flannel/ipsec"
+	"github.com/flannelkit/flannel/lease"
+	"github.com/flannelkit/flannel/lease/memstore"
+)
+
+// TestInVMAgents runs the ipsec backend under real Agents sharing an
+// in-memory store, as examples/cluster -backend ipsec does.
+func TestInVMAgents(t *testing.T) {
+	inVM(t)
+	ignore := goleak.IgnoreCurrent()
+	lab := netlab.NewT(t, netlab.Options{Nodes: 3})
+	cfg, err := lease.ParseConfig([]byte(`{"Network":"10.244.0.0/16","Backend":{"Type":"ipsec","PSK":"` + clusterPSK + `"}}`))
+	require.NoError(t, err)
+	store := memstore.New(cfg, memstore.Options{})
+	logs := &syncBuf{}
+	log := slog.New(slog.NewJSONHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
+
+	ctx, cancel := context.WithCancel(t.Context())
+	var wg sync.WaitGroup
+	defer func() { cancel(); wg.Wait(); goleak.VerifyNone(t, ignore) }()
+	agents := make([]*flannel.Agent, len(lab.Nodes))
+	for i, n := range lab.Nodes {
+		be, err := ipsec.FromConfig(cfg)
+		require.NoError(t, err)
+		iface, err := backend.FindInterface(n.Handle, backend.InterfaceOptions{IPv4: true})
+		require.NoError(t, err)
+		agents[i], err = flannel.NewAgent(flannel.AgentOptions{
+			Store: store, Backend: be, Iface: iface, Handle: n.Handle, NS: n.NS,
+			Logger: log.With("node", n.Name),
+		})
+		require.NoError(t, err)
+		a := agents[i]
+		wg.Go(func() { assert.NoError(t, a.Run(ctx)) })
+	}
+	pods := make([]*netlab.Pod, len(lab.Nodes))
+	for i, a := range agents {
+		select {
+		case <-a.Ready():
+		case <-time.After(60 * time.Second):
+			t.Fatalf("agent %d not ready", i)
+		}
+		require.Eventually(t, func() bool { return a.State().Peers == len(agents)-1 }, 60*time.Second, 50*time.Millisecond)
+		st := a.State()
+		assert.Equal(t, 1446, st.MTU)
+		pods[i], err = lab.Nodes[i].AddPod("pod", st.Lease.Subnet, st.Lease.IPv6Subnet, netlab.WithMTU(st.MTU))
+		require.NoError(t, err)
+	}
+	for i, a := range pods {
+		for j, b := range pods {
+			if i != j {
+				require.NoError(t, a.Ping(ctxT(t, 20*time.Second), b.IP), "ping %d->%d", i, j)
+				require.NoError(t, a.TCPCheck(ctxT(t, 20*time.Second), b, b.IP), "tcp %d->%d", i, j)
+			}
+		}
+	}
+	for _, n := range lab.Nodes {
+		assert.Len(t, xfrmStates(t, n.Handle), 4)
+	}
+	assert.NotContains(t, logs.String(), clusterPSK)
+}
+
+func TestInVMUDPEncap(t *testing.T) {
+	inVM(t)
+	c := newCluster(t, 2, func(int) string { return clusterPSK }, ipsec.Options{UDPEncap: true})
+	marker := []byte("PLAINTEXT-MARKER-ENCAP-" + time.Now().String())
+	capt := startCapture(t, c.lab, marker)
+	stop := c.runAll() // holds the port 4500 sockets
+	c.applyOK()
+	c.checkAllPairs()
+	require.NoError(t, sendMarker(t, c.nodes[0].pod, c.nodes[1].pod, marker, 10*time.Second))
+	stop()
+	// What the wire carries when the receiver does not decrypt: the
+	// marker must not be readable in it.
+	require.NoError(t, c.nodes[1].node.Handle.XfrmStateFlush(0))
+	inESP := capt.markerInESP.Load()
+	sent := capt.udpESP.Load()
+	sendUDPMarker(t, c.nodes[0].pod, c.nodes[1].pod, marker, 5)
+	time.Sleep(500 * time.Millisecond)
+	assert.GreaterOrEqual(t, capt.udpESP.Load(), sent+5, "the marker went out as ESP in UDP")
+	assert.Equal(t, inESP, capt.markerInESP.Load(), "marker readable in ESP-in-UDP frames nobody decrypted")
+	t.Logf("ESP-in-UDP frames %d, of which read back decrypted by the receiver: %d", capt.udpESP.Load(), capt.markerInESP.Load())
+	capt.stop()
+	assert.Equal(t, 1438, c.nodes[0].net.MTU())
+	assert.Positive(t, capt.udpESP.Load(), "ESP in UDP 4500 on the wire")
+	assert.Zero(t, capt.esp.Load(), "no bare ESP with UDPEncap")
+	assert.Zero(t, capt.plain.Load(), "plain-text marker on the wire; first frame: %s", capt.first)
+}
+
+// sendUDPMarker sends marker n times in UDP datagrams from a to b (port 9).
+func sendUDPMarker(t *testing.T, a, b *netlab.Pod, marker []byte, n int) {
+	t.Helper()
+	var conn *net.UDPConn
+	require.NoError(t, backend.InNamespace(a.NS, func() error {
+		var err error
+		conn, err = net.DialUDP("udp4", net.UDPAddrFromAddrPort(netip.AddrPortFrom(a.IP, 0)), net.UDPAddrFromAddrPort(netip.AddrPortFrom(b.IP, 9)))
+		return err
+	}))
+	defer conn.Close()
+	for range n {
+		_, err := conn.Write(marker)
+		require.NoError(t, err)
+	}
+}
