@@ -26,6 +26,7 @@ import (
 	"github.com/stretchr/testify/require"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
 
 	flannel "github.com/flannelkit/flannel"
 	"github.com/flannelkit/flannel/backend"
@@ -66,8 +67,13 @@ func buildAndRun(m *testing.M) int {
 const (
 	healthzPort = 8471
 	etcdPort    = 2379
-	netConf     = `{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}`
 )
+
+var clusterNet = netip.MustParsePrefix("10.244.0.0/16")
+
+func netConf(backendType string) []byte {
+	return []byte(fmt.Sprintf(`{"Network":"%s","Backend":{"Type":"%s"}}`, clusterNet, backendType))
+}
 
 // world is a lab with etcd reachable from every node at the router's
 // address, and one daemon process slot per node.
@@ -282,15 +288,33 @@ func (w *world) lease(i int) lease.Lease {
 	return env.Lease()
 }
 
-// routes returns node i's routes of ours (the host-gw route protocol).
+// routes returns node i's routes into the cluster network other than the
+// kernel's own (the pod bridge's subnet): what the backend programmed.
 func (w *world) routes(i int) map[netip.Prefix]bool {
 	w.t.Helper()
-	rs, err := w.lab.Nodes[i].Handle.RouteListFiltered(netlink.FAMILY_ALL, &netlink.Route{Protocol: backend.RouteProtocol}, netlink.RT_FILTER_PROTOCOL)
+	rs, err := w.lab.Nodes[i].Handle.RouteList(nil, netlink.FAMILY_V4)
 	require.NoError(w.t, err)
 	out := map[netip.Prefix]bool{}
 	for _, r := range rs {
-		if p, ok := backend.PrefixFromIPNet(r.Dst); ok {
+		if r.Protocol == unix.RTPROT_KERNEL || r.Dst == nil {
+			continue
+		}
+		if p, ok := backend.PrefixFromIPNet(r.Dst); ok && p.Bits() >= clusterNet.Bits() && clusterNet.Contains(p.Addr()) {
 			out[p] = true
+		}
+	}
+	return out
+}
+
+// flannelLinks returns node i's devices named flannel*.
+func (w *world) flannelLinks(i int) []string {
+	w.t.Helper()
+	links, err := w.lab.Nodes[i].Handle.LinkList()
+	require.NoError(w.t, err)
+	var out []string
+	for _, l := range links {
+		if strings.HasPrefix(l.Attrs().Name, "flannel") {
+			out = append(out, l.Attrs().Name)
 		}
 	}
 	return out
@@ -347,13 +371,22 @@ func (w *world) pingWhile(a, b int, fn func()) (lost, rounds int) {
 }
 
 func TestDaemonCluster(t *testing.T) {
+	for _, typ := range []string{"host-gw", "vxlan"} {
+		t.Run(typ, func(t *testing.T) {
+			t.Parallel()
+			testDaemonCluster(t, typ)
+		})
+	}
+}
+
+func testDaemonCluster(t *testing.T, backendType string) {
 	w := newWorld(t, 3)
 	// Before the network config exists the daemons are alive but not ready.
 	w.start(0)
 	w.start(1)
 	require.Eventually(t, func() bool { return w.status(0, "/healthz") == http.StatusOK }, 30*time.Second, 100*time.Millisecond)
 	assert.Equal(t, http.StatusServiceUnavailable, w.status(0, "/readyz"))
-	require.NoError(t, w.store.PutConfig(t.Context(), []byte(netConf)))
+	require.NoError(t, w.store.PutConfig(t.Context(), netConf(backendType)))
 	w.waitReady(0)
 	w.waitReady(1)
 
@@ -417,6 +450,7 @@ func TestDaemonCluster(t *testing.T) {
 	out, err := exec.Command("ip", w.args(2, "--cleanup")...).CombinedOutput()
 	require.NoError(t, err, "%s", out)
 	assert.Empty(t, w.routes(2))
+	assert.Empty(t, w.flannelLinks(2))
 	_, err = os.Stat(w.subnetFile(2))
 	assert.ErrorIs(t, err, os.ErrNotExist)
 	rules, err := exec.Command("ip", "netns", "exec", w.lab.Nodes[2].NSName, "sh", "-c", "nft list ruleset; iptables-save; ip6tables-save").CombinedOutput()

@@ -75,3 +75,10 @@ func TestMetricsEndpoints(t *testing.T) {
 	assert.Equal(t, http.StatusInternalServerError, code)
 	assert.Contains(t, body, "network failed")
 }
+
+func TestRegistryLinksBackends(t *testing.T) {
+	t.Parallel()
+	r, err := Registry()
+	require.NoError(t, err)
+	assert.Equal(t, []string{"host-gw", "ipsec", "vxlan"}, r.Types())
+}

@@ -20,15 +20,23 @@ import (
 	"github.com/flannelkit/flannel/backend"
 	"github.com/flannelkit/flannel/etcdstore"
 	"github.com/flannelkit/flannel/hostgw"
+	"github.com/flannelkit/flannel/ipsec"
 	"github.com/flannelkit/flannel/lease"
 	"github.com/flannelkit/flannel/rules"
+	"github.com/flannelkit/flannel/vxlan"
 )
 
 // Registry returns the backends this daemon links.
 func Registry() (*backend.Registry, error) {
 	r := backend.NewRegistry()
-	if err := r.Register(hostgw.Type, hostgw.FromConfig); err != nil {
-		return nil, err
+	for typ, c := range map[string]backend.Constructor{
+		vxlan.Type:  vxlan.FromConfig,
+		hostgw.Type: hostgw.FromConfig,
+		ipsec.Type:  ipsec.FromConfig,
+	} {
+		if err := r.Register(typ, c); err != nil {
+			return nil, err
+		}
 	}
 	return r, nil
 }
