@@ -33,9 +33,21 @@ type xstate struct {
 	SPI      uint32
 	Key      []byte
 	Encap    bool
-	Out      bool // outbound (informational; not compared)
-	Peer     int  // index into the peers of the input, -1 if none
+	Out      bool   // outbound (informational; not compared)
+	Peer     int    // index into the peers of the input, -1 if none
+	Pair     string // outbound: pairName of its keys
 }
+
+// Generations is how many generations of a sender's outbound state each
+// receiver keeps inbound states for: an outbound state deleted by hand is
+// replaced by the next generation (a new SPI and key, never the old key
+// with a restarted sequence number) up to Generations-1 times per key
+// lifetime; after that the peer stays blocked until the next rekey or
+// restart.
+const Generations = 4
+
+// pairName names a (sender, receiver) key pair.
+func pairName(sender, receiver []byte) string { return string(sender) + string(receiver) }
 
 type stateID struct {
 	src, dst netip.Addr
@@ -101,7 +113,8 @@ type input struct {
 	own      nodeView
 	keys     localKeys
 	peers    []nodeView
-	valid    []bool // peers[i] has a usable key (checked by the caller)
+	valid    []bool           // peers[i] has a usable key (checked by the caller)
+	outGen   map[string]uint8 // generation of our outbound state per pairName
 }
 
 // family selects the IPv4 or IPv6 fields of a nodeView.
@@ -154,8 +167,11 @@ func desired(in input) (states []xstate, policies []xpolicy, failed map[int]erro
 			}
 		}
 	}
-	spiFor := func(sender, receiver []byte, table spiTable, used map[uint32]bool) uint32 {
+	spiFor := func(sender, receiver []byte, gen uint8, table spiTable, used map[uint32]bool) uint32 {
 		id := keyPairID{string(sender), string(receiver)}
+		if gen > 0 {
+			id.receiver += fmt.Sprintf("\x00gen%d", gen)
+		}
 		if s, ok := table[id]; ok {
 			return s
 		}
@@ -203,12 +219,14 @@ func desired(in input) (states []xstate, policies []xpolicy, failed map[int]erro
 				outKey = *in.keys.prev
 			}
 			table, used := spisTo(p.Cur)
-			k, err := deriveKey(in.psk, in.cipher, outKey.priv, p.Cur, outKey.pub, p.Cur)
+			pair := pairName(outKey.pub, p.Cur)
+			gen := in.outGen[pair]
+			k, err := deriveKey(in.psk, in.cipher, outKey.priv, p.Cur, outKey.pub, p.Cur, gen)
 			if err != nil {
 				fail(i, err)
 				continue
 			}
-			states = append(states, xstate{Src: ownIP, Dst: ip, SPI: spiFor(outKey.pub, p.Cur, table, used), Key: k, Encap: in.encap, Out: true, Peer: i})
+			states = append(states, xstate{Src: ownIP, Dst: ip, SPI: spiFor(outKey.pub, p.Cur, gen, table, used), Key: k, Encap: in.encap, Out: true, Peer: i, Pair: pair})
 			// Inbound: every live sender key of the peer to every live
 			// key of ours.
 			senders := [][]byte{p.Cur}
@@ -226,12 +244,14 @@ func desired(in input) (states []xstate, policies []xpolicy, failed map[int]erro
 			}
 			for _, r := range recvs {
 				for _, s := range senders {
-					k, err := deriveKey(in.psk, in.cipher, r.kp.priv, s, s, r.kp.pub)
-					if err != nil {
-						fail(i, err)
-						continue
+					for gen := range uint8(Generations) {
+						k, err := deriveKey(in.psk, in.cipher, r.kp.priv, s, s, r.kp.pub, gen)
+						if err != nil {
+							fail(i, err)
+							continue
+						}
+						states = append(states, xstate{Src: ip, Dst: ownIP, SPI: spiFor(s, r.kp.pub, gen, r.table, r.used), Key: k, Encap: in.encap, Peer: i})
 					}
-					states = append(states, xstate{Src: ip, Dst: ownIP, SPI: spiFor(s, r.kp.pub, r.table, r.used), Key: k, Encap: in.encap, Peer: i})
 				}
 			}
 			tmplOut := xpolicy{Src: ownSub, Dst: sub, Dir: dirOut, Priority: prioPeer, TmplSrc: ownIP, TmplDst: ip, Peer: i}

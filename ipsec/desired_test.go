@@ -46,7 +46,7 @@ func TestDesiredStatesMatchAcrossNodes(t *testing.T) {
 	keys := []keyPair{mustKey(t), mustKey(t), mustKey(t)}
 	all := cluster(t, keys)
 	for me, states := range all {
-		assert.Len(t, states, 4, "2 peers x (out + in)")
+		assert.Len(t, states, 2*(1+Generations), "2 peers x (out + in per generation)")
 		for _, s := range states {
 			if !s.Out {
 				continue
@@ -118,7 +118,7 @@ func TestDesiredRekeyOverlap(t *testing.T) {
 		t.Fatal("no outbound state")
 		return xstate{}
 	}
-	assert.Len(t, during, 3, "outbound + inbound for the old and the new own key")
+	assert.Len(t, during, 1+2*Generations, "outbound + inbound for the old and the new own key")
 	assert.Equal(t, out(before), out(during), "outbound keeps the old key until peers saw the new one")
 	assert.NotEqual(t, out(before).SPI, out(after).SPI)
 	// The peer, once it sees a2, sends with the key our inbound has.
@@ -137,7 +137,7 @@ func TestDesiredRekeyOverlap(t *testing.T) {
 	// And the peer's view of a1 during its own grace keeps inbound too.
 	peerIn.peers[0].Prev = a1.pub
 	ps, _, _ = desired(peerIn)
-	assert.Len(t, ps, 3)
+	assert.Len(t, ps, 1+2*Generations)
 }
 
 func TestDiffStates(t *testing.T) {
@@ -186,4 +186,38 @@ func TestDiffPolicies(t *testing.T) {
 	up, del = diffPolicies([]xpolicy{block, moved}, []xpolicy{block, out, stale})
 	assert.Equal(t, []xpolicy{moved}, up)
 	assert.Equal(t, []xpolicy{stale}, del)
+}
+
+func TestDesiredOutboundGeneration(t *testing.T) {
+	a, b := mustKey(t), mustKey(t)
+	mk := func(me int, k, peer keyPair, gen map[string]uint8) []xstate {
+		in := input{psk: []byte(testPSK), cipher: AESGCM128, cluster: netip.MustParsePrefix("10.244.0.0/16"),
+			own: view(me, k), keys: localKeys{cur: k}, peers: []nodeView{view(1-me, peer)}, valid: []bool{true}, outGen: gen}
+		s, _, failed := desired(in)
+		require.Empty(t, failed)
+		return s
+	}
+	gen0 := mk(0, a, b, nil)
+	gen1 := mk(0, a, b, map[string]uint8{pairName(a.pub, b.pub): 1})
+	out := func(s []xstate) xstate {
+		for _, x := range s {
+			if x.Out {
+				return x
+			}
+		}
+		t.Fatal("no outbound")
+		return xstate{}
+	}
+	o0, o1 := out(gen0), out(gen1)
+	assert.NotEqual(t, o0.SPI, o1.SPI, "a new generation has a new SPI")
+	assert.NotEqual(t, o0.Key, o1.Key, "and a new key")
+	// The receiver already holds an inbound state for it.
+	found := false
+	for _, x := range mk(1, b, a, nil) {
+		if !x.Out && x.id() == o1.id() {
+			found = true
+			assert.Equal(t, o1.Key, x.Key)
+		}
+	}
+	assert.True(t, found)
 }

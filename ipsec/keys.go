@@ -84,7 +84,12 @@ func parsePeerKey(psk []byte, raw json.RawMessage) ([]byte, error) {
 // deriveKey returns the ESP key material (AES key and GCM salt) for traffic
 // from the holder of sender's public key to receiver, computed by either
 // end: own is this node's private key, peerPub the other public key.
-func deriveKey(psk []byte, c Cipher, own *ecdh.PrivateKey, peerPub []byte, senderPub, receiverPub []byte) ([]byte, error) {
+//
+// gen is the generation of the sender's outbound state for the pair: it
+// goes up when that state was deleted behind our back and had to be
+// installed again, since a new state restarts the sequence number that
+// the GCM nonce is made of, so it must never reuse a key.
+func deriveKey(psk []byte, c Cipher, own *ecdh.PrivateKey, peerPub []byte, senderPub, receiverPub []byte, gen uint8) ([]byte, error) {
 	pk, err := ecdh.X25519().NewPublicKey(peerPub)
 	if err != nil {
 		return nil, fmt.Errorf("peer public key: %w", err)
@@ -96,6 +101,9 @@ func deriveKey(psk []byte, c Cipher, own *ecdh.PrivateKey, peerPub []byte, sende
 	secret := make([]byte, 0, len(shared)+len(psk))
 	secret = append(append(secret, shared...), psk...)
 	info := "flannel-ipsec v1 esp " + c.String() + string(senderPub) + string(receiverPub)
+	if gen > 0 {
+		info += fmt.Sprintf(" gen %d", gen)
+	}
 	k, err := hkdf.Key(sha256.New, secret, []byte("flannel-ipsec v1"), info, c.keyLen())
 	clear(secret)
 	clear(shared)

@@ -36,6 +36,9 @@ type Network struct {
 	rekeyedAt time.Time
 	peerKeys  map[string]*peerKey // by lease key
 	badKeys   map[string]string   // lease key -> BackendData last warned about
+	outGen    map[string]uint8    // pairName -> generation of our outbound state
+	outSeen   map[stateID]bool    // outbound states we installed
+	exhausted map[string]bool     // pairName out of generations
 }
 
 // peerKey tracks a peer's published key and the one it replaced.
@@ -49,16 +52,19 @@ var _ flannel.Network = (*Network)(nil)
 func newNetwork(env flannel.Env, own lease.Lease, opts Options, key keyPair) *Network {
 	log := logger(env.Logger).With("backend", Type, "iface", env.Iface.Name)
 	return &Network{
-		env:      env,
-		own:      own,
-		opts:     opts,
-		log:      log,
-		k:        kernel{h: env.Handle, reqid: opts.Reqid, cipher: opts.Cipher},
-		rec:      backend.RouteReconciler{Logger: log},
-		now:      time.Now,
-		keys:     localKeys{cur: key},
-		peerKeys: map[string]*peerKey{},
-		badKeys:  map[string]string{},
+		env:       env,
+		own:       own,
+		opts:      opts,
+		log:       log,
+		k:         kernel{h: env.Handle, reqid: opts.Reqid, cipher: opts.Cipher},
+		rec:       backend.RouteReconciler{Logger: log},
+		now:       time.Now,
+		keys:      localKeys{cur: key},
+		peerKeys:  map[string]*peerKey{},
+		badKeys:   map[string]string{},
+		outGen:    map[string]uint8{},
+		outSeen:   map[stateID]bool{},
+		exhausted: map[string]bool{},
 	}
 }
 
@@ -183,13 +189,6 @@ func (n *Network) applyLocked(ctx context.Context) error {
 			delete(n.badKeys, key)
 		}
 	}
-	states, policies, failed2 := desired(in)
-	for i, err := range failed2 {
-		if _, ok := failed[i]; !ok {
-			failed[i] = err
-		}
-	}
-
 	var rest []error
 	have, err := n.k.states()
 	if err != nil {
@@ -198,6 +197,61 @@ func (n *Network) applyLocked(ctx context.Context) error {
 	havePol, err := n.k.policies()
 	if err != nil {
 		return fmt.Errorf("ipsec: %w", err)
+	}
+	haveIDs := make(map[stateID]bool, len(have))
+	for _, s := range have {
+		haveIDs[s.id()] = true
+	}
+	in.outGen = n.outGen
+	states, policies, failed2 := desired(in)
+	// An outbound state of ours that vanished (deleted by hand, flushed)
+	// must not come back with the same key: its sequence number, and so
+	// the GCM nonce, would start over. Move to the next generation.
+	bumped := false
+	for _, s := range states {
+		if !s.Out || !n.outSeen[s.id()] || haveIDs[s.id()] {
+			continue
+		}
+		delete(n.outSeen, s.id())
+		if n.outGen[s.Pair]+1 < Generations {
+			n.outGen[s.Pair]++
+			bumped = true
+			n.log.Warn("outbound esp state vanished; installing a new one with a fresh SPI and key", "peer_ip", s.Dst, "generation", n.outGen[s.Pair])
+		} else {
+			n.exhausted[s.Pair] = true
+		}
+	}
+	if bumped {
+		states, policies, failed2 = desired(in)
+	}
+	for i, err := range failed2 {
+		if _, ok := failed[i]; !ok {
+			failed[i] = err
+		}
+	}
+	states = slices.DeleteFunc(states, func(s xstate) bool {
+		if s.Out && n.exhausted[s.Pair] {
+			failed[s.Peer] = errors.Join(failed[s.Peer], errors.New("outbound esp state was deleted too often for this key; traffic stays blocked until the next rekey or restart"))
+			return true
+		}
+		return false
+	})
+	// Forget generations of key pairs no longer in use.
+	live := map[string]bool{}
+	for _, s := range states {
+		if s.Out {
+			live[s.Pair] = true
+		}
+	}
+	for p := range n.outGen {
+		if !live[p] {
+			delete(n.outGen, p)
+		}
+	}
+	for p := range n.exhausted {
+		if !live[p] {
+			delete(n.exhausted, p)
+		}
 	}
 	addS, delS := diffStates(states, have)
 	upP, delP := diffPolicies(policies, havePol)
@@ -216,10 +270,26 @@ func (n *Network) applyLocked(ctx context.Context) error {
 			}
 		}
 	}
+	addFailed := map[stateID]bool{}
 	for _, s := range addS {
 		if err := n.k.addState(s); err != nil {
+			addFailed[s.id()] = true
 			n.addErr(failed, &rest, s.Peer, err)
 		}
+	}
+	outs := map[stateID]bool{}
+	for _, s := range states {
+		if s.Out && !addFailed[s.id()] {
+			outs[s.id()] = true
+		}
+	}
+	for id := range n.outSeen {
+		if !outs[id] {
+			delete(n.outSeen, id)
+		}
+	}
+	for id := range outs {
+		n.outSeen[id] = true
 	}
 	for _, p := range delP {
 		if err := n.k.delPolicy(p); err != nil {

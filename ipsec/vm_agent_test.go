@@ -72,7 +72,7 @@ func TestInVMAgents(t *testing.T) {
 		}
 	}
 	for _, n := range lab.Nodes {
-		assert.Len(t, xfrmStates(t, n.Handle), 4)
+		assert.Len(t, xfrmStates(t, n.Handle), 2*perPeer)
 	}
 	assert.NotContains(t, logs.String(), clusterPSK)
 }
