@@ -292,6 +292,11 @@ func TestApplyStates(t *testing.T) {
 			}
 			rng.Shuffle(len(set), func(i, j int) { set[i], set[j] = set[j], set[i] })
 			slices.Sort(want)
+			if step%3 == 0 {
+				n0.net.mu.Lock()
+				n0.net.synced = false // the full path (dump and diff) this time
+				n0.net.mu.Unlock()
+			}
 			require.NoError(t, n0.net.Apply(context.Background(), append(set, n0.lease)), "step %d", step)
 			require.Equal(t, want, state(t, n0), "step %d (handle %t)", step, useHandle)
 		}

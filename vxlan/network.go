@@ -32,19 +32,24 @@ type Network struct {
 	devs    []*device
 	peers   []lease.Lease
 	applied bool // Apply was called: repairs may run
-	// synced is true when the kernel held exactly last after the previous
-	// Apply (no kernel error since the last full sync): the next Apply
-	// diffs against last instead of dumping the tables. Repairs always
-	// dump.
+	// synced is true when the kernel holds what memo says (no kernel
+	// error since the last full apply): the next Apply only looks at the
+	// peers that changed. Repairs always dump and diff everything.
 	synced bool
-	last   kernelState
+	memo   map[leaseKey]*peerMemo // what each peer asked for last
 }
 
-// kernelState is the entries on our links, by link index, as a dump would
-// show them.
-type kernelState struct {
-	fdb, neigh map[int][]netlink.Neigh
-	routes     map[int][]netlink.Route
+// leaseKey identifies a peer by its subnets.
+type leaseKey struct{ v4, v6 netip.Prefix }
+
+func keyOf(l lease.Lease) leaseKey { return leaseKey{l.Subnet, l.IPv6Subnet} }
+
+// peerMemo is what one peer asks of the kernel.
+type peerMemo struct {
+	lease      lease.Lease
+	fdb, neigh []op
+	routes     []netlink.Route // normalized
+	errs       []error         // why it could not be (fully) programmed
 }
 
 var _ flannel.Network = (*Network)(nil)
@@ -135,7 +140,10 @@ func (n *Network) Apply(ctx context.Context, peers []lease.Lease) error {
 	defer n.mu.Unlock()
 	n.peers = slices.Clone(peers)
 	n.applied = true
-	return n.applyLocked(ctx, false)
+	if n.synced {
+		return n.applyChanges(ctx)
+	}
+	return n.applyLocked(ctx)
 }
 
 // peerErrs collects the errors of each peer, in first-failure order.
@@ -166,60 +174,86 @@ type routeKey struct {
 	dst  netip.Prefix
 }
 
-// desire computes the entries for peers. direct reports whether a public
-// IP is on a directly connected network of the external interface (only
-// called with DirectRouting).
-func (n *Network) desire(peers []lease.Lease, direct func(netip.Addr) bool, failed *peerErrs) desired {
+// desire computes the entries for peers, and each peer's part by lease
+// key. direct reports whether a public IP is on a directly connected
+// network of the external interface (only called with DirectRouting).
+func (n *Network) desire(peers []lease.Lease, direct func(netip.Addr) bool, failed *peerErrs) (desired, map[leaseKey]*peerMemo) {
 	want := desired{fdb: map[int][]op{}, neigh: map[int][]op{}, routes: map[int][]netlink.Route{}, routePeer: make(map[routeKey]int, 2*len(peers))}
 	for _, d := range n.devs {
 		want.fdb[d.index] = make([]op, 0, len(peers))
 		want.neigh[d.index] = make([]op, 0, len(peers))
 		want.routes[d.index] = make([]netlink.Route, 0, len(peers))
 	}
-	addRoute := func(peer int, r netlink.Route) {
-		dst, _ := backend.PrefixFromIPNet(r.Dst)
-		want.routes[r.LinkIndex] = append(want.routes[r.LinkIndex], r)
-		want.routePeer[routeKey{r.LinkIndex, dst}] = peer
-	}
+	memos := make(map[leaseKey]*peerMemo, len(peers))
 	for i, p := range peers {
-		if p.Attrs.BackendType != Type {
-			n.log.Debug("skipping peer of another backend", "subnet", p.String(), "backend_type", p.Attrs.BackendType)
-			continue
+		m := n.desirePeer(i, p, direct)
+		memos[keyOf(p)] = m
+		for _, e := range m.errs {
+			failed.add(i, e)
 		}
-		if (p.Subnet.IsValid() && p.Subnet == n.own.Subnet) || (p.IPv6Subnet.IsValid() && p.IPv6Subnet == n.own.IPv6Subnet) {
-			continue
+		for _, o := range m.fdb {
+			want.fdb[o.link] = append(want.fdb[o.link], o)
 		}
-		for _, v6 := range []bool{false, true} {
-			subnet, public, data, fam := p.Subnet, p.Attrs.PublicIP, p.Attrs.BackendData, "IPv4"
-			ownSubnet := n.own.Subnet
-			if v6 {
-				subnet, public, data, fam = p.IPv6Subnet, p.Attrs.PublicIPv6, p.Attrs.BackendV6Data, "IPv6"
-				ownSubnet = n.own.IPv6Subnet
-			}
-			d := n.dev(v6)
-			if !ownSubnet.IsValid() || !subnet.IsValid() || d == nil {
-				continue
-			}
-			if !public.IsValid() {
-				failed.add(i, fmt.Errorf("no public %s address for subnet %s", fam, subnet))
-				continue
-			}
-			if n.opts.DirectRouting && direct(public) {
-				addRoute(i, netlink.Route{LinkIndex: n.env.Iface.Index, Dst: backend.IPNetFromPrefix(subnet), Gw: backend.IPFromAddr(public)})
-				continue
-			}
-			bd, err := ParseBackendData(data)
-			if err != nil {
-				failed.add(i, fmt.Errorf("subnet %s: %w", subnet, err))
-				continue
-			}
-			gw := subnet.Addr()
-			want.fdb[d.index] = append(want.fdb[d.index], op{kind: kindFDB, link: d.index, ip: public, mac: bd.VtepMAC, peer: i})
-			want.neigh[d.index] = append(want.neigh[d.index], op{kind: kindNeigh, link: d.index, ip: gw, mac: bd.VtepMAC, peer: i})
-			addRoute(i, netlink.Route{LinkIndex: d.index, Dst: backend.IPNetFromPrefix(subnet), Gw: backend.IPFromAddr(gw), Flags: int(netlink.FLAG_ONLINK)})
+		for _, o := range m.neigh {
+			want.neigh[o.link] = append(want.neigh[o.link], o)
+		}
+		for _, r := range m.routes {
+			dst, _ := backend.PrefixFromIPNet(r.Dst)
+			want.routes[r.LinkIndex] = append(want.routes[r.LinkIndex], r)
+			want.routePeer[routeKey{r.LinkIndex, dst}] = i
 		}
 	}
-	return want
+	return want, memos
+}
+
+// desirePeer computes the entries for peer i.
+func (n *Network) desirePeer(i int, p lease.Lease, direct func(netip.Addr) bool) *peerMemo {
+	m := &peerMemo{lease: p}
+	if p.Attrs.BackendType != Type {
+		n.log.Debug("skipping peer of another backend", "subnet", p.String(), "backend_type", p.Attrs.BackendType)
+		return m
+	}
+	if (p.Subnet.IsValid() && p.Subnet == n.own.Subnet) || (p.IPv6Subnet.IsValid() && p.IPv6Subnet == n.own.IPv6Subnet) {
+		return m
+	}
+	addRoute := func(r netlink.Route) {
+		// As RouteReconciler.Normalize does, without a slice per route.
+		r.Protocol, r.Table, r.Family = backend.RouteProtocol, unix.RT_TABLE_MAIN, netlink.FAMILY_V4
+		if r.Dst.IP.To4() == nil {
+			r.Family = netlink.FAMILY_V6
+		}
+		m.routes = append(m.routes, r)
+	}
+	for _, v6 := range []bool{false, true} {
+		subnet, public, data, fam := p.Subnet, p.Attrs.PublicIP, p.Attrs.BackendData, "IPv4"
+		ownSubnet := n.own.Subnet
+		if v6 {
+			subnet, public, data, fam = p.IPv6Subnet, p.Attrs.PublicIPv6, p.Attrs.BackendV6Data, "IPv6"
+			ownSubnet = n.own.IPv6Subnet
+		}
+		d := n.dev(v6)
+		if !ownSubnet.IsValid() || !subnet.IsValid() || d == nil {
+			continue
+		}
+		if !public.IsValid() {
+			m.errs = append(m.errs, fmt.Errorf("no public %s address for subnet %s", fam, subnet))
+			continue
+		}
+		if n.opts.DirectRouting && direct(public) {
+			addRoute(netlink.Route{LinkIndex: n.env.Iface.Index, Dst: backend.IPNetFromPrefix(subnet), Gw: backend.IPFromAddr(public)})
+			continue
+		}
+		bd, err := ParseBackendData(data)
+		if err != nil {
+			m.errs = append(m.errs, fmt.Errorf("subnet %s: %w", subnet, err))
+			continue
+		}
+		gw := subnet.Addr()
+		m.fdb = append(m.fdb, op{kind: kindFDB, link: d.index, ip: public, mac: bd.VtepMAC, peer: i})
+		m.neigh = append(m.neigh, op{kind: kindNeigh, link: d.index, ip: gw, mac: bd.VtepMAC, peer: i})
+		addRoute(netlink.Route{LinkIndex: d.index, Dst: backend.IPNetFromPrefix(subnet), Gw: backend.IPFromAddr(gw), Flags: int(netlink.FLAG_ONLINK)})
+	}
+	return m
 }
 
 // diffNeigh returns the sets for desired entries that are missing or
@@ -274,47 +308,32 @@ func (n *Network) isDirect(ip netip.Addr) bool {
 	return rs[0].Gw == nil && rs[0].LinkIndex == n.env.Iface.Index
 }
 
-// applyLocked programs n.peers. With full (repairs), or when the previous
-// Apply left the kernel in an unknown state, it checks the devices and
-// dumps the tables; otherwise it diffs against what it programmed last
-// (so a new peer costs its own entries, not a dump of every peer's).
-func (n *Network) applyLocked(ctx context.Context, full bool) error {
+// applyLocked programs n.peers: it checks the devices (recreating a
+// missing or changed one), dumps the tables and reconciles them to the
+// whole peer set.
+func (n *Network) applyLocked(ctx context.Context) error {
 	began := time.Now()
-	full = full || !n.synced
 	n.synced = false
-	if full {
-		if err := n.ensureDevicesLocked(); err != nil {
-			return err
-		}
+	if err := n.ensureDevicesLocked(); err != nil {
+		return err
 	}
 	h := n.env.Handle
 	var failed peerErrs
-	cache := map[netip.Addr]bool{}
-	want := n.desire(n.peers, func(ip netip.Addr) bool {
-		d, ok := cache[ip]
-		if !ok {
-			d = n.isDirect(ip)
-			cache[ip] = d
-		}
-		return d
-	}, &failed)
+	want, memos := n.desire(n.peers, n.directFunc(), &failed)
 
 	var sets, dels []op
-	var rest []error
 	for _, d := range n.devs {
 		family := netlink.FAMILY_V4
 		if d.spec.v6 {
 			family = netlink.FAMILY_V6
 		}
-		fdb, neigh := n.last.fdb[d.index], n.last.neigh[d.index]
-		if full {
-			var err error
-			if fdb, err = backend.ListNeighs(h, d.index, unix.AF_BRIDGE); err != nil {
-				return fmt.Errorf("device %s: %w", d.spec.name, err)
-			}
-			if neigh, err = backend.ListNeighs(h, d.index, family); err != nil {
-				return fmt.Errorf("device %s: %w", d.spec.name, err)
-			}
+		fdb, err := backend.ListNeighs(h, d.index, unix.AF_BRIDGE)
+		if err != nil {
+			return fmt.Errorf("device %s: %w", d.spec.name, err)
+		}
+		neigh, err := backend.ListNeighs(h, d.index, family)
+		if err != nil {
+			return fmt.Errorf("device %s: %w", d.spec.name, err)
 		}
 		s, dl := diffNeigh(kindFDB, want.fdb[d.index], fdb)
 		sets, dels = append(sets, s...), append(dels, dl...)
@@ -325,18 +344,12 @@ func (n *Network) applyLocked(ctx context.Context, full bool) error {
 	for _, d := range n.devs {
 		links = append(links, d.index)
 	}
-	next := kernelState{fdb: map[int][]netlink.Neigh{}, neigh: map[int][]netlink.Neigh{}, routes: map[int][]netlink.Route{}}
 	for _, link := range links {
-		actual := n.last.routes[link]
-		if full {
-			var err error
-			if actual, err = n.rec.Owned(h, link); err != nil {
-				return err
-			}
+		actual, err := n.rec.Owned(h, link)
+		if err != nil {
+			return err
 		}
-		normalized := n.rec.Normalize(link, want.routes[link])
-		next.routes[link] = normalized
-		add, del := backend.DiffRoutes(normalized, actual)
+		add, del := backend.DiffRoutes(n.rec.Normalize(link, want.routes[link]), actual)
 		for i := range add {
 			dst, _ := backend.PrefixFromIPNet(add[i].Dst)
 			sets = append(sets, op{kind: kindRoute, link: link, route: &add[i], peer: want.routePeer[routeKey{link, dst}]})
@@ -345,6 +358,93 @@ func (n *Network) applyLocked(ctx context.Context, full bool) error {
 			dels = append(dels, op{kind: kindRoute, del: true, link: link, route: &del[i], peer: -1})
 		}
 	}
+	return n.finish(ctx, began, sets, dels, &failed, memos)
+}
+
+// applyChanges programs n.peers when the kernel is known to hold what the
+// last Apply asked for: only peers that are new, changed or gone are
+// looked at, so a new peer costs its own entries, not a dump of every
+// peer's. Peers' entries are assumed not to overlap (distinct subnets,
+// MACs and public IPs); the periodic full repair corrects anything else.
+func (n *Network) applyChanges(ctx context.Context) error {
+	began := time.Now()
+	n.synced = false
+	var failed peerErrs
+	direct := n.directFunc()
+	memos := make(map[leaseKey]*peerMemo, len(n.peers))
+	var sets, dels []op
+	for i, p := range n.peers {
+		k := keyOf(p)
+		old, had := n.memo[k]
+		if had && sameLease(old.lease, p) {
+			memos[k] = old
+			for _, e := range old.errs {
+				failed.add(i, e)
+			}
+			continue
+		}
+		m := n.desirePeer(i, p, direct)
+		memos[k] = m
+		for _, e := range m.errs {
+			failed.add(i, e)
+		}
+		if !had {
+			old = &peerMemo{}
+		}
+		s, d := diffMemo(old, m, i)
+		sets, dels = append(sets, s...), append(dels, d...)
+	}
+	for k, old := range n.memo {
+		if _, ok := memos[k]; !ok {
+			_, d := diffMemo(old, &peerMemo{}, -1)
+			dels = append(dels, d...)
+		}
+	}
+	return n.finish(ctx, began, sets, dels, &failed, memos)
+}
+
+// sameLease reports whether a peer's lease asks for the same entries.
+func sameLease(a, b lease.Lease) bool {
+	return a.SameSubnets(b) && a.Attrs.Equal(b.Attrs)
+}
+
+// diffMemo returns the changes that turn a peer's old entries into its new
+// ones (sets tagged with peer).
+func diffMemo(old, cur *peerMemo, peer int) (sets, dels []op) {
+	for _, k := range []kind{kindFDB, kindNeigh} {
+		o, c := old.fdb, cur.fdb
+		if k == kindNeigh {
+			o, c = old.neigh, cur.neigh
+		}
+		s, d := diffNeigh(k, c, asNeighs(o))
+		sets, dels = append(sets, s...), append(dels, d...)
+	}
+	add, del := backend.DiffRoutes(cur.routes, old.routes)
+	for i := range add {
+		sets = append(sets, op{kind: kindRoute, link: add[i].LinkIndex, route: &add[i], peer: peer})
+	}
+	for i := range del {
+		dels = append(dels, op{kind: kindRoute, del: true, link: del[i].LinkIndex, route: &del[i], peer: -1})
+	}
+	return sets, dels
+}
+
+// directFunc returns the DirectRouting test, cached for one Apply.
+func (n *Network) directFunc() func(netip.Addr) bool {
+	cache := map[netip.Addr]bool{}
+	return func(ip netip.Addr) bool {
+		d, ok := cache[ip]
+		if !ok {
+			d = n.isDirect(ip)
+			cache[ip] = d
+		}
+		return d
+	}
+}
+
+// finish programs sets, then dels, records the peers' entries and whether
+// the kernel is now known to match them, and returns the peers' errors.
+func (n *Network) finish(ctx context.Context, began time.Time, sets, dels []op, failed *peerErrs, memos map[leaseKey]*peerMemo) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
@@ -352,15 +452,10 @@ func (n *Network) applyLocked(ctx context.Context, full bool) error {
 	// (routes first, so no route points at a vanished neighbour).
 	slices.SortStableFunc(dels, func(a, b op) int { return int(b.kind) - int(a.kind) })
 	ops := append(sets, dels...)
-	for link, ops := range want.fdb {
-		next.fdb[link] = asNeighs(ops)
-	}
-	for link, ops := range want.neigh {
-		next.neigh[link] = asNeighs(ops)
-	}
 	start := time.Now()
 	errs := n.program(ops)
 	kernelOK := true
+	var rest []error
 	for i, e := range errs {
 		if e == nil {
 			continue
@@ -374,9 +469,9 @@ func (n *Network) applyLocked(ctx context.Context, full bool) error {
 		}
 	}
 	n.log.Debug("programmed", "sets", len(sets), "deletes", len(dels), "diff_took", start.Sub(began), "program_took", time.Since(start))
-	// Peers skipped for bad data have nothing in the kernel, which is what
-	// next says; only kernel errors leave the state unknown.
-	n.synced, n.last = kernelOK, next
+	// Peers skipped for bad data have nothing in the kernel, as their memo
+	// says; only kernel errors leave the state unknown.
+	n.synced, n.memo = kernelOK, memos
 	var out []error
 	for _, i := range failed.order {
 		out = append(out, &flannel.PeerError{Lease: n.peers[i], Err: errors.Join(failed.errs[i]...)})

@@ -58,7 +58,7 @@ func (n *Network) repair(ctx context.Context, why string) {
 	if !n.applied {
 		return
 	}
-	if err := n.applyLocked(ctx, true); err != nil && ctx.Err() == nil {
+	if err := n.applyLocked(ctx); err != nil && ctx.Err() == nil {
 		n.log.Warn("repair failed", "trigger", why, "err", err)
 	}
 }
