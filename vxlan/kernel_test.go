@@ -347,3 +347,33 @@ func TestRunSurvivesSubscriptionFailure(t *testing.T) {
 	require.NoError(t, <-done)
 	goleak.VerifyNone(t, ignore)
 }
+
+// TestManyPeersParallelSockets programs and then removes 600 peers
+// through three raw sockets in parallel.
+func TestManyPeersParallelSockets(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, netlab.Options{Nodes: 1}, Options{Sockets: 3})
+	n0 := c.nodes[0]
+	var peers []lease.Lease
+	for k := 1; k <= 600; k++ {
+		peers = append(peers, lease.Lease{
+			Subnet: netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 100 + byte(k>>8), byte(k), 0}), 24),
+			Attrs: lease.Attrs{BackendType: Type, PublicIP: netip.AddrFrom4([4]byte{100, 64, byte(k >> 8), byte(k)}),
+				BackendData: []byte(fmt.Sprintf(`{"VNI":1,"VtepMAC":"0a:00:00:00:%02x:%02x"}`, k>>8, k&255))},
+		})
+	}
+	count := func() map[string]int {
+		m := map[string]int{}
+		for _, s := range state(t, n0) {
+			m[strings.Fields(s)[0]]++
+		}
+		return m
+	}
+	require.NoError(t, n0.net.Apply(context.Background(), append(peers, n0.lease)))
+	assert.Equal(t, map[string]int{"fdb": 600, "neigh": 600, "route": 600}, count())
+	n0.net.mu.Lock()
+	n0.net.synced = false // remove them through the full path
+	n0.net.mu.Unlock()
+	require.NoError(t, n0.net.Apply(context.Background(), []lease.Lease{n0.lease}))
+	assert.Empty(t, count())
+}
