@@ -32,7 +32,7 @@ import (
 )
 
 // vmModules are loaded at boot in the VM.
-var vmModules = []string{"esp4", "xfrm_user", "xfrm_algo", "gcm", "ghash_generic", "ctr", "seqiv", "echainiv", "veth", "bridge", "nfnetlink", "drbg", "crypto_null"}
+var vmModules = []string{"esp4", "xfrm_user", "xfrm_algo", "gcm", "ghash_generic", "ctr", "seqiv", "echainiv", "veth", "bridge", "nfnetlink", "drbg", "crypto_null", "esp6"}
 
 // TestVM runs the TestInVM* tests of this package inside a qemu VM with a
 // kernel that has ESP (the host's has not): one boot for all of them.
@@ -115,8 +115,18 @@ type vcluster struct {
 
 func newCluster(t *testing.T, n int, psk func(i int) string, opts ipsec.Options) *vcluster {
 	t.Helper()
-	lab := netlab.NewT(t, netlab.Options{Nodes: n})
-	cfg, err := lease.ParseConfig([]byte(`{"Network":"10.244.0.0/16","Backend":{"Type":"ipsec"}}`))
+	return newClusterFamilies(t, n, psk, opts, false)
+}
+
+// newClusterFamilies builds an IPv4 or (dual) a dual-stack cluster.
+func newClusterFamilies(t *testing.T, n int, psk func(i int) string, opts ipsec.Options, dual bool) *vcluster {
+	t.Helper()
+	lab := netlab.NewT(t, netlab.Options{Nodes: n, IPv4: true, IPv6: dual})
+	conf := `{"Network":"10.244.0.0/16","Backend":{"Type":"ipsec"}}`
+	if dual {
+		conf = `{"EnableIPv6":true,"Network":"10.244.0.0/16","IPv6Network":"fd00:10:244::/56","Backend":{"Type":"ipsec"}}`
+	}
+	cfg, err := lease.ParseConfig([]byte(conf))
 	require.NoError(t, err)
 	c := &vcluster{t: t, lab: lab, cfg: cfg, gone: map[int]bool{}}
 	for i, nd := range lab.Nodes {
@@ -125,15 +135,14 @@ func newCluster(t *testing.T, n int, psk func(i int) string, opts ipsec.Options)
 		v.opts.PSK = []byte(v.psk)
 		v.env = flannel.Env{
 			Config: cfg,
-			Iface:  flannel.ExternalInterface{Name: nd.Iface, IP: nd.IP, PublicIP: nd.IP},
+			Iface:  flannel.ExternalInterface{Name: nd.Iface, IP: nd.IP, PublicIP: nd.IP, IPv6: nd.IPv6, PublicIPv6: nd.IPv6},
 			Handle: nd.Handle,
 			NS:     nd.NS,
 			Logger: slog.New(slog.NewJSONHandler(v.logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
 		}
 		c.nodes = append(c.nodes, v)
 		c.start(i)
-		sub := v.lease.Subnet
-		v.pod, err = nd.AddPod("pod", sub, netip.Prefix{}, netlab.WithMTU(v.net.MTU()))
+		v.pod, err = nd.AddPod("pod", v.lease.Subnet, v.lease.IPv6Subnet, netlab.WithMTU(v.net.MTU()))
 		require.NoError(t, err)
 	}
 	return c
@@ -150,6 +159,9 @@ func (c *vcluster) start(i int) {
 	require.NoError(t, err)
 	v.b = b
 	v.lease = lease.Lease{Subnet: netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 244, byte(i + 1), 0}), 24), Attrs: attrs}
+	if c.cfg.EnableIPv6 {
+		v.lease.IPv6Subnet = netip.MustParsePrefix(fmt.Sprintf("fd00:10:244:%x::/64", i+1))
+	}
 	v.net, err = b.Start(t.Context(), v.lease)
 	require.NoError(t, err)
 }
@@ -203,8 +215,13 @@ func (c *vcluster) checkAllPairs() {
 			if i == j || c.gone[i] || c.gone[j] {
 				continue
 			}
-			require.NoError(t, a.pod.Ping(ctxT(t, 20*time.Second), b.pod.IP), "ping %d->%d", i, j)
-			require.NoError(t, a.pod.TCPCheck(ctxT(t, 20*time.Second), b.pod, b.pod.IP), "tcp %d->%d", i, j)
+			for _, ip := range []netip.Addr{b.pod.IP, b.pod.IPv6} {
+				if !ip.IsValid() {
+					continue
+				}
+				require.NoError(t, a.pod.Ping(ctxT(t, 20*time.Second), ip), "ping %d->%d %s", i, j, ip)
+				require.NoError(t, a.pod.TCPCheck(ctxT(t, 20*time.Second), b.pod, ip), "tcp %d->%d %s", i, j, ip)
+			}
 		}
 	}
 }
@@ -415,4 +432,30 @@ func TestInVMReachability(t *testing.T) {
 	c.applyOK()
 	assert.Equal(t, 1446, c.nodes[0].net.MTU())
 	c.checkLogsFree()
+}
+
+func TestInVMDualStack(t *testing.T) {
+	inVM(t)
+	c := newClusterFamilies(t, 2, func(int) string { return clusterPSK }, ipsec.Options{}, true)
+	capt := startCapture(t, c.lab, []byte("PLAINTEXT-MARKER-DUAL"))
+	c.applyOK()
+	c.checkAllPairs()
+	capt.stop()
+	assert.Equal(t, 1426, c.nodes[0].net.MTU(), "the IPv6 overhead bounds a dual-stack node")
+	// Per family: one peer x (out + inbound per generation).
+	assert.Len(t, xfrmStates(t, c.nodes[0].node.Handle), 2*perPeer)
+	// allow + block + out/in/fwd, per family.
+	assert.Len(t, xfrmPolicies(t, c.nodes[0].node.Handle), 10)
+	assert.Positive(t, capt.esp.Load())
+	assert.Zero(t, capt.plain.Load())
+
+	// Cleanup removes ours: states, policies, routes.
+	v := c.nodes[0]
+	require.NoError(t, v.b.Cleanup(t.Context(), v.env))
+	assert.Empty(t, xfrmStates(t, v.node.Handle))
+	assert.Empty(t, xfrmPolicies(t, v.node.Handle))
+	routes, err := v.node.Handle.RouteListFiltered(netlink.FAMILY_ALL, &netlink.Route{Protocol: backend.RouteProtocol}, netlink.RT_FILTER_PROTOCOL)
+	require.NoError(t, err)
+	assert.Empty(t, routes)
+	require.NoError(t, v.b.Cleanup(t.Context(), v.env), "cleanup is idempotent")
 }
