@@ -191,7 +191,7 @@ func (w *world) args(i int, extra ...string) []string {
 		fmt.Sprintf("--etcd-endpoints=http://%s", netip.AddrPortFrom(netlab.RouterIP(0), etcdPort)),
 		"--subnet-file=" + w.subnetFile(i),
 		fmt.Sprintf("--healthz-port=%d", healthzPort),
-		"--iface=eth0", "--ip-masq", "-v=1",
+		"--iface=eth0", "--ip-masq", "--ip-blackhole-route", "-v=1",
 	}, extra...)
 }
 
@@ -399,6 +399,8 @@ func testDaemonCluster(t *testing.T, backendType string) {
 	assert.True(t, r[w.lease(1).Subnet], "route to node1 when ready: %v", r)
 
 	for i := range 3 {
+		own := w.lease(i).Subnet
+		assert.Eventually(t, func() bool { return w.routes(i)[own] }, 10*time.Second, 50*time.Millisecond, "node%d blackhole route for its own subnet", i)
 		w.addPod(i)
 	}
 	w.pingAll()

@@ -143,6 +143,13 @@ func Run(ctx context.Context, c Config, log *slog.Logger) error {
 	if tr != nil {
 		opts.Rules = tr
 	}
+	if c.IPBlackholeRoute {
+		opts.OnReady = func(st flannel.State) {
+			if err := addBlackholes(h, st.Lease); err != nil {
+				log.Warn("blackhole route not added", "error", err)
+			}
+		}
+	}
 	m.Hook(&opts)
 	agent, err := flannel.NewAgent(opts)
 	if err != nil {
@@ -151,7 +158,7 @@ func Run(ctx context.Context, c Config, log *slog.Logger) error {
 	m.SetAgent(agent)
 
 	if c.Cleanup {
-		return cleanup(ctx, c, store, iface, agent, log)
+		return cleanup(ctx, c, store, h, iface, agent, log)
 	}
 
 	runErr := agent.Run(ctx)
@@ -207,8 +214,9 @@ func waitConfig(ctx context.Context, store *etcdstore.Store, log *slog.Logger) (
 }
 
 // cleanup removes what this node set up: backend state, rules, and the
-// lease named by the subnet file (this process did not acquire it).
-func cleanup(ctx context.Context, c Config, store *etcdstore.Store, iface flannel.ExternalInterface, agent *flannel.Agent, log *slog.Logger) error {
+// blackhole routes and lease of the subnet named by the subnet file (this
+// process did not acquire it).
+func cleanup(ctx context.Context, c Config, store *etcdstore.Store, h *netlink.Handle, iface flannel.ExternalInterface, agent *flannel.Agent, log *slog.Logger) error {
 	var errs []error
 	if c.SubnetFile != "" {
 		env, err := flannel.ReadSubnetEnv(c.SubnetFile)
@@ -219,6 +227,9 @@ func cleanup(ctx context.Context, c Config, store *etcdstore.Store, iface flanne
 			errs = append(errs, err)
 		default:
 			l := env.Lease()
+			if err := delBlackholes(h, l); err != nil {
+				errs = append(errs, err)
+			}
 			l.Attrs = lease.Attrs{PublicIP: iface.PublicIP, PublicIPv6: iface.PublicIPv6}
 			if !l.Attrs.PublicIP.IsValid() {
 				l.Attrs.PublicIP = iface.IP
