@@ -132,17 +132,23 @@ func (b *Backend) Prepare(ctx context.Context, env flannel.Env) (lease.Attrs, er
 }
 
 // Start returns the Network for own, using the key pair of the last
-// Prepare. It programs nothing until the first Apply.
+// Prepare; every Start needs a Prepare of its own (a fresh key pair). It
+// programs nothing until the first Apply.
 func (b *Backend) Start(ctx context.Context, own lease.Lease) (flannel.Network, error) {
 	b.mu.Lock()
 	env, key, ok := b.env, b.key, b.prepared
 	b.mu.Unlock()
 	if !ok {
-		return nil, errors.New("ipsec: start: Prepare was not called")
+		return nil, errors.New("ipsec: start: Prepare was not called since the last Start")
 	}
 	if !own.Subnet.IsValid() && !own.IPv6Subnet.IsValid() {
 		return nil, errors.New("ipsec: start: lease has no subnet")
 	}
+	// A key pair serves one Network: a second one with the same key could
+	// install an outbound state again with a restarted sequence number.
+	b.mu.Lock()
+	b.prepared = false
+	b.mu.Unlock()
 	return newNetwork(env, own, b.opts, key), nil
 }
 

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"log/slog"
 	"strings"
 	"time"
 
@@ -255,3 +256,15 @@ func FromConfig(cfg lease.Config) (flannel.Backend, error) {
 	}
 	return New(o)
 }
+
+// String describes the options without the PSK.
+func (o Options) String() string {
+	return fmt.Sprintf("ipsec.Options{PSK:<redacted %d bytes> Cipher:%s UDPEncap:%t RekeyInterval:%v Grace:%v Reqid:%#x RepairInterval:%v}",
+		len(o.PSK), o.Cipher, o.UDPEncap, o.RekeyInterval, o.Grace, o.Reqid, o.RepairInterval)
+}
+
+// GoString is String, so %#v does not print the PSK either.
+func (o Options) GoString() string { return o.String() }
+
+// LogValue keeps the PSK out of slog output.
+func (o Options) LogValue() slog.Value { return slog.StringValue(o.String()) }

@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
+	"fmt"
+	"log/slog"
 	"strings"
 	"testing"
 	"time"
@@ -218,5 +220,16 @@ func TestMTU(t *testing.T) {
 			payload = (got + 1 + 2 + 3) / 4 * 4
 			assert.Greater(t, outer+8+8+payload+16, tc.link, "one more byte would not fit")
 		})
+	}
+}
+
+func TestOptionsNeverPrintPSK(t *testing.T) {
+	o := Options{PSK: []byte(testPSK)}.withDefaults()
+	var buf strings.Builder
+	log := slog.New(slog.NewTextHandler(&buf, nil))
+	log.Info("x", "opts", o)
+	for _, s := range []string{fmt.Sprint(o), fmt.Sprintf("%v %+v %#v %s", o, o, o, o), buf.String()} {
+		assert.NotContains(t, s, "s3cr3t")
+		assert.Contains(t, s, "redacted")
 	}
 }
