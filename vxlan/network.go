@@ -279,6 +279,9 @@ func diffNeigh(k kind, want []op, actual []netlink.Neigh) (set, del []op) {
 		}
 		have[keyOf(a.LinkIndex, backend.AddrFromIP(a.IP), a.HardwareAddr)] = a
 	}
+	if len(have) == 0 { // nothing programmed yet: the common bulk case
+		return want, nil
+	}
 	wanted := make(map[key]bool, len(want))
 	for _, w := range want {
 		kk := keyOf(w.link, w.ip, w.mac)
@@ -349,7 +352,26 @@ func (n *Network) applyLocked(ctx context.Context) error {
 		if err != nil {
 			return err
 		}
-		add, del := backend.DiffRoutes(n.rec.Normalize(link, want.routes[link]), actual)
+		// Desired routes with no actual route for their destination are
+		// added as they are; only the others go through DiffRoutes, which
+		// copies every route several times (slow with thousands of peers).
+		have := make(map[netip.Prefix]bool, len(actual))
+		for _, a := range actual {
+			if dst, ok := backend.PrefixFromIPNet(a.Dst); ok {
+				have[dst] = true
+			}
+		}
+		desired := want.routes[link] // normalized by desirePeer
+		var overlap []netlink.Route
+		for i := range desired {
+			dst, _ := backend.PrefixFromIPNet(desired[i].Dst)
+			if !have[dst] {
+				sets = append(sets, op{kind: kindRoute, link: link, route: &desired[i], peer: want.routePeer[routeKey{link, dst}]})
+				continue
+			}
+			overlap = append(overlap, desired[i])
+		}
+		add, del := backend.DiffRoutes(overlap, actual)
 		for i := range add {
 			dst, _ := backend.PrefixFromIPNet(add[i].Dst)
 			sets = append(sets, op{kind: kindRoute, link: link, route: &add[i], peer: want.routePeer[routeKey{link, dst}]})
