@@ -132,8 +132,11 @@ func (b *Backend) Prepare(ctx context.Context, env flannel.Env) (lease.Attrs, er
 }
 
 // Start returns the Network for own, using the key pair of the last
-// Prepare; every Start needs a Prepare of its own (a fresh key pair). It
-// programs nothing until the first Apply.
+// Prepare; every Start needs a Prepare of its own (a fresh key pair).
+// Before returning it programs the allow policy for the own subnet and the
+// block policy for the rest of the cluster network, so pods started before
+// the first Apply cannot send cluster traffic in clear; peers are
+// programmed by Apply.
 func (b *Backend) Start(ctx context.Context, own lease.Lease) (flannel.Network, error) {
 	b.mu.Lock()
 	env, key, ok := b.env, b.key, b.prepared
@@ -149,7 +152,11 @@ func (b *Backend) Start(ctx context.Context, own lease.Lease) (flannel.Network, 
 	b.mu.Lock()
 	b.prepared = false
 	b.mu.Unlock()
-	return newNetwork(env, own, b.opts, key), nil
+	n := newNetwork(env, own, b.opts, key)
+	if err := n.closeClusterNetwork(); err != nil {
+		return nil, fmt.Errorf("ipsec: start: %w", err)
+	}
+	return n, nil
 }
 
 // Cleanup removes every XFRM state and policy of ours (Options.Reqid and

@@ -480,3 +480,26 @@ func (n *Network) repair(ctx context.Context) {
 		n.log.Warn("repair failed", "err", err)
 	}
 }
+
+// closeClusterNetwork programs the allow and block policies, which do not
+// depend on peers. Policies of a previous run are left to the first Apply.
+func (n *Network) closeClusterNetwork() error {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	v4, v6 := n.ownIPs()
+	in := input{
+		psk: n.opts.PSK, cipher: n.opts.Cipher,
+		cluster: n.env.Config.Network, cluster6: n.env.Config.IPv6Network,
+		own:  nodeView{Subnet: n.own.Subnet, Subnet6: n.own.IPv6Subnet, IP: v4, IP6: v6},
+		keys: n.keys,
+	}
+	if !in.cluster.IsValid() && n.own.Subnet.IsValid() {
+		in.cluster = n.own.Subnet
+	}
+	_, policies, _ := desired(in)
+	var errs []error
+	for _, p := range policies {
+		errs = append(errs, n.k.upsertPolicy(p))
+	}
+	return errors.Join(errs...)
+}

@@ -411,6 +411,12 @@ func TestInVMReachability(t *testing.T) {
 	c := newCluster(t, 3, func(int) string { return clusterPSK }, ipsec.Options{})
 	marker := []byte("PLAINTEXT-MARKER-" + fmt.Sprint(time.Now().UnixNano()))
 	capt := startCapture(t, c.lab, marker)
+	// Started, not applied yet: the cluster network is already closed.
+	for i, v := range c.nodes {
+		assert.Len(t, xfrmPolicies(t, v.node.Handle), 2, "node %d: allow and block policies after Start", i)
+	}
+	assert.Error(t, sendMarker(t, c.nodes[0].pod, c.nodes[1].pod, marker, 2*time.Second))
+	sendUDPMarker(t, c.nodes[0].pod, c.nodes[1].pod, marker, 3)
 	c.applyOK()
 	c.checkAllPairs()
 	for i := range 3 {
