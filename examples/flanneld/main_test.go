@@ -69,10 +69,25 @@ const (
 	etcdPort    = 2379
 )
 
-var clusterNet = netip.MustParsePrefix("10.244.0.0/16")
+var (
+	clusterNet  = netip.MustParsePrefix("10.244.0.0/16")
+	clusterNet6 = netip.MustParsePrefix("fd00:10:244::/56")
+)
 
-func netConf(backendType string) []byte {
-	return []byte(fmt.Sprintf(`{"Network":"%s","Backend":{"Type":"%s"}}`, clusterNet, backendType))
+// variant is one daemon cluster setup.
+type variant struct {
+	name    string
+	backend string
+	dual    bool // IPv4 + IPv6 underlay and network
+	nft     bool // EnableNFTables
+}
+
+func (v variant) netConf() []byte {
+	v6 := ""
+	if v.dual {
+		v6 = `"EnableIPv6":true,"IPv6Network":"` + clusterNet6.String() + `",`
+	}
+	return []byte(fmt.Sprintf(`{"Network":"%s",%s"EnableNFTables":%t,"Backend":{"Type":"%s"}}`, clusterNet, v6, v.nft, v.backend))
 }
 
 // world is a lab with etcd reachable from every node at the router's
@@ -94,13 +109,13 @@ type proc struct {
 	log  string
 }
 
-func newWorld(t *testing.T, nodes int) *world {
+func newWorld(t *testing.T, nodes int, dual bool) *world {
 	testenv.RequireRoot(t)
 	for _, b := range []string{"ip", "nft", "iptables"} {
 		_, err := exec.LookPath(b)
 		testenv.Require(t, err == nil, b+" not installed")
 	}
-	w := &world{t: t, lab: netlab.NewT(t, netlab.Options{Nodes: nodes}), dir: t.TempDir(), procs: make([]*proc, nodes), pods: make([]*netlab.Pod, nodes)}
+	w := &world{t: t, lab: netlab.NewT(t, netlab.Options{Nodes: nodes, IPv4: true, IPv6: dual}), dir: t.TempDir(), procs: make([]*proc, nodes), pods: make([]*netlab.Pod, nodes)}
 	w.etcd = etcdtest.NewT(t, etcdtest.Options{})
 	c := etcdtest.ClientT(t, w.etcd)
 	var err error
@@ -292,18 +307,33 @@ func (w *world) lease(i int) lease.Lease {
 // kernel's own (the pod bridge's subnet): what the backend programmed.
 func (w *world) routes(i int) map[netip.Prefix]bool {
 	w.t.Helper()
-	rs, err := w.lab.Nodes[i].Handle.RouteList(nil, netlink.FAMILY_V4)
+	rs, err := w.lab.Nodes[i].Handle.RouteList(nil, netlink.FAMILY_ALL)
 	require.NoError(w.t, err)
 	out := map[netip.Prefix]bool{}
 	for _, r := range rs {
 		if r.Protocol == unix.RTPROT_KERNEL || r.Dst == nil {
 			continue
 		}
-		if p, ok := backend.PrefixFromIPNet(r.Dst); ok && p.Bits() >= clusterNet.Bits() && clusterNet.Contains(p.Addr()) {
-			out[p] = true
+		p, ok := backend.PrefixFromIPNet(r.Dst)
+		if !ok {
+			continue
+		}
+		for _, n := range []netip.Prefix{clusterNet, clusterNet6} {
+			if p.Bits() >= n.Bits() && n.Contains(p.Addr()) {
+				out[p] = true
+			}
 		}
 	}
 	return out
+}
+
+// ruleset returns node i's nftables and iptables rules as the tools print
+// them.
+func (w *world) ruleset(i int) string {
+	w.t.Helper()
+	out, err := exec.Command("ip", "netns", "exec", w.lab.Nodes[i].NSName, "sh", "-c", "nft list ruleset; iptables-save; ip6tables-save").CombinedOutput()
+	require.NoError(w.t, err, "%s", out)
+	return string(out)
 }
 
 // flannelLinks returns node i's devices named flannel*.
@@ -322,7 +352,8 @@ func (w *world) flannelLinks(i int) []string {
 
 func (w *world) addPod(i int) {
 	w.t.Helper()
-	p, err := w.lab.Nodes[i].AddPod("p", w.lease(i).Subnet, netip.Prefix{})
+	l := w.lease(i)
+	p, err := w.lab.Nodes[i].AddPod("p", l.Subnet, l.IPv6Subnet)
 	require.NoError(w.t, err)
 	w.pods[i] = p
 }
@@ -334,9 +365,14 @@ func (w *world) pingAll() {
 			if i == j {
 				continue
 			}
-			ctx, cancel := context.WithTimeout(w.t.Context(), 20*time.Second)
-			assert.NoError(w.t, a.Ping(ctx, b.IP), "pod%d -> pod%d", i, j)
-			cancel()
+			for _, ip := range []netip.Addr{b.IP, b.IPv6} {
+				if !ip.IsValid() {
+					continue
+				}
+				ctx, cancel := context.WithTimeout(w.t.Context(), 20*time.Second)
+				assert.NoError(w.t, a.Ping(ctx, ip), "pod%d -> pod%d %s", i, j, ip)
+				cancel()
+			}
 		}
 	}
 }
@@ -371,22 +407,26 @@ func (w *world) pingWhile(a, b int, fn func()) (lost, rounds int) {
 }
 
 func TestDaemonCluster(t *testing.T) {
-	for _, typ := range []string{"host-gw", "vxlan"} {
-		t.Run(typ, func(t *testing.T) {
+	for _, v := range []variant{
+		{name: "host-gw", backend: "host-gw"},
+		{name: "vxlan", backend: "vxlan"},
+		{name: "vxlan-dualstack-nftables", backend: "vxlan", dual: true, nft: true},
+	} {
+		t.Run(v.name, func(t *testing.T) {
 			t.Parallel()
-			testDaemonCluster(t, typ)
+			testDaemonCluster(t, v)
 		})
 	}
 }
 
-func testDaemonCluster(t *testing.T, backendType string) {
-	w := newWorld(t, 3)
+func testDaemonCluster(t *testing.T, v variant) {
+	w := newWorld(t, 3, v.dual)
 	// Before the network config exists the daemons are alive but not ready.
 	w.start(0)
 	w.start(1)
 	require.Eventually(t, func() bool { return w.status(0, "/healthz") == http.StatusOK }, 30*time.Second, 100*time.Millisecond)
 	assert.Equal(t, http.StatusServiceUnavailable, w.status(0, "/readyz"))
-	require.NoError(t, w.store.PutConfig(t.Context(), netConf(backendType)))
+	require.NoError(t, w.store.PutConfig(t.Context(), v.netConf()))
 	w.waitReady(0)
 	w.waitReady(1)
 
@@ -398,6 +438,15 @@ func testDaemonCluster(t *testing.T, backendType string) {
 	assert.True(t, r[w.lease(0).Subnet], "route to node0 when ready: %v", r)
 	assert.True(t, r[w.lease(1).Subnet], "route to node1 when ready: %v", r)
 
+	ruleset := w.ruleset(0)
+	if v.nft {
+		assert.Contains(t, ruleset, "table ip flannel-ipv4")
+		assert.Contains(t, ruleset, "table ip6 flannel-ipv6")
+		assert.NotContains(t, ruleset, "FLANNEL-POSTRTG")
+	} else {
+		assert.Contains(t, ruleset, "-A FLANNEL-POSTRTG")
+		assert.NotContains(t, ruleset, "flannel-ipv4")
+	}
 	for i := range 3 {
 		own := w.lease(i).Subnet
 		assert.Eventually(t, func() bool { return w.routes(i)[own] }, 10*time.Second, 50*time.Millisecond, "node%d blackhole route for its own subnet", i)
@@ -455,10 +504,9 @@ func testDaemonCluster(t *testing.T, backendType string) {
 	assert.Empty(t, w.flannelLinks(2))
 	_, err = os.Stat(w.subnetFile(2))
 	assert.ErrorIs(t, err, os.ErrNotExist)
-	rules, err := exec.Command("ip", "netns", "exec", w.lab.Nodes[2].NSName, "sh", "-c", "nft list ruleset; iptables-save; ip6tables-save").CombinedOutput()
-	require.NoError(t, err, "%s", rules)
-	assert.NotContains(t, string(rules), "FLANNEL")
-	assert.NotContains(t, string(rules), "flannel")
+	rules := w.ruleset(2)
+	assert.NotContains(t, rules, "FLANNEL")
+	assert.NotContains(t, rules, "flannel")
 	// Its lease is gone from etcd: the others drop their routes to it.
 	for _, i := range []int{0, 1} {
 		require.Eventually(t, func() bool { return !w.routes(i)[own.Subnet] }, 30*time.Second, 100*time.Millisecond, "node%d route to node2 removed", i)
