@@ -266,7 +266,7 @@ func diffNeigh(k kind, want []op, actual []netlink.Neigh) (set, del []op) {
 		ip   netip.Addr
 		mac  string
 	}
-	keyOf := func(link int, ip netip.Addr, mac net.HardwareAddr) key {
+	keyFor := func(link int, ip netip.Addr, mac net.HardwareAddr) key {
 		if k == kindFDB {
 			return key{link, ip, string(mac)}
 		}
@@ -277,14 +277,14 @@ func diffNeigh(k kind, want []op, actual []netlink.Neigh) (set, del []op) {
 		if a.State&netlink.NUD_PERMANENT == 0 {
 			continue
 		}
-		have[keyOf(a.LinkIndex, backend.AddrFromIP(a.IP), a.HardwareAddr)] = a
+		have[keyFor(a.LinkIndex, backend.AddrFromIP(a.IP), a.HardwareAddr)] = a
 	}
 	if len(have) == 0 { // nothing programmed yet: the common bulk case
 		return want, nil
 	}
 	wanted := make(map[key]bool, len(want))
 	for _, w := range want {
-		kk := keyOf(w.link, w.ip, w.mac)
+		kk := keyFor(w.link, w.ip, w.mac)
 		wanted[kk] = true
 		if a, ok := have[kk]; ok && sameMAC(a.HardwareAddr, w.mac) {
 			continue

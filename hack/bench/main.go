@@ -8,8 +8,9 @@
 // backend (Network.Apply from an empty device), then the same entries
 // (per peer: FDB entry, neighbour entry, onlink route) into a fresh device
 // through one raw netlink socket, written as fast as the kernel takes them
-// (batched sendmsg, acknowledgement only for the last request of a batch):
-// the limit. Each run prints one line ending with
+// (batched sendmsg, acknowledgement only for the last request of a batch,
+// grouped by table): the limit. Backend and limit alternate on the same
+// node, -rounds times per run, and the best of each is printed. Each run prints one line ending with
 // "peers=N seconds=S limit_seconds=L ratio=S/L rss_mb=R".
 //
 // join runs an Agent with the vxlan backend and an in-memory store holding
