@@ -101,7 +101,7 @@ type Options struct {
 	Publish func(lease.Attrs)
 	// Grace is how long keys replaced by a rekey stay installed for
 	// inbound traffic; outbound switches to the new key after half of it.
-	// Optional: 30s.
+	// Optional: 30s; at most half of RekeyInterval.
 	Grace time.Duration
 	// Reqid marks our XFRM states and policies. Optional: DefaultReqid.
 	Reqid uint32
@@ -122,6 +122,11 @@ func (o Options) withDefaults() Options {
 	}
 	if o.Grace <= 0 {
 		o.Grace = DefaultGrace
+	}
+	if o.Grace >= o.RekeyInterval {
+		// A key must be retired before the next rekey replaces its
+		// successor.
+		o.Grace = o.RekeyInterval / 2
 	}
 	if o.Reqid == 0 {
 		o.Reqid = DefaultReqid

@@ -359,3 +359,36 @@ func TestInVMRestartWhileTrafficFlows(t *testing.T) {
 	assert.Zero(t, capt.plain.Load(), "plain-text marker on the wire; first frame: %s", capt.first)
 	c.checkLogsFree()
 }
+
+// TestInVMRekeyByRun lets Network.Run rekey on its interval and publish
+// through Options.Publish; the test plays the store.
+func TestInVMRekeyByRun(t *testing.T) {
+	inVM(t)
+	published := make(chan lease.Attrs, 4)
+	c := newCluster(t, 2, func(int) string { return clusterPSK }, ipsec.Options{Grace: 2 * time.Second})
+	// Node 1 again, with a rekey interval and a publisher.
+	c.nodes[1].opts.RekeyInterval = time.Second
+	c.nodes[1].opts.Publish = func(a lease.Attrs) {
+		select {
+		case published <- a:
+		default:
+		}
+	}
+	c.start(1)
+	c.applyOK()
+	first := c.nodes[1].net.(*ipsec.Network).PublicKey()
+	stop := c.runAll()
+	for range 2 {
+		select {
+		case a := <-published:
+			c.nodes[1].lease.Attrs = a
+			c.applyOK()
+		case <-time.After(30 * time.Second):
+			t.Fatal("no rekey published")
+		}
+	}
+	assert.NotEqual(t, first, c.nodes[1].net.(*ipsec.Network).PublicKey())
+	c.checkAllPairs()
+	stop()
+	c.checkLogsFree()
+}
