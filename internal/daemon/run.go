@@ -82,26 +82,14 @@ func Run(ctx context.Context, c Config, log *slog.Logger) error {
 	}
 	defer h.Close()
 
-	client, err := etcdstore.NewClient(etcdstore.ClientOptions{
-		Endpoints: c.EtcdEndpoints,
-		CAFile:    c.EtcdCAFile, CertFile: c.EtcdCertFile, KeyFile: c.EtcdKeyFile,
-		Username: c.EtcdUsername, Password: c.EtcdPassword,
-		Logger: log.With("component", "etcd-client"),
-	})
+	st, err := newEtcdStore(c, log)
 	if err != nil {
 		return err
 	}
-	defer client.Close()
-	store, err := etcdstore.New(client, etcdstore.Options{
-		Prefix:      c.EtcdPrefix,
-		RenewMargin: c.SubnetLeaseRenewMargin,
-		Logger:      log.With("component", "etcd-store"),
-	})
-	if err != nil {
-		return err
-	}
+	defer st.close()
+	store := st.store
 
-	cfg, err := waitConfig(ctx, store, log)
+	cfg, err := waitConfig(ctx, store, st.where, log)
 	if err != nil || ctx.Err() != nil {
 		return err
 	}
@@ -135,7 +123,9 @@ func Run(ctx context.Context, c Config, log *slog.Logger) error {
 			return err
 		}
 	}
-	m.SetLeaseExpiry(leaseExpiry(client, store))
+	if st.expiry != nil {
+		m.SetLeaseExpiry(st.expiry)
+	}
 	opts := flannel.AgentOptions{
 		Store: store, Backend: be, Iface: iface, Handle: h, NS: ns,
 		Logger: log, SubnetFile: c.SubnetFile, IPMasq: c.IPMasq,
@@ -187,9 +177,48 @@ func serve(c Config, m *Metrics, log *slog.Logger) (stop func(), err error) {
 	}, nil
 }
 
+// storeSetup is a lease store the daemon built from its flags.
+type storeSetup struct {
+	store flannel.LeaseStore
+	// where names the config's location for logs.
+	where string
+	// expiry reports when the node's lease expires; nil when leases do not
+	// expire.
+	expiry func(ctx context.Context, own lease.Lease) (time.Time, error)
+	close  func()
+}
+
+// newEtcdStore connects to etcd as the --etcd-* flags say.
+func newEtcdStore(c Config, log *slog.Logger) (*storeSetup, error) {
+	client, err := etcdstore.NewClient(etcdstore.ClientOptions{
+		Endpoints: c.EtcdEndpoints,
+		CAFile:    c.EtcdCAFile, CertFile: c.EtcdCertFile, KeyFile: c.EtcdKeyFile,
+		Username: c.EtcdUsername, Password: c.EtcdPassword,
+		Logger: log.With("component", "etcd-client"),
+	})
+	if err != nil {
+		return nil, err
+	}
+	store, err := etcdstore.New(client, etcdstore.Options{
+		Prefix:      c.EtcdPrefix,
+		RenewMargin: c.SubnetLeaseRenewMargin,
+		Logger:      log.With("component", "etcd-store"),
+	})
+	if err != nil {
+		client.Close()
+		return nil, err
+	}
+	return &storeSetup{
+		store:  store,
+		where:  "etcd " + store.Prefix() + "/config",
+		expiry: leaseExpiry(client, store),
+		close:  func() { client.Close() },
+	}, nil
+}
+
 // waitConfig reads the network config, waiting (as upstream) while it is
 // missing or invalid; it returns when ctx ends.
-func waitConfig(ctx context.Context, store *etcdstore.Store, log *slog.Logger) (lease.Config, error) {
+func waitConfig(ctx context.Context, store flannel.LeaseStore, where string, log *slog.Logger) (lease.Config, error) {
 	d := 500 * time.Millisecond
 	for {
 		cfg, err := store.Config(ctx)
@@ -201,7 +230,7 @@ func waitConfig(ctx context.Context, store *etcdstore.Store, log *slog.Logger) (
 		if ctx.Err() != nil {
 			return lease.Config{}, nil
 		}
-		log.Warn("no usable network config yet; retrying", "prefix", store.Prefix(), "error", err, "retry_in", d)
+		log.Warn("no usable network config yet; retrying", "from", where, "error", err, "retry_in", d)
 		t := time.NewTimer(d)
 		select {
 		case <-ctx.Done():
@@ -216,7 +245,7 @@ func waitConfig(ctx context.Context, store *etcdstore.Store, log *slog.Logger) (
 // cleanup removes what this node set up: backend state, rules, and the
 // blackhole routes and lease of the subnet named by the subnet file (this
 // process did not acquire it).
-func cleanup(ctx context.Context, c Config, store *etcdstore.Store, h *netlink.Handle, iface flannel.ExternalInterface, agent *flannel.Agent, log *slog.Logger) error {
+func cleanup(ctx context.Context, c Config, store flannel.LeaseStore, h *netlink.Handle, iface flannel.ExternalInterface, agent *flannel.Agent, log *slog.Logger) error {
 	var errs []error
 	if c.SubnetFile != "" {
 		env, err := flannel.ReadSubnetEnv(c.SubnetFile)
@@ -243,10 +272,12 @@ func cleanup(ctx context.Context, c Config, store *etcdstore.Store, h *netlink.H
 			if !env.IPv6Subnet.IsValid() {
 				l.Attrs.PublicIPv6 = netip.Addr{}
 			}
-			if err := store.Release(ctx, l); err != nil {
-				errs = append(errs, err)
-			} else {
-				log.Info("lease released", "lease", l)
+			if rel, ok := store.(flannel.LeaseReleaser); ok {
+				if err := rel.Release(ctx, l); err != nil {
+					errs = append(errs, err)
+				} else {
+					log.Info("lease released", "lease", l)
+				}
 			}
 		}
 	}
