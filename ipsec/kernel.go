@@ -50,7 +50,10 @@ func (k kernel) states() ([]xstate, error) {
 	}
 	var out []xstate
 	for _, s := range all {
-		if uint32(s.Reqid) != k.reqid || s.Proto != netlink.XFRM_PROTO_ESP {
+		if uint32(s.Reqid) != k.reqid || s.Proto != netlink.XFRM_PROTO_ESP || s.Spi == 0 {
+			// SPI 0: a larval state the kernel made for a packet that
+			// found no state (an ACQUIRE nobody answers); it expires
+			// by itself and a real state replaces it.
 			continue
 		}
 		x := xstate{Src: addrOf(s.Src), Dst: addrOf(s.Dst), SPI: uint32(s.Spi), Encap: s.Encap != nil, Peer: -1}

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/base64"
+	"encoding/binary"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -229,6 +230,8 @@ func (c *vcluster) checkAllPairs() {
 // capture counts the frames on a node's underlay interface.
 type capture struct {
 	esp, udpESP, plain atomic.Int64
+	frags              atomic.Int64 // IPv4 fragments (MF or offset set)
+	maxESP             atomic.Int64 // largest IPv4 ESP packet
 	// markerInESP counts ESP frames whose bytes hold the marker when read:
 	// with ESP in UDP, the receiving node decrypts the very buffer that a
 	// capture on the same veth/bridge path shares, so this can be non-zero
@@ -270,10 +273,16 @@ func startCapture(t *testing.T, lab *netlab.Lab, marker []byte) *capture {
 			isESP := false
 			if f[12] == 0x08 && f[13] == 0x00 {
 				ip := f[14:]
+				if binary.BigEndian.Uint16(ip[6:8])&0x3fff != 0 {
+					c.frags.Add(1)
+				}
 				switch ip[9] {
 				case unix.IPPROTO_ESP:
 					c.esp.Add(1)
 					isESP = true
+					if l := int64(binary.BigEndian.Uint16(ip[2:4])); l > c.maxESP.Load() {
+						c.maxESP.Store(l) // one reader goroutine: no race on the max
+					}
 				case unix.IPPROTO_UDP:
 					hl := int(ip[0]&0xf) * 4
 					if len(ip) >= hl+4 && (ip[hl+2] == 0x11 && ip[hl+3] == 0x94) {
@@ -437,6 +446,13 @@ func TestInVMReachability(t *testing.T) {
 	// Idempotent.
 	c.applyOK()
 	assert.Equal(t, 1446, c.nodes[0].net.MTU())
+	// A full-size packet with DF fits in one ESP packet on the wire.
+	capt = startCapture(t, c.lab, marker)
+	require.NoError(t, udpEchoSized(t, c.nodes[0].pod, c.nodes[1].pod, c.nodes[0].net.MTU()-28))
+	capt.stop()
+	assert.Zero(t, capt.frags.Load(), "outer ESP packets were fragmented: MTU overhead too small")
+	assert.Equal(t, int64(1500), capt.maxESP.Load(), "a full-size pod packet fills the underlay MTU exactly")
+	assert.Zero(t, capt.plain.Load())
 	c.checkLogsFree()
 }
 
@@ -464,4 +480,54 @@ func TestInVMDualStack(t *testing.T) {
 	require.NoError(t, err)
 	assert.Empty(t, routes)
 	require.NoError(t, v.b.Cleanup(t.Context(), v.env), "cleanup is idempotent")
+}
+
+// udpEchoSized sends one UDP datagram of size bytes with DF set from a to
+// an echo server in b and waits for it to come back.
+func udpEchoSized(t *testing.T, a, b *netlab.Pod, size int) error {
+	t.Helper()
+	var srv, cli *net.UDPConn
+	require.NoError(t, backend.InNamespace(b.NS, func() error {
+		var err error
+		srv, err = net.ListenUDP("udp4", net.UDPAddrFromAddrPort(netip.AddrPortFrom(b.IP, 0)))
+		return err
+	}))
+	defer srv.Close()
+	require.NoError(t, backend.InNamespace(a.NS, func() error {
+		var err error
+		cli, err = net.DialUDP("udp4", net.UDPAddrFromAddrPort(netip.AddrPortFrom(a.IP, 0)), srv.LocalAddr().(*net.UDPAddr))
+		return err
+	}))
+	defer cli.Close()
+	raw, err := cli.SyscallConn()
+	require.NoError(t, err)
+	require.NoError(t, raw.Control(func(fd uintptr) {
+		err = unix.SetsockoptInt(int(fd), unix.IPPROTO_IP, unix.IP_MTU_DISCOVER, unix.IP_PMTUDISC_DO)
+	}))
+	require.NoError(t, err)
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	wg.Go(func() {
+		buf := make([]byte, 65536)
+		n, from, err := srv.ReadFromUDPAddrPort(buf)
+		if err == nil {
+			srv.WriteToUDPAddrPort(buf[:n], from)
+		}
+	})
+	payload := bytes.Repeat([]byte{0xa5}, size)
+	deadline := time.Now().Add(10 * time.Second)
+	buf := make([]byte, 65536)
+	for time.Now().Before(deadline) {
+		if _, err := cli.Write(payload); err != nil {
+			srv.Close()
+			return fmt.Errorf("send %d bytes: %w", size, err)
+		}
+		cli.SetReadDeadline(time.Now().Add(time.Second))
+		n, err := cli.Read(buf)
+		if err == nil && n == size {
+			return nil
+		}
+	}
+	srv.Close()
+	return fmt.Errorf("no echo of %d bytes", size)
 }
