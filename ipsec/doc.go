@@ -29,6 +29,27 @@
 // deterministically (sorted probing), so SPIs are unique per destination and
 // both ends compute the same value.
 //
+// A GCM key must never see the same nonce twice, and the kernel makes the
+// nonce from the state's sequence number, which starts over in a new
+// state. So an outbound state is never installed again with a key it had:
+// when one vanishes (deleted by hand, flushed), the sender moves to the next
+// generation (a gen-specific info string and SPI); receivers keep inbound
+// states for Generations generations per sender key. After Generations-1
+// such repairs within one key lifetime the peer stays blocked (and is
+// reported) until the next rekey or restart. Every Start needs its own
+// Prepare, i.e. a fresh key pair.
+//
+// # Rekeying
+//
+// Network.Rekey makes a new key pair and installs inbound states for it
+// next to the old ones; the caller publishes the returned attributes.
+// Outbound keeps the old key for Options.Grace/2 (peers must see the new
+// public key first) and the old key is retired after Options.Grace. Peers
+// switch their outbound as soon as they see the new key. Network.Run rekeys
+// every Options.RekeyInterval when Options.Publish is set; the flannel Agent
+// does not republish attributes today, so under the Agent keys change on
+// every restart only.
+//
 // # Kernel state
 //
 // For each peer and family: an outbound and an inbound ESP tunnel-mode state
@@ -36,12 +57,18 @@
 // own and the peer's pod subnets, and a route for the peer's subnet via the
 // next hop towards its public IP (so peers on other L2 segments work). Under
 // the per-peer policies sits a block policy for traffic from the own subnet
-// to the whole cluster network, so pod traffic is never sent in plain text:
-// not before a peer's states exist, not after they were deleted by hand, not
-// while the agent restarts. States and policies are ours when they carry
+// to the whole cluster network (programmed by Start, before the first
+// Apply), so pod traffic is never sent in plain text: not before a peer's
+// states exist, not after they were deleted by hand, not while the agent
+// restarts. Traffic from the node's own addresses is not covered. States and policies are ours when they carry
 // Options.Reqid (policies: in their template, or the block/allow priorities);
 // reconcile is level-triggered and deletes ours that are not wanted,
 // including those of a previous run.
+//
+// The MTU is the external MTU minus the exact ESP tunnel overhead for
+// AES-GCM (outer IP header, SPI and sequence number, 8-byte IV, padding to 4
+// bytes with the 2 trailer bytes, 16-byte ICV; 8 more with UDPEncap): 1446
+// on a 1500-byte IPv4 underlay.
 //
 // It does not run IKE, does not interoperate with upstream flannel's
 // strongSwan-based ipsec backend on the wire, and does not set up
