@@ -320,38 +320,30 @@ func (n *Network) applyLocked(ctx context.Context) error {
 	if err := n.ensureDevicesLocked(); err != nil {
 		return err
 	}
-	h := n.env.Handle
-	var failed peerErrs
-	want, memos := n.desire(n.peers, n.directFunc(), &failed)
-
-	var sets, dels []op
-	for _, d := range n.devs {
-		family := netlink.FAMILY_V4
-		if d.spec.v6 {
-			family = netlink.FAMILY_V6
-		}
-		fdb, err := backend.ListNeighs(h, d.index, unix.AF_BRIDGE)
-		if err != nil {
-			return fmt.Errorf("device %s: %w", d.spec.name, err)
-		}
-		neigh, err := backend.ListNeighs(h, d.index, family)
-		if err != nil {
-			return fmt.Errorf("device %s: %w", d.spec.name, err)
-		}
-		s, dl := diffNeigh(kindFDB, want.fdb[d.index], fdb)
-		sets, dels = append(sets, s...), append(dels, dl...)
-		s, dl = diffNeigh(kindNeigh, want.neigh[d.index], neigh)
-		sets, dels = append(sets, s...), append(dels, dl...)
-	}
 	links := []int{n.env.Iface.Index}
 	for _, d := range n.devs {
 		links = append(links, d.index)
 	}
+	// Pipelined: the kernel dumps its tables while the desired entries are
+	// computed (the goroutine is always joined below).
+	dumped := make(chan tables, 1)
+	go func() { dumped <- n.dump(links) }()
+	var failed peerErrs
+	want, memos := n.desire(n.peers, n.directFunc(), &failed)
+	tabs := <-dumped
+	if tabs.err != nil {
+		return tabs.err
+	}
+
+	var sets, dels []op
+	for _, d := range n.devs {
+		s, dl := diffNeigh(kindFDB, want.fdb[d.index], tabs.fdb[d.index])
+		sets, dels = append(sets, s...), append(dels, dl...)
+		s, dl = diffNeigh(kindNeigh, want.neigh[d.index], tabs.neigh[d.index])
+		sets, dels = append(sets, s...), append(dels, dl...)
+	}
 	for _, link := range links {
-		actual, err := n.rec.Owned(h, link)
-		if err != nil {
-			return err
-		}
+		actual := tabs.routes[link]
 		// Desired routes with no actual route for their destination are
 		// added as they are; only the others go through DiffRoutes, which
 		// copies every route several times (slow with thousands of peers).
@@ -381,6 +373,43 @@ func (n *Network) applyLocked(ctx context.Context) error {
 		}
 	}
 	return n.finish(ctx, began, sets, dels, &failed, memos)
+}
+
+// tables is what dump read from the kernel, by link index.
+type tables struct {
+	fdb, neigh map[int][]netlink.Neigh
+	routes     map[int][]netlink.Route
+	err        error
+}
+
+// dump lists the FDB and neighbour entries of the devices and our routes on
+// links.
+func (n *Network) dump(links []int) tables {
+	h := n.env.Handle
+	t := tables{fdb: map[int][]netlink.Neigh{}, neigh: map[int][]netlink.Neigh{}, routes: map[int][]netlink.Route{}}
+	for _, d := range n.devs {
+		family := netlink.FAMILY_V4
+		if d.spec.v6 {
+			family = netlink.FAMILY_V6
+		}
+		var err error
+		if t.fdb[d.index], err = backend.ListNeighs(h, d.index, unix.AF_BRIDGE); err != nil {
+			t.err = fmt.Errorf("device %s: %w", d.spec.name, err)
+			return t
+		}
+		if t.neigh[d.index], err = backend.ListNeighs(h, d.index, family); err != nil {
+			t.err = fmt.Errorf("device %s: %w", d.spec.name, err)
+			return t
+		}
+	}
+	for _, link := range links {
+		var err error
+		if t.routes[link], err = n.rec.Owned(h, link); err != nil {
+			t.err = err
+			return t
+		}
+	}
+	return t
 }
 
 // applyChanges programs n.peers when the kernel is known to hold what the
