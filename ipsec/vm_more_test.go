@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
+	"math/rand/v2"
 	"net"
 	"net/netip"
 	"sync"
@@ -391,4 +392,42 @@ func TestInVMRekeyByRun(t *testing.T) {
 	c.checkAllPairs()
 	stop()
 	c.checkLogsFree()
+}
+
+// TestInVMRandomPeerSets applies random sets of invented peers in random
+// order; after each Apply the kernel holds exactly the last set's states,
+// policies and routes.
+func TestInVMRandomPeerSets(t *testing.T) {
+	inVM(t)
+	c := newCluster(t, 1, func(int) string { return clusterPSK }, ipsec.Options{})
+	v := c.nodes[0]
+	var pool []lease.Lease
+	for i := range 6 {
+		data, err := ipsec.FakePeerData([]byte(clusterPSK))
+		require.NoError(t, err)
+		pool = append(pool, lease.Lease{
+			Subnet: netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 244, byte(100 + i), 0}), 24),
+			Attrs: lease.Attrs{BackendType: ipsec.Type, PublicIP: netip.AddrFrom4([4]byte{172, 30, 0, byte(100 + i)}),
+				BackendData: data},
+		})
+	}
+	rng := rand.New(rand.NewPCG(1, 2))
+	for step := range 12 {
+		var set []lease.Lease
+		for _, l := range pool {
+			if rng.IntN(2) == 0 {
+				set = append(set, l)
+			}
+		}
+		rng.Shuffle(len(set), func(i, j int) { set[i], set[j] = set[j], set[i] })
+		require.NoError(t, v.net.Apply(t.Context(), set), "step %d", step)
+		assert.Len(t, xfrmStates(t, v.node.Handle), perPeer*len(set), "step %d", step)
+		assert.Len(t, xfrmPolicies(t, v.node.Handle), 2+3*len(set), "step %d", step)
+		routes, err := v.node.Handle.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Protocol: backend.RouteProtocol}, netlink.RT_FILTER_PROTOCOL)
+		require.NoError(t, err)
+		assert.Len(t, routes, len(set), "step %d", step)
+		for _, l := range set {
+			assert.Equal(t, perPeer, ourStatesTo(t, v.node.Handle, l.Attrs.PublicIP), "step %d peer %s", step, l)
+		}
+	}
 }
