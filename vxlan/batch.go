@@ -153,10 +153,11 @@ func appendAttr(b []byte, typ uint16, data []byte) []byte {
 // rtnetlink handles a batch synchronously inside sendmsg, so only errors
 // come back. It is not safe for concurrent use.
 type writer struct {
-	fd   int
-	seq  uint32
-	sbuf []byte
-	rbuf []byte
+	fd     int
+	broken bool // a send or receive failed: the socket is not reused
+	seq    uint32
+	sbuf   []byte
+	rbuf   []byte
 }
 
 // batchBytes bounds one sendmsg; well under the default socket send buffer.
@@ -207,6 +208,7 @@ func (w *writer) write(ops []op) []error {
 			}
 		}
 		if err := w.flush(ops[start:end], errs[start:end], base); err != nil {
+			w.broken = true
 			for i := start; i < end; i++ {
 				if errs[i] == nil {
 					errs[i] = err

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"runtime"
 	"slices"
 	"sync"
 	"time"
@@ -37,6 +38,7 @@ type Network struct {
 	// peers that changed. Repairs always dump and diff everything.
 	synced bool
 	memo   map[leaseKey]*peerMemo // what each peer asked for last
+	socks  *sockets
 }
 
 // leaseKey identifies a peer by its subnets.
@@ -56,7 +58,9 @@ var _ flannel.Network = (*Network)(nil)
 
 func newNetwork(env flannel.Env, own lease.Lease, opts Options, devs []*device) *Network {
 	log := logger(env.Logger).With("backend", Type, "iface", env.Iface.Name)
-	return &Network{env: env, own: own, opts: opts, log: log, rec: backend.RouteReconciler{Logger: log}, devs: devs}
+	n := &Network{env: env, own: own, opts: opts, log: log, rec: backend.RouteReconciler{Logger: log}, devs: devs, socks: &sockets{}}
+	runtime.AddCleanup(n, (*sockets).closeAll, n.socks)
+	return n
 }
 
 // Lease returns the lease the network was started with.
@@ -549,19 +553,36 @@ func (n *Network) program(ops []op) []error {
 		return program(nil, n.env.Handle, ops)
 	}
 	k := min(n.opts.Sockets, max(1, len(ops)/256))
-	ws := make([]*writer, 0, k)
-	defer func() {
-		for _, w := range ws {
-			w.Close()
-		}
-	}()
-	for range k {
+	for len(n.socks.ws) < k {
 		w, err := newWriter(n.env.NS)
 		if err != nil {
 			n.log.Warn("raw netlink socket unavailable; programming through the handle", "err", err)
 			return program(nil, n.env.Handle, ops)
 		}
-		ws = append(ws, w)
+		n.socks.ws = append(n.socks.ws, w)
 	}
-	return program(ws, n.env.Handle, ops)
+	errs := program(n.socks.ws[:k], n.env.Handle, ops)
+	n.socks.dropBroken()
+	return errs
+}
+
+// sockets are the raw netlink writers a Network keeps between Applies
+// (opening one in the namespace costs a thread switch). They are closed
+// when the Network is garbage collected.
+type sockets struct{ ws []*writer }
+
+func (s *sockets) dropBroken() {
+	s.ws = slices.DeleteFunc(s.ws, func(w *writer) bool {
+		if w.broken {
+			w.Close()
+		}
+		return w.broken
+	})
+}
+
+func (s *sockets) closeAll() {
+	for _, w := range s.ws {
+		w.Close()
+	}
+	s.ws = nil
 }
