@@ -39,6 +39,9 @@ type Network struct {
 	synced bool
 	memo   map[leaseKey]*peerMemo // what each peer asked for last
 	socks  *sockets
+
+	devMu    sync.Mutex // guards devIndex, read by Run's event filters
+	devIndex []int      // current ifindex of each device
 }
 
 // leaseKey identifies a peer by its subnets.
@@ -110,6 +113,12 @@ func (n *Network) ensureDevicesLocked() error {
 		if before != 0 && d.index != before {
 			n.log.Warn("device was recreated; replaying every peer", "device", d.spec.name, "mac", d.mac.String())
 		}
+		n.devMu.Lock()
+		n.devIndex = n.devIndex[:0]
+		for _, d := range n.devs {
+			n.devIndex = append(n.devIndex, d.index)
+		}
+		n.devMu.Unlock()
 		link := &netlink.Vxlan{LinkAttrs: netlink.LinkAttrs{Name: d.spec.name, Index: d.index}}
 		p := n.own.Subnet
 		if d.spec.v6 {

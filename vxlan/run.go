@@ -7,7 +7,10 @@ import (
 	"time"
 
 	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+
+	"github.com/flannelkit/flannel/backend"
 )
 
 const (
@@ -16,25 +19,52 @@ const (
 )
 
 // Run repairs drift until ctx ends: it re-applies the last peer set every
-// RepairInterval (fixing neighbour, FDB and route entries deleted or
-// changed by hand) and right away when a flannel device is deleted or set
-// down (a link netlink subscription in env.NS; without an open NS only the
-// periodic repair runs), recreating the device with its MAC and replaying
-// every peer. Nothing is repaired before the first Apply, so entries of a
-// previous run stay until the caller has said which peers exist. Repair
-// failures are logged and retried; a failing subscription is retried with
-// capped backoff and is never fatal. Run joins all its goroutines and
-// returns nil when ctx ends.
+// RepairInterval, and right away when a flannel device is deleted or set
+// down (recreating it with its MAC and replaying every peer) or when a
+// permanent neighbour or FDB entry on a flannel device, or a route of ours,
+// is deleted (netlink subscriptions in env.NS; without an open NS only the
+// periodic repair runs; entries added by others only go at the periodic
+// repair). Nothing is repaired before the first Apply, so
+// entries of a previous run stay until the caller has said which peers
+// exist. Repair failures are logged and retried; a failing subscription is
+// retried with capped backoff and is never fatal. Run joins all its
+// goroutines and returns nil when ctx ends.
 func (n *Network) Run(ctx context.Context) error {
 	ctx, cancel := context.WithCancel(ctx)
-	kick := make(chan struct{}, 1)
+	kick := make(chan string, 1)
 	var wg sync.WaitGroup
 	defer func() {
 		cancel()
 		wg.Wait()
 	}()
 	if n.env.NS.IsOpen() {
-		wg.Go(func() { n.watchLinks(ctx, kick) })
+		names := map[string]bool{}
+		for _, d := range n.devs {
+			names[d.spec.name] = true
+		}
+		wg.Go(func() {
+			watch(ctx, n, "link", kick, func(ch chan netlink.LinkUpdate, done chan struct{}, ns *netns.NsHandle, cb func(error)) error {
+				return netlink.LinkSubscribeWithOptions(ch, done, netlink.LinkSubscribeOptions{Namespace: ns, ErrorCallback: cb})
+			}, func(u netlink.LinkUpdate) bool {
+				return u.Link != nil && names[u.Link.Attrs().Name] &&
+					(u.Header.Type == unix.RTM_DELLINK || u.Link.Attrs().Flags&net.FlagUp == 0)
+			})
+		})
+		wg.Go(func() {
+			watch(ctx, n, "neighbour", kick, func(ch chan netlink.NeighUpdate, done chan struct{}, ns *netns.NsHandle, cb func(error)) error {
+				return netlink.NeighSubscribeWithOptions(ch, done, netlink.NeighSubscribeOptions{Namespace: ns, ErrorCallback: cb})
+			}, func(u netlink.NeighUpdate) bool {
+				// A deleted neighbour is reported NUD_FAILED, whatever it was.
+				return u.Type == unix.RTM_DELNEIGH && n.ours(u.LinkIndex, false)
+			})
+		})
+		wg.Go(func() {
+			watch(ctx, n, "route", kick, func(ch chan netlink.RouteUpdate, done chan struct{}, ns *netns.NsHandle, cb func(error)) error {
+				return netlink.RouteSubscribeWithOptions(ch, done, netlink.RouteSubscribeOptions{Namespace: ns, ErrorCallback: cb})
+			}, func(u netlink.RouteUpdate) bool {
+				return u.Type == unix.RTM_DELROUTE && u.Protocol == backend.RouteProtocol && n.ours(u.LinkIndex, true)
+			})
+		})
 	} else {
 		n.log.Info("no namespace handle: repairing on a timer only", "interval", n.opts.RepairInterval)
 	}
@@ -46,10 +76,27 @@ func (n *Network) Run(ctx context.Context) error {
 			return nil
 		case <-ticker.C:
 			n.repair(ctx, "periodic")
-		case <-kick:
-			n.repair(ctx, "device deleted or down")
+		case why := <-kick:
+			n.repair(ctx, why)
 		}
 	}
+}
+
+// ours reports whether link is a flannel device (or, with ext, the
+// external interface, where direct routes live). Device indexes change
+// when a device is recreated, hence the lock.
+func (n *Network) ours(link int, ext bool) bool {
+	if ext && link == n.env.Iface.Index {
+		return true
+	}
+	n.devMu.Lock()
+	defer n.devMu.Unlock()
+	for _, i := range n.devIndex {
+		if i == link {
+			return true
+		}
+	}
+	return false
 }
 
 func (n *Network) repair(ctx context.Context, why string) {
@@ -63,40 +110,48 @@ func (n *Network) repair(ctx context.Context, why string) {
 	}
 }
 
-// watchLinks subscribes to link changes in the node namespace and kicks a
-// repair when a flannel device goes away or down, and after every
-// (re)subscription since events may have been missed.
-func (n *Network) watchLinks(ctx context.Context, kick chan<- struct{}) {
+// watch subscribes with sub in the node namespace and kicks a repair for
+// every update relevant reports, and after every (re)subscription since
+// events may have been missed. A failed or ended subscription is retried
+// with capped backoff until ctx ends.
+func watch[T any](ctx context.Context, n *Network, what string, kick chan<- string,
+	sub func(ch chan T, done chan struct{}, ns *netns.NsHandle, cb func(error)) error, relevant func(T) bool) {
 	poke := func() {
 		select {
-		case kick <- struct{}{}:
+		case kick <- what + " event":
 		default:
 		}
 	}
-	names := map[string]bool{}
-	for _, d := range n.devs {
-		names[d.spec.name] = true
-	}
 	backoff := minResubscribe
 	for {
-		ch := make(chan netlink.LinkUpdate, 64)
+		ch := make(chan T, 256)
 		done := make(chan struct{})
 		ns := n.env.NS
-		err := netlink.LinkSubscribeWithOptions(ch, done, netlink.LinkSubscribeOptions{
-			Namespace: &ns,
-			ErrorCallback: func(err error) {
-				if ctx.Err() == nil {
-					n.log.Debug("link subscription", "err", err)
-				}
-			},
+		err := sub(ch, done, &ns, func(err error) {
+			if ctx.Err() == nil {
+				n.log.Debug(what+" subscription", "err", err)
+			}
 		})
 		if err != nil {
 			close(done)
-			n.log.Warn("link subscription failed; repairing on a timer meanwhile", "err", err, "retry_in", backoff)
+			n.log.Warn(what+" subscription failed; repairing on a timer meanwhile", "err", err, "retry_in", backoff)
 		} else {
 			poke()
 			started := time.Now()
-			n.consume(ctx, ch, names, poke)
+		loop:
+			for {
+				select {
+				case <-ctx.Done():
+					break loop
+				case u, ok := <-ch:
+					if !ok {
+						break loop
+					}
+					if relevant(u) {
+						poke()
+					}
+				}
+			}
 			close(done)
 			for range ch { // until the receiver goroutine has exited
 			}
@@ -106,7 +161,7 @@ func (n *Network) watchLinks(ctx context.Context, kick chan<- struct{}) {
 			if time.Since(started) > maxResubscribe {
 				backoff = minResubscribe
 			}
-			n.log.Warn("link subscription ended; resubscribing", "retry_in", backoff)
+			n.log.Warn(what+" subscription ended; resubscribing", "retry_in", backoff)
 		}
 		t := time.NewTimer(backoff)
 		select {
@@ -116,25 +171,5 @@ func (n *Network) watchLinks(ctx context.Context, kick chan<- struct{}) {
 		case <-t.C:
 		}
 		backoff = min(backoff*2, maxResubscribe)
-	}
-}
-
-// consume reads updates until ctx ends or the subscription closes ch.
-func (n *Network) consume(ctx context.Context, ch <-chan netlink.LinkUpdate, names map[string]bool, poke func()) {
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case u, ok := <-ch:
-			if !ok {
-				return
-			}
-			if u.Link == nil || !names[u.Link.Attrs().Name] {
-				continue
-			}
-			if u.Header.Type == unix.RTM_DELLINK || u.Link.Attrs().Flags&net.FlagUp == 0 {
-				poke()
-			}
-		}
 	}
 }
