@@ -516,3 +516,44 @@ func testDaemonCluster(t *testing.T, v variant) {
 		assert.NotContains(t, scan.Text(), "level=ERROR")
 	}
 }
+
+// TestBinaryCommandLine runs the binary for what needs no kernel: bad
+// values exit 2 with the flag named, --version, and docker-opts.
+func TestBinaryCommandLine(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	env := filepath.Join(dir, "subnet.env")
+	require.NoError(t, os.WriteFile(env, []byte("FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.7.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n"), 0o644))
+	tests := []struct {
+		name     string
+		args     []string
+		env      []string
+		code     int
+		contains string
+	}{
+		{name: "bad flag value", args: []string{"--public-ip=10.0.0"}, code: 2, contains: "public-ip"},
+		{name: "bad variable", env: []string{"FLANNELD_HEALTHZ_PORT=99999"}, code: 2, contains: "healthz-port"},
+		{name: "kube without node", args: []string{"--kube-subnet-mgr"}, code: 2, contains: "NODE_NAME"},
+		{name: "version", args: []string{"--version"}, code: 0, contains: "dev"},
+		{name: "docker-opts", args: []string{"docker-opts", "-f", env, "-d", "-", "-c"}, code: 0,
+			contains: `DOCKER_OPTS="--bip=10.244.7.1/24 --ip-masq=true --mtu=1450"`},
+		{name: "docker-opts missing file", args: []string{"docker-opts", "-f", filepath.Join(dir, "none.env")}, code: 1, contains: "none.env"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			cmd := exec.Command(binary, tc.args...)
+			cmd.Env = append([]string{"PATH=" + os.Getenv("PATH")}, tc.env...)
+			out, err := cmd.CombinedOutput()
+			code := 0
+			var ee *exec.ExitError
+			if errors.As(err, &ee) {
+				code = ee.ExitCode()
+			} else {
+				require.NoError(t, err)
+			}
+			assert.Equal(t, tc.code, code, "%s", out)
+			assert.Contains(t, string(out), tc.contains)
+		})
+	}
+}
