@@ -467,7 +467,8 @@ func testDaemonCluster(t *testing.T, v variant) {
 		ready := fams["flannel_ready"].GetMetric()[0].GetGauge().GetValue()
 		expiry := fams["flannel_lease_expiry_timestamp_seconds"].GetMetric()[0].GetGauge().GetValue()
 		runs := fams["flannel_reconcile_total"].GetMetric()[0].GetCounter().GetValue()
-		return peers == 2 && ready == 1 && expiry > float64(time.Now().Unix()) && runs >= 1
+		_, renewals := fams["flannel_lease_renewals_total"]
+		return peers == 2 && ready == 1 && expiry > float64(time.Now().Unix()) && runs >= 1 && renewals
 	}, 30*time.Second, 200*time.Millisecond, "node0 metrics")
 
 	// SIGTERM leaves the datapath: no ping lost while node1 is down and

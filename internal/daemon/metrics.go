@@ -30,6 +30,7 @@ type Metrics struct {
 	watchRestart prometheus.Counter
 	keepErrors   prometheus.Counter
 	leaseLost    prometheus.Counter
+	renewals     prometheus.Counter
 
 	mu      sync.Mutex
 	runErr  error
@@ -46,7 +47,8 @@ func NewMetrics() *Metrics {
 	m.watchRestart = prometheus.NewCounter(prometheus.CounterOpts{Name: "flannel_store_watch_restarts_total", Help: "Restarts of the lease store watch after it failed."})
 	m.keepErrors = prometheus.NewCounter(prometheus.CounterOpts{Name: "flannel_lease_keep_errors_total", Help: "Failures to keep (renew) the node's lease, including losses."})
 	m.leaseLost = prometheus.NewCounter(prometheus.CounterOpts{Name: "flannel_lease_lost_total", Help: "Times the node's lease was lost and re-acquired."})
-	m.reg.MustRegister(m.applies, m.applyErrors, m.applyTime, m.watchRestart, m.keepErrors, m.leaseLost,
+	m.renewals = prometheus.NewCounter(prometheus.CounterOpts{Name: "flannel_lease_renewals_total", Help: "Renewals of the node's lease seen (its expiry moved forward)."})
+	m.reg.MustRegister(m.renewals, m.applies, m.applyErrors, m.applyTime, m.watchRestart, m.keepErrors, m.leaseLost,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "flannel_peers", Help: "Peers in the last set applied to the kernel."}, func() float64 {
 			if a := m.agent.Load(); a != nil {
@@ -101,21 +103,40 @@ func (m *Metrics) SetLeaseExpiry(fn func(ctx context.Context, own lease.Lease) (
 }
 
 func (m *Metrics) expiry() float64 {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	if t, ok := m.leaseExpiry(ctx); ok {
+		return float64(t.Unix())
+	}
+	return 0
+}
+
+// leaseExpiry reports when the agent's current lease expires; false when
+// unknown (no agent or lease yet, a store without expiry, an error).
+func (m *Metrics) leaseExpiry(ctx context.Context) (time.Time, bool) {
 	a, fn := m.agent.Load(), m.lease.Load()
 	if a == nil || fn == nil {
-		return 0
+		return time.Time{}, false
 	}
 	own := a.State().Lease
 	if !own.Subnet.IsValid() && !own.IPv6Subnet.IsValid() {
-		return 0
+		return time.Time{}, false
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-	defer cancel()
 	t, err := (*fn)(ctx, own)
 	if err != nil || t.IsZero() {
-		return 0
+		return time.Time{}, false
 	}
-	return float64(t.Unix())
+	return t, true
+}
+
+// WatchRenewals counts lease renewals into flannel_lease_renewals_total
+// until ctx ends (see watchRenewals).
+func (m *Metrics) WatchRenewals(ctx context.Context, period time.Duration) {
+	watchRenewals(ctx, period, func(ctx context.Context) (time.Time, bool) {
+		rctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		defer cancel()
+		return m.leaseExpiry(rctx)
+	}, func(time.Time) { m.renewals.Inc() })
 }
 
 // Handler serves /healthz (200 while the agent runs without a fatal

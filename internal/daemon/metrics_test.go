@@ -69,6 +69,7 @@ func TestMetricsEndpoints(t *testing.T) {
 	assert.Equal(t, 0.0, val("flannel_peers"))
 	assert.Equal(t, 0.0, val("flannel_ready"))
 	assert.Equal(t, 0.0, val("flannel_lease_expiry_timestamp_seconds"))
+	assert.Equal(t, 0.0, val("flannel_lease_renewals_total"))
 
 	m.RunDone(errors.New("network failed"))
 	code, body = get(t, h, "/healthz")

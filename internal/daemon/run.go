@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"net/netip"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/vishvananda/netlink"
@@ -151,6 +152,13 @@ func Run(ctx context.Context, c Config, log *slog.Logger) error {
 		return cleanup(ctx, c, store, h, iface, agent, log)
 	}
 
+	var renewals sync.WaitGroup
+	if st.expiry != nil {
+		rctx, cancel := context.WithCancel(ctx)
+		defer func() { cancel(); renewals.Wait() }()
+		renewals.Add(1)
+		go func() { defer renewals.Done(); m.WatchRenewals(rctx, DefaultRenewalPoll) }()
+	}
 	runErr := agent.Run(ctx)
 	m.RunDone(runErr)
 	return runErr
