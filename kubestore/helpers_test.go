@@ -1,0 +1,202 @@
+package kubestore_test
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"log/slog"
+	"os"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+	"go.uber.org/goleak"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes"
+
+	"github.com/flannelkit/flannel/kubestore"
+	"github.com/flannelkit/flannel/lease"
+)
+
+func TestMain(m *testing.M) {
+	goleak.VerifyTestMain(m,
+		// klog's flush daemon is started by client-go's init, once per process.
+		goleak.IgnoreTopFunction("k8s.io/klog/v2.(*flushDaemon).run.func1"),
+		// Idle keep-alive connections of client-go's shared transports.
+		goleak.IgnoreTopFunction("net/http.(*persistConn).readLoop"),
+		goleak.IgnoreTopFunction("net/http.(*persistConn).writeLoop"),
+		goleak.IgnoreTopFunction("internal/poll.runtime_pollWait"),
+	)
+}
+
+const (
+	netConf4    = `{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}`
+	netConfDual = `{"EnableIPv6":true,"Network":"10.244.0.0/16","IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan"}}`
+)
+
+func config(t *testing.T, conf string) lease.Config {
+	t.Helper()
+	c, err := lease.ParseConfig([]byte(conf))
+	require.NoError(t, err)
+	return c
+}
+
+// logSink collects log lines for assertions.
+type logSink struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (s *logSink) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.buf.Write(p)
+}
+
+func (s *logSink) logger() *slog.Logger {
+	return slog.New(slog.NewTextHandler(s, &slog.HandlerOptions{Level: slog.LevelDebug}))
+}
+
+func (s *logSink) has(parts ...string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for line := range strings.Lines(s.buf.String()) {
+		ok := true
+		for _, p := range parts {
+			ok = ok && strings.Contains(line, p)
+		}
+		if ok {
+			return true
+		}
+	}
+	return false
+}
+
+func newStore(t *testing.T, cs kubernetes.Interface, node, conf string, opts kubestore.Options) *kubestore.Store {
+	t.Helper()
+	opts.NodeName = node
+	opts.Config = config(t, conf)
+	if opts.PollInterval == 0 {
+		opts.PollInterval = 20 * time.Millisecond
+	}
+	if opts.RetryMin == 0 {
+		opts.RetryMin, opts.RetryMax = 50*time.Millisecond, time.Second
+	}
+	s, err := kubestore.New(cs, opts)
+	require.NoError(t, err)
+	return s
+}
+
+// createNode creates a Node with the given podCIDRs and annotations.
+func createNode(t *testing.T, cs kubernetes.Interface, name string, ann map[string]string, cidrs ...string) *corev1.Node {
+	t.Helper()
+	n := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: name, Annotations: ann}}
+	if len(cidrs) > 0 {
+		n.Spec.PodCIDR, n.Spec.PodCIDRs = cidrs[0], cidrs
+	}
+	got, err := cs.CoreV1().Nodes().Create(context.Background(), n, metav1.CreateOptions{})
+	require.NoError(t, err)
+	return got
+}
+
+// createNodeJSON creates a Node from a JSON file (status included).
+func createNodeJSON(t *testing.T, cs kubernetes.Interface, path, name string) *corev1.Node {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	require.NoError(t, err)
+	var n corev1.Node
+	require.NoError(t, json.Unmarshal(b, &n))
+	n.Name = name
+	got, err := cs.CoreV1().Nodes().Create(context.Background(), &n, metav1.CreateOptions{})
+	require.NoError(t, err)
+	return got
+}
+
+func getNode(t *testing.T, cs kubernetes.Interface, name string) *corev1.Node {
+	t.Helper()
+	n, err := cs.CoreV1().Nodes().Get(context.Background(), name, metav1.GetOptions{})
+	require.NoError(t, err)
+	return n
+}
+
+// flannelAnnotations returns the annotations under the default prefix.
+func flannelAnnotations(n *corev1.Node) map[string]string {
+	out := map[string]string{}
+	for k, v := range n.Annotations {
+		if strings.HasPrefix(k, kubestore.DefaultAnnotationPrefix+"/") {
+			out[k] = v
+		}
+	}
+	return out
+}
+
+// watcher runs Store.Watch in the background and records snapshots.
+type watcher struct {
+	mu     sync.Mutex
+	snaps  []lease.Snapshot
+	cancel context.CancelFunc
+	done   chan error
+}
+
+func startWatch(t *testing.T, s *kubestore.Store) *watcher {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	w := &watcher{cancel: cancel, done: make(chan error, 1)}
+	go func() {
+		w.done <- s.Watch(ctx, func(snap lease.Snapshot) {
+			w.mu.Lock()
+			defer w.mu.Unlock()
+			w.snaps = append(w.snaps, snap)
+		})
+	}()
+	t.Cleanup(func() { w.stop(t) })
+	return w
+}
+
+func (w *watcher) stop(t *testing.T) {
+	if w.cancel == nil {
+		return
+	}
+	w.cancel()
+	w.cancel = nil
+	select {
+	case err := <-w.done:
+		require.NoError(t, err)
+	case <-time.After(30 * time.Second):
+		t.Fatal("Watch did not return after cancel")
+	}
+}
+
+func (w *watcher) last() (lease.Snapshot, bool) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if len(w.snaps) == 0 {
+		return lease.Snapshot{}, false
+	}
+	return w.snaps[len(w.snaps)-1], true
+}
+
+// waitFor waits until the last snapshot satisfies ok.
+func (w *watcher) waitFor(t *testing.T, what string, ok func([]lease.Lease) bool) lease.Snapshot {
+	t.Helper()
+	var snap lease.Snapshot
+	require.Eventually(t, func() bool {
+		s, have := w.last()
+		snap = s
+		return have && ok(s.Leases)
+	}, 60*time.Second, 10*time.Millisecond, "waiting for %s; last snapshot %v", what, snap.Leases)
+	return snap
+}
+
+// find returns the lease with the given IPv4 subnet.
+func find(ls []lease.Lease, subnet string) (lease.Lease, bool) {
+	for _, l := range ls {
+		if l.Subnet.String() == subnet {
+			return l, true
+		}
+	}
+	return lease.Lease{}, false
+}

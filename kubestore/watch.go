@@ -1,0 +1,165 @@
+package kubestore
+
+import (
+	"context"
+	"errors"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+
+	"github.com/go-logr/logr"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/watch"
+	"k8s.io/client-go/tools/cache"
+
+	"github.com/flannelkit/flannel/lease"
+)
+
+// Watch calls fn with the leases of every flannel node (Nodes with
+// <prefix>/kube-subnet-manager=true and a podCIDR; this node included)
+// until ctx ends, and then returns nil after joining its informer.
+//
+// It runs an informer over Nodes whose cache holds each Node stripped to
+// its name, podCIDR(s) and the flannel annotations (a transform drops
+// status, labels and the rest before anything is stored). The first
+// snapshot comes once the informer has synced; later ones after each change
+// (a node added, deleted, a podCIDR, public IP or backend data of either
+// family changed). After a relist (the watch broke: apiserver restart,
+// expired resource version) the next snapshot has Resync set; snapshots are
+// always complete, so nothing is missed. A node whose annotations are
+// malformed is skipped with a warning naming it. fn is called from Watch's
+// goroutine only.
+func (s *Store) Watch(ctx context.Context, fn func(lease.Snapshot)) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+
+	var lists atomic.Int64 // bumped by every (re)list, for Resync
+	lw := &cache.ListWatch{
+		ListWithContextFunc: func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) {
+			lists.Add(1)
+			return s.client.CoreV1().Nodes().List(ctx, o)
+		},
+		WatchFuncWithContext: func(ctx context.Context, o metav1.ListOptions) (watch.Interface, error) {
+			if o.SendInitialEvents != nil && *o.SendInitialEvents {
+				lists.Add(1) // a streaming list
+			}
+			return s.client.CoreV1().Nodes().Watch(ctx, o)
+		},
+	}
+	kick := make(chan struct{}, 1)
+	notify := func() {
+		select {
+		case kick <- struct{}{}:
+		default:
+		}
+	}
+	// client-go logs through logr; route it to the store's logger instead
+	// of klog's stderr.
+	lg := logr.FromSlogHandler(s.log.With("node", s.node, "informer", "nodes").Handler())
+	store, ctrl := cache.NewInformerWithOptions(cache.InformerOptions{
+		Logger:        &lg,
+		ListerWatcher: lw,
+		ObjectType:    &corev1.Node{},
+		Transform:     s.strip,
+		Handler: cache.ResourceEventHandlerFuncs{
+			AddFunc:    func(any) { notify() },
+			UpdateFunc: func(any, any) { notify() },
+			DeleteFunc: func(any) { notify() },
+		},
+	})
+	var wg sync.WaitGroup
+	wg.Go(func() { ctrl.RunWithContext(ctx) })
+	defer wg.Wait()
+	defer cancel()
+
+	if !cache.WaitForCacheSync(ctx.Done(), ctrl.HasSynced) {
+		return nil
+	}
+	var (
+		last     []lease.Lease
+		seenList int64
+		first    = true
+		warned   = map[string]string{} // node -> last warning, to warn once per change
+	)
+	for {
+		gen := lists.Load()
+		leases := s.leases(store.List(), warned)
+		resync := first || gen != seenList
+		if resync || !slices.EqualFunc(last, leases, leaseEqual) {
+			fn(lease.Snapshot{Leases: leases, Resync: resync})
+			last, seenList, first = leases, gen, false
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-kick:
+		}
+	}
+}
+
+// leases converts the cached nodes, sorted by name, skipping (with a
+// warning, once per distinct problem) the malformed ones.
+func (s *Store) leases(objs []any, warned map[string]string) []lease.Lease {
+	nodes := make([]*corev1.Node, 0, len(objs))
+	for _, o := range objs {
+		if n, ok := o.(*corev1.Node); ok {
+			nodes = append(nodes, n)
+		}
+	}
+	slices.SortFunc(nodes, func(a, b *corev1.Node) int { return strings.Compare(a.Name, b.Name) })
+	out := make([]lease.Lease, 0, len(nodes))
+	seen := make(map[string]bool, len(warned))
+	for _, n := range nodes {
+		l, err := s.nodeLease(n)
+		switch {
+		case errors.Is(err, errNotPeer):
+		case err != nil:
+			seen[n.Name] = true
+			if warned[n.Name] != err.Error() {
+				warned[n.Name] = err.Error()
+				s.log.Warn("skipping node with malformed flannel data", "node", n.Name, "error", err)
+			}
+		default:
+			out = append(out, l)
+		}
+	}
+	for name := range warned {
+		if !seen[name] {
+			delete(warned, name)
+		}
+	}
+	return out
+}
+
+func leaseEqual(a, b lease.Lease) bool {
+	return a.SameSubnets(b) && a.Attrs.Equal(b.Attrs)
+}
+
+// strip is the informer's transform: it keeps only what nodeLease reads, so
+// that the cache does not hold node status (images, conditions, addresses).
+func (s *Store) strip(obj any) (any, error) {
+	n, ok := obj.(*corev1.Node)
+	if !ok {
+		return obj, nil
+	}
+	out := &corev1.Node{
+		ObjectMeta: metav1.ObjectMeta{
+			Name:            n.Name,
+			UID:             n.UID,
+			ResourceVersion: n.ResourceVersion,
+		},
+		Spec: corev1.NodeSpec{PodCIDR: n.Spec.PodCIDR, PodCIDRs: n.Spec.PodCIDRs},
+	}
+	for k, v := range n.Annotations {
+		if s.ann.ours(k) {
+			if out.Annotations == nil {
+				out.Annotations = map[string]string{}
+			}
+			out.Annotations[k] = v
+		}
+	}
+	return out, nil
+}
