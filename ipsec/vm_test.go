@@ -11,6 +11,8 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"os"
+	"os/exec"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -38,6 +40,24 @@ var vmModules = []string{"esp4", "xfrm_user", "xfrm_algo", "gcm", "ghash_generic
 // TestVM runs the TestInVM* tests of this package inside a qemu VM with a
 // kernel that has ESP (the host's has not): one boot for all of them.
 func TestVM(t *testing.T) {
+	res := runVM(t, "^TestInVM", nil)
+	require.Contains(t, res.Output, "--- PASS: TestInVMReachability")
+}
+
+// TestVMDemo runs examples/cluster -backend ipsec in the VM. It is opt-in
+// (FLANNEL_VM_DEMO=1) because building the demo statically compiles its
+// whole dependency graph (etcd) once more, minutes on a cold CI cache;
+// TestInVMAgents covers the same Agent + ipsec path in every run.
+func TestVMDemo(t *testing.T) {
+	if os.Getenv("FLANNEL_VM_DEMO") != "1" {
+		t.Skip("opt-in: set FLANNEL_VM_DEMO=1 to build examples/cluster statically and run it with -backend ipsec in the VM")
+	}
+	res := runVM(t, "^TestDemoInVM", map[string]string{"cluster": "../examples/cluster"})
+	require.Contains(t, res.Output, "--- PASS: TestDemoInVM")
+}
+
+func runVM(t *testing.T, run string, cmds map[string]string) vmtest.Result {
+	t.Helper()
 	if vmtest.Inside() {
 		t.Skip("already inside the VM")
 	}
@@ -45,19 +65,20 @@ func TestVM(t *testing.T) {
 	tools, err := vmtest.Find()
 	testenv.Require(t, err == nil, fmt.Sprint(err))
 	res, err := vmtest.Run(t.Context(), tools, vmtest.Options{
-		Package: ".",
-		Run:     "^TestInVM",
-		Modules: vmModules,
-		Timeout: 8 * time.Minute,
-		Out:     t.Output(),
-		Verbose: true,
+		Package:  ".",
+		Run:      run,
+		Modules:  vmModules,
+		Timeout:  8 * time.Minute,
+		Out:      t.Output(),
+		Verbose:  true,
+		Commands: cmds,
 	})
 	t.Logf("VM: boot %v, total %v", res.Boot.Round(time.Millisecond), res.Total.Round(time.Millisecond))
 	require.NoError(t, err)
 	if !res.Passed {
 		t.Fatal("tests inside the VM failed (output above)")
 	}
-	require.Contains(t, res.Output, "--- PASS: TestInVMReachability")
+	return res
 }
 
 // perPeer is the number of ESP states per peer: one outbound and one
@@ -530,4 +551,14 @@ func udpEchoSized(t *testing.T, a, b *netlab.Pod, size int) error {
 	}
 	srv.Close()
 	return fmt.Errorf("no echo of %d bytes", size)
+}
+
+// TestDemoInVM runs examples/cluster -backend ipsec on the VM's kernel
+// (TestVMDemo).
+func TestDemoInVM(t *testing.T) {
+	inVM(t)
+	out, err := exec.CommandContext(t.Context(), "/bin/cluster", "-backend", "ipsec", "-store", "memory", "-nodes", "3").CombinedOutput()
+	t.Logf("examples/cluster -backend ipsec:\n%s", out)
+	require.NoError(t, err)
+	assert.Contains(t, string(out), "backend ipsec, store memory: all pairs reachable")
 }

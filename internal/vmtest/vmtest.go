@@ -138,6 +138,10 @@ type Options struct {
 	Out io.Writer
 	// Verbose passes -test.v to the inner tests.
 	Verbose bool
+	// Commands are extra programs built statically and packed at
+	// /bin/<name>, by name to package directory (e.g. "cluster":
+	// "../examples/cluster"), for inner tests to run. Optional.
+	Commands map[string]string
 }
 
 // Result is what a run produced.
@@ -180,8 +184,19 @@ func Run(ctx context.Context, tools Tools, opts Options) (Result, error) {
 	if out, err := build.CombinedOutput(); err != nil {
 		return Result{}, fmt.Errorf("vmtest: build test binary of %s: %w\n%s", opts.Package, err, out)
 	}
+	cmds := map[string]string{}
+	for name, pkg := range opts.Commands {
+		out := filepath.Join(dir, "cmd-"+name)
+		build := exec.CommandContext(ctx, tools.Go, "build", "-o", out, ".")
+		build.Dir = pkg
+		build.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if b, err := build.CombinedOutput(); err != nil {
+			return Result{}, fmt.Errorf("vmtest: build command %s from %s: %w\n%s", name, pkg, err, b)
+		}
+		cmds["bin/"+name] = out
+	}
 	initrd := filepath.Join(dir, "initrd.cpio")
-	if err := pack(tools, opts, bin, filepath.Join(dir, "stage"), initrd); err != nil {
+	if err := pack(tools, opts, bin, cmds, filepath.Join(dir, "stage"), initrd); err != nil {
 		return Result{}, err
 	}
 	return boot(ctx, tools, opts, initrd)
@@ -256,7 +271,7 @@ func boot(ctx context.Context, tools Tools, opts Options, initrd string) (Result
 }
 
 // pack writes the initramfs.
-func pack(tools Tools, opts Options, bin, stage, out string) error {
+func pack(tools Tools, opts Options, bin string, cmds map[string]string, stage, out string) error {
 	mods, err := moduleClosure(tools.Version, opts.Modules)
 	if err != nil {
 		return err
@@ -288,6 +303,9 @@ func pack(tools Tools, opts Options, bin, stage, out string) error {
 	}
 	files["bin/busybox"] = tools.Busybox
 	files["test.bin"] = bin
+	for ap, hp := range cmds {
+		files[ap] = hp
+	}
 
 	names := opts.Modules
 	timeout := opts.Timeout - 30*time.Second
