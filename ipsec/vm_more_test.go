@@ -265,7 +265,7 @@ func startUDPProbe(t *testing.T, a, b *netlab.Pod, interval time.Duration) *udpP
 	p.stop = func() {
 		once.Do(func() {
 			close(done)
-			time.Sleep(time.Second) // answers in flight
+			time.Sleep(2 * time.Second) // answers in flight (TCG is slow under load)
 			srv.Close()
 			cli.Close()
 			wg.Wait()
