@@ -126,7 +126,7 @@ func (o Options) withDefaults() Options {
 	if o.Grace >= o.RekeyInterval {
 		// A key must be retired before the next rekey replaces its
 		// successor.
-		o.Grace = o.RekeyInterval / 2
+		o.Grace = max(o.RekeyInterval/2, time.Millisecond)
 	}
 	if o.Reqid == 0 {
 		o.Reqid = DefaultReqid

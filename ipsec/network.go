@@ -427,7 +427,7 @@ func (n *Network) Run(ctx context.Context) error {
 			defer closeSock()
 		}
 	}
-	tick := min(n.opts.RepairInterval, n.opts.Grace/4)
+	tick := max(min(n.opts.RepairInterval, n.opts.Grace/4), 10*time.Millisecond)
 	ticker := time.NewTicker(tick)
 	defer ticker.Stop()
 	var rekey <-chan time.Time
