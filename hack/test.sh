@@ -47,9 +47,10 @@ for m in veth bridge vxlan; do
 done
 mkdir -p /run/netns
 
-# The real kube-apiserver for the Kubernetes store tests, built from the
-# tools module (tools/go.mod pins k8s.io/kubernetes) once per version into
-# the user cache, linked where the tests look (internal/kubetest.Binary).
+# The real kube-apiserver for the Kubernetes store tests and the Helm CLI
+# for the chart tests, built from the tools modules (tools/go.mod pins
+# k8s.io/kubernetes, tools/helm/go.mod helm.sh/helm/v3) once per version
+# into the user cache, linked where the tests look (internal/kubetest.Tool).
 kas_dir="${XDG_CACHE_HOME:-$HOME/.cache}/flannelkit/bin"
 kas="$kas_dir/kube-apiserver-$(sha256sum tools/go.sum | cut -c1-16)"
 if [ ! -x "$kas" ]; then
@@ -57,8 +58,15 @@ if [ ! -x "$kas" ]; then
 	(cd tools && CGO_ENABLED=0 go build -ldflags='-s -w' -o "$kas.tmp" k8s.io/kubernetes/cmd/kube-apiserver)
 	mv "$kas.tmp" "$kas"
 fi
+helm="$kas_dir/helm-$(sha256sum tools/helm/go.sum | cut -c1-16)"
+if [ ! -x "$helm" ]; then
+	mkdir -p "$kas_dir"
+	(cd tools/helm && CGO_ENABLED=0 go build -ldflags='-s -w' -o "$helm.tmp" helm.sh/helm/v3/cmd/helm)
+	mv "$helm.tmp" "$helm"
+fi
 mkdir -p .cache/bin
 ln -sfn "$kas" .cache/bin/kube-apiserver
+ln -sfn "$helm" .cache/bin/helm
 
 export FLANNEL_STRICT=1
 go vet ./...
