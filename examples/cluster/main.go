@@ -8,7 +8,8 @@
 // It needs root and nothing else: no Kubernetes, no containers. With
 // -store etcd (the default) it runs an etcd server inside this process and
 // every node's agent talks to it over its own etcd client; -store memory
-// shares one in-memory store instead.
+// shares one in-memory store instead; -store kube runs the real
+// kube-apiserver (built by hack/test.sh) with a Node object per node.
 package main
 
 import (
@@ -63,7 +64,7 @@ func run() error {
 	var o options
 	flag.IntVar(&o.nodes, "nodes", 3, "number of nodes")
 	flag.StringVar(&o.backend, "backend", "vxlan", "dataplane: vxlan, host-gw or ipsec (needs a kernel with ESP)")
-	flag.StringVar(&o.store, "store", "etcd", "lease store: etcd (embedded server) or memory")
+	flag.StringVar(&o.store, "store", "etcd", "lease store: etcd (embedded server), memory, or kube (real kube-apiserver)")
 	flag.BoolVar(&o.ipv4, "ipv4", true, "enable IPv4 pod network")
 	flag.BoolVar(&o.ipv6, "ipv6", false, "enable IPv6 pod network")
 	flag.BoolVar(&o.keep, "keep", false, "stay up until interrupted, to look around")
@@ -72,8 +73,8 @@ func run() error {
 	if o.nodes < 1 || o.nodes > 200 {
 		return fmt.Errorf("-nodes %d: want 1..200", o.nodes)
 	}
-	if o.store != "memory" && o.store != "etcd" {
-		return fmt.Errorf("-store %q: want \"etcd\" or \"memory\"", o.store)
+	if o.store != "memory" && o.store != "etcd" && o.store != "kube" {
+		return fmt.Errorf("-store %q: want \"etcd\", \"memory\" or \"kube\"", o.store)
 	}
 	if !o.ipv4 && !o.ipv6 {
 		return errors.New("-ipv4=false and -ipv6=false: enable at least one family")
@@ -220,6 +221,9 @@ func stores(ctx context.Context, o options, cfg lease.Config, log *slog.Logger) 
 	if o.store == "memory" {
 		mem := memstore.New(cfg, memstore.Options{Logger: log})
 		return func(*slog.Logger) (flannel.LeaseStore, error) { return mem, nil }, func() {}, nil
+	}
+	if o.store == "kube" {
+		return kubeStores(ctx, cfg, log)
 	}
 	srv, err := etcdtest.New(etcdtest.Options{})
 	if err != nil {
