@@ -1,5 +1,6 @@
 // Command flanneld is the example flannel daemon: a drop-in for upstream
-// flanneld with etcd (same flags, also as FLANNELD_* variables), serving
+// flanneld with etcd or --kube-subnet-mgr (same flags, also as FLANNELD_*
+// variables; NODE_NAME or POD_NAME/POD_NAMESPACE in kube mode), serving
 // /healthz, /readyz and /metrics on --healthz-ip:--healthz-port, with
 // --cleanup to remove the node's datapath, and `flanneld docker-opts` to
 // write Docker daemon options from subnet.env (upstream's

@@ -60,10 +60,6 @@ func NewLogger(c Config, w interface{ Write([]byte) (int, error) }) *slog.Logger
 // c.Cleanup it removes this node's devices, routes, rules, lease and
 // subnet file instead, and returns.
 func Run(ctx context.Context, c Config, log *slog.Logger) error {
-	if c.KubeSubnetMgr {
-		// TODO(issue 6): wire kubestore once it has landed.
-		return errors.New("-kube-subnet-mgr: the Kubernetes store is not linked into this build yet; use etcd")
-	}
 	m := NewMetrics()
 	if c.HealthzPort > 0 && !c.Cleanup {
 		stop, err := serve(c, m, log)
@@ -83,7 +79,12 @@ func Run(ctx context.Context, c Config, log *slog.Logger) error {
 	}
 	defer h.Close()
 
-	st, err := newEtcdStore(c, log)
+	var st *storeSetup
+	if c.KubeSubnetMgr {
+		st, err = newKubeStore(ctx, c, log)
+	} else {
+		st, err = newEtcdStore(c, log)
+	}
 	if err != nil {
 		return err
 	}
