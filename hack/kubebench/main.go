@@ -2,7 +2,7 @@
 // real kube-apiserver (internal/kubetest), creates N Nodes with realistic
 // status (addresses, conditions, ~50 images, capacity: about 10 KB each)
 // and flannel annotations, times how long the apiserver needs to list them,
-// then runs kubestore's Watch in a fresh child process until its peer set
+// then runs kubestore's Watch in a separate process (./store, a lean binary) until its peer set
 // is complete, and prints the time and the child's peak RSS against the
 // targets (1.5x the list time, 60 MB).
 //
@@ -11,15 +11,13 @@ package main
 
 import (
 	"context"
-	"errors"
 	"flag"
 	"fmt"
 	"net/netip"
 	"os"
 	"os/exec"
-	"runtime"
+	"path/filepath"
 	"strconv"
-	"strings"
 	"sync"
 	"time"
 
@@ -27,26 +25,15 @@ import (
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
-	"k8s.io/client-go/rest"
 
 	"github.com/flannelkit/flannel/internal/kubetest"
 	"github.com/flannelkit/flannel/kubestore"
-	"github.com/flannelkit/flannel/lease"
 )
-
-const netConf = `{"Network":"10.0.0.0/8","SubnetLen":24,"Backend":{"Type":"vxlan"}}`
 
 func main() {
 	nodes := flag.Int("nodes", 5000, "number of Nodes")
-	child := flag.Bool("child", false, "internal: run the store (reads KUBEBENCH_* variables)")
 	flag.Parse()
-	var err error
-	if *child {
-		err = runChild()
-	} else {
-		err = run(*nodes)
-	}
-	if err != nil {
+	if err := run(*nodes); err != nil {
 		fmt.Fprintln(os.Stderr, "kubebench:", err)
 		os.Exit(1)
 	}
@@ -93,11 +80,20 @@ func run(n int) error {
 	}
 	fmt.Printf("node size %d bytes (protobuf); apiserver list of %d nodes: %s\n", size, n, listTime.Round(time.Millisecond))
 
-	exe, err := os.Executable()
+	// The store runs in a binary of its own, linking what an embedder's
+	// would (client-go, kubestore) and not this one's etcd and harness.
+	dir, err := os.MkdirTemp("", "kubebench-")
 	if err != nil {
 		return err
 	}
-	cmd := exec.Command(exe, "-child")
+	defer os.RemoveAll(dir)
+	exe := filepath.Join(dir, "store")
+	build := exec.Command("go", "build", "-o", exe, "github.com/flannelkit/flannel/hack/kubebench/store")
+	build.Stdout, build.Stderr = os.Stderr, os.Stderr
+	if err := build.Run(); err != nil {
+		return fmt.Errorf("build the store process: %w", err)
+	}
+	cmd := exec.Command(exe)
 	cmd.Env = append(os.Environ(),
 		"KUBEBENCH_URL="+srv.URL, "KUBEBENCH_CA="+srv.CAFile,
 		"KUBEBENCH_TOKEN="+cfg.BearerToken, "KUBEBENCH_NODES="+strconv.Itoa(n),
@@ -208,74 +204,4 @@ func status(name, ip string) corev1.NodeStatus {
 		})
 	}
 	return s
-}
-
-// runChild runs only the store, as an embedder would, until its peer set
-// has every node.
-func runChild() error {
-	n, err := strconv.Atoi(os.Getenv("KUBEBENCH_NODES"))
-	if err != nil {
-		return err
-	}
-	cs, err := kubernetes.NewForConfig(&rest.Config{
-		Host:            os.Getenv("KUBEBENCH_URL"),
-		BearerToken:     os.Getenv("KUBEBENCH_TOKEN"),
-		TLSClientConfig: rest.TLSClientConfig{CAFile: os.Getenv("KUBEBENCH_CA")},
-		ContentConfig:   rest.ContentConfig{ContentType: "application/vnd.kubernetes.protobuf"},
-		QPS:             50, Burst: 100,
-	})
-	if err != nil {
-		return err
-	}
-	cfg, err := lease.ParseConfig([]byte(netConf))
-	if err != nil {
-		return err
-	}
-	s, err := kubestore.New(cs, kubestore.Options{NodeName: "node-00000", Config: cfg})
-	if err != nil {
-		return err
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	start := time.Now()
-	var elapsed time.Duration
-	err = s.Watch(ctx, func(snap lease.Snapshot) {
-		if len(snap.Leases) == n && elapsed == 0 {
-			elapsed = time.Since(start)
-			cancel()
-		}
-	})
-	if err != nil {
-		return err
-	}
-	if elapsed == 0 {
-		return fmt.Errorf("peer set never complete")
-	}
-	var ms runtime.MemStats
-	runtime.ReadMemStats(&ms)
-	fmt.Printf("store peer set complete (%d leases): %s; Go heap in use %.1f MB\n", n, elapsed.Round(time.Millisecond), float64(ms.HeapInuse)/1e6)
-	// VmHWM, not the parent's rusage: a child started with vfork inherits
-	// the parent's high-water mark there.
-	if hwm, err := peakRSS(); err == nil {
-		fmt.Printf("store process peak RSS: %.1f MB (target < 60 MB)\n", float64(hwm)/1e6)
-	}
-	if ref, err := strconv.ParseInt(os.Getenv("KUBEBENCH_LIST_NS"), 10, 64); err == nil && ref > 0 {
-		fmt.Printf("store time / apiserver list time: %.2f (target <= 1.5)\n", float64(elapsed)/float64(ref))
-	}
-	return nil
-}
-
-// peakRSS returns this process's peak resident set size (VmHWM), in bytes.
-func peakRSS() (int64, error) {
-	b, err := os.ReadFile("/proc/self/status")
-	if err != nil {
-		return 0, err
-	}
-	for line := range strings.Lines(string(b)) {
-		if f := strings.Fields(line); len(f) == 3 && f[0] == "VmHWM:" {
-			kb, err := strconv.ParseInt(f[1], 10, 64)
-			return kb * 1024, err
-		}
-	}
-	return 0, errors.New("no VmHWM in /proc/self/status")
 }
