@@ -74,5 +74,7 @@ go test -race -count=1 -timeout 45m ./...
 go run ./examples/cluster -nodes 3
 go run ./examples/cluster -nodes 3 -ipv6
 go run ./examples/cluster -nodes 3 -store kube
+# The Kubernetes store at scale (figures: time vs the apiserver's list, peak RSS).
+go run ./hack/kubebench -nodes 5000
 # The vxlan benchmark command keeps working (figures, not a pass/fail bar).
 go run ./hack/bench -scenario bulk -peers 1000 -runs 1
