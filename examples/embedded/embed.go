@@ -7,11 +7,12 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
-	clientv3 "go.etcd.io/etcd/client/v3"
+	"k8s.io/client-go/kubernetes"
 
 	flannel "github.com/flannelkit/flannel"
 	"github.com/flannelkit/flannel/backend"
-	"github.com/flannelkit/flannel/etcdstore"
+	"github.com/flannelkit/flannel/kubestore"
+	"github.com/flannelkit/flannel/lease"
 	"github.com/flannelkit/flannel/rules"
 	"github.com/flannelkit/flannel/vxlan"
 )
@@ -19,26 +20,28 @@ import (
 // Node is what an embedding program (a K3s-style agent) already has when
 // it starts flannel in-process.
 type Node struct {
-	Etcd       *clientv3.Client    // the embedder's store client (kubestore with a clientset: see below)
-	NS         netns.NsHandle      // the node's network namespace
-	Iface      string              // underlay interface; "" = the default route's
-	SubnetFile string              // for the CNI plugin; "" = none
-	Logger     *slog.Logger        // nil discards
-	OnReady    func(flannel.State) // optional
+	Client     kubernetes.Interface // the embedder's clientset
+	Name       string               // this node's Node object
+	NetConf    []byte               // net-conf.json
+	NS         netns.NsHandle       // the node's network namespace
+	Iface      string               // underlay interface; "" = the default route's
+	SubnetFile string               // for the CNI plugin; "" = none
+	Logger     *slog.Logger         // nil discards
+	OnReady    func(flannel.State)  // optional
 }
 
-// runFlannel is the whole embedding: store + vxlan + masquerade rules +
-// Agent, every error returned, nothing global, stopped by ctx. With the
-// Kubernetes store it is the same with kubestore.New(clientset, nodeName,
-// ...) in place of etcdstore.New.
+// runFlannel is the whole embedding: Kubernetes store + vxlan +
+// masquerade rules + Agent, every error returned, nothing global, stopped
+// by ctx. With etcd it is the same with etcdstore.New in place of
+// kubestore.New.
 func runFlannel(ctx context.Context, n Node) error {
-	store, err := etcdstore.New(n.Etcd, etcdstore.Options{Logger: n.Logger})
-	if err != nil {
-		return err
-	}
-	cfg, err := store.Config(ctx)
+	cfg, err := lease.ParseConfig(n.NetConf)
 	if err != nil {
 		return fmt.Errorf("flannel network config: %w", err)
+	}
+	store, err := kubestore.New(n.Client, kubestore.Options{NodeName: n.Name, Config: cfg, Logger: n.Logger})
+	if err != nil {
+		return err
 	}
 	be, err := vxlan.FromConfig(cfg)
 	if err != nil {

@@ -11,27 +11,33 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	flannel "github.com/flannelkit/flannel"
-	"github.com/flannelkit/flannel/etcdstore"
-	"github.com/flannelkit/flannel/internal/etcdtest"
+	"github.com/flannelkit/flannel/internal/kubetest"
 	"github.com/flannelkit/flannel/internal/netlab"
 	"github.com/flannelkit/flannel/internal/testenv"
 )
 
 // TestEmbedded runs runFlannel for two nodes in this process against a
-// real etcd and checks their pods reach each other over VXLAN, and that
+// real kube-apiserver (Nodes with pod CIDRs, as the controller manager
+// assigns them) and checks their pods reach each other over VXLAN, and that
 // cancelling returns nil.
 func TestEmbedded(t *testing.T) {
 	testenv.RequireRoot(t)
 	_, err := exec.LookPath("iptables")
 	testenv.Require(t, err == nil, "iptables not installed")
 	lab := netlab.NewT(t, netlab.Options{Nodes: 2})
-	srv := etcdtest.NewT(t, etcdtest.Options{})
-	client := etcdtest.ClientT(t, srv)
-	store, err := etcdstore.New(client, etcdstore.Options{})
-	require.NoError(t, err)
-	require.NoError(t, store.PutConfig(t.Context(), []byte(`{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}`)))
+	srv := kubetest.NewT(t, kubetest.Options{})
+	client := kubetest.ClientT(t, srv.AdminConfig())
+	for i := range lab.Nodes {
+		_, err := client.CoreV1().Nodes().Create(t.Context(), &corev1.Node{
+			ObjectMeta: metav1.ObjectMeta{Name: fmt.Sprintf("node%d", i)},
+			Spec:       corev1.NodeSpec{PodCIDR: fmt.Sprintf("10.244.%d.0/24", i+5)},
+		}, metav1.CreateOptions{})
+		require.NoError(t, err)
+	}
 
 	ctx, cancel := context.WithCancel(t.Context())
 	var wg sync.WaitGroup
@@ -43,7 +49,9 @@ func TestEmbedded(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			errs[i] = runFlannel(ctx, Node{
-				Etcd: client, NS: n.NS, Iface: n.Iface,
+				Client: client, Name: fmt.Sprintf("node%d", i),
+				NetConf: []byte(`{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}`),
+				NS:      n.NS, Iface: n.Iface,
 				SubnetFile: fmt.Sprintf("%s/node%d.env", t.TempDir(), i),
 				OnReady:    func(s flannel.State) { ready[i] <- s },
 			})
@@ -62,6 +70,7 @@ func TestEmbedded(t *testing.T) {
 	for i, n := range lab.Nodes {
 		select {
 		case s := <-ready[i]:
+			assert.Equal(t, fmt.Sprintf("10.244.%d.0/24", i+5), s.Lease.Subnet.String(), "the Node's podCIDR")
 			p, err := n.AddPod("p", s.Lease.Subnet, netip.Prefix{}, netlab.WithMTU(s.MTU))
 			require.NoError(t, err)
 			pods = append(pods, p)
