@@ -256,7 +256,9 @@ func (a *Agent) start(ctx context.Context) (*run, error) {
 	a.cfg, a.haveCfg = cfg, true
 	a.mu.Unlock()
 
-	attrs, err := a.opts.Backend.Prepare(ctx, a.env(cfg))
+	env := a.env(cfg)
+	env.Previous = a.findOwn(ctx)
+	attrs, err := a.opts.Backend.Prepare(ctx, env)
 	if err != nil {
 		return nil, fmt.Errorf("prepare %s backend: %w", typ, err)
 	}
@@ -295,6 +297,35 @@ func (a *Agent) start(ctx context.Context) (*run, error) {
 
 func (a *Agent) env(cfg lease.Config) Env {
 	return Env{Config: cfg, Iface: a.opts.Iface, Handle: a.opts.Handle, NS: a.opts.NS, Logger: a.log}
+}
+
+// findOwn returns the node's lease from a previous run when the store is a
+// LeaseFinder, looked up by the interface's public addresses; zero when
+// none, or when the lookup fails (logged: it only helps the backend keep
+// its state).
+func (a *Agent) findOwn(ctx context.Context) lease.Lease {
+	f, ok := a.opts.Store.(LeaseFinder)
+	if !ok {
+		return lease.Lease{}
+	}
+	ifc := a.opts.Iface
+	attrs := lease.Attrs{BackendType: a.opts.Backend.Type(), PublicIP: ifc.PublicIP, PublicIPv6: ifc.PublicIPv6}
+	if !attrs.PublicIP.IsValid() {
+		attrs.PublicIP = ifc.IP
+	}
+	if !attrs.PublicIPv6.IsValid() {
+		attrs.PublicIPv6 = ifc.IPv6
+	}
+	l, found, err := f.FindOwn(ctx, attrs)
+	switch {
+	case err != nil:
+		a.log.Warn("cannot look up the previous lease; continuing without it", "public_ip", attrs.PublicIP, "public_ipv6", attrs.PublicIPv6, "error", err)
+		return lease.Lease{}
+	case !found:
+		return lease.Lease{}
+	}
+	a.log.Debug("previous lease found", "lease", l)
+	return l
 }
 
 // fillAttrs completes what the backend returned: the backend type and the

@@ -38,6 +38,19 @@ type LeaseReleaser interface {
 	Release(ctx context.Context, l lease.Lease) error
 }
 
+// LeaseFinder is implemented by stores that can look up the lease a node
+// holds from a previous run (memory, etcd, Kubernetes). The Agent uses it
+// before Backend.Prepare to pass Env.Previous, so a backend can restore
+// state published with the lease (e.g. the vxlan VTEP MAC) when it has to
+// recreate its devices.
+type LeaseFinder interface {
+	// FindOwn finds the lease the node with these attributes holds: by
+	// PublicIP/PublicIPv6 (as Acquire reclaims it), or for the Kubernetes
+	// store its own Node regardless of attrs. It changes nothing. It
+	// returns false (and no error) when the node holds no lease.
+	FindOwn(ctx context.Context, attrs lease.Attrs) (lease.Lease, bool, error)
+}
+
 // TrafficRules keeps a node's masquerade and forward rules (package rules
 // implements it). An Agent given one calls Ensure once the lease is bound
 // and subnet.env written, before it becomes ready; Run for as long as its
@@ -100,6 +113,11 @@ type Env struct {
 	NS netns.NsHandle
 	// Logger receives the backend's logs; nil discards.
 	Logger *slog.Logger
+	// Previous is this node's lease as the store still holds it from a
+	// previous run (LeaseFinder), zero when none. A backend may restore
+	// what it published then (e.g. MAC addresses) when it has to recreate
+	// its devices. Optional.
+	Previous lease.Lease
 }
 
 // ExternalInterface is the node's underlay interface and the addresses it

@@ -152,30 +152,10 @@ func (s *Store) Acquire(ctx context.Context, req lease.Request) (lease.Lease, er
 // the config (and duplicates) are deleted, reservations never.
 func (s *Store) reclaim(ctx context.Context, cfg lease.Config, req lease.Request, entries []entry, value []byte,
 	ensureGrant func() (clientv3.LeaseID, error)) (lease.Lease, bool, error) {
-	var own []entry
-	for _, e := range entries {
-		if e.ok && sameNode(req.Attrs, e.l.Attrs) {
-			own = append(own, e)
-		}
-	}
+	own := ownEntries(req.Attrs, req.Previous, entries)
 	if len(own) == 0 {
 		return lease.Lease{}, false, nil
 	}
-	// Reservations first, then the previous subnets, then by key.
-	rank := func(e entry) int {
-		switch {
-		case e.reservation():
-			return 0
-		case e.l.SameSubnets(req.Previous):
-			return 1
-		default:
-			return 2
-		}
-	}
-	slices.SortFunc(own, func(a, b entry) int {
-		return cmp.Or(cmp.Compare(rank(a), rank(b)), cmp.Compare(a.key, b.key))
-	})
-
 	var chosen *entry
 	deleted := false
 	for i := range own {
@@ -238,6 +218,58 @@ func (s *Store) reclaim(ctx context.Context, cfg lease.Config, req lease.Request
 	l.Expiration = s.now().Add(s.ttl)
 	s.log.Info("lease reclaimed", "key", chosen.key, "public_ip", identity(req.Attrs))
 	return l, usedGrant, nil
+}
+
+// ownEntries returns the entries the node with attrs published (same
+// identifying public IP), in the order Acquire prefers them: reservations
+// first, then the previous subnets, then by key.
+func ownEntries(attrs lease.Attrs, previous lease.Lease, entries []entry) []entry {
+	var own []entry
+	for _, e := range entries {
+		if e.ok && sameNode(attrs, e.l.Attrs) {
+			own = append(own, e)
+		}
+	}
+	rank := func(e entry) int {
+		switch {
+		case e.reservation():
+			return 0
+		case e.l.SameSubnets(previous):
+			return 1
+		default:
+			return 2
+		}
+	}
+	slices.SortFunc(own, func(a, b entry) int {
+		return cmp.Or(cmp.Compare(rank(a), rank(b)), cmp.Compare(a.key, b.key))
+	})
+	return own
+}
+
+// FindOwn returns the lease Acquire would reclaim for the node with attrs
+// (found by its identifying public IP: the first own key that fits the
+// network config, reservations first), with the attributes stored in it,
+// and false when there is none. It changes nothing; Expiration is left
+// zero.
+func (s *Store) FindOwn(ctx context.Context, attrs lease.Attrs) (lease.Lease, bool, error) {
+	id := identity(attrs)
+	if !id.IsValid() {
+		return lease.Lease{}, false, nil
+	}
+	cfg, err := s.Config(ctx)
+	if err != nil {
+		return lease.Lease{}, false, fmt.Errorf("find lease of %s: %w", id, err)
+	}
+	entries, err := s.list(ctx)
+	if err != nil {
+		return lease.Lease{}, false, fmt.Errorf("find lease of %s: %w", id, err)
+	}
+	for _, e := range ownEntries(attrs, lease.Lease{}, entries) {
+		if cfg.CheckLease(e.l) == nil {
+			return e.l, true, nil
+		}
+	}
+	return lease.Lease{}, false, nil
 }
 
 // deleteIfUnchanged deletes e's key unless it changed since it was listed.

@@ -93,6 +93,7 @@ type Store struct {
 var (
 	_ flannel.LeaseStore    = (*Store)(nil)
 	_ flannel.LeaseReleaser = (*Store)(nil)
+	_ flannel.LeaseFinder   = (*Store)(nil)
 )
 
 // New returns a store using client, which the caller keeps owning (and

@@ -74,7 +74,10 @@ func families(env flannel.Env) (v4, v6 bool) {
 // and dev = the external interface, sets its MTU and brings it up, enables
 // forwarding (when env.NS is open) and returns the attributes to publish:
 // BackendType "vxlan", the public addresses and the backend data with the
-// device MACs. It may be called again; it changes nothing then.
+// device MACs. A device it has to create gets the MAC pinned in Options,
+// else the one this Backend used before, else the one in env.Previous's
+// backend data (vxlan, same VNI), else a random one: peers' FDB entries stay
+// valid across restarts. It may be called again; it changes nothing then.
 func (b *Backend) Prepare(ctx context.Context, env flannel.Env) (lease.Attrs, error) {
 	if env.Handle == nil {
 		return lease.Attrs{}, errors.New("vxlan: prepare: no netlink handle")
@@ -139,7 +142,11 @@ func (b *Backend) Prepare(ctx context.Context, env flannel.Env) (lease.Attrs, er
 		if s.mtu < 68 {
 			return lease.Attrs{}, fmt.Errorf("vxlan: prepare: device %s: MTU %d too small (underlay MTU %d)", s.name, s.mtu, base)
 		}
-		d := &device{spec: s, mac: b.pinnedMAC(s)}
+		mac := b.pinnedMAC(s)
+		if mac == nil {
+			mac = previousMAC(env.Previous, s, log)
+		}
+		d := &device{spec: s, mac: mac}
 		if err := d.ensure(env, log); err != nil {
 			return lease.Attrs{}, fmt.Errorf("vxlan: prepare: %w", err)
 		}
@@ -169,6 +176,31 @@ func (b *Backend) pinnedMAC(s devSpec) net.HardwareAddr {
 		return slices.Clone(b.opts.VtepMAC)
 	}
 	return b.macs[s.name]
+}
+
+// previousMAC is the MAC the device had in this node's previous lease
+// (BackendV6Data for the IPv6 device), when that lease was published by a
+// vxlan backend with the same VNI; nil otherwise.
+func previousMAC(prev lease.Lease, s devSpec, log *slog.Logger) net.HardwareAddr {
+	if prev.Attrs.BackendType != Type {
+		return nil
+	}
+	raw := prev.Attrs.BackendData
+	if s.v6 {
+		raw = prev.Attrs.BackendV6Data
+	}
+	if len(raw) == 0 {
+		return nil
+	}
+	d, err := ParseBackendData(raw)
+	if err != nil {
+		log.Warn("ignoring the previous lease's backend data", "device", s.name, "lease", prev, "error", err)
+		return nil
+	}
+	if d.VNI != s.vni {
+		return nil
+	}
+	return d.VtepMAC
 }
 
 // ensure makes the kernel device match d.spec, keeping d.mac, and records

@@ -52,8 +52,9 @@ type Options struct {
 	DisableTXChecksum bool
 	// VtepMAC and VtepMACv6 pin the devices' MAC addresses (e.g. kept by
 	// the embedder across reboots). Optional: an existing device's MAC, else
-	// the one this Backend used before, else a random locally administered
-	// unicast address.
+	// the one this Backend used before, else the one published in the
+	// node's previous lease (flannel.Env.Previous, same VNI), else a random
+	// locally administered unicast address.
 	VtepMAC, VtepMACv6 net.HardwareAddr
 	// RepairInterval is how often Network.Run re-applies the last peer set.
 	// Optional: 10s.

@@ -26,6 +26,7 @@ import (
 var (
 	_ flannel.LeaseStore    = (*Store)(nil)
 	_ flannel.LeaseReleaser = (*Store)(nil)
+	_ flannel.LeaseFinder   = (*Store)(nil)
 )
 
 // Options configure a Store. The zero value is valid.
@@ -156,6 +157,22 @@ func (s *Store) Acquire(ctx context.Context, req lease.Request) (lease.Lease, er
 	changed = true
 	s.log.Info("lease acquired", "lease", l, "public_ip", identity(req.Attrs))
 	return cloneLease(l), nil
+}
+
+// FindOwn returns the unexpired lease published under the node's public IP
+// (the one Acquire would reclaim), and false when there is none. It
+// changes nothing.
+func (s *Store) FindOwn(ctx context.Context, attrs lease.Attrs) (lease.Lease, bool, error) {
+	if err := ctx.Err(); err != nil {
+		return lease.Lease{}, false, err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	_, l, ok := s.findByIdentityLocked(attrs)
+	if !ok || s.expired(l) {
+		return lease.Lease{}, false, nil
+	}
+	return cloneLease(l), true, nil
 }
 
 // Keep holds own until ctx ends, renewing it (when the store has a TTL)

@@ -400,3 +400,53 @@ func TestConfig(t *testing.T) {
 	require.NoError(t, err)
 	assert.True(t, cfg.Equal(got))
 }
+
+func TestFindOwn(t *testing.T) {
+	t.Parallel()
+	var mu sync.Mutex
+	now := time.Date(2025, 1, 1, 0, 0, 0, 0, time.UTC)
+	clock := func() time.Time { mu.Lock(); defer mu.Unlock(); return now }
+	s := memstore.New(mustConfig(t, `{"Network":"10.90.0.0/16"}`), memstore.Options{TTL: time.Hour, Now: clock})
+	a := attrs("192.0.2.1")
+	a.BackendData = []byte(`{"VNI":1,"VtepMAC":"7a:1e:6c:d2:4a:09"}`)
+	held, err := s.Acquire(t.Context(), lease.Request{Attrs: a})
+	require.NoError(t, err)
+
+	tests := []struct {
+		name  string
+		attrs lease.Attrs
+		found bool
+	}{
+		{"same public ip", lease.Attrs{PublicIP: netip.MustParseAddr("192.0.2.1")}, true},
+		{"other public ip", lease.Attrs{PublicIP: netip.MustParseAddr("192.0.2.2")}, false},
+		{"no public ip", lease.Attrs{}, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			l, found, err := s.FindOwn(t.Context(), tt.attrs)
+			require.NoError(t, err)
+			require.Equal(t, tt.found, found)
+			if !found {
+				assert.Zero(t, l)
+				return
+			}
+			assert.True(t, l.SameSubnets(held))
+			assert.JSONEq(t, string(a.BackendData), string(l.Attrs.BackendData))
+			assert.Equal(t, held.Expiration, l.Expiration, "FindOwn must not renew")
+		})
+	}
+	assert.Len(t, s.Leases(), 1)
+
+	// An expired lease is not found.
+	mu.Lock()
+	now = now.Add(2 * time.Hour)
+	mu.Unlock()
+	_, found, err := s.FindOwn(t.Context(), a)
+	require.NoError(t, err)
+	assert.False(t, found)
+
+	ctx, cancel := context.WithCancel(t.Context())
+	cancel()
+	_, _, err = s.FindOwn(ctx, a)
+	assert.ErrorIs(t, err, context.Canceled)
+}
