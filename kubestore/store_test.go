@@ -141,14 +141,14 @@ func TestStore(t *testing.T) {
 		t.Parallel()
 		s := newStore(t, cs, "acq-late", netConf4, kubestore.Options{})
 		// The node does not exist yet.
-		short, cancel := context.WithTimeout(ctx, 200*time.Millisecond)
+		short, cancel := context.WithTimeout(ctx, 2*time.Second) // room for a loaded machine: the first Get must get through
 		_, err := s.Acquire(short, lease.Request{Attrs: vxlanAttrs})
 		cancel()
 		require.ErrorIs(t, err, lease.ErrNotAssigned)
 		assert.ErrorContains(t, err, "does not exist")
 
 		n := createNode(t, cs, "acq-late", nil)
-		short, cancel = context.WithTimeout(ctx, 200*time.Millisecond)
+		short, cancel = context.WithTimeout(ctx, 2*time.Second)
 		_, err = s.Acquire(short, lease.Request{Attrs: vxlanAttrs})
 		cancel()
 		require.ErrorIs(t, err, lease.ErrNotAssigned)
