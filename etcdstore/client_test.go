@@ -93,7 +93,9 @@ func TestPasswordNeverLogged(t *testing.T) {
 	srv := etcdtest.NewT(t, etcdtest.Options{RootPassword: password})
 	logs := &logBuffer{}
 	log := logs.logger()
-	opts := etcdstore.ClientOptions{Endpoints: srv.Endpoints, Username: etcdtest.RootUser, Password: password, Logger: log}
+	// A long dial timeout: the embedded server checks passwords with bcrypt,
+	// which under -race on a loaded machine takes seconds.
+	opts := etcdstore.ClientOptions{Endpoints: srv.Endpoints, Username: etcdtest.RootUser, Password: password, Logger: log, DialTimeout: 60 * time.Second}
 
 	// Formatting or logging the options never shows the password.
 	log.Info("connecting", "etcd", opts)
