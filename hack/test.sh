@@ -73,6 +73,7 @@ go vet ./...
 go test -race -count=1 -timeout 45m ./...
 go run ./examples/cluster -nodes 3
 go run ./examples/cluster -nodes 3 -ipv6
+go run ./examples/cluster -nodes 3 -ipv6 -backend host-gw -store memory
 go run ./examples/cluster -nodes 3 -store kube
 # The Kubernetes store at scale (figures: time vs the apiserver's list, peak RSS).
 go run ./hack/kubebench -nodes 5000
