@@ -35,18 +35,24 @@ func (s *Store) Acquire(ctx context.Context, req lease.Request) (lease.Lease, er
 	var notAssigned error
 	for {
 		l, err := s.acquireOnce(ctx, req.Attrs)
-		if notAssigned != nil && err != nil && ctx.Err() != nil {
-			// ctx ended while we waited: say what we were waiting for.
-			err = notAssigned
-		}
-		if !errors.Is(err, lease.ErrNotAssigned) {
+		switch {
+		case err == nil:
+			return l, nil
+		case errors.Is(err, lease.ErrNotAssigned):
+			notAssigned = err
+			s.log.Debug("waiting for the node's podCIDR", "node", s.node, "error", err)
+		case notAssigned != nil && errors.As(err, new(*lookupError)):
+			// Once waiting for an assignment, a failed look (apiserver
+			// away, client-go's rate limiter refusing near the deadline)
+			// does not end the wait: ctx bounds it, and when ctx ends the
+			// caller learns what we were waiting for.
+			s.log.Debug("looking for the node's podCIDR failed; still waiting", "node", s.node, "error", err)
+		default:
 			return l, err
 		}
-		notAssigned = err
-		s.log.Debug("waiting for the node's podCIDR", "node", s.node, "error", err)
 		select {
 		case <-ctx.Done():
-			return lease.Lease{}, fmt.Errorf("acquire lease: %w: %w", err, ctx.Err())
+			return lease.Lease{}, fmt.Errorf("acquire lease: %w: %w", notAssigned, ctx.Err())
 		case <-t.C:
 		}
 	}
@@ -60,7 +66,7 @@ func (s *Store) acquireOnce(ctx context.Context, attrs lease.Attrs) (lease.Lease
 	case apierrors.IsNotFound(err):
 		return lease.Lease{}, fmt.Errorf("node %s does not exist: %w", s.node, lease.ErrNotAssigned)
 	case err != nil:
-		return lease.Lease{}, fmt.Errorf("get node %s: %w", s.node, err)
+		return lease.Lease{}, &lookupError{node: s.node, err: err}
 	}
 	v4, v6, err := s.podCIDRs(n)
 	if err != nil {
@@ -193,3 +199,13 @@ func (s *Store) MarkReady(ctx context.Context) error {
 	}
 	return nil
 }
+
+// lookupError is a failed Get of the own Node: while Acquire waits for an
+// assignment it only means "look again".
+type lookupError struct {
+	node string
+	err  error
+}
+
+func (e *lookupError) Error() string { return fmt.Sprintf("get node %s: %v", e.node, e.err) }
+func (e *lookupError) Unwrap() error { return e.err }
