@@ -110,6 +110,10 @@ type State struct {
 	Peers int
 	// Ready is true while Run is running and has become ready.
 	Ready bool
+	// ApplyingSince is when the Apply now running began; zero when none
+	// runs. An Apply that has run for long (minutes) is wedged: a health
+	// check can report it (examples/flanneld's /healthz does).
+	ApplyingSince time.Time
 }
 
 // Agent composes a LeaseStore and a Backend into a running node: it takes

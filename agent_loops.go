@@ -104,7 +104,9 @@ func (a *Agent) applyLoop(ctx context.Context, r *run, in *latest) error {
 		}
 		peers := a.peers(r.own, snap.Leases)
 		began := time.Now()
+		a.setApplying(began)
 		err := r.network.Apply(ctx, peers)
+		a.setApplying(time.Time{})
 		if ctx.Err() != nil {
 			return nil
 		}
@@ -311,4 +313,12 @@ func sleepCtx(ctx context.Context, d time.Duration) bool {
 	case <-t.C:
 		return true
 	}
+}
+
+// setApplying records when the running Apply began (zero: none running), so
+// that State.ApplyingSince lets a health check see a wedged Apply.
+func (a *Agent) setApplying(t time.Time) {
+	a.mu.Lock()
+	a.state.ApplyingSince = t
+	a.mu.Unlock()
 }

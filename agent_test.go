@@ -414,6 +414,7 @@ func TestSlowApplyDoesNotBlockWatch(t *testing.T) {
 	}
 	r := startAgent(t, nodeOptions(store, b, 10))
 	<-entered
+	assert.False(t, r.agent.State().ApplyingSince.IsZero(), "State says an Apply is running (health checks spot a wedged one)")
 
 	// While the first Apply is stuck, ten nodes join; every watch callback
 	// returns (the agent stores the snapshot and moves on).
@@ -431,6 +432,7 @@ func TestSlowApplyDoesNotBlockWatch(t *testing.T) {
 	applies := b.applies()
 	assert.Equal(t, subnetsOf(want), subnetsOf(applies[1]), "the latest snapshot wins")
 	eventually(t, func() bool { return r.agent.State().Peers == 10 }, "state counts the applied peers")
+	assert.True(t, r.agent.State().ApplyingSince.IsZero(), "no Apply running")
 }
 
 func TestRunTwiceConcurrently(t *testing.T) {

@@ -35,12 +35,31 @@ type Metrics struct {
 	mu      sync.Mutex
 	runErr  error
 	runDone bool
+
+	// WedgedAfter is how long one Apply of the peers may run before
+	// /healthz fails (the kernel or a netlink socket is stuck and a restart
+	// is the cure). Set before serving; NewMetrics sets DefaultWedgedAfter.
+	WedgedAfter time.Duration
+}
+
+// DefaultWedgedAfter is Metrics.WedgedAfter's default: far above the
+// seconds that programming tens of thousands of peers takes.
+const DefaultWedgedAfter = 5 * time.Minute
+
+// wedged reports whether the agent has been applying one peer set for
+// longer than after, and for how long.
+func wedged(st flannel.State, now time.Time, after time.Duration) (time.Duration, bool) {
+	if st.ApplyingSince.IsZero() || after <= 0 {
+		return 0, false
+	}
+	took := now.Sub(st.ApplyingSince)
+	return took, took > after
 }
 
 // NewMetrics registers the metrics on a registry of their own, with the Go
 // and process collectors.
 func NewMetrics() *Metrics {
-	m := &Metrics{reg: prometheus.NewRegistry()}
+	m := &Metrics{reg: prometheus.NewRegistry(), WedgedAfter: DefaultWedgedAfter}
 	m.applies = prometheus.NewCounter(prometheus.CounterOpts{Name: "flannel_reconcile_total", Help: "Peer sets applied to the kernel."})
 	m.applyErrors = prometheus.NewCounter(prometheus.CounterOpts{Name: "flannel_reconcile_errors_total", Help: "Peer sets whose application failed (kernel operation errors), in whole or for some peers."})
 	m.applyTime = prometheus.NewHistogram(prometheus.HistogramOpts{Name: "flannel_reconcile_duration_seconds", Help: "Time to apply a peer set.", Buckets: prometheus.ExponentialBuckets(0.0005, 4, 10)})
@@ -140,7 +159,7 @@ func (m *Metrics) WatchRenewals(ctx context.Context, period time.Duration) {
 }
 
 // Handler serves /healthz (200 while the agent runs without a fatal
-// error), /readyz (200 once the agent is ready: lease held, rules ensured,
+// error and no Apply has run for longer than WedgedAfter), /readyz (200 once the agent is ready: lease held, rules ensured,
 // subnet.env written, first peer set programmed) and /metrics.
 func (m *Metrics) Handler() http.Handler {
 	mux := http.NewServeMux()
@@ -151,6 +170,12 @@ func (m *Metrics) Handler() http.Handler {
 		if done && err != nil {
 			http.Error(w, fmt.Sprintf("agent stopped: %v", err), http.StatusInternalServerError)
 			return
+		}
+		if a := m.agent.Load(); a != nil {
+			if took, ok := wedged(a.State(), time.Now(), m.WedgedAfter); ok {
+				http.Error(w, fmt.Sprintf("applying peers for %s: wedged", took.Round(time.Second)), http.StatusInternalServerError)
+				return
+			}
 		}
 		fmt.Fprintln(w, "ok")
 	})
