@@ -240,6 +240,7 @@ type run struct {
 	attrs   lease.Attrs
 	own     lease.Lease // the subnets are fixed for the whole Run
 	network Network
+	publish *published // attributes the backend publishes while running
 }
 
 // start does the sequential part of Run: config, prepare, lease, start,
@@ -262,6 +263,8 @@ func (a *Agent) start(ctx context.Context) (*run, error) {
 
 	env := a.env(cfg)
 	env.Previous = a.findOwn(ctx)
+	pub := newPublished()
+	env.Publish = pub.put
 	attrs, err := a.opts.Backend.Prepare(ctx, env)
 	if err != nil {
 		return nil, fmt.Errorf("prepare %s backend: %w", typ, err)
@@ -296,7 +299,7 @@ func (a *Agent) start(ctx context.Context) (*run, error) {
 	a.mu.Lock()
 	a.state.MTU = mtu
 	a.mu.Unlock()
-	return &run{cfg: cfg, attrs: attrs, own: own, network: network}, nil
+	return &run{cfg: cfg, attrs: attrs, own: own, network: network, publish: pub}, nil
 }
 
 func (a *Agent) env(cfg lease.Config) Env {

@@ -196,12 +196,34 @@ func leaves(err error) []error {
 // end Run with a *SubnetChangedError.
 func (a *Agent) keepLoop(ctx context.Context, r *run) error {
 	bo := a.newBackoff()
-	own := r.own
+	own, attrs := r.own, r.attrs
 	for {
 		began := time.Now()
-		err := a.opts.Store.Keep(ctx, own)
+		published, err := a.keepUntilPublish(ctx, own, r.publish)
 		if ctx.Err() != nil {
 			return nil
+		}
+		if published != nil {
+			// The backend publishes new attributes (an ipsec rekey): write
+			// them with the lease, then keep that.
+			attrs = a.fillAttrs(r.cfg, *published)
+			got, err := a.reacquire(ctx, attrs, own)
+			if err != nil {
+				if ctx.Err() != nil {
+					return nil
+				}
+				return err
+			}
+			if !got.SameSubnets(own) {
+				a.log.Error("lease re-acquired with different subnets; pods must move", "old", own, "new", got)
+				return &SubnetChangedError{Old: own, New: got}
+			}
+			a.log.Info("lease attributes published", "lease", got, "backend_type", attrs.BackendType)
+			own = got
+			a.mu.Lock()
+			a.state.Lease = got
+			a.mu.Unlock()
+			continue
 		}
 		if time.Since(began) >= a.opts.RetryMax {
 			bo.reset() // it held the lease for a while: start over
@@ -222,7 +244,7 @@ func (a *Agent) keepLoop(ctx context.Context, r *run) error {
 		}
 
 		a.log.Warn("lease lost; re-acquiring", "lease", own, "error", err)
-		got, err := a.reacquire(ctx, r.attrs, own)
+		got, err := a.reacquire(ctx, attrs, own)
 		if err != nil {
 			if ctx.Err() != nil {
 				return nil
@@ -240,6 +262,58 @@ func (a *Agent) keepLoop(ctx context.Context, r *run) error {
 		a.mu.Unlock()
 		bo.reset()
 	}
+}
+
+// keepUntilPublish runs Store.Keep(own) until it returns or the backend
+// publishes new attributes; then it stops Keep (joining it) and returns
+// them. Keep must restart with the new lease: stores that renew by writing
+// the value again would otherwise put the old attributes back.
+func (a *Agent) keepUntilPublish(ctx context.Context, own lease.Lease, pub *published) (*lease.Attrs, error) {
+	kctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	errc := make(chan error, 1)
+	go func() { errc <- a.opts.Store.Keep(kctx, own) }()
+	select {
+	case err := <-errc:
+		return nil, err
+	case <-pub.signal:
+		cancel()
+		<-errc
+		attrs, ok := pub.take()
+		if !ok {
+			return nil, nil
+		}
+		return &attrs, nil
+	}
+}
+
+// published hands attributes from Env.Publish (called by the backend, from
+// any goroutine, never blocking: latest wins) to the keep loop.
+type published struct {
+	mu     sync.Mutex
+	attrs  lease.Attrs
+	have   bool
+	signal chan struct{}
+}
+
+func newPublished() *published { return &published{signal: make(chan struct{}, 1)} }
+
+func (p *published) put(attrs lease.Attrs) {
+	p.mu.Lock()
+	p.attrs, p.have = attrs, true
+	p.mu.Unlock()
+	select {
+	case p.signal <- struct{}{}:
+	default:
+	}
+}
+
+func (p *published) take() (lease.Attrs, bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	attrs, ok := p.attrs, p.have
+	p.attrs, p.have = lease.Attrs{}, false
+	return attrs, ok
 }
 
 // reacquire retries Acquire with backoff until it succeeds, ctx ends, or

@@ -118,6 +118,13 @@ type Env struct {
 	// what it published then (e.g. MAC addresses) when it has to recreate
 	// its devices. Optional.
 	Previous lease.Lease
+	// Publish, when set (the Agent sets it), publishes new attributes
+	// with the node's lease while the network runs: a backend whose
+	// published data changes (ipsec's rekeyed public key) calls it. It
+	// never blocks; when called again before the store was updated, the
+	// latest attributes win. Optional: nil means the caller cannot
+	// republish, and such a backend keeps its data until restarted.
+	Publish func(lease.Attrs)
 }
 
 // ExternalInterface is the node's underlay interface and the addresses it

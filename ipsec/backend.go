@@ -152,7 +152,12 @@ func (b *Backend) Start(ctx context.Context, own lease.Lease) (flannel.Network, 
 	b.mu.Lock()
 	b.prepared = false
 	b.mu.Unlock()
-	n := newNetwork(env, own, b.opts, key)
+	// The Agent passes Env.Publish: rekeyed keys then reach the store.
+	opts := b.opts
+	if opts.Publish == nil {
+		opts.Publish = env.Publish
+	}
+	n := newNetwork(env, own, opts, key)
 	if err := n.closeClusterNetwork(); err != nil {
 		return nil, fmt.Errorf("ipsec: start: %w", err)
 	}

@@ -93,11 +93,12 @@ type Options struct {
 	// off.
 	UDPEncap bool
 	// RekeyInterval is how often Network.Run rekeys. Optional: 1h. A
-	// rekeyed key is published through Options.Publish; without it, keys
-	// change only when the agent restarts.
+	// rekeyed key is published through Options.Publish (or Env.Publish);
+	// without either, keys change only when the agent restarts.
 	RekeyInterval time.Duration
 	// Publish is called by Network.Run after a rekey with the attributes
-	// to publish with the lease (the new public key). Optional.
+	// to publish with the lease (the new public key). Optional: default
+	// flannel.Env.Publish, which the Agent sets.
 	Publish func(lease.Attrs)
 	// Grace is how long keys replaced by a rekey stay installed for
 	// inbound traffic; outbound switches to the new key after half of it.

@@ -46,9 +46,9 @@
 // Outbound keeps the old key for Options.Grace/2 (peers must see the new
 // public key first) and the old key is retired after Options.Grace. Peers
 // switch their outbound as soon as they see the new key. Network.Run rekeys
-// every Options.RekeyInterval when Options.Publish is set; the flannel Agent
-// does not republish attributes today, so under the Agent keys change on
-// every restart only.
+// every Options.RekeyInterval when it can publish: Options.Publish, or the
+// flannel Agent's Env.Publish, which writes the new attributes with the lease
+// (and keeps renewing that).
 //
 // # Kernel state
 //
