@@ -101,6 +101,10 @@ type world struct {
 	procs  []*proc
 	pods   []*netlab.Pod
 	client *http.Client
+	// storeArgs, when set, replaces the etcd flags of node i's daemon.
+	storeArgs func(i int) []string
+	// env is added to every daemon's environment.
+	env func(i int) []string
 }
 
 type proc struct {
@@ -109,13 +113,24 @@ type proc struct {
 	log  string
 }
 
-func newWorld(t *testing.T, nodes int, dual bool) *world {
+// newLab is a world without a store: the lab and the daemon slots.
+func newLab(t *testing.T, nodes int, dual bool) *world {
 	testenv.RequireRoot(t)
 	for _, b := range []string{"ip", "nft", "iptables"} {
 		_, err := exec.LookPath(b)
 		testenv.Require(t, err == nil, b+" not installed")
 	}
 	w := &world{t: t, lab: netlab.NewT(t, netlab.Options{Nodes: nodes, IPv4: true, IPv6: dual}), dir: t.TempDir(), procs: make([]*proc, nodes), pods: make([]*netlab.Pod, nodes)}
+	t.Cleanup(func() {
+		for i := range w.procs {
+			w.stop(i, syscall.SIGKILL)
+		}
+	})
+	return w
+}
+
+func newWorld(t *testing.T, nodes int, dual bool) *world {
+	w := newLab(t, nodes, dual)
 	w.etcd = etcdtest.NewT(t, etcdtest.Options{})
 	c := etcdtest.ClientT(t, w.etcd)
 	var err error
@@ -123,16 +138,18 @@ func newWorld(t *testing.T, nodes int, dual bool) *world {
 	require.NoError(t, err)
 	u, err := url.Parse(w.etcd.Endpoints[0])
 	require.NoError(t, err)
-	rt, err := netns.GetFromName(w.lab.NSName("rt"))
-	require.NoError(t, err)
-	t.Cleanup(func() { rt.Close() })
-	forward(t, rt, netip.AddrPortFrom(netlab.RouterIP(0), etcdPort).String(), u.Host)
-	t.Cleanup(func() {
-		for i := range w.procs {
-			w.stop(i, syscall.SIGKILL)
-		}
-	})
+	w.relay(etcdPort, u.Host)
 	return w
+}
+
+// relay makes target (on the test's loopback) reachable from every node
+// at the router's address and port.
+func (w *world) relay(port uint16, target string) {
+	w.t.Helper()
+	rt, err := netns.GetFromName(w.lab.NSName("rt"))
+	require.NoError(w.t, err)
+	w.t.Cleanup(func() { rt.Close() })
+	forward(w.t, rt, netip.AddrPortFrom(netlab.RouterIP(0), port).String(), target)
 }
 
 // forward accepts TCP connections on listen inside ns and relays them to
@@ -201,13 +218,16 @@ func forward(t *testing.T, ns netns.NsHandle, listen, target string) {
 func (w *world) subnetFile(i int) string { return filepath.Join(w.dir, fmt.Sprintf("node%d.env", i)) }
 
 func (w *world) args(i int, extra ...string) []string {
-	return append([]string{
-		"netns", "exec", w.lab.Nodes[i].NSName, binary,
-		fmt.Sprintf("--etcd-endpoints=http://%s", netip.AddrPortFrom(netlab.RouterIP(0), etcdPort)),
+	store := []string{fmt.Sprintf("--etcd-endpoints=http://%s", netip.AddrPortFrom(netlab.RouterIP(0), etcdPort))}
+	if w.storeArgs != nil {
+		store = w.storeArgs(i)
+	}
+	return append(append([]string{
+		"netns", "exec", w.lab.Nodes[i].NSName, binary}, store...), append([]string{
 		"--subnet-file=" + w.subnetFile(i),
 		fmt.Sprintf("--healthz-port=%d", healthzPort),
 		"--iface=eth0", "--ip-masq", "--ip-blackhole-route", "-v=1",
-	}, extra...)
+	}, extra...)...)
 }
 
 // start runs the daemon of node i in its namespace.
@@ -218,6 +238,9 @@ func (w *world) start(i int, extra ...string) {
 	require.NoError(w.t, err)
 	p.cmd = exec.Command("ip", w.args(i, extra...)...)
 	p.cmd.Stdout, p.cmd.Stderr = f, f
+	if w.env != nil {
+		p.cmd.Env = append(os.Environ(), w.env(i)...)
+	}
 	require.NoError(w.t, p.cmd.Start())
 	go func() { p.done <- p.cmd.Wait(); f.Close() }()
 	w.procs[i] = p
