@@ -18,8 +18,10 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"go.etcd.io/etcd/client/pkg/v3/transport"
@@ -107,19 +109,27 @@ func New(opts Options) (*Server, error) {
 		s.Certs = c
 		scheme = "https"
 	}
-	cport, err := freePort()
-	if err != nil {
-		return nil, err
-	}
-	pport, err := freePort()
-	if err != nil {
-		return nil, err
-	}
-	s.clientURL = url.URL{Scheme: scheme, Host: net.JoinHostPort("127.0.0.1", strconv.Itoa(cport))}
-	s.peerURL = url.URL{Scheme: "http", Host: net.JoinHostPort("127.0.0.1", strconv.Itoa(pport))}
-	s.Endpoints = []string{s.clientURL.String()}
-	if err := s.Start(); err != nil {
-		return nil, err
+	// freePort's port may be taken by another test process before etcd
+	// binds it (go test runs packages in parallel): try fresh ports again.
+	for attempt := 1; ; attempt++ {
+		cport, err := freePort()
+		if err != nil {
+			return nil, err
+		}
+		pport, err := freePort()
+		if err != nil {
+			return nil, err
+		}
+		s.clientURL = url.URL{Scheme: scheme, Host: net.JoinHostPort("127.0.0.1", strconv.Itoa(cport))}
+		s.peerURL = url.URL{Scheme: "http", Host: net.JoinHostPort("127.0.0.1", strconv.Itoa(pport))}
+		s.Endpoints = []string{s.clientURL.String()}
+		err = s.Start()
+		if err == nil {
+			break
+		}
+		if attempt == 5 || !(errors.Is(err, syscall.EADDRINUSE) || strings.Contains(err.Error(), "address already in use")) {
+			return nil, err
+		}
 	}
 	if opts.RootPassword != "" {
 		if err := s.enableAuth(); err != nil {
