@@ -209,7 +209,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 
 	g, gctx := errgroup.WithContext(ctx)
-	latest := newLatest()
+	snaps := newLatest[lease.Snapshot]()
 	g.Go(func() error {
 		if err := r.network.Run(gctx); err != nil && gctx.Err() == nil {
 			return fmt.Errorf("%s network: %w", a.opts.Backend.Type(), err)
@@ -224,8 +224,8 @@ func (a *Agent) Run(ctx context.Context) error {
 			return nil
 		})
 	}
-	g.Go(func() error { return a.watchLoop(gctx, latest) })
-	g.Go(func() error { return a.applyLoop(gctx, r, latest) })
+	g.Go(func() error { return a.watchLoop(gctx, snaps) })
+	g.Go(func() error { return a.applyLoop(gctx, r, snaps) })
 	g.Go(func() error { return a.keepLoop(gctx, r) })
 	err = g.Wait()
 	if ctx.Err() != nil {
@@ -240,7 +240,7 @@ type run struct {
 	attrs   lease.Attrs
 	own     lease.Lease // the subnets are fixed for the whole Run
 	network Network
-	publish *published // attributes the backend publishes while running
+	publish *latest[lease.Attrs] // attributes the backend publishes while running
 }
 
 // start does the sequential part of Run: config, prepare, lease, start,
@@ -263,7 +263,7 @@ func (a *Agent) start(ctx context.Context) (*run, error) {
 
 	env := a.env(cfg)
 	env.Previous = a.findOwn(ctx)
-	pub := newPublished()
+	pub := newLatest[lease.Attrs]()
 	env.Publish = pub.put
 	attrs, err := a.opts.Backend.Prepare(ctx, env)
 	if err != nil {

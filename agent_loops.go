@@ -11,21 +11,22 @@ import (
 	"github.com/flannelkit/flannel/lease"
 )
 
-// latest hands the newest watch snapshot from the store's callback to the
-// applier. put never blocks: a snapshot replaces the one not yet taken
-// (latest wins), and signal holds at most one pending wake-up.
-type latest struct {
+// latest hands the newest value from a producer that must never block (a
+// store's watch callback, a backend's Env.Publish) to one consumer. put
+// replaces a value not yet taken (latest wins) and signal holds at most one
+// pending wake-up.
+type latest[T any] struct {
 	mu     sync.Mutex
-	snap   lease.Snapshot
+	v      T
 	have   bool
 	signal chan struct{}
 }
 
-func newLatest() *latest { return &latest{signal: make(chan struct{}, 1)} }
+func newLatest[T any]() *latest[T] { return &latest[T]{signal: make(chan struct{}, 1)} }
 
-func (l *latest) put(s lease.Snapshot) {
+func (l *latest[T]) put(v T) {
 	l.mu.Lock()
-	l.snap, l.have = s, true
+	l.v, l.have = v, true
 	l.mu.Unlock()
 	select {
 	case l.signal <- struct{}{}:
@@ -33,16 +34,27 @@ func (l *latest) put(s lease.Snapshot) {
 	}
 }
 
-func (l *latest) get() (lease.Snapshot, bool) {
+// get returns the newest value, leaving it in place.
+func (l *latest[T]) get() (T, bool) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	return l.snap, l.have
+	return l.v, l.have
+}
+
+// take returns the newest value and empties the box.
+func (l *latest[T]) take() (T, bool) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	v, ok := l.v, l.have
+	var zero T
+	l.v, l.have = zero, false
+	return v, ok
 }
 
 // watchLoop runs Store.Watch until ctx ends, restarting it with backoff when
 // it fails. The store is expected to recover by itself (relist); this only
 // guards against a watch that returns.
-func (a *Agent) watchLoop(ctx context.Context, out *latest) error {
+func (a *Agent) watchLoop(ctx context.Context, out *latest[lease.Snapshot]) error {
 	bo := a.newBackoff()
 	for {
 		var delivered atomic.Bool
@@ -78,7 +90,7 @@ func (a *Agent) watchLoop(ctx context.Context, out *latest) error {
 // backoff, or at once when a new snapshot arrives (new information; the
 // backoff keeps growing while Apply keeps failing). Snapshots arriving
 // while Apply runs are coalesced: the next call uses the newest one.
-func (a *Agent) applyLoop(ctx context.Context, r *run, in *latest) error {
+func (a *Agent) applyLoop(ctx context.Context, r *run, in *latest[lease.Snapshot]) error {
 	bo := a.newBackoff()
 	var retry *time.Timer
 	var retryC <-chan time.Time
@@ -268,7 +280,7 @@ func (a *Agent) keepLoop(ctx context.Context, r *run) error {
 // publishes new attributes; then it stops Keep (joining it) and returns
 // them. Keep must restart with the new lease: stores that renew by writing
 // the value again would otherwise put the old attributes back.
-func (a *Agent) keepUntilPublish(ctx context.Context, own lease.Lease, pub *published) (*lease.Attrs, error) {
+func (a *Agent) keepUntilPublish(ctx context.Context, own lease.Lease, pub *latest[lease.Attrs]) (*lease.Attrs, error) {
 	kctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	errc := make(chan error, 1)
@@ -285,35 +297,6 @@ func (a *Agent) keepUntilPublish(ctx context.Context, own lease.Lease, pub *publ
 		}
 		return &attrs, nil
 	}
-}
-
-// published hands attributes from Env.Publish (called by the backend, from
-// any goroutine, never blocking: latest wins) to the keep loop.
-type published struct {
-	mu     sync.Mutex
-	attrs  lease.Attrs
-	have   bool
-	signal chan struct{}
-}
-
-func newPublished() *published { return &published{signal: make(chan struct{}, 1)} }
-
-func (p *published) put(attrs lease.Attrs) {
-	p.mu.Lock()
-	p.attrs, p.have = attrs, true
-	p.mu.Unlock()
-	select {
-	case p.signal <- struct{}{}:
-	default:
-	}
-}
-
-func (p *published) take() (lease.Attrs, bool) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	attrs, ok := p.attrs, p.have
-	p.attrs, p.have = lease.Attrs{}, false
-	return attrs, ok
 }
 
 // reacquire retries Acquire with backoff until it succeeds, ctx ends, or

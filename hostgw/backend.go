@@ -94,23 +94,11 @@ func (b *Backend) Prepare(ctx context.Context, env flannel.Env) (lease.Attrs, er
 	if env.Handle == nil {
 		return lease.Attrs{}, errors.New("host-gw: prepare: no netlink handle")
 	}
-	link, err := resolveLink(env.Handle, env.Iface)
+	iface, err := backend.BindInterface(env.Handle, env.Iface, env.Config)
 	if err != nil {
 		return lease.Attrs{}, fmt.Errorf("host-gw: prepare: %w", err)
 	}
-	env.Iface.Index = link.Attrs().Index
-	if env.Iface.Name == "" {
-		env.Iface.Name = link.Attrs().Name
-	}
-	if env.Iface.MTU == 0 {
-		env.Iface.MTU = link.Attrs().MTU
-	}
-	if env.Config.EnableIPv4 && !env.Iface.PublicIP.IsValid() {
-		return lease.Attrs{}, fmt.Errorf("host-gw: prepare: interface %s has no public IPv4 address and IPv4 is enabled", env.Iface.Name)
-	}
-	if env.Config.EnableIPv6 && !env.Iface.PublicIPv6.IsValid() {
-		return lease.Attrs{}, fmt.Errorf("host-gw: prepare: interface %s has no public IPv6 address and IPv6 is enabled", env.Iface.Name)
-	}
+	env.Iface = iface
 	if env.NS.IsOpen() {
 		v4, v6 := env.Config.EnableIPv4, env.Config.EnableIPv6
 		if !v4 && !v6 { // a hand-built Config: go by the addresses
@@ -137,25 +125,6 @@ func (b *Backend) Prepare(ctx context.Context, env flannel.Env) (lease.Attrs, er
 	}, nil
 }
 
-// resolveLink finds the external interface by index, else by name.
-func resolveLink(h *netlink.Handle, iface flannel.ExternalInterface) (netlink.Link, error) {
-	switch {
-	case iface.Index != 0:
-		link, err := h.LinkByIndex(iface.Index)
-		if err != nil {
-			return nil, fmt.Errorf("external interface %q (index %d): %w", iface.Name, iface.Index, err)
-		}
-		return link, nil
-	case iface.Name != "":
-		link, err := h.LinkByName(iface.Name)
-		if err != nil {
-			return nil, fmt.Errorf("external interface %q: %w", iface.Name, err)
-		}
-		return link, nil
-	}
-	return nil, errors.New("no external interface given")
-}
-
 // Start returns the Network for own. It programs nothing until the first
 // Apply. It fails when Prepare was not called or own has no subnet.
 func (b *Backend) Start(ctx context.Context, own lease.Lease) (flannel.Network, error) {
@@ -178,7 +147,7 @@ func (b *Backend) Cleanup(ctx context.Context, env flannel.Env) error {
 	if env.Handle == nil {
 		return errors.New("host-gw: cleanup: no netlink handle")
 	}
-	link, err := resolveLink(env.Handle, env.Iface)
+	link, err := backend.ResolveLink(env.Handle, env.Iface)
 	if err != nil {
 		var nf netlink.LinkNotFoundError
 		if errors.As(err, &nf) {

@@ -48,25 +48,6 @@ func logger(l *slog.Logger) *slog.Logger {
 	return l
 }
 
-// resolveLink finds the external interface by index, else by name.
-func resolveLink(h *netlink.Handle, iface flannel.ExternalInterface) (netlink.Link, error) {
-	switch {
-	case iface.Index != 0:
-		link, err := h.LinkByIndex(iface.Index)
-		if err != nil {
-			return nil, fmt.Errorf("external interface %q (index %d): %w", iface.Name, iface.Index, err)
-		}
-		return link, nil
-	case iface.Name != "":
-		link, err := h.LinkByName(iface.Name)
-		if err != nil {
-			return nil, fmt.Errorf("external interface %q: %w", iface.Name, err)
-		}
-		return link, nil
-	}
-	return nil, errors.New("no external interface given")
-}
-
 // ErrNoESP is wrapped by Prepare's error when the kernel cannot do ESP
 // with the configured cipher (no esp4/xfrm_user module or no AES-GCM).
 var ErrNoESP = errors.New("kernel lacks ESP/XFRM support (modules esp4, esp6, xfrm_user and rfc4106(gcm(aes)) needed)")
@@ -80,23 +61,11 @@ func (b *Backend) Prepare(ctx context.Context, env flannel.Env) (lease.Attrs, er
 	if env.Handle == nil {
 		return lease.Attrs{}, errors.New("ipsec: prepare: no netlink handle")
 	}
-	link, err := resolveLink(env.Handle, env.Iface)
+	iface, err := backend.BindInterface(env.Handle, env.Iface, env.Config)
 	if err != nil {
 		return lease.Attrs{}, fmt.Errorf("ipsec: prepare: %w", err)
 	}
-	env.Iface.Index = link.Attrs().Index
-	if env.Iface.Name == "" {
-		env.Iface.Name = link.Attrs().Name
-	}
-	if env.Iface.MTU == 0 {
-		env.Iface.MTU = link.Attrs().MTU
-	}
-	if env.Config.EnableIPv4 && !env.Iface.PublicIP.IsValid() {
-		return lease.Attrs{}, fmt.Errorf("ipsec: prepare: interface %s has no public IPv4 address and IPv4 is enabled", env.Iface.Name)
-	}
-	if env.Config.EnableIPv6 && !env.Iface.PublicIPv6.IsValid() {
-		return lease.Attrs{}, fmt.Errorf("ipsec: prepare: interface %s has no public IPv6 address and IPv6 is enabled", env.Iface.Name)
-	}
+	env.Iface = iface
 	if err := probeESP(env.Handle, b.opts); err != nil {
 		return lease.Attrs{}, fmt.Errorf("ipsec: prepare: %w", err)
 	}
@@ -188,7 +157,7 @@ func (b *Backend) Cleanup(ctx context.Context, env flannel.Env) error {
 			errs = append(errs, k.delState(s))
 		}
 	}
-	link, err := resolveLink(env.Handle, env.Iface)
+	link, err := backend.ResolveLink(env.Handle, env.Iface)
 	if err == nil {
 		rec := backend.RouteReconciler{Logger: logger(env.Logger)}
 		errs = append(errs, rec.Reconcile(ctx, env.Handle, link.Attrs().Index, nil))

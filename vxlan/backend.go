@@ -83,7 +83,7 @@ func (b *Backend) Prepare(ctx context.Context, env flannel.Env) (lease.Attrs, er
 		return lease.Attrs{}, errors.New("vxlan: prepare: no netlink handle")
 	}
 	log := logger(env.Logger).With("backend", Type)
-	link, err := resolveLink(env.Handle, env.Iface)
+	link, err := backend.ResolveLink(env.Handle, env.Iface)
 	if err != nil {
 		return lease.Attrs{}, fmt.Errorf("vxlan: prepare: %w", err)
 	}
@@ -223,25 +223,6 @@ func (d *device) ensure(env flannel.Env, log *slog.Logger) error {
 	return nil
 }
 
-// resolveLink finds the external interface by index, else by name.
-func resolveLink(h *netlink.Handle, iface flannel.ExternalInterface) (netlink.Link, error) {
-	switch {
-	case iface.Index != 0:
-		link, err := h.LinkByIndex(iface.Index)
-		if err != nil {
-			return nil, fmt.Errorf("external interface %q (index %d): %w", iface.Name, iface.Index, err)
-		}
-		return link, nil
-	case iface.Name != "":
-		link, err := h.LinkByName(iface.Name)
-		if err != nil {
-			return nil, fmt.Errorf("external interface %q: %w", iface.Name, err)
-		}
-		return link, nil
-	}
-	return nil, errors.New("no external interface given")
-}
-
 // Start binds own to the devices: its IPv4 subnet address as /32 on
 // flannel.<VNI>, its IPv6 subnet address as /128 on flannel-v6.<VNI>
 // (other addresses removed), and returns the Network. It programs no peer
@@ -306,7 +287,7 @@ func (b *Backend) Cleanup(ctx context.Context, env flannel.Env) error {
 			errs = append(errs, fmt.Errorf("vxlan: cleanup: delete %s: %w", name, err))
 		}
 	}
-	link, err := resolveLink(env.Handle, env.Iface)
+	link, err := backend.ResolveLink(env.Handle, env.Iface)
 	var nf netlink.LinkNotFoundError
 	switch {
 	case errors.As(err, &nf):

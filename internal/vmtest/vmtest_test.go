@@ -2,11 +2,14 @@ package vmtest
 
 import (
 	"bytes"
+	"fmt"
 	"strings"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/flannelkit/flannel/internal/testenv"
 )
 
 func TestCpioNewc(t *testing.T) {
@@ -26,9 +29,7 @@ func TestCpioNewc(t *testing.T) {
 
 func TestModuleClosure(t *testing.T) {
 	tools, err := Find()
-	if err != nil {
-		t.Skipf("no VM kernel here (TestVM of package ipsec requires it): %v", err)
-	}
+	testenv.Require(t, err == nil, fmt.Sprintf("a VM kernel (hack/test.sh installs linux-image-cloud-amd64): %v", err))
 	mods, err := moduleClosure(tools.Version, []string{"esp4", "ghash-generic"})
 	require.NoError(t, err)
 	joined := strings.Join(mods, " ")
