@@ -5,6 +5,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -193,7 +194,15 @@ func TestInVMAgentsRekey(t *testing.T) {
 
 	t.Logf("udp probe: sent %d, answered %d", probe.sent.Load(), probe.got.Load())
 	assert.Positive(t, probe.sent.Load())
-	assert.Equal(t, probe.sent.Load(), probe.got.Load(), "datagrams lost during the rekey")
+	if !assert.Equal(t, probe.sent.Load(), probe.got.Load(), "datagrams lost during the rekey: %v", probe.missing()) {
+		var keyLogs []string
+		for l := range strings.Lines(logs.String()) {
+			if strings.Contains(l, "rekey") || strings.Contains(l, "key changed") || strings.Contains(l, "publish") {
+				keyLogs = append(keyLogs, l)
+			}
+		}
+		t.Logf("probe started at %s; key events:\n%s", probe.start.Format(time.RFC3339Nano), strings.Join(keyLogs, ""))
+	}
 	for s := range spis(t, lab.Nodes[0].Handle) {
 		assert.False(t, beforeSPIs[s], "SPI %#x survived the rekey", s)
 	}

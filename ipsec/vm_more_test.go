@@ -3,6 +3,7 @@ package ipsec_test
 import (
 	"context"
 	"encoding/binary"
+	"fmt"
 	"errors"
 	"math/rand/v2"
 	"net"
@@ -196,6 +197,25 @@ func flattenErr(err error) []error {
 type udpProbe struct {
 	sent, got atomic.Int64
 	stop      func()
+
+	start  time.Time
+	mu     sync.Mutex
+	sentAt []time.Duration // by sequence number, since start
+	seen   map[uint64]bool
+}
+
+// missing describes the datagrams sent but never answered: sequence number
+// and when it was sent (since the probe started).
+func (p *udpProbe) missing() []string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	var out []string
+	for seq, at := range p.sentAt {
+		if !p.seen[uint64(seq)] {
+			out = append(out, fmt.Sprintf("#%d sent at +%v", seq, at.Round(time.Millisecond)))
+		}
+	}
+	return out
 }
 
 func startUDPProbe(t *testing.T, a, b *netlab.Pod, interval time.Duration) *udpProbe {
@@ -211,7 +231,7 @@ func startUDPProbe(t *testing.T, a, b *netlab.Pod, interval time.Duration) *udpP
 		cli, err = net.DialUDP("udp4", net.UDPAddrFromAddrPort(netip.AddrPortFrom(a.IP, 0)), srv.LocalAddr().(*net.UDPAddr))
 		return err
 	}))
-	p := &udpProbe{}
+	p := &udpProbe{start: time.Now(), seen: map[uint64]bool{}}
 	var wg sync.WaitGroup
 	done := make(chan struct{})
 	wg.Go(func() { // echo
@@ -224,8 +244,6 @@ func startUDPProbe(t *testing.T, a, b *netlab.Pod, interval time.Duration) *udpP
 			srv.WriteToUDPAddrPort(buf[:n], from)
 		}
 	})
-	seen := map[uint64]bool{}
-	var mu sync.Mutex
 	wg.Go(func() { // receive answers
 		buf := make([]byte, 64)
 		for {
@@ -234,16 +252,18 @@ func startUDPProbe(t *testing.T, a, b *netlab.Pod, interval time.Duration) *udpP
 				return
 			}
 			if n >= 8 {
-				mu.Lock()
-				if s := binary.BigEndian.Uint64(buf); !seen[s] {
-					seen[s] = true
+				p.mu.Lock()
+				if s := binary.BigEndian.Uint64(buf); !p.seen[s] {
+					p.seen[s] = true
 					p.got.Add(1)
 				}
-				mu.Unlock()
+				p.mu.Unlock()
 			}
 		}
 	})
+	sender := make(chan struct{})
 	wg.Go(func() { // send
+		defer close(sender)
 		tk := time.NewTicker(interval)
 		defer tk.Stop()
 		var seq uint64
@@ -254,10 +274,18 @@ func startUDPProbe(t *testing.T, a, b *netlab.Pod, interval time.Duration) *udpP
 			case <-tk.C:
 				var b [8]byte
 				binary.BigEndian.PutUint64(b[:], seq)
-				seq++
-				if _, err := cli.Write(b[:]); err == nil {
+				p.mu.Lock()
+				p.sentAt = append(p.sentAt, time.Since(p.start))
+				p.mu.Unlock()
+				if _, err := cli.Write(b[:]); err != nil {
+					// Not sent: never counted as missing.
+					p.mu.Lock()
+					p.seen[seq] = true
+					p.mu.Unlock()
+				} else {
 					p.sent.Add(1)
 				}
+				seq++
 			}
 		}
 	})
@@ -265,7 +293,12 @@ func startUDPProbe(t *testing.T, a, b *netlab.Pod, interval time.Duration) *udpP
 	p.stop = func() {
 		once.Do(func() {
 			close(done)
-			time.Sleep(2 * time.Second) // answers in flight (TCG is slow under load)
+			<-sender
+			// Answers in flight: TCG is slow under load, so wait for them
+			// (bounded) rather than for a fixed time.
+			for deadline := time.Now().Add(15 * time.Second); p.got.Load() < p.sent.Load() && time.Now().Before(deadline); {
+				time.Sleep(50 * time.Millisecond)
+			}
 			srv.Close()
 			cli.Close()
 			wg.Wait()
@@ -304,7 +337,7 @@ func TestInVMRekeyWithoutLoss(t *testing.T) {
 
 	t.Logf("udp probe: sent %d, answered %d", probe.sent.Load(), probe.got.Load())
 	assert.Positive(t, probe.sent.Load())
-	assert.Equal(t, probe.sent.Load(), probe.got.Load(), "datagrams lost during the rekey")
+	assert.Equal(t, probe.sent.Load(), probe.got.Load(), "datagrams lost during the rekey: %v", probe.missing())
 	after := spis(t, h1)
 	assert.Len(t, after, perPeer, "old states retired after the grace period")
 	for s := range after {
