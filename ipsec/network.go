@@ -414,7 +414,9 @@ func (n *Network) Rekey(ctx context.Context) (lease.Attrs, error) {
 
 // Run repairs drift until ctx ends: it re-applies the last peer set every
 // RepairInterval (and more often while a rekey is in its grace period, to
-// switch and retire keys on time), rekeys every RekeyInterval when
+// switch and retire keys on time) and right after the kernel reports an
+// XFRM state or policy deleted, flushed or expired (a subscription in
+// env.NS, retried with backoff when it fails), rekeys every RekeyInterval when
 // Options.Publish is set, and with UDPEncap holds the UDP port 4500 socket
 // the kernel needs to decapsulate ESP in UDP. It returns nil when ctx
 // ends, with every goroutine joined.
@@ -436,11 +438,35 @@ func (n *Network) Run(ctx context.Context) error {
 		defer t.Stop()
 		rekey = t.C
 	}
+	// Removals of states and policies (by hand, a flush, an expiry) are
+	// repaired right away; the periodic repair covers the rest.
+	ctx, cancel := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	defer func() {
+		cancel()
+		wg.Wait()
+	}()
+	kick := make(chan string, 1)
+	if n.env.NS.IsOpen() {
+		wg.Go(func() {
+			backend.Watch(ctx, n.log, n.env.NS, "xfrm", subscribeXfrm, xfrmEvent.removal, func(why string) {
+				select {
+				case kick <- why:
+				default:
+				}
+			})
+		})
+	} else {
+		n.log.Info("no namespace handle: repairing on a timer only", "interval", n.opts.RepairInterval)
+	}
 	lastRepair := n.now()
 	for {
 		select {
 		case <-ctx.Done():
 			return nil
+		case why := <-kick:
+			lastRepair = n.now()
+			n.repair(ctx, why)
 		case <-rekey:
 			attrs, err := n.Rekey(ctx)
 			if err != nil {
@@ -456,7 +482,7 @@ func (n *Network) Run(ctx context.Context) error {
 				continue
 			}
 			lastRepair = n.now()
-			n.repair(ctx)
+			n.repair(ctx, "periodic")
 		}
 	}
 }
@@ -470,14 +496,14 @@ func (n *Network) anyPeerPrevLocked() bool {
 	return false
 }
 
-func (n *Network) repair(ctx context.Context) {
+func (n *Network) repair(ctx context.Context, why string) {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	if !n.applied {
 		return
 	}
 	if err := n.applyLocked(ctx); err != nil && ctx.Err() == nil {
-		n.log.Warn("repair failed", "err", err)
+		n.log.Warn("repair failed", "trigger", why, "err", err)
 	}
 }
 

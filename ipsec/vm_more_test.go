@@ -3,8 +3,8 @@ package ipsec_test
 import (
 	"context"
 	"encoding/binary"
-	"fmt"
 	"errors"
+	"fmt"
 	"math/rand/v2"
 	"net"
 	"net/netip"
@@ -463,4 +463,52 @@ func TestInVMRandomPeerSets(t *testing.T) {
 			assert.Equal(t, perPeer, ourStatesTo(t, v.node.Handle, l.Attrs.PublicIP), "step %d peer %s", step, l)
 		}
 	}
+}
+
+// TestInVMRemovalRepairedByEvent: with the periodic repair out of the way
+// (an hour), a state and then a policy deleted by hand come back from the
+// XFRM notifications alone.
+func TestInVMRemovalRepairedByEvent(t *testing.T) {
+	inVM(t)
+	ignore := goleak.IgnoreCurrent()
+	c := newCluster(t, 2, func(int) string { return clusterPSK }, ipsec.Options{RepairInterval: time.Hour})
+	c.applyOK()
+	stop := c.runAll()
+	n0 := c.nodes[0].node.Handle
+	ip0 := c.nodes[0].node.IP.AsSlice()
+
+	var in *netlink.XfrmState
+	for _, s := range xfrmStates(t, n0) {
+		if s.Dst.Equal(ip0) {
+			in = &s
+			break
+		}
+	}
+	require.NotNil(t, in, "an inbound state")
+	require.NoError(t, n0.XfrmStateDel(in))
+	require.Eventually(t, func() bool { return len(xfrmStates(t, n0)) == perPeer }, 20*time.Second, 20*time.Millisecond, "inbound state restored")
+
+	// The subscription is up now (a repair ran): this one can only be
+	// repaired through an event.
+	var out *netlink.XfrmPolicy
+	for _, p := range xfrmPolicies(t, n0) {
+		if p.Dir == netlink.XFRM_DIR_OUT && len(p.Tmpls) > 0 {
+			out = &p
+			break
+		}
+	}
+	require.NotNil(t, out, "an outbound peer policy")
+	require.NoError(t, n0.XfrmPolicyDel(out))
+	require.Eventually(t, func() bool {
+		for _, p := range xfrmPolicies(t, n0) {
+			if p.Dir == netlink.XFRM_DIR_OUT && len(p.Tmpls) > 0 && p.Dst.String() == out.Dst.String() {
+				return true
+			}
+		}
+		return false
+	}, 20*time.Second, 20*time.Millisecond, "outbound policy restored")
+	c.checkAllPairs()
+	stop()
+	goleak.VerifyNone(t, ignore)
+	c.checkLogsFree()
 }
