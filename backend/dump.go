@@ -69,3 +69,15 @@ func ListRoutes(h *netlink.Handle, family int, filter *netlink.Route, filterMask
 func ListNeighs(h *netlink.Handle, linkIndex, family int) ([]netlink.Neigh, error) {
 	return retryDump("neighbours", func() ([]netlink.Neigh, error) { return h.NeighList(linkIndex, family) })
 }
+
+// ListXfrmStates lists the XFRM states of h's namespace (both families),
+// retrying interrupted dumps.
+func ListXfrmStates(h *netlink.Handle) ([]netlink.XfrmState, error) {
+	return retryDump("xfrm states", func() ([]netlink.XfrmState, error) { return h.XfrmStateList(netlink.FAMILY_ALL) })
+}
+
+// ListXfrmPolicies lists the XFRM policies of h's namespace (both
+// families), retrying interrupted dumps.
+func ListXfrmPolicies(h *netlink.Handle) ([]netlink.XfrmPolicy, error) {
+	return retryDump("xfrm policies", func() ([]netlink.XfrmPolicy, error) { return h.XfrmPolicyList(netlink.FAMILY_ALL) })
+}

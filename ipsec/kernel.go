@@ -20,23 +20,6 @@ type kernel struct {
 	cipher Cipher
 }
 
-const dumpAttempts = 5
-
-func retry[T any](what string, fn func() (T, error)) (T, error) {
-	var res T
-	var err error
-	for range dumpAttempts {
-		if res, err = fn(); err == nil || !errors.Is(err, netlink.ErrDumpInterrupted) {
-			break
-		}
-	}
-	if err != nil {
-		var zero T
-		return zero, fmt.Errorf("list %s: %w", what, err)
-	}
-	return res, nil
-}
-
 func addrOf(ip net.IP) netip.Addr {
 	a, _ := netip.AddrFromSlice(ip)
 	return a.Unmap()
@@ -44,7 +27,7 @@ func addrOf(ip net.IP) netip.Addr {
 
 // states lists our states (Reqid).
 func (k kernel) states() ([]xstate, error) {
-	all, err := retry("xfrm states", func() ([]netlink.XfrmState, error) { return k.h.XfrmStateList(netlink.FAMILY_ALL) })
+	all, err := backend.ListXfrmStates(k.h)
 	if err != nil {
 		return nil, err
 	}
@@ -101,7 +84,7 @@ func (k kernel) delState(s xstate) error {
 // policies lists our policies: those with a template of our reqid and the
 // template-less ones with our allow/block priorities.
 func (k kernel) policies() ([]xpolicy, error) {
-	all, err := retry("xfrm policies", func() ([]netlink.XfrmPolicy, error) { return k.h.XfrmPolicyList(netlink.FAMILY_ALL) })
+	all, err := backend.ListXfrmPolicies(k.h)
 	if err != nil {
 		return nil, err
 	}

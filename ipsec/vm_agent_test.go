@@ -22,47 +22,68 @@ import (
 	"github.com/flannelkit/flannel/lease/memstore"
 )
 
-// TestInVMAgents runs the ipsec backend under real Agents sharing an
-// in-memory store, as examples/cluster -backend ipsec does.
-func TestInVMAgents(t *testing.T) {
-	inVM(t)
+// agentLab is a lab whose nodes run real Agents with the ipsec backend,
+// sharing an in-memory store, each with one pod in its subnet.
+type agentLab struct {
+	lab    *netlab.Lab
+	store  *memstore.Store
+	logs   *syncBuf
+	agents []*flannel.Agent
+	pods   []*netlab.Pod
+}
+
+// startAgents starts an Agent per node of a new lab for netConf and waits
+// until each is ready with every peer programmed. Cleanup stops them, joins
+// their goroutines and checks for leaks.
+func startAgents(t *testing.T, nodes int, netConf string) *agentLab {
+	t.Helper()
 	ignore := goleak.IgnoreCurrent()
-	lab := netlab.NewT(t, netlab.Options{Nodes: 3})
-	cfg, err := lease.ParseConfig([]byte(`{"Network":"10.244.0.0/16","Backend":{"Type":"ipsec","PSK":"` + clusterPSK + `"}}`))
+	l := &agentLab{lab: netlab.NewT(t, netlab.Options{Nodes: nodes}), logs: &syncBuf{}}
+	cfg, err := lease.ParseConfig([]byte(netConf))
 	require.NoError(t, err)
-	store := memstore.New(cfg, memstore.Options{})
-	logs := &syncBuf{}
-	log := slog.New(slog.NewJSONHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	l.store = memstore.New(cfg, memstore.Options{})
+	log := slog.New(slog.NewJSONHandler(l.logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
 
 	ctx, cancel := context.WithCancel(t.Context())
 	var wg sync.WaitGroup
-	defer func() { cancel(); wg.Wait(); goleak.VerifyNone(t, ignore) }()
-	agents := make([]*flannel.Agent, len(lab.Nodes))
-	for i, n := range lab.Nodes {
+	t.Cleanup(func() { cancel(); wg.Wait(); goleak.VerifyNone(t, ignore) })
+	l.agents = make([]*flannel.Agent, nodes)
+	for i, n := range l.lab.Nodes {
 		be, err := ipsec.FromConfig(cfg)
 		require.NoError(t, err)
 		iface, err := backend.FindInterface(n.Handle, backend.InterfaceOptions{IPv4: true})
 		require.NoError(t, err)
-		agents[i], err = flannel.NewAgent(flannel.AgentOptions{
-			Store: store, Backend: be, Iface: iface, Handle: n.Handle, NS: n.NS,
+		l.agents[i], err = flannel.NewAgent(flannel.AgentOptions{
+			Store: l.store, Backend: be, Iface: iface, Handle: n.Handle, NS: n.NS,
 			Logger: log.With("node", n.Name),
 		})
 		require.NoError(t, err)
-		a := agents[i]
+		a := l.agents[i]
 		wg.Go(func() { assert.NoError(t, a.Run(ctx)) })
 	}
-	pods := make([]*netlab.Pod, len(lab.Nodes))
-	for i, a := range agents {
+	l.pods = make([]*netlab.Pod, nodes)
+	for i, a := range l.agents {
 		select {
 		case <-a.Ready():
 		case <-time.After(60 * time.Second):
 			t.Fatalf("agent %d not ready", i)
 		}
-		require.Eventually(t, func() bool { return a.State().Peers == len(agents)-1 }, 60*time.Second, 50*time.Millisecond)
+		require.Eventually(t, func() bool { return a.State().Peers == nodes-1 }, 60*time.Second, 50*time.Millisecond)
 		st := a.State()
-		assert.Equal(t, 1446, st.MTU)
-		pods[i], err = lab.Nodes[i].AddPod("pod", st.Lease.Subnet, st.Lease.IPv6Subnet, netlab.WithMTU(st.MTU))
+		l.pods[i], err = l.lab.Nodes[i].AddPod("pod", st.Lease.Subnet, st.Lease.IPv6Subnet, netlab.WithMTU(st.MTU))
 		require.NoError(t, err)
+	}
+	return l
+}
+
+// TestInVMAgents runs the ipsec backend under real Agents sharing an
+// in-memory store, as examples/cluster -backend ipsec does.
+func TestInVMAgents(t *testing.T) {
+	inVM(t)
+	l := startAgents(t, 3, `{"Network":"10.244.0.0/16","Backend":{"Type":"ipsec","PSK":"`+clusterPSK+`"}}`)
+	lab, pods, logs := l.lab, l.pods, l.logs
+	for _, a := range l.agents {
+		assert.Equal(t, 1446, a.State().MTU)
 	}
 	for i, a := range pods {
 		for j, b := range pods {
@@ -127,43 +148,8 @@ func sendUDPMarker(t *testing.T, a, b *netlab.Pod, marker []byte, n int) {
 // loses nothing.
 func TestInVMAgentsRekey(t *testing.T) {
 	inVM(t)
-	ignore := goleak.IgnoreCurrent()
-	lab := netlab.NewT(t, netlab.Options{Nodes: 2})
-	cfg, err := lease.ParseConfig([]byte(`{"Network":"10.244.0.0/16","Backend":{"Type":"ipsec","PSK":"` + clusterPSK + `","RekeyInterval":"8s"}}`))
-	require.NoError(t, err)
-	store := memstore.New(cfg, memstore.Options{})
-	logs := &syncBuf{}
-	log := slog.New(slog.NewJSONHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
-
-	ctx, cancel := context.WithCancel(t.Context())
-	var wg sync.WaitGroup
-	defer func() { cancel(); wg.Wait(); goleak.VerifyNone(t, ignore) }()
-	agents := make([]*flannel.Agent, len(lab.Nodes))
-	for i, n := range lab.Nodes {
-		be, err := ipsec.FromConfig(cfg)
-		require.NoError(t, err)
-		iface, err := backend.FindInterface(n.Handle, backend.InterfaceOptions{IPv4: true})
-		require.NoError(t, err)
-		agents[i], err = flannel.NewAgent(flannel.AgentOptions{
-			Store: store, Backend: be, Iface: iface, Handle: n.Handle, NS: n.NS,
-			Logger: log.With("node", n.Name),
-		})
-		require.NoError(t, err)
-		a := agents[i]
-		wg.Go(func() { assert.NoError(t, a.Run(ctx)) })
-	}
-	pods := make([]*netlab.Pod, len(lab.Nodes))
-	for i, a := range agents {
-		select {
-		case <-a.Ready():
-		case <-time.After(60 * time.Second):
-			t.Fatalf("agent %d not ready", i)
-		}
-		require.Eventually(t, func() bool { return a.State().Peers == 1 }, 60*time.Second, 50*time.Millisecond)
-		st := a.State()
-		pods[i], err = lab.Nodes[i].AddPod("pod", st.Lease.Subnet, st.Lease.IPv6Subnet, netlab.WithMTU(st.MTU))
-		require.NoError(t, err)
-	}
+	l := startAgents(t, 2, `{"Network":"10.244.0.0/16","Backend":{"Type":"ipsec","PSK":"`+clusterPSK+`","RekeyInterval":"8s"}}`)
+	lab, pods, logs, store := l.lab, l.pods, l.logs, l.store
 	require.NoError(t, pods[0].Ping(ctxT(t, 20*time.Second), pods[1].IP))
 
 	data := func() map[string]string {
