@@ -1,7 +1,6 @@
 package flannel_test
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"log/slog"
@@ -12,6 +11,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/flannelkit/flannel"
+	"github.com/flannelkit/flannel/internal/testenv"
 	"github.com/flannelkit/flannel/lease"
 	"github.com/flannelkit/flannel/lease/memstore"
 )
@@ -41,24 +41,6 @@ type failingFinder struct{ *memstore.Store }
 
 func (failingFinder) FindOwn(context.Context, lease.Attrs) (lease.Lease, bool, error) {
 	return lease.Lease{}, false, errors.New("store unreachable")
-}
-
-// syncBuf is a concurrency-safe log sink.
-type syncBuf struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (s *syncBuf) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.buf.Write(p)
-}
-
-func (s *syncBuf) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.buf.String()
 }
 
 func TestPreviousLeasePassedToBackend(t *testing.T) {
@@ -97,7 +79,7 @@ func TestPreviousLeasePassedToBackend(t *testing.T) {
 	assert.Equal(t, []lease.Lease{{}}, b3.previous())
 
 	// A failing lookup is logged and ignored.
-	var logs syncBuf
+	var logs testenv.LogBuffer
 	b4 := &prevBackend{fakeBackend: newFakeBackend()}
 	opts4 := nodeOptions(failingFinder{store}, b4, 1)
 	opts4.Logger = slog.New(slog.NewTextHandler(&logs, nil))

@@ -1,7 +1,6 @@
 package hostgw
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -11,7 +10,6 @@ import (
 	"os"
 	"slices"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -25,6 +23,7 @@ import (
 	flannel "github.com/flannelkit/flannel"
 	"github.com/flannelkit/flannel/backend"
 	"github.com/flannelkit/flannel/internal/netlab"
+	"github.com/flannelkit/flannel/internal/testenv"
 	"github.com/flannelkit/flannel/lease"
 )
 
@@ -405,7 +404,7 @@ func TestRunSurvivesSubscriptionFailure(t *testing.T) {
 	require.NoError(t, err)
 	t.Cleanup(func() { f.Close() })
 	n0.net.env.NS = netns.NsHandle(int(f.Fd()))
-	var logs syncBuffer
+	var logs testenv.LogBuffer
 	n0.net.log = slog.New(slog.NewTextHandler(&logs, nil))
 
 	ctx, cancel := context.WithCancel(context.Background())
@@ -420,24 +419,6 @@ func TestRunSurvivesSubscriptionFailure(t *testing.T) {
 	cancel()
 	require.NoError(t, <-done)
 	goleak.VerifyNone(t, ignore)
-}
-
-// syncBuffer is a bytes.Buffer safe for a logger and a reader at once.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
 }
 
 // TestApplyStates replays random peer sets, in random order, on one node and

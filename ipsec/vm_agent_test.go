@@ -17,6 +17,7 @@ import (
 	flannel "github.com/flannelkit/flannel"
 	"github.com/flannelkit/flannel/backend"
 	"github.com/flannelkit/flannel/internal/netlab"
+	"github.com/flannelkit/flannel/internal/testenv"
 	"github.com/flannelkit/flannel/ipsec"
 	"github.com/flannelkit/flannel/lease"
 	"github.com/flannelkit/flannel/lease/memstore"
@@ -27,7 +28,7 @@ import (
 type agentLab struct {
 	lab    *netlab.Lab
 	store  *memstore.Store
-	logs   *syncBuf
+	logs   *testenv.LogBuffer
 	agents []*flannel.Agent
 	pods   []*netlab.Pod
 }
@@ -38,7 +39,7 @@ type agentLab struct {
 func startAgents(t *testing.T, nodes int, netConf string) *agentLab {
 	t.Helper()
 	ignore := goleak.IgnoreCurrent()
-	l := &agentLab{lab: netlab.NewT(t, netlab.Options{Nodes: nodes}), logs: &syncBuf{}}
+	l := &agentLab{lab: netlab.NewT(t, netlab.Options{Nodes: nodes}), logs: &testenv.LogBuffer{}}
 	cfg, err := lease.ParseConfig([]byte(netConf))
 	require.NoError(t, err)
 	l.store = memstore.New(cfg, memstore.Options{})

@@ -97,24 +97,6 @@ var (
 	otherPSK   = strings.Repeat("another-psk-9876543210-", 5)
 )
 
-// syncBuf is a log sink shared by goroutines.
-type syncBuf struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuf) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuf) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 type vnode struct {
 	node  *netlab.Node
 	psk   string
@@ -123,7 +105,7 @@ type vnode struct {
 	net   flannel.Network
 	lease lease.Lease
 	pod   *netlab.Pod
-	logs  *syncBuf
+	logs  *testenv.LogBuffer
 	env   flannel.Env
 }
 
@@ -152,7 +134,7 @@ func newClusterFamilies(t *testing.T, n int, psk func(i int) string, opts ipsec.
 	require.NoError(t, err)
 	c := &vcluster{t: t, lab: lab, cfg: cfg, gone: map[int]bool{}}
 	for i, nd := range lab.Nodes {
-		v := &vnode{node: nd, psk: psk(i), logs: &syncBuf{}}
+		v := &vnode{node: nd, psk: psk(i), logs: &testenv.LogBuffer{}}
 		v.opts = opts
 		v.opts.PSK = []byte(v.psk)
 		v.env = flannel.Env{

@@ -1,7 +1,6 @@
 package vxlan
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"net/netip"
@@ -214,24 +213,6 @@ func txPackets(t *testing.T, n *testNode, v6 bool) uint64 {
 	l, err := n.node.Handle.LinkByName(deviceName(n.backend.opts.VNI, v6))
 	require.NoError(t, err)
 	return l.Attrs().Statistics.TxPackets
-}
-
-// syncBuffer is a bytes.Buffer safe for a logger and a reader at once.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
 }
 
 func mustAddr(s string) netip.Addr { return netip.MustParseAddr(s) }

@@ -22,6 +22,7 @@ import (
 
 	"github.com/flannelkit/flannel/backend"
 	"github.com/flannelkit/flannel/internal/netlab"
+	"github.com/flannelkit/flannel/internal/testenv"
 	"github.com/flannelkit/flannel/lease"
 )
 
@@ -355,7 +356,7 @@ func TestRunSurvivesSubscriptionFailure(t *testing.T) {
 	require.NoError(t, err)
 	t.Cleanup(func() { f.Close() })
 	n0.net.env.NS = netns.NsHandle(int(f.Fd()))
-	var logs syncBuffer
+	var logs testenv.LogBuffer
 	n0.net.log = slog.New(slog.NewTextHandler(&logs, nil))
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
