@@ -100,9 +100,11 @@ type Options struct {
 	// to publish with the lease (the new public key). Optional: default
 	// flannel.Env.Publish, which the Agent sets.
 	Publish func(lease.Attrs)
-	// Grace is how long keys replaced by a rekey stay installed for
-	// inbound traffic; outbound switches to the new key after half of it.
-	// Optional: 30s; at most half of RekeyInterval.
+	// Grace is how long a key replaced by a rekey stays installed at
+	// least (longer while peers still send with it, up to RekeyInterval);
+	// outbound to a peer switches to the new key once the peer sends with
+	// it, or after half of Grace when the peer does not send with the old
+	// one either. Optional: 30s; at most half of RekeyInterval.
 	Grace time.Duration
 	// Reqid marks our XFRM states and policies. Optional: DefaultReqid.
 	Reqid uint32

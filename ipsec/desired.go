@@ -36,6 +36,8 @@ type xstate struct {
 	Out      bool   // outbound (informational; not compared)
 	Peer     int    // index into the peers of the input, -1 if none
 	Pair     string // outbound: pairName of its keys
+	ToPrev   bool   // inbound: received with our previous key (informational)
+	Packets  uint64 // actual: packets the kernel counted (informational)
 }
 
 // Generations is how many generations of a sender's outbound state each
@@ -58,12 +60,17 @@ func (s xstate) id() stateID { return stateID{s.Src, s.Dst, s.SPI} }
 
 // xpolicy is a desired or actual policy. A valid TmplSrc means an ESP
 // tunnel template between TmplSrc and TmplDst; otherwise Block decides.
+// An outbound template names the SPI of the one state to use (TmplSPI), so
+// a key switch is a policy update: every flow moves to the new state at
+// once, while packets already on their way through the old one, which
+// lingers briefly, still leave.
 type xpolicy struct {
 	Src, Dst         netip.Prefix
 	Dir              dir
 	Priority         int
 	Block            bool
 	TmplSrc, TmplDst netip.Addr
+	TmplSPI          uint32 // 0: any
 	Peer             int
 }
 
@@ -77,7 +84,11 @@ func (p xpolicy) id() policyID { return policyID{p.Src, p.Dst, p.Dir} }
 func (p xpolicy) String() string {
 	s := fmt.Sprintf("%s->%s dir %d prio %#x", p.Src, p.Dst, p.Dir, p.Priority)
 	if p.TmplSrc.IsValid() {
-		return s + fmt.Sprintf(" esp tunnel %s->%s", p.TmplSrc, p.TmplDst)
+		s += fmt.Sprintf(" esp tunnel %s->%s", p.TmplSrc, p.TmplDst)
+		if p.TmplSPI != 0 {
+			s += fmt.Sprintf(" spi %#x", p.TmplSPI)
+		}
+		return s
 	}
 	if p.Block {
 		return s + " block"
@@ -87,20 +98,22 @@ func (p xpolicy) String() string {
 
 // nodeView is what the desired-state computation knows about a node: its
 // subnets, public addresses and public keys (prev is a key replaced within
-// the grace period, nil when none).
+// the grace period, nil when none). For a peer, SendPrev says that our
+// outbound to it still uses our previous key (it may not have seen the
+// current one yet).
 type nodeView struct {
 	Subnet, Subnet6 netip.Prefix
 	IP, IP6         netip.Addr
 	Cur, Prev       []byte
+	SendPrev        bool
 }
 
 // localKeys are this node's key pairs: cur is published; prev was replaced
-// within the grace period; outPrev says outbound still uses prev (peers may
-// not have seen cur yet).
+// by a rekey and is still accepted (and sent with to peers that have not
+// shown they know cur).
 type localKeys struct {
-	cur     keyPair
-	prev    *keyPair
-	outPrev bool
+	cur  keyPair
+	prev *keyPair
 }
 
 // input is everything desired needs.
@@ -215,7 +228,7 @@ func desired(in input) (states []xstate, policies []xpolicy, failed map[int]erro
 			}
 			// Outbound: our key the peer knows, the peer's current key.
 			outKey := in.keys.cur
-			if in.keys.outPrev && in.keys.prev != nil {
+			if p.SendPrev && in.keys.prev != nil {
 				outKey = *in.keys.prev
 			}
 			table, used := spisTo(p.Cur)
@@ -226,7 +239,8 @@ func desired(in input) (states []xstate, policies []xpolicy, failed map[int]erro
 				fail(i, err)
 				continue
 			}
-			states = append(states, xstate{Src: ownIP, Dst: ip, SPI: spiFor(outKey.pub, p.Cur, gen, table, used), Key: k, Encap: in.encap, Out: true, Peer: i, Pair: pair})
+			outSPI := spiFor(outKey.pub, p.Cur, gen, table, used)
+			states = append(states, xstate{Src: ownIP, Dst: ip, SPI: outSPI, Key: k, Encap: in.encap, Out: true, Peer: i, Pair: pair})
 			// Inbound: every live sender key of the peer to every live
 			// key of ours.
 			senders := [][]byte{p.Cur}
@@ -237,10 +251,11 @@ func desired(in input) (states []xstate, policies []xpolicy, failed map[int]erro
 				kp    keyPair
 				table spiTable
 				used  map[uint32]bool
+				prev  bool
 			}
-			recvs := []recv{{in.keys.cur, inTable, inUsed}}
+			recvs := []recv{{in.keys.cur, inTable, inUsed, false}}
 			if in.keys.prev != nil {
-				recvs = append(recvs, recv{*in.keys.prev, prevTable, prevUsed})
+				recvs = append(recvs, recv{*in.keys.prev, prevTable, prevUsed, true})
 			}
 			for _, r := range recvs {
 				for _, s := range senders {
@@ -250,11 +265,11 @@ func desired(in input) (states []xstate, policies []xpolicy, failed map[int]erro
 							fail(i, err)
 							continue
 						}
-						states = append(states, xstate{Src: ip, Dst: ownIP, SPI: spiFor(s, r.kp.pub, gen, r.table, r.used), Key: k, Encap: in.encap, Peer: i})
+						states = append(states, xstate{Src: ip, Dst: ownIP, SPI: spiFor(s, r.kp.pub, gen, r.table, r.used), Key: k, Encap: in.encap, Peer: i, ToPrev: r.prev})
 					}
 				}
 			}
-			tmplOut := xpolicy{Src: ownSub, Dst: sub, Dir: dirOut, Priority: prioPeer, TmplSrc: ownIP, TmplDst: ip, Peer: i}
+			tmplOut := xpolicy{Src: ownSub, Dst: sub, Dir: dirOut, Priority: prioPeer, TmplSrc: ownIP, TmplDst: ip, TmplSPI: outSPI, Peer: i}
 			tmplIn := xpolicy{Src: sub, Dst: ownSub, Dir: dirIn, Priority: prioPeer, TmplSrc: ip, TmplDst: ownIP, Peer: i}
 			tmplFwd := tmplIn
 			tmplFwd.Dir = dirFwd
@@ -313,7 +328,7 @@ func sortStates(s []xstate) {
 // samePolicy compares what we set on a policy.
 func samePolicy(a, b xpolicy) bool {
 	return a.id() == b.id() && a.Priority == b.Priority && a.Block == b.Block &&
-		a.TmplSrc == b.TmplSrc && a.TmplDst == b.TmplDst
+		a.TmplSrc == b.TmplSrc && a.TmplDst == b.TmplDst && a.TmplSPI == b.TmplSPI
 }
 
 // diffPolicies returns the policies to add or update and those to delete.

@@ -1,6 +1,7 @@
 package ipsec
 
 import (
+	"fmt"
 	"net/netip"
 	"testing"
 
@@ -81,8 +82,15 @@ func TestDesiredPolicies(t *testing.T) {
 		own: view(0, a), keys: localKeys{cur: a},
 		peers: []nodeView{view(1, b), {Subnet: netip.MustParsePrefix("10.244.2.0/24")}, view(3, b)},
 		valid: []bool{true, true, false}}
-	_, pols, failed := desired(in)
+	states, pols, failed := desired(in)
 	require.Len(t, failed, 1)
+	var outSPI uint32
+	for _, s := range states {
+		if s.Out {
+			outSPI = s.SPI
+		}
+	}
+	require.NotZero(t, outSPI)
 	assert.Contains(t, failed[1].Error(), "no public IPv4 address")
 	var got []string
 	for _, p := range pols {
@@ -91,10 +99,10 @@ func TestDesiredPolicies(t *testing.T) {
 	assert.Equal(t, []string{
 		"10.244.0.0/24->10.244.0.0/24 dir 1 prio 0x66c0 allow",
 		"10.244.0.0/24->10.244.0.0/16 dir 1 prio 0x66cf block",
-		"10.244.0.0/24->10.244.1.0/24 dir 1 prio 0x66c1 esp tunnel 172.30.0.10->172.30.0.11",
+		fmt.Sprintf("10.244.0.0/24->10.244.1.0/24 dir 1 prio 0x66c1 esp tunnel 172.30.0.10->172.30.0.11 spi %#x", outSPI),
 		"10.244.1.0/24->10.244.0.0/24 dir 0 prio 0x66c1 esp tunnel 172.30.0.11->172.30.0.10",
 		"10.244.1.0/24->10.244.0.0/24 dir 2 prio 0x66c1 esp tunnel 172.30.0.11->172.30.0.10",
-	}, got, "a peer without a valid key gets no policy: the block policy covers it")
+	}, got, "a peer without a valid key gets no policy: the block policy covers it; the outbound one names the outbound state")
 }
 
 func TestDesiredRekeyOverlap(t *testing.T) {
@@ -107,7 +115,9 @@ func TestDesiredRekeyOverlap(t *testing.T) {
 		return s
 	}
 	before := base(localKeys{cur: a1}, view(1, b))
-	during := base(localKeys{cur: a2, prev: &a1, outPrev: true}, view(1, b))
+	stillOld := view(1, b)
+	stillOld.SendPrev = true
+	during := base(localKeys{cur: a2, prev: &a1}, stillOld)
 	after := base(localKeys{cur: a2, prev: &a1}, view(1, b))
 	out := func(s []xstate) xstate {
 		for _, x := range s {

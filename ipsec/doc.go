@@ -42,13 +42,20 @@
 // # Rekeying
 //
 // Network.Rekey makes a new key pair and installs inbound states for it
-// next to the old ones; the caller publishes the returned attributes.
-// Outbound keeps the old key for Options.Grace/2 (peers must see the new
-// public key first) and the old key is retired after Options.Grace. Peers
-// switch their outbound as soon as they see the new key. Network.Run rekeys
-// every Options.RekeyInterval when it can publish: Options.Publish, or the
-// flannel Agent's Env.Publish, which writes the new attributes with the lease
-// (and keeps renewing that).
+// next to the old ones; the caller publishes the returned attributes. Peers
+// switch their outbound to the new key as soon as they see it. Our outbound
+// to a peer switches when the packet counters of our inbound states show
+// that the peer sends with the new key, or after Options.Grace/2 when the
+// peer has sent nothing with the old key for Grace/2 either (it is idle, or
+// sends no traffic back). A peer that keeps sending with the old key has not
+// seen the new one, for example because the store is unreachable, so the
+// old key stays in use towards it and stays accepted: a rekey during a
+// store outage does not cut traffic. The old key is retired after Grace once
+// no peer still sends with it, and after RekeyInterval at the latest (with a
+// warning); the next rekey waits until then. Network.Run rekeys every
+// Options.RekeyInterval when it can publish: Options.Publish, or the flannel
+// Agent's Env.Publish, which writes the new attributes with the lease (and
+// keeps renewing that).
 //
 // # Kernel state
 //
@@ -60,10 +67,10 @@
 // to the whole cluster network (programmed by Start, before the first
 // Apply), so pod traffic is never sent in plain text: not before a peer's
 // states exist, not after they were deleted by hand, not while the agent
-// restarts. Traffic from the node's own addresses is not covered. States and policies are ours when they carry
-// Options.Reqid (policies: in their template, or the block/allow priorities);
-// reconcile is level-triggered and deletes ours that are not wanted,
-// including those of a previous run.
+// restarts. Traffic from the node's own addresses is not covered. States
+// and policies are ours when they carry Options.Reqid (policies: in their
+// template, or the block/allow priorities); reconcile is level-triggered
+// and deletes ours that are not wanted, including those of a previous run.
 //
 // The MTU is the external MTU minus the exact ESP tunnel overhead for
 // AES-GCM (outer IP header, SPI and sequence number, 8-byte IV, padding to 4

@@ -39,7 +39,7 @@ func (k kernel) states() ([]xstate, error) {
 			// by itself and a real state replaces it.
 			continue
 		}
-		x := xstate{Src: addrOf(s.Src), Dst: addrOf(s.Dst), SPI: uint32(s.Spi), Encap: s.Encap != nil, Peer: -1}
+		x := xstate{Src: addrOf(s.Src), Dst: addrOf(s.Dst), SPI: uint32(s.Spi), Encap: s.Encap != nil, Peer: -1, Packets: s.Statistics.Packets}
 		if s.Aead != nil {
 			x.Key = s.Aead.Key
 		}
@@ -99,6 +99,7 @@ func (k kernel) policies() ([]xpolicy, error) {
 		switch {
 		case len(p.Tmpls) == 1 && uint32(p.Tmpls[0].Reqid) == k.reqid:
 			x.TmplSrc, x.TmplDst = addrOf(p.Tmpls[0].Src), addrOf(p.Tmpls[0].Dst)
+			x.TmplSPI = uint32(p.Tmpls[0].Spi)
 		case len(p.Tmpls) == 0 && (p.Priority == prioAllow || p.Priority == prioBlock):
 		default:
 			continue
@@ -126,6 +127,7 @@ func (k kernel) toPolicy(p xpolicy) *netlink.XfrmPolicy {
 			Proto: netlink.XFRM_PROTO_ESP,
 			Mode:  netlink.XFRM_MODE_TUNNEL,
 			Reqid: int(k.reqid),
+			Spi:   int(p.TmplSPI),
 		}}
 	}
 	return np

@@ -34,11 +34,27 @@ type Network struct {
 	applied   bool
 	keys      localKeys
 	rekeyedAt time.Time
-	peerKeys  map[string]*peerKey // by lease key
-	badKeys   map[string]string   // lease key -> BackendData last warned about
-	outGen    map[string]uint8    // pairName -> generation of our outbound state
-	outSeen   map[stateID]bool    // outbound states we installed
-	exhausted map[string]bool     // pairName out of generations
+	peerKeys  map[string]*peerKey   // by lease key
+	badKeys   map[string]string     // lease key -> BackendData last warned about
+	outGen    map[string]uint8      // pairName -> generation of our outbound state
+	outSeen   map[stateID]bool      // outbound states we installed
+	exhausted map[string]bool       // pairName out of generations
+	use       map[string]*keyUse    // by lease key: peers' use of our keys since the rekey
+	linger    map[stateID]time.Time // replaced outbound states kept until then
+}
+
+// outLinger is how long an outbound state replaced by one for the same
+// peer (a key switch) stays installed: a packet already routed through it
+// is dropped if it vanishes under it, while new packets take the newer
+// state at once.
+const outLinger = time.Second
+
+// keyUse is what a peer's traffic has shown about our keys since our last
+// rekey, from the packet counters of our inbound states.
+type keyUse struct {
+	knowsCur    bool      // it sent with our current key, so it has seen it
+	prevPackets uint64    // packets it sent with our previous key, at the last look
+	prevUsedAt  time.Time // when that count last grew (the rekey time at first)
 }
 
 // peerKey tracks a peer's published key and the one it replaced.
@@ -65,6 +81,8 @@ func newNetwork(env flannel.Env, own lease.Lease, opts Options, key keyPair) *Ne
 		outGen:    map[string]uint8{},
 		outSeen:   map[stateID]bool{},
 		exhausted: map[string]bool{},
+		use:       map[string]*keyUse{},
+		linger:    map[stateID]time.Time{},
 	}
 }
 
@@ -115,11 +133,7 @@ func (n *Network) ownIPs() (v4, v6 netip.Addr) {
 
 func (n *Network) applyLocked(ctx context.Context) error {
 	now := n.now()
-	// Key lifetimes after a rekey.
-	if n.keys.prev != nil && now.Sub(n.rekeyedAt) >= n.opts.Grace {
-		n.keys.prev = nil
-	}
-	n.keys.outPrev = n.keys.prev != nil && now.Sub(n.rekeyedAt) < n.opts.Grace/2
+	n.retirePrevLocked(now)
 
 	v4, v6 := n.ownIPs()
 	in := input{
@@ -174,6 +188,7 @@ func (n *Network) applyLocked(ctx context.Context) error {
 				pk.prev = nil
 			}
 			v.Cur, v.Prev = pk.cur, pk.prev
+			v.SendPrev = n.sendPrevLocked(key, now)
 		}
 		in.peers = append(in.peers, v)
 		in.valid = append(in.valid, ok)
@@ -182,6 +197,11 @@ func (n *Network) applyLocked(ctx context.Context) error {
 	for key := range n.peerKeys {
 		if !seen[key] {
 			delete(n.peerKeys, key)
+		}
+	}
+	for key := range n.use {
+		if !seen[key] {
+			delete(n.use, key)
 		}
 	}
 	for key := range n.badKeys {
@@ -204,6 +224,10 @@ func (n *Network) applyLocked(ctx context.Context) error {
 	}
 	in.outGen = n.outGen
 	states, policies, failed2 := desired(in)
+	// What the peers' traffic shows about our keys may switch outbound.
+	if n.keys.prev != nil && n.observeUseLocked(in, idx, states, have, now) {
+		states, policies, failed2 = desired(in)
+	}
 	// An outbound state of ours that vanished (deleted by hand, flushed)
 	// must not come back with the same key: its sequence number, and so
 	// the GCM nonce, would start over. Move to the next generation.
@@ -253,13 +277,19 @@ func (n *Network) applyLocked(ctx context.Context) error {
 			delete(n.exhausted, p)
 		}
 	}
+	states = n.lingerLocked(states, have, now)
 	addS, delS := diffStates(states, have)
 	upP, delP := diffPolicies(policies, havePol)
-	// Policies first (block before anything else), then new states, then
-	// stale policies and states: outbound never lacks a policy.
+	// Block and allow policies first (the cluster network is closed before
+	// anything else changes), then new states, then the peer policies
+	// (whose outbound templates name a state that now exists), then stale
+	// policies and states. Until a peer's policy is in place its traffic
+	// meets the block policy.
 	for _, p := range upP {
-		if err := n.k.upsertPolicy(p); err != nil {
-			n.addErr(failed, &rest, p.Peer, err)
+		if !p.TmplSrc.IsValid() {
+			if err := n.k.upsertPolicy(p); err != nil {
+				n.addErr(failed, &rest, p.Peer, err)
+			}
 		}
 	}
 	// Delete replaced states (same id, other key) before adding them.
@@ -275,6 +305,13 @@ func (n *Network) applyLocked(ctx context.Context) error {
 		if err := n.k.addState(s); err != nil {
 			addFailed[s.id()] = true
 			n.addErr(failed, &rest, s.Peer, err)
+		}
+	}
+	for _, p := range upP {
+		if p.TmplSrc.IsValid() {
+			if err := n.k.upsertPolicy(p); err != nil {
+				n.addErr(failed, &rest, p.Peer, err)
+			}
 		}
 	}
 	outs := map[stateID]bool{}
@@ -382,10 +419,11 @@ func (n *Network) nextHop(ip netip.Addr) (netip.Addr, error) {
 }
 
 // Rekey makes a fresh key pair, installs inbound states for it next to the
-// old ones (outbound keeps the old key for Options.Grace/2, since peers need
-// to see the new public key first; the old key goes after Options.Grace)
-// and returns the attributes to publish with the lease. The caller must
-// publish them (Run passes them to Options.Publish).
+// old ones and returns the attributes to publish with the lease. The caller
+// must publish them (Run passes them to Options.Publish). Outbound to a
+// peer keeps the old key until the peer shows it has seen the new one (see
+// the package doc); the old key is retired after Options.Grace once no
+// peer still sends with it, and after RekeyInterval at the latest.
 func (n *Network) Rekey(ctx context.Context) (lease.Attrs, error) {
 	key, err := newKeyPair()
 	if err != nil {
@@ -400,6 +438,7 @@ func (n *Network) Rekey(ctx context.Context) (lease.Attrs, error) {
 	old := n.keys.cur
 	n.keys.prev, n.keys.cur = &old, key
 	n.rekeyedAt = n.now()
+	clear(n.use)
 	attrs := n.own.Attrs
 	attrs.BackendData = data
 	n.own.Attrs = attrs
@@ -460,6 +499,26 @@ func (n *Network) Run(ctx context.Context) error {
 		n.log.Info("no namespace handle: repairing on a timer only", "interval", n.opts.RepairInterval)
 	}
 	lastRepair := n.now()
+	rekeyDue := false // a rekey was postponed; it runs at the first tick it can
+	rekeyNow := func() {
+		n.mu.Lock()
+		pending := n.keys.prev != nil
+		n.mu.Unlock()
+		if pending {
+			if !rekeyDue {
+				n.log.Info("rekey postponed: peers still send with the key the last rekey replaced")
+			}
+			rekeyDue = true
+			return
+		}
+		rekeyDue = false
+		attrs, err := n.Rekey(ctx)
+		if err != nil {
+			n.log.Warn("rekey failed", "err", err)
+			return
+		}
+		n.opts.Publish(attrs)
+	}
 	for {
 		select {
 		case <-ctx.Done():
@@ -468,13 +527,11 @@ func (n *Network) Run(ctx context.Context) error {
 			lastRepair = n.now()
 			n.repair(ctx, why)
 		case <-rekey:
-			attrs, err := n.Rekey(ctx)
-			if err != nil {
-				n.log.Warn("rekey failed", "err", err)
-				continue
-			}
-			n.opts.Publish(attrs)
+			rekeyNow()
 		case <-ticker.C:
+			if rekeyDue {
+				rekeyNow()
+			}
 			n.mu.Lock()
 			inGrace := n.keys.prev != nil || n.anyPeerPrevLocked()
 			n.mu.Unlock()
@@ -485,6 +542,141 @@ func (n *Network) Run(ctx context.Context) error {
 			n.repair(ctx, "periodic")
 		}
 	}
+}
+
+// lingerLocked adds to states the outbound states of ours in have that
+// were replaced by another outbound state between the same addresses less
+// than outLinger ago.
+func (n *Network) lingerLocked(states, have []xstate, now time.Time) []xstate {
+	type ends struct{ src, dst netip.Addr }
+	want := make(map[stateID]bool, len(states))
+	outTo := map[ends]bool{}
+	for _, s := range states {
+		want[s.id()] = true
+		if s.Out {
+			outTo[ends{s.Src, s.Dst}] = true
+		}
+	}
+	keep := map[stateID]bool{}
+	for _, h := range have {
+		id := h.id()
+		if want[id] || !n.outSeen[id] || !outTo[ends{h.Src, h.Dst}] {
+			continue
+		}
+		until, ok := n.linger[id]
+		if !ok {
+			until = now.Add(outLinger)
+			n.linger[id] = until
+		}
+		if now.Before(until) {
+			h.Out, h.Peer = true, -1
+			states = append(states, h)
+			keep[id] = true
+		}
+	}
+	for id := range n.linger {
+		if !keep[id] {
+			delete(n.linger, id)
+		}
+	}
+	return states
+}
+
+// sendPrevLocked reports whether outbound to the peer with lease key key
+// still uses our previous key. It switches to the current key as soon as
+// the peer has sent with it (it has seen our new public key), or once
+// Grace/2 has passed since the rekey and the peer has not sent with the
+// previous key for Grace/2: a peer that keeps sending with the old key has
+// not seen the new one (its store watch may be down), and one that sends
+// nothing gives no sign either way.
+func (n *Network) sendPrevLocked(key string, now time.Time) bool {
+	if n.keys.prev == nil {
+		return false
+	}
+	half := n.opts.Grace / 2
+	u := n.use[key]
+	if u == nil {
+		return now.Sub(n.rekeyedAt) < half
+	}
+	return !u.knowsCur && (now.Sub(n.rekeyedAt) < half || now.Sub(u.prevUsedAt) < half)
+}
+
+// observeUseLocked reads the packet counters of our inbound states (have)
+// into n.use and reports whether the outbound key of some peer in in
+// changed as a result (in is updated).
+func (n *Network) observeUseLocked(in input, idx []int, states, have []xstate, now time.Time) bool {
+	packets := make(map[stateID]uint64, len(have))
+	for _, s := range have {
+		packets[s.id()] = s.Packets
+	}
+	type sums struct{ cur, prev uint64 }
+	per := map[int]*sums{}
+	for _, s := range states {
+		if s.Out || s.Peer < 0 {
+			continue
+		}
+		sm := per[s.Peer]
+		if sm == nil {
+			sm = &sums{}
+			per[s.Peer] = sm
+		}
+		if s.ToPrev {
+			sm.prev += packets[s.id()]
+		} else {
+			sm.cur += packets[s.id()]
+		}
+	}
+	changed := false
+	for i, sm := range per {
+		key := n.peers[idx[i]].Key()
+		u := n.use[key]
+		if u == nil {
+			// First look since the rekey: the baseline.
+			u = &keyUse{prevPackets: sm.prev, prevUsedAt: n.rekeyedAt}
+			n.use[key] = u
+		}
+		if sm.prev > u.prevPackets {
+			u.prevUsedAt = now
+		}
+		u.prevPackets = sm.prev
+		if sm.cur > 0 && !u.knowsCur {
+			u.knowsCur = true
+			n.log.Debug("peer sends with our new key", "subnet", n.peers[idx[i]].String())
+		}
+		if sp := n.sendPrevLocked(key, now); sp != in.peers[i].SendPrev {
+			in.peers[i].SendPrev = sp
+			changed = true
+		}
+	}
+	return changed
+}
+
+// retirePrevLocked drops our previous key once Grace has passed since the
+// rekey and no peer has sent with it for Grace/2 (or knows the current
+// one), and after RekeyInterval in any case.
+func (n *Network) retirePrevLocked(now time.Time) {
+	if n.keys.prev == nil {
+		return
+	}
+	elapsed := now.Sub(n.rekeyedAt)
+	if elapsed < n.opts.Grace {
+		return
+	}
+	var inUse []string
+	for key, u := range n.use {
+		if !u.knowsCur && now.Sub(u.prevUsedAt) < n.opts.Grace/2 {
+			inUse = append(inUse, key)
+		}
+	}
+	if len(inUse) > 0 && elapsed < n.opts.RekeyInterval {
+		return
+	}
+	if len(inUse) > 0 {
+		slices.Sort(inUse)
+		n.log.Warn("retiring the previous key although peers still send with it; they have not seen the new key for a whole rekey interval", "peers", inUse)
+	}
+	n.keys.prev = nil
+	clear(n.use)
 }
 
 func (n *Network) anyPeerPrevLocked() bool {
