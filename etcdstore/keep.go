@@ -122,6 +122,7 @@ func (s *Store) renew(ctx context.Context, kv *mvccpb.KeyValue, grantedTTL int64
 			return fmt.Errorf("keep-alive etcd lease %x of %s: %w", int64(old), key, err)
 		}
 		s.log.Debug("lease renewed", "key", key)
+		s.renewed(key)
 		return nil
 	}
 	g, err := s.grant(ctx)
@@ -142,7 +143,14 @@ func (s *Store) renew(ctx context.Context, kv *mvccpb.KeyValue, grantedTTL int64
 	}
 	s.revoke(ctx, old)
 	s.log.Debug("lease renewed with a new etcd lease", "key", key, "ttl", s.ttl)
+	s.renewed(key)
 	return nil
+}
+
+func (s *Store) renewed(key string) {
+	if s.onRenew != nil {
+		s.onRenew(key)
+	}
 }
 
 // waitKey waits until d passed (d < 0: forever), the key changed after rev,

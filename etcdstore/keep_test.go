@@ -2,6 +2,7 @@ package etcdstore_test
 
 import (
 	"context"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -65,7 +66,11 @@ func TestTTLExpiryAndRenewal(t *testing.T) {
 	w.waitFor(t, "lease expired", not(hasKey(l1.Key())))
 
 	// A node that renews stays, across several TTLs: no delete event.
-	kept := e.store(t, nil, opts)
+	var renewals atomic.Int64
+	var renewedKey atomic.Value
+	keptOpts := opts
+	keptOpts.OnRenew = func(key string) { renewedKey.Store(key); renewals.Add(1) }
+	kept := e.store(t, nil, keptOpts)
 	l2, err := kept.Acquire(ctx, lease.Request{Attrs: attrs(2)})
 	require.NoError(t, err)
 	kv, ok := e.get(t, kept.LeaseKey(l2))
@@ -95,6 +100,9 @@ func TestTTLExpiryAndRenewal(t *testing.T) {
 	require.NoError(t, err)
 	assert.Positive(t, ttl.TTL)
 	assert.True(t, hasKey(l2.Key())(w.all()[len(w.all())-1]), "peers still see it")
+	// Renewing every TTL-margin (1 s) over 4 TTLs (8 s): several reported.
+	assert.GreaterOrEqual(t, renewals.Load(), int64(3), "OnRenew calls")
+	assert.Equal(t, kept.LeaseKey(l2), renewedKey.Load())
 }
 
 // TestKeepMovesToStoreTTL: a key on an etcd lease of another TTL (here

@@ -64,6 +64,10 @@ type Options struct {
 	Rand *rand.Rand
 	// Now returns the current time, for lease expirations. Default time.Now.
 	Now func() time.Time
+	// OnRenew, when set, is called by Keep after each successful renewal
+	// of a node's etcd lease, with the node's key; for metrics. It must
+	// not block.
+	OnRenew func(key string)
 }
 
 // Store is an etcd-backed lease store. It is safe for concurrent use.
@@ -81,6 +85,7 @@ type Store struct {
 	maxAttempts int
 	log         *slog.Logger
 	now         func() time.Time
+	onRenew     func(key string)
 
 	rngMu sync.Mutex
 	rng   *rand.Rand
@@ -123,6 +128,7 @@ func New(client *clientv3.Client, opts Options) (*Store, error) {
 		maxAttempts: opts.MaxAttempts,
 		log:         opts.Logger,
 		now:         opts.Now,
+		onRenew:     opts.OnRenew,
 		rng:         opts.Rand,
 	}
 	if s.ttl == 0 {

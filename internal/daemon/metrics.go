@@ -66,7 +66,7 @@ func NewMetrics() *Metrics {
 	m.watchRestart = prometheus.NewCounter(prometheus.CounterOpts{Name: "flannel_store_watch_restarts_total", Help: "Restarts of the lease store watch after it failed."})
 	m.keepErrors = prometheus.NewCounter(prometheus.CounterOpts{Name: "flannel_lease_keep_errors_total", Help: "Failures to keep (renew) the node's lease, including losses."})
 	m.leaseLost = prometheus.NewCounter(prometheus.CounterOpts{Name: "flannel_lease_lost_total", Help: "Times the node's lease was lost and re-acquired."})
-	m.renewals = prometheus.NewCounter(prometheus.CounterOpts{Name: "flannel_lease_renewals_total", Help: "Renewals of the node's lease seen (its expiry moved forward)."})
+	m.renewals = prometheus.NewCounter(prometheus.CounterOpts{Name: "flannel_lease_renewals_total", Help: "Renewals of the node's lease by the store."})
 	m.reg.MustRegister(m.renewals, m.applies, m.applyErrors, m.applyTime, m.watchRestart, m.keepErrors, m.leaseLost,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "flannel_peers", Help: "Peers in the last set applied to the kernel."}, func() float64 {
@@ -148,15 +148,8 @@ func (m *Metrics) leaseExpiry(ctx context.Context) (time.Time, bool) {
 	return t, true
 }
 
-// WatchRenewals counts lease renewals into flannel_lease_renewals_total
-// until ctx ends (see watchRenewals).
-func (m *Metrics) WatchRenewals(ctx context.Context, period time.Duration) {
-	watchRenewals(ctx, period, func(ctx context.Context) (time.Time, bool) {
-		rctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-		defer cancel()
-		return m.leaseExpiry(rctx)
-	}, func(time.Time) { m.renewals.Inc() })
-}
+// LeaseRenewed counts a renewal of the node's lease (the store's OnRenew).
+func (m *Metrics) LeaseRenewed(string) { m.renewals.Inc() }
 
 // Handler serves /healthz (200 while the agent runs without a fatal
 // error and no Apply has run for longer than WedgedAfter), /readyz (200 once the agent is ready: lease held, rules ensured,

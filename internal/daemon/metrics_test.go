@@ -70,6 +70,10 @@ func TestMetricsEndpoints(t *testing.T) {
 	assert.Equal(t, 0.0, val("flannel_ready"))
 	assert.Equal(t, 0.0, val("flannel_lease_expiry_timestamp_seconds"))
 	assert.Equal(t, 0.0, val("flannel_lease_renewals_total"))
+	m.LeaseRenewed("/coreos.com/network/subnets/10.244.1.0-24")
+	m.LeaseRenewed("/coreos.com/network/subnets/10.244.1.0-24")
+	_, body = get(t, h, "/metrics")
+	assert.Contains(t, body, "flannel_lease_renewals_total 2\n")
 
 	m.RunDone(errors.New("network failed"))
 	code, body = get(t, h, "/healthz")

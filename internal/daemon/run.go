@@ -10,7 +10,6 @@ import (
 	"net/http"
 	"net/netip"
 	"strconv"
-	"sync"
 	"time"
 
 	"github.com/vishvananda/netlink"
@@ -83,7 +82,7 @@ func Run(ctx context.Context, c Config, log *slog.Logger) error {
 	if c.KubeSubnetMgr {
 		st, err = newKubeStore(ctx, c, log)
 	} else {
-		st, err = newEtcdStore(c, log)
+		st, err = newEtcdStore(c, log, m.LeaseRenewed)
 	}
 	if err != nil {
 		return err
@@ -153,13 +152,6 @@ func Run(ctx context.Context, c Config, log *slog.Logger) error {
 		return cleanup(ctx, c, store, h, iface, agent, log)
 	}
 
-	var renewals sync.WaitGroup
-	if st.expiry != nil {
-		rctx, cancel := context.WithCancel(ctx)
-		defer func() { cancel(); renewals.Wait() }()
-		renewals.Add(1)
-		go func() { defer renewals.Done(); m.WatchRenewals(rctx, DefaultRenewalPoll) }()
-	}
 	runErr := agent.Run(ctx)
 	m.RunDone(runErr)
 	return runErr
@@ -197,8 +189,9 @@ type storeSetup struct {
 	close  func()
 }
 
-// newEtcdStore connects to etcd as the --etcd-* flags say.
-func newEtcdStore(c Config, log *slog.Logger) (*storeSetup, error) {
+// newEtcdStore connects to etcd as the --etcd-* flags say; onRenew is
+// called after each renewal of the node's lease.
+func newEtcdStore(c Config, log *slog.Logger, onRenew func(key string)) (*storeSetup, error) {
 	client, err := etcdstore.NewClient(etcdstore.ClientOptions{
 		Endpoints: c.EtcdEndpoints,
 		CAFile:    c.EtcdCAFile, CertFile: c.EtcdCertFile, KeyFile: c.EtcdKeyFile,
@@ -212,6 +205,7 @@ func newEtcdStore(c Config, log *slog.Logger) (*storeSetup, error) {
 		Prefix:      c.EtcdPrefix,
 		RenewMargin: c.SubnetLeaseRenewMargin,
 		Logger:      log.With("component", "etcd-store"),
+		OnRenew:     onRenew,
 	})
 	if err != nil {
 		client.Close()
