@@ -12,6 +12,7 @@ import (
 
 	"github.com/flannelkit/flannel/etcdstore"
 	"github.com/flannelkit/flannel/internal/etcdtest"
+	"github.com/flannelkit/flannel/internal/testenv"
 	"github.com/flannelkit/flannel/lease"
 )
 
@@ -91,8 +92,8 @@ func TestPasswordNeverLogged(t *testing.T) {
 	t.Parallel()
 	const password = "hunter2-Zq9"
 	srv := etcdtest.NewT(t, etcdtest.Options{RootPassword: password})
-	logs := &logBuffer{}
-	log := logs.logger()
+	logs := &testenv.LogBuffer{}
+	log := logs.Logger()
 	// A long dial timeout: the embedded server checks passwords with bcrypt,
 	// which under -race on a loaded machine takes seconds.
 	opts := etcdstore.ClientOptions{Endpoints: srv.Endpoints, Username: etcdtest.RootUser, Password: password, Logger: log, DialTimeout: 60 * time.Second}

@@ -1,10 +1,8 @@
 package etcdstore_test
 
 import (
-	"bytes"
 	"context"
 	"fmt"
-	"log/slog"
 	"net/netip"
 	"strings"
 	"sync"
@@ -110,28 +108,6 @@ func attrs(i int) lease.Attrs {
 		BackendType: "vxlan",
 		BackendData: []byte(fmt.Sprintf(`{"VNI":1,"VtepMAC":"7a:1e:6c:d2:4a:%02x"}`, i%256)),
 	}
-}
-
-// logBuffer is a concurrency-safe slog sink for asserting on logs.
-type logBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *logBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *logBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
-
-func (b *logBuffer) logger() *slog.Logger {
-	return slog.New(slog.NewTextHandler(b, &slog.HandlerOptions{Level: slog.LevelDebug}))
 }
 
 // watcher runs Store.Watch in the background and records snapshots.

@@ -17,6 +17,7 @@ import (
 
 	"github.com/flannelkit/flannel/etcdstore"
 	"github.com/flannelkit/flannel/internal/etcdtest"
+	"github.com/flannelkit/flannel/internal/testenv"
 	"github.com/flannelkit/flannel/lease"
 )
 
@@ -51,8 +52,8 @@ func TestWatchAcrossRestart(t *testing.T) {
 	e := newEnv(t, etcdtest.Options{})
 	e.putConfig(t, netConf)
 	ctx := t.Context()
-	logs := &logBuffer{}
-	opts := etcdstore.Options{Logger: logs.logger()}
+	logs := &testenv.LogBuffer{}
+	opts := etcdstore.Options{Logger: logs.Logger()}
 	s := e.store(t, nil, opts)
 	first, err := s.Acquire(ctx, lease.Request{Attrs: attrs(1)})
 	require.NoError(t, err)
@@ -177,8 +178,8 @@ func TestWatchCompaction(t *testing.T) {
 	c, err := clientv3.New(cfg)
 	require.NoError(t, err)
 	t.Cleanup(func() { c.Close() })
-	logs := &logBuffer{}
-	s := e.store(t, c, etcdstore.Options{Logger: logs.logger()})
+	logs := &testenv.LogBuffer{}
+	s := e.store(t, c, etcdstore.Options{Logger: logs.Logger()})
 	writer := e.store(t, e.admin, etcdstore.Options{})
 
 	var leases []lease.Lease
@@ -241,8 +242,8 @@ func TestWatchMalformed(t *testing.T) {
 	e := newEnv(t, etcdtest.Options{})
 	e.putConfig(t, netConf)
 	ctx := t.Context()
-	logs := &logBuffer{}
-	s := e.store(t, nil, etcdstore.Options{Logger: logs.logger()})
+	logs := &testenv.LogBuffer{}
+	s := e.store(t, nil, etcdstore.Options{Logger: logs.Logger()})
 	good, err := s.Acquire(ctx, lease.Request{Attrs: attrs(1)})
 	require.NoError(t, err)
 	badKey := e.prefix + "/subnets/not-a-subnet"

@@ -29,10 +29,10 @@ func TestAgentsHostGW(t *testing.T) {
 	srv := kubetest.NewT(t, kubetest.Options{})
 	cs := kubetest.ClientT(t, srv.AdminConfig())
 	lab := netlab.NewT(t, netlab.Options{Nodes: 2, IPv4: true, IPv6: true})
-	logs := &logSink{}
+	logs := &testenv.LogBuffer{}
 	t.Cleanup(func() {
 		if t.Failed() {
-			t.Log(logs.buf.String())
+			t.Log(logs.String())
 		}
 	})
 
@@ -48,7 +48,7 @@ func TestAgentsHostGW(t *testing.T) {
 		name := fmt.Sprintf("kube-%d", i)
 		createNode(t, cs, name, nil, fmt.Sprintf("10.244.%d.0/24", i+1), fmt.Sprintf("fd00:10:244:%d::/64", i+1))
 		s := newStore(t, cs, name, `{"EnableIPv6":true,"Network":"10.244.0.0/16","IPv6Network":"fd00:10:244::/56","Backend":{"Type":"host-gw"}}`,
-			kubestore.Options{SetNodeNetworkUnavailable: true, Logger: logs.logger().With("node", name)})
+			kubestore.Options{SetNodeNetworkUnavailable: true, Logger: logs.Logger().With("node", name)})
 		iface, err := backend.FindInterface(ln.Handle, backend.InterfaceOptions{IPv4: true, IPv6: true})
 		require.NoError(t, err)
 		a, err := flannel.NewAgent(flannel.AgentOptions{
@@ -57,7 +57,7 @@ func TestAgentsHostGW(t *testing.T) {
 			Iface:    iface,
 			Handle:   ln.Handle,
 			NS:       ln.NS,
-			Logger:   logs.logger().With("node", name),
+			Logger:   logs.Logger().With("node", name),
 			RetryMin: 50 * time.Millisecond,
 			RetryMax: time.Second,
 		})

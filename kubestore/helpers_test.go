@@ -1,10 +1,8 @@
 package kubestore_test
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
-	"log/slog"
 	"os"
 	"strings"
 	"sync"
@@ -42,37 +40,6 @@ func config(t *testing.T, conf string) lease.Config {
 	c, err := lease.ParseConfig([]byte(conf))
 	require.NoError(t, err)
 	return c
-}
-
-// logSink collects log lines for assertions.
-type logSink struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (s *logSink) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.buf.Write(p)
-}
-
-func (s *logSink) logger() *slog.Logger {
-	return slog.New(slog.NewTextHandler(s, &slog.HandlerOptions{Level: slog.LevelDebug}))
-}
-
-func (s *logSink) has(parts ...string) bool {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	for line := range strings.Lines(s.buf.String()) {
-		ok := true
-		for _, p := range parts {
-			ok = ok && strings.Contains(line, p)
-		}
-		if ok {
-			return true
-		}
-	}
-	return false
 }
 
 func newStore(t *testing.T, cs kubernetes.Interface, node, conf string, opts kubestore.Options) *kubestore.Store {

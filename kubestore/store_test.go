@@ -15,6 +15,7 @@ import (
 	"k8s.io/client-go/kubernetes/fake"
 
 	"github.com/flannelkit/flannel/internal/kubetest"
+	"github.com/flannelkit/flannel/internal/testenv"
 	"github.com/flannelkit/flannel/kubestore"
 	"github.com/flannelkit/flannel/lease"
 )
@@ -291,13 +292,13 @@ func TestWatch(t *testing.T) {
 	srv := kubetest.NewT(t, kubetest.Options{})
 	cs := kubetest.ClientT(t, srv.AdminConfig())
 	ctx := context.Background()
-	logs := &logSink{}
+	logs := &testenv.LogBuffer{}
 
 	// An upstream node (node.json, status included) and a non-flannel node.
 	createNodeJSON(t, cs, "testdata/node.json", "worker-1")
 	createNode(t, cs, "not-flannel", nil, "10.244.50.0/24")
 
-	s := newStore(t, cs, "me", netConfDual, kubestore.Options{Logger: logs.logger()})
+	s := newStore(t, cs, "me", netConfDual, kubestore.Options{Logger: logs.Logger()})
 	// worker-1 is IPv4 only: in a dual-stack network it is malformed.
 	s4 := newStore(t, cs, "me", netConf4, kubestore.Options{})
 	w4 := startWatch(t, s4)
@@ -310,7 +311,7 @@ func TestWatch(t *testing.T) {
 
 	w := startWatch(t, s)
 	w.waitFor(t, "empty dual-stack set", func(ls []lease.Lease) bool { return len(ls) == 0 })
-	require.Eventually(t, func() bool { return logs.has("skipping node", "node=worker-1", "no IPv6 podCIDR") }, 10*time.Second, 10*time.Millisecond)
+	require.Eventually(t, func() bool { return logs.HasLine("skipping node", "node=worker-1", "no IPv6 podCIDR") }, 10*time.Second, 10*time.Millisecond)
 
 	// Add: two dual-stack nodes acquire.
 	for i, name := range []string{"a", "b"} {
@@ -343,7 +344,7 @@ func TestWatch(t *testing.T) {
 		_, ok := find(ls, "10.244.1.0/24")
 		return len(ls) == 1 && !ok
 	})
-	assert.True(t, logs.has("skipping node", "node=a", "public-ip"))
+	assert.True(t, logs.HasLine("skipping node", "node=a", "public-ip"))
 
 	// Delete b.
 	require.NoError(t, cs.CoreV1().Nodes().Delete(ctx, "b", metav1.DeleteOptions{}))

@@ -2,6 +2,8 @@ package testenv
 
 import (
 	"bytes"
+	"log/slog"
+	"strings"
 	"sync"
 )
 
@@ -23,4 +25,23 @@ func (b *LogBuffer) String() string {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return b.buf.String()
+}
+
+// Logger returns a debug-level text logger writing to b.
+func (b *LogBuffer) Logger() *slog.Logger {
+	return slog.New(slog.NewTextHandler(b, &slog.HandlerOptions{Level: slog.LevelDebug}))
+}
+
+// HasLine reports whether one logged line contains every part.
+func (b *LogBuffer) HasLine(parts ...string) bool {
+	for line := range strings.Lines(b.String()) {
+		ok := true
+		for _, p := range parts {
+			ok = ok && strings.Contains(line, p)
+		}
+		if ok {
+			return true
+		}
+	}
+	return false
 }
