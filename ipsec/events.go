@@ -6,10 +6,9 @@ import (
 	"github.com/vishvananda/netlink/nl"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
-)
 
-// xfrmRcvBuf is the receive buffer of the XFRM notification socket.
-const xfrmRcvBuf = 4 << 20
+	"github.com/flannelkit/flannel/backend"
+)
 
 // xfrmEvent is the message type of an XFRM notification.
 type xfrmEvent nl.XfrmMsgType
@@ -24,11 +23,10 @@ func subscribeXfrm(ch chan xfrmEvent, done chan struct{}, ns netns.NsHandle, onE
 	if err != nil {
 		return fmt.Errorf("xfrm notifications: %w", err)
 	}
-	// A reconcile of many peers deletes thousands of states at once; a
-	// larger buffer keeps that from overflowing the socket (which would
-	// end the subscription and cost a resubscribe). Root may exceed
-	// rmem_max; if not, the default buffer still works.
-	_ = s.SetReceiveBufferSize(xfrmRcvBuf, true)
+	// A reconcile of many peers deletes thousands of states at once: the
+	// larger buffer keeps that from overflowing the socket (see
+	// backend.SubscribeBuffer); without CAP_NET_ADMIN the default stays.
+	_ = s.SetReceiveBufferSize(backend.SubscribeBuffer, true)
 	go func() {
 		<-done
 		s.Close() // ends the blocked Receive below

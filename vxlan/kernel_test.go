@@ -403,3 +403,49 @@ func TestManyPeersParallelSockets(t *testing.T) {
 	require.NoError(t, n0.net.Apply(context.Background(), []lease.Lease{n0.lease}))
 	assert.Empty(t, count())
 }
+
+// TestRunManyPeersKeepsSubscriptions: programming thousands of peers at
+// once emits as many netlink notifications; the watches' sockets must hold
+// them (an overflow ends a subscription and costs a full repair).
+func TestRunManyPeersKeepsSubscriptions(t *testing.T) {
+	ignore := goleak.IgnoreCurrent()
+	c := newCluster(t, netlab.Options{Nodes: 2}, Options{RepairInterval: time.Hour})
+	n0, n1 := c.nodes[0], c.nodes[1]
+	var logs testenv.LogBuffer
+	n0.net.log = slog.New(slog.NewTextHandler(&logs, nil))
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- n0.net.Run(ctx) }()
+	defer func() {
+		cancel()
+		require.NoError(t, <-done)
+		goleak.VerifyNone(t, ignore)
+	}()
+	require.NoError(t, n0.net.Apply(context.Background(), c.leases()))
+	dev, err := n0.node.Handle.LinkByName("flannel.1")
+	require.NoError(t, err)
+	want := c.want(n0, nil, n1)
+	// The route and neighbour watches are up once an entry deleted by hand
+	// comes back (the periodic repair is an hour away).
+	require.NoError(t, n0.node.Handle.RouteDel(&netlink.Route{LinkIndex: dev.Attrs().Index, Dst: backend.IPNetFromPrefix(n1.lease.Subnet)}))
+	require.Eventually(t, func() bool { return slices.Equal(want, state(t, n0)) }, 30*time.Second, 20*time.Millisecond, "route restored by an event")
+	require.NoError(t, n0.node.Handle.NeighDel(&netlink.Neigh{LinkIndex: dev.Attrs().Index, IP: backend.IPFromAddr(netip.AddrFrom4(n1.lease.Subnet.Addr().As4())), Family: netlink.FAMILY_V4}))
+	require.Eventually(t, func() bool { return slices.Equal(want, state(t, n0)) }, 30*time.Second, 20*time.Millisecond, "neighbour restored by an event")
+
+	peers := c.leases()
+	for k := 1; k <= 4000; k++ {
+		peers = append(peers, lease.Lease{
+			Subnet: netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 100 + byte(k>>8), byte(k), 0}), 24),
+			Attrs: lease.Attrs{BackendType: Type, PublicIP: netip.AddrFrom4([4]byte{100, 64, byte(k >> 8), byte(k)}),
+				BackendData: []byte(fmt.Sprintf(`{"VNI":1,"VtepMAC":"0a:00:00:00:%02x:%02x"}`, k>>8, k&255))},
+		})
+	}
+	require.NoError(t, n0.net.Apply(context.Background(), peers))
+	// Still subscribed: an entry deleted by hand comes back by an event.
+	require.NoError(t, n0.node.Handle.RouteDel(&netlink.Route{LinkIndex: dev.Attrs().Index, Dst: backend.IPNetFromPrefix(n1.lease.Subnet)}))
+	require.Eventually(t, func() bool {
+		rs, err := n0.node.Handle.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{LinkIndex: dev.Attrs().Index, Dst: backend.IPNetFromPrefix(n1.lease.Subnet)}, netlink.RT_FILTER_OIF|netlink.RT_FILTER_DST)
+		return err == nil && len(rs) == 1
+	}, 30*time.Second, 20*time.Millisecond, "route restored by an event after the burst")
+	assert.NotContains(t, logs.String(), "subscription ended", "a watch lost its subscription during the burst")
+}
