@@ -140,6 +140,13 @@ func consume[T any](ctx context.Context, ch <-chan T, fn func(T)) {
 // calls poke with the reason whenever a repair should run.
 type Watcher func(ctx context.Context, poke func(why string))
 
+// NetlinkWatcher is a Watcher that keeps a Watch of sub in ns.
+func NetlinkWatcher[T any](log *slog.Logger, ns netns.NsHandle, what string, sub Subscribe[T], relevant func(T) bool) Watcher {
+	return func(ctx context.Context, poke func(why string)) {
+		Watch(ctx, log, ns, what, sub, relevant, poke)
+	}
+}
+
 // RepairLoop calls repair(ctx, "periodic") every interval and
 // repair(ctx, why) soon after a watcher pokes (pokes coalesce while a
 // repair runs), until ctx ends. The watchers run in their own goroutines,

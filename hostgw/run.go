@@ -20,11 +20,9 @@ import (
 func (n *Network) Run(ctx context.Context) error {
 	var watchers []backend.Watcher
 	if n.env.NS.IsOpen() {
-		watchers = append(watchers, func(ctx context.Context, poke func(string)) {
-			backend.Watch(ctx, n.log, n.env.NS, "route", backend.SubscribeRoutes, func(u netlink.RouteUpdate) bool {
-				return u.Type == unix.RTM_DELROUTE && u.Route.Protocol == backend.RouteProtocol && u.Route.LinkIndex == n.env.Iface.Index
-			}, poke)
-		})
+		watchers = append(watchers, backend.NetlinkWatcher(n.log, n.env.NS, "route", backend.SubscribeRoutes, func(u netlink.RouteUpdate) bool {
+			return u.Type == unix.RTM_DELROUTE && u.Route.Protocol == backend.RouteProtocol && u.Route.LinkIndex == n.env.Iface.Index
+		}))
 	} else {
 		n.log.Info("no namespace handle: repairing on a timer only", "interval", n.interval)
 	}

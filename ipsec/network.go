@@ -487,8 +487,9 @@ func (n *Network) Run(ctx context.Context) error {
 	}()
 	kick := make(chan string, 1)
 	if n.env.NS.IsOpen() {
+		watch := backend.NetlinkWatcher(n.log, n.env.NS, "xfrm", subscribeXfrm, xfrmEvent.removal)
 		wg.Go(func() {
-			backend.Watch(ctx, n.log, n.env.NS, "xfrm", subscribeXfrm, xfrmEvent.removal, func(why string) {
+			watch(ctx, func(why string) {
 				select {
 				case kick <- why:
 				default:

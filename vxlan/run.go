@@ -29,23 +29,17 @@ func (n *Network) Run(ctx context.Context) error {
 			names[d.spec.name] = true
 		}
 		watchers = append(watchers,
-			func(ctx context.Context, poke func(string)) {
-				backend.Watch(ctx, n.log, n.env.NS, "link", backend.SubscribeLinks, func(u netlink.LinkUpdate) bool {
-					return u.Link != nil && names[u.Link.Attrs().Name] &&
-						(u.Header.Type == unix.RTM_DELLINK || u.Link.Attrs().Flags&net.FlagUp == 0)
-				}, poke)
-			},
-			func(ctx context.Context, poke func(string)) {
-				backend.Watch(ctx, n.log, n.env.NS, "neighbour", backend.SubscribeNeighs, func(u netlink.NeighUpdate) bool {
-					// A deleted neighbour is reported NUD_FAILED, whatever it was.
-					return u.Type == unix.RTM_DELNEIGH && n.ours(u.LinkIndex, false)
-				}, poke)
-			},
-			func(ctx context.Context, poke func(string)) {
-				backend.Watch(ctx, n.log, n.env.NS, "route", backend.SubscribeRoutes, func(u netlink.RouteUpdate) bool {
-					return u.Type == unix.RTM_DELROUTE && u.Protocol == backend.RouteProtocol && n.ours(u.LinkIndex, true)
-				}, poke)
-			})
+			backend.NetlinkWatcher(n.log, n.env.NS, "link", backend.SubscribeLinks, func(u netlink.LinkUpdate) bool {
+				return u.Link != nil && names[u.Link.Attrs().Name] &&
+					(u.Header.Type == unix.RTM_DELLINK || u.Link.Attrs().Flags&net.FlagUp == 0)
+			}),
+			backend.NetlinkWatcher(n.log, n.env.NS, "neighbour", backend.SubscribeNeighs, func(u netlink.NeighUpdate) bool {
+				// A deleted neighbour is reported NUD_FAILED, whatever it was.
+				return u.Type == unix.RTM_DELNEIGH && n.ours(u.LinkIndex, false)
+			}),
+			backend.NetlinkWatcher(n.log, n.env.NS, "route", backend.SubscribeRoutes, func(u netlink.RouteUpdate) bool {
+				return u.Type == unix.RTM_DELROUTE && u.Protocol == backend.RouteProtocol && n.ours(u.LinkIndex, true)
+			}))
 	} else {
 		n.log.Info("no namespace handle: repairing on a timer only", "interval", n.opts.RepairInterval)
 	}
