@@ -308,6 +308,66 @@ func startUDPProbe(t *testing.T, a, b *netlab.Pod, interval time.Duration) *udpP
 	return p
 }
 
+// rekeyRun is two running nodes with a UDP probe from pod 0 to pod 1, where
+// node 1 has rekeyed and its new attributes are not yet published.
+type rekeyRun struct {
+	c      *vcluster
+	stop   func()
+	h1     *netlink.Handle
+	before map[int]bool // node 1's SPIs before the rekey
+	probe  *udpProbe
+	attrs  lease.Attrs
+}
+
+// startRekey builds and runs the nodes with opts (setup, when set, runs
+// before the first Apply), starts the probe and rekeys node 1.
+func startRekey(t *testing.T, opts ipsec.Options, setup func(*vcluster)) *rekeyRun {
+	t.Helper()
+	c := newCluster(t, 2, func(int) string { return clusterPSK }, opts)
+	if setup != nil {
+		setup(c)
+	}
+	c.applyOK()
+	c.checkAllPairs()
+	r := &rekeyRun{c: c, stop: c.runAll(), h1: c.nodes[1].node.Handle}
+	r.before = spis(t, r.h1)
+	r.probe = startUDPProbe(t, c.nodes[0].pod, c.nodes[1].pod, 20*time.Millisecond)
+	time.Sleep(500 * time.Millisecond)
+	var err error
+	r.attrs, err = c.nodes[1].net.(*ipsec.Network).Rekey(t.Context())
+	require.NoError(t, err)
+	return r
+}
+
+// publish hands node 1's new attributes to node 0 (the store's job).
+func (r *rekeyRun) publish() {
+	r.c.nodes[1].lease.Attrs = r.attrs
+	r.c.applyOK()
+}
+
+// waitRetired waits until node 1 holds only the states of its new key.
+func (r *rekeyRun) waitRetired(t *testing.T, within time.Duration) {
+	t.Helper()
+	require.Eventually(t, func() bool { return len(spis(t, r.h1)) == perPeer }, within, 100*time.Millisecond, "old key retired once node 0 uses the new one")
+}
+
+// finish stops the probe and the nodes, and checks that every datagram
+// was answered and that no SPI of node 1 survived the rekey.
+func (r *rekeyRun) finish(t *testing.T) {
+	t.Helper()
+	r.probe.stop()
+	r.stop()
+	t.Logf("udp probe: sent %d, answered %d", r.probe.sent.Load(), r.probe.got.Load())
+	assert.Positive(t, r.probe.sent.Load())
+	assert.Equal(t, r.probe.sent.Load(), r.probe.got.Load(), "datagrams lost during the rekey: %v", r.probe.missing())
+	after := spis(t, r.h1)
+	assert.Len(t, after, perPeer)
+	for s := range after {
+		assert.False(t, r.before[s], "SPI %#x survived the rekey", s)
+	}
+	r.c.checkLogsFree()
+}
+
 // TestInVMRekeyUnseen: node 1 rekeys but its new key does not reach node 0
 // (a store outage). Node 0 keeps sending with the old key, so node 1 keeps
 // accepting it and keeps sending with it too, however long that lasts: no
@@ -317,88 +377,43 @@ func TestInVMRekeyUnseen(t *testing.T) {
 	inVM(t)
 	ignore := goleak.IgnoreCurrent()
 	grace := 2 * time.Second
-	c := newCluster(t, 2, func(int) string { return clusterPSK }, ipsec.Options{Grace: grace, RepairInterval: 500 * time.Millisecond})
-	c.applyOK()
-	c.checkAllPairs()
-	stop := c.runAll()
-	h1 := c.nodes[1].node.Handle
-	before := spis(t, h1)
-
-	probe := startUDPProbe(t, c.nodes[0].pod, c.nodes[1].pod, 20*time.Millisecond)
-	time.Sleep(500 * time.Millisecond)
-	attrs, err := c.nodes[1].net.(*ipsec.Network).Rekey(t.Context())
-	require.NoError(t, err)
+	r := startRekey(t, ipsec.Options{Grace: grace, RepairInterval: 500 * time.Millisecond}, nil)
 	// Not published: three grace periods pass with node 0 unaware.
 	time.Sleep(3 * grace)
-	assert.Greater(t, len(spis(t, h1)), perPeer, "the old key is still installed while node 0 sends with it")
-	got := probe.got.Load()
+	assert.Greater(t, len(spis(t, r.h1)), perPeer, "the old key is still installed while node 0 sends with it")
+	got := r.probe.got.Load()
 	time.Sleep(500 * time.Millisecond)
-	assert.Greater(t, probe.got.Load(), got, "traffic flows while the new key is unseen")
+	assert.Greater(t, r.probe.got.Load(), got, "traffic flows while the new key is unseen")
 
 	// The key arrives: node 0 switches, node 1 sees it and retires the old key.
-	c.nodes[1].lease.Attrs = attrs
-	c.applyOK()
-	require.Eventually(t, func() bool { return len(spis(t, h1)) == perPeer }, 10*grace, 100*time.Millisecond, "old key retired once node 0 uses the new one")
+	r.publish()
+	r.waitRetired(t, 10*grace)
 	time.Sleep(500 * time.Millisecond)
-	probe.stop()
-	stop()
-
-	t.Logf("udp probe: sent %d, answered %d", probe.sent.Load(), probe.got.Load())
-	assert.Positive(t, probe.sent.Load())
-	assert.Equal(t, probe.sent.Load(), probe.got.Load(), "datagrams lost: %v", probe.missing())
-	for s := range spis(t, h1) {
-		assert.False(t, before[s], "SPI %#x survived the rekey", s)
-	}
+	r.finish(t)
 	goleak.VerifyNone(t, ignore)
-	c.checkLogsFree()
 }
 
 func TestInVMRekeyWithoutLoss(t *testing.T) {
 	inVM(t)
 	ignore := goleak.IgnoreCurrent()
 	grace := 3 * time.Second
-	c := newCluster(t, 2, func(int) string { return clusterPSK }, ipsec.Options{Grace: grace, RepairInterval: time.Second})
 	marker := []byte("PLAINTEXT-MARKER-REKEY-" + time.Now().String())
-	capt := startCapture(t, c.lab, marker)
-	c.applyOK()
-	c.checkAllPairs()
-	stop := c.runAll()
-	h1 := c.nodes[1].node.Handle
-	before := spis(t, h1)
-
-	probe := startUDPProbe(t, c.nodes[0].pod, c.nodes[1].pod, 20*time.Millisecond)
-	time.Sleep(500 * time.Millisecond)
-	// Node 1 rekeys and its new key reaches node 0 (the store's job).
-	attrs, err := c.nodes[1].net.(*ipsec.Network).Rekey(t.Context())
-	require.NoError(t, err)
-	c.nodes[1].lease.Attrs = attrs
-	c.applyOK()
+	var capt *capture
+	r := startRekey(t, ipsec.Options{Grace: grace, RepairInterval: time.Second}, func(c *vcluster) {
+		capt = startCapture(t, c.lab, marker)
+	})
+	c := r.c
+	r.publish()
 	require.NoError(t, sendMarker(t, c.nodes[0].pod, c.nodes[1].pod, marker, 5*time.Second))
 	time.Sleep(grace + time.Second) // outbound switch and retirement of the old key
 	require.NoError(t, sendMarker(t, c.nodes[1].pod, c.nodes[0].pod, marker, 5*time.Second))
 	// The old key goes once node 0 sends with the new one and Grace has
 	// passed; a replaced outbound state lingers a moment longer.
-	require.Eventually(t, func() bool { return len(spis(t, h1)) == perPeer }, 10*grace, 100*time.Millisecond, "old states retired")
-	probe.stop()
-	stop()
+	r.waitRetired(t, 10*grace)
+	r.finish(t)
 	capt.stop()
-
-	t.Logf("udp probe: sent %d, answered %d", probe.sent.Load(), probe.got.Load())
-	assert.Positive(t, probe.sent.Load())
-	assert.Equal(t, probe.sent.Load(), probe.got.Load(), "datagrams lost during the rekey: %v", probe.missing())
-	after := spis(t, h1)
-	if !assert.Len(t, after, perPeer, "old states retired after the grace period") {
-		for _, s := range xfrmStates(t, h1) {
-			t.Logf("state %s->%s spi %#x packets %d added %d", s.Src, s.Dst, s.Spi, s.Statistics.Packets, s.Statistics.AddTime)
-		}
-		t.Logf("now %d; node 1 logs:\n%s", time.Now().Unix(), c.nodes[1].logs.String())
-	}
-	for s := range after {
-		assert.False(t, before[s], "SPI %#x survived the rekey", s)
-	}
 	assert.Zero(t, capt.plain.Load(), "plain-text marker on the wire; first frame: %s", capt.first)
 	goleak.VerifyNone(t, ignore)
-	c.checkLogsFree()
 }
 
 func TestInVMRestartWhileTrafficFlows(t *testing.T) {
