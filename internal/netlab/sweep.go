@@ -43,11 +43,14 @@ func Sweep() ([]string, error) {
 	var removed []string
 	var errs []error
 	for _, names := range groups {
+		// A name that vanished meanwhile is being removed by someone
+		// else (a Close, another process's Sweep); the group is an orphan
+		// when none of the rest is in use.
 		orphan := true
 		for _, name := range names {
 			var st syscall.Stat_t
-			if err := syscall.Stat(filepath.Join(netnsDir, name), &st); err != nil || inUse[st.Ino] {
-				orphan = false // vanished (someone's Close) or alive
+			if err := syscall.Stat(filepath.Join(netnsDir, name), &st); err == nil && inUse[st.Ino] {
+				orphan = false
 				break
 			}
 		}
