@@ -376,10 +376,10 @@ func (r *rekeyRun) finish(t *testing.T) {
 func TestInVMRekeyUnseen(t *testing.T) {
 	inVM(t)
 	ignore := goleak.IgnoreCurrent()
-	grace := 2 * time.Second
+	grace := 3 * time.Second
 	r := startRekey(t, ipsec.Options{Grace: grace, RepairInterval: 500 * time.Millisecond}, nil)
-	// Not published: three grace periods pass with node 0 unaware.
-	time.Sleep(3 * grace)
+	// Not published: two grace periods pass with node 0 unaware.
+	time.Sleep(2 * grace)
 	assert.Greater(t, len(spis(t, r.h1)), perPeer, "the old key is still installed while node 0 sends with it")
 	got := r.probe.got.Load()
 	time.Sleep(500 * time.Millisecond)
