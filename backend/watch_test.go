@@ -45,6 +45,12 @@ func (f *fakeSub) subscribe(ch chan int, done chan struct{}, _ netns.NsHandle, o
 	return nil
 }
 
+func (f *fakeSub) callCount() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.calls
+}
+
 func TestWatchResubscribesAndFilters(t *testing.T) {
 	defer goleak.VerifyNone(t)
 	f := &fakeSub{fails: 2, updates: []int{1, 2, 3, 4}}
@@ -64,11 +70,7 @@ func TestWatchResubscribesAndFilters(t *testing.T) {
 	}()
 	// Two refusals (200 ms, 400 ms backoff), then a subscription that
 	// ends after its updates, then (800 ms later) the next one.
-	require.Eventually(t, func() bool {
-		f.mu.Lock()
-		defer f.mu.Unlock()
-		return f.calls >= 4
-	}, 20*time.Second, 10*time.Millisecond)
+	require.Eventually(t, func() bool { return f.callCount() >= 4 }, 20*time.Second, 10*time.Millisecond)
 	cancel()
 	<-done
 	mu.Lock()
@@ -86,11 +88,7 @@ func TestWatchStopsWhileWaitingToRetry(t *testing.T) {
 		defer close(done)
 		Watch(ctx, slog.New(slog.DiscardHandler), netns.None(), "thing", f.subscribe, func(int) bool { return true }, func(string) {})
 	}()
-	require.Eventually(t, func() bool {
-		f.mu.Lock()
-		defer f.mu.Unlock()
-		return f.calls >= 1
-	}, 5*time.Second, 5*time.Millisecond)
+	require.Eventually(t, func() bool { return f.callCount() >= 1 }, 5*time.Second, 5*time.Millisecond)
 	cancel()
 	<-done
 }

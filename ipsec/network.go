@@ -468,81 +468,64 @@ func (n *Network) Run(ctx context.Context) error {
 			defer closeSock()
 		}
 	}
-	tick := max(min(n.opts.RepairInterval, n.opts.Grace/4), 10*time.Millisecond)
-	ticker := time.NewTicker(tick)
-	defer ticker.Stop()
-	var rekey <-chan time.Time
-	if n.opts.Publish != nil {
-		t := time.NewTicker(n.opts.RekeyInterval)
-		defer t.Stop()
-		rekey = t.C
-	}
 	// Removals of states and policies (by hand, a flush, an expiry) are
 	// repaired right away; the periodic repair covers the rest.
-	ctx, cancel := context.WithCancel(ctx)
-	var wg sync.WaitGroup
-	defer func() {
-		cancel()
-		wg.Wait()
-	}()
-	kick := make(chan string, 1)
+	var watchers []backend.Watcher
 	if n.env.NS.IsOpen() {
-		watch := backend.NetlinkWatcher(n.log, n.env.NS, "xfrm", subscribeXfrm, xfrmEvent.removal)
-		wg.Go(func() {
-			watch(ctx, func(why string) {
-				select {
-				case kick <- why:
-				default:
-				}
-			})
-		})
+		watchers = append(watchers, backend.NetlinkWatcher(n.log, n.env.NS, "xfrm", subscribeXfrm, xfrmEvent.removal))
 	} else {
 		n.log.Info("no namespace handle: repairing on a timer only", "interval", n.opts.RepairInterval)
 	}
-	lastRepair := n.now()
-	rekeyDue := false // a rekey was postponed; it runs at the first tick it can
-	rekeyNow := func() {
-		n.mu.Lock()
-		pending := n.keys.prev != nil
-		n.mu.Unlock()
-		if pending {
-			if !rekeyDue {
-				n.log.Info("rekey postponed: peers still send with the key the last rekey replaced")
-			}
-			rekeyDue = true
-			return
-		}
-		rekeyDue = false
-		attrs, err := n.Rekey(ctx)
-		if err != nil {
-			n.log.Warn("rekey failed", "err", err)
-			return
-		}
-		n.opts.Publish(attrs)
-	}
-	for {
-		select {
-		case <-ctx.Done():
-			return nil
-		case why := <-kick:
+	// The loop ticks often enough to switch and retire keys on time during
+	// a grace period; outside one it repairs every RepairInterval.
+	tick := max(min(n.opts.RepairInterval, n.opts.Grace/4), 10*time.Millisecond)
+	lastRepair, lastRekey := n.now(), n.now()
+	postponed := false // a due rekey waits for the previous key's retirement
+	backend.RepairLoop(ctx, tick, func(ctx context.Context, why string) {
+		if why != "periodic" {
 			lastRepair = n.now()
 			n.repair(ctx, why)
-		case <-rekey:
-			rekeyNow()
-		case <-ticker.C:
-			if rekeyDue {
-				rekeyNow()
-			}
-			n.mu.Lock()
-			inGrace := n.keys.prev != nil || n.anyPeerPrevLocked()
-			n.mu.Unlock()
-			if !inGrace && n.now().Sub(lastRepair) < n.opts.RepairInterval {
-				continue
-			}
-			lastRepair = n.now()
-			n.repair(ctx, "periodic")
+			return
 		}
+		if n.opts.Publish != nil && (postponed || n.now().Sub(lastRekey) >= n.opts.RekeyInterval) {
+			postponed = !n.rekeyAndPublish(ctx, postponed)
+			if !postponed {
+				lastRekey = n.now()
+			}
+		}
+		n.mu.Lock()
+		inGrace := n.keys.prev != nil || n.anyPeerPrevLocked()
+		n.mu.Unlock()
+		if !inGrace && n.now().Sub(lastRepair) < n.opts.RepairInterval {
+			return
+		}
+		lastRepair = n.now()
+		n.repair(ctx, why)
+	}, watchers...)
+	return nil
+}
+
+// rekeyAndPublish rekeys and hands the new attributes to Options.Publish,
+// unless peers still send with the key the last rekey replaced: then it
+// reports false (logging it unless quiet, the rekey having already been
+// postponed). A failed rekey is logged and counts as done.
+func (n *Network) rekeyAndPublish(ctx context.Context, quiet bool) bool {
+	n.mu.Lock()
+	pending := n.keys.prev != nil
+	n.mu.Unlock()
+	if pending {
+		if !quiet {
+			n.log.Info("rekey postponed: peers still send with the key the last rekey replaced")
+		}
+		return false
 	}
+	attrs, err := n.Rekey(ctx)
+	if err != nil {
+		n.log.Warn("rekey failed", "err", err)
+		return true
+	}
+	n.opts.Publish(attrs)
+	return true
 }
 
 // lingerLocked adds to states the outbound states of ours in have that

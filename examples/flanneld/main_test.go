@@ -429,6 +429,22 @@ func (w *world) pingWhile(a, b int, fn func()) (lost, rounds int) {
 	return r[0], r[1]
 }
 
+// killRestart kills node i's daemon with SIGKILL and starts it again while
+// pod from pings pod i, and checks that no ping round was lost and that the
+// node kept its lease.
+func (w *world) killRestart(i, from int) {
+	w.t.Helper()
+	before := w.lease(i)
+	lost, rounds := w.pingWhile(from, i, func() {
+		_ = w.stop(i, syscall.SIGKILL)
+		w.start(i)
+		w.waitReady(i)
+	})
+	w.t.Logf("kill -9+restart: %d ping rounds, %d lost", rounds, lost)
+	assert.Zero(w.t, lost, "ping rounds lost during kill -9 and restart (of %d)", rounds)
+	assert.Equal(w.t, before, w.lease(i))
+}
+
 func TestDaemonCluster(t *testing.T) {
 	for _, v := range []variant{
 		{name: "host-gw", backend: "host-gw"},
@@ -508,15 +524,7 @@ func testDaemonCluster(t *testing.T, v variant) {
 	assert.Equal(t, before, w.lease(1))
 
 	// kill -9 too.
-	before = w.lease(2)
-	lost, rounds = w.pingWhile(2, 0, func() {
-		_ = w.stop(2, syscall.SIGKILL)
-		w.start(2)
-		w.waitReady(2)
-	})
-	t.Logf("kill -9+restart: %d ping rounds, %d lost", rounds, lost)
-	assert.Zero(t, lost, "ping rounds lost during kill -9 and restart (of %d)", rounds)
-	assert.Equal(t, before, w.lease(2))
+	w.killRestart(2, 0)
 	w.pingAll()
 
 	// --cleanup removes node2's routes, rules, lease and subnet file.
