@@ -66,7 +66,10 @@ func runVM(t *testing.T, run string, cmds map[string]string) vmtest.Result {
 	testenv.RequireRoot(t)
 	tools, err := vmtest.Find()
 	testenv.Require(t, err == nil, fmt.Sprint(err))
+	accel, err := vmtest.AccelFromEnv()
+	require.NoError(t, err)
 	res, err := vmtest.Run(t.Context(), tools, vmtest.Options{
+		Accel:    accel,
 		Package:  ".",
 		Run:      run,
 		Modules:  vmModules,
@@ -75,7 +78,7 @@ func runVM(t *testing.T, run string, cmds map[string]string) vmtest.Result {
 		Verbose:  true,
 		Commands: cmds,
 	})
-	t.Logf("VM: boot %v, total %v", res.Boot.Round(time.Millisecond), res.Total.Round(time.Millisecond))
+	t.Logf("VM: accelerator %s (%s), boot %v, total %v", res.Accel, res.AccelReason, res.Boot.Round(time.Millisecond), res.Total.Round(time.Millisecond))
 	require.NoError(t, err)
 	if !res.Passed {
 		t.Fatal("tests inside the VM failed (output above)")

@@ -3,8 +3,8 @@
 // It builds the package's test binary statically, packs an initramfs with
 // busybox, the requested kernel modules (with a modules.dep made by
 // depmod -b) and the binary, boots it (kvm when it works, else TCG
-// software emulation), streams the console output and reports whether the
-// inner tests passed.
+// software emulation, chosen from a probe boot: see ChooseAccel), streams
+// the console output and reports whether the inner tests passed.
 //
 // The init script sets InsideEnv=1 for the test binary; inner tests call
 // Inside to run only there, outer tests skip there. Prerequisites (Debian
@@ -43,6 +43,11 @@ type Tools struct {
 	Busybox string // static busybox
 	Depmod  string
 	Go      string
+	// KVMDevice is the kvm device node (default /dev/kvm).
+	KVMDevice string
+	// CacheDir keeps the accelerator probe's result per machine boot
+	// (default: a directory under os.TempDir).
+	CacheDir string
 }
 
 // Find locates the tools; the error says what is missing and which Debian
@@ -142,6 +147,10 @@ type Options struct {
 	// /bin/<name>, by name to package directory (e.g. "cluster":
 	// "../examples/cluster"), for inner tests to run. Optional.
 	Commands map[string]string
+	// Accel forces an accelerator (AccelKVM, AccelTCG); empty chooses one
+	// with ChooseAccel and, when a kvm run dies before the tests report
+	// their status, runs again under TCG.
+	Accel string
 }
 
 // Result is what a run produced.
@@ -154,6 +163,10 @@ type Result struct {
 	Boot time.Duration
 	// Total is the time qemu ran.
 	Total time.Duration
+	// Accel is the accelerator the reported run used, and AccelReason the
+	// evidence it was chosen on (also written to Options.Out).
+	Accel       string
+	AccelReason string
 }
 
 const exitMarker = "VMTEST-EXIT:"
@@ -199,25 +212,47 @@ func Run(ctx context.Context, tools Tools, opts Options) (Result, error) {
 	if err := pack(tools, opts, bin, cmds, filepath.Join(dir, "stage"), initrd); err != nil {
 		return Result{}, err
 	}
-	return boot(ctx, tools, opts, initrd)
+	choice, err := ChooseAccel(ctx, tools, opts.Accel)
+	if err != nil {
+		return Result{}, err
+	}
+	logf(opts, "vmtest: accelerator %s: %s", choice.Accel, choice.Reason)
+	res, err := boot(ctx, tools, opts, initrd, choice.Accel)
+	res.Accel, res.AccelReason = choice.Accel, choice.Reason
+	var died *diedError
+	if opts.Accel == "" && choice.Accel == AccelKVM && errors.As(err, &died) {
+		// The probe passed but this run's kvm died (an abort after a
+		// failed MSR write, say): TCG from now on, for this machine boot.
+		c := Choice{AccelTCG, fmt.Sprintf("a run under kvm ended without the tests' exit status (%v); ran again under tcg", died.qemu)}
+		writeChoice(tools.cacheFile(), Choice{AccelTCG, "an earlier run under kvm ended without the tests' exit status"})
+		logf(opts, "vmtest: accelerator %s: %s", c.Accel, c.Reason)
+		res, err = boot(ctx, tools, opts, initrd, AccelTCG)
+		res.Accel, res.AccelReason = c.Accel, c.Reason
+	}
+	if err != nil && opts.Accel != "" {
+		err = fmt.Errorf("%w (accelerator forced by %s=%s)", err, AccelEnv, opts.Accel)
+	}
+	return res, err
 }
 
-func boot(ctx context.Context, tools Tools, opts Options, initrd string) (Result, error) {
+func logf(opts Options, format string, args ...any) {
+	if opts.Out != nil {
+		fmt.Fprintf(opts.Out, format+"\n", args...)
+	}
+}
+
+// diedError is a VM that ended before the timeout without printing the
+// tests' exit status: qemu crashed or the guest died.
+type diedError struct{ qemu error }
+
+func (e *diedError) Error() string {
+	return fmt.Sprintf("vmtest: VM ended without the test's exit status (qemu: %v)", e.qemu)
+}
+
+func boot(ctx context.Context, tools Tools, opts Options, initrd, accel string) (Result, error) {
 	ctx, cancel := context.WithTimeout(ctx, opts.Timeout)
 	defer cancel()
-	args := []string{
-		"-kernel", tools.Kernel, "-initrd", initrd,
-		"-append", "console=ttyS0 panic=-1 quiet loglevel=3 rdinit=/init",
-		"-m", fmt.Sprint(opts.MemoryMB), "-smp", fmt.Sprint(opts.CPUs),
-		"-display", "none", "-serial", "stdio", "-monitor", "none",
-		"-no-reboot", "-nodefaults",
-	}
-	if f, err := os.OpenFile("/dev/kvm", os.O_RDWR, 0); err == nil {
-		f.Close()
-		args = append(args, "-accel", "kvm", "-accel", "tcg", "-cpu", "max")
-	} else {
-		args = append(args, "-accel", "tcg", "-cpu", "max")
-	}
+	args := append(qemuArgs(tools, initrd, opts.MemoryMB, opts.CPUs), accelArgs(accel)...)
 	cmd := exec.CommandContext(ctx, tools.Qemu, args...)
 	cmd.WaitDelay = 5 * time.Second
 	stdout, err := cmd.StdoutPipe()
@@ -264,7 +299,7 @@ func boot(ctx context.Context, tools Tools, opts Options, initrd string) (Result
 		if ctx.Err() != nil {
 			return res, fmt.Errorf("vmtest: VM timed out after %v", opts.Timeout)
 		}
-		return res, fmt.Errorf("vmtest: VM ended without the test's exit status (qemu: %v)", werr)
+		return res, &diedError{werr}
 	}
 	res.Passed = code == "0"
 	return res, nil
