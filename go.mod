@@ -3,6 +3,7 @@ module github.com/flannelkit/flannel
 go 1.26.0
 
 require (
+	github.com/containernetworking/cni v1.3.1
 	github.com/coreos/go-iptables v0.8.0
 	github.com/go-logr/logr v1.4.4
 	github.com/prometheus/client_golang v1.23.2

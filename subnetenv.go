@@ -153,11 +153,67 @@ func WriteSubnetEnv(path string, e SubnetEnv) error {
 // naming the line and key. A missing file yields an error wrapping
 // fs.ErrNotExist. The file must hold FLANNEL_SUBNET or FLANNEL_IPV6_SUBNET.
 func ReadSubnetEnv(path string) (SubnetEnv, error) {
+	e, _, err := readSubnetEnv(path)
+	return e, err
+}
+
+// ReadCompleteSubnetEnv reads subnet.env as the CNI plugin needs it: like
+// ReadSubnetEnv, and every key of each family present (FLANNEL_NETWORK with
+// FLANNEL_SUBNET, FLANNEL_IPV6_NETWORK with FLANNEL_IPV6_SUBNET) plus
+// FLANNEL_MTU (positive) and FLANNEL_IPMASQ must be set, and each subnet
+// must lie inside its network. The error names the file and the missing or
+// inconsistent keys; ErrSubnetEnvIncomplete marks a file that lacks keys
+// (a writer that is not done, or not flannel's), ErrSubnetEnvInvalid one
+// whose values contradict each other.
+func ReadCompleteSubnetEnv(path string) (SubnetEnv, error) {
+	e, seen, err := readSubnetEnv(path)
+	if err != nil {
+		return e, err
+	}
+	var missing []string
+	need := []string{envMTU, envIPMasq}
+	if seen[envNetwork] || seen[envSubnet] {
+		need = append(need, envNetwork, envSubnet)
+	}
+	if seen[envIPv6Network] || seen[envIPv6Subnet] {
+		need = append(need, envIPv6Network, envIPv6Subnet)
+	}
+	for _, k := range need {
+		if !seen[k] {
+			missing = append(missing, k)
+		}
+	}
+	if len(missing) > 0 {
+		return SubnetEnv{}, fmt.Errorf("read %s: %w: %s not set", path, ErrSubnetEnvIncomplete, strings.Join(missing, ", "))
+	}
+	if e.MTU <= 0 {
+		return SubnetEnv{}, fmt.Errorf("read %s: %w: %s %d: must be positive", path, ErrSubnetEnvInvalid, envMTU, e.MTU)
+	}
+	for _, f := range []struct {
+		nk, sk      string
+		net, subnet netip.Prefix
+	}{{envNetwork, envSubnet, e.Network, e.Subnet}, {envIPv6Network, envIPv6Subnet, e.IPv6Network, e.IPv6Subnet}} {
+		if f.subnet.IsValid() && (f.subnet.Bits() < f.net.Bits() || !f.net.Masked().Contains(f.subnet.Addr())) {
+			return SubnetEnv{}, fmt.Errorf("read %s: %w: %s %s is not inside %s %s", path, ErrSubnetEnvInvalid, f.sk, f.subnet, f.nk, f.net)
+		}
+	}
+	return e, nil
+}
+
+// Errors wrapped by ReadCompleteSubnetEnv: keys missing, or values that
+// contradict each other.
+var (
+	ErrSubnetEnvIncomplete = errors.New("subnet env incomplete")
+	ErrSubnetEnvInvalid    = errors.New("subnet env invalid")
+)
+
+func readSubnetEnv(path string) (SubnetEnv, map[string]bool, error) {
 	data, err := os.ReadFile(path)
 	if err != nil {
-		return SubnetEnv{}, fmt.Errorf("read subnet env: %w", err)
+		return SubnetEnv{}, nil, fmt.Errorf("read subnet env: %w", err)
 	}
 	var e SubnetEnv
+	seen := map[string]bool{}
 	sc := bufio.NewScanner(bytes.NewReader(data))
 	for n := 1; sc.Scan(); n++ {
 		line := strings.TrimSpace(sc.Text())
@@ -178,11 +234,11 @@ func ReadSubnetEnv(path string) (SubnetEnv, error) {
 		case envNetwork, envSubnet, envIPv6Network, envIPv6Subnet:
 			p, err := netip.ParsePrefix(val)
 			if err != nil {
-				return SubnetEnv{}, bad(err)
+				return SubnetEnv{}, nil, bad(err)
 			}
 			wantV6 := key == envIPv6Network || key == envIPv6Subnet
 			if p.Addr().Is6() != wantV6 || p.Addr().Is4In6() {
-				return SubnetEnv{}, bad(fmt.Errorf("wrong address family"))
+				return SubnetEnv{}, nil, bad(fmt.Errorf("wrong address family"))
 			}
 			switch key {
 			case envNetwork:
@@ -197,24 +253,28 @@ func ReadSubnetEnv(path string) (SubnetEnv, error) {
 		case envMTU:
 			mtu, err := strconv.Atoi(val)
 			if err != nil || mtu < 0 {
-				return SubnetEnv{}, bad(errors.New("not a non-negative integer"))
+				return SubnetEnv{}, nil, bad(errors.New("not a non-negative integer"))
 			}
 			e.MTU = mtu
 		case envIPMasq:
 			b, err := strconv.ParseBool(val)
 			if err != nil {
-				return SubnetEnv{}, bad(errors.New("not a boolean"))
+				return SubnetEnv{}, nil, bad(errors.New("not a boolean"))
 			}
 			e.IPMasq = b
 		}
+		switch key {
+		case envNetwork, envSubnet, envIPv6Network, envIPv6Subnet, envMTU, envIPMasq:
+			seen[key] = true
+		}
 	}
 	if err := sc.Err(); err != nil {
-		return SubnetEnv{}, fmt.Errorf("read %s: %w", path, err)
+		return SubnetEnv{}, nil, fmt.Errorf("read %s: %w", path, err)
 	}
 	if !e.Subnet.IsValid() && !e.IPv6Subnet.IsValid() {
-		return SubnetEnv{}, fmt.Errorf("read %s: neither %s nor %s is set", path, envSubnet, envIPv6Subnet)
+		return SubnetEnv{}, nil, fmt.Errorf("read %s: %w: neither %s nor %s is set", path, ErrSubnetEnvIncomplete, envSubnet, envIPv6Subnet)
 	}
-	return e, nil
+	return e, seen, nil
 }
 
 func unquote(s string) string {

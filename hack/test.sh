@@ -87,7 +87,19 @@ if ! "$helm" version >/dev/null 2>&1; then
 	(cd tools/helm && CGO_ENABLED=0 go build -ldflags='-s -w' -o "$helm.tmp" helm.sh/helm/v3/cmd/helm)
 	mv "$helm.tmp" "$helm"
 fi
+# The reference CNI plugins the flannel CNI plugin delegates to, from
+# tools/cni (github.com/containernetworking/plugins), into one directory
+# that the cni tests use as CNI_PATH.
+cni="$kas_dir/cni-plugins-$(sha256sum tools/cni/go.sum | cut -c1-16)"
+if ! [ -x "$cni/bridge" ] || ! "$cni/host-local" 2>&1 | grep -q "CNI protocol versions"; then
+	rm -rf "$cni.tmp" && mkdir -p "$cni.tmp"
+	for p in main/bridge ipam/host-local main/loopback meta/portmap; do
+		(cd tools/cni && CGO_ENABLED=0 go build -ldflags='-s -w' -o "$cni.tmp/" "github.com/containernetworking/plugins/plugins/$p")
+	done
+	rm -rf "$cni" && mv "$cni.tmp" "$cni"
+fi
 mkdir -p .cache/bin
+ln -sfn "$cni" .cache/bin/cni
 ln -sfn "$kas" .cache/bin/kube-apiserver
 ln -sfn "$helm" .cache/bin/helm
 

@@ -40,6 +40,7 @@ import (
 	"k8s.io/client-go/rest"
 
 	"github.com/flannelkit/flannel/internal/etcdtest"
+	"github.com/flannelkit/flannel/internal/testenv"
 )
 
 // EnvBinary names the environment variable that overrides where the
@@ -54,42 +55,8 @@ const AdminUser = "kubetest-admin"
 // hack/test.sh builds it), and whether it exists.
 func Binary() (string, bool) { return Tool("kube-apiserver", EnvBinary) }
 
-// Tool returns the path of a tool hack/test.sh builds from the tools
-// modules into .cache/bin at the root of this repository, or $env when
-// set, and whether it exists.
-func Tool(name, env string) (string, bool) {
-	if p := os.Getenv(env); p != "" {
-		_, err := os.Stat(p)
-		return p, err == nil
-	}
-	root, err := repoRoot()
-	if err != nil {
-		return name, false
-	}
-	p := filepath.Join(root, ".cache", "bin", name)
-	_, err = os.Stat(p)
-	return p, err == nil
-}
-
-// repoRoot walks up from the working directory to the go.mod of module
-// github.com/flannelkit/flannel.
-func repoRoot() (string, error) {
-	dir, err := os.Getwd()
-	if err != nil {
-		return "", err
-	}
-	for {
-		b, err := os.ReadFile(filepath.Join(dir, "go.mod"))
-		if err == nil && strings.HasPrefix(string(b), "module github.com/flannelkit/flannel\n") {
-			return dir, nil
-		}
-		parent := filepath.Dir(dir)
-		if parent == dir {
-			return "", errors.New("repository root not found above the working directory")
-		}
-		dir = parent
-	}
-}
+// Tool is testenv.Tool.
+func Tool(name, env string) (string, bool) { return testenv.Tool(name, env) }
 
 // Options configure a Server. Every field is optional.
 type Options struct {

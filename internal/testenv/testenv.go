@@ -5,7 +5,10 @@
 package testenv
 
 import (
+	"errors"
 	"os"
+	"path/filepath"
+	"strings"
 	"testing"
 )
 
@@ -28,4 +31,41 @@ func Require(tb testing.TB, ok bool, why string) {
 func RequireRoot(tb testing.TB) {
 	tb.Helper()
 	Require(tb, os.Geteuid() == 0, "tests need root (network namespaces)")
+}
+
+// Tool returns the path of a tool hack/test.sh builds from the tools
+// modules into .cache/bin at the root of this repository, or $env when
+// set, and whether it exists.
+func Tool(name, env string) (string, bool) {
+	if p := os.Getenv(env); p != "" {
+		_, err := os.Stat(p)
+		return p, err == nil
+	}
+	root, err := RepoRoot()
+	if err != nil {
+		return name, false
+	}
+	p := filepath.Join(root, ".cache", "bin", name)
+	_, err = os.Stat(p)
+	return p, err == nil
+}
+
+// RepoRoot walks up from the working directory to the go.mod of module
+// github.com/flannelkit/flannel.
+func RepoRoot() (string, error) {
+	dir, err := os.Getwd()
+	if err != nil {
+		return "", err
+	}
+	for {
+		b, err := os.ReadFile(filepath.Join(dir, "go.mod"))
+		if err == nil && strings.HasPrefix(string(b), "module github.com/flannelkit/flannel\n") {
+			return dir, nil
+		}
+		parent := filepath.Dir(dir)
+		if parent == dir {
+			return "", errors.New("repository root not found above the working directory")
+		}
+		dir = parent
+	}
 }
