@@ -13,6 +13,7 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -27,6 +28,7 @@ import (
 
 	flannel "github.com/flannelkit/flannel"
 	"github.com/flannelkit/flannel/backend"
+	"github.com/flannelkit/flannel/internal/cnilab"
 	"github.com/flannelkit/flannel/internal/netlab"
 	"github.com/flannelkit/flannel/internal/testenv"
 	"github.com/flannelkit/flannel/internal/vmtest"
@@ -40,7 +42,7 @@ var vmModules = []string{"esp4", "xfrm_user", "xfrm_algo", "gcm", "ghash_generic
 // TestVM runs the TestInVM* tests of this package inside a qemu VM with a
 // kernel that has ESP (the host's has not): one boot for all of them.
 func TestVM(t *testing.T) {
-	res := runVM(t, "^TestInVM", nil)
+	res := runVM(t, "^TestInVM", nil, nil)
 	require.Contains(t, res.Output, "--- PASS: TestInVMReachability")
 	// inVM skips these tests on the host only: inside the VM none may skip.
 	require.NotContains(t, res.Output, "--- SKIP", "a test skipped inside the VM")
@@ -54,11 +56,18 @@ func TestVMDemo(t *testing.T) {
 	if os.Getenv("FLANNEL_VM_DEMO") != "1" {
 		t.Skip("opt-in: set FLANNEL_VM_DEMO=1 to build examples/cluster statically and run it with -backend ipsec in the VM")
 	}
-	res := runVM(t, "^TestDemoInVM", map[string]string{"cluster": "../examples/cluster"})
+	// The demo's pods get their addresses through the CNI plugins, as on
+	// a real node: the reference plugins go to /opt/cni/bin in the VM.
+	plugins := map[string]string{}
+	dir := cnilab.PluginDir(t)
+	for _, p := range cnilab.ReferencePlugins() {
+		plugins["opt/cni/bin/"+p] = filepath.Join(dir, p)
+	}
+	res := runVM(t, "^TestDemoInVM", map[string]string{"cluster": "../examples/cluster"}, plugins)
 	require.Contains(t, res.Output, "--- PASS: TestDemoInVM")
 }
 
-func runVM(t *testing.T, run string, cmds map[string]string) vmtest.Result {
+func runVM(t *testing.T, run string, cmds, files map[string]string) vmtest.Result {
 	t.Helper()
 	if vmtest.Inside() {
 		t.Skip("already inside the VM")
@@ -77,6 +86,7 @@ func runVM(t *testing.T, run string, cmds map[string]string) vmtest.Result {
 		Out:      t.Output(),
 		Verbose:  true,
 		Commands: cmds,
+		Files:    files,
 	})
 	t.Logf("VM: accelerator %s (%s), boot %v, total %v", res.Accel, res.AccelReason, res.Boot.Round(time.Millisecond), res.Total.Round(time.Millisecond))
 	require.NoError(t, err)

@@ -5,6 +5,12 @@
 //
 //	go run ./examples/cluster -nodes 3 -backend vxlan
 //
+// Pods get their addresses the way a kubelet's runtime gives them: through
+// libcni with upstream flannel's conflist, so the flannel CNI plugin (this
+// binary, linked as "flannel") reads the subnet.env the node's agent wrote
+// and delegates to the real bridge and host-local plugins (-cni-bin-dir,
+// default .cache/bin/cni as hack/test.sh builds them, then /opt/cni/bin).
+//
 // It needs root and nothing else: no Kubernetes, no containers. With
 // -store etcd (the default) it runs an etcd server inside this process and
 // every node's agent talks to it over its own etcd client; -store memory
@@ -35,6 +41,7 @@ import (
 	"github.com/flannelkit/flannel/backend"
 	"github.com/flannelkit/flannel/etcdstore"
 	"github.com/flannelkit/flannel/hostgw"
+	"github.com/flannelkit/flannel/internal/cnilab"
 	"github.com/flannelkit/flannel/internal/etcdtest"
 	"github.com/flannelkit/flannel/internal/netlab"
 	"github.com/flannelkit/flannel/ipsec"
@@ -44,6 +51,9 @@ import (
 )
 
 func main() {
+	if servePlugin() {
+		return
+	}
 	if err := run(); err != nil {
 		fmt.Fprintln(os.Stderr, "cluster:", err)
 		os.Exit(1)
@@ -58,6 +68,7 @@ type options struct {
 	verbose bool
 	ipv6    bool
 	ipv4    bool
+	cniBin  string
 }
 
 func run() error {
@@ -69,6 +80,7 @@ func run() error {
 	flag.BoolVar(&o.ipv6, "ipv6", false, "enable IPv6 pod network")
 	flag.BoolVar(&o.keep, "keep", false, "stay up until interrupted, to look around")
 	flag.BoolVar(&o.verbose, "v", false, "log agent activity to stderr")
+	flag.StringVar(&o.cniBin, "cni-bin-dir", "", "directory with the bridge, host-local, loopback and portmap CNI plugins (default .cache/bin/cni, then /opt/cni/bin)")
 	flag.Parse()
 	if o.nodes < 1 || o.nodes > 200 {
 		return fmt.Errorf("-nodes %d: want 1..200", o.nodes)
@@ -128,6 +140,20 @@ func run() error {
 		}
 	}
 
+	tmp, err := os.MkdirTemp("", "flannel-cluster-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(tmp)
+	bin, err := cniBinDir(tmp, o.cniBin)
+	if err != nil {
+		return err
+	}
+	rts, err := runtimes(tmp, bin, lab)
+	if err != nil {
+		return err
+	}
+
 	agents := make([]*flannel.Agent, len(lab.Nodes))
 	for i, n := range lab.Nodes {
 		store, err := newStore(log.With("node", n.Name))
@@ -149,6 +175,10 @@ func run() error {
 			Handle:  n.Handle,
 			NS:      n.NS,
 			Logger:  log.With("node", n.Name),
+			// Where this node's CNI plugin reads it; the demo's pods
+			// only talk to each other, so nothing is masqueraded.
+			SubnetFile: rts[i].Path(cnilab.SubnetFile),
+			IPMasq:     true,
 		})
 		if err != nil {
 			return fmt.Errorf("node %s: %w", n.Name, err)
@@ -188,14 +218,23 @@ func run() error {
 		}
 	}
 
+	// Pods are started the way a node's runtime starts them: CNI ADD
+	// through libcni with upstream's conflist.
 	pods := make([]*netlab.Pod, len(lab.Nodes))
+	defer func() {
+		dctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		if err := delPods(dctx, rts, pods); err != nil {
+			fmt.Fprintln(os.Stderr, "cluster: cni del:", err)
+		}
+	}()
 	for i, n := range lab.Nodes {
-		st := agents[i].State()
-		pods[i], err = n.AddPod("pod0", st.Lease.Subnet, st.Lease.IPv6Subnet, netlab.WithMTU(st.MTU))
+		pods[i], _, err = rts[i].AddPod(readyCtx, n, "pod0")
 		if err != nil {
-			return fmt.Errorf("node %s: add pod: %w", n.Name, err)
+			return fmt.Errorf("node %s: %w", n.Name, err)
 		}
 	}
+	fmt.Printf("pods wired by the flannel CNI plugin (libcni, upstream's conflist) delegating to bridge and host-local in %s\n\n", bin)
 
 	ok := checkAll(ctx, os.Stdout, lab, agents, pods)
 	fmt.Printf("\n%d nodes, backend %s, store %s: %s in %s\n", o.nodes, o.backend, o.store,

@@ -147,6 +147,10 @@ type Options struct {
 	// /bin/<name>, by name to package directory (e.g. "cluster":
 	// "../examples/cluster"), for inner tests to run. Optional.
 	Commands map[string]string
+	// Files are extra host files packed into the initramfs, by archive
+	// path (e.g. "opt/cni/bin/bridge") to host path, as executables.
+	// Optional.
+	Files map[string]string
 	// Accel forces an accelerator (AccelKVM, AccelTCG); empty chooses one
 	// with ChooseAccel and, when a kvm run dies before the tests report
 	// their status, runs again under TCG.
@@ -340,6 +344,9 @@ func pack(tools Tools, opts Options, bin string, cmds map[string]string, stage, 
 	files["test.bin"] = bin
 	for ap, hp := range cmds {
 		files[ap] = hp
+	}
+	for ap, hp := range opts.Files {
+		files[strings.TrimPrefix(ap, "/")] = hp
 	}
 
 	names := opts.Modules
