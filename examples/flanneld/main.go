@@ -4,7 +4,8 @@
 // /healthz, /readyz and /metrics on --healthz-ip:--healthz-port, with
 // --cleanup to remove the node's datapath, and `flanneld docker-opts` to
 // write Docker daemon options from subnet.env (upstream's
-// mk-docker-opts.sh). It runs in the network namespace it is started in.
+// mk-docker-opts.sh), and `flanneld install-cni` to install the CNI
+// plugins and conflist from the image (the manifests' init containers). It runs in the network namespace it is started in.
 //
 // All logic lives in internal/daemon; this file only wires.
 package main
@@ -29,6 +30,16 @@ func main() { os.Exit(run()) }
 func run() int {
 	if len(os.Args) > 1 && os.Args[1] == "docker-opts" {
 		if err := daemon.DockerOptsCommand(os.Args[2:], os.Stdout, os.Stderr); err != nil {
+			if errors.Is(err, flag.ErrHelp) {
+				return 0
+			}
+			fmt.Fprintln(os.Stderr, "flanneld:", err)
+			return 1
+		}
+		return 0
+	}
+	if len(os.Args) > 1 && os.Args[1] == "install-cni" {
+		if err := daemon.InstallCNICommand(os.Args[2:], os.Stdout, os.Stderr); err != nil {
 			if errors.Is(err, flag.ErrHelp) {
 				return 0
 			}

@@ -1,0 +1,449 @@
+// Package image builds the flanneld container image on this machine, with
+// no Docker daemon and no registry, from pinned inputs: the Go binaries
+// built here from this repository (flanneld, the flannel CNI plugin), the
+// reference CNI plugins built from tools/cni, and nft and iptables with
+// the shared libraries and xtables extensions they load, taken from the
+// Debian packages installed on the host (their names and versions are
+// recorded in the image). The result is a docker-archive tarball that
+// `ctr images import` and `docker load` read.
+//
+// The build is reproducible: every file has mtime 0, uid and gid 0 and a
+// sorted place in its layer, the config has no creation time, and the Go
+// binaries are built with -trimpath and without VCS stamps, so the same
+// inputs give the same digest.
+//
+// Layout of the image:
+//
+//	/flanneld                 the daemon (entrypoint)
+//	/cni/bin/flannel          the flannel CNI plugin
+//	/cni/bin/{bridge,host-local,loopback,portmap}
+//	/usr/sbin/nft, /usr/sbin/iptables, ip6tables (nft and legacy), *-save, *-restore
+//
+// The CNI binaries are in /cni/bin, not /opt/cni/bin, because the
+// manifests mount the host's /opt/cni/bin there to install them
+// (flanneld install-cni).
+package image
+
+import (
+	"archive/tar"
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strings"
+
+	"github.com/google/go-containerregistry/pkg/name"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/empty"
+	"github.com/google/go-containerregistry/pkg/v1/mutate"
+	"github.com/google/go-containerregistry/pkg/v1/tarball"
+)
+
+// Options describe a build.
+type Options struct {
+	// Repo is the root of this repository (required).
+	Repo string
+	// Go is the go command (required).
+	Go string
+	// CNIPlugins is the directory of the reference CNI plugins (required).
+	CNIPlugins string
+	// Tag names the image in the tarball (required), e.g.
+	// "ghcr.io/flannelkit/flanneld:dev".
+	Tag string
+	// Out is the docker-archive tarball to write (required).
+	Out string
+	// Version is stamped into flanneld as its version (optional).
+	Version string
+}
+
+// Result is what a build made.
+type Result struct {
+	// Digest is the image's manifest digest; ID its config digest (what
+	// ctr and the kubelet show as the image ID).
+	Digest, ID v1.Hash
+	// Packages are the Debian packages the system files came from,
+	// "name=version", sorted.
+	Packages []string
+}
+
+// System binaries packed with their libraries, and the names linked to
+// them, as Debian's alternatives resolve them.
+func systemBinaries() []string {
+	return []string{"/usr/sbin/nft", "/usr/sbin/xtables-nft-multi", "/usr/sbin/xtables-legacy-multi"}
+}
+
+func systemLinks() map[string]string {
+	links := map[string]string{}
+	for _, t := range []string{"iptables", "ip6tables"} {
+		for _, suffix := range []string{"", "-save", "-restore"} {
+			links["/usr/sbin/"+t+suffix] = "xtables-nft-multi"
+			links["/usr/sbin/"+t+"-nft"+suffix] = "xtables-nft-multi"
+			links["/usr/sbin/"+t+"-legacy"+suffix] = "xtables-legacy-multi"
+		}
+	}
+	// Debian's merged /usr.
+	for _, d := range []string{"bin", "sbin", "lib", "lib64"} {
+		links["/"+d] = "usr/" + d
+	}
+	return links
+}
+
+// Build builds the image and writes the tarball.
+func Build(ctx context.Context, o Options) (Result, error) {
+	if o.Repo == "" || o.Go == "" || o.CNIPlugins == "" || o.Tag == "" || o.Out == "" {
+		return Result{}, fmt.Errorf("image: Repo, Go, CNIPlugins, Tag and Out are required")
+	}
+	tag, err := name.NewTag(o.Tag)
+	if err != nil {
+		return Result{}, fmt.Errorf("image: tag %q: %w", o.Tag, err)
+	}
+	stage, err := os.MkdirTemp("", "flannel-image-")
+	if err != nil {
+		return Result{}, fmt.Errorf("image: %w", err)
+	}
+	defer os.RemoveAll(stage)
+
+	sys := newTree()
+	pkgs, err := addSystem(sys)
+	if err != nil {
+		return Result{}, err
+	}
+	cni := newTree()
+	for _, p := range []string{"bridge", "host-local", "loopback", "portmap"} {
+		if err := cni.addFile("/cni/bin/"+p, filepath.Join(o.CNIPlugins, p)); err != nil {
+			return Result{}, err
+		}
+	}
+	app := newTree()
+	for _, b := range []struct{ pkg, out string }{{"./examples/flannel-cni", "/cni/bin/flannel"}, {"./examples/flanneld", "/flanneld"}} {
+		bin := filepath.Join(stage, filepath.Base(b.out))
+		if err := goBuild(ctx, o, b.pkg, bin); err != nil {
+			return Result{}, err
+		}
+		t := app
+		if strings.HasPrefix(b.out, "/cni/") {
+			t = cni
+		}
+		if err := t.addFile(b.out, bin); err != nil {
+			return Result{}, err
+		}
+	}
+	app.dir("/tmp", 0o1777)
+	app.dir("/run", 0o755)
+
+	img := empty.Image
+	for _, t := range []*tree{sys, cni, app} {
+		b, err := t.tar()
+		if err != nil {
+			return Result{}, err
+		}
+		layer, err := tarball.LayerFromOpener(func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(b)), nil })
+		if err != nil {
+			return Result{}, fmt.Errorf("image: layer: %w", err)
+		}
+		if img, err = mutate.AppendLayers(img, layer); err != nil {
+			return Result{}, fmt.Errorf("image: %w", err)
+		}
+	}
+	cf, err := img.ConfigFile()
+	if err != nil {
+		return Result{}, fmt.Errorf("image: %w", err)
+	}
+	cfg := cf.Config
+	cfg.Entrypoint = []string{"/flanneld"}
+	cfg.Env = []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin"}
+	cfg.Labels = map[string]string{
+		"org.opencontainers.image.source":   "https://github.com/flannelkit/flannel",
+		"org.opencontainers.image.version":  o.Version,
+		"io.flannelkit.debian-packages":     strings.Join(pkgs, " "),
+		"org.opencontainers.image.licenses": "Apache-2.0",
+	}
+	if img, err = mutate.Config(img, cfg); err != nil {
+		return Result{}, fmt.Errorf("image: %w", err)
+	}
+	cf, err = img.ConfigFile()
+	if err != nil {
+		return Result{}, fmt.Errorf("image: %w", err)
+	}
+	cf = cf.DeepCopy()
+	cf.Architecture, cf.OS = "amd64", "linux"
+	cf.Created = v1.Time{}
+	cf.History = nil
+	if img, err = mutate.ConfigFile(img, cf); err != nil {
+		return Result{}, fmt.Errorf("image: %w", err)
+	}
+	if err := tarball.WriteToFile(o.Out, tag, img); err != nil {
+		return Result{}, fmt.Errorf("image: write %s: %w", o.Out, err)
+	}
+	r := Result{Packages: pkgs}
+	if r.Digest, err = img.Digest(); err != nil {
+		return Result{}, fmt.Errorf("image: %w", err)
+	}
+	if r.ID, err = img.ConfigName(); err != nil {
+		return Result{}, fmt.Errorf("image: %w", err)
+	}
+	return r, nil
+}
+
+func goBuild(ctx context.Context, o Options, pkg, out string) error {
+	ld := "-s -w -buildid="
+	if o.Version != "" {
+		ld += " -X main.version=" + o.Version
+	}
+	cmd := exec.CommandContext(ctx, o.Go, "build", "-trimpath", "-buildvcs=false", "-ldflags="+ld, "-o", out, pkg)
+	cmd.Dir = o.Repo
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOOS=linux", "GOARCH=amd64")
+	if b, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("image: go build %s: %w\n%s", pkg, err, b)
+	}
+	return nil
+}
+
+// addSystem adds nft and iptables, every shared library they and the
+// xtables extensions need (ldd), the extensions themselves (loaded with
+// dlopen, so ldd of the binaries does not list them) and the few files
+// in /etc they read; it returns the Debian packages the files came from.
+func addSystem(t *tree) ([]string, error) {
+	files := map[string]bool{}
+	for _, b := range systemBinaries() {
+		files[b] = true
+	}
+	ext, _ := filepath.Glob("/usr/lib/x86_64-linux-gnu/xtables/*.so")
+	if len(ext) == 0 {
+		return nil, fmt.Errorf("image: no xtables extensions in /usr/lib/x86_64-linux-gnu/xtables (Debian package iptables)")
+	}
+	for _, e := range ext {
+		files[e] = true
+	}
+	for f := range clone(files) {
+		libs, err := ldd(f)
+		if err != nil {
+			return nil, err
+		}
+		for _, l := range libs {
+			files[l] = true
+		}
+	}
+	for _, f := range []string{"/etc/protocols", "/etc/services", "/etc/ethertypes"} {
+		if _, err := os.Stat(f); err == nil {
+			files[f] = true
+		}
+	}
+	var paths []string
+	for f := range files {
+		paths = append(paths, f)
+	}
+	sort.Strings(paths)
+	for _, f := range paths {
+		real, err := filepath.EvalSymlinks(f)
+		if err != nil {
+			return nil, fmt.Errorf("image: %w", err)
+		}
+		dst := usrPath(f)
+		if err := t.addFile(dst, real); err != nil {
+			return nil, err
+		}
+		// The loader and libraries are found by their soname, which is
+		// often a link to the versioned file: keep the name asked for.
+		if r := usrPath(real); r != dst && !strings.HasPrefix(f, "/etc/") {
+			if err := t.addFile(r, real); err != nil {
+				return nil, err
+			}
+		}
+	}
+	for l, target := range systemLinks() {
+		t.symlink(l, target)
+	}
+	return debianPackages(paths)
+}
+
+func clone(m map[string]bool) map[string]bool {
+	c := make(map[string]bool, len(m))
+	for k, v := range m {
+		c[k] = v
+	}
+	return c
+}
+
+// usrPath maps a path through Debian's merged /usr (/lib/x -> /usr/lib/x).
+func usrPath(p string) string {
+	for _, d := range []string{"/bin/", "/sbin/", "/lib/", "/lib64/"} {
+		if strings.HasPrefix(p, d) {
+			return "/usr" + p
+		}
+	}
+	return p
+}
+
+// ldd lists the shared libraries a binary or library loads, the loader
+// included.
+func ldd(path string) ([]string, error) {
+	out, err := exec.Command("ldd", path).CombinedOutput()
+	if err != nil {
+		if strings.Contains(string(out), "not a dynamic executable") {
+			return nil, nil
+		}
+		return nil, fmt.Errorf("image: ldd %s: %w\n%s", path, err, out)
+	}
+	var libs []string
+	for _, line := range strings.Split(string(out), "\n") {
+		f := strings.Fields(line)
+		switch {
+		case len(f) >= 3 && f[1] == "=>" && strings.HasPrefix(f[2], "/"):
+			libs = append(libs, f[2])
+		case len(f) >= 1 && strings.HasPrefix(f[0], "/"):
+			libs = append(libs, f[0])
+		case strings.Contains(line, "not found"):
+			return nil, fmt.Errorf("image: %s: %s", path, strings.TrimSpace(line))
+		}
+	}
+	return libs, nil
+}
+
+// debianPackages returns "package:arch=version" for the packages owning
+// paths; a path no package owns is an error. dpkg records the
+// pre-merged-/usr path of some files, so both spellings are asked.
+func debianPackages(paths []string) ([]string, error) {
+	owner := func(ps []string) map[string]string {
+		out, _ := exec.Command("dpkg", append([]string{"-S"}, ps...)...).Output() // exit 1 when any is unknown
+		m := map[string]string{}
+		for _, line := range strings.Split(string(out), "\n") {
+			pkgs, path, ok := strings.Cut(line, ": ")
+			if ok {
+				m[strings.TrimSpace(path)] = pkgs
+			}
+		}
+		return m
+	}
+	found := owner(paths)
+	set := map[string]bool{}
+	var retry []string
+	alt := map[string]string{}
+	for _, p := range paths {
+		if pk, ok := found[p]; ok {
+			for _, x := range strings.Split(pk, ", ") {
+				set[x] = true
+			}
+			continue
+		}
+		a := strings.TrimPrefix(p, "/usr")
+		if a == p {
+			a = usrPath(p)
+		}
+		alt[a] = p
+		retry = append(retry, a)
+	}
+	var unowned []string
+	if len(retry) > 0 {
+		found = owner(retry)
+		for _, a := range retry {
+			pk, ok := found[a]
+			if !ok {
+				unowned = append(unowned, alt[a])
+				continue
+			}
+			for _, x := range strings.Split(pk, ", ") {
+				set[x] = true
+			}
+		}
+	}
+	if len(unowned) > 0 {
+		return nil, fmt.Errorf("image: no Debian package owns %v: the system files must come from Debian packages", unowned)
+	}
+	var names []string
+	for p := range set {
+		names = append(names, p)
+	}
+	sort.Strings(names)
+	q := append([]string{"-W", "-f=${Package}:${Architecture}=${Version}\n"}, names...)
+	vout, err := exec.Command("dpkg-query", q...).Output()
+	if err != nil {
+		return nil, fmt.Errorf("image: dpkg-query: %w", err)
+	}
+	var res []string
+	for _, l := range strings.Split(strings.TrimSpace(string(vout)), "\n") {
+		if l != "" {
+			res = append(res, l)
+		}
+	}
+	sort.Strings(res)
+	return res, nil
+}
+
+// tree is the content of one layer, written in sorted order with fixed
+// metadata.
+type tree struct {
+	entries map[string]*tar.Header
+	data    map[string][]byte
+}
+
+func newTree() *tree { return &tree{entries: map[string]*tar.Header{}, data: map[string][]byte{}} }
+
+func (t *tree) dir(p string, mode int64) {
+	p = strings.TrimPrefix(p, "/")
+	t.entries[p] = &tar.Header{Typeflag: tar.TypeDir, Name: p + "/", Mode: mode}
+}
+
+func (t *tree) parents(p string) {
+	for d := filepath.Dir(p); d != "." && d != "/"; d = filepath.Dir(d) {
+		if _, ok := t.entries[d]; !ok {
+			t.dir(d, 0o755)
+		}
+	}
+}
+
+func (t *tree) addFile(p, from string) error {
+	b, err := os.ReadFile(from)
+	if err != nil {
+		return fmt.Errorf("image: %w", err)
+	}
+	st, err := os.Stat(from)
+	if err != nil {
+		return fmt.Errorf("image: %w", err)
+	}
+	mode := int64(0o644)
+	if st.Mode()&0o111 != 0 {
+		mode = 0o755
+	}
+	p = strings.TrimPrefix(p, "/")
+	t.parents(p)
+	t.entries[p] = &tar.Header{Typeflag: tar.TypeReg, Name: p, Mode: mode, Size: int64(len(b))}
+	t.data[p] = b
+	return nil
+}
+
+func (t *tree) symlink(p, target string) {
+	p = strings.TrimPrefix(p, "/")
+	t.parents(p)
+	t.entries[p] = &tar.Header{Typeflag: tar.TypeSymlink, Name: p, Linkname: target, Mode: 0o777}
+}
+
+func (t *tree) tar() ([]byte, error) {
+	names := make([]string, 0, len(t.entries))
+	for n := range t.entries {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	var buf bytes.Buffer
+	w := tar.NewWriter(&buf)
+	for _, n := range names {
+		h := *t.entries[n]
+		h.Format = tar.FormatPAX
+		if err := w.WriteHeader(&h); err != nil {
+			return nil, fmt.Errorf("image: tar %s: %w", n, err)
+		}
+		if d, ok := t.data[n]; ok {
+			if _, err := w.Write(d); err != nil {
+				return nil, fmt.Errorf("image: tar %s: %w", n, err)
+			}
+		}
+	}
+	if err := w.Close(); err != nil {
+		return nil, fmt.Errorf("image: %w", err)
+	}
+	return buf.Bytes(), nil
+}
