@@ -87,6 +87,19 @@ if ! "$helm" version >/dev/null 2>&1; then
 	(cd tools/helm && CGO_ENABLED=0 go build -ldflags='-s -w' -o "$helm.tmp" helm.sh/helm/v3/cmd/helm)
 	mv "$helm.tmp" "$helm"
 fi
+# The node and control-plane binaries of the one-machine Kubernetes
+# cluster (internal/kubecluster), from the same tools module.
+k8s_sum=$(sha256sum tools/go.sum | cut -c1-16)
+for b in kubelet kube-controller-manager kube-scheduler kube-proxy; do
+	out="$kas_dir/$b-$k8s_sum"
+	if ! "$out" --version >/dev/null 2>&1; then
+		(cd tools && CGO_ENABLED=0 go build -ldflags='-s -w' -o "$out.tmp" "k8s.io/kubernetes/cmd/$b")
+		mv "$out.tmp" "$out"
+	fi
+	mkdir -p .cache/bin
+	ln -sfn "$out" ".cache/bin/$b"
+done
+
 # The reference CNI plugins the flannel CNI plugin delegates to, from
 # tools/cni (github.com/containernetworking/plugins), into one directory
 # that the cni tests use as CNI_PATH.

@@ -76,3 +76,22 @@ func Apply(ctx context.Context, config *rest.Config, manifests []byte, opts Appl
 		out = append(out, got)
 	}
 }
+
+// Decode parses a multi-document YAML (or JSON) stream into objects, as
+// Apply reads it, without a server.
+func Decode(manifests []byte) ([]*unstructured.Unstructured, error) {
+	dec := utilyaml.NewYAMLOrJSONDecoder(bytes.NewReader(manifests), 4096)
+	var out []*unstructured.Unstructured
+	for {
+		var obj unstructured.Unstructured
+		if err := dec.Decode(&obj.Object); err != nil {
+			if errors.Is(err, io.EOF) {
+				return out, nil
+			}
+			return out, fmt.Errorf("decode manifest: %w", err)
+		}
+		if len(obj.Object) > 0 {
+			out = append(out, &obj)
+		}
+	}
+}

@@ -13,3 +13,25 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- $conf = merge $conf .Values.netConf -}}
 {{- toPrettyJson $conf -}}
 {{- end }}
+
+{{- define "flannel.cniConf" -}}
+{
+  "name": "cbr0",
+  "cniVersion": "0.3.1",
+  "plugins": [
+    {
+      "type": "flannel",
+      "delegate": {
+        "hairpinMode": true,
+        "isDefaultGateway": true
+      }
+    },
+    {
+      "type": "portmap",
+      "capabilities": {
+        "portMappings": true
+      }
+    }
+  ]
+}
+{{- end }}
