@@ -30,7 +30,11 @@ type Certs struct {
 // certificate valid for a day and writes them into dir (created if needed).
 // Each call makes an unrelated CA, so two calls give a "wrong CA" for the
 // other's server.
-func WriteCerts(dir string) (Certs, error) {
+func WriteCerts(dir string) (Certs, error) { return WriteCertsFor(dir) }
+
+// WriteCertsFor is WriteCerts with extra server addresses (besides
+// loopback) in the server certificate.
+func WriteCertsFor(dir string, ips ...net.IP) (Certs, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return Certs{}, fmt.Errorf("create cert dir %s: %w", dir, err)
 	}
@@ -75,7 +79,7 @@ func WriteCerts(dir string) (Certs, error) {
 		// etcd's gRPC gateway dials the server with the server certificate
 		// as its client certificate, so it needs both usages.
 		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
-		IPAddresses: []net.IP{net.IPv4(127, 0, 0, 1), net.IPv6loopback},
+		IPAddresses: append([]net.IP{net.IPv4(127, 0, 0, 1), net.IPv6loopback}, ips...),
 		DNSNames:    []string{"localhost"},
 	}
 	if err := writeLeaf(ca, caKey, server, c.ServerCertFile, c.ServerKeyFile); err != nil {

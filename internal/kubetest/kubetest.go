@@ -69,6 +69,9 @@ type Options struct {
 	ExtraArgs []string
 	// StartTimeout bounds how long a start waits for /readyz. Default 120s.
 	StartTimeout time.Duration
+	// Address is where the server listens and what it advertises
+	// (default 127.0.0.1); the server certificate covers it.
+	Address net.IP
 }
 
 // Server is a running kube-apiserver with its etcd. Its methods are safe
@@ -86,6 +89,9 @@ type Server struct {
 	removeDir  bool
 	args       []string
 	adminToken string
+	// SAKeyFile is the service-account signing key (for a controller
+	// manager's --service-account-private-key-file).
+	SAKeyFile string
 
 	mu   sync.Mutex
 	cmd  *exec.Cmd
@@ -121,12 +127,17 @@ func New(opts Options) (_ *Server, err error) {
 	if err != nil {
 		return nil, err
 	}
-	certs, err := etcdtest.WriteCerts(filepath.Join(s.Dir, "pki"))
+	addr := net.IPv4(127, 0, 0, 1)
+	if opts.Address != nil {
+		addr = opts.Address
+	}
+	certs, err := etcdtest.WriteCertsFor(filepath.Join(s.Dir, "pki"), addr)
 	if err != nil {
 		return nil, err
 	}
 	s.CAFile = certs.CAFile
 	saKey := filepath.Join(s.Dir, "pki", "sa.key")
+	s.SAKeyFile = saKey
 	if err := writeECKey(saKey); err != nil {
 		return nil, err
 	}
@@ -139,12 +150,12 @@ func New(opts Options) (_ *Server, err error) {
 	if err != nil {
 		return nil, err
 	}
-	s.URL = "https://" + net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
+	s.URL = "https://" + net.JoinHostPort(addr.String(), strconv.Itoa(port))
 	s.LogFile = filepath.Join(s.Dir, "kube-apiserver.log")
 	s.args = append([]string{
 		"--etcd-servers=" + strings.Join(s.etcd.Endpoints, ","),
-		"--bind-address=127.0.0.1",
-		"--advertise-address=127.0.0.1",
+		"--bind-address=" + addr.String(),
+		"--advertise-address=" + addr.String(),
 		"--secure-port=" + strconv.Itoa(port),
 		"--tls-cert-file=" + certs.ServerCertFile,
 		"--tls-private-key-file=" + certs.ServerKeyFile,
@@ -262,6 +273,9 @@ func (s *Server) Close() error {
 	}
 	return errors.Join(errs...)
 }
+
+// AdminToken is the admin identity's bearer token (group system:masters).
+func (s *Server) AdminToken() string { return s.adminToken }
 
 // AdminConfig returns a client configuration of the admin identity. Its
 // QPS limits are raised for tests.

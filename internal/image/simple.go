@@ -1,0 +1,92 @@
+package image
+
+import (
+	"bytes"
+	"fmt"
+	"io"
+	"sort"
+
+	"github.com/google/go-containerregistry/pkg/name"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/empty"
+	"github.com/google/go-containerregistry/pkg/v1/mutate"
+	"github.com/google/go-containerregistry/pkg/v1/tarball"
+)
+
+// Simple describes a one-layer image of static files, such as the pause,
+// busybox and CoreDNS images of the test cluster.
+type Simple struct {
+	// Tag names the image (required).
+	Tag string
+	// Files maps paths in the image to host files (required).
+	Files map[string]string
+	// Links maps paths in the image to symlink targets.
+	Links map[string]string
+	// Entrypoint and Cmd of the image.
+	Entrypoint, Cmd []string
+	// Dirs are extra directories (mode 0755; /tmp is always there, 1777).
+	Dirs []string
+}
+
+// BuildSimple writes s as a docker-archive tarball to out, reproducibly
+// (see the package doc), and returns its digests.
+func BuildSimple(s Simple, out string) (Result, error) {
+	tag, err := name.NewTag(s.Tag)
+	if err != nil {
+		return Result{}, fmt.Errorf("image: tag %q: %w", s.Tag, err)
+	}
+	t := newTree()
+	paths := make([]string, 0, len(s.Files))
+	for p := range s.Files {
+		paths = append(paths, p)
+	}
+	sort.Strings(paths)
+	for _, p := range paths {
+		if err := t.addFile(p, s.Files[p]); err != nil {
+			return Result{}, err
+		}
+	}
+	for l, target := range s.Links {
+		t.symlink(l, target)
+	}
+	for _, d := range s.Dirs {
+		t.dir(d, 0o755)
+	}
+	t.dir("/tmp", 0o1777)
+	b, err := t.tar()
+	if err != nil {
+		return Result{}, err
+	}
+	layer, err := tarball.LayerFromOpener(func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(b)), nil })
+	if err != nil {
+		return Result{}, fmt.Errorf("image: %w", err)
+	}
+	img, err := mutate.AppendLayers(empty.Image, layer)
+	if err != nil {
+		return Result{}, fmt.Errorf("image: %w", err)
+	}
+	cf, err := img.ConfigFile()
+	if err != nil {
+		return Result{}, fmt.Errorf("image: %w", err)
+	}
+	cf = cf.DeepCopy()
+	cf.Architecture, cf.OS = "amd64", "linux"
+	cf.Created = v1.Time{}
+	cf.History = nil
+	cf.Config.Entrypoint, cf.Config.Cmd = s.Entrypoint, s.Cmd
+	cf.Config.Env = []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin"}
+	if img, err = mutate.ConfigFile(img, cf); err != nil {
+		return Result{}, fmt.Errorf("image: %w", err)
+	}
+	if err := tarball.WriteToFile(out, tag, img); err != nil {
+		return Result{}, fmt.Errorf("image: write %s: %w", out, err)
+	}
+	var r Result
+	if r.Digest, err = img.Digest(); err != nil {
+		return Result{}, fmt.Errorf("image: %w", err)
+	}
+	if r.ID, err = img.ConfigName(); err != nil {
+		return Result{}, fmt.Errorf("image: %w", err)
+	}
+	return r, nil
+}

@@ -1,0 +1,446 @@
+// Package kubecluster runs a real Kubernetes cluster on one machine with no
+// Docker: etcd and kube-apiserver (internal/kubetest) with the
+// kube-controller-manager (--allocate-node-cidrs) and kube-scheduler on
+// the host, and nodes that are netlab network namespaces, each with its
+// own mount namespace in which containerd, runc, the kubelet and
+// kube-proxy run with the node's own /var/lib/kubelet, /run/containerd,
+// /etc/cni/net.d, /opt/cni/bin, /var/lib/cni and /run/flannel. Images are
+// imported into each node's containerd from tarballs; nothing is pulled.
+//
+// The node has no CNI until something installs it (our manifest's init
+// containers do), so nodes stay NotReady until then, as on a real
+// cluster.
+//
+// It needs root, the binaries hack/test.sh builds (kube-apiserver,
+// kubelet, kube-controller-manager, kube-scheduler, kube-proxy, coredns
+// in .cache/bin), Debian's containerd and runc, nsenter and unshare. The
+// kubelet sets host-wide sysctls (vm.overcommit_memory, kernel.panic,
+// kernel.panic_on_oops): their values are recorded first and restored by
+// Close, or by the next New after a killed run. Only one cluster runs at a
+// time (the host joins the lab's underlay to reach the nodes).
+package kubecluster
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+
+	"github.com/flannelkit/flannel/internal/image"
+	"github.com/flannelkit/flannel/internal/kubetest"
+	"github.com/flannelkit/flannel/internal/netlab"
+)
+
+// DNSServiceIP is the cluster DNS Service's ClusterIP.
+const DNSServiceIP = "10.96.0.10"
+
+// Options describe a cluster.
+type Options struct {
+	// Nodes is the number of nodes (required, 1..20).
+	Nodes int
+	// Dir holds every file of the cluster (required).
+	Dir string
+	// Bin holds kube-apiserver, kubelet, kube-controller-manager,
+	// kube-scheduler, kube-proxy and coredns (required).
+	Bin string
+	// Repo is this repository's root and Go the go command, to build the
+	// pause binary (required).
+	Repo, Go string
+	// PodCIDR and PodCIDRv6 are --cluster-cidr (default 10.244.0.0/16;
+	// PodCIDRv6 empty is IPv4 only).
+	PodCIDR, PodCIDRv6 string
+	// Images are docker-archive tarballs imported into every node.
+	Images []string
+}
+
+// Cluster is a running cluster.
+type Cluster struct {
+	Lab   *netlab.Lab
+	API   *kubetest.Server
+	Admin *rest.Config
+	Nodes []*Node
+
+	opts      Options
+	client    kubernetes.Interface
+	procs     []*proc
+	images    []string
+	sysctls   string
+	kubeconf  string
+	hostIface string
+}
+
+// HostIP is the host's address on the underlay, where the apiserver
+// listens.
+func HostIP() netip.Addr { return netip.MustParseAddr("172.30.0.250") }
+
+// New starts the control plane and the nodes and waits until every node is
+// registered. On failure everything is torn down again.
+func New(ctx context.Context, o Options) (c *Cluster, err error) {
+	if o.Nodes < 1 || o.Nodes > 20 || o.Dir == "" || o.Bin == "" || o.Repo == "" || o.Go == "" {
+		return nil, errors.New("kubecluster: Nodes (1..20), Dir, Bin, Repo and Go are required")
+	}
+	if o.PodCIDR == "" {
+		o.PodCIDR = "10.244.0.0/16"
+	}
+	c = &Cluster{opts: o}
+	defer func() {
+		if err != nil {
+			err = errors.Join(err, c.Close())
+		}
+	}()
+	if err := c.saveSysctls(); err != nil {
+		return c, err
+	}
+	if c.Lab, err = netlab.New(netlab.Options{Nodes: o.Nodes, IPv4: true, IPv6: o.PodCIDRv6 != ""}); err != nil {
+		return c, err
+	}
+	if c.hostIface, err = c.Lab.AttachHost(HostIP()); err != nil {
+		return c, err
+	}
+	if err := c.buildImages(); err != nil {
+		return c, err
+	}
+	c.API, err = kubetest.New(kubetest.Options{
+		Binary:  filepath.Join(o.Bin, "kube-apiserver"),
+		Dir:     filepath.Join(o.Dir, "apiserver"),
+		Address: net.IP(HostIP().AsSlice()),
+		ExtraArgs: []string{
+			"--allow-privileged=true",
+			"--endpoint-reconciler-type=lease",
+		},
+	})
+	if err != nil {
+		return c, err
+	}
+	c.Admin = c.API.AdminConfig()
+	if c.client, err = kubernetes.NewForConfig(c.Admin); err != nil {
+		return c, err
+	}
+	c.kubeconf = filepath.Join(o.Dir, "admin.kubeconfig")
+	if err := writeFile(c.kubeconf, kubeconfig(c.API.URL, c.API.CAFile, c.API.AdminToken()), 0o600); err != nil {
+		return c, err
+	}
+	if err := c.startControlPlane(); err != nil {
+		return c, err
+	}
+	for i, ln := range c.Lab.Nodes {
+		n := &Node{Name: ln.Name, Lab: ln, Dir: filepath.Join(o.Dir, ln.Name), c: c, cgroupName: "kc-" + c.Lab.Name + "-" + ln.Name, procs: map[string]*proc{}}
+		c.Nodes = append(c.Nodes, n)
+		if err := n.start(ctx); err != nil {
+			return c, fmt.Errorf("node %d: %w", i, err)
+		}
+	}
+	for _, n := range c.Nodes {
+		if err := c.waitFor(ctx, 90*time.Second, "node "+n.Name+" registered", func() (bool, error) {
+			_, err := c.client.CoreV1().Nodes().Get(ctx, n.Name, metav1.GetOptions{})
+			return err == nil, nil
+		}); err != nil {
+			return c, fmt.Errorf("%w\nkubelet log:\n%s", err, n.procs["kubelet"].tail(30))
+		}
+	}
+	return c, nil
+}
+
+// Client is an admin clientset.
+func (c *Cluster) Client() kubernetes.Interface { return c.client }
+
+// Kubeconfig is an admin kubeconfig file.
+func (c *Cluster) Kubeconfig() string { return c.kubeconf }
+
+func (c *Cluster) startControlPlane() error {
+	o := c.opts
+	cidr := joinNonEmpty(o.PodCIDR, o.PodCIDRv6)
+	kcm := exec.Command(filepath.Join(o.Bin, "kube-controller-manager"),
+		"--kubeconfig="+c.kubeconf,
+		"--controllers=*",
+		"--allocate-node-cidrs=true",
+		"--cluster-cidr="+cidr,
+		"--node-cidr-mask-size-ipv4=24",
+		"--node-cidr-mask-size-ipv6=64",
+		"--service-cluster-ip-range=10.96.0.0/24",
+		"--root-ca-file="+c.API.CAFile,
+		"--service-account-private-key-file="+c.API.SAKeyFile,
+		"--use-service-account-credentials=false",
+		"--leader-elect=false",
+		"--bind-address=127.0.0.1",
+		"--secure-port=0",
+		"--configure-cloud-routes=false",
+		"--node-monitor-period=2s",
+		"--node-monitor-grace-period=20s",
+		"--v=1",
+	)
+	p, err := startProc("kube-controller-manager", filepath.Join(o.Dir, "kube-controller-manager.log"), kcm)
+	if err != nil {
+		return err
+	}
+	c.procs = append(c.procs, p)
+	sched := exec.Command(filepath.Join(o.Bin, "kube-scheduler"),
+		"--kubeconfig="+c.kubeconf, "--authentication-kubeconfig="+c.kubeconf, "--authorization-kubeconfig="+c.kubeconf,
+		"--leader-elect=false", "--bind-address=127.0.0.1", "--secure-port=0", "--v=1")
+	p, err = startProc("kube-scheduler", filepath.Join(o.Dir, "kube-scheduler.log"), sched)
+	if err != nil {
+		return err
+	}
+	c.procs = append(c.procs, p)
+	return nil
+}
+
+// buildImages builds the pause, busybox and CoreDNS images.
+func (c *Cluster) buildImages() error {
+	dir := filepath.Join(c.opts.Dir, "images")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	pause := filepath.Join(dir, "pause")
+	build := exec.Command(c.opts.Go, "build", "-trimpath", "-ldflags=-s -w", "-o", pause, "./internal/kubecluster/pause")
+	build.Dir = c.opts.Repo
+	build.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := build.CombinedOutput(); err != nil {
+		return fmt.Errorf("build pause: %w\n%s", err, out)
+	}
+	bb := "/bin/busybox"
+	out, err := exec.Command(bb, "--list-full").Output()
+	if err != nil {
+		return fmt.Errorf("busybox --list-full: %w (Debian package busybox-static)", err)
+	}
+	links := map[string]string{}
+	for _, l := range strings.Fields(string(out)) {
+		if l != "bin/busybox" {
+			links["/"+l] = "/bin/busybox"
+		}
+	}
+	for _, im := range []struct {
+		s   image.Simple
+		out string
+	}{
+		{image.Simple{Tag: PauseImage, Files: map[string]string{"/pause": pause}, Entrypoint: []string{"/pause"}}, "pause.tar"},
+		{image.Simple{Tag: BusyboxImage, Files: map[string]string{"/bin/busybox": bb}, Links: links, Entrypoint: []string{"/bin/sh"}}, "busybox.tar"},
+		{image.Simple{Tag: CoreDNSImage, Files: map[string]string{"/coredns": filepath.Join(c.opts.Bin, "coredns")}, Entrypoint: []string{"/coredns"}}, "coredns.tar"},
+	} {
+		p := filepath.Join(dir, im.out)
+		if _, err := image.BuildSimple(im.s, p); err != nil {
+			return err
+		}
+		c.images = append(c.images, p)
+	}
+	c.images = append(c.images, c.opts.Images...)
+	return nil
+}
+
+// start brings a node up: namespace, cgroups, containerd with the images,
+// kubelet, kube-proxy.
+func (n *Node) start(ctx context.Context) error {
+	if err := os.MkdirAll(n.Dir, 0o755); err != nil {
+		return err
+	}
+	if err := n.cgroupRoot(); err != nil {
+		return err
+	}
+	if err := n.startHolder(); err != nil {
+		return err
+	}
+	c := n.c
+	files := map[string]string{
+		filepath.Join(n.Dir, "containerd.toml"):   n.containerdConfig(),
+		filepath.Join(n.Dir, "kubelet.yaml"):      n.kubeletConfig(),
+		filepath.Join(n.Dir, "kube-proxy.yaml"):   n.kubeProxyConfig(joinNonEmpty(c.opts.PodCIDR, c.opts.PodCIDRv6)),
+		filepath.Join(n.Dir, "kubeconfig"):        kubeconfig(c.API.URL, c.API.CAFile, c.API.AdminToken()),
+		filepath.Join(n.Dir, "resolv.conf"):       "nameserver 127.0.0.1\n",
+		n.Path("/etc/kubernetes/node-name"):       n.Name + "\n",
+	}
+	for p, content := range files {
+		if err := writeFile(p, content, 0o600); err != nil {
+			return err
+		}
+	}
+	if err := n.StartContainerd(ctx); err != nil {
+		return err
+	}
+	for _, im := range c.images {
+		if _, err := n.Exec(ctx, "ctr", "--address", "/run/containerd/containerd.sock", "-n", "k8s.io", "images", "import", "--snapshotter", "native", im); err != nil {
+			return err
+		}
+	}
+	if err := n.StartKubelet(); err != nil {
+		return err
+	}
+	return n.StartProxy()
+}
+
+// StartContainerd starts the node's containerd and waits for its socket.
+func (n *Node) StartContainerd(ctx context.Context) error {
+	p, err := startProc("containerd", filepath.Join(n.Dir, "containerd.log"), n.command(context.Background(), "containerd", "--config", filepath.Join(n.Dir, "containerd.toml")))
+	if err != nil {
+		return err
+	}
+	n.procs["containerd"] = p
+	return n.c.waitFor(ctx, 30*time.Second, "containerd on "+n.Name, func() (bool, error) {
+		if p.exited() {
+			return false, fmt.Errorf("containerd exited: %s", p.tail(20))
+		}
+		_, err := n.command(ctx, "ctr", "--address", "/run/containerd/containerd.sock", "version").CombinedOutput()
+		return err == nil, nil
+	})
+}
+
+// StartKubelet starts the node's kubelet.
+func (n *Node) StartKubelet() error {
+	ips := n.Lab.IP.String()
+	if n.Lab.IPv6.IsValid() {
+		ips += "," + n.Lab.IPv6.String()
+	}
+	p, err := startProc("kubelet", filepath.Join(n.Dir, "kubelet.log"), n.command(context.Background(), filepath.Join(n.c.opts.Bin, "kubelet"),
+		"--config="+filepath.Join(n.Dir, "kubelet.yaml"),
+		"--kubeconfig="+filepath.Join(n.Dir, "kubeconfig"),
+		"--hostname-override="+n.Name,
+		"--node-ip="+ips,
+		"--root-dir=/var/lib/kubelet",
+		"--v=1",
+	))
+	if err != nil {
+		return err
+	}
+	n.procs["kubelet"] = p
+	return nil
+}
+
+// StartProxy starts the node's kube-proxy.
+func (n *Node) StartProxy() error {
+	p, err := startProc("kube-proxy", filepath.Join(n.Dir, "kube-proxy.log"), n.command(context.Background(), filepath.Join(n.c.opts.Bin, "kube-proxy"),
+		"--config="+filepath.Join(n.Dir, "kube-proxy.yaml"), "--v=1"))
+	if err != nil {
+		return err
+	}
+	n.procs["kube-proxy"] = p
+	return nil
+}
+
+// Kill stops one of the node's daemons ("containerd", "kubelet",
+// "kube-proxy") with sig; pods keep running (their shims are not
+// containerd's children).
+func (n *Node) Kill(name string, sig syscall.Signal) { n.procs[name].stop(sig) }
+
+// Log is the tail of one of the node's daemon logs.
+func (n *Node) Log(name string, lines int) string {
+	if p := n.procs[name]; p != nil {
+		return p.tail(lines)
+	}
+	return ""
+}
+
+// stop kills everything in the node's mount namespace (daemons, shims,
+// containers) and removes its cgroups.
+func (n *Node) stop() {
+	for _, name := range []string{"kube-proxy", "kubelet", "containerd"} {
+		n.procs[name].stop(syscall.SIGTERM)
+	}
+	if n.holder != nil && n.holder.Process != nil {
+		killNamespace(n.holderPID())
+		n.holder.Process.Kill()
+	}
+	n.removeCgroups()
+}
+
+// killNamespace kills every process whose mount namespace is pid's.
+func killNamespace(pid int) {
+	want, err := os.Readlink(fmt.Sprintf("/proc/%d/ns/mnt", pid))
+	if err != nil {
+		return
+	}
+	for range 3 {
+		entries, _ := os.ReadDir("/proc")
+		n := 0
+		for _, e := range entries {
+			var p int
+			if _, err := fmt.Sscan(e.Name(), &p); err != nil || p == pid || p == os.Getpid() {
+				continue
+			}
+			if ns, err := os.Readlink(fmt.Sprintf("/proc/%d/ns/mnt", p)); err == nil && ns == want {
+				syscall.Kill(p, syscall.SIGKILL)
+				n++
+			}
+		}
+		if n == 0 {
+			return
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+// Close tears everything down and restores the sysctls. It is safe to
+// call more than once.
+func (c *Cluster) Close() error {
+	for _, n := range c.Nodes {
+		n.stop()
+	}
+	c.Nodes = nil
+	for _, p := range c.procs {
+		p.stop(syscall.SIGTERM)
+	}
+	c.procs = nil
+	var errs []error
+	if c.API != nil {
+		errs = append(errs, c.API.Close())
+		c.API = nil
+	}
+	if c.Lab != nil {
+		errs = append(errs, c.Lab.Close())
+		c.Lab = nil
+	}
+	errs = append(errs, c.restoreSysctls())
+	return errors.Join(errs...)
+}
+
+// waitFor polls cond every 200 ms until it holds, fails, or d passes.
+func (c *Cluster) waitFor(ctx context.Context, d time.Duration, what string, cond func() (bool, error)) error {
+	ctx, cancel := context.WithTimeout(ctx, d)
+	defer cancel()
+	for {
+		ok, err := cond()
+		if err != nil {
+			return fmt.Errorf("%s: %w", what, err)
+		}
+		if ok {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("%s: not after %v", what, d)
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+}
+
+// WaitReady waits until every node is Ready.
+func (c *Cluster) WaitReady(ctx context.Context, d time.Duration) error {
+	for _, n := range c.Nodes {
+		err := c.waitFor(ctx, d, "node "+n.Name+" Ready", func() (bool, error) {
+			node, err := c.client.CoreV1().Nodes().Get(ctx, n.Name, metav1.GetOptions{})
+			if err != nil {
+				return false, nil
+			}
+			for _, cond := range node.Status.Conditions {
+				if cond.Type == corev1.NodeReady {
+					return cond.Status == corev1.ConditionTrue, nil
+				}
+			}
+			return false, nil
+		})
+		if err != nil {
+			return fmt.Errorf("%w\nkubelet log:\n%s", err, n.Log("kubelet", 20))
+		}
+	}
+	return nil
+}
