@@ -17,9 +17,16 @@ import (
 // thread back fails, that goroutine exits still locked, so the runtime
 // destroys the thread instead of reusing it in the wrong namespace. The
 // error joins fn's error with any failure to switch.
+//
+// When ns is the namespace the process already runs in, fn runs directly:
+// setns needs CAP_SYS_ADMIN even into the current namespace, and an agent
+// in a container with only NET_ADMIN (as the manifests run it) has not.
 func InNamespace(ns netns.NsHandle, fn func() error) error {
 	if !ns.IsOpen() {
 		return errors.New("run in namespace: namespace handle is not open")
+	}
+	if IsCurrentNamespace(ns) {
+		return fn()
 	}
 	errc := make(chan error, 1)
 	go func() {
@@ -94,4 +101,26 @@ func GetSysctl(ns netns.NsHandle, path string) (string, error) {
 		return "", fmt.Errorf("read sysctl %s: %w", path, err)
 	}
 	return strings.TrimSpace(string(out)), nil
+}
+
+// IsCurrentNamespace reports whether ns is the network namespace of the
+// calling goroutine's thread, which for a goroutine that is not locked to a
+// thread is the process's own (threads switched by InNamespace are locked
+// to theirs).
+func IsCurrentNamespace(ns netns.NsHandle) bool {
+	cur, err := netns.Get()
+	if err != nil {
+		return false
+	}
+	defer cur.Close()
+	return cur.Equal(ns)
+}
+
+// SubscribeNamespace is the namespace to pass to a netlink subscription: none
+// (the current one, no setns) when ns is the current namespace.
+func SubscribeNamespace(ns netns.NsHandle) netns.NsHandle {
+	if IsCurrentNamespace(ns) {
+		return netns.None()
+	}
+	return ns
 }

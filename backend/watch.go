@@ -46,6 +46,7 @@ func withBuffer(sub func(size int, force bool) error) error {
 
 // SubscribeLinks subscribes to link updates.
 func SubscribeLinks(ch chan netlink.LinkUpdate, done chan struct{}, ns netns.NsHandle, onErr func(error)) error {
+	ns = SubscribeNamespace(ns)
 	return withBuffer(func(size int, force bool) error {
 		return netlink.LinkSubscribeWithOptions(ch, done, netlink.LinkSubscribeOptions{
 			Namespace: &ns, ErrorCallback: onErr, ReceiveBufferSize: size, ReceiveBufferForceSize: force,
@@ -55,6 +56,7 @@ func SubscribeLinks(ch chan netlink.LinkUpdate, done chan struct{}, ns netns.NsH
 
 // SubscribeNeighs subscribes to neighbour (and FDB) updates.
 func SubscribeNeighs(ch chan netlink.NeighUpdate, done chan struct{}, ns netns.NsHandle, onErr func(error)) error {
+	ns = SubscribeNamespace(ns)
 	return withBuffer(func(size int, force bool) error {
 		return netlink.NeighSubscribeWithOptions(ch, done, netlink.NeighSubscribeOptions{
 			Namespace: &ns, ErrorCallback: onErr, ReceiveBufferSize: size, ReceiveBufferForceSize: force,
@@ -64,6 +66,7 @@ func SubscribeNeighs(ch chan netlink.NeighUpdate, done chan struct{}, ns netns.N
 
 // SubscribeRoutes subscribes to route updates.
 func SubscribeRoutes(ch chan netlink.RouteUpdate, done chan struct{}, ns netns.NsHandle, onErr func(error)) error {
+	ns = SubscribeNamespace(ns)
 	return withBuffer(func(size int, force bool) error {
 		return netlink.RouteSubscribeWithOptions(ch, done, netlink.RouteSubscribeOptions{
 			Namespace: &ns, ErrorCallback: onErr, ReceiveBufferSize: size, ReceiveBufferForceSize: force,

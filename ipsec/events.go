@@ -19,7 +19,7 @@ type xfrmEvent nl.XfrmMsgType
 // reports expiries and cannot enter a namespace, hence the subscription
 // through its nl package.
 func subscribeXfrm(ch chan xfrmEvent, done chan struct{}, ns netns.NsHandle, onErr func(error)) error {
-	s, err := nl.SubscribeAt(ns, netns.None(), unix.NETLINK_XFRM, nl.XFRMNLGRP_SA, nl.XFRMNLGRP_POLICY, nl.XFRMNLGRP_EXPIRE)
+	s, err := nl.SubscribeAt(backend.SubscribeNamespace(ns), netns.None(), unix.NETLINK_XFRM, nl.XFRMNLGRP_SA, nl.XFRMNLGRP_POLICY, nl.XFRMNLGRP_EXPIRE)
 	if err != nil {
 		return fmt.Errorf("xfrm notifications: %w", err)
 	}

@@ -72,7 +72,9 @@ func Run(ctx context.Context, c Config, log *slog.Logger) error {
 		return fmt.Errorf("open current network namespace: %w", err)
 	}
 	defer ns.Close()
-	h, err := netlink.NewHandleAt(ns)
+	// A handle in the current namespace without setns, which needs
+	// CAP_SYS_ADMIN: the manifests give the daemon only NET_ADMIN and NET_RAW.
+	h, err := netlink.NewHandle()
 	if err != nil {
 		return fmt.Errorf("netlink handle: %w", err)
 	}

@@ -176,8 +176,8 @@ func Build(ctx context.Context, o Options) (Result, error) {
 	if img, err = mutate.ConfigFile(img, cf); err != nil {
 		return Result{}, fmt.Errorf("image: %w", err)
 	}
-	if err := tarball.WriteToFile(o.Out, tag, img); err != nil {
-		return Result{}, fmt.Errorf("image: write %s: %w", o.Out, err)
+	if err := writeImage(img, tag, o.Out); err != nil {
+		return Result{}, err
 	}
 	r := Result{Packages: pkgs}
 	if r.Digest, err = img.Digest(); err != nil {

@@ -78,8 +78,8 @@ func BuildSimple(s Simple, out string) (Result, error) {
 	if img, err = mutate.ConfigFile(img, cf); err != nil {
 		return Result{}, fmt.Errorf("image: %w", err)
 	}
-	if err := tarball.WriteToFile(out, tag, img); err != nil {
-		return Result{}, fmt.Errorf("image: write %s: %w", out, err)
+	if err := writeImage(img, tag, out); err != nil {
+		return Result{}, err
 	}
 	var r Result
 	if r.Digest, err = img.Digest(); err != nil {

@@ -144,6 +144,11 @@ func New(ctx context.Context, o Options) (c *Cluster, err error) {
 	}
 	for _, n := range c.Nodes {
 		if err := c.waitFor(ctx, 90*time.Second, "node "+n.Name+" registered", func() (bool, error) {
+			for _, p := range c.procs {
+				if p.exited() {
+					return false, fmt.Errorf("%s exited: %s", p.name, p.tail(5))
+				}
+			}
 			_, err := c.client.CoreV1().Nodes().Get(ctx, n.Name, metav1.GetOptions{})
 			return err == nil, nil
 		}); err != nil {
@@ -162,13 +167,15 @@ func (c *Cluster) Kubeconfig() string { return c.kubeconf }
 func (c *Cluster) startControlPlane() error {
 	o := c.opts
 	cidr := joinNonEmpty(o.PodCIDR, o.PodCIDRv6)
-	kcm := exec.Command(filepath.Join(o.Bin, "kube-controller-manager"),
+	masks := []string{"--node-cidr-mask-size=24"}
+	if o.PodCIDRv6 != "" {
+		masks = []string{"--node-cidr-mask-size-ipv4=24", "--node-cidr-mask-size-ipv6=64"}
+	}
+	kcm := exec.Command(filepath.Join(o.Bin, "kube-controller-manager"), append(masks,
 		"--kubeconfig="+c.kubeconf,
 		"--controllers=*",
 		"--allocate-node-cidrs=true",
 		"--cluster-cidr="+cidr,
-		"--node-cidr-mask-size-ipv4=24",
-		"--node-cidr-mask-size-ipv6=64",
 		"--service-cluster-ip-range=10.96.0.0/24",
 		"--root-ca-file="+c.API.CAFile,
 		"--service-account-private-key-file="+c.API.SAKeyFile,
@@ -180,7 +187,7 @@ func (c *Cluster) startControlPlane() error {
 		"--node-monitor-period=2s",
 		"--node-monitor-grace-period=20s",
 		"--v=1",
-	)
+	)...)
 	p, err := startProc("kube-controller-manager", filepath.Join(o.Dir, "kube-controller-manager.log"), kcm)
 	if err != nil {
 		return err
@@ -377,6 +384,17 @@ func killNamespace(pid int) {
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
+}
+
+// Log is the tail of a control-plane process's log ("kube-controller-manager",
+// "kube-scheduler").
+func (c *Cluster) Log(name string, lines int) string {
+	for _, p := range c.procs {
+		if p.name == name {
+			return p.tail(lines)
+		}
+	}
+	return ""
 }
 
 // Close tears everything down and restores the sysctls. It is safe to

@@ -201,6 +201,10 @@ func (n *Node) startHolder() error {
 // script execs into, in the node's namespaces).
 func (n *Node) holderPID() int { return n.holder.Process.Pid }
 
+// HolderPID is the pid of the process holding the node's mount namespace
+// (for nsenter --target when debugging).
+func (n *Node) HolderPID() int { return n.holderPID() }
+
 // command makes a command that runs in the node's network and mount
 // namespaces.
 func (n *Node) command(ctx context.Context, name string, args ...string) *exec.Cmd {
