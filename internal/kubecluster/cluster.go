@@ -260,12 +260,12 @@ func (n *Node) start(ctx context.Context) error {
 	}
 	c := n.c
 	files := map[string]string{
-		filepath.Join(n.Dir, "containerd.toml"):   n.containerdConfig(),
-		filepath.Join(n.Dir, "kubelet.yaml"):      n.kubeletConfig(),
-		filepath.Join(n.Dir, "kube-proxy.yaml"):   n.kubeProxyConfig(joinNonEmpty(c.opts.PodCIDR, c.opts.PodCIDRv6)),
-		filepath.Join(n.Dir, "kubeconfig"):        kubeconfig(c.API.URL, c.API.CAFile, c.API.AdminToken()),
-		filepath.Join(n.Dir, "resolv.conf"):       "nameserver 127.0.0.1\n",
-		n.Path("/etc/kubernetes/node-name"):       n.Name + "\n",
+		filepath.Join(n.Dir, "containerd.toml"): n.containerdConfig(),
+		filepath.Join(n.Dir, "kubelet.yaml"):    n.kubeletConfig(),
+		filepath.Join(n.Dir, "kube-proxy.yaml"): n.kubeProxyConfig(joinNonEmpty(c.opts.PodCIDR, c.opts.PodCIDRv6)),
+		filepath.Join(n.Dir, "kubeconfig"):      kubeconfig(c.API.URL, c.API.CAFile, c.API.AdminToken()),
+		filepath.Join(n.Dir, "resolv.conf"):     "nameserver 127.0.0.1\n",
+		n.Path("/etc/kubernetes/node-name"):     n.Name + "\n",
 	}
 	for p, content := range files {
 		if err := writeFile(p, content, 0o600); err != nil {
