@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"strings"
+	"syscall"
 
 	"github.com/vishvananda/netns"
 )
@@ -73,12 +74,28 @@ func sysctlPath(name string) (string, error) {
 
 // SetSysctl writes value to the sysctl path (e.g. "net/ipv4/ip_forward" or
 // "net.ipv4.ip_forward") inside ns. It does nothing to any other namespace.
+// A sysctl that already has the value is not written: an agent in a
+// container sees /proc/sys read-only, and the node's own set-up (or the
+// kubelet) usually has set it already. Writing it when it differs there
+// fails with an error that says so.
 func SetSysctl(ns netns.NsHandle, path, value string) error {
 	p, err := sysctlPath(path)
 	if err != nil {
 		return err
 	}
-	err = InNamespace(ns, func() error { return os.WriteFile(p, []byte(value), 0o644) })
+	var cur string
+	err = InNamespace(ns, func() error {
+		if b, rerr := os.ReadFile(p); rerr == nil {
+			cur = strings.TrimSpace(string(b))
+			if cur == value {
+				return nil
+			}
+		}
+		return os.WriteFile(p, []byte(value), 0o644)
+	})
+	if errors.Is(err, syscall.EROFS) {
+		return fmt.Errorf("set sysctl %s=%s: it is %s and /proc/sys is read-only here (set it on the node, or run the agent privileged): %w", path, value, cur, err)
+	}
 	if err != nil {
 		return fmt.Errorf("set sysctl %s=%s: %w", path, value, err)
 	}

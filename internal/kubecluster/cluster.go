@@ -100,6 +100,7 @@ func New(ctx context.Context, o Options) (c *Cluster, err error) {
 			err = errors.Join(err, c.Close())
 		}
 	}()
+	sweep()
 	if err := c.saveSysctls(); err != nil {
 		return c, err
 	}
@@ -116,9 +117,11 @@ func New(ctx context.Context, o Options) (c *Cluster, err error) {
 		Binary:  filepath.Join(o.Bin, "kube-apiserver"),
 		Dir:     filepath.Join(o.Dir, "apiserver"),
 		Address: net.IP(HostIP().AsSlice()),
+		CertIPs: []net.IP{net.IPv4(10, 96, 0, 1)}, // the kubernetes Service
 		ExtraArgs: []string{
 			"--allow-privileged=true",
 			"--endpoint-reconciler-type=lease",
+			"--kubelet-preferred-address-types=InternalIP,Hostname",
 		},
 	})
 	if err != nil {

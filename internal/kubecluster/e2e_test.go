@@ -8,6 +8,7 @@ import (
 	"runtime"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -139,6 +140,139 @@ func TestFlannelOnKubelets(t *testing.T) {
 					assert.Len(t, from.Status.PodIPs, 2, "dual-stack pod %s", from.Name)
 				}
 			}
+			checkFlannelLogs(t, c)
+			if tc.nodes == 3 {
+				checkServicesAndResilience(t, c, running)
+				checkFlannelLogs(t, c)
+			}
 		})
+	}
+}
+
+var flanneld2 builtImage
+
+// stream pings dst from pod at 100 packets/s for d in the background and
+// returns a function that waits for it and gives sent and received.
+func stream(t *testing.T, c *kubecluster.Cluster, pod, dst string, d time.Duration) func() (int, int) {
+	t.Helper()
+	n := int(d / (10 * time.Millisecond))
+	type res struct {
+		out string
+		err error
+	}
+	done := make(chan res, 1)
+	go func() {
+		out, err := c.Exec(context.Background(), "default", pod, "ping", "-i", "0.01", "-c", fmt.Sprint(n), "-W", "2", dst)
+		done <- res{out, err}
+	}()
+	return func() (int, int) {
+		r := <-done
+		sent, recv, err := kubecluster.PingStats(r.out)
+		require.NoError(t, err, "ping stream %s -> %s: %v", pod, dst, r.err)
+		return sent, recv
+	}
+}
+
+// checkServicesAndResilience runs on a 3-node cluster with flannel and one
+// busybox pod per node (pods[i] on node i).
+func checkServicesAndResilience(t *testing.T, c *kubecluster.Cluster, pods []*corev1.Pod) {
+	ctx := t.Context()
+	require.Len(t, pods, 3)
+	// A ClusterIP Service whose pod is on node1, reached from node0; its
+	// name resolved by CoreDNS (on node1) for a pod on node2.
+	web := kubecluster.BusyboxPod("web", c.Nodes[1].Name, map[string]string{"app": "web"})
+	_, err := c.RunPods(ctx, "default", web)
+	require.NoError(t, err)
+	require.NoError(t, c.Apply(ctx, kubecluster.ServiceManifest("web")))
+	require.NoError(t, c.Apply(ctx, kubecluster.CoreDNSManifest(c.Nodes[1].Name)))
+	require.NoError(t, c.WaitDeployment(ctx, "kube-system", "coredns", 2*time.Minute))
+	svc, err := c.Client().CoreV1().Services("default").Get(ctx, "web", metav1.GetOptions{})
+	require.NoError(t, err)
+	require.Eventually(t, func() bool {
+		out, err := c.HTTPGet(ctx, "default", pods[0].Name, svc.Spec.ClusterIP, 80)
+		return err == nil && out == "web"
+	}, time.Minute, time.Second, "pod on %s reaches Service web %s (pod on %s)", c.Nodes[0].Name, svc.Spec.ClusterIP, c.Nodes[1].Name)
+	var dns string
+	require.Eventually(t, func() bool {
+		dns, err = c.Exec(ctx, "default", pods[2].Name, "nslookup", "web.default.svc.cluster.local")
+		return err == nil && strings.Contains(dns, svc.Spec.ClusterIP)
+	}, time.Minute, time.Second, "CoreDNS resolves web for a pod on %s: %s %v", c.Nodes[2].Name, dns, err)
+
+	// Deleting a pod frees its address in host-local's store.
+	tmp, err := c.RunPods(ctx, "default", kubecluster.BusyboxPod("tmp", c.Nodes[0].Name, nil))
+	require.NoError(t, err)
+	ip := tmp[0].Status.PodIP
+	require.True(t, c.Nodes[0].HostLocalHolds(ip))
+	require.NoError(t, c.Client().CoreV1().Pods("default").Delete(ctx, "tmp", metav1.DeleteOptions{}))
+	require.Eventually(t, func() bool { return !c.Nodes[0].HostLocalHolds(ip) }, time.Minute, 200*time.Millisecond, "host-local still holds %s", ip)
+
+	// kubelet, containerd and flanneld of node1 killed and started again:
+	// its pods stay reachable (no packet lost) and keep their addresses.
+	n1 := c.Nodes[1]
+	wait := stream(t, c, pods[0].Name, pods[1].Status.PodIP, 20*time.Second)
+	time.Sleep(2 * time.Second)
+	n1.Kill("kubelet", syscall.SIGKILL)
+	n1.Kill("containerd", syscall.SIGKILL)
+	assert.Positive(t, n1.KillProcess("flanneld", syscall.SIGKILL), "flanneld killed")
+	time.Sleep(2 * time.Second)
+	require.NoError(t, n1.StartContainerd(ctx))
+	require.NoError(t, n1.StartKubelet())
+	sent, recv := wait()
+	assert.Equal(t, sent, recv, "packets lost while node1's kubelet, containerd and flanneld restarted")
+	require.NoError(t, c.WaitDaemonSet(ctx, "kube-flannel", "kube-flannel-ds", 2*time.Minute))
+	again, err := c.Client().CoreV1().Pods("default").Get(ctx, pods[1].Name, metav1.GetOptions{})
+	require.NoError(t, err)
+	assert.Equal(t, pods[1].Status.PodIP, again.Status.PodIP, "pod keeps its address")
+	require.NoError(t, c.Reach(ctx, "default", pods[0].Name, pods[1].Status.PodIP, 8080, pods[1].Name))
+
+	// A rolling update of the DaemonSet to a new image tag loses no packet
+	// of a 100 packets/s stream, and every node keeps its subnet.
+	before := map[string]string{}
+	for _, n := range c.Nodes {
+		before[n.Name], err = n.SubnetEnv()
+		require.NoError(t, err)
+	}
+	tar2, ref2 := flanneld2.get(t, t.TempDir(), "ghcr.io/flannelkit/flanneld:e2e-next")
+	require.NoError(t, c.ImportImage(ctx, tar2))
+	ds, err := c.Client().AppsV1().DaemonSets("kube-flannel").Get(ctx, "kube-flannel-ds", metav1.GetOptions{})
+	require.NoError(t, err)
+	wait = stream(t, c, pods[0].Name, pods[2].Status.PodIP, 25*time.Second)
+	wait1 := stream(t, c, pods[2].Name, pods[1].Status.PodIP, 25*time.Second)
+	for i := range ds.Spec.Template.Spec.InitContainers {
+		ds.Spec.Template.Spec.InitContainers[i].Image = ref2
+	}
+	ds.Spec.Template.Spec.Containers[0].Image = ref2
+	_, err = c.Client().AppsV1().DaemonSets("kube-flannel").Update(ctx, ds, metav1.UpdateOptions{})
+	require.NoError(t, err)
+	require.NoError(t, c.WaitDaemonSet(ctx, "kube-flannel", "kube-flannel-ds", 2*time.Minute))
+	sent, recv = wait()
+	assert.Equal(t, sent, recv, "packets lost %s -> %s during the rolling update", pods[0].Name, pods[2].Name)
+	sent, recv = wait1()
+	assert.Equal(t, sent, recv, "packets lost %s -> %s during the rolling update", pods[2].Name, pods[1].Name)
+	for _, n := range c.Nodes {
+		after, err := n.SubnetEnv()
+		require.NoError(t, err)
+		assert.Equal(t, before[n.Name], after, "%s keeps its FLANNEL_SUBNET", n.Name)
+	}
+	fl, err := c.Client().CoreV1().Pods("kube-flannel").List(ctx, metav1.ListOptions{})
+	require.NoError(t, err)
+	for _, p := range fl.Items {
+		assert.Equal(t, ref2, p.Spec.Containers[0].Image)
+	}
+}
+
+// checkFlannelLogs: the daemons run under the manifest's ServiceAccount
+// and nothing they asked for was forbidden.
+func checkFlannelLogs(t *testing.T, c *kubecluster.Cluster) {
+	t.Helper()
+	ctx := t.Context()
+	fl, err := c.Client().CoreV1().Pods("kube-flannel").List(ctx, metav1.ListOptions{})
+	require.NoError(t, err)
+	require.Len(t, fl.Items, len(c.Nodes))
+	for _, p := range fl.Items {
+		assert.Equal(t, "flannel", p.Spec.ServiceAccountName)
+		log := c.PodLog(ctx, "kube-flannel", p.Name, "kube-flannel", 10000)
+		assert.NotContains(t, strings.ToLower(log), "forbidden", "pod %s log", p.Name)
+		assert.NotContains(t, log, "level=ERROR", "pod %s log", p.Name)
 	}
 }

@@ -58,3 +58,20 @@ func (c *Cluster) restoreSysctls() error {
 	c.sysctls = ""
 	return os.Remove(sysctlState())
 }
+
+// sweep removes what killed runs left: the cgroups of nodes whose lab
+// namespaces are gone (their processes are killed first).
+func sweep() {
+	dirs, _ := filepath.Glob("/sys/fs/cgroup/*/kc-*")
+	for _, d := range dirs {
+		name := filepath.Base(d)
+		lab, _, ok := strings.Cut(strings.TrimPrefix(name, "kc-"), "-")
+		if !ok {
+			continue
+		}
+		if _, err := os.Stat(filepath.Join("/run/netns", lab+"-rt")); err == nil {
+			continue // a live cluster's
+		}
+		(&Node{cgroupName: name}).removeCgroups()
+	}
+}

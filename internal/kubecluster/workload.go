@@ -12,6 +12,7 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/client-go/kubernetes/scheme"
 	"k8s.io/client-go/tools/remotecommand"
 
@@ -62,12 +63,17 @@ func BusyboxPod(name, node string, labels map[string]string) *corev1.Pod {
 				Image:           BusyboxImage,
 				ImagePullPolicy: corev1.PullNever,
 				Command:         []string{"/bin/sh", "-c", "mkdir -p /www && echo " + name + " > /www/index.html && exec httpd -f -p 8080 -h /www"},
+				ReadinessProbe: &corev1.Probe{
+					ProbeHandler:  corev1.ProbeHandler{TCPSocket: &corev1.TCPSocketAction{Port: intstr.FromInt32(8080)}},
+					PeriodSeconds: 1,
+				},
 			}},
 		},
 	}
 }
 
-// RunPods creates pods and waits until they run with their addresses.
+// RunPods creates pods and waits until they are ready with their
+// addresses.
 func (c *Cluster) RunPods(ctx context.Context, ns string, pods ...*corev1.Pod) ([]*corev1.Pod, error) {
 	for _, p := range pods {
 		if _, err := c.client.CoreV1().Pods(ns).Create(ctx, p, metav1.CreateOptions{}); err != nil {
@@ -82,7 +88,13 @@ func (c *Cluster) RunPods(ctx context.Context, ns string, pods ...*corev1.Pod) (
 				return false, nil
 			}
 			out[i] = got
-			return got.Status.Phase == corev1.PodRunning && len(got.Status.PodIPs) > 0, nil
+			ready := false
+			for _, cond := range got.Status.Conditions {
+				if cond.Type == corev1.PodReady && cond.Status == corev1.ConditionTrue {
+					ready = true
+				}
+			}
+			return got.Status.Phase == corev1.PodRunning && ready && len(got.Status.PodIPs) > 0, nil
 		})
 		if err != nil {
 			return nil, fmt.Errorf("%w: %s", err, c.describe(ctx, ns, p.Name))
@@ -124,23 +136,34 @@ func (c *Cluster) Exec(ctx context.Context, ns, pod string, cmd ...string) (stri
 }
 
 // Reach checks from pod `from` that ip answers ICMP echo and serves the
-// busybox pod's HTTP page on port (TCP).
+// busybox pod's HTTP page on port (TCP; through nc, since the static
+// busybox's wget crashes in glibc's NSS once /etc/hosts exists).
 func (c *Cluster) Reach(ctx context.Context, ns, from, ip string, port int, want string) error {
 	if _, err := c.Exec(ctx, ns, from, "ping", "-c", "1", "-W", "3", ip); err != nil {
 		return fmt.Errorf("icmp %s -> %s: %w", from, ip, err)
 	}
-	host := ip
-	if strings.Contains(ip, ":") {
-		host = "[" + ip + "]"
-	}
-	out, err := c.Exec(ctx, ns, from, "wget", "-q", "-O", "-", "-T", "5", fmt.Sprintf("http://%s:%d/", host, port))
+	body, err := c.HTTPGet(ctx, ns, from, ip, port)
 	if err != nil {
 		return fmt.Errorf("tcp %s -> %s: %w", from, ip, err)
 	}
-	if want != "" && strings.TrimSpace(out) != want {
-		return fmt.Errorf("tcp %s -> %s: got %q, want %q", from, ip, strings.TrimSpace(out), want)
+	if want != "" && body != want {
+		return fmt.Errorf("tcp %s -> %s: got %q, want %q", from, ip, body, want)
 	}
 	return nil
+}
+
+// HTTPGet fetches / from ip:port in pod `from` and returns the body's last
+// line.
+func (c *Cluster) HTTPGet(ctx context.Context, ns, from, ip string, port int) (string, error) {
+	out, err := c.Exec(ctx, ns, from, "sh", "-c", fmt.Sprintf(`printf 'GET / HTTP/1.0\r\n\r\n' | nc -w 5 %s %d`, ip, port))
+	if err != nil {
+		return "", err
+	}
+	lines := strings.Split(strings.TrimSpace(strings.ReplaceAll(out, "\r", "")), "\n")
+	if len(lines) == 0 || !strings.HasPrefix(lines[0], "HTTP/1.") {
+		return "", fmt.Errorf("no HTTP answer: %q", out)
+	}
+	return strings.TrimSpace(lines[len(lines)-1]), nil
 }
 
 // WaitDaemonSet waits until a DaemonSet's pods are ready on every node it

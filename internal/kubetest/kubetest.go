@@ -72,6 +72,9 @@ type Options struct {
 	// Address is where the server listens and what it advertises
 	// (default 127.0.0.1); the server certificate covers it.
 	Address net.IP
+	// CertIPs are more addresses the server certificate covers (the
+	// kubernetes Service's ClusterIP, for pods that use it).
+	CertIPs []net.IP
 }
 
 // Server is a running kube-apiserver with its etcd. Its methods are safe
@@ -131,7 +134,7 @@ func New(opts Options) (_ *Server, err error) {
 	if opts.Address != nil {
 		addr = opts.Address
 	}
-	certs, err := etcdtest.WriteCertsFor(filepath.Join(s.Dir, "pki"), addr)
+	certs, err := etcdtest.WriteCertsFor(filepath.Join(s.Dir, "pki"), append([]net.IP{addr}, opts.CertIPs...)...)
 	if err != nil {
 		return nil, err
 	}
