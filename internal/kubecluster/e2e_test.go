@@ -102,6 +102,20 @@ func deployFlannel(t *testing.T, c *kubecluster.Cluster, ref, conf string) {
 
 var flanneld builtImage
 
+// imageDir holds the images built for the whole test binary.
+var imageDir string
+
+func TestMain(m *testing.M) {
+	var err error
+	if imageDir, err = os.MkdirTemp("", "kubecluster-images-"); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	code := m.Run()
+	os.RemoveAll(imageDir)
+	os.Exit(code)
+}
+
 func TestFlannelOnKubelets(t *testing.T) {
 	for _, tc := range []struct {
 		backend string
@@ -109,7 +123,7 @@ func TestFlannelOnKubelets(t *testing.T) {
 		nodes   int
 	}{{"vxlan", false, 3}, {"host-gw", false, 2}, {"vxlan", true, 2}, {"host-gw", true, 2}} {
 		t.Run(fmt.Sprintf("%s/dual=%v", tc.backend, tc.dual), func(t *testing.T) {
-			tar, ref := flanneld.get(t, t.TempDir(), "ghcr.io/flannelkit/flanneld:e2e")
+			tar, ref := flanneld.get(t, imageDir, "ghcr.io/flannelkit/flanneld:e2e")
 			o := kubecluster.Options{Nodes: tc.nodes, Images: []string{tar}}
 			if tc.dual {
 				o.PodCIDRv6 = "fd00:10:244::/56"
@@ -232,7 +246,7 @@ func checkServicesAndResilience(t *testing.T, c *kubecluster.Cluster, pods []*co
 		before[n.Name], err = n.SubnetEnv()
 		require.NoError(t, err)
 	}
-	tar2, ref2 := flanneld2.get(t, t.TempDir(), "ghcr.io/flannelkit/flanneld:e2e-next")
+	tar2, ref2 := flanneld2.get(t, imageDir, "ghcr.io/flannelkit/flanneld:e2e-next")
 	require.NoError(t, c.ImportImage(ctx, tar2))
 	ds, err := c.Client().AppsV1().DaemonSets("kube-flannel").Get(ctx, "kube-flannel-ds", metav1.GetOptions{})
 	require.NoError(t, err)

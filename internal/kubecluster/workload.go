@@ -118,8 +118,8 @@ func (c *Cluster) describe(ctx context.Context, ns, name string) string {
 	return b.String()
 }
 
-// Exec runs a command in a pod's container and returns its stdout and
-// stderr together; a non-zero exit is an error holding the output.
+// Exec runs a command in a pod's container and returns its stdout followed
+// by its stderr; a non-zero exit is an error holding the output.
 func (c *Cluster) Exec(ctx context.Context, ns, pod string, cmd ...string) (string, error) {
 	req := c.client.CoreV1().RESTClient().Post().Resource("pods").Namespace(ns).Name(pod).SubResource("exec").
 		VersionedParams(&corev1.PodExecOptions{Container: "main", Command: cmd, Stdout: true, Stderr: true}, scheme.ParameterCodec)
@@ -127,12 +127,14 @@ func (c *Cluster) Exec(ctx context.Context, ns, pod string, cmd ...string) (stri
 	if err != nil {
 		return "", err
 	}
-	var out bytes.Buffer
-	err = ex.StreamWithContext(ctx, remotecommand.StreamOptions{Stdout: &out, Stderr: &out})
+	// Separate buffers: the streams are copied from goroutines of their own.
+	var stdout, stderr bytes.Buffer
+	err = ex.StreamWithContext(ctx, remotecommand.StreamOptions{Stdout: &stdout, Stderr: &stderr})
+	out := stdout.String() + stderr.String()
 	if err != nil {
-		return out.String(), fmt.Errorf("exec %v in %s: %w: %s", cmd, pod, err, out.String())
+		return out, fmt.Errorf("exec %v in %s: %w: %s", cmd, pod, err, out)
 	}
-	return out.String(), nil
+	return out, nil
 }
 
 // Reach checks from pod `from` that ip answers ICMP echo and serves the
