@@ -33,6 +33,10 @@ command -v qemu-system-x86_64 >/dev/null || vm+=(qemu-system-x86)
 ls /boot/vmlinuz-*-cloud-amd64 >/dev/null 2>&1 || vm+=(linux-image-cloud-amd64)
 dpkg -s busybox-static >/dev/null 2>&1 || vm+=(busybox-static)
 command -v cpio >/dev/null || vm+=(cpio)
+# The one-machine Kubernetes cluster (internal/kubecluster): Debian's
+# containerd (1.6) and runc run each node's pods.
+command -v containerd >/dev/null || vm+=(containerd)
+command -v runc >/dev/null || vm+=(runc)
 command -v depmod >/dev/null || [ -x /usr/sbin/depmod ] || vm+=(kmod)
 if [ ${#vm[@]} -gt 0 ]; then
 	apt-get update -qq
@@ -65,6 +69,8 @@ for t in iptables ip6tables; do
 	out=$(in_ns "$t" -S 2>&1) || fail "$t is installed but does not work here: $out"
 done
 out=$(qemu-system-x86_64 --version 2>&1) || fail "qemu-system-x86_64 is installed but does not run: $out"
+out=$(containerd --version 2>&1) || fail "containerd is installed but does not run: $out"
+out=$(runc --version 2>&1) || fail "runc is installed but does not run: $out"
 ip netns del "$probe_ns"
 trap - EXIT
 
@@ -111,7 +117,14 @@ if ! [ -x "$cni/bridge" ] || ! "$cni/host-local" 2>&1 | grep -q "CNI protocol ve
 	done
 	rm -rf "$cni" && mv "$cni.tmp" "$cni"
 fi
+# CoreDNS for the cluster's DNS, from tools/coredns.
+coredns="$kas_dir/coredns-$(sha256sum tools/coredns/go.sum | cut -c1-16)"
+if ! "$coredns" -version >/dev/null 2>&1; then
+	(cd tools/coredns && CGO_ENABLED=0 go build -ldflags='-s -w' -o "$coredns.tmp" github.com/coredns/coredns)
+	mv "$coredns.tmp" "$coredns"
+fi
 mkdir -p .cache/bin
+ln -sfn "$coredns" .cache/bin/coredns
 ln -sfn "$cni" .cache/bin/cni
 ln -sfn "$kas" .cache/bin/kube-apiserver
 ln -sfn "$helm" .cache/bin/helm
