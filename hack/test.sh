@@ -136,6 +136,9 @@ go run ./examples/cluster -nodes 3
 go run ./examples/cluster -nodes 3 -ipv6
 go run ./examples/cluster -nodes 3 -ipv6 -backend host-gw -store memory
 go run ./examples/cluster -nodes 3 -store kube
+# A real Kubernetes cluster (kubelets, containerd) with flannel applied from
+# deploy/kube-flannel.yaml.
+go run ./examples/cluster -kubelet -nodes 3
 # The Kubernetes store at scale (figures: time vs the apiserver's list, peak RSS).
 go run ./hack/kubebench -nodes 5000
 # The vxlan benchmark command keeps working (figures, not a pass/fail bar).

@@ -11,6 +11,11 @@
 // and delegates to the real bridge and host-local plugins (-cni-bin-dir,
 // default .cache/bin/cni as hack/test.sh builds them, then /opt/cni/bin).
 //
+// With -kubelet it is a real Kubernetes cluster instead (internal/kubecluster):
+// the control plane, and on every node containerd, runc, a kubelet and
+// kube-proxy; the pod network comes from applying deploy/kube-flannel.yaml
+// with the flanneld image built here; -clean removes what a killed run left.
+//
 // It needs root and nothing else: no Kubernetes, no containers. With
 // -store etcd (the default) it runs an etcd server inside this process and
 // every node's agent talks to it over its own etcd client; -store memory
@@ -69,6 +74,8 @@ type options struct {
 	ipv6    bool
 	ipv4    bool
 	cniBin  string
+	kubelet bool
+	clean   bool
 }
 
 func run() error {
@@ -81,6 +88,8 @@ func run() error {
 	flag.BoolVar(&o.keep, "keep", false, "stay up until interrupted, to look around")
 	flag.BoolVar(&o.verbose, "v", false, "log agent activity to stderr")
 	flag.StringVar(&o.cniBin, "cni-bin-dir", "", "directory with the bridge, host-local, loopback and portmap CNI plugins (default .cache/bin/cni, then /opt/cni/bin)")
+	flag.BoolVar(&o.kubelet, "kubelet", false, "a real Kubernetes cluster instead: control plane, and per node containerd, runc, kubelet and kube-proxy; flannel from kubectl apply of deploy/kube-flannel.yaml (binaries from hack/test.sh)")
+	flag.BoolVar(&o.clean, "clean", false, "remove what a killed -kubelet run left (processes, cgroups, namespaces, sysctls) and exit")
 	flag.Parse()
 	if o.nodes < 1 || o.nodes > 200 {
 		return fmt.Errorf("-nodes %d: want 1..200", o.nodes)
@@ -98,6 +107,12 @@ func run() error {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	start := time.Now()
+	if o.clean {
+		return cleanKubelet()
+	}
+	if o.kubelet {
+		return runKubelet(ctx, o, start)
+	}
 
 	logOut := io.Discard
 	if o.verbose {

@@ -100,11 +100,16 @@ func New(ctx context.Context, o Options) (c *Cluster, err error) {
 			err = errors.Join(err, c.Close())
 		}
 	}()
-	sweep()
+	if err := Sweep(); err != nil {
+		return c, fmt.Errorf("kubecluster: sweep what killed runs left: %w", err)
+	}
 	if err := c.saveSysctls(); err != nil {
 		return c, err
 	}
 	if c.Lab, err = netlab.New(netlab.Options{Nodes: o.Nodes, IPv4: true, IPv6: o.PodCIDRv6 != ""}); err != nil {
+		return c, err
+	}
+	if err := c.recordOwner(); err != nil {
 		return c, err
 	}
 	if c.hostIface, err = c.Lab.AttachHost(HostIP()); err != nil {
@@ -418,6 +423,7 @@ func (c *Cluster) Close() error {
 	}
 	if c.Lab != nil {
 		errs = append(errs, c.Lab.Close())
+		c.forgetOwner()
 		c.Lab = nil
 	}
 	errs = append(errs, c.restoreSysctls())

@@ -5,7 +5,11 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"syscall"
+
+	"github.com/flannelkit/flannel/internal/netlab"
 )
 
 // The host-wide sysctls the kubelet sets.
@@ -59,19 +63,70 @@ func (c *Cluster) restoreSysctls() error {
 	return os.Remove(sysctlState())
 }
 
-// sweep removes what killed runs left: the cgroups of nodes whose lab
-// namespaces are gone (their processes are killed first).
-func sweep() {
-	dirs, _ := filepath.Glob("/sys/fs/cgroup/*/kc-*")
-	for _, d := range dirs {
-		name := filepath.Base(d)
-		lab, _, ok := strings.Cut(strings.TrimPrefix(name, "kc-"), "-")
-		if !ok {
+// stateDir records each live cluster's lab and owning process, so that
+// Sweep can tell a killed run's leftovers from a running cluster.
+func stateDir() string { return "/run/flannelkit-kubecluster" }
+
+func (c *Cluster) recordOwner() error {
+	if err := os.MkdirAll(stateDir(), 0o755); err != nil {
+		return err
+	}
+	return os.WriteFile(filepath.Join(stateDir(), c.Lab.Name), []byte(strconv.Itoa(os.Getpid())), 0o644)
+}
+
+func (c *Cluster) forgetOwner() {
+	if c.Lab != nil {
+		os.Remove(filepath.Join(stateDir(), c.Lab.Name))
+	}
+}
+
+// Sweep removes what killed runs left behind: for every recorded cluster
+// whose process is gone, every process still in its namespaces (containerd
+// shims, containers), its cgroups and its namespaces; then, when no
+// cluster is left, it restores the sysctls a killed run changed. It is the
+// clean-up command's work, and New runs it first.
+func Sweep() error {
+	entries, _ := os.ReadDir(stateDir())
+	for _, e := range entries {
+		lab := e.Name()
+		b, _ := os.ReadFile(filepath.Join(stateDir(), lab))
+		if pid, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil && pid > 0 && syscall.Kill(pid, 0) == nil {
+			continue // alive
+		}
+		killInNamespaces(lab)
+		dirs, _ := filepath.Glob("/sys/fs/cgroup/*/kc-" + lab + "-*")
+		for _, d := range dirs {
+			(&Node{cgroupName: filepath.Base(d)}).removeCgroups()
+		}
+		os.Remove(filepath.Join(stateDir(), lab))
+	}
+	_, err := netlab.Sweep()
+	if rest, _ := os.ReadDir(stateDir()); len(rest) == 0 {
+		err = errors.Join(err, (&Cluster{sysctls: sysctlState()}).restoreSysctls())
+	}
+	return err
+}
+
+// killInNamespaces kills every process in one of the lab's network
+// namespaces.
+func killInNamespaces(lab string) {
+	names, _ := filepath.Glob("/run/netns/" + lab + "-*")
+	inodes := map[uint64]bool{}
+	for _, n := range names {
+		var st syscall.Stat_t
+		if syscall.Stat(n, &st) == nil {
+			inodes[st.Ino] = true
+		}
+	}
+	procs, _ := os.ReadDir("/proc")
+	for _, p := range procs {
+		pid, err := strconv.Atoi(p.Name())
+		if err != nil || pid == os.Getpid() {
 			continue
 		}
-		if _, err := os.Stat(filepath.Join("/run/netns", lab+"-rt")); err == nil {
-			continue // a live cluster's
+		var st syscall.Stat_t
+		if syscall.Stat(fmt.Sprintf("/proc/%d/ns/net", pid), &st) == nil && inodes[st.Ino] {
+			syscall.Kill(pid, syscall.SIGKILL)
 		}
-		(&Node{cgroupName: name}).removeCgroups()
 	}
 }
