@@ -135,51 +135,63 @@ func Build(ctx context.Context, o Options) (Result, error) {
 	app.dir("/tmp", 0o1777)
 	app.dir("/run", 0o755)
 
+	img, err := assemble([]*tree{sys, cni, app}, func(c *v1.Config) {
+		c.Entrypoint = []string{"/flanneld"}
+		c.Labels = map[string]string{
+			"org.opencontainers.image.source":   "https://github.com/flannelkit/flannel",
+			"org.opencontainers.image.version":  o.Version,
+			"io.flannelkit.debian-packages":     strings.Join(pkgs, " "),
+			"org.opencontainers.image.licenses": "Apache-2.0",
+		}
+	})
+	if err != nil {
+		return Result{}, err
+	}
+	if err := writeImage(img, tag, o.Out); err != nil {
+		return Result{}, err
+	}
+	r, err := digests(img)
+	r.Packages = pkgs
+	return r, err
+}
+
+// assemble stacks one layer per tree on an empty image and sets the
+// config: linux/amd64, PATH, no creation time and no history (both would
+// change the digest on every build), then what config adds.
+func assemble(trees []*tree, config func(*v1.Config)) (v1.Image, error) {
 	img := empty.Image
-	for _, t := range []*tree{sys, cni, app} {
+	for _, t := range trees {
 		b, err := t.tar()
 		if err != nil {
-			return Result{}, err
+			return nil, err
 		}
 		layer, err := tarball.LayerFromOpener(func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(b)), nil })
 		if err != nil {
-			return Result{}, fmt.Errorf("image: layer: %w", err)
+			return nil, fmt.Errorf("image: layer: %w", err)
 		}
 		if img, err = mutate.AppendLayers(img, layer); err != nil {
-			return Result{}, fmt.Errorf("image: %w", err)
+			return nil, fmt.Errorf("image: %w", err)
 		}
 	}
 	cf, err := img.ConfigFile()
 	if err != nil {
-		return Result{}, fmt.Errorf("image: %w", err)
-	}
-	cfg := cf.Config
-	cfg.Entrypoint = []string{"/flanneld"}
-	cfg.Env = []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin"}
-	cfg.Labels = map[string]string{
-		"org.opencontainers.image.source":   "https://github.com/flannelkit/flannel",
-		"org.opencontainers.image.version":  o.Version,
-		"io.flannelkit.debian-packages":     strings.Join(pkgs, " "),
-		"org.opencontainers.image.licenses": "Apache-2.0",
-	}
-	if img, err = mutate.Config(img, cfg); err != nil {
-		return Result{}, fmt.Errorf("image: %w", err)
-	}
-	cf, err = img.ConfigFile()
-	if err != nil {
-		return Result{}, fmt.Errorf("image: %w", err)
+		return nil, fmt.Errorf("image: %w", err)
 	}
 	cf = cf.DeepCopy()
 	cf.Architecture, cf.OS = "amd64", "linux"
 	cf.Created = v1.Time{}
 	cf.History = nil
+	cf.Config.Env = []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin"}
+	config(&cf.Config)
 	if img, err = mutate.ConfigFile(img, cf); err != nil {
-		return Result{}, fmt.Errorf("image: %w", err)
+		return nil, fmt.Errorf("image: %w", err)
 	}
-	if err := writeImage(img, tag, o.Out); err != nil {
-		return Result{}, err
-	}
-	r := Result{Packages: pkgs}
+	return img, nil
+}
+
+func digests(img v1.Image) (Result, error) {
+	var r Result
+	var err error
 	if r.Digest, err = img.Digest(); err != nil {
 		return Result{}, fmt.Errorf("image: %w", err)
 	}

@@ -1,16 +1,11 @@
 package image
 
 import (
-	"bytes"
 	"fmt"
-	"io"
 	"sort"
 
 	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
-	"github.com/google/go-containerregistry/pkg/v1/empty"
-	"github.com/google/go-containerregistry/pkg/v1/mutate"
-	"github.com/google/go-containerregistry/pkg/v1/tarball"
 )
 
 // Simple describes a one-layer image of static files, such as the pause,
@@ -53,40 +48,12 @@ func BuildSimple(s Simple, out string) (Result, error) {
 		t.dir(d, 0o755)
 	}
 	t.dir("/tmp", 0o1777)
-	b, err := t.tar()
+	img, err := assemble([]*tree{t}, func(c *v1.Config) { c.Entrypoint, c.Cmd = s.Entrypoint, s.Cmd })
 	if err != nil {
 		return Result{}, err
-	}
-	layer, err := tarball.LayerFromOpener(func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(b)), nil })
-	if err != nil {
-		return Result{}, fmt.Errorf("image: %w", err)
-	}
-	img, err := mutate.AppendLayers(empty.Image, layer)
-	if err != nil {
-		return Result{}, fmt.Errorf("image: %w", err)
-	}
-	cf, err := img.ConfigFile()
-	if err != nil {
-		return Result{}, fmt.Errorf("image: %w", err)
-	}
-	cf = cf.DeepCopy()
-	cf.Architecture, cf.OS = "amd64", "linux"
-	cf.Created = v1.Time{}
-	cf.History = nil
-	cf.Config.Entrypoint, cf.Config.Cmd = s.Entrypoint, s.Cmd
-	cf.Config.Env = []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin"}
-	if img, err = mutate.ConfigFile(img, cf); err != nil {
-		return Result{}, fmt.Errorf("image: %w", err)
 	}
 	if err := writeImage(img, tag, out); err != nil {
 		return Result{}, err
 	}
-	var r Result
-	if r.Digest, err = img.Digest(); err != nil {
-		return Result{}, fmt.Errorf("image: %w", err)
-	}
-	if r.ID, err = img.ConfigName(); err != nil {
-		return Result{}, fmt.Errorf("image: %w", err)
-	}
-	return r, nil
+	return digests(img)
 }

@@ -39,19 +39,12 @@ func Apply(ctx context.Context, config *rest.Config, manifests []byte, opts Appl
 	if err != nil {
 		return nil, err
 	}
-	dec := utilyaml.NewYAMLOrJSONDecoder(bytes.NewReader(manifests), 4096)
+	objs, err := Decode(manifests)
+	if err != nil {
+		return nil, err
+	}
 	var out []*unstructured.Unstructured
-	for {
-		var obj unstructured.Unstructured
-		if err := dec.Decode(&obj.Object); err != nil {
-			if errors.Is(err, io.EOF) {
-				return out, nil
-			}
-			return out, fmt.Errorf("decode manifest: %w", err)
-		}
-		if len(obj.Object) == 0 {
-			continue
-		}
+	for _, obj := range objs {
 		gvk := obj.GroupVersionKind()
 		name := fmt.Sprintf("%s %s", gvk.Kind, obj.GetName())
 		m, err := mapper.RESTMapping(gvk.GroupKind(), gvk.Version)
@@ -69,12 +62,13 @@ func Apply(ctx context.Context, config *rest.Config, manifests []byte, opts Appl
 		if opts.DryRun {
 			ao.DryRun = []string{metav1.DryRunAll}
 		}
-		got, err := ri.Apply(ctx, obj.GetName(), &obj, ao)
+		got, err := ri.Apply(ctx, obj.GetName(), obj, ao)
 		if err != nil {
 			return out, fmt.Errorf("apply %s: %w", name, err)
 		}
 		out = append(out, got)
 	}
+	return out, nil
 }
 
 // Decode parses a multi-document YAML (or JSON) stream into objects, as
