@@ -37,8 +37,11 @@ type Node struct {
 // boundDirs are the paths that are per node, as a kubelet's runtime sees
 // them; each is bound from Dir/<path with / as _>.
 func boundDirs() []string {
+	// /run/netns too: containerd pins each pod's network namespace there,
+	// and a node's pins must go with its mount namespace, not outlive it on
+	// the host.
 	return []string{"/var/lib/kubelet", "/var/log/pods", "/var/log/containers", "/run/containerd", "/var/lib/containerd",
-		"/etc/cni/net.d", "/opt/cni/bin", "/var/lib/cni", "/run/flannel", "/etc/kubernetes"}
+		"/etc/cni/net.d", "/opt/cni/bin", "/var/lib/cni", "/run/flannel", "/etc/kubernetes", "/run/netns"}
 }
 
 // Path is the host path of a node path under one of the bound directories.
