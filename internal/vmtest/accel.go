@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"time"
 )
 
@@ -135,14 +136,21 @@ func writeProbeInitrd(tools Tools, out string) error {
 	return nil
 }
 
-// cacheFile names the cached choice for this machine boot, this qemu and
-// this kernel: a new boot (another machine, a changed host) probes again.
+// cacheFile names the cached choice for this machine boot, this qemu, this
+// kernel and this device node: a new boot (another machine, a changed
+// host) or another device probes again.
 func (t Tools) cacheFile() string {
 	id, _ := os.ReadFile("/proc/sys/kernel/random/boot_id")
 	h := sha256.New()
 	fmt.Fprintf(h, "%s\x00%s\x00%s\x00%s\x00", strings.TrimSpace(string(id)), t.Qemu, t.Kernel, t.kvmDevice())
 	if st, err := os.Stat(t.Qemu); err == nil {
-		fmt.Fprintf(h, "%d\x00%d", st.Size(), st.ModTime().UnixNano())
+		fmt.Fprintf(h, "%d\x00%d\x00", st.Size(), st.ModTime().UnixNano())
+	}
+	// The device itself, so that another node behind the same path (a
+	// plain file bound over it, a re-created device) is probed again.
+	var st syscall.Stat_t
+	if syscall.Stat(t.kvmDevice(), &st) == nil {
+		fmt.Fprintf(h, "%d\x00%d\x00%d", st.Rdev, st.Ino, st.Mode)
 	}
 	dir := t.CacheDir
 	if dir == "" {
