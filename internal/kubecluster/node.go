@@ -224,3 +224,143 @@ func (n *Node) Exec(ctx context.Context, name string, args ...string) ([]byte, e
 	}
 	return out, nil
 }
+
+// start brings a node up: namespace, cgroups, containerd with the images,
+// kubelet, kube-proxy.
+func (n *Node) start(ctx context.Context) error {
+	if err := os.MkdirAll(n.Dir, 0o755); err != nil {
+		return err
+	}
+	if err := n.cgroupRoot(); err != nil {
+		return err
+	}
+	if err := n.startHolder(); err != nil {
+		return err
+	}
+	c := n.c
+	files := map[string]string{
+		filepath.Join(n.Dir, "containerd.toml"): n.containerdConfig(),
+		filepath.Join(n.Dir, "kubelet.yaml"):    n.kubeletConfig(),
+		filepath.Join(n.Dir, "kube-proxy.yaml"): n.kubeProxyConfig(joinNonEmpty(c.opts.PodCIDR, c.opts.PodCIDRv6)),
+		filepath.Join(n.Dir, "kubeconfig"):      kubeconfig(c.API.URL, c.API.CAFile, c.API.AdminToken()),
+		filepath.Join(n.Dir, "resolv.conf"):     "nameserver 127.0.0.1\n",
+		n.Path("/etc/kubernetes/node-name"):     n.Name + "\n",
+	}
+	for p, content := range files {
+		if err := writeFile(p, content, 0o600); err != nil {
+			return err
+		}
+	}
+	if err := n.StartContainerd(ctx); err != nil {
+		return err
+	}
+	for _, im := range c.images {
+		if _, err := n.Exec(ctx, "ctr", "--address", "/run/containerd/containerd.sock", "-n", "k8s.io", "images", "import", "--snapshotter", "native", im); err != nil {
+			return err
+		}
+	}
+	if err := n.StartKubelet(); err != nil {
+		return err
+	}
+	return n.StartProxy()
+}
+
+// StartContainerd starts the node's containerd and waits for its socket.
+func (n *Node) StartContainerd(ctx context.Context) error {
+	p, err := startProc("containerd", filepath.Join(n.Dir, "containerd.log"), n.command(context.Background(), "containerd", "--config", filepath.Join(n.Dir, "containerd.toml")))
+	if err != nil {
+		return err
+	}
+	n.procs["containerd"] = p
+	return n.c.waitFor(ctx, 30*time.Second, "containerd on "+n.Name, func() (bool, error) {
+		if p.exited() {
+			return false, fmt.Errorf("containerd exited: %s", p.tail(20))
+		}
+		_, err := n.command(ctx, "ctr", "--address", "/run/containerd/containerd.sock", "version").CombinedOutput()
+		return err == nil, nil
+	})
+}
+
+// StartKubelet starts the node's kubelet.
+func (n *Node) StartKubelet() error {
+	ips := n.Lab.IP.String()
+	if n.Lab.IPv6.IsValid() {
+		ips += "," + n.Lab.IPv6.String()
+	}
+	p, err := startProc("kubelet", filepath.Join(n.Dir, "kubelet.log"), n.command(context.Background(), filepath.Join(n.c.opts.Bin, "kubelet"),
+		"--config="+filepath.Join(n.Dir, "kubelet.yaml"),
+		"--kubeconfig="+filepath.Join(n.Dir, "kubeconfig"),
+		"--hostname-override="+n.Name,
+		"--node-ip="+ips,
+		"--root-dir=/var/lib/kubelet",
+		"--v=1",
+	))
+	if err != nil {
+		return err
+	}
+	n.procs["kubelet"] = p
+	return nil
+}
+
+// StartProxy starts the node's kube-proxy.
+func (n *Node) StartProxy() error {
+	p, err := startProc("kube-proxy", filepath.Join(n.Dir, "kube-proxy.log"), n.command(context.Background(), filepath.Join(n.c.opts.Bin, "kube-proxy"),
+		"--config="+filepath.Join(n.Dir, "kube-proxy.yaml"), "--v=1"))
+	if err != nil {
+		return err
+	}
+	n.procs["kube-proxy"] = p
+	return nil
+}
+
+// Kill stops one of the node's daemons ("containerd", "kubelet",
+// "kube-proxy") with sig; pods keep running (their shims are not
+// containerd's children).
+func (n *Node) Kill(name string, sig syscall.Signal) { n.procs[name].stop(sig) }
+
+// Log is the tail of one of the node's daemon logs.
+func (n *Node) Log(name string, lines int) string {
+	if p := n.procs[name]; p != nil {
+		return p.tail(lines)
+	}
+	return ""
+}
+
+// stop kills everything in the node's mount namespace (daemons, shims,
+// containers) and removes its cgroups.
+func (n *Node) stop() {
+	for _, name := range []string{"kube-proxy", "kubelet", "containerd"} {
+		n.procs[name].stop(syscall.SIGTERM)
+	}
+	if n.holder != nil && n.holder.Process != nil {
+		killNamespace(n.holderPID())
+		n.holder.Process.Kill()
+	}
+	n.removeCgroups()
+}
+
+// killNamespace kills every process whose mount namespace is pid's.
+func killNamespace(pid int) {
+	want, err := os.Readlink(fmt.Sprintf("/proc/%d/ns/mnt", pid))
+	if err != nil {
+		return
+	}
+	for range 3 {
+		entries, _ := os.ReadDir("/proc")
+		n := 0
+		for _, e := range entries {
+			var p int
+			if _, err := fmt.Sscan(e.Name(), &p); err != nil || p == pid || p == os.Getpid() {
+				continue
+			}
+			if ns, err := os.Readlink(fmt.Sprintf("/proc/%d/ns/mnt", p)); err == nil && ns == want {
+				syscall.Kill(p, syscall.SIGKILL)
+				n++
+			}
+		}
+		if n == 0 {
+			return
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
