@@ -56,8 +56,8 @@ import (
 )
 
 func main() {
-	if servePlugin() {
-		return
+	if isPlugin() {
+		os.Exit(servePlugin())
 	}
 	if err := run(); err != nil {
 		fmt.Fprintln(os.Stderr, "cluster:", err)

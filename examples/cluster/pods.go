@@ -17,20 +17,18 @@ import (
 // a K3s-style multicall binary is installed.
 const pluginName = "flannel"
 
-// servePlugin serves one CNI call when this binary was started as the
-// flannel plugin, and reports whether it was.
-func servePlugin() bool {
-	if filepath.Base(os.Args[0]) != pluginName {
-		return false
-	}
+// isPlugin reports whether this binary was started as the flannel plugin.
+func isPlugin() bool { return filepath.Base(os.Args[0]) == pluginName }
+
+// servePlugin serves one CNI call and returns the exit code.
+func servePlugin() int {
 	if err := cni.Main(cni.Plugin{}); err != nil {
 		if perr := err.Print(); perr != nil {
 			fmt.Fprintln(os.Stderr, "flannel:", err.Error())
 		}
-		os.Exit(1)
+		return 1
 	}
-	os.Exit(0)
-	return true
+	return 0
 }
 
 // referenceDirs are where the demo looks for bridge, host-local, loopback
