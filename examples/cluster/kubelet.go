@@ -134,39 +134,23 @@ func printKubelet(ctx context.Context, c *kubecluster.Cluster, pods []*corev1.Po
 	}
 	tw.Flush()
 	fmt.Println()
-	header := "FROM \\ TO"
-	for _, n := range c.Nodes {
-		header += "\t" + n.Name
-	}
-	fmt.Fprintln(tw, header)
-	ok := true
-	var failures []string
+	names := make([]string, len(c.Nodes))
+	res := make([][]error, len(pods))
 	for i, from := range pods {
-		row := c.Nodes[i].Name
+		names[i] = c.Nodes[i].Name
+		res[i] = make([]error, len(pods))
 		for j, to := range pods {
 			if i == j {
-				row += "\t-"
 				continue
 			}
 			var errs []error
 			for _, ip := range to.Status.PodIPs {
 				errs = append(errs, c.Reach(ctx, "default", from.Name, ip.IP, 8080, to.Name))
 			}
-			if err := errors.Join(errs...); err != nil {
-				ok = false
-				row += "\tFAIL"
-				failures = append(failures, fmt.Sprintf("%s -> %s: %v", from.Name, to.Name, err))
-			} else {
-				row += "\tok"
-			}
+			res[i][j] = errors.Join(errs...)
 		}
-		fmt.Fprintln(tw, row)
 	}
-	tw.Flush()
-	for _, f := range failures {
-		fmt.Println("  ", f)
-	}
-	return ok
+	return printMatrix(os.Stdout, names, res)
 }
 
 // cleanKubelet is -clean: remove what a killed -kubelet run (or test) left.

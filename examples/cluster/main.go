@@ -35,6 +35,7 @@ import (
 	"net/netip"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 	"text/tabwriter"
 	"time"
@@ -358,16 +359,23 @@ func checkAll(ctx context.Context, out io.Writer, lab *netlab.Lab, agents []*fla
 	_ = g.Wait()
 
 	fmt.Fprintln(out)
-	header := "FROM \\ TO"
-	for _, n := range lab.Nodes {
-		header += "\t" + n.Name
+	names := make([]string, len(lab.Nodes))
+	for i, n := range lab.Nodes {
+		names[i] = n.Name
 	}
-	fmt.Fprintln(tw, header)
+	return printMatrix(out, names, res)
+}
+
+// printMatrix prints the reachability matrix of res[from][to] (nil: ok)
+// and the failures under it, and reports whether every pair passed.
+func printMatrix(out io.Writer, names []string, res [][]error) bool {
+	tw := tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "FROM \\ TO\t"+strings.Join(names, "\t"))
 	ok := true
 	var failures []string
-	for i, n := range lab.Nodes {
-		row := n.Name
-		for j := range lab.Nodes {
+	for i, from := range names {
+		row := from
+		for j, to := range names {
 			switch {
 			case i == j:
 				row += "\t-"
@@ -376,7 +384,7 @@ func checkAll(ctx context.Context, out io.Writer, lab *netlab.Lab, agents []*fla
 			default:
 				ok = false
 				row += "\tFAIL"
-				failures = append(failures, fmt.Sprintf("%s -> %s: %v", n.Name, lab.Nodes[j].Name, res[i][j]))
+				failures = append(failures, fmt.Sprintf("%s -> %s: %v", from, to, res[i][j]))
 			}
 		}
 		fmt.Fprintln(tw, row)

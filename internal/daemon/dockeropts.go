@@ -6,8 +6,6 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"os"
-	"path/filepath"
 	"strconv"
 
 	flannel "github.com/flannelkit/flannel"
@@ -104,31 +102,7 @@ func DockerOptsCommand(args []string, stdout, stderr io.Writer) error {
 		_, err := stdout.Write(b)
 		return err
 	}
-	return writeAtomic(*out, b)
-}
-
-func writeAtomic(path string, b []byte) error {
-	dir := filepath.Dir(path)
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return fmt.Errorf("docker-opts: create %s: %w", dir, err)
-	}
-	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".*")
-	if err != nil {
-		return fmt.Errorf("docker-opts: %w", err)
-	}
-	defer os.Remove(f.Name())
-	if _, err := f.Write(b); err != nil {
-		f.Close()
-		return fmt.Errorf("docker-opts: write %s: %w", f.Name(), err)
-	}
-	if err := f.Chmod(0o644); err != nil {
-		f.Close()
-		return fmt.Errorf("docker-opts: %w", err)
-	}
-	if err := f.Close(); err != nil {
-		return fmt.Errorf("docker-opts: write %s: %w", f.Name(), err)
-	}
-	if err := os.Rename(f.Name(), path); err != nil {
+	if err := installFile(*out, b, 0o644); err != nil {
 		return fmt.Errorf("docker-opts: %w", err)
 	}
 	return nil

@@ -57,7 +57,7 @@ func InstallCNI(o InstallCNIOptions) ([]string, error) {
 			}
 			dst := filepath.Join(o.BinDir, n)
 			if err := installFile(dst, b, 0o755); err != nil {
-				return done, err
+				return done, fmt.Errorf("install-cni: %w", err)
 			}
 			done = append(done, dst)
 		}
@@ -75,21 +75,24 @@ func InstallCNI(o InstallCNIOptions) ([]string, error) {
 			return done, fmt.Errorf("install-cni: %s lists no plugins", o.Conf)
 		}
 		if err := installFile(o.ConfFile, b, 0o644); err != nil {
-			return done, err
+			return done, fmt.Errorf("install-cni: %w", err)
 		}
 		done = append(done, o.ConfFile)
 	}
 	return done, nil
 }
 
+// installFile writes b to dst atomically with mode: a temporary file in
+// dst's directory (created if needed), synced and renamed over dst; on
+// failure nothing is left and dst is unchanged.
 func installFile(dst string, b []byte, mode os.FileMode) error {
 	dir := filepath.Dir(dst)
 	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return fmt.Errorf("install-cni: %w", err)
+		return err
 	}
 	f, err := os.CreateTemp(dir, "."+filepath.Base(dst)+".tmp-*")
 	if err != nil {
-		return fmt.Errorf("install-cni: %w", err)
+		return err
 	}
 	tmp := f.Name()
 	_, werr := f.Write(b)
@@ -101,11 +104,11 @@ func installFile(dst string, b []byte, mode os.FileMode) error {
 	}
 	if err := errors.Join(werr, f.Close()); err != nil {
 		os.Remove(tmp)
-		return fmt.Errorf("install-cni: write %s: %w", dst, err)
+		return fmt.Errorf("write %s: %w", dst, err)
 	}
 	if err := os.Rename(tmp, dst); err != nil {
 		os.Remove(tmp)
-		return fmt.Errorf("install-cni: %w", err)
+		return err
 	}
 	return nil
 }

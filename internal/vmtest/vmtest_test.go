@@ -121,6 +121,20 @@ exec ` + shellQuote(real) + ` "$@"
 	return p
 }
 
+// standInTools are the real VM tools with the aborting stand-in qemu, a
+// /dev/kvm that opens, and a cache of the test's own.
+func standInTools(t *testing.T) Tools {
+	t.Helper()
+	if Inside() {
+		t.Skip("outer test: runs on the host and boots the VM")
+	}
+	tools := vmTools(t)
+	tools.Qemu = standInQemu(t, tools.Qemu)
+	tools.KVMDevice = openableFile(t)
+	tools.CacheDir = t.TempDir()
+	return tools
+}
+
 func vmTools(t *testing.T) Tools {
 	t.Helper()
 	testenv.RequireRoot(t)
@@ -133,13 +147,7 @@ func vmTools(t *testing.T) Tools {
 // out, the run goes to TCG, the in-VM test passes, and the next choice on
 // this machine comes from the cache without another probe.
 func TestStandInQemuKVMAborts(t *testing.T) {
-	if Inside() {
-		t.Skip("outer test")
-	}
-	tools := vmTools(t)
-	tools.Qemu = standInQemu(t, tools.Qemu)
-	tools.KVMDevice = openableFile(t)
-	tools.CacheDir = t.TempDir()
+	tools := standInTools(t)
 	var out bytes.Buffer
 	res, err := Run(t.Context(), tools, Options{Package: ".", Run: "^TestInVMHarness$", Modules: []string{"veth"}, Timeout: 5 * time.Minute, Out: &out, Verbose: true})
 	t.Logf("VM output:\n%s", out.String())
@@ -162,13 +170,7 @@ func TestStandInQemuKVMAborts(t *testing.T) {
 // and the cache now says TCG. Forcing kvm gets no second chance and a
 // clear error.
 func TestStandInQemuKVMAbortsAfterProbe(t *testing.T) {
-	if Inside() {
-		t.Skip("outer test")
-	}
-	tools := vmTools(t)
-	tools.Qemu = standInQemu(t, tools.Qemu)
-	tools.KVMDevice = openableFile(t)
-	tools.CacheDir = t.TempDir()
+	tools := standInTools(t)
 	writeChoice(tools.cacheFile(), Choice{AccelKVM, "seeded by the test"})
 	var out bytes.Buffer
 	opts := Options{Package: ".", Run: "^TestInVMHarness$", Modules: []string{"veth"}, Timeout: 5 * time.Minute, Out: &out}
