@@ -41,38 +41,12 @@ func ping(ctx context.Context, ns netns.NsHandle, from string, src, dst netip.Ad
 	if !src.IsValid() {
 		return fmt.Errorf("ping from %s to %s: %s has no address of that family", from, dst, from)
 	}
-	network, proto := "ip4:icmp", 1
-	var reqType, replyType icmp.Type = ipv4.ICMPTypeEcho, ipv4.ICMPTypeEchoReply
-	if dst.Is6() {
-		network, proto = "ip6:ipv6-icmp", 58
-		reqType, replyType = ipv6.ICMPTypeEchoRequest, ipv6.ICMPTypeEchoReply
-	}
 	fail := func(err error) error { return fmt.Errorf("ping from %s (%s) to %s: %w", from, src, dst, err) }
-
-	var c *icmp.PacketConn
-	if err := inNS(ns, func() error {
-		var err error
-		c, err = icmp.ListenPacket(network, src.String())
-		return err
-	}); err != nil {
-		return fail(fmt.Errorf("open icmp socket: %w", err))
+	p, err := openPinger(ns, src, dst)
+	if err != nil {
+		return fail(err)
 	}
-	defer c.Close()
-	if dst.Is6() {
-		// Raw ICMPv6 sockets see neighbour discovery and MLD too.
-		var f ipv6.ICMPFilter
-		f.SetAll(true)
-		for _, t := range []ipv6.ICMPType{ipv6.ICMPTypeEchoReply, ipv6.ICMPTypeDestinationUnreachable, ipv6.ICMPTypeTimeExceeded, ipv6.ICMPTypePacketTooBig} {
-			f.Accept(t)
-		}
-		if err := c.IPv6PacketConn().SetICMPFilter(&f); err != nil {
-			return fail(fmt.Errorf("set icmpv6 filter: %w", err))
-		}
-	}
-
-	id := int(rand.Uint32() & 0xffff)
-	to := &net.IPAddr{IP: net.IP(dst.AsSlice())}
-	buf := make([]byte, 1500)
+	defer p.c.Close()
 	var lastErr error
 	for seq := 1; ; seq++ {
 		if d, ok := ctx.Deadline(); ok && !time.Now().Before(d) {
@@ -85,56 +59,19 @@ func ping(ctx context.Context, ns netns.NsHandle, from string, src, dst netip.Ad
 			}
 			return fail(fmt.Errorf("%d echo requests unanswered: %w (%w)", seq-1, lastErr, context.Cause(ctx)))
 		}
-		msg := icmp.Message{Type: reqType, Body: &icmp.Echo{ID: id, Seq: seq & 0xffff, Data: []byte("flannelkit netlab ping")}}
-		b, err := msg.Marshal(nil)
-		if err != nil {
-			return fail(fmt.Errorf("marshal echo: %w", err))
-		}
 		until := time.Now().Add(retryInterval)
 		if d, ok := ctx.Deadline(); ok && d.Before(until) {
 			until = d
 		}
-		if _, err := c.WriteTo(b, to); err != nil {
-			lastErr = fmt.Errorf("send echo: %w", err)
-		} else {
-			lastErr = errors.New("no echo reply")
+		answered, err := p.echo(seq, until)
+		if answered {
+			return nil
 		}
-		for {
-			if err := c.SetReadDeadline(until); err != nil {
-				return fail(fmt.Errorf("set deadline: %w", err))
-			}
-			n, peer, err := c.ReadFrom(buf)
-			if err != nil {
-				if errors.Is(err, os.ErrDeadlineExceeded) {
-					break
-				}
-				lastErr = fmt.Errorf("receive: %w", err)
-				break
-			}
-			m, err := icmp.ParseMessage(proto, buf[:n])
-			if err != nil {
-				continue
-			}
-			from := addrOf(peer)
-			switch body := m.Body.(type) {
-			case *icmp.Echo:
-				if m.Type == replyType && body.ID == id && from == dst {
-					return nil
-				}
-			case *icmp.DstUnreach:
-				if echoID(body.Data, dst.Is6()) == id {
-					lastErr = fmt.Errorf("destination unreachable (code %d) from %s", m.Code, from)
-				}
-			case *icmp.TimeExceeded:
-				if echoID(body.Data, dst.Is6()) == id {
-					lastErr = fmt.Errorf("time exceeded from %s", from)
-				}
-			case *icmp.PacketTooBig:
-				if echoID(body.Data, dst.Is6()) == id {
-					lastErr = fmt.Errorf("packet too big (mtu %d) from %s", body.MTU, from)
-				}
-			}
+		var fatal *fatalErr
+		if errors.As(err, &fatal) {
+			return fail(fatal.err)
 		}
+		lastErr = err
 		if d := time.Until(until); d > 0 {
 			// The send failed at once; wait out the interval.
 			t := time.NewTimer(d)
@@ -145,6 +82,114 @@ func ping(ctx context.Context, ns netns.NsHandle, from string, src, dst netip.Ad
 			t.Stop()
 		}
 	}
+}
+
+// fatalErr marks a pinger error that ends the ping instead of being retried.
+type fatalErr struct{ err error }
+
+func (e *fatalErr) Error() string { return e.err.Error() }
+
+// pinger is one raw ICMP or ICMPv6 socket echoing one destination.
+type pinger struct {
+	c         *icmp.PacketConn
+	dst       netip.Addr
+	to        *net.IPAddr
+	proto     int
+	reqType   icmp.Type
+	replyType icmp.Type
+	id        int
+	buf       []byte
+}
+
+func openPinger(ns netns.NsHandle, src, dst netip.Addr) (*pinger, error) {
+	p := &pinger{
+		dst: dst, to: &net.IPAddr{IP: net.IP(dst.AsSlice())},
+		proto: 1, reqType: ipv4.ICMPTypeEcho, replyType: ipv4.ICMPTypeEchoReply,
+		id: int(rand.Uint32() & 0xffff), buf: make([]byte, 1500),
+	}
+	network := "ip4:icmp"
+	if dst.Is6() {
+		network, p.proto = "ip6:ipv6-icmp", 58
+		p.reqType, p.replyType = ipv6.ICMPTypeEchoRequest, ipv6.ICMPTypeEchoReply
+	}
+	if err := inNS(ns, func() error {
+		var err error
+		p.c, err = icmp.ListenPacket(network, src.String())
+		return err
+	}); err != nil {
+		return nil, fmt.Errorf("open icmp socket: %w", err)
+	}
+	if dst.Is6() {
+		// Raw ICMPv6 sockets see neighbour discovery and MLD too.
+		var f ipv6.ICMPFilter
+		f.SetAll(true)
+		for _, t := range []ipv6.ICMPType{ipv6.ICMPTypeEchoReply, ipv6.ICMPTypeDestinationUnreachable, ipv6.ICMPTypeTimeExceeded, ipv6.ICMPTypePacketTooBig} {
+			f.Accept(t)
+		}
+		if err := p.c.IPv6PacketConn().SetICMPFilter(&f); err != nil {
+			p.c.Close()
+			return nil, fmt.Errorf("set icmpv6 filter: %w", err)
+		}
+	}
+	return p, nil
+}
+
+// echo sends one request and reads until our reply arrives (true) or until
+// passes; the error says what was seen instead (a *fatalErr ends the ping).
+func (p *pinger) echo(seq int, until time.Time) (bool, error) {
+	msg := icmp.Message{Type: p.reqType, Body: &icmp.Echo{ID: p.id, Seq: seq & 0xffff, Data: []byte("flannelkit netlab ping")}}
+	b, err := msg.Marshal(nil)
+	if err != nil {
+		return false, &fatalErr{fmt.Errorf("marshal echo: %w", err)}
+	}
+	lastErr := errors.New("no echo reply")
+	if _, err := p.c.WriteTo(b, p.to); err != nil {
+		lastErr = fmt.Errorf("send echo: %w", err)
+	}
+	for {
+		if err := p.c.SetReadDeadline(until); err != nil {
+			return false, &fatalErr{fmt.Errorf("set deadline: %w", err)}
+		}
+		n, peer, err := p.c.ReadFrom(p.buf)
+		if err != nil {
+			if errors.Is(err, os.ErrDeadlineExceeded) {
+				return false, lastErr
+			}
+			return false, fmt.Errorf("receive: %w", err)
+		}
+		m, err := icmp.ParseMessage(p.proto, p.buf[:n])
+		if err != nil {
+			continue
+		}
+		if ok, why := p.judge(m, addrOf(peer)); ok {
+			return true, nil
+		} else if why != nil {
+			lastErr = why
+		}
+	}
+}
+
+// judge says whether m is our echo reply, or which ICMP error about our
+// request it is (nil for unrelated messages).
+func (p *pinger) judge(m *icmp.Message, from netip.Addr) (bool, error) {
+	v6 := p.dst.Is6()
+	switch body := m.Body.(type) {
+	case *icmp.Echo:
+		return m.Type == p.replyType && body.ID == p.id && from == p.dst, nil
+	case *icmp.DstUnreach:
+		if echoID(body.Data, v6) == p.id {
+			return false, fmt.Errorf("destination unreachable (code %d) from %s", m.Code, from)
+		}
+	case *icmp.TimeExceeded:
+		if echoID(body.Data, v6) == p.id {
+			return false, fmt.Errorf("time exceeded from %s", from)
+		}
+	case *icmp.PacketTooBig:
+		if echoID(body.Data, v6) == p.id {
+			return false, fmt.Errorf("packet too big (mtu %d) from %s", body.MTU, from)
+		}
+	}
+	return false, nil
 }
 
 // addrOf returns the address of a raw socket's peer.
