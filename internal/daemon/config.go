@@ -127,7 +127,10 @@ func flagSet(c *Config, out io.Writer) (*flag.FlagSet, *int, *int, *string) {
 	fs.StringVar(&c.NetConfigPath, "net-config-path", "/etc/kube-flannel/net-conf.json", "path to the network configuration file (kube mode)")
 	fs.IntVar(renewMin, "subnet-lease-renew-margin", 60, "subnet lease renewal margin, in minutes")
 	fs.BoolVar(&c.IPMasq, "ip-masq", false, "set up IP masquerade rules for traffic destined outside of the overlay network")
-	fs.BoolVar(&c.IPMasqRandomFullyDisable, "ip-masq-random-fully-disable", false, "masquerade without --random-fully / fully-random")
+	fs.BoolVar(&c.IPMasqRandomFullyDisable, "ip-masq-fully-random-disable", false, "disable fully-random mode for MASQUERADE (--random-fully)")
+	// The spelling of this project's first releases, kept so their unit
+	// files still start.
+	fs.BoolVar(&c.IPMasqRandomFullyDisable, "ip-masq-random-fully-disable", false, "deprecated spelling of -ip-masq-fully-random-disable")
 	fs.IntVar(resyncSec, "iptables-resync", 5, "resync period for the masquerade/forward rules, in seconds")
 	fs.BoolVar(&c.IPTablesForwardRules, "iptables-forward-rules", true, "add accept rules to the FORWARD chain")
 	fs.BoolVar(&c.IPBlackholeRoute, "ip-blackhole-route", false, "add a blackhole route for the node's subnet")
@@ -136,6 +139,10 @@ func flagSet(c *Config, out io.Writer) (*flag.FlagSet, *int, *int, *string) {
 	fs.BoolVar(&c.SetNodeNetworkUnavailable, "set-node-network-unavailable", true, "set the Node's NetworkUnavailable condition to false when ready (kube mode)")
 	fs.BoolVar(&c.Version, "version", false, "print the version and exit")
 	fs.IntVar(&c.Verbosity, "v", 0, "log verbosity: 0 info, 1 or more debug")
+	// klog flags that upstream copies onto its flag set: accepted (unit
+	// files and manifests pass them) and ignored, since logging is slog.
+	fs.String("vmodule", "", "accepted for compatibility with upstream's klog flags; ignored")
+	fs.String("log_backtrace_at", "", "accepted for compatibility with upstream's klog flags; ignored")
 	fs.StringVar(&c.LogFormat, "log-format", "text", "log format: text or json")
 	fs.BoolVar(&c.Cleanup, "cleanup", false, "remove this node's devices, routes, rules and (etcd) lease, then exit")
 	return fs, renewMin, resyncSec, eps
