@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"reflect"
 	"strconv"
+	"strings"
 )
 
 // ParseConfig parses net-conf.json (upstream flannel's network configuration)
@@ -20,7 +21,9 @@ import (
 //   - Backend {"Type":"vxlan"} when absent, and BackendType "vxlan" when the
 //     Backend object has no Type.
 //
-// Keys are case-sensitive; unknown keys are ignored, as upstream does. A null
+// Top-level keys match case-insensitively ("network" is Network), as
+// upstream's decoder does; two spellings of one key are an error rather
+// than a coin toss. Unknown keys are ignored, as upstream does. A null
 // value counts as absent, and so does a SubnetLen or IPv6SubnetLen of 0 (as
 // upstream). The keys of a disabled family are checked for type and syntax
 // but otherwise ignored, and left zero in the Config.
@@ -40,8 +43,11 @@ func ParseConfig(data []byte) (Config, error) {
 		return Config{}, e
 	}
 
+	raw, err := canonicalKeys(raw)
+	if err != nil {
+		return Config{}, err
+	}
 	c := Config{EnableIPv4: true}
-	var err error
 	if c.EnableIPv4, err = getBool(raw, "EnableIPv4", true); err != nil {
 		return Config{}, err
 	}
@@ -202,6 +208,35 @@ func getFamily(raw map[string]json.RawMessage, prefix string, is4 bool) (family,
 }
 
 // lookup returns the raw value of key, or nil when absent or null.
+// canonicalKeys returns raw with each of net-conf.json's top-level keys
+// spelled as upstream's Config fields are, whatever their case; other keys
+// are kept as they are (and ignored).
+func canonicalKeys(raw map[string]json.RawMessage) (map[string]json.RawMessage, error) {
+	known := [...]string{
+		"Network", "SubnetLen", "SubnetMin", "SubnetMax",
+		"EnableIPv4", "EnableIPv6", "EnableNFTables",
+		"IPv6Network", "IPv6SubnetLen", "IPv6SubnetMin", "IPv6SubnetMax", "Backend",
+	}
+	out := make(map[string]json.RawMessage, len(raw))
+	spelled := map[string]string{}
+	for k, v := range raw {
+		name := k
+		for _, want := range known {
+			if strings.EqualFold(k, want) {
+				name = want
+				break
+			}
+		}
+		if other, dup := spelled[name]; dup {
+			a, b := min(k, other), max(k, other)
+			return nil, configErr(name, "", fmt.Sprintf("given twice, as %q and %q", a, b))
+		}
+		spelled[name] = k
+		out[name] = v
+	}
+	return out, nil
+}
+
 func lookup(raw map[string]json.RawMessage, key string) json.RawMessage {
 	v, ok := raw[key]
 	if !ok || isNullOrEmpty(v) {

@@ -216,8 +216,15 @@ func TestParseConfigDefaults(t *testing.T) {
 			assert.Equal(t, "ipsec", c.BackendType)
 			assert.Equal(t, `{"Type":"ipsec","PSK":"<x>&"}`, string(c.Backend))
 		}},
-		{"unknown keys ignored", `{"Network":"10.0.0.0/16","Frobnicate":[1,2],"network":"x"}`, func(t *testing.T, c Config) {
+		{"unknown keys ignored", `{"Network":"10.0.0.0/16","Frobnicate":[1,2],"network_x":"x"}`, func(t *testing.T, c Config) {
 			assert.Equal(t, p("10.0.0.0/16"), c.Network)
+		}},
+		{"keys match case-insensitively", `{"network":"10.0.0.0/16","SUBNETLEN":20,"enableipv6":true,"ipv6network":"fd00::/48","backend":{"Type":"host-gw"}}`, func(t *testing.T, c Config) {
+			assert.Equal(t, p("10.0.0.0/16"), c.Network)
+			assert.Equal(t, 20, c.SubnetLen)
+			assert.True(t, c.EnableIPv6)
+			assert.Equal(t, p("fd00::/48"), c.IPv6Network)
+			assert.Equal(t, "host-gw", c.BackendType)
 		}},
 		{"surrounding whitespace", " \n{\"Network\":\"10.0.0.0/16\"}\n ", func(t *testing.T, c Config) {
 			assert.Equal(t, p("10.0.0.0/16"), c.Network)
@@ -252,7 +259,8 @@ func TestParseConfigErrors(t *testing.T) {
 		{"two objects", `{"Network":"10.0.0.0/16"}{}`, "", "malformed JSON"},
 
 		{"Network missing", `{}`, "Network", "missing"},
-		{"Network lower case is not Network", `{"network":"10.0.0.0/16"}`, "Network", "missing"},
+		{"Network given in two cases", `{"Network":"10.0.0.0/16","network":"10.1.0.0/16"}`, "Network", `given twice, as "Network" and "network"`},
+		{"Network lower case is Network", `{"network":"10.0.0.0/33"}`, "Network", `"10.0.0.0/33"`},
 		{"Network bad CIDR", `{"Network":"10.0.0.0/33"}`, "Network", `"10.0.0.0/33"`},
 		{"Network no length", `{"Network":"10.0.0.0"}`, "Network", `"10.0.0.0"`},
 		{"Network garbage", `{"Network":"foo"}`, "Network", `"foo"`},
