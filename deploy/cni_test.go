@@ -56,8 +56,15 @@ func checkCNIInstall(t *testing.T, ds, cm *unstructured.Unstructured, binDir, co
 	assert.Contains(t, args, "--cni-conf-file=/etc/cni/net.d/10-flannel.conflist")
 	for _, c := range []map[string]any{plugin, cfg} {
 		assert.Equal(t, container(t, ds)["image"], c["image"], "one image")
-		esc, _, _ := unstructured.NestedBool(c, "securityContext", "allowPrivilegeEscalation")
-		assert.False(t, esc)
+	}
+	// Every container, the main one too, runs without privilege
+	// escalation and under the runtime's default seccomp profile.
+	for _, c := range []map[string]any{plugin, cfg, container(t, ds)} {
+		esc, found, err := unstructured.NestedBool(c, "securityContext", "allowPrivilegeEscalation")
+		require.NoError(t, err)
+		assert.True(t, found && !esc, "container %s: allowPrivilegeEscalation: false", c["name"])
+		prof, _, _ := unstructured.NestedString(c, "securityContext", "seccompProfile", "type")
+		assert.Equal(t, "RuntimeDefault", prof, "container %s: seccompProfile", c["name"])
 	}
 
 	vols, _, _ := unstructured.NestedSlice(ds.Object, "spec", "template", "spec", "volumes")
