@@ -1,13 +1,18 @@
 package daemon
 
 import (
+	"bytes"
+	"fmt"
 	"io"
+	"log/slog"
 	"net/netip"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/flannelkit/flannel/lease"
 )
 
 func envOf(m map[string]string) func(string) string {
@@ -175,4 +180,19 @@ func TestParseErrors(t *testing.T) {
 			assert.Contains(t, err.Error(), tc.wantErr)
 		})
 	}
+}
+
+func TestConfigNeverPrintsEtcdPassword(t *testing.T) {
+	t.Parallel()
+	c, err := Parse([]string{"--etcd-password=hunter2", "--etcd-username=flannel"}, envOf(nil), io.Discard)
+	require.NoError(t, err)
+	var buf bytes.Buffer
+	slog.New(slog.NewJSONHandler(&buf, nil)).Info("config", "cfg", c)
+	slog.New(slog.NewTextHandler(&buf, nil)).Info("config", "cfg", c)
+	for _, s := range []string{buf.String(), c.String(), fmt.Sprintf("%v", c), fmt.Sprintf("%+v", c), fmt.Sprintf("%#v", c), fmt.Sprintf("%v", &c)} {
+		assert.NotContains(t, s, "hunter2")
+		assert.Contains(t, s, "flannel")
+	}
+	assert.Contains(t, c.String(), "EtcdPassword:"+lease.Redacted)
+	assert.Equal(t, "hunter2", c.EtcdPassword, "the value itself stays usable")
 }
