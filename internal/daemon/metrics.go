@@ -36,6 +36,16 @@ type Metrics struct {
 	runErr  error
 	runDone bool
 
+	// cache holds the last expiry read for a lease, so that a scrape does
+	// not cost store round trips; a renewal (LeaseRenewed) or another
+	// lease makes it stale.
+	cache struct {
+		sync.Mutex
+		subnet, subnetV6 string
+		at               time.Time
+		valid            bool
+	}
+
 	// WedgedAfter is how long one Apply of the peers may run before
 	// /healthz fails (the kernel or a netlink socket is stuck and a restart
 	// is the cure). Set before serving; NewMetrics sets DefaultWedgedAfter.
@@ -131,7 +141,8 @@ func (m *Metrics) expiry() float64 {
 }
 
 // leaseExpiry reports when the agent's current lease expires; false when
-// unknown (no agent or lease yet, a store without expiry, an error).
+// unknown (no agent or lease yet, a store without expiry, an error). The
+// store is asked once per lease and renewal, not on every scrape.
 func (m *Metrics) leaseExpiry(ctx context.Context) (time.Time, bool) {
 	a, fn := m.agent.Load(), m.lease.Load()
 	if a == nil || fn == nil {
@@ -141,15 +152,29 @@ func (m *Metrics) leaseExpiry(ctx context.Context) (time.Time, bool) {
 	if !own.Subnet.IsValid() && !own.IPv6Subnet.IsValid() {
 		return time.Time{}, false
 	}
-	t, err := (*fn)(ctx, own)
-	if err != nil || t.IsZero() {
-		return time.Time{}, false
+	c := &m.cache
+	c.Lock()
+	defer c.Unlock()
+	v4, v6 := own.Subnet.String(), own.IPv6Subnet.String()
+	if c.valid && c.subnet == v4 && c.subnetV6 == v6 {
+		return c.at, !c.at.IsZero()
 	}
-	return t, true
+	t, err := (*fn)(ctx, own)
+	if err != nil {
+		return time.Time{}, false // asked again at the next scrape
+	}
+	c.subnet, c.subnetV6, c.at, c.valid = v4, v6, t, true
+	return t, !t.IsZero()
 }
 
-// LeaseRenewed counts a renewal of the node's lease (the store's OnRenew).
-func (m *Metrics) LeaseRenewed(string) { m.renewals.Inc() }
+// LeaseRenewed counts a renewal of the node's lease (the store's OnRenew)
+// and makes the cached expiry stale.
+func (m *Metrics) LeaseRenewed(string) {
+	m.renewals.Inc()
+	m.cache.Lock()
+	m.cache.valid = false
+	m.cache.Unlock()
+}
 
 // Handler serves /healthz (200 while the agent runs without a fatal
 // error and no Apply has run for longer than WedgedAfter), /readyz (200 once the agent is ready: lease held, rules ensured,

@@ -96,3 +96,51 @@ func TestHealthzWedgedApply(t *testing.T) {
 	_, body := get(t, handler, "/healthz")
 	assert.Contains(t, body, "wedged")
 }
+
+// TestLeaseExpiryCached: scrapes read the lease expiry from the cache; the
+// store is asked again only after a renewal or a failed read.
+func TestLeaseExpiryCached(t *testing.T) {
+	t.Parallel()
+	cfg, err := lease.ParseConfig([]byte(`{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}`))
+	require.NoError(t, err)
+	b := &stuckBackend{entered: make(chan struct{})}
+	a, err := flannel.NewAgent(flannel.AgentOptions{
+		Store:   memstore.New(cfg, memstore.Options{}),
+		Backend: b,
+		Iface:   flannel.ExternalInterface{Name: "eth0", PublicIP: netip.MustParseAddr("192.0.2.10")},
+		Handle:  &netlink.Handle{},
+	})
+	require.NoError(t, err)
+	m := NewMetrics()
+	m.SetAgent(a)
+	calls, fail := 0, false
+	exp := time.Unix(1_900_000_000, 0)
+	m.SetLeaseExpiry(func(_ context.Context, own lease.Lease) (time.Time, error) {
+		calls++
+		assert.True(t, own.Subnet.IsValid())
+		if fail {
+			return time.Time{}, assert.AnError
+		}
+		return exp, nil
+	})
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan error, 1)
+	go func() { done <- a.Run(ctx) }()
+	defer func() { cancel(); require.NoError(t, <-done) }()
+	<-b.entered // the lease is held
+
+	handler := m.Handler()
+	for range 5 {
+		_, body := get(t, handler, "/metrics")
+		assert.Contains(t, body, "flannel_lease_expiry_timestamp_seconds 1.9e+09\n")
+	}
+	assert.Equal(t, 1, calls, "five scrapes, one read")
+	m.LeaseRenewed("k")
+	fail = true
+	_, body := get(t, handler, "/metrics")
+	assert.Contains(t, body, "flannel_lease_expiry_timestamp_seconds 0\n")
+	fail = false
+	get(t, handler, "/metrics")
+	get(t, handler, "/metrics")
+	assert.Equal(t, 3, calls, "a renewal and a failed read each cost one more read")
+}
