@@ -132,6 +132,16 @@ ln -sfn "$helm" .cache/bin/helm
 export FLANNEL_STRICT=1
 go vet ./...
 go test -race -count=1 -timeout 45m ./...
+# Each fuzz target also fuzzes briefly (the run above tried only its seed
+# corpus): new inputs each run, a crasher fails the command and is kept in
+# the package's testdata/fuzz for the next run to replay.
+grep -rl --include='*_test.go' '^func Fuzz' . | grep -v '^./tools/' | sort | while read -r f; do
+	pkg="./$(dirname "${f#./}")"
+	for fn in $(sed -n 's/^func \(Fuzz[A-Za-z0-9_]*\)(.*/\1/p' "$f"); do
+		go test -run '^$' -fuzz "^$fn\$" -fuzztime "${FLANNEL_FUZZTIME:-5s}" "$pkg" >/dev/null ||
+			{ echo "hack/test.sh: fuzzing $fn in $pkg failed:" >&2; go test -run "^$fn\$" "$pkg" >&2; exit 1; }
+	done
+done
 go run ./examples/cluster -nodes 3
 go run ./examples/cluster -nodes 3 -ipv6
 go run ./examples/cluster -nodes 3 -ipv6 -backend host-gw -store memory
