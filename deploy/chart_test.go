@@ -99,7 +99,8 @@ func TestChart(t *testing.T) {
 			for _, o := range objs {
 				kinds[o.GetKind()] = o
 			}
-			for _, k := range []string{"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap", "DaemonSet"} {
+			for _, k := range []string{"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap", "DaemonSet",
+				"ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"} {
 				require.Contains(t, kinds, k)
 			}
 			netConf, _, _ := unstructured.NestedString(kinds["ConfigMap"].Object, "data", "net-conf.json")

@@ -38,7 +38,8 @@ func TestManifestsRBAC(t *testing.T) {
 	for _, o := range objs {
 		kinds[o.GetKind()] = o
 	}
-	for _, k := range []string{"Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap", "DaemonSet"} {
+	for _, k := range []string{"Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap", "DaemonSet",
+		"ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"} {
 		require.Contains(t, kinds, k)
 	}
 	checkStoreAsServiceAccount(t, srv, admin, kinds["ConfigMap"])
@@ -54,9 +55,16 @@ func checkStoreAsServiceAccount(t *testing.T, srv *kubetest.Server, admin kubern
 	cfg, err := lease.ParseConfig([]byte(netConf))
 	require.NoError(t, err, "net-conf.json of the ConfigMap")
 
-	saConfig, err := srv.ServiceAccountConfig(ctx, cm.GetNamespace(), "flannel")
-	require.NoError(t, err)
-	sa := kubetest.ClientT(t, saConfig)
+	// Each node's daemon has a token bound to its pod on that node, as
+	// the kubelet gives it.
+	ns, saName := cm.GetNamespace(), "flannel"
+	var sas []kubernetes.Interface
+	for _, node := range []string{"node-1", "node-2"} {
+		c, err := srv.PodServiceAccountConfig(ctx, ns, saName, node)
+		require.NoError(t, err)
+		sas = append(sas, kubetest.ClientT(t, c))
+	}
+	sa := sas[0]
 
 	// The i-th subnet of the network (a /16 of /24s in the manifests).
 	subnet := func(i int) string {
@@ -75,7 +83,7 @@ func checkStoreAsServiceAccount(t *testing.T, srv *kubetest.Server, admin kubern
 	var stores []*kubestore.Store
 	var leases []lease.Lease
 	for i, name := range []string{"node-1", "node-2"} {
-		s, err := kubestore.New(sa, kubestore.Options{NodeName: name, Config: cfg, SetNodeNetworkUnavailable: true})
+		s, err := kubestore.New(sas[i], kubestore.Options{NodeName: name, Config: cfg, SetNodeNetworkUnavailable: true})
 		require.NoError(t, err)
 		l, err := s.Acquire(ctx, lease.Request{Attrs: lease.Attrs{
 			PublicIP:    netip.AddrFrom4([4]byte{192, 168, 1, byte(i + 1)}),
@@ -147,6 +155,34 @@ func checkStoreAsServiceAccount(t *testing.T, srv *kubetest.Server, admin kubern
 		err := f.do()
 		assert.True(t, apierrors.IsForbidden(err), "%s as the ServiceAccount: want forbidden, got %v", f.name, err)
 	}
+	checkOwnNodeOnly(t, srv, ns, saName, sas)
+}
+
+// checkOwnNodeOnly checks the admission policy: node-1's token may patch
+// node-1's status and annotations but not node-2's, and a token bound to
+// no pod may patch none.
+func checkOwnNodeOnly(t *testing.T, srv *kubetest.Server, ns, saName string, sas []kubernetes.Interface) {
+	t.Helper()
+	ctx := context.Background()
+	patch := func(c kubernetes.Interface, node, value string) error {
+		body := `{"metadata":{"annotations":{"flannel.alpha.coreos.com/public-ip":"` + value + `"}}}`
+		_, err := c.CoreV1().Nodes().Patch(ctx, node, "application/merge-patch+json", []byte(body), metav1.PatchOptions{}, "status")
+		return err
+	}
+	// The policy is in force once the apiserver has loaded it.
+	var err error
+	require.Eventually(t, func() bool {
+		err = patch(sas[0], "node-2", "192.0.2.66")
+		return apierrors.IsForbidden(err)
+	}, 30*time.Second, 100*time.Millisecond, "node-1's token patching node-2: want forbidden, got %v", err)
+	assert.Contains(t, err.Error(), "only change the status of the Node its pod runs on, not node-2")
+	require.NoError(t, patch(sas[1], "node-2", "192.168.1.2"), "node-2's token patching node-2")
+	require.NoError(t, patch(sas[0], "node-1", "192.168.1.1"), "node-1's token patching node-1")
+
+	unbound, err := srv.ServiceAccountConfig(ctx, ns, saName)
+	require.NoError(t, err)
+	err = patch(kubetest.ClientT(t, unbound), "node-1", "192.0.2.66")
+	assert.True(t, apierrors.IsForbidden(err), "a token bound to no pod: want forbidden, got %v", err)
 }
 
 func toUnstructured(obj any) (*unstructured.Unstructured, error) {

@@ -54,8 +54,6 @@ func testDaemonKube(t *testing.T, v variant) {
 	require.NoError(t, err)
 	_, err = kubetest.Apply(ctx, srv.AdminConfig(), manifests, kubetest.ApplyOptions{})
 	require.NoError(t, err)
-	sa, err := srv.ServiceAccountConfig(ctx, "kube-flannel", "flannel")
-	require.NoError(t, err)
 	admin := kubetest.ClientT(t, srv.AdminConfig())
 
 	podCIDR := func(i int) netip.Prefix { return netip.MustParsePrefix(fmt.Sprintf("10.244.%d.0/24", i+1)) }
@@ -72,9 +70,15 @@ func testDaemonKube(t *testing.T, v variant) {
 		require.NoError(t, err)
 	}
 	// The certificate names 127.0.0.1 and localhost: the daemons dial the
-	// router's address and verify the name localhost.
-	kubeconfig := filepath.Join(w.dir, "kubeconfig")
-	require.NoError(t, os.WriteFile(kubeconfig, fmt.Appendf(nil, `apiVersion: v1
+	// router's address and verify the name localhost. Each daemon has the
+	// token of a pod on its node, as the kubelet gives it: the manifest's
+	// admission policy lets it patch only that Node.
+	kubeconfigs := make([]string, len(w.lab.Nodes))
+	for i, n := range w.lab.Nodes {
+		sa, err := srv.PodServiceAccountConfig(ctx, "kube-flannel", "flannel", n.Name)
+		require.NoError(t, err)
+		kubeconfigs[i] = filepath.Join(w.dir, "kubeconfig-"+n.Name)
+		require.NoError(t, os.WriteFile(kubeconfigs[i], fmt.Appendf(nil, `apiVersion: v1
 kind: Config
 clusters:
 - name: lab
@@ -93,10 +97,11 @@ contexts:
     user: flannel
 current-context: lab
 `, netip.AddrPortFrom(netlab.RouterIP(0), apiserverPort), srv.CAFile, sa.BearerToken), 0o600))
+	}
 	netConf := filepath.Join(w.dir, "net-conf.json")
 	require.NoError(t, os.WriteFile(netConf, v.netConf(), 0o644))
-	w.storeArgs = func(int) []string {
-		return []string{"--kube-subnet-mgr", "--kubeconfig-file=" + kubeconfig, "--net-config-path=" + netConf}
+	w.storeArgs = func(i int) []string {
+		return []string{"--kube-subnet-mgr", "--kubeconfig-file=" + kubeconfigs[i], "--net-config-path=" + netConf}
 	}
 	w.env = func(i int) []string { return []string{"NODE_NAME=" + w.lab.Nodes[i].Name} }
 	node := func(i int) *corev1.Node {

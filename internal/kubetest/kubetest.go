@@ -32,10 +32,6 @@ import (
 	"syscall"
 	"time"
 
-	authenticationv1 "k8s.io/api/authentication/v1"
-	corev1 "k8s.io/api/core/v1"
-	apierrors "k8s.io/apimachinery/pkg/api/errors"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 
@@ -304,32 +300,6 @@ func (s *Server) ImpersonateConfig(user string, groups ...string) *rest.Config {
 	c := s.AdminConfig()
 	c.Impersonate = rest.ImpersonationConfig{UserName: user, Groups: append([]string{"system:authenticated"}, groups...)}
 	return c
-}
-
-// ServiceAccountConfig creates (if needed) the ServiceAccount namespace/name
-// and its namespace, requests a token for it and returns a configuration
-// authenticating as it.
-func (s *Server) ServiceAccountConfig(ctx context.Context, namespace, name string) (*rest.Config, error) {
-	cs, err := kubernetes.NewForConfig(s.AdminConfig())
-	if err != nil {
-		return nil, err
-	}
-	_, err = cs.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: namespace}}, metav1.CreateOptions{})
-	if err != nil && !apierrors.IsAlreadyExists(err) {
-		return nil, fmt.Errorf("create namespace %s: %w", namespace, err)
-	}
-	_, err = cs.CoreV1().ServiceAccounts(namespace).Create(ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: name}}, metav1.CreateOptions{})
-	if err != nil && !apierrors.IsAlreadyExists(err) {
-		return nil, fmt.Errorf("create service account %s/%s: %w", namespace, name, err)
-	}
-	exp := int64(3600)
-	tr, err := cs.CoreV1().ServiceAccounts(namespace).CreateToken(ctx, name, &authenticationv1.TokenRequest{
-		Spec: authenticationv1.TokenRequestSpec{ExpirationSeconds: &exp},
-	}, metav1.CreateOptions{})
-	if err != nil {
-		return nil, fmt.Errorf("token for service account %s/%s: %w", namespace, name, err)
-	}
-	return s.TokenConfig(tr.Status.Token), nil
 }
 
 func writeECKey(path string) error {
