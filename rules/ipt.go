@@ -44,7 +44,7 @@ type iptChain struct {
 func (m *Manager) iptChains(ipt *iptables.IPTables, f family) []iptChain {
 	f.randomFully = f.randomFully && ipt.HasRandomFully()
 	return []iptChain{
-		{table: "nat", chain: iptPostrtgChain, from: "POSTROUTING", jump: iptMasqJump(), rules: iptMasqRules(f), want: m.opts.Masquerade},
+		{table: "nat", chain: iptPostrtgChain, from: "POSTROUTING", jump: iptMasqJump(), rules: iptMasqRules(f), want: m.masquerades(f)},
 		{table: "filter", chain: iptFwdChain, from: "FORWARD", jump: iptFwdJump(), rules: iptFwdRules(f), want: m.opts.Forward},
 	}
 }

@@ -233,6 +233,43 @@ func TestWithoutMasqueradeOutsideSeesPod(t *testing.T) {
 	assert.NotContains(t, nsRun(t, lab.Nodes[0].NSName, "nft", "list", "ruleset"), "masquerade")
 }
 
+// TestMasqueradeIPv4Only: with NoIPv6Masquerade (K3s without
+// --flannel-ipv6-masq) a dual-stack node masquerades IPv4 only; IPv6 pod
+// traffic leaves with the pod's address.
+func TestMasqueradeIPv4Only(t *testing.T) {
+	requireTools(t)
+	t.Parallel()
+	for _, mode := range modes {
+		t.Run(string(mode), func(t *testing.T) {
+			t.Parallel()
+			lab, pods := twoNodes(t, true, true)
+			n := lab.Nodes[0]
+			m := newManager(t, n, Options{Mode: mode, Masquerade: true, NoIPv6Masquerade: true, Forward: true})
+			require.NoError(t, m.Ensure(t.Context(), config(true, true), leaseOf(0, true, true)))
+			rt, err := netns.GetFromName(lab.NSName("rt"))
+			require.NoError(t, err)
+			defer rt.Close()
+			src, err := seenFrom(ctxTimeout(t, 20*time.Second), rt, pods[0].NS, netlab.RouterIP(0))
+			require.NoError(t, err)
+			assert.Equal(t, n.IP, src, "IPv4 to outside leaves with the node's address")
+			// The router has no route back to the pod's IPv6 subnet: an
+			// unmasqueraded connection cannot complete.
+			_, err = seenFrom(ctxTimeout(t, 3*time.Second), rt, pods[0].NS, netlab.RouterIPv6(0))
+			assert.Error(t, err, "IPv6 to outside must not be masqueraded")
+			switch mode {
+			case ModeNFTables:
+				nftOut := nsRun(t, n.NSName, "nft", "list", "table", "ip6", "flannel-ipv6")
+				assert.NotContains(t, nftOut, "masquerade")
+				assert.Contains(t, nftOut, "accept", "the IPv6 forward rules stay")
+				assert.Contains(t, nsRun(t, n.NSName, "nft", "list", "table", "ip", "flannel-ipv4"), "masquerade")
+			case ModeIPTables:
+				assert.NotContains(t, nsRun(t, n.NSName, "ip6tables-save"), "MASQUERADE")
+				assert.Contains(t, nsRun(t, n.NSName, "iptables-save"), "MASQUERADE")
+			}
+		})
+	}
+}
+
 // wantRules checks the kernel holds mode's rules for lease i and none of
 // the other mode.
 func wantRules(t *testing.T, ns string, mode Mode, i int, v4, v6 bool) {

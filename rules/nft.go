@@ -68,7 +68,7 @@ func (m *Manager) nftEnsure(ctx context.Context, f family) (bool, error) {
 	if err != nil {
 		return false, err
 	}
-	chains := nftChains(f, m.opts.Masquerade, m.opts.Forward)
+	chains := nftChains(f, m.masquerades(f), m.opts.Forward)
 	if ok, err := nftMatches(ctx, nft, chains); err != nil {
 		return false, err
 	} else if ok {

@@ -40,9 +40,14 @@ type Options struct {
 	// Mode picks nftables or iptables. Optional: ModeAuto (default) uses
 	// nftables when the network config sets EnableNFTables.
 	Mode Mode
-	// Masquerade installs the masquerade rules (upstream --ip-masq).
-	// Optional: default off.
+	// Masquerade installs the masquerade rules (upstream --ip-masq), for
+	// both families as upstream does. Optional: default off.
 	Masquerade bool
+	// NoIPv6Masquerade limits Masquerade to IPv4: pod traffic leaving over
+	// IPv6 keeps its pod source address (K3s's default, which masquerades
+	// IPv6 only with --flannel-ipv6-masq; pods with global IPv6 addresses
+	// need no NAT). Optional: default off (both families).
+	NoIPv6Masquerade bool
 	// Forward installs the forward-accept rules (upstream
 	// --iptables-forward-rules, on by default there). Optional: default off.
 	Forward bool
@@ -100,6 +105,11 @@ func New(opts Options) (*Manager, error) {
 		nft:  map[knftables.Family]knftables.Interface{},
 		ipt:  map[iptables.Protocol]*iptables.IPTables{},
 	}, nil
+}
+
+// masquerades reports whether family f gets the masquerade rules.
+func (m *Manager) masquerades(f family) bool {
+	return m.opts.Masquerade && !(f.v6() && m.opts.NoIPv6Masquerade)
 }
 
 // ModeFor returns the mode the manager uses for cfg.

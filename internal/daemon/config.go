@@ -36,6 +36,7 @@ type Config struct {
 	SubnetLeaseRenewMargin     time.Duration
 	IPMasq                     bool
 	IPMasqRandomFullyDisable   bool
+	IPMasqIPv6                 bool
 	IPTablesResync             time.Duration
 	IPTablesForwardRules       bool
 	IPBlackholeRoute           bool
@@ -128,6 +129,7 @@ func flagSet(c *Config, out io.Writer) (*flag.FlagSet, *int, *int, *string) {
 	fs.IntVar(renewMin, "subnet-lease-renew-margin", 60, "subnet lease renewal margin, in minutes")
 	fs.BoolVar(&c.IPMasq, "ip-masq", false, "set up IP masquerade rules for traffic destined outside of the overlay network")
 	fs.BoolVar(&c.IPMasqRandomFullyDisable, "ip-masq-fully-random-disable", false, "disable fully-random mode for MASQUERADE (--random-fully)")
+	fs.BoolVar(&c.IPMasqIPv6, "ip-masq-ipv6", true, "with -ip-masq, masquerade IPv6 pod traffic too (false: IPv4 only, as K3s without --flannel-ipv6-masq)")
 	// The spelling of this project's first releases, kept so their unit
 	// files still start.
 	fs.BoolVar(&c.IPMasqRandomFullyDisable, "ip-masq-random-fully-disable", false, "deprecated spelling of -ip-masq-fully-random-disable")

@@ -33,6 +33,7 @@ func TestParseDefaults(t *testing.T) {
 	assert.True(t, c.IPTablesForwardRules)
 	assert.True(t, c.SetNodeNetworkUnavailable)
 	assert.False(t, c.IPMasq)
+	assert.True(t, c.IPMasqIPv6, "both families, as upstream")
 	assert.Equal(t, netip.IPv4Unspecified(), c.HealthzIP)
 	assert.Equal(t, 0, c.HealthzPort)
 	assert.Equal(t, "text", c.LogFormat)
@@ -77,6 +78,7 @@ func TestParseEachSetting(t *testing.T) {
 		{"subnet-lease-renew-margin", "30", nil, func(t *testing.T, c Config) { assert.Equal(t, 30*time.Minute, c.SubnetLeaseRenewMargin) }},
 		{"ip-masq", "true", nil, func(t *testing.T, c Config) { assert.True(t, c.IPMasq) }},
 		{"ip-masq-fully-random-disable", "true", nil, func(t *testing.T, c Config) { assert.True(t, c.IPMasqRandomFullyDisable) }},
+		{"ip-masq-ipv6", "false", nil, func(t *testing.T, c Config) { assert.False(t, c.IPMasqIPv6) }},
 		{"ip-masq-random-fully-disable", "true", nil, func(t *testing.T, c Config) { assert.True(t, c.IPMasqRandomFullyDisable) }},
 		{"vmodule", "agent=2", nil, func(t *testing.T, c Config) { assert.Equal(t, 0, c.Verbosity) }},
 		{"log_backtrace_at", "main.go:10", nil, func(t *testing.T, c Config) { assert.Equal(t, 0, c.Verbosity) }},

@@ -119,8 +119,9 @@ func Run(ctx context.Context, c Config, log *slog.Logger) error {
 	if c.IPMasq || c.IPTablesForwardRules || c.Cleanup {
 		tr, err = rules.New(rules.Options{
 			NS: ns, Masquerade: c.IPMasq, Forward: c.IPTablesForwardRules,
-			DisableRandomFully: c.IPMasqRandomFullyDisable, ResyncPeriod: c.IPTablesResync,
-			Logger: log.With("component", "rules"),
+			DisableRandomFully: c.IPMasqRandomFullyDisable, NoIPv6Masquerade: !c.IPMasqIPv6,
+			ResyncPeriod: c.IPTablesResync,
+			Logger:       log.With("component", "rules"),
 		})
 		if err != nil {
 			return err
