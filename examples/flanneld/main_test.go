@@ -491,6 +491,24 @@ func testDaemonCluster(t *testing.T, v variant) {
 		assert.Eventually(t, func() bool { return w.routes(i)[own] }, 10*time.Second, 50*time.Millisecond, "node%d blackhole route for its own subnet", i)
 		w.addPod(i)
 	}
+	// The blackhole route is level-triggered: deleted by hand, it is back
+	// at once (from the route notification, well before the resync).
+	bhSubnet := w.lease(0).Subnet
+	require.NoError(t, w.lab.Nodes[0].Handle.RouteDel(&netlink.Route{
+		Dst: backend.IPNetFromPrefix(bhSubnet), Type: unix.RTN_BLACKHOLE, Priority: 4242, Table: unix.RT_TABLE_MAIN,
+	}), "delete node0's blackhole route")
+	blackhole := func() bool {
+		rs, err := w.lab.Nodes[0].Handle.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Type: unix.RTN_BLACKHOLE, Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_TYPE|netlink.RT_FILTER_TABLE)
+		require.NoError(t, err)
+		for _, r := range rs {
+			if p, ok := backend.PrefixFromIPNet(r.Dst); ok && p == bhSubnet {
+				return true
+			}
+		}
+		return false
+	}
+	require.False(t, blackhole(), "deleted")
+	assert.Eventually(t, blackhole, 10*time.Second, 20*time.Millisecond, "node0's blackhole route re-added")
 	w.pingAll()
 
 	// Metrics parse as Prometheus text and say what the node does.

@@ -1,13 +1,19 @@
 package daemon
 
 import (
+	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net/netip"
+	"sync"
+	"time"
 
 	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
+	flannel "github.com/flannelkit/flannel"
 	"github.com/flannelkit/flannel/backend"
 	"github.com/flannelkit/flannel/lease"
 )
@@ -61,4 +67,52 @@ func delBlackholes(h *netlink.Handle, l lease.Lease) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// blackholes keeps the node's blackhole routes (--ip-blackhole-route) in
+// place, level-triggered: added once the agent is ready, re-added at once
+// when one is deleted (a route subscription) and checked every interval,
+// as upstream re-adds it on every resync.
+type blackholes struct {
+	h        *netlink.Handle
+	ns       netns.NsHandle
+	interval time.Duration
+	log      *slog.Logger
+
+	mu  sync.Mutex
+	own lease.Lease // zero until the agent is ready
+}
+
+// ready is the Agent's OnReady: the lease is known, add the routes.
+func (b *blackholes) ready(st flannel.State) {
+	b.mu.Lock()
+	b.own = st.Lease
+	b.mu.Unlock()
+	b.repair(context.Background(), "ready")
+}
+
+func (b *blackholes) repair(_ context.Context, why string) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if len(subnetsOf(b.own)) == 0 {
+		return
+	}
+	if err := addBlackholes(b.h, b.own); err != nil {
+		b.log.Warn("blackhole route not added", "trigger", why, "error", err)
+	}
+}
+
+// start runs the repair loop until ctx ends or stop is called; stop waits
+// for it.
+func (b *blackholes) start(ctx context.Context) (stop func()) {
+	ctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	deleted := backend.NetlinkWatcher(b.log, b.ns, "route", backend.SubscribeRoutes, func(u netlink.RouteUpdate) bool {
+		return u.Type == unix.RTM_DELROUTE && u.Route.Type == unix.RTN_BLACKHOLE
+	})
+	go func() {
+		defer close(done)
+		backend.RepairLoop(ctx, b.interval, b.repair, deleted)
+	}()
+	return func() { cancel(); <-done }
 }

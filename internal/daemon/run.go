@@ -137,12 +137,10 @@ func Run(ctx context.Context, c Config, log *slog.Logger) error {
 	if tr != nil {
 		opts.Rules = tr
 	}
-	if c.IPBlackholeRoute {
-		opts.OnReady = func(st flannel.State) {
-			if err := addBlackholes(h, st.Lease); err != nil {
-				log.Warn("blackhole route not added", "error", err)
-			}
-		}
+	if c.IPBlackholeRoute && !c.Cleanup {
+		bh := &blackholes{h: h, ns: ns, interval: c.IPTablesResync, log: log.With("component", "blackhole")}
+		opts.OnReady = bh.ready
+		defer bh.start(ctx)()
 	}
 	m.Hook(&opts)
 	agent, err := flannel.NewAgent(opts)
