@@ -15,6 +15,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	sdnotify "github.com/coreos/go-systemd/v22/daemon"
 	"os"
 	"os/signal"
 	"syscall"
@@ -64,7 +65,16 @@ func run() int {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 	log.Info("starting flanneld", "version", version)
-	if err := daemon.Run(ctx, cfg, log); err != nil {
+	// Type=notify units start their dependants (docker.service) once the
+	// node is ready; without NOTIFY_SOCKET this does nothing.
+	ready := func() {
+		if sent, err := sdnotify.SdNotify(false, sdnotify.SdNotifyReady); err != nil {
+			log.Warn("sd_notify READY=1 failed", "error", err)
+		} else if sent {
+			log.Info("told systemd the node is ready")
+		}
+	}
+	if err := daemon.Run(ctx, cfg, log, daemon.Hooks{Ready: ready}); err != nil {
 		log.Error("flanneld failed", "error", err)
 		return 1
 	}

@@ -607,3 +607,46 @@ func TestBinaryCommandLine(t *testing.T) {
 		})
 	}
 }
+
+// TestDaemonNotifiesSystemd: under a Type=notify unit (NOTIFY_SOCKET set)
+// the daemon sends READY=1 once the node is ready, not before.
+func TestDaemonNotifiesSystemd(t *testing.T) {
+	t.Parallel()
+	w := newWorld(t, 1, false)
+	sock := filepath.Join(w.dir, "notify.sock")
+	conn, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: sock, Net: "unixgram"})
+	require.NoError(t, err)
+	defer conn.Close()
+	w.env = func(int) []string { return []string{"NOTIFY_SOCKET=" + sock} }
+	w.start(0)
+	msgs := make(chan string, 4)
+	go func() {
+		buf := make([]byte, 512)
+		for {
+			n, err := conn.Read(buf)
+			if err != nil {
+				close(msgs)
+				return
+			}
+			msgs <- string(buf[:n])
+		}
+	}()
+	// No network config yet: alive, not ready, nothing sent.
+	require.Eventually(t, func() bool { return w.status(0, "/healthz") == http.StatusOK }, 30*time.Second, 100*time.Millisecond)
+	select {
+	case m := <-msgs:
+		t.Fatalf("sent %q before the node was ready", m)
+	default:
+	}
+	require.NoError(t, w.store.PutConfig(t.Context(), variant{backend: "host-gw"}.netConf()))
+	select {
+	case m := <-msgs:
+		assert.Equal(t, "READY=1", m)
+	case <-time.After(60 * time.Second):
+		t.Fatal("no READY=1 from the daemon")
+	}
+	assert.Equal(t, http.StatusOK, w.status(0, "/readyz"), "ready when it said so")
+	_, err = flannel.ReadCompleteSubnetEnv(w.subnetFile(0))
+	assert.NoError(t, err, "subnet.env complete when it said ready")
+	require.NoError(t, w.stop(0, syscall.SIGTERM))
+}

@@ -58,6 +58,9 @@ func TestFlanneldUnitFlagsParse(t *testing.T) {
 	assert.True(t, c.IPMasq)
 	assert.Equal(t, "/run/flannel/subnet.env", c.SubnetFile)
 	assert.Equal(t, 8471, c.HealthzPort)
+	// The daemon says when it is ready (sd_notify), so ExecStartPost and
+	// docker.service start after subnet.env is complete.
+	assert.Equal(t, []string{"notify"}, values(ds, "Type"))
 }
 
 // TestDockerOptsChain runs the ExecStartPost's docker-opts arguments on a

@@ -54,11 +54,19 @@ func NewLogger(c Config, w interface{ Write([]byte) (int, error) }) *slog.Logger
 	return slog.New(slog.NewTextHandler(w, o))
 }
 
+// Hooks are the process-level callbacks of Run.
+type Hooks struct {
+	// Ready, when set, is called once the node is ready (lease held,
+	// subnet.env written, rules in place, the first peer set programmed),
+	// e.g. to tell systemd (sd_notify READY=1). It must not block.
+	Ready func()
+}
+
 // Run runs the daemon in the network namespace of the calling process
 // until ctx ends, then returns nil with the datapath left in place. With
 // c.Cleanup it removes this node's devices, routes, rules, lease and
 // subnet file instead, and returns.
-func Run(ctx context.Context, c Config, log *slog.Logger) error {
+func Run(ctx context.Context, c Config, log *slog.Logger, hooks Hooks) error {
 	m := NewMetrics()
 	if c.HealthzPort > 0 && !c.Cleanup {
 		stop, err := serve(c, m, log)
@@ -137,10 +145,18 @@ func Run(ctx context.Context, c Config, log *slog.Logger) error {
 	if tr != nil {
 		opts.Rules = tr
 	}
+	var bh *blackholes
 	if c.IPBlackholeRoute && !c.Cleanup {
-		bh := &blackholes{h: h, ns: ns, interval: c.IPTablesResync, log: log.With("component", "blackhole")}
-		opts.OnReady = bh.ready
+		bh = &blackholes{h: h, ns: ns, interval: c.IPTablesResync, log: log.With("component", "blackhole")}
 		defer bh.start(ctx)()
+	}
+	opts.OnReady = func(st flannel.State) {
+		if bh != nil {
+			bh.ready(st)
+		}
+		if hooks.Ready != nil {
+			hooks.Ready()
+		}
 	}
 	m.Hook(&opts)
 	agent, err := flannel.NewAgent(opts)
