@@ -46,7 +46,7 @@ fi
 for t in iptables ip6tables; do
 	update-alternatives --set "$t" "/usr/sbin/$t-nft" >/dev/null 2>&1 || true
 done
-for m in veth bridge vxlan; do
+for m in veth bridge vxlan br_netfilter; do
 	modprobe "$m" 2>/dev/null || true
 done
 mkdir -p /run/netns

@@ -104,6 +104,11 @@ func Run(ctx context.Context, c Config, log *slog.Logger, hooks Hooks) error {
 	if err != nil || ctx.Err() != nil {
 		return err
 	}
+	if !c.Cleanup {
+		if err := checkBrNetfilter(cfg, "/proc/sys"); err != nil {
+			return err
+		}
+	}
 	reg, err := Registry()
 	if err != nil {
 		return err
