@@ -370,7 +370,7 @@ func MTU(linkMTU int, ipv6, encap bool, c Cipher) int {
 	if encap {
 		outer += 8
 	}
-	room := linkMTU - outer - 8 - 8 - c.ICVBits/8
+	room := linkMTU - outer - 8 - 8 - c.ICVBits()/8
 	room -= room % 4
 	return room - 2
 }
