@@ -25,9 +25,13 @@ type Network struct {
 	own  lease.Lease
 	opts Options
 	log  *slog.Logger
-	k    kernel
+	x    xfrm
 	rec  backend.RouteReconciler
 	now  func() time.Time
+	key  func() (keyPair, error) // a fresh key pair (newKeyPair; tests make known ones)
+	// routes routes the valid peers' subnets (reconcileRoutes; the
+	// sequence tests, which have no kernel, record them instead).
+	routes func(ctx context.Context, in input, failed map[int]error) error
 
 	mu        sync.Mutex
 	peers     []lease.Lease
@@ -67,14 +71,15 @@ var _ flannel.Network = (*Network)(nil)
 
 func newNetwork(env flannel.Env, own lease.Lease, opts Options, key keyPair) *Network {
 	log := logger(env.Logger).With("backend", Type, "iface", env.Iface.Name)
-	return &Network{
+	n := &Network{
 		env:       env,
 		own:       own,
 		opts:      opts,
 		log:       log,
-		k:         kernel{h: env.Handle, reqid: opts.Reqid, cipher: opts.Cipher},
+		x:         kernel{h: env.Handle, reqid: opts.Reqid, cipher: opts.Cipher},
 		rec:       backend.RouteReconciler{Logger: log},
 		now:       time.Now,
+		key:       newKeyPair,
 		keys:      localKeys{cur: key},
 		peerKeys:  map[string]*peerKey{},
 		badKeys:   map[string]string{},
@@ -84,6 +89,8 @@ func newNetwork(env flannel.Env, own lease.Lease, opts Options, key keyPair) *Ne
 		use:       map[string]*keyUse{},
 		linger:    map[stateID]time.Time{},
 	}
+	n.routes = n.reconcileRoutes
+	return n
 }
 
 // Lease returns the lease the network was started with.
@@ -210,11 +217,11 @@ func (n *Network) applyLocked(ctx context.Context) error {
 		}
 	}
 	var rest []error
-	have, err := n.k.states()
+	have, err := n.x.states()
 	if err != nil {
 		return fmt.Errorf("ipsec: %w", err)
 	}
-	havePol, err := n.k.policies()
+	havePol, err := n.x.policies()
 	if err != nil {
 		return fmt.Errorf("ipsec: %w", err)
 	}
@@ -287,7 +294,7 @@ func (n *Network) applyLocked(ctx context.Context) error {
 	// meets the block policy.
 	for _, p := range upP {
 		if !p.TmplSrc.IsValid() {
-			if err := n.k.upsertPolicy(p); err != nil {
+			if err := n.x.upsertPolicy(p); err != nil {
 				n.addErr(failed, &rest, p.Peer, err)
 			}
 		}
@@ -295,21 +302,21 @@ func (n *Network) applyLocked(ctx context.Context) error {
 	// Delete replaced states (same id, other key) before adding them.
 	for _, s := range delS {
 		if slices.ContainsFunc(addS, func(a xstate) bool { return a.id() == s.id() }) {
-			if err := n.k.delState(s); err != nil {
+			if err := n.x.delState(s); err != nil {
 				rest = append(rest, err)
 			}
 		}
 	}
 	addFailed := map[stateID]bool{}
 	for _, s := range addS {
-		if err := n.k.addState(s); err != nil {
+		if err := n.x.addState(s); err != nil {
 			addFailed[s.id()] = true
 			n.addErr(failed, &rest, s.Peer, err)
 		}
 	}
 	for _, p := range upP {
 		if p.TmplSrc.IsValid() {
-			if err := n.k.upsertPolicy(p); err != nil {
+			if err := n.x.upsertPolicy(p); err != nil {
 				n.addErr(failed, &rest, p.Peer, err)
 			}
 		}
@@ -329,13 +336,13 @@ func (n *Network) applyLocked(ctx context.Context) error {
 		n.outSeen[id] = true
 	}
 	for _, p := range delP {
-		if err := n.k.delPolicy(p); err != nil {
+		if err := n.x.delPolicy(p); err != nil {
 			rest = append(rest, err)
 		}
 	}
 	for _, s := range delS {
 		if !slices.ContainsFunc(addS, func(a xstate) bool { return a.id() == s.id() }) {
-			if err := n.k.delState(s); err != nil {
+			if err := n.x.delState(s); err != nil {
 				rest = append(rest, err)
 			}
 		}
@@ -344,7 +351,7 @@ func (n *Network) applyLocked(ctx context.Context) error {
 		n.log.Info("xfrm reconciled", "states_added", len(addS), "states_deleted", len(delS),
 			"policies_programmed", len(upP), "policies_deleted", len(delP))
 	}
-	if err := n.reconcileRoutes(ctx, in, failed); err != nil {
+	if err := n.routes(ctx, in, failed); err != nil {
 		rest = append(rest, err)
 	}
 
@@ -425,7 +432,7 @@ func (n *Network) nextHop(ip netip.Addr) (netip.Addr, error) {
 // the package doc); the old key is retired after Options.Grace once no
 // peer still sends with it, and after RekeyInterval at the latest.
 func (n *Network) Rekey(ctx context.Context) (lease.Attrs, error) {
-	key, err := newKeyPair()
+	key, err := n.key()
 	if err != nil {
 		return lease.Attrs{}, fmt.Errorf("ipsec: rekey: %w", err)
 	}
@@ -701,7 +708,7 @@ func (n *Network) closeClusterNetwork() error {
 	_, policies, _ := desired(in)
 	var errs []error
 	for _, p := range policies {
-		errs = append(errs, n.k.upsertPolicy(p))
+		errs = append(errs, n.x.upsertPolicy(p))
 	}
 	return errors.Join(errs...)
 }
