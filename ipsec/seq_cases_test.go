@@ -40,7 +40,7 @@ var seqCases = []sequence{
 			{name: "same peers again", at: 2 * sec, peers: []string{"b1", "c1"}, noWrites: true,
 				want: tables(noPeers, peerLines("b", "a1>b1 g0", "b1>a1 g0123"), peerLines("c", "a1>c1 g0", "c1>a1 g0123"))},
 			{name: "inbound state vanishes", at: 3 * sec, vanish: []string{"c1>a1 g2"}, repair: true,
-				want: tables(noPeers, peerLines("b", "a1>b1 g0", "b1>a1 g0123"), peerLines("c", "a1>c1 g0", "c1>a1 g0123")),
+				want:  tables(noPeers, peerLines("b", "a1>b1 g0", "b1>a1 g0123"), peerLines("c", "a1>c1 g0", "c1>a1 g0123")),
 				noLog: []string{"vanished"}},
 			{name: "peer leaves", at: 4 * sec, peers: []string{"b1"},
 				want: tables(noPeers, peerLines("b", "a1>b1 g0", "b1>a1 g0123"))},

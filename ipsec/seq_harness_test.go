@@ -36,7 +36,7 @@ type seqHarness struct {
 	names  map[string]string // key material -> "b1>a1 g0"
 	own    []string          // labels of the key pairs Rekey makes, in order
 	routes []string          // the routes of the last apply, rendered
-	logs   *bytes.Buffer // the log since the step began
+	logs   *bytes.Buffer     // the log since the step began
 	peers  []lease.Lease
 }
 
