@@ -2,7 +2,6 @@ package ipsec
 
 import (
 	"bytes"
-	"cmp"
 	"fmt"
 	"net/netip"
 	"slices"
@@ -287,75 +286,6 @@ func desired(in input) (states []xstate, policies []xpolicy, failed map[int]erro
 		return false
 	})
 	return states, policies, failed
-}
-
-// diffStates returns the states to add and to delete to go from have to
-// want. A state with the same id but other key material or encapsulation
-// is deleted and added again.
-func diffStates(want, have []xstate) (add, del []xstate) {
-	h := make(map[stateID]xstate, len(have))
-	for _, s := range have {
-		h[s.id()] = s
-	}
-	w := make(map[stateID]bool, len(want))
-	for _, s := range want {
-		w[s.id()] = true
-		old, ok := h[s.id()]
-		if ok && bytes.Equal(old.Key, s.Key) && old.Encap == s.Encap {
-			continue
-		}
-		if ok {
-			del = append(del, old)
-		}
-		add = append(add, s)
-	}
-	for _, s := range have {
-		if !w[s.id()] {
-			del = append(del, s)
-		}
-	}
-	sortStates(add)
-	sortStates(del)
-	return add, del
-}
-
-func sortStates(s []xstate) {
-	slices.SortFunc(s, func(a, b xstate) int {
-		return cmp.Or(a.Src.Compare(b.Src), a.Dst.Compare(b.Dst), cmp.Compare(a.SPI, b.SPI))
-	})
-}
-
-// samePolicy compares what we set on a policy.
-func samePolicy(a, b xpolicy) bool {
-	return a.id() == b.id() && a.Priority == b.Priority && a.Block == b.Block &&
-		a.TmplSrc == b.TmplSrc && a.TmplDst == b.TmplDst && a.TmplSPI == b.TmplSPI
-}
-
-// diffPolicies returns the policies to add or update and those to delete.
-// Block and allow policies come first in upsert, so the cluster network is
-// closed before anything else changes.
-func diffPolicies(want, have []xpolicy) (upsert, del []xpolicy) {
-	h := make(map[policyID]xpolicy, len(have))
-	for _, p := range have {
-		h[p.id()] = p
-	}
-	w := make(map[policyID]bool, len(want))
-	for _, p := range want {
-		w[p.id()] = true
-		if old, ok := h[p.id()]; ok && samePolicy(old, p) {
-			continue
-		}
-		upsert = append(upsert, p)
-	}
-	for _, p := range have {
-		if !w[p.id()] {
-			del = append(del, p)
-		}
-	}
-	slices.SortStableFunc(upsert, func(a, b xpolicy) int {
-		return cmp.Compare(b.Priority, a.Priority) // block first
-	})
-	return upsert, del
 }
 
 // MTU returns the largest inner packet that fits in an ESP tunnel-mode
