@@ -17,6 +17,9 @@ type memXfrm struct {
 	st  map[stateID]xstate
 	pol map[policyID]xpolicy
 	ops []string
+	// failKeys fails the adds of states with these keys (material as a
+	// string), as a kernel that refuses them.
+	failKeys map[string]error
 }
 
 var _ xfrm = (*memXfrm)(nil)
@@ -51,6 +54,9 @@ func (m *memXfrm) policies() ([]xpolicy, error) {
 
 func (m *memXfrm) addState(s xstate) error {
 	m.ops = append(m.ops, fmt.Sprintf("add state %s->%s spi %#x key %s encap %t", s.Src, s.Dst, s.SPI, keyTag(s.Key), s.Encap))
+	if err, ok := m.failKeys[string(s.Key)]; ok {
+		return err
+	}
 	if _, ok := m.st[s.id()]; ok {
 		return nil
 	}

@@ -27,7 +27,7 @@ func tables(parts ...[]string) []string { return slices.Concat(parts...) }
 
 const sec = time.Second
 
-var sequences = append(seqCases, dualFlush)
+var sequences = append(seqCases, addFails, dualFlush)
 
 var seqCases = []sequence{
 	{
@@ -172,6 +172,25 @@ var seqCases = []sequence{
 			{name: "next repair", at: 5 * sec, repair: true,
 				want: tables(noPeers, peerLines("b", "a1>b1 g0", "b1>a1 g0123"))},
 		},
+	},
+}
+
+// addFails: a state the kernel refused was never installed, so its
+// absence costs no generation.
+var addFails = sequence{
+	name: "kernel refuses an outbound state",
+	steps: []seqStep{
+		{name: "add fails", peers: []string{"b1"}, failAdd: []string{"a1>b1 g0"},
+			want: []string{"allow a->a", "block a->cluster", "policy out a->b via no state", "policy in b->a", "policy fwd b->a", "in b b1>a1 g0123", "route b"},
+			errs: []string{"peer 10.244.1.0/24", "injected add failure"}},
+		{name: "repair adds it, same generation", at: 1 * sec, repair: true,
+			want:  tables(noPeers, peerLines("b", "a1>b1 g0", "b1>a1 g0123")),
+			noLog: []string{"vanished"}},
+		{name: "an inbound add fails", at: 2 * sec, peers: []string{"b1", "c1"}, failAdd: []string{"c1>a1 g1"},
+			want: tables(noPeers, peerLines("b", "a1>b1 g0", "b1>a1 g0123"), peerLines("c", "a1>c1 g0", "c1>a1 g023")),
+			errs: []string{"peer 10.244.2.0/24", "injected add failure"}},
+		{name: "repaired", at: 3 * sec, repair: true,
+			want: tables(noPeers, peerLines("b", "a1>b1 g0", "b1>a1 g0123"), peerLines("c", "a1>c1 g0", "c1>a1 g0123"))},
 	},
 }
 

@@ -37,7 +37,6 @@ type seqHarness struct {
 	own    []string          // labels of the key pairs Rekey makes, in order
 	routes []string          // the routes of the last apply, rendered
 	logs   *bytes.Buffer     // the log since the step began
-	peers  []lease.Lease
 }
 
 // seqConfig is what a sequence runs with.

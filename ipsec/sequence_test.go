@@ -1,6 +1,7 @@
 package ipsec
 
 import (
+	"errors"
 	"flag"
 	"fmt"
 	"os"
@@ -26,6 +27,7 @@ type seqStep struct {
 	at       time.Duration     // the clock since the start; never goes back
 	send     map[string]uint64 // packets counted first on the states with these keys ("b1>a2 g0")
 	vanish   []string          // states deleted behind our back first, by key
+	failAdd  []string          // the kernel refuses to add states with these keys in this step
 	rekey    bool              // Rekey (the own key labels come from sequence.keys)
 	repair   bool              // the repair of Run: re-apply the last peers
 	peers    []string          // otherwise: Apply with these peers ("b1"; "!c": node c with a key of another PSK)
@@ -71,7 +73,33 @@ func TestSequences(t *testing.T) {
 	}
 	want, err := os.ReadFile(path)
 	require.NoError(t, err)
-	assert.Equal(t, string(want), golden.String(), "kernel writes differ from %s", path)
+	wl, gl := strings.Split(string(want), "\n"), strings.Split(golden.String(), "\n")
+	for i := range max(len(wl), len(gl)) {
+		w, g := "<end>", "<end>"
+		if i < len(wl) {
+			w = wl[i]
+		}
+		if i < len(gl) {
+			g = gl[i]
+		}
+		if w != g {
+			t.Fatalf("kernel writes differ from %s at line %d:\nwant %s\ngot  %s\n(the section: %s)", path, i+1, w, g, section(gl[:min(i+1, len(gl))]))
+		}
+	}
+}
+
+// section is the last "===" and "---" headings in lines.
+func section(lines []string) string {
+	var seq, st string
+	for _, l := range lines {
+		if strings.HasPrefix(l, "=== ") {
+			seq, st = l, ""
+		}
+		if strings.HasPrefix(l, "--- ") {
+			st = l
+		}
+	}
+	return seq + " " + st
 }
 
 func runSequence(t *testing.T, cfg seqConfig, sq sequence, golden *strings.Builder) {
@@ -120,11 +148,19 @@ func runSequence(t *testing.T, cfg seqConfig, sq sequence, golden *strings.Build
 // step performs st on h's Network.
 func (h *seqHarness) step(st seqStep) error {
 	h.clock = h.start.Add(st.at)
+	var peers []lease.Lease
+	for _, p := range st.peers {
+		peers = append(peers, h.peer(p)) // learns the keys' names
+	}
 	for name, n := range st.send {
 		require.True(h.t, h.x.count(h.espKey(name), n), "no state with key %s to count on", name)
 	}
 	for _, name := range st.vanish {
 		require.True(h.t, h.x.vanish(h.espKey(name)), "no state with key %s to delete", name)
+	}
+	h.x.failKeys = map[string]error{}
+	for _, name := range st.failAdd {
+		h.x.failKeys[string(h.espKey(name))] = errors.New("injected add failure")
 	}
 	switch {
 	case st.rekey:
@@ -135,11 +171,7 @@ func (h *seqHarness) step(st seqStep) error {
 		defer h.n.mu.Unlock()
 		return h.n.applyLocked(h.t.Context())
 	}
-	h.peers = nil
-	for _, p := range st.peers {
-		h.peers = append(h.peers, h.peer(p))
-	}
-	return h.n.Apply(h.t.Context(), append([]lease.Lease(nil), h.peers...))
+	return h.n.Apply(h.t.Context(), peers)
 }
 
 // expand turns the IPv4-only form of a table into the form of cfg: with
