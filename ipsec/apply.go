@@ -14,9 +14,9 @@ import (
 	"github.com/flannelkit/flannel/lease"
 )
 
-// reconcile is one apply's view of the peers: the input of desired, the
+// applyPass is one apply's view of the peers: the input of desired, the
 // leases behind its peers and what failed so far.
-type reconcile struct {
+type applyPass struct {
 	in     input
 	leases []lease.Lease // in.peers[i] is leases[i]
 	failed map[int]error // by index into in.peers
@@ -24,7 +24,7 @@ type reconcile struct {
 }
 
 // addErr records err for peer, or as nobody's when peer is -1.
-func (r *reconcile) addErr(peer int, err error) {
+func (r *applyPass) addErr(peer int, err error) {
 	if peer < 0 {
 		r.rest = append(r.rest, err)
 		return
@@ -34,7 +34,7 @@ func (r *reconcile) addErr(peer int, err error) {
 
 // err is the result of the apply: a *flannel.PeerError per failed peer,
 // in peer order, then the rest.
-func (r *reconcile) err() error {
+func (r *applyPass) err() error {
 	var errs []error
 	for i := range r.in.peers {
 		if err, ok := r.failed[i]; ok {
@@ -60,8 +60,8 @@ func (n *Network) applyLocked(ctx context.Context) error {
 
 // reconcileXfrm brings our XFRM states and policies to what n.peers and
 // the key book want. An error is returned only when the kernel's tables
-// cannot be read; failed writes are in the reconcile.
-func (n *Network) reconcileXfrm() (*reconcile, error) {
+// cannot be read; failed writes are in the applyPass.
+func (n *Network) reconcileXfrm() (*applyPass, error) {
 	now := n.now()
 	n.book.retirePrev(now)
 	r := n.peerInput(now)
@@ -97,7 +97,7 @@ func (n *Network) reconcileXfrm() (*reconcile, error) {
 // their next generation); then without the outbound states of exhausted
 // key pairs, and with those lingering after a switch. Peers that cannot be
 // programmed get their error in r.failed.
-func (n *Network) want(r *reconcile, have []xstate, now time.Time) ([]xstate, []xpolicy) {
+func (n *Network) want(r *applyPass, have []xstate, now time.Time) ([]xstate, []xpolicy) {
 	r.in.outGen = n.book.outGen
 	states, policies, failed := desired(r.in)
 	if n.book.pending() && n.book.observe(r.in, r.leases, states, have, now) {
@@ -137,8 +137,8 @@ func (n *Network) baseInput() input {
 // peerInput builds the input for n.peers: peers of other backend types
 // and the own lease are skipped; a peer whose key is unusable is in it
 // (as not valid) with its error, warned about once per BackendData.
-func (n *Network) peerInput(now time.Time) *reconcile {
-	r := &reconcile{in: n.baseInput(), failed: map[int]error{}}
+func (n *Network) peerInput(now time.Time) *applyPass {
+	r := &applyPass{in: n.baseInput(), failed: map[int]error{}}
 	usable := map[string]bool{}
 	present := map[string]bool{}
 	for _, p := range n.peers {

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"slices"
@@ -212,4 +213,29 @@ func expand(cfg seqConfig, lines []string) []string {
 	}
 	slices.Sort(out)
 	return out
+}
+
+// TestRandomPeerSets applies peer sets in a random order (seeded, so a
+// failure repeats) and checks after each that the tables are those a
+// fresh Network makes for that set: nothing of an earlier set is left and
+// nothing is missing.
+func TestRandomPeerSets(t *testing.T) {
+	sets := [][]string{{}, {"b1"}, {"b1", "c1"}, {"c1", "d1"}, {"b1", "!c", "d1"}, {"d1"}, {"!b", "!d"}, {"b1", "c1", "d1"}}
+	for _, cfg := range seqConfigs {
+		t.Run(cfg.name, func(t *testing.T) {
+			fresh := make([][]string, len(sets))
+			for i, set := range sets {
+				h := newSeqHarness(t, cfg, time.Hour)
+				_ = h.step(seqStep{peers: set})
+				fresh[i] = h.table()
+			}
+			h := newSeqHarness(t, cfg, time.Hour)
+			rnd := rand.New(rand.NewPCG(1, 2))
+			for n := range 60 {
+				i := rnd.IntN(len(sets))
+				_ = h.step(seqStep{at: time.Duration(n) * time.Second, peers: sets[i]})
+				require.Equal(t, fresh[i], h.table(), "apply %d: set %v", n, sets[i])
+			}
+		})
+	}
 }
