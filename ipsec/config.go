@@ -29,27 +29,60 @@ const (
 	UDPEncapPort = 4500
 )
 
-// Cipher is an ESP AEAD transform.
-type Cipher struct {
-	// Name is the kernel algorithm, "rfc4106(gcm(aes))".
-	Name string
-	// KeyBits is the AES key length, 128 or 256.
-	KeyBits int
-	// ICVBits is the integrity check value length in bits (128).
-	ICVBits int
+// Cipher is an ESP AEAD transform. Its zero value means "not set"
+// (Options.Cipher then defaults to AESGCM128); the only valid values are
+// the constants below.
+type Cipher uint8
+
+// AES-GCM transforms (rfc4106) with a 16-byte ICV.
+const (
+	AESGCM128 Cipher = iota + 1
+	AESGCM256
+)
+
+// Name is the kernel algorithm, "rfc4106(gcm(aes))"; "" for an invalid
+// Cipher.
+func (c Cipher) Name() string {
+	if !c.valid() {
+		return ""
+	}
+	return "rfc4106(gcm(aes))"
 }
+
+// KeyBits is the AES key length, 128 or 256; 0 for an invalid Cipher.
+func (c Cipher) KeyBits() int {
+	switch c {
+	case AESGCM128:
+		return 128
+	case AESGCM256:
+		return 256
+	}
+	return 0
+}
+
+// ICVBits is the integrity check value length in bits (128); 0 for an
+// invalid Cipher.
+func (c Cipher) ICVBits() int {
+	if !c.valid() {
+		return 0
+	}
+	return 128
+}
+
+func (c Cipher) valid() bool { return c == AESGCM128 || c == AESGCM256 }
 
 // keyLen is the key material the kernel wants: the AES key and 4 bytes of
 // salt (RFC 4106).
-func (c Cipher) keyLen() int { return c.KeyBits/8 + 4 }
+func (c Cipher) keyLen() int { return c.KeyBits()/8 + 4 }
 
-func (c Cipher) String() string { return fmt.Sprintf("%s-%d-icv%d", c.Name, c.KeyBits, c.ICVBits) }
-
-// AES-GCM transforms.
-var (
-	AESGCM128 = Cipher{Name: "rfc4106(gcm(aes))", KeyBits: 128, ICVBits: 128}
-	AESGCM256 = Cipher{Name: "rfc4106(gcm(aes))", KeyBits: 256, ICVBits: 128}
-)
+// String names the transform, "rfc4106(gcm(aes))-128-icv128". It is part
+// of the ESP key derivation (see the package doc): never change it.
+func (c Cipher) String() string {
+	if !c.valid() {
+		return fmt.Sprintf("Cipher(%d)", uint8(c))
+	}
+	return fmt.Sprintf("%s-%d-icv%d", c.Name(), c.KeyBits(), c.ICVBits())
+}
 
 // ParseProposal maps an ESP proposal to a Cipher. It accepts upstream
 // flannel's strongSwan proposal strings whose ESP part is AES-GCM with a
@@ -70,7 +103,7 @@ func ParseProposal(s string) (Cipher, error) {
 		case "-256":
 			return AESGCM256, nil
 		}
-		return Cipher{}, fmt.Errorf("ESP proposal %q: want rfc4106(gcm(aes)) with key length 128 or 256", s)
+		return 0, fmt.Errorf("ESP proposal %q: want rfc4106(gcm(aes)) with key length 128 or 256", s)
 	}
 	esp, _, _ := strings.Cut(p, "-")
 	switch esp {
@@ -79,7 +112,7 @@ func ParseProposal(s string) (Cipher, error) {
 	case "aes256gcm16", "aes256gcm128", "aes256gcm":
 		return AESGCM256, nil
 	}
-	return Cipher{}, fmt.Errorf("ESP proposal %q: unsupported transform %q (supported: aes128gcm16, aes256gcm16, rfc4106(gcm(aes)))", s, esp)
+	return 0, fmt.Errorf("ESP proposal %q: unsupported transform %q (supported: aes128gcm16, aes256gcm16, rfc4106(gcm(aes)))", s, esp)
 }
 
 // Options configure a Backend.
@@ -117,7 +150,7 @@ type Options struct {
 const DefaultGrace = 30 * time.Second
 
 func (o Options) withDefaults() Options {
-	if o.Cipher == (Cipher{}) {
+	if o.Cipher == 0 {
 		o.Cipher = AESGCM128
 	}
 	if o.RekeyInterval <= 0 {
@@ -148,7 +181,7 @@ func (o Options) validate() error {
 	if len(o.PSK) < MinPSKLen {
 		return fmt.Errorf("%w: Backend.PSK: too short (%d characters, want at least %d)", lease.ErrInvalidConfig, len(o.PSK), MinPSKLen)
 	}
-	if o.Cipher.Name != AESGCM128.Name || (o.Cipher.KeyBits != 128 && o.Cipher.KeyBits != 256) || o.Cipher.ICVBits != 128 {
+	if !o.Cipher.valid() {
 		return fmt.Errorf("%w: cipher %s: unsupported", lease.ErrInvalidConfig, o.Cipher)
 	}
 	return nil

@@ -2,7 +2,6 @@ package ipsec
 
 import (
 	"bytes"
-	"cmp"
 	"fmt"
 	"net/netip"
 	"slices"
@@ -152,51 +151,7 @@ func desired(in input) (states []xstate, policies []xpolicy, failed map[int]erro
 			failed[i] = err
 		}
 	}
-	// Current (published) keys of every node, for SPI assignment: the own
-	// node first.
-	type spiTable map[keyPairID]uint32
-	curKeys := [][]byte{in.keys.cur.pub}
-	for i, p := range in.peers {
-		if in.valid[i] {
-			curKeys = append(curKeys, p.Cur)
-		}
-	}
-	spisTo := func(receiver []byte) (spiTable, map[uint32]bool) {
-		var pairs []keyPairID
-		for _, k := range curKeys {
-			if !bytes.Equal(k, receiver) {
-				pairs = append(pairs, keyPairID{string(k), string(receiver)})
-			}
-		}
-		used := map[uint32]bool{}
-		return assignSPIs(pairs, used), used
-	}
-	// graceSPI is the SPI of a pair outside the current set: the first
-	// candidate not taken by the current set at that receiver.
-	graceSPI := func(p keyPairID, used map[uint32]bool) uint32 {
-		for try := uint32(0); ; try++ {
-			if s := spiCandidate([]byte(p.sender), []byte(p.receiver), try); !used[s] {
-				return s
-			}
-		}
-	}
-	spiFor := func(sender, receiver []byte, gen uint8, table spiTable, used map[uint32]bool) uint32 {
-		id := keyPairID{string(sender), string(receiver)}
-		if gen > 0 {
-			id.receiver += fmt.Sprintf("\x00gen%d", gen)
-		}
-		if s, ok := table[id]; ok {
-			return s
-		}
-		return graceSPI(id, used)
-	}
-	inTable, inUsed := spisTo(in.keys.cur.pub)
-	var prevTable spiTable
-	var prevUsed map[uint32]bool
-	if in.keys.prev != nil {
-		prevTable, prevUsed = spisTo(in.keys.prev.pub)
-	}
-
+	sp := newSPIs(in)
 	for _, f := range families {
 		ownSub, ownIP, cluster := f.subnet(in.own), f.ip(in.own), f.cluster(in)
 		if !ownSub.IsValid() || !cluster.IsValid() {
@@ -226,54 +181,12 @@ func desired(in input) (states []xstate, policies []xpolicy, failed map[int]erro
 			if !in.valid[i] {
 				continue
 			}
-			// Outbound: our key the peer knows, the peer's current key.
-			outKey := in.keys.cur
-			if p.SendPrev && in.keys.prev != nil {
-				outKey = *in.keys.prev
-			}
-			table, used := spisTo(p.Cur)
-			pair := pairName(outKey.pub, p.Cur)
-			gen := in.outGen[pair]
-			k, err := deriveKey(in.psk, in.cipher, outKey.priv, p.Cur, outKey.pub, p.Cur, gen)
-			if err != nil {
+			st, pol, errs := peerESP(in, sp, i, tunnel{ownSub: ownSub, ownIP: ownIP, sub: sub, ip: ip})
+			for _, err := range errs {
 				fail(i, err)
-				continue
 			}
-			outSPI := spiFor(outKey.pub, p.Cur, gen, table, used)
-			states = append(states, xstate{Src: ownIP, Dst: ip, SPI: outSPI, Key: k, Encap: in.encap, Out: true, Peer: i, Pair: pair})
-			// Inbound: every live sender key of the peer to every live
-			// key of ours.
-			senders := [][]byte{p.Cur}
-			if p.Prev != nil {
-				senders = append(senders, p.Prev)
-			}
-			type recv struct {
-				kp    keyPair
-				table spiTable
-				used  map[uint32]bool
-				prev  bool
-			}
-			recvs := []recv{{in.keys.cur, inTable, inUsed, false}}
-			if in.keys.prev != nil {
-				recvs = append(recvs, recv{*in.keys.prev, prevTable, prevUsed, true})
-			}
-			for _, r := range recvs {
-				for _, s := range senders {
-					for gen := range uint8(Generations) {
-						k, err := deriveKey(in.psk, in.cipher, r.kp.priv, s, s, r.kp.pub, gen)
-						if err != nil {
-							fail(i, err)
-							continue
-						}
-						states = append(states, xstate{Src: ip, Dst: ownIP, SPI: spiFor(s, r.kp.pub, gen, r.table, r.used), Key: k, Encap: in.encap, Peer: i, ToPrev: r.prev})
-					}
-				}
-			}
-			tmplOut := xpolicy{Src: ownSub, Dst: sub, Dir: dirOut, Priority: prioPeer, TmplSrc: ownIP, TmplDst: ip, TmplSPI: outSPI, Peer: i}
-			tmplIn := xpolicy{Src: sub, Dst: ownSub, Dir: dirIn, Priority: prioPeer, TmplSrc: ip, TmplDst: ownIP, Peer: i}
-			tmplFwd := tmplIn
-			tmplFwd.Dir = dirFwd
-			policies = append(policies, tmplOut, tmplIn, tmplFwd)
+			states = append(states, st...)
+			policies = append(policies, pol...)
 		}
 	}
 	// Duplicate state ids (an SPI collision among grace pairs) keep the
@@ -289,73 +202,124 @@ func desired(in input) (states []xstate, policies []xpolicy, failed map[int]erro
 	return states, policies, failed
 }
 
-// diffStates returns the states to add and to delete to go from have to
-// want. A state with the same id but other key material or encapsulation
-// is deleted and added again.
-func diffStates(want, have []xstate) (add, del []xstate) {
-	h := make(map[stateID]xstate, len(have))
-	for _, s := range have {
-		h[s.id()] = s
-	}
-	w := make(map[stateID]bool, len(want))
-	for _, s := range want {
-		w[s.id()] = true
-		old, ok := h[s.id()]
-		if ok && bytes.Equal(old.Key, s.Key) && old.Encap == s.Encap {
-			continue
-		}
-		if ok {
-			del = append(del, old)
-		}
-		add = append(add, s)
-	}
-	for _, s := range have {
-		if !w[s.id()] {
-			del = append(del, s)
-		}
-	}
-	sortStates(add)
-	sortStates(del)
-	return add, del
+// tunnel is one family's ends of the tunnel to a peer: the own and the
+// peer's subnet and public address.
+type tunnel struct {
+	ownSub, sub netip.Prefix
+	ownIP, ip   netip.Addr
 }
 
-func sortStates(s []xstate) {
-	slices.SortFunc(s, func(a, b xstate) int {
-		return cmp.Or(a.Src.Compare(b.Src), a.Dst.Compare(b.Dst), cmp.Compare(a.SPI, b.SPI))
-	})
+// peerESP returns the states and policies for peer i of in over t: our
+// outbound state (our key the peer knows, its current key) and the
+// policies, with an inbound state for every live sender key of the peer
+// to every live key of ours and every generation. A failed outbound key
+// gives nothing; a failed inbound key leaves that state out. The errors
+// are in order.
+func peerESP(in input, sp *spis, i int, t tunnel) ([]xstate, []xpolicy, []error) {
+	p := in.peers[i]
+	outKey := in.keys.cur
+	if p.SendPrev && in.keys.prev != nil {
+		outKey = *in.keys.prev
+	}
+	table, used := sp.to(p.Cur)
+	pair := pairName(outKey.pub, p.Cur)
+	gen := in.outGen[pair]
+	k, err := deriveKey(in.psk, in.cipher, outKey.priv, p.Cur, outKey.pub, p.Cur, gen)
+	if err != nil {
+		return nil, nil, []error{err}
+	}
+	outSPI := spiFor(outKey.pub, p.Cur, gen, table, used)
+	states := []xstate{{Src: t.ownIP, Dst: t.ip, SPI: outSPI, Key: k, Encap: in.encap, Out: true, Peer: i, Pair: pair}}
+	senders := [][]byte{p.Cur}
+	if p.Prev != nil {
+		senders = append(senders, p.Prev)
+	}
+	recvs := []receiver{{in.keys.cur, sp.inTable, sp.inUsed, false}}
+	if in.keys.prev != nil {
+		recvs = append(recvs, receiver{*in.keys.prev, sp.prevTable, sp.prevUsed, true})
+	}
+	var errs []error
+	for _, r := range recvs {
+		for _, s := range senders {
+			for gen := range uint8(Generations) {
+				k, err := deriveKey(in.psk, in.cipher, r.kp.priv, s, s, r.kp.pub, gen)
+				if err != nil {
+					errs = append(errs, err)
+					continue
+				}
+				states = append(states, xstate{Src: t.ip, Dst: t.ownIP, SPI: spiFor(s, r.kp.pub, gen, r.table, r.used), Key: k, Encap: in.encap, Peer: i, ToPrev: r.prev})
+			}
+		}
+	}
+	tmplOut := xpolicy{Src: t.ownSub, Dst: t.sub, Dir: dirOut, Priority: prioPeer, TmplSrc: t.ownIP, TmplDst: t.ip, TmplSPI: outSPI, Peer: i}
+	tmplIn := xpolicy{Src: t.sub, Dst: t.ownSub, Dir: dirIn, Priority: prioPeer, TmplSrc: t.ip, TmplDst: t.ownIP, Peer: i}
+	tmplFwd := tmplIn
+	tmplFwd.Dir = dirFwd
+	return states, []xpolicy{tmplOut, tmplIn, tmplFwd}, errs
 }
 
-// samePolicy compares what we set on a policy.
-func samePolicy(a, b xpolicy) bool {
-	return a.id() == b.id() && a.Priority == b.Priority && a.Block == b.Block &&
-		a.TmplSrc == b.TmplSrc && a.TmplDst == b.TmplDst && a.TmplSPI == b.TmplSPI
+// receiver is a key pair of ours that peers send to, with the SPIs of the
+// senders to it.
+type receiver struct {
+	kp    keyPair
+	table spiTable
+	used  map[uint32]bool
+	prev  bool // our previous key
 }
 
-// diffPolicies returns the policies to add or update and those to delete.
-// Block and allow policies come first in upsert, so the cluster network is
-// closed before anything else changes.
-func diffPolicies(want, have []xpolicy) (upsert, del []xpolicy) {
-	h := make(map[policyID]xpolicy, len(have))
-	for _, p := range have {
-		h[p.id()] = p
-	}
-	w := make(map[policyID]bool, len(want))
-	for _, p := range want {
-		w[p.id()] = true
-		if old, ok := h[p.id()]; ok && samePolicy(old, p) {
-			continue
-		}
-		upsert = append(upsert, p)
-	}
-	for _, p := range have {
-		if !w[p.id()] {
-			del = append(del, p)
+type spiTable map[keyPairID]uint32
+
+// spis are the SPI assignments of an input: by the current (published)
+// keys of every node, the own node first, to our current and previous
+// key.
+type spis struct {
+	curKeys            [][]byte
+	inTable, prevTable spiTable
+	inUsed, prevUsed   map[uint32]bool
+}
+
+func newSPIs(in input) *spis {
+	sp := &spis{curKeys: [][]byte{in.keys.cur.pub}}
+	for i, p := range in.peers {
+		if in.valid[i] {
+			sp.curKeys = append(sp.curKeys, p.Cur)
 		}
 	}
-	slices.SortStableFunc(upsert, func(a, b xpolicy) int {
-		return cmp.Compare(b.Priority, a.Priority) // block first
-	})
-	return upsert, del
+	sp.inTable, sp.inUsed = sp.to(in.keys.cur.pub)
+	if in.keys.prev != nil {
+		sp.prevTable, sp.prevUsed = sp.to(in.keys.prev.pub)
+	}
+	return sp
+}
+
+// to assigns the SPIs of the current keys of the other nodes to receiver.
+func (sp *spis) to(receiver []byte) (spiTable, map[uint32]bool) {
+	var pairs []keyPairID
+	for _, k := range sp.curKeys {
+		if !bytes.Equal(k, receiver) {
+			pairs = append(pairs, keyPairID{string(k), string(receiver)})
+		}
+	}
+	used := map[uint32]bool{}
+	return assignSPIs(pairs, used), used
+}
+
+// spiFor is the SPI of sender's gen-th generation to receiver: its
+// assignment in table, or for a pair outside the current set (a grace
+// key) the first candidate not taken by the current set at that receiver.
+func spiFor(sender, receiver []byte, gen uint8, table spiTable, used map[uint32]bool) uint32 {
+	id := keyPairID{string(sender), string(receiver)}
+	if gen > 0 {
+		id.receiver += fmt.Sprintf("\x00gen%d", gen)
+	}
+	if s, ok := table[id]; ok {
+		return s
+	}
+	for try := uint32(0); ; try++ {
+		if s := spiCandidate([]byte(id.sender), []byte(id.receiver), try); !used[s] {
+			return s
+		}
+	}
 }
 
 // MTU returns the largest inner packet that fits in an ESP tunnel-mode
@@ -370,7 +334,7 @@ func MTU(linkMTU int, ipv6, encap bool, c Cipher) int {
 	if encap {
 		outer += 8
 	}
-	room := linkMTU - outer - 8 - 8 - c.ICVBits/8
+	room := linkMTU - outer - 8 - 8 - c.ICVBits()/8
 	room -= room % 4
 	return room - 2
 }

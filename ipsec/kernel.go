@@ -58,7 +58,7 @@ func (k kernel) toState(s xstate) *netlink.XfrmState {
 		Reqid: int(k.reqid),
 		// A replay window for inbound; 0 keeps the kernel default off.
 		ReplayWindow: 128,
-		Aead:         &netlink.XfrmStateAlgo{Name: k.cipher.Name, Key: s.Key, ICVLen: k.cipher.ICVBits},
+		Aead:         &netlink.XfrmStateAlgo{Name: k.cipher.Name(), Key: s.Key, ICVLen: k.cipher.ICVBits()},
 	}
 	if s.Encap {
 		st.Encap = &netlink.XfrmStateEncap{Type: netlink.XFRM_ENCAP_ESPINUDP, SrcPort: UDPEncapPort, DstPort: UDPEncapPort}
@@ -156,7 +156,7 @@ func probeESP(h *netlink.Handle, o Options) error {
 		SPI: 0xff, Key: make([]byte, o.Cipher.keyLen()),
 	}
 	if err := h.XfrmStateAdd(k.toState(s)); err != nil && !errors.Is(err, syscall.EEXIST) {
-		return fmt.Errorf("%w: probe esp state with %s: %v", ErrNoESP, o.Cipher.Name, err)
+		return fmt.Errorf("%w: probe esp state with %s: %v", ErrNoESP, o.Cipher.Name(), err)
 	}
 	return k.delState(s)
 }

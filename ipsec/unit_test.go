@@ -78,9 +78,9 @@ func TestParseProposal(t *testing.T) {
 		{"AES256GCM16-SHA384", AESGCM256, true},
 		{"rfc4106(gcm(aes))", AESGCM128, true},
 		{"rfc4106(gcm(aes))-256", AESGCM256, true},
-		{"rfc4106(gcm(aes))-192", Cipher{}, false},
-		{"aes128gcm8", Cipher{}, false},
-		{"3des-md5", Cipher{}, false},
+		{"rfc4106(gcm(aes))-192", 0, false},
+		{"aes128gcm8", 0, false},
+		{"3des-md5", 0, false},
 	} {
 		t.Run(tc.in, func(t *testing.T) {
 			got, err := ParseProposal(tc.in)
@@ -232,4 +232,17 @@ func TestOptionsNeverPrintPSK(t *testing.T) {
 		assert.NotContains(t, s, "s3cr3t")
 		assert.Contains(t, s, "redacted")
 	}
+}
+
+func TestCipherValues(t *testing.T) {
+	// String is part of the key derivation: it must never change.
+	assert.Equal(t, "rfc4106(gcm(aes))-128-icv128", AESGCM128.String())
+	assert.Equal(t, "rfc4106(gcm(aes))-256-icv128", AESGCM256.String())
+	assert.Equal(t, 20, AESGCM128.keyLen())
+	assert.Equal(t, 36, AESGCM256.keyLen())
+	assert.Equal(t, "rfc4106(gcm(aes))", AESGCM256.Name())
+	assert.Equal(t, 128, AESGCM256.ICVBits())
+	assert.Equal(t, AESGCM128, Options{}.withDefaults().Cipher)
+	assert.ErrorIs(t, Options{PSK: []byte(testPSK), Cipher: 7}.validate(), lease.ErrInvalidConfig)
+	assert.Equal(t, "Cipher(7)", Cipher(7).String())
 }

@@ -1,0 +1,370 @@
+package ipsec
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"log/slog"
+	"net/netip"
+	"slices"
+	"time"
+
+	"github.com/flannelkit/flannel/lease"
+)
+
+// keyBook owns a Network's key state and its rules: our key pairs and the
+// last rekey, the peers' published keys and those they replaced, what the
+// peers' traffic showed about our keys, and for our outbound states their
+// generation, which of them we installed and which linger after a switch.
+// It reads the clock and the states listed from the kernel but never
+// writes the kernel; Network.applyLocked asks it, then plans and executes.
+//
+// The rule of issue #18 that a key and SPI are never installed twice in a
+// key's lifetime belongs here: today forgetPairs drops the generation of a
+// key pair once it is not in use (a peer leaves, our previous key is
+// switched back to, a pair ran out of generations), so the pair starts
+// over at generation 0. A record of the outbound (key, SPI) pairs
+// installed per key lifetime, kept by installed and consulted by vanished
+// and forgetPairs, would enforce it.
+type keyBook struct {
+	log           *slog.Logger
+	grace         time.Duration
+	rekeyInterval time.Duration
+
+	keys      localKeys
+	rekeyedAt time.Time
+	peerKeys  map[string]*peerKey   // by lease key
+	badKeys   map[string]string     // lease key -> BackendData last warned about
+	use       map[string]*keyUse    // by lease key: peers' use of our keys since the rekey
+	outGen    map[string]uint8      // pairName -> generation of our outbound state
+	outSeen   map[stateID]bool      // outbound states we installed
+	exhausted map[string]bool       // pairName out of generations
+	linger    map[stateID]time.Time // replaced outbound states kept until then
+}
+
+// outLinger is how long an outbound state replaced by one for the same
+// peer (a key switch) stays installed: a packet already routed through it
+// is dropped if it vanishes under it, while new packets take the newer
+// state at once.
+const outLinger = time.Second
+
+// keyUse is what a peer's traffic has shown about our keys since our last
+// rekey, from the packet counters of our inbound states.
+type keyUse struct {
+	knowsCur    bool      // it sent with our current key, so it has seen it
+	prevPackets uint64    // packets it sent with our previous key, at the last look
+	prevUsedAt  time.Time // when that count last grew (the rekey time at first)
+}
+
+// peerKey tracks a peer's published key and the one it replaced.
+type peerKey struct {
+	cur, prev []byte
+	changed   time.Time
+}
+
+func newKeyBook(log *slog.Logger, opts Options, key keyPair) keyBook {
+	return keyBook{
+		log:           log,
+		grace:         opts.Grace,
+		rekeyInterval: opts.RekeyInterval,
+		keys:          localKeys{cur: key},
+		peerKeys:      map[string]*peerKey{},
+		badKeys:       map[string]string{},
+		use:           map[string]*keyUse{},
+		outGen:        map[string]uint8{},
+		outSeen:       map[stateID]bool{},
+		exhausted:     map[string]bool{},
+		linger:        map[stateID]time.Time{},
+	}
+}
+
+// rekey makes key the current key pair and the current one the previous.
+func (b *keyBook) rekey(key keyPair, now time.Time) {
+	old := b.keys.cur
+	b.keys.prev, b.keys.cur = &old, key
+	b.rekeyedAt = now
+	clear(b.use)
+}
+
+// pending reports whether the key the last rekey replaced is still live.
+func (b *keyBook) pending() bool { return b.keys.prev != nil }
+
+// inGrace reports whether a replaced key, ours or a peer's, is still live.
+func (b *keyBook) inGrace() bool {
+	if b.keys.prev != nil {
+		return true
+	}
+	for _, pk := range b.peerKeys {
+		if pk.prev != nil {
+			return true
+		}
+	}
+	return false
+}
+
+// unusable records that the peer with lease key key published data that
+// is no usable key, and reports whether that is news (to warn once).
+func (b *keyBook) unusable(key string, data json.RawMessage) bool {
+	if b.badKeys[key] == string(data) {
+		return false
+	}
+	b.badKeys[key] = string(data)
+	return true
+}
+
+// peer records pub as the published key of the peer with lease key key
+// (named subnet in logs) and returns its current key and, within Grace of
+// a change, the one it replaced.
+func (b *keyBook) peer(key, subnet string, pub []byte, now time.Time) (cur, prev []byte) {
+	delete(b.badKeys, key)
+	pk := b.peerKeys[key]
+	switch {
+	case pk == nil:
+		pk = &peerKey{cur: pub}
+		b.peerKeys[key] = pk
+	case !bytes.Equal(pk.cur, pub):
+		pk.prev, pk.cur, pk.changed = pk.cur, pub, now
+		b.log.Info("peer key changed", "subnet", subnet)
+	}
+	if pk.prev != nil && now.Sub(pk.changed) >= b.grace {
+		pk.prev = nil
+	}
+	return pk.cur, pk.prev
+}
+
+// forgetPeers drops what is known about peers gone: keys and key use of
+// those not in usable, warnings about those not in present.
+func (b *keyBook) forgetPeers(usable, present map[string]bool) {
+	for key := range b.peerKeys {
+		if !usable[key] {
+			delete(b.peerKeys, key)
+		}
+	}
+	for key := range b.use {
+		if !usable[key] {
+			delete(b.use, key)
+		}
+	}
+	for key := range b.badKeys {
+		if !present[key] {
+			delete(b.badKeys, key)
+		}
+	}
+}
+
+// sendPrev reports whether outbound to the peer with lease key key still
+// uses our previous key. It switches to the current key as soon as the
+// peer has sent with it (it has seen our new public key), or once Grace/2
+// has passed since the rekey and the peer has not sent with the previous
+// key for Grace/2: a peer that keeps sending with the old key has not seen
+// the new one (its store watch may be down), and one that sends nothing
+// gives no sign either way.
+func (b *keyBook) sendPrev(key string, now time.Time) bool {
+	if b.keys.prev == nil {
+		return false
+	}
+	half := b.grace / 2
+	u := b.use[key]
+	if u == nil {
+		return now.Sub(b.rekeyedAt) < half
+	}
+	return !u.knowsCur && (now.Sub(b.rekeyedAt) < half || now.Sub(u.prevUsedAt) < half)
+}
+
+// observe reads the packet counters of our inbound states (have, as
+// wanted in states) into the key use of the peers of in (whose leases are
+// peers) and reports whether the outbound key of one of them changed as a
+// result (in.peers is updated).
+func (b *keyBook) observe(in input, peers []lease.Lease, states, have []xstate, now time.Time) bool {
+	packets := make(map[stateID]uint64, len(have))
+	for _, s := range have {
+		packets[s.id()] = s.Packets
+	}
+	type sums struct{ cur, prev uint64 }
+	per := map[int]*sums{}
+	for _, s := range states {
+		if s.Out || s.Peer < 0 {
+			continue
+		}
+		sm := per[s.Peer]
+		if sm == nil {
+			sm = &sums{}
+			per[s.Peer] = sm
+		}
+		if s.ToPrev {
+			sm.prev += packets[s.id()]
+		} else {
+			sm.cur += packets[s.id()]
+		}
+	}
+	changed := false
+	for i, sm := range per {
+		key := peers[i].Key()
+		u := b.use[key]
+		if u == nil {
+			// First look since the rekey: the baseline.
+			u = &keyUse{prevPackets: sm.prev, prevUsedAt: b.rekeyedAt}
+			b.use[key] = u
+		}
+		if sm.prev > u.prevPackets {
+			u.prevUsedAt = now
+		}
+		u.prevPackets = sm.prev
+		if sm.cur > 0 && !u.knowsCur {
+			u.knowsCur = true
+			b.log.Debug("peer sends with our new key", "subnet", peers[i].String())
+		}
+		if sp := b.sendPrev(key, now); sp != in.peers[i].SendPrev {
+			in.peers[i].SendPrev = sp
+			changed = true
+		}
+	}
+	return changed
+}
+
+// retirePrev drops our previous key once Grace has passed since the rekey
+// and no peer has sent with it for Grace/2 (or knows the current one), and
+// after RekeyInterval in any case.
+func (b *keyBook) retirePrev(now time.Time) {
+	if b.keys.prev == nil {
+		return
+	}
+	elapsed := now.Sub(b.rekeyedAt)
+	if elapsed < b.grace {
+		return
+	}
+	var inUse []string
+	for key, u := range b.use {
+		if !u.knowsCur && now.Sub(u.prevUsedAt) < b.grace/2 {
+			inUse = append(inUse, key)
+		}
+	}
+	if len(inUse) > 0 && elapsed < b.rekeyInterval {
+		return
+	}
+	if len(inUse) > 0 {
+		slices.Sort(inUse)
+		b.log.Warn("retiring the previous key although peers still send with it; they have not seen the new key for a whole rekey interval", "peers", inUse)
+	}
+	b.keys.prev = nil
+	clear(b.use)
+}
+
+// vanished moves the key pair of every wanted outbound state that we
+// installed and that is gone from have (deleted by hand, flushed) to its
+// next generation, or marks it exhausted after the last one, and reports
+// whether a generation moved: the state must not come back with the same
+// key, since its sequence number, and so the GCM nonce, would start over.
+func (b *keyBook) vanished(states, have []xstate) bool {
+	haveIDs := make(map[stateID]bool, len(have))
+	for _, s := range have {
+		haveIDs[s.id()] = true
+	}
+	bumped := false
+	for _, s := range states {
+		if !s.Out || !b.outSeen[s.id()] || haveIDs[s.id()] {
+			continue
+		}
+		delete(b.outSeen, s.id())
+		if b.outGen[s.Pair]+1 < Generations {
+			b.outGen[s.Pair]++
+			bumped = true
+			b.log.Warn("outbound esp state vanished; installing a new one with a fresh SPI and key", "peer_ip", s.Dst, "generation", b.outGen[s.Pair])
+		} else {
+			b.exhausted[s.Pair] = true
+		}
+	}
+	return bumped
+}
+
+var errExhausted = errors.New("outbound esp state was deleted too often for this key; traffic stays blocked until the next rekey or restart")
+
+// dropExhausted removes from states the outbound ones of exhausted key
+// pairs, with an error for their peer in failed.
+func (b *keyBook) dropExhausted(states []xstate, failed map[int]error) []xstate {
+	return slices.DeleteFunc(states, func(s xstate) bool {
+		if s.Out && b.exhausted[s.Pair] {
+			failed[s.Peer] = errors.Join(failed[s.Peer], errExhausted)
+			return true
+		}
+		return false
+	})
+}
+
+// forgetPairs forgets the generations of key pairs no outbound state in
+// states uses.
+func (b *keyBook) forgetPairs(states []xstate) {
+	live := map[string]bool{}
+	for _, s := range states {
+		if s.Out {
+			live[s.Pair] = true
+		}
+	}
+	for p := range b.outGen {
+		if !live[p] {
+			delete(b.outGen, p)
+		}
+	}
+	for p := range b.exhausted {
+		if !live[p] {
+			delete(b.exhausted, p)
+		}
+	}
+}
+
+// lingerStates adds to states the outbound states of ours in have that
+// were replaced by another outbound state between the same addresses less
+// than outLinger ago.
+func (b *keyBook) lingerStates(states, have []xstate, now time.Time) []xstate {
+	type ends struct{ src, dst netip.Addr }
+	want := make(map[stateID]bool, len(states))
+	outTo := map[ends]bool{}
+	for _, s := range states {
+		want[s.id()] = true
+		if s.Out {
+			outTo[ends{s.Src, s.Dst}] = true
+		}
+	}
+	keep := map[stateID]bool{}
+	for _, h := range have {
+		id := h.id()
+		if want[id] || !b.outSeen[id] || !outTo[ends{h.Src, h.Dst}] {
+			continue
+		}
+		until, ok := b.linger[id]
+		if !ok {
+			until = now.Add(outLinger)
+			b.linger[id] = until
+		}
+		if now.Before(until) {
+			h.Out, h.Peer = true, -1
+			states = append(states, h)
+			keep[id] = true
+		}
+	}
+	for id := range b.linger {
+		if !keep[id] {
+			delete(b.linger, id)
+		}
+	}
+	return states
+}
+
+// installed records the outbound states of states as ours, except those
+// whose add failed.
+func (b *keyBook) installed(states []xstate, addFailed map[stateID]bool) {
+	outs := map[stateID]bool{}
+	for _, s := range states {
+		if s.Out && !addFailed[s.id()] {
+			outs[s.id()] = true
+		}
+	}
+	for id := range b.outSeen {
+		if !outs[id] {
+			delete(b.outSeen, id)
+		}
+	}
+	for id := range outs {
+		b.outSeen[id] = true
+	}
+}
