@@ -15,6 +15,7 @@ import (
 	"github.com/vishvananda/netns"
 	"golang.org/x/sync/errgroup"
 
+	"github.com/flannelkit/flannel/internal/retry"
 	"github.com/flannelkit/flannel/lease"
 )
 
@@ -391,9 +392,9 @@ func (a *Agent) acquire(ctx context.Context, req lease.Request) (lease.Lease, er
 		if !errors.Is(err, lease.ErrNotAssigned) || ctx.Err() != nil {
 			return lease.Lease{}, fmt.Errorf("acquire lease: %w", err)
 		}
-		d := bo.next()
+		d := bo.Next()
 		a.log.Info("waiting for the store to assign a subnet", "error", err, "retry_in", d)
-		if !sleepCtx(ctx, d) {
+		if retry.Sleep(ctx, d) != nil {
 			return lease.Lease{}, fmt.Errorf("acquire lease: %w", ctx.Err())
 		}
 	}

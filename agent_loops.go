@@ -8,6 +8,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/flannelkit/flannel/internal/retry"
 	"github.com/flannelkit/flannel/lease"
 )
 
@@ -72,14 +73,14 @@ func (a *Agent) watchLoop(ctx context.Context, out *latest[lease.Snapshot]) erro
 		// A watch that worked for a while starts the backoff over; one
 		// that fails right after its first snapshot keeps backing off.
 		if delivered.Load() && time.Since(began) >= a.opts.RetryMax {
-			bo.reset()
+			bo.Reset()
 		}
 		if a.opts.OnWatchRestart != nil {
 			a.opts.OnWatchRestart(err)
 		}
-		d := bo.next()
+		d := bo.Next()
 		a.log.Warn("lease watch failed; restarting", "error", err, "retry_in", d)
-		if !sleepCtx(ctx, d) {
+		if retry.Sleep(ctx, d) != nil {
 			return nil
 		}
 	}
@@ -130,10 +131,10 @@ func (a *Agent) applyLoop(ctx context.Context, r *run, in *latest[lease.Snapshot
 			a.applied(len(peers))
 		}
 		if err == nil {
-			bo.reset()
+			bo.Reset()
 			continue
 		}
-		d := bo.next()
+		d := bo.Next()
 		a.log.Debug("retrying apply", "retry_in", d)
 		retry = time.NewTimer(d)
 		retryC = retry.C
@@ -238,7 +239,7 @@ func (a *Agent) keepLoop(ctx context.Context, r *run) error {
 			continue
 		}
 		if time.Since(began) >= a.opts.RetryMax {
-			bo.reset() // it held the lease for a while: start over
+			bo.Reset() // it held the lease for a while: start over
 		}
 		if err == nil {
 			err = errors.New("keep ended early")
@@ -247,9 +248,9 @@ func (a *Agent) keepLoop(ctx context.Context, r *run) error {
 			a.opts.OnKeepError(err)
 		}
 		if !errors.Is(err, lease.ErrLeaseLost) {
-			d := bo.next()
+			d := bo.Next()
 			a.log.Warn("keeping lease failed; retrying", "lease", own, "error", err, "retry_in", d)
-			if !sleepCtx(ctx, d) {
+			if retry.Sleep(ctx, d) != nil {
 				return nil
 			}
 			continue
@@ -272,7 +273,7 @@ func (a *Agent) keepLoop(ctx context.Context, r *run) error {
 		a.mu.Lock()
 		a.state.Lease = got
 		a.mu.Unlock()
-		bo.reset()
+		bo.Reset()
 	}
 }
 
@@ -311,9 +312,9 @@ func (a *Agent) reacquire(ctx context.Context, attrs lease.Attrs, own lease.Leas
 		if errors.Is(err, lease.ErrNoFreeSubnet) || ctx.Err() != nil {
 			return lease.Lease{}, fmt.Errorf("re-acquire lost lease %s: %w", own, err)
 		}
-		d := bo.next()
+		d := bo.Next()
 		a.log.Warn("re-acquiring lease failed; retrying", "lease", own, "error", err, "retry_in", d)
-		if !sleepCtx(ctx, d) {
+		if retry.Sleep(ctx, d) != nil {
 			return lease.Lease{}, ctx.Err()
 		}
 	}
@@ -360,16 +361,9 @@ func (a *Agent) applied(peers int) {
 	}
 }
 
-// sleepCtx waits d or until ctx ends; it reports whether d elapsed.
-func sleepCtx(ctx context.Context, d time.Duration) bool {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return false
-	case <-t.C:
-		return true
-	}
+// newBackoff returns a backoff between the agent's retry bounds.
+func (a *Agent) newBackoff() *retry.Backoff {
+	return &retry.Backoff{Min: a.opts.RetryMin, Max: a.opts.RetryMax}
 }
 
 // setApplying records when the running Apply began (zero: none running), so
