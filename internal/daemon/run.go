@@ -20,6 +20,7 @@ import (
 	"github.com/flannelkit/flannel/backend"
 	"github.com/flannelkit/flannel/etcdstore"
 	"github.com/flannelkit/flannel/hostgw"
+	"github.com/flannelkit/flannel/internal/retry"
 	"github.com/flannelkit/flannel/ipsec"
 	"github.com/flannelkit/flannel/lease"
 	"github.com/flannelkit/flannel/rules"
@@ -80,12 +81,7 @@ func Run(ctx context.Context, c Config, log *slog.Logger) error {
 	}
 	defer h.Close()
 
-	var st *storeSetup
-	if c.KubeSubnetMgr {
-		st, err = newKubeStore(ctx, c, log)
-	} else {
-		st, err = newEtcdStore(c, log, m.LeaseRenewed)
-	}
+	st, err := openStore(ctx, c, log, m)
 	if err != nil {
 		return err
 	}
@@ -96,35 +92,13 @@ func Run(ctx context.Context, c Config, log *slog.Logger) error {
 	if err != nil || ctx.Err() != nil {
 		return err
 	}
-	reg, err := Registry()
+	be, iface, err := findBackend(c, cfg, h, log)
 	if err != nil {
 		return err
 	}
-	be, err := reg.New(cfg)
+	tr, err := newRules(c, ns, log)
 	if err != nil {
-		return fmt.Errorf("network config: %w", err)
-	}
-	iface, err := backend.FindInterface(h, backend.InterfaceOptions{
-		Names: c.Ifaces, Regexes: c.IfaceRegexes, CanReach: c.IfaceCanReach,
-		PublicIP: c.PublicIP, PublicIPv6: c.PublicIPv6,
-		IPv4: cfg.EnableIPv4, IPv6: cfg.EnableIPv6,
-	})
-	if err != nil {
-		return fmt.Errorf("find external interface: %w", err)
-	}
-	log.Info("using interface", "iface", iface.Name, "ip", iface.IP, "ipv6", iface.IPv6,
-		"public_ip", iface.PublicIP, "public_ipv6", iface.PublicIPv6, "backend", be.Type())
-
-	var tr *rules.Manager
-	if c.IPMasq || c.IPTablesForwardRules || c.Cleanup {
-		tr, err = rules.New(rules.Options{
-			NS: ns, Masquerade: c.IPMasq, Forward: c.IPTablesForwardRules,
-			DisableRandomFully: c.IPMasqRandomFullyDisable, ResyncPeriod: c.IPTablesResync,
-			Logger: log.With("component", "rules"),
-		})
-		if err != nil {
-			return err
-		}
+		return err
 	}
 	if st.expiry != nil {
 		m.SetLeaseExpiry(st.expiry)
@@ -134,7 +108,7 @@ func Run(ctx context.Context, c Config, log *slog.Logger) error {
 		Logger: log, SubnetFile: c.SubnetFile, IPMasq: c.IPMasq,
 	}
 	if tr != nil {
-		opts.Rules = tr
+		opts.Rules = tr // never a typed nil in the interface
 	}
 	if c.IPBlackholeRoute {
 		opts.OnReady = func(st flannel.State) {
@@ -157,6 +131,53 @@ func Run(ctx context.Context, c Config, log *slog.Logger) error {
 	runErr := agent.Run(ctx)
 	m.RunDone(runErr)
 	return runErr
+}
+
+// openStore builds the lease store the flags choose: the Kubernetes API
+// (--kube-subnet-mgr) or etcd, whose renewals feed m.
+func openStore(ctx context.Context, c Config, log *slog.Logger, m *Metrics) (*storeSetup, error) {
+	if c.KubeSubnetMgr {
+		return newKubeStore(ctx, c, log)
+	}
+	return newEtcdStore(c, log, m.LeaseRenewed)
+}
+
+// findBackend builds the backend that cfg names and finds the external
+// interface as the --iface* and --public-ip* flags say.
+func findBackend(c Config, cfg lease.Config, h *netlink.Handle, log *slog.Logger) (flannel.Backend, flannel.ExternalInterface, error) {
+	reg, err := Registry()
+	if err != nil {
+		return nil, flannel.ExternalInterface{}, err
+	}
+	be, err := reg.New(cfg)
+	if err != nil {
+		return nil, flannel.ExternalInterface{}, fmt.Errorf("network config: %w", err)
+	}
+	iface, err := backend.FindInterface(h, backend.InterfaceOptions{
+		Names: c.Ifaces, Regexes: c.IfaceRegexes, CanReach: c.IfaceCanReach,
+		PublicIP: c.PublicIP, PublicIPv6: c.PublicIPv6,
+		IPv4: cfg.EnableIPv4, IPv6: cfg.EnableIPv6,
+	})
+	if err != nil {
+		return nil, flannel.ExternalInterface{}, fmt.Errorf("find external interface: %w", err)
+	}
+	log.Info("using interface", "iface", iface.Name, "ip", iface.IP, "ipv6", iface.IPv6,
+		"public_ip", iface.PublicIP, "public_ipv6", iface.PublicIPv6, "backend", be.Type())
+	return be, iface, nil
+}
+
+// newRules returns the traffic rules manager when --ip-masq or
+// --iptables-forward-rules asks for rules, or for --cleanup (to remove
+// them); nil otherwise.
+func newRules(c Config, ns netns.NsHandle, log *slog.Logger) (*rules.Manager, error) {
+	if !c.IPMasq && !c.IPTablesForwardRules && !c.Cleanup {
+		return nil, nil
+	}
+	return rules.New(rules.Options{
+		NS: ns, Masquerade: c.IPMasq, Forward: c.IPTablesForwardRules,
+		DisableRandomFully: c.IPMasqRandomFullyDisable, ResyncPeriod: c.IPTablesResync,
+		Logger: log.With("component", "rules"),
+	})
 }
 
 // serve starts the health/metrics server; stop shuts it down and waits.
@@ -236,12 +257,8 @@ func waitConfig(ctx context.Context, store flannel.LeaseStore, where string, log
 			return lease.Config{}, nil
 		}
 		log.Warn("no usable network config yet; retrying", "from", where, "error", err, "retry_in", d)
-		t := time.NewTimer(d)
-		select {
-		case <-ctx.Done():
-			t.Stop()
+		if retry.Sleep(ctx, d) != nil {
 			return lease.Config{}, nil
-		case <-t.C:
 		}
 		d = min(2*d, 10*time.Second)
 	}
