@@ -51,11 +51,11 @@ func (a *Agent) watchLoop(ctx context.Context, out *latest[lease.Snapshot]) erro
 // backoff keeps growing while Apply keeps failing). Snapshots arriving
 // while Apply runs are coalesced: the next call uses the newest one.
 type applier struct {
-	a     *Agent
-	r     *run
-	in    *latest[lease.Snapshot]
-	bo    *retry.Backoff
-	retry *time.Timer // the pending retry of a failed Apply; nil when none
+	a       *Agent
+	r       *run
+	in      *latest[lease.Snapshot]
+	bo      *retry.Backoff
+	pending *time.Timer // the retry of a failed Apply; nil when none
 }
 
 func (a *Agent) newApplier(r *run, in *latest[lease.Snapshot]) *applier {
@@ -64,9 +64,9 @@ func (a *Agent) newApplier(r *run, in *latest[lease.Snapshot]) *applier {
 
 // stop cancels the pending retry, if any.
 func (p *applier) stop() {
-	if p.retry != nil {
-		p.retry.Stop()
-		p.retry = nil
+	if p.pending != nil {
+		p.pending.Stop()
+		p.pending = nil
 	}
 }
 
@@ -99,8 +99,8 @@ func (p *applier) loop(ctx context.Context) {
 // for untilApplied). alive is false once ctx ended.
 func (p *applier) next(ctx context.Context) (applied, alive bool) {
 	var retryC <-chan time.Time
-	if p.retry != nil {
-		retryC = p.retry.C
+	if p.pending != nil {
+		retryC = p.pending.C
 	}
 	select {
 	case <-ctx.Done():
@@ -136,7 +136,7 @@ func (p *applier) next(ctx context.Context) (applied, alive bool) {
 	}
 	d := p.bo.Next()
 	a.log.Debug("retrying apply", "retry_in", d)
-	p.retry = time.NewTimer(d)
+	p.pending = time.NewTimer(d)
 	return applied, true
 }
 
