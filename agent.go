@@ -11,110 +11,11 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netns"
 	"golang.org/x/sync/errgroup"
 
+	"github.com/flannelkit/flannel/internal/retry"
 	"github.com/flannelkit/flannel/lease"
 )
-
-// Default retry bounds for AgentOptions.RetryMin and RetryMax.
-const (
-	DefaultRetryMin = 500 * time.Millisecond
-	DefaultRetryMax = 30 * time.Second
-)
-
-// ErrAgentRunning is returned by Run and Cleanup while Run is executing.
-var ErrAgentRunning = errors.New("agent is already running")
-
-// ErrSubnetChanged is matched (errors.Is) by a *SubnetChangedError.
-var ErrSubnetChanged = errors.New("node subnet changed")
-
-// SubnetChangedError is returned by Agent.Run when the node lost its lease
-// and the store could only give it different subnets. The agent does not
-// reprogram the node by itself: pods hold addresses of the Old subnets, so
-// the embedder must move them (typically: drain and restart the node agent,
-// whose next Run reclaims New). It matches ErrSubnetChanged and
-// lease.ErrLeaseLost with errors.Is.
-type SubnetChangedError struct {
-	Old, New lease.Lease
-}
-
-func (e *SubnetChangedError) Error() string {
-	return fmt.Sprintf("lease %s lost and re-acquired as %s: pods on this node must move", e.Old, e.New)
-}
-
-// Is reports whether target is ErrSubnetChanged.
-func (e *SubnetChangedError) Is(target error) bool { return target == ErrSubnetChanged }
-
-// Unwrap returns lease.ErrLeaseLost: the change follows a lost lease.
-func (e *SubnetChangedError) Unwrap() error { return lease.ErrLeaseLost }
-
-// AgentOptions configure an Agent.
-type AgentOptions struct {
-	// Store is where the node's lease is published and peers are found.
-	// Required.
-	Store LeaseStore
-	// Backend programs the node's kernel. Required.
-	Backend Backend
-	// Iface is the node's external interface (backend.FindInterface).
-	// Required: Name must be set. Its PublicIP/PublicIPv6 are published
-	// when the backend does not set them.
-	Iface ExternalInterface
-	// Handle is a netlink handle bound to the node's network namespace,
-	// passed to the backend. Required.
-	Handle *netlink.Handle
-	// NS is the node's network namespace, for sysctls. Optional.
-	NS netns.NsHandle
-	// Logger receives the agent's and the backend's logs. Optional: nil
-	// discards.
-	Logger *slog.Logger
-	// SubnetFile is where subnet.env is written for the CNI plugin (e.g.
-	// /run/flannel/subnet.env), and where the previous subnet is read from
-	// on start. Optional: empty means no file.
-	SubnetFile string
-	// IPMasq is written to subnet.env as FLANNEL_IPMASQ. Optional.
-	IPMasq bool
-	// OnReady is called once per Run, after Ready's channel is closed, with
-	// the state at that moment. It must not block for long. Optional.
-	OnReady func(State)
-	// RetryMin and RetryMax bound the capped, jittered exponential backoff
-	// used to retry failed Apply, Watch and Keep calls. Optional: defaults
-	// DefaultRetryMin and DefaultRetryMax.
-	RetryMin, RetryMax time.Duration
-	// Rules keeps the node's masquerade and forward rules: ensured after
-	// subnet.env is written and before the agent is ready (a failure ends
-	// Run), run alongside the network, removed by Cleanup. Optional: nil
-	// means the agent touches no netfilter rule.
-	Rules TrafficRules
-	// OnApply is called after every Apply of the peers with the number of
-	// peers, how long Apply took and its error, e.g. for metrics. It must
-	// not block. Optional.
-	OnApply func(peers int, took time.Duration, err error)
-	// OnWatchRestart is called when the store's Watch returned an error
-	// and is about to be restarted. It must not block. Optional.
-	OnWatchRestart func(err error)
-	// OnKeepError is called when keeping the lease failed; err wraps
-	// lease.ErrLeaseLost when the lease was lost. It must not block.
-	// Optional.
-	OnKeepError func(err error)
-}
-
-// State is a point-in-time view of an Agent.
-type State struct {
-	// Lease is the node's current lease; zero before the first one.
-	Lease lease.Lease
-	// MTU is the MTU pods on this node should use; 0 before Start.
-	MTU int
-	// Peers is the number of peers in the last set applied to the kernel.
-	Peers int
-	// Ready is true while Run is running and has become ready.
-	Ready bool
-	// ApplyingSince is when the Apply now running began; zero when none
-	// runs. An Apply that has run for long (minutes) is wedged: a health
-	// check can report it (examples/flanneld's /healthz does).
-	ApplyingSince time.Time
-}
 
 // Agent composes a LeaseStore and a Backend into a running node: it takes
 // a lease, binds the backend to it and keeps the kernel matching the other
@@ -125,12 +26,8 @@ type Agent struct {
 
 	running atomic.Bool
 
-	mu          sync.Mutex
-	ready       chan struct{}
-	readyClosed bool
-	state       State
-	cfg         lease.Config
-	haveCfg     bool
+	mu sync.Mutex // guards m; only update and read take it
+	m  mutable
 }
 
 // NewAgent checks opts and returns an Agent. The error names the missing or
@@ -163,7 +60,7 @@ func NewAgent(opts AgentOptions) (*Agent, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Agent{opts: opts, log: log, ready: make(chan struct{})}, nil
+	return &Agent{opts: opts, log: log, m: mutable{ready: make(chan struct{})}}, nil
 }
 
 // Ready returns a channel closed when the current (or, between Runs, the
@@ -171,18 +68,10 @@ func NewAgent(opts AgentOptions) (*Agent, error) {
 // and the peers seen first have been applied (even if some of them failed
 // and are being retried). A channel is closed at most once; when a Run that
 // became ready returns, Ready returns a new, open channel.
-func (a *Agent) Ready() <-chan struct{} {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	return a.ready
-}
+func (a *Agent) Ready() <-chan struct{} { return a.read().ready }
 
 // State returns the agent's current state.
-func (a *Agent) State() State {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	return a.state
-}
+func (a *Agent) State() State { return a.read().state }
 
 // Run brings the node up and keeps it matching its peers until ctx ends,
 // then returns nil after joining every goroutine it started, leaving the
@@ -192,42 +81,61 @@ func (a *Agent) State() State {
 // and only different subnets could be re-acquired. Run may be called again
 // after it returned (it then reclaims the same lease); calling it while it
 // runs returns ErrAgentRunning.
-func (a *Agent) Run(ctx context.Context) error {
+//
+// Its body is the data walk, in order: config, prepare, acquire, start,
+// subnet.env, rules; then watch, keep and apply run together, and the node
+// becomes ready once the first peers seen are applied.
+func (a *Agent) Run(ctx context.Context) (err error) {
 	if !a.running.CompareAndSwap(false, true) {
 		return ErrAgentRunning
 	}
 	defer a.running.Store(false)
 	a.beginRun()
 	defer a.endRun()
+	defer func() { err = unlessDone(ctx, err) }()
 
-	r, err := a.start(ctx)
-	if err != nil {
-		if ctx.Err() != nil {
-			return nil
-		}
+	r := &run{publish: newLatest[lease.Attrs]()}
+	if r.cfg, err = a.config(ctx); err != nil {
 		return err
 	}
+	if r.attrs, err = a.prepare(ctx, r.cfg, r.publish); err != nil {
+		return err
+	}
+	if r.own, err = a.acquireOwn(ctx, r.attrs); err != nil {
+		return err
+	}
+	if r.network, err = a.startBackend(ctx, r.own); err != nil {
+		return err
+	}
+	mtu := r.network.MTU()
+	if err = a.writeSubnetEnv(r.cfg, r.own, mtu); err != nil {
+		return err
+	}
+	if err = a.ensureRules(ctx, r.cfg, r.own); err != nil {
+		return err
+	}
+	a.update(func(m *mutable) { m.state.MTU = mtu })
 
 	g, gctx := errgroup.WithContext(ctx)
+	a.goRunners(gctx, g, r.network)
 	snaps := newLatest[lease.Snapshot]()
+	g.Go(func() error { return a.watchLoop(gctx, snaps) })
+	g.Go(func() error { return a.keepLoop(gctx, r) })
 	g.Go(func() error {
-		if err := r.network.Run(gctx); err != nil && gctx.Err() == nil {
-			return fmt.Errorf("%s network: %w", a.opts.Backend.Type(), err)
+		ap := a.newApplier(r, snaps)
+		defer ap.stop()
+		if ap.untilApplied(gctx) {
+			a.becomeReady()
+			ap.loop(gctx)
 		}
 		return nil
 	})
-	if a.opts.Rules != nil {
-		g.Go(func() error {
-			if err := a.opts.Rules.Run(gctx); err != nil && gctx.Err() == nil {
-				return fmt.Errorf("traffic rules: %w", err)
-			}
-			return nil
-		})
-	}
-	g.Go(func() error { return a.watchLoop(gctx, snaps) })
-	g.Go(func() error { return a.applyLoop(gctx, r, snaps) })
-	g.Go(func() error { return a.keepLoop(gctx, r) })
-	err = g.Wait()
+	return g.Wait()
+}
+
+// unlessDone returns err, or nil once ctx has ended: what cancellation
+// interrupts is no failure of Run.
+func unlessDone(ctx context.Context, err error) error {
 	if ctx.Err() != nil {
 		return nil
 	}
@@ -243,63 +151,94 @@ type run struct {
 	publish *latest[lease.Attrs] // attributes the backend publishes while running
 }
 
-// start does the sequential part of Run: config, prepare, lease, start,
-// subnet.env.
-func (a *Agent) start(ctx context.Context) (*run, error) {
+// config reads and checks the network config, and records it for Cleanup.
+func (a *Agent) config(ctx context.Context) (lease.Config, error) {
 	typ := a.opts.Backend.Type()
 	cfg, err := a.opts.Store.Config(ctx)
 	if err != nil {
-		return nil, fmt.Errorf("get network config: %w", err)
+		return lease.Config{}, fmt.Errorf("get network config: %w", err)
 	}
 	if err := cfg.Validate(); err != nil {
-		return nil, fmt.Errorf("network config: %w", err)
+		return lease.Config{}, fmt.Errorf("network config: %w", err)
 	}
 	if cfg.BackendType != "" && cfg.BackendType != typ {
-		return nil, fmt.Errorf("network config: backend type %q but the agent runs %q: %w", cfg.BackendType, typ, lease.ErrInvalidConfig)
+		return lease.Config{}, fmt.Errorf("network config: backend type %q but the agent runs %q: %w", cfg.BackendType, typ, lease.ErrInvalidConfig)
 	}
-	a.mu.Lock()
-	a.cfg, a.haveCfg = cfg, true
-	a.mu.Unlock()
+	a.update(func(m *mutable) { m.cfg, m.haveCfg = cfg, true })
+	return cfg, nil
+}
 
+// prepare lets the backend set up what does not depend on the lease, and
+// returns the attributes to publish, completed by fillAttrs. What the
+// backend publishes later arrives in pub.
+func (a *Agent) prepare(ctx context.Context, cfg lease.Config, pub *latest[lease.Attrs]) (lease.Attrs, error) {
 	env := a.env(cfg)
 	env.Previous = a.findOwn(ctx)
-	pub := newLatest[lease.Attrs]()
 	env.Publish = pub.put
 	attrs, err := a.opts.Backend.Prepare(ctx, env)
 	if err != nil {
-		return nil, fmt.Errorf("prepare %s backend: %w", typ, err)
+		return lease.Attrs{}, fmt.Errorf("prepare %s backend: %w", a.opts.Backend.Type(), err)
 	}
-	attrs = a.fillAttrs(cfg, attrs)
+	return a.fillAttrs(cfg, attrs), nil
+}
 
-	req := lease.Request{Attrs: attrs, Previous: a.previous()}
-	own, err := a.acquire(ctx, req)
+// acquireOwn takes the node's lease with attrs, asking for the subnets
+// recorded in SubnetFile, and records it in the state.
+func (a *Agent) acquireOwn(ctx context.Context, attrs lease.Attrs) (lease.Lease, error) {
+	own, err := a.acquire(ctx, lease.Request{Attrs: attrs, Previous: a.previous()})
 	if err != nil {
-		return nil, err
+		return lease.Lease{}, err
 	}
 	a.log.Info("lease acquired", "lease", own, "public_ip", attrs.PublicIP, "public_ipv6", attrs.PublicIPv6)
-	a.mu.Lock()
-	a.state.Lease = own
-	a.mu.Unlock()
+	a.update(func(m *mutable) { m.state.Lease = own })
+	return own, nil
+}
 
+// startBackend binds the backend to own.
+func (a *Agent) startBackend(ctx context.Context, own lease.Lease) (Network, error) {
 	network, err := a.opts.Backend.Start(ctx, own)
 	if err != nil {
-		return nil, fmt.Errorf("start %s backend with lease %s: %w", typ, own, err)
+		return nil, fmt.Errorf("start %s backend with lease %s: %w", a.opts.Backend.Type(), own, err)
 	}
-	mtu := network.MTU()
-	if a.opts.SubnetFile != "" {
-		if err := WriteSubnetEnv(a.opts.SubnetFile, SubnetEnvFor(cfg, own, mtu, a.opts.IPMasq)); err != nil {
-			return nil, err
+	return network, nil
+}
+
+// writeSubnetEnv writes SubnetFile for the CNI plugin, when asked.
+func (a *Agent) writeSubnetEnv(cfg lease.Config, own lease.Lease, mtu int) error {
+	if a.opts.SubnetFile == "" {
+		return nil
+	}
+	return WriteSubnetEnv(a.opts.SubnetFile, SubnetEnvFor(cfg, own, mtu, a.opts.IPMasq))
+}
+
+// ensureRules ensures the traffic rules for own, when the caller gave any.
+func (a *Agent) ensureRules(ctx context.Context, cfg lease.Config, own lease.Lease) error {
+	if a.opts.Rules == nil {
+		return nil
+	}
+	if err := a.opts.Rules.Ensure(ctx, cfg, own); err != nil {
+		return fmt.Errorf("ensure traffic rules for lease %s: %w", own, err)
+	}
+	return nil
+}
+
+// goRunners runs the network's Run and, when given, the traffic rules' Run
+// in g. Their errors end the Run; cancellation is none.
+func (a *Agent) goRunners(ctx context.Context, g *errgroup.Group, network Network) {
+	g.Go(func() error {
+		if err := network.Run(ctx); err != nil && ctx.Err() == nil {
+			return fmt.Errorf("%s network: %w", a.opts.Backend.Type(), err)
 		}
-	}
+		return nil
+	})
 	if a.opts.Rules != nil {
-		if err := a.opts.Rules.Ensure(ctx, cfg, own); err != nil {
-			return nil, fmt.Errorf("ensure traffic rules for lease %s: %w", own, err)
-		}
+		g.Go(func() error {
+			if err := a.opts.Rules.Run(ctx); err != nil && ctx.Err() == nil {
+				return fmt.Errorf("traffic rules: %w", err)
+			}
+			return nil
+		})
 	}
-	a.mu.Lock()
-	a.state.MTU = mtu
-	a.mu.Unlock()
-	return &run{cfg: cfg, attrs: attrs, own: own, network: network, publish: pub}, nil
 }
 
 func (a *Agent) env(cfg lease.Config) Env {
@@ -391,9 +330,9 @@ func (a *Agent) acquire(ctx context.Context, req lease.Request) (lease.Lease, er
 		if !errors.Is(err, lease.ErrNotAssigned) || ctx.Err() != nil {
 			return lease.Lease{}, fmt.Errorf("acquire lease: %w", err)
 		}
-		d := bo.next()
+		d := bo.Next()
 		a.log.Info("waiting for the store to assign a subnet", "error", err, "retry_in", d)
-		if !sleepCtx(ctx, d) {
+		if retry.Sleep(ctx, d) != nil {
 			return lease.Lease{}, fmt.Errorf("acquire lease: %w", ctx.Err())
 		}
 	}
@@ -411,9 +350,8 @@ func (a *Agent) Cleanup(ctx context.Context) error {
 	defer a.running.Store(false)
 
 	var errs []error
-	a.mu.Lock()
-	cfg, haveCfg, own := a.cfg, a.haveCfg, a.state.Lease
-	a.mu.Unlock()
+	m := a.read()
+	cfg, haveCfg, own := m.cfg, m.haveCfg, m.state.Lease
 	if !haveCfg {
 		c, err := a.opts.Store.Config(ctx)
 		if err != nil {
@@ -435,9 +373,7 @@ func (a *Agent) Cleanup(ctx context.Context) error {
 			errs = append(errs, fmt.Errorf("release lease %s: %w", own, err))
 		} else {
 			a.log.Info("lease released", "lease", own)
-			a.mu.Lock()
-			a.state.Lease = lease.Lease{}
-			a.mu.Unlock()
+			a.update(func(m *mutable) { m.state.Lease = lease.Lease{} })
 		}
 	}
 	if a.opts.SubnetFile != "" {

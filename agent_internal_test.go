@@ -6,7 +6,6 @@ import (
 	"log/slog"
 	"net/netip"
 	"testing"
-	"time"
 
 	"github.com/stretchr/testify/assert"
 
@@ -39,18 +38,4 @@ func TestLeavesClassifiesPeerErrors(t *testing.T) {
 			assert.Equal(t, tc.peerOnly, a.logApplyError(tc.err, 2))
 		})
 	}
-}
-
-func TestBackoffCappedJittered(t *testing.T) {
-	t.Parallel()
-	b := &backoff{min: 10 * time.Millisecond, max: 80 * time.Millisecond}
-	caps := []time.Duration{10, 20, 40, 80, 80, 80}
-	for i, c := range caps {
-		c *= time.Millisecond
-		d := b.next()
-		assert.GreaterOrEqual(t, d, c/2, "step %d", i)
-		assert.LessOrEqual(t, d, c, "step %d", i)
-	}
-	b.reset()
-	assert.LessOrEqual(t, b.next(), 10*time.Millisecond)
 }

@@ -4,52 +4,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"sync"
 	"sync/atomic"
 	"time"
 
+	"github.com/flannelkit/flannel/internal/retry"
 	"github.com/flannelkit/flannel/lease"
 )
-
-// latest hands the newest value from a producer that must never block (a
-// store's watch callback, a backend's Env.Publish) to one consumer. put
-// replaces a value not yet taken (latest wins) and signal holds at most one
-// pending wake-up.
-type latest[T any] struct {
-	mu     sync.Mutex
-	v      T
-	have   bool
-	signal chan struct{}
-}
-
-func newLatest[T any]() *latest[T] { return &latest[T]{signal: make(chan struct{}, 1)} }
-
-func (l *latest[T]) put(v T) {
-	l.mu.Lock()
-	l.v, l.have = v, true
-	l.mu.Unlock()
-	select {
-	case l.signal <- struct{}{}:
-	default:
-	}
-}
-
-// get returns the newest value, leaving it in place.
-func (l *latest[T]) get() (T, bool) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.v, l.have
-}
-
-// take returns the newest value and empties the box.
-func (l *latest[T]) take() (T, bool) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	v, ok := l.v, l.have
-	var zero T
-	l.v, l.have = zero, false
-	return v, ok
-}
 
 // watchLoop runs Store.Watch until ctx ends, restarting it with backoff when
 // it fails. The store is expected to recover by itself (relist); this only
@@ -72,72 +32,112 @@ func (a *Agent) watchLoop(ctx context.Context, out *latest[lease.Snapshot]) erro
 		// A watch that worked for a while starts the backoff over; one
 		// that fails right after its first snapshot keeps backing off.
 		if delivered.Load() && time.Since(began) >= a.opts.RetryMax {
-			bo.reset()
+			bo.Reset()
 		}
 		if a.opts.OnWatchRestart != nil {
 			a.opts.OnWatchRestart(err)
 		}
-		d := bo.next()
+		d := bo.Next()
 		a.log.Warn("lease watch failed; restarting", "error", err, "retry_in", d)
-		if !sleepCtx(ctx, d) {
+		if retry.Sleep(ctx, d) != nil {
 			return nil
 		}
 	}
 }
 
-// applyLoop applies the latest snapshot's peers to the network each time a
+// applier applies the latest snapshot's peers to the network each time a
 // new one arrives. A failed Apply is retried after a capped, jittered
 // backoff, or at once when a new snapshot arrives (new information; the
 // backoff keeps growing while Apply keeps failing). Snapshots arriving
 // while Apply runs are coalesced: the next call uses the newest one.
-func (a *Agent) applyLoop(ctx context.Context, r *run, in *latest[lease.Snapshot]) error {
-	bo := a.newBackoff()
-	var retry *time.Timer
-	var retryC <-chan time.Time
-	defer func() {
-		if retry != nil {
-			retry.Stop()
-		}
-	}()
-	for {
-		select {
-		case <-ctx.Done():
-			return nil
-		case <-in.signal:
-		case <-retryC:
-		}
-		if retry != nil {
-			retry.Stop()
-			retry, retryC = nil, nil
-		}
-		snap, ok := in.get()
-		if !ok {
-			continue
-		}
-		peers := a.peers(r.own, snap.Leases)
-		began := time.Now()
-		a.setApplying(began)
-		err := r.network.Apply(ctx, peers)
-		a.setApplying(time.Time{})
-		if ctx.Err() != nil {
-			return nil
-		}
-		if a.opts.OnApply != nil {
-			a.opts.OnApply(len(peers), time.Since(began), err)
-		}
-		peerOnly := a.logApplyError(err, len(peers))
-		if err == nil || peerOnly {
-			a.applied(len(peers))
-		}
-		if err == nil {
-			bo.reset()
-			continue
-		}
-		d := bo.next()
-		a.log.Debug("retrying apply", "retry_in", d)
-		retry = time.NewTimer(d)
-		retryC = retry.C
+type applier struct {
+	a       *Agent
+	r       *run
+	in      *latest[lease.Snapshot]
+	bo      *retry.Backoff
+	pending *time.Timer // the retry of a failed Apply; nil when none
+}
+
+func (a *Agent) newApplier(r *run, in *latest[lease.Snapshot]) *applier {
+	return &applier{a: a, r: r, in: in, bo: a.newBackoff()}
+}
+
+// stop cancels the pending retry, if any.
+func (p *applier) stop() {
+	if p.pending != nil {
+		p.pending.Stop()
+		p.pending = nil
 	}
+}
+
+// untilApplied applies until the peers seen were applied (all of them, or
+// all but peers whose *PeerError is being retried). It reports false when
+// ctx ended first.
+func (p *applier) untilApplied(ctx context.Context) bool {
+	for {
+		applied, alive := p.next(ctx)
+		if !alive {
+			return false
+		}
+		if applied {
+			return true
+		}
+	}
+}
+
+// loop applies until ctx ends.
+func (p *applier) loop(ctx context.Context) {
+	for {
+		if _, alive := p.next(ctx); !alive {
+			return
+		}
+	}
+}
+
+// next waits for a new snapshot or the pending retry and applies the
+// newest peers once, recording their number when they were applied (as
+// for untilApplied). alive is false once ctx ended.
+func (p *applier) next(ctx context.Context) (applied, alive bool) {
+	var retryC <-chan time.Time
+	if p.pending != nil {
+		retryC = p.pending.C
+	}
+	select {
+	case <-ctx.Done():
+		return false, false
+	case <-p.in.signal:
+	case <-retryC:
+	}
+	p.stop()
+	snap, ok := p.in.get()
+	if !ok {
+		return false, true
+	}
+	a := p.a
+	peers := a.peers(p.r.own, snap.Leases)
+	began := time.Now()
+	a.setApplying(began)
+	err := p.r.network.Apply(ctx, peers)
+	a.setApplying(time.Time{})
+	if ctx.Err() != nil {
+		return false, false
+	}
+	if a.opts.OnApply != nil {
+		a.opts.OnApply(len(peers), time.Since(began), err)
+	}
+	peerOnly := a.logApplyError(err, len(peers))
+	applied = err == nil || peerOnly
+	if applied {
+		a.update(func(m *mutable) { m.state.Peers = len(peers) })
+	}
+	if err == nil {
+		p.bo.Reset()
+		return true, true
+	}
+	d := p.bo.Next()
+	a.log.Debug("retrying apply", "retry_in", d)
+	p.pending = time.NewTimer(d)
+	return applied, true
 }
 
 // peers returns every lease but own. A lease sharing only one of own's
@@ -219,26 +219,14 @@ func (a *Agent) keepLoop(ctx context.Context, r *run) error {
 			// The backend publishes new attributes (an ipsec rekey): write
 			// them with the lease, then keep that.
 			attrs = a.fillAttrs(r.cfg, *published)
-			got, err := a.reacquire(ctx, attrs, own)
-			if err != nil {
-				if ctx.Err() != nil {
-					return nil
-				}
-				return err
+			if own, err = a.rebind(ctx, own, attrs); err != nil {
+				return unlessDone(ctx, err)
 			}
-			if !got.SameSubnets(own) {
-				a.log.Error("lease re-acquired with different subnets; pods must move", "old", own, "new", got)
-				return &SubnetChangedError{Old: own, New: got}
-			}
-			a.log.Info("lease attributes published", "lease", got, "backend_type", attrs.BackendType)
-			own = got
-			a.mu.Lock()
-			a.state.Lease = got
-			a.mu.Unlock()
+			a.log.Info("lease attributes published", "lease", own, "backend_type", attrs.BackendType)
 			continue
 		}
 		if time.Since(began) >= a.opts.RetryMax {
-			bo.reset() // it held the lease for a while: start over
+			bo.Reset() // it held the lease for a while: start over
 		}
 		if err == nil {
 			err = errors.New("keep ended early")
@@ -247,33 +235,37 @@ func (a *Agent) keepLoop(ctx context.Context, r *run) error {
 			a.opts.OnKeepError(err)
 		}
 		if !errors.Is(err, lease.ErrLeaseLost) {
-			d := bo.next()
+			d := bo.Next()
 			a.log.Warn("keeping lease failed; retrying", "lease", own, "error", err, "retry_in", d)
-			if !sleepCtx(ctx, d) {
+			if retry.Sleep(ctx, d) != nil {
 				return nil
 			}
 			continue
 		}
 
 		a.log.Warn("lease lost; re-acquiring", "lease", own, "error", err)
-		got, err := a.reacquire(ctx, attrs, own)
-		if err != nil {
-			if ctx.Err() != nil {
-				return nil
-			}
-			return err
+		if own, err = a.rebind(ctx, own, attrs); err != nil {
+			return unlessDone(ctx, err)
 		}
-		if !got.SameSubnets(own) {
-			a.log.Error("lease re-acquired with different subnets; pods must move", "old", own, "new", got)
-			return &SubnetChangedError{Old: own, New: got}
-		}
-		a.log.Info("lease re-acquired", "lease", got)
-		own = got
-		a.mu.Lock()
-		a.state.Lease = got
-		a.mu.Unlock()
-		bo.reset()
+		a.log.Info("lease re-acquired", "lease", own)
+		bo.Reset()
 	}
+}
+
+// rebind re-acquires the lease with attrs, asking for own's subnets, and
+// records it. It returns a *SubnetChangedError when the store could only
+// give different subnets, and reacquire's error when it gave none.
+func (a *Agent) rebind(ctx context.Context, own lease.Lease, attrs lease.Attrs) (lease.Lease, error) {
+	got, err := a.reacquire(ctx, attrs, own)
+	if err != nil {
+		return lease.Lease{}, err
+	}
+	if !got.SameSubnets(own) {
+		a.log.Error("lease re-acquired with different subnets; pods must move", "old", own, "new", got)
+		return lease.Lease{}, &SubnetChangedError{Old: own, New: got}
+	}
+	a.update(func(m *mutable) { m.state.Lease = got })
+	return got, nil
 }
 
 // keepUntilPublish runs Store.Keep(own) until it returns or the backend
@@ -311,71 +303,10 @@ func (a *Agent) reacquire(ctx context.Context, attrs lease.Attrs, own lease.Leas
 		if errors.Is(err, lease.ErrNoFreeSubnet) || ctx.Err() != nil {
 			return lease.Lease{}, fmt.Errorf("re-acquire lost lease %s: %w", own, err)
 		}
-		d := bo.next()
+		d := bo.Next()
 		a.log.Warn("re-acquiring lease failed; retrying", "lease", own, "error", err, "retry_in", d)
-		if !sleepCtx(ctx, d) {
+		if retry.Sleep(ctx, d) != nil {
 			return lease.Lease{}, ctx.Err()
 		}
 	}
-}
-
-// beginRun resets the readiness for a new Run.
-func (a *Agent) beginRun() {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	a.state.Ready = false
-	a.state.Peers = 0
-}
-
-// endRun gives the next Run a fresh Ready channel, so that Ready() called
-// between two Runs does not report the previous one's readiness.
-func (a *Agent) endRun() {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	a.state.Ready = false
-	if a.readyClosed {
-		a.ready = make(chan struct{})
-		a.readyClosed = false
-	}
-}
-
-// applied records a completed Apply and, the first time in a Run, closes
-// the Ready channel and calls OnReady.
-func (a *Agent) applied(peers int) {
-	a.mu.Lock()
-	a.state.Peers = peers
-	first := !a.readyClosed
-	if first {
-		a.readyClosed = true
-		a.state.Ready = true
-		close(a.ready)
-	}
-	st := a.state
-	a.mu.Unlock()
-	if first {
-		a.log.Info("node ready", "lease", st.Lease, "mtu", st.MTU, "peers", st.Peers)
-		if a.opts.OnReady != nil {
-			a.opts.OnReady(st)
-		}
-	}
-}
-
-// sleepCtx waits d or until ctx ends; it reports whether d elapsed.
-func sleepCtx(ctx context.Context, d time.Duration) bool {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return false
-	case <-t.C:
-		return true
-	}
-}
-
-// setApplying records when the running Apply began (zero: none running), so
-// that State.ApplyingSince lets a health check see a wedged Apply.
-func (a *Agent) setApplying(t time.Time) {
-	a.mu.Lock()
-	a.state.ApplyingSince = t
-	a.mu.Unlock()
 }

@@ -10,4 +10,53 @@
 // with upstream flannel (etcd keys, Node annotations, net-conf.json,
 // subnet.env), so nodes running it and nodes running upstream flanneld can
 // share one network.
+//
+// # Layers
+//
+// The module's packages form layers, listed from the bottom. Each entry
+// says what its packages may import from the module; nothing imports a
+// package listed after its own, so each contract has one home and no
+// import runs back up. layers_test.go checks these rules.
+//
+//   - lease: leases, attributes, the network config (net-conf.json), the
+//     subnet allocator, lease-set tracking and the sentinel errors. Pure
+//     data and logic: no I/O, no kernel, no network; it imports no package
+//     of the module.
+//   - Leaf helpers under internal/ that any layer may use, such as
+//     internal/retry (the one capped, jittered backoff). They import lease
+//     at most.
+//   - flannel (this package): LeaseStore, Backend, Network, Agent,
+//     subnet.env. It imports lease and leaf helpers only: no store, no
+//     backend, no traffic rules.
+//   - backend: what every dataplane shares (interface discovery, MTU, the
+//     route reconciler, netlink and namespace plumbing, the Registry). It
+//     imports flannel and lease.
+//   - Dataplanes, one package each (hostgw, vxlan, ipsec, and those to come:
+//     wireguard, ipip, extension): they import backend, flannel and lease,
+//     never another dataplane or a store.
+//   - Stores, one LeaseStore each (kubestore, etcdstore, memstore): they
+//     import flannel, lease and leaf helpers, never backend, a dataplane or
+//     another store. Only kubestore imports client-go; only etcdstore
+//     imports the etcd client. The in-memory store still sits at
+//     lease/memstore, the one import that runs back up (it imports
+//     flannel from below it); it is moving to the top-level memstore
+//     package beside the other stores, and new code should expect it
+//     there.
+//   - rules: the masquerade and forward rules (TrafficRules). It imports
+//     flannel and lease, and backend for its namespace helper only; never
+//     a store or a dataplane.
+//   - cni: the CNI plugin. It imports flannel only, for subnet.env; it
+//     never reaches a store, a backend or the kernel itself.
+//   - internal/daemon: the flanneld program minus its main. It wires the
+//     layers above together and is imported by examples/flanneld only.
+//   - examples/* and hack/*: thin mains. They wire, parse flags and exit;
+//     anything worth testing lives in a package below them. deploy holds
+//     the manifests and their tests, and no code.
+//
+// Test harnesses sit beside the layers: internal/netlab (namespaces and
+// veth pairs), internal/etcdtest, internal/kubetest, internal/vmtest,
+// internal/cnilab, internal/testenv, internal/kubecluster, internal/image,
+// and the contract suites internal/storetest and internal/backendtest.
+// Tests, examples and hack commands import them; a library package's
+// non-test code never does.
 package flannel

@@ -9,6 +9,7 @@ import (
 	"go.etcd.io/etcd/api/v3/mvccpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
+	"github.com/flannelkit/flannel/internal/retry"
 	"github.com/flannelkit/flannel/lease"
 )
 
@@ -26,10 +27,10 @@ import (
 func (s *Store) Keep(ctx context.Context, own lease.Lease) error {
 	key := s.LeaseKey(own)
 	bo := s.newBackoff()
-	retry := func(what string, err error) bool {
-		d := bo.next()
+	again := func(what string, err error) bool {
+		d := bo.Next()
 		s.log.Warn("keeping lease: "+what+" failed; retrying", "key", key, "error", err, "retry_in", d)
-		return sleep(ctx, d)
+		return retry.Sleep(ctx, d) == nil
 	}
 	for {
 		if ctx.Err() != nil {
@@ -39,7 +40,7 @@ func (s *Store) Keep(ctx context.Context, own lease.Lease) error {
 		resp, err := s.client.Get(rctx, key)
 		cancel()
 		if err != nil {
-			if ctx.Err() != nil || !retry("read", err) {
+			if ctx.Err() != nil || !again("read", err) {
 				return nil
 			}
 			continue
@@ -58,7 +59,7 @@ func (s *Store) Keep(ctx context.Context, own lease.Lease) error {
 			ttl, err := s.client.TimeToLive(rctx, clientv3.LeaseID(kv.Lease))
 			cancel()
 			if err != nil {
-				if ctx.Err() != nil || !retry("read ttl", err) {
+				if ctx.Err() != nil || !again("read ttl", err) {
 					return nil
 				}
 				continue
@@ -71,12 +72,12 @@ func (s *Store) Keep(ctx context.Context, own lease.Lease) error {
 			left := time.Duration(ttl.TTL) * time.Second
 			if left <= s.margin {
 				if err := s.renew(ctx, kv, ttl.GrantedTTL); err != nil {
-					if ctx.Err() != nil || !retry("renew", err) {
+					if ctx.Err() != nil || !again("renew", err) {
 						return nil
 					}
 					continue
 				}
-				bo.reset()
+				bo.Reset()
 				continue
 			}
 			wait = left - s.margin
@@ -89,13 +90,19 @@ func (s *Store) Keep(ctx context.Context, own lease.Lease) error {
 		case errors.Is(err, lease.ErrLeaseLost):
 			return err
 		case err != nil:
-			if !retry("watch", err) {
+			if !again("watch", err) {
 				return nil
 			}
 		default:
-			bo.reset()
+			bo.Reset()
 		}
 	}
+}
+
+// newBackoff returns a backoff between the store's retry bounds, jittered
+// from the store's random source.
+func (s *Store) newBackoff() *retry.Backoff {
+	return &retry.Backoff{Min: s.retryMin, Max: s.retryMax, Rand: s.randN}
 }
 
 // checkOwner returns an ErrLeaseLost error unless kv holds own's node.

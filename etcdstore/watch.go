@@ -11,6 +11,7 @@ import (
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
+	"github.com/flannelkit/flannel/internal/retry"
 	"github.com/flannelkit/flannel/lease"
 )
 
@@ -31,8 +32,7 @@ func (s *Store) Watch(ctx context.Context, fn func(lease.Snapshot)) error {
 	first := true
 	for {
 		if !first {
-			d := bo.next()
-			if !sleep(ctx, d) {
+			if retry.Sleep(ctx, bo.Next()) != nil {
 				return nil
 			}
 		}
@@ -53,7 +53,7 @@ func (s *Store) Watch(ctx context.Context, fn func(lease.Snapshot)) error {
 			return nil
 		}
 		if progressed {
-			bo.reset()
+			bo.Reset()
 		}
 		level := s.log.Warn
 		if errors.Is(err, rpctypes.ErrCompacted) {

@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"math/rand/v2"
-	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -12,6 +11,7 @@ import (
 	"k8s.io/apimachinery/pkg/fields"
 	"k8s.io/apimachinery/pkg/watch"
 
+	"github.com/flannelkit/flannel/internal/retry"
 	"github.com/flannelkit/flannel/lease"
 )
 
@@ -24,7 +24,7 @@ import (
 // ctx lives; a broken watch is resumed after reading the Node again.
 func (s *Store) Keep(ctx context.Context, own lease.Lease) error {
 	needReady := s.setNetUp
-	bo := backoff{min: s.retryMin, max: s.retryMax}
+	bo := retry.Backoff{Min: s.retryMin, Max: s.retryMax}
 	for ctx.Err() == nil {
 		rctx, cancel := s.reqCtx(ctx)
 		n, err := s.client.CoreV1().Nodes().Get(rctx, s.node, metav1.GetOptions{})
@@ -36,9 +36,9 @@ func (s *Store) Keep(ctx context.Context, own lease.Lease) error {
 			if ctx.Err() != nil {
 				return nil
 			}
-			d := bo.next()
+			d := bo.Next()
 			s.log.Warn("keeping lease: reading node failed; retrying", "node", s.node, "error", err, "retry_in", d)
-			sleep(ctx, d)
+			_ = retry.Sleep(ctx, d)
 			continue
 		}
 		if err := s.check(n, own); err != nil {
@@ -57,14 +57,14 @@ func (s *Store) Keep(ctx context.Context, own lease.Lease) error {
 			return err
 		}
 		if progressed {
-			bo.reset()
+			bo.Reset()
 		}
 		if ctx.Err() != nil {
 			return nil
 		}
-		d := bo.next()
+		d := bo.Next()
 		if needReady || !progressed {
-			sleep(ctx, d)
+			_ = retry.Sleep(ctx, d)
 		}
 	}
 	return nil
@@ -124,34 +124,5 @@ func (s *Store) followOwn(ctx context.Context, rv string, own lease.Lease) (bool
 				return progressed, nil
 			}
 		}
-	}
-}
-
-// backoff is a capped exponential backoff with jitter: each delay is drawn
-// from [d/2, d] where d doubles from min up to max, so that many nodes do
-// not retry against the apiserver in lockstep.
-type backoff struct{ min, max, cur time.Duration }
-
-func (b *backoff) next() time.Duration {
-	if b.cur == 0 {
-		b.cur = b.min
-	} else {
-		b.cur = min(b.cur*2, b.max)
-	}
-	half := b.cur / 2
-	return half + rand.N(b.cur-half+1)
-}
-
-func (b *backoff) reset() { b.cur = 0 }
-
-// sleep waits d or until ctx ends; it reports whether ctx is still alive.
-func sleep(ctx context.Context, d time.Duration) bool {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return false
-	case <-t.C:
-		return true
 	}
 }

@@ -20,6 +20,7 @@ import (
 	"github.com/flannelkit/flannel/backend"
 	"github.com/flannelkit/flannel/etcdstore"
 	"github.com/flannelkit/flannel/hostgw"
+	"github.com/flannelkit/flannel/internal/retry"
 	"github.com/flannelkit/flannel/ipsec"
 	"github.com/flannelkit/flannel/lease"
 	"github.com/flannelkit/flannel/rules"
@@ -88,12 +89,7 @@ func Run(ctx context.Context, c Config, log *slog.Logger, hooks Hooks) error {
 	}
 	defer h.Close()
 
-	var st *storeSetup
-	if c.KubeSubnetMgr {
-		st, err = newKubeStore(ctx, c, log)
-	} else {
-		st, err = newEtcdStore(c, log, m.LeaseRenewed)
-	}
+	st, err := openStore(ctx, c, log, m)
 	if err != nil {
 		return err
 	}
@@ -109,36 +105,13 @@ func Run(ctx context.Context, c Config, log *slog.Logger, hooks Hooks) error {
 			return err
 		}
 	}
-	reg, err := Registry()
+	be, iface, err := findBackend(c, cfg, h, log)
 	if err != nil {
 		return err
 	}
-	be, err := reg.New(cfg)
+	tr, err := newRules(c, ns, log)
 	if err != nil {
-		return fmt.Errorf("network config: %w", err)
-	}
-	iface, err := backend.FindInterface(h, backend.InterfaceOptions{
-		Names: c.Ifaces, Regexes: c.IfaceRegexes, CanReach: c.IfaceCanReach,
-		PublicIP: c.PublicIP, PublicIPv6: c.PublicIPv6,
-		IPv4: cfg.EnableIPv4, IPv6: cfg.EnableIPv6,
-	})
-	if err != nil {
-		return fmt.Errorf("find external interface: %w", err)
-	}
-	log.Info("using interface", "iface", iface.Name, "ip", iface.IP, "ipv6", iface.IPv6,
-		"public_ip", iface.PublicIP, "public_ipv6", iface.PublicIPv6, "backend", be.Type())
-
-	var tr *rules.Manager
-	if c.IPMasq || c.IPTablesForwardRules || c.Cleanup {
-		tr, err = rules.New(rules.Options{
-			NS: ns, Masquerade: c.IPMasq, Forward: c.IPTablesForwardRules,
-			DisableRandomFully: c.IPMasqRandomFullyDisable, NoIPv6Masquerade: !c.IPMasqIPv6,
-			ResyncPeriod: c.IPTablesResync,
-			Logger:       log.With("component", "rules"),
-		})
-		if err != nil {
-			return err
-		}
+		return err
 	}
 	if st.expiry != nil {
 		m.SetLeaseExpiry(st.expiry)
@@ -148,21 +121,14 @@ func Run(ctx context.Context, c Config, log *slog.Logger, hooks Hooks) error {
 		Logger: log, SubnetFile: c.SubnetFile, IPMasq: c.IPMasq,
 	}
 	if tr != nil {
-		opts.Rules = tr
+		opts.Rules = tr // never a typed nil in the interface
 	}
 	var bh *blackholes
 	if c.IPBlackholeRoute && !c.Cleanup {
 		bh = &blackholes{h: h, ns: ns, interval: c.IPTablesResync, log: log.With("component", "blackhole")}
 		defer bh.start(ctx)()
 	}
-	opts.OnReady = func(st flannel.State) {
-		if bh != nil {
-			bh.ready(st)
-		}
-		if hooks.Ready != nil {
-			hooks.Ready()
-		}
-	}
+	opts.OnReady = onReady(bh, hooks)
 	m.Hook(&opts)
 	agent, err := flannel.NewAgent(opts)
 	if err != nil {
@@ -177,6 +143,66 @@ func Run(ctx context.Context, c Config, log *slog.Logger, hooks Hooks) error {
 	runErr := agent.Run(ctx)
 	m.RunDone(runErr)
 	return runErr
+}
+
+// onReady is the Agent's OnReady: the blackhole routes (when kept), then
+// the process's Ready hook.
+func onReady(bh *blackholes, hooks Hooks) func(flannel.State) {
+	return func(st flannel.State) {
+		if bh != nil {
+			bh.ready(st)
+		}
+		if hooks.Ready != nil {
+			hooks.Ready()
+		}
+	}
+}
+
+// openStore builds the lease store the flags choose: the Kubernetes API
+// (--kube-subnet-mgr) or etcd, whose renewals feed m.
+func openStore(ctx context.Context, c Config, log *slog.Logger, m *Metrics) (*storeSetup, error) {
+	if c.KubeSubnetMgr {
+		return newKubeStore(ctx, c, log)
+	}
+	return newEtcdStore(c, log, m.LeaseRenewed)
+}
+
+// findBackend builds the backend that cfg names and finds the external
+// interface as the --iface* and --public-ip* flags say.
+func findBackend(c Config, cfg lease.Config, h *netlink.Handle, log *slog.Logger) (flannel.Backend, flannel.ExternalInterface, error) {
+	reg, err := Registry()
+	if err != nil {
+		return nil, flannel.ExternalInterface{}, err
+	}
+	be, err := reg.New(cfg)
+	if err != nil {
+		return nil, flannel.ExternalInterface{}, fmt.Errorf("network config: %w", err)
+	}
+	iface, err := backend.FindInterface(h, backend.InterfaceOptions{
+		Names: c.Ifaces, Regexes: c.IfaceRegexes, CanReach: c.IfaceCanReach,
+		PublicIP: c.PublicIP, PublicIPv6: c.PublicIPv6,
+		IPv4: cfg.EnableIPv4, IPv6: cfg.EnableIPv6,
+	})
+	if err != nil {
+		return nil, flannel.ExternalInterface{}, fmt.Errorf("find external interface: %w", err)
+	}
+	log.Info("using interface", "iface", iface.Name, "ip", iface.IP, "ipv6", iface.IPv6,
+		"public_ip", iface.PublicIP, "public_ipv6", iface.PublicIPv6, "backend", be.Type())
+	return be, iface, nil
+}
+
+// newRules returns the traffic rules manager when --ip-masq or
+// --iptables-forward-rules asks for rules, or for --cleanup (to remove
+// them); nil otherwise.
+func newRules(c Config, ns netns.NsHandle, log *slog.Logger) (*rules.Manager, error) {
+	if !c.IPMasq && !c.IPTablesForwardRules && !c.Cleanup {
+		return nil, nil
+	}
+	return rules.New(rules.Options{
+		NS: ns, Masquerade: c.IPMasq, Forward: c.IPTablesForwardRules,
+		DisableRandomFully: c.IPMasqRandomFullyDisable, NoIPv6Masquerade: !c.IPMasqIPv6,
+		ResyncPeriod: c.IPTablesResync, Logger: log.With("component", "rules"),
+	})
 }
 
 // serve starts the health/metrics server; stop shuts it down and waits.
@@ -256,12 +282,8 @@ func waitConfig(ctx context.Context, store flannel.LeaseStore, where string, log
 			return lease.Config{}, nil
 		}
 		log.Warn("no usable network config yet; retrying", "from", where, "error", err, "retry_in", d)
-		t := time.NewTimer(d)
-		select {
-		case <-ctx.Done():
-			t.Stop()
+		if retry.Sleep(ctx, d) != nil {
 			return lease.Config{}, nil
-		case <-t.C:
 		}
 		d = min(2*d, 10*time.Second)
 	}
