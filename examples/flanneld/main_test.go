@@ -507,7 +507,8 @@ func testDaemonCluster(t *testing.T, v variant) {
 		}
 		return false
 	}
-	require.False(t, blackhole(), "deleted")
+	// (RouteDel succeeded, so it was gone; the daemon may already have
+	// put it back, so its absence is not checked.)
 	assert.Eventually(t, blackhole, 10*time.Second, 20*time.Millisecond, "node0's blackhole route re-added")
 	w.pingAll()
 
