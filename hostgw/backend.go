@@ -6,7 +6,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"log/slog"
 	"strings"
 	"sync"
 	"time"
@@ -78,13 +77,6 @@ func FromConfig(cfg lease.Config) (flannel.Backend, error) {
 // Type returns "host-gw".
 func (b *Backend) Type() string { return Type }
 
-func logger(l *slog.Logger) *slog.Logger {
-	if l == nil {
-		return slog.New(slog.DiscardHandler)
-	}
-	return l
-}
-
 // Prepare checks the environment (a handle, an existing external interface
 // with the public address of every enabled family), enables IP forwarding
 // in env.NS when it is open (host-gw routes pod traffic through the node),
@@ -155,7 +147,7 @@ func (b *Backend) Cleanup(ctx context.Context, env flannel.Env) error {
 		}
 		return fmt.Errorf("host-gw: cleanup: %w", err)
 	}
-	rec := backend.RouteReconciler{Logger: logger(env.Logger)}
+	rec := backend.RouteReconciler{Logger: backend.Logger(env.Logger)}
 	if err := rec.Reconcile(ctx, env.Handle, link.Attrs().Index, nil); err != nil {
 		return fmt.Errorf("host-gw: cleanup routes on %s: %w", link.Attrs().Name, err)
 	}

@@ -52,13 +52,6 @@ func New(opts Options) (*Backend, error) {
 // Type returns "vxlan".
 func (b *Backend) Type() string { return Type }
 
-func logger(l *slog.Logger) *slog.Logger {
-	if l == nil {
-		return slog.New(slog.DiscardHandler)
-	}
-	return l
-}
-
 // families reports which underlay families env asks for: the Config's,
 // else (a hand-built Config) the interface's addresses.
 func families(env flannel.Env) (v4, v6 bool) {
@@ -82,7 +75,7 @@ func (b *Backend) Prepare(ctx context.Context, env flannel.Env) (lease.Attrs, er
 	if env.Handle == nil {
 		return lease.Attrs{}, errors.New("vxlan: prepare: no netlink handle")
 	}
-	log := logger(env.Logger).With("backend", Type)
+	log := backend.Logger(env.Logger).With("backend", Type)
 	link, err := backend.ResolveLink(env.Handle, env.Iface)
 	if err != nil {
 		return lease.Attrs{}, fmt.Errorf("vxlan: prepare: %w", err)
@@ -252,9 +245,9 @@ func (b *Backend) Start(ctx context.Context, own lease.Lease) (flannel.Network, 
 			return nil, fmt.Errorf("vxlan: start: lease %s has a subnet of a family that was not prepared", own)
 		}
 	}
-	n.mu.Lock()
-	defer n.mu.Unlock()
-	if err := n.ensureDevicesLocked(); err != nil {
+	var err error
+	n.r.Locked(func() { err = n.ensureDevicesLocked() })
+	if err != nil {
 		return nil, fmt.Errorf("vxlan: start: %w", err)
 	}
 	return n, nil
@@ -294,7 +287,7 @@ func (b *Backend) Cleanup(ctx context.Context, env flannel.Env) error {
 	case err != nil:
 		errs = append(errs, fmt.Errorf("vxlan: cleanup: %w", err))
 	default:
-		rec := backend.RouteReconciler{Logger: logger(env.Logger)}
+		rec := backend.RouteReconciler{Logger: backend.Logger(env.Logger)}
 		if err := rec.Reconcile(ctx, env.Handle, link.Attrs().Index, nil); err != nil {
 			errs = append(errs, fmt.Errorf("vxlan: cleanup routes on %s: %w", link.Attrs().Name, err))
 		}

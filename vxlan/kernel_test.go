@@ -319,9 +319,7 @@ func TestApplyStates(t *testing.T) {
 			rng.Shuffle(len(set), func(i, j int) { set[i], set[j] = set[j], set[i] })
 			slices.Sort(want)
 			if step%3 == 0 {
-				n0.net.mu.Lock()
-				n0.net.synced = false // the full path (dump and diff) this time
-				n0.net.mu.Unlock()
+				n0.net.r.Locked(func() { n0.net.synced = false }) // the full path (dump and diff) this time
 			}
 			require.NoError(t, n0.net.Apply(context.Background(), append(set, n0.lease)), "step %d", step)
 			require.Equal(t, want, state(t, n0), "step %d (handle %t)", step, useHandle)
@@ -397,9 +395,7 @@ func TestManyPeersParallelSockets(t *testing.T) {
 	}
 	require.NoError(t, n0.net.Apply(context.Background(), append(peers, n0.lease)))
 	assert.Equal(t, map[string]int{"fdb": 600, "neigh": 600, "route": 600}, count())
-	n0.net.mu.Lock()
-	n0.net.synced = false // remove them through the full path
-	n0.net.mu.Unlock()
+	n0.net.r.Locked(func() { n0.net.synced = false }) // remove them through the full path
 	require.NoError(t, n0.net.Apply(context.Background(), []lease.Lease{n0.lease}))
 	assert.Empty(t, count())
 }

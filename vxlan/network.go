@@ -29,10 +29,9 @@ type Network struct {
 	log  *slog.Logger
 	rec  backend.RouteReconciler
 
-	mu      sync.Mutex
-	devs    []*device
-	peers   []lease.Lease
-	applied bool // Apply was called: repairs may run
+	// r serializes Apply and repairs; its lock guards the fields below.
+	r    *backend.Reconciler
+	devs []*device
 	// synced is true when the kernel holds what memo says (no kernel
 	// error since the last full apply): the next Apply only looks at the
 	// peers that changed. Repairs always dump and diff everything.
@@ -60,8 +59,19 @@ type peerMemo struct {
 var _ flannel.Network = (*Network)(nil)
 
 func newNetwork(env flannel.Env, own lease.Lease, opts Options, devs []*device) *Network {
-	log := logger(env.Logger).With("backend", Type, "iface", env.Iface.Name)
+	log := backend.Logger(env.Logger).With("backend", Type, "iface", env.Iface.Name)
 	n := &Network{env: env, own: own, opts: opts, log: log, rec: backend.RouteReconciler{Logger: log}, devs: devs, socks: &sockets{}}
+	n.r = backend.NewReconciler(backend.ReconcilerConfig{
+		Apply: func(ctx context.Context, peers []lease.Lease) error {
+			if n.synced {
+				return n.applyChanges(ctx, peers)
+			}
+			return n.applyAll(ctx, peers)
+		},
+		Repair:   n.applyAll, // repairs always dump and diff everything
+		Interval: opts.RepairInterval,
+		Logger:   log,
+	})
 	runtime.AddCleanup(n, (*sockets).closeAll, n.socks)
 	return n
 }
@@ -84,13 +94,13 @@ func (n *Network) MTU() int {
 
 // VtepMAC returns the MAC of the device for the IPv4 (v6 false) or IPv6
 // underlay; nil when there is none.
-func (n *Network) VtepMAC(v6 bool) net.HardwareAddr {
-	n.mu.Lock()
-	defer n.mu.Unlock()
-	if d := n.dev(v6); d != nil {
-		return slices.Clone(d.mac)
-	}
-	return nil
+func (n *Network) VtepMAC(v6 bool) (mac net.HardwareAddr) {
+	n.r.Locked(func() {
+		if d := n.dev(v6); d != nil {
+			mac = slices.Clone(d.mac)
+		}
+	})
+	return mac
 }
 
 func (n *Network) dev(v6 bool) *device {
@@ -149,30 +159,7 @@ func (n *Network) ensureDevicesLocked() error {
 // programmed. Apply may be called repeatedly with the same peers; it
 // changes nothing then.
 func (n *Network) Apply(ctx context.Context, peers []lease.Lease) error {
-	n.mu.Lock()
-	defer n.mu.Unlock()
-	n.peers = slices.Clone(peers)
-	n.applied = true
-	if n.synced {
-		return n.applyChanges(ctx)
-	}
-	return n.applyLocked(ctx)
-}
-
-// peerErrs collects the errors of each peer, in first-failure order.
-type peerErrs struct {
-	order []int
-	errs  map[int][]error
-}
-
-func (p *peerErrs) add(peer int, err error) {
-	if p.errs == nil {
-		p.errs = map[int][]error{}
-	}
-	if _, seen := p.errs[peer]; !seen {
-		p.order = append(p.order, peer)
-	}
-	p.errs[peer] = append(p.errs[peer], err)
+	return n.r.Apply(ctx, peers)
 }
 
 // desired is the kernel state a peer set asks for, by link index.
@@ -190,7 +177,7 @@ type routeKey struct {
 // desire computes the entries for peers, and each peer's part by lease
 // key. direct reports whether a public IP is on a directly connected
 // network of the external interface (only called with DirectRouting).
-func (n *Network) desire(peers []lease.Lease, direct func(netip.Addr) bool, failed *peerErrs) (desired, map[leaseKey]*peerMemo) {
+func (n *Network) desire(peers []lease.Lease, direct func(netip.Addr) bool, failed *backend.PeerErrs) (desired, map[leaseKey]*peerMemo) {
 	want := desired{fdb: map[int][]op{}, neigh: map[int][]op{}, routes: map[int][]netlink.Route{}, routePeer: make(map[routeKey]int, 2*len(peers))}
 	for _, d := range n.devs {
 		want.fdb[d.index] = make([]op, 0, len(peers))
@@ -202,7 +189,7 @@ func (n *Network) desire(peers []lease.Lease, direct func(netip.Addr) bool, fail
 		m := n.desirePeer(i, p, direct)
 		memos[keyOf(p)] = m
 		for _, e := range m.errs {
-			failed.add(i, e)
+			failed.Add(i, e)
 		}
 		for _, o := range m.fdb {
 			want.fdb[o.link] = append(want.fdb[o.link], o)
@@ -324,10 +311,10 @@ func (n *Network) isDirect(ip netip.Addr) bool {
 	return rs[0].Gw == nil && rs[0].LinkIndex == n.env.Iface.Index
 }
 
-// applyLocked programs n.peers: it checks the devices (recreating a
-// missing or changed one), dumps the tables and reconciles them to the
-// whole peer set.
-func (n *Network) applyLocked(ctx context.Context) error {
+// applyAll programs peers: it checks the devices (recreating a missing or
+// changed one), dumps the tables and reconciles them to the whole peer
+// set. The Reconciler calls it with its lock held.
+func (n *Network) applyAll(ctx context.Context, peers []lease.Lease) error {
 	began := time.Now()
 	n.synced = false
 	if err := n.ensureDevicesLocked(); err != nil {
@@ -341,8 +328,8 @@ func (n *Network) applyLocked(ctx context.Context) error {
 	// computed (the goroutine is always joined below).
 	dumped := make(chan tables, 1)
 	go func() { dumped <- n.dump(links) }()
-	var failed peerErrs
-	want, memos := n.desire(n.peers, n.directFunc(), &failed)
+	var failed backend.PeerErrs
+	want, memos := n.desire(peers, n.directFunc(), &failed)
 	tabs := <-dumped
 	if tabs.err != nil {
 		return tabs.err
@@ -385,7 +372,7 @@ func (n *Network) applyLocked(ctx context.Context) error {
 			dels = append(dels, op{kind: kindRoute, del: true, link: link, route: &del[i], peer: -1})
 		}
 	}
-	return n.finish(ctx, began, sets, dels, &failed, memos)
+	return n.finish(ctx, began, peers, sets, dels, &failed, memos)
 }
 
 // tables is what dump read from the kernel, by link index.
@@ -425,32 +412,32 @@ func (n *Network) dump(links []int) tables {
 	return t
 }
 
-// applyChanges programs n.peers when the kernel is known to hold what the
+// applyChanges programs peers when the kernel is known to hold what the
 // last Apply asked for: only peers that are new, changed or gone are
 // looked at, so a new peer costs its own entries, not a dump of every
 // peer's. Peers' entries are assumed not to overlap (distinct subnets,
 // MACs and public IPs); the periodic full repair corrects anything else.
-func (n *Network) applyChanges(ctx context.Context) error {
+func (n *Network) applyChanges(ctx context.Context, peers []lease.Lease) error {
 	began := time.Now()
 	n.synced = false
-	var failed peerErrs
+	var failed backend.PeerErrs
 	direct := n.directFunc()
-	memos := make(map[leaseKey]*peerMemo, len(n.peers))
+	memos := make(map[leaseKey]*peerMemo, len(peers))
 	var sets, dels []op
-	for i, p := range n.peers {
+	for i, p := range peers {
 		k := keyOf(p)
 		old, had := n.memo[k]
 		if had && sameLease(old.lease, p) {
 			memos[k] = old
 			for _, e := range old.errs {
-				failed.add(i, e)
+				failed.Add(i, e)
 			}
 			continue
 		}
 		m := n.desirePeer(i, p, direct)
 		memos[k] = m
 		for _, e := range m.errs {
-			failed.add(i, e)
+			failed.Add(i, e)
 		}
 		if !had {
 			old = &peerMemo{}
@@ -464,7 +451,7 @@ func (n *Network) applyChanges(ctx context.Context) error {
 			dels = append(dels, d...)
 		}
 	}
-	return n.finish(ctx, began, sets, dels, &failed, memos)
+	return n.finish(ctx, began, peers, sets, dels, &failed, memos)
 }
 
 // sameLease reports whether a peer's lease asks for the same entries.
@@ -508,7 +495,7 @@ func (n *Network) directFunc() func(netip.Addr) bool {
 
 // finish programs sets, then dels, records the peers' entries and whether
 // the kernel is now known to match them, and returns the peers' errors.
-func (n *Network) finish(ctx context.Context, began time.Time, sets, dels []op, failed *peerErrs, memos map[leaseKey]*peerMemo) error {
+func (n *Network) finish(ctx context.Context, began time.Time, peers []lease.Lease, sets, dels []op, failed *backend.PeerErrs, memos map[leaseKey]*peerMemo) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
@@ -527,7 +514,7 @@ func (n *Network) finish(ctx context.Context, began time.Time, sets, dels []op, 
 		kernelOK = false
 		e = fmt.Errorf("%s: %w", ops[i], e)
 		if p := ops[i].peer; p >= 0 {
-			failed.add(p, e)
+			failed.Add(p, e)
 		} else {
 			rest = append(rest, e)
 		}
@@ -536,11 +523,7 @@ func (n *Network) finish(ctx context.Context, began time.Time, sets, dels []op, 
 	// Peers skipped for bad data have nothing in the kernel, as their memo
 	// says; only kernel errors leave the state unknown.
 	n.synced, n.memo = kernelOK, memos
-	var out []error
-	for _, i := range failed.order {
-		out = append(out, &flannel.PeerError{Lease: n.peers[i], Err: errors.Join(failed.errs[i]...)})
-	}
-	return errors.Join(append(out, rest...)...)
+	return errors.Join(append(failed.Errors(peers), rest...)...)
 }
 
 // asNeighs renders desired neighbour or FDB ops as a dump would show them.
