@@ -44,12 +44,15 @@ type Backend struct {
 
 var _ flannel.Backend = (*Backend)(nil)
 
-// New returns a host-gw backend.
-func New(opts Options) *Backend {
+// New returns a host-gw backend. A zero RepairInterval (or a negative one)
+// means DefaultRepairInterval. host-gw has no option that can be out of
+// range, so the error is nil; it is there so that every backend
+// constructor (vxlan.New, ipsec.New) has the same shape.
+func New(opts Options) (*Backend, error) {
 	if opts.RepairInterval <= 0 {
 		opts.RepairInterval = DefaultRepairInterval
 	}
-	return &Backend{opts: opts}
+	return &Backend{opts: opts}, nil
 }
 
 // FromConfig builds a host-gw backend from the network configuration, for a
@@ -71,7 +74,7 @@ func FromConfig(cfg lease.Config) (flannel.Backend, error) {
 			}
 		}
 	}
-	return New(Options{}), nil
+	return New(Options{})
 }
 
 // Type returns "host-gw".

@@ -66,7 +66,8 @@ func newCluster(t *testing.T, opts netlab.Options, bopts Options) *cluster {
 			Handle: n.Handle,
 			NS:     n.NS,
 		}
-		b := New(bopts)
+		b, err := New(bopts)
+		require.NoError(t, err)
 		attrs, err := b.Prepare(ctx, env)
 		require.NoError(t, err)
 		assert.Equal(t, Type, attrs.BackendType)
