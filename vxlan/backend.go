@@ -91,39 +91,12 @@ func (b *Backend) Prepare(ctx context.Context, env flannel.Env) (lease.Attrs, er
 	if base == 0 {
 		base = env.Iface.MTU
 	}
-	v4, v6 := families(env)
-	var specs []devSpec
-	if v4 {
-		local := env.Iface.IP
-		if !local.IsValid() {
-			local = env.Iface.PublicIP
-		}
-		if !local.IsValid() || !env.Iface.PublicIP.IsValid() {
-			return lease.Attrs{}, fmt.Errorf("vxlan: prepare: interface %s has no IPv4 address and IPv4 is enabled", env.Iface.Name)
-		}
-		specs = append(specs, devSpec{name: deviceName(b.opts.VNI, false), local: local, mtu: base - overhead4})
+	specs, err := b.specs(env, base)
+	if err != nil {
+		return lease.Attrs{}, err
 	}
-	if v6 {
-		local := env.Iface.IPv6
-		if !local.IsValid() {
-			local = env.Iface.PublicIPv6
-		}
-		if !local.IsValid() || !env.Iface.PublicIPv6.IsValid() {
-			return lease.Attrs{}, fmt.Errorf("vxlan: prepare: interface %s has no IPv6 address and IPv6 is enabled", env.Iface.Name)
-		}
-		specs = append(specs, devSpec{name: deviceName(b.opts.VNI, true), v6: true, local: local, mtu: base - overhead6})
-	}
-	if env.NS.IsOpen() {
-		if v4 {
-			if err := backend.SetSysctl(env.NS, "net/ipv4/ip_forward", "1"); err != nil {
-				return lease.Attrs{}, fmt.Errorf("vxlan: prepare: %w", err)
-			}
-		}
-		if v6 {
-			if err := backend.SetSysctl(env.NS, "net/ipv6/conf/all/forwarding", "1"); err != nil {
-				return lease.Attrs{}, fmt.Errorf("vxlan: prepare: %w", err)
-			}
-		}
+	if err := enableForwarding(env); err != nil {
+		return lease.Attrs{}, fmt.Errorf("vxlan: prepare: %w", err)
 	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
@@ -157,6 +130,54 @@ func (b *Backend) Prepare(ctx context.Context, env flannel.Env) (lease.Attrs, er
 	}
 	b.env, b.prepared, b.devs = env, true, devs
 	return attrs, nil
+}
+
+// specs returns the devices env's families ask for, on an underlay of MTU
+// base. It fails when the interface lacks the address of a family.
+func (b *Backend) specs(env flannel.Env, base int) ([]devSpec, error) {
+	v4, v6 := families(env)
+	var specs []devSpec
+	if v4 {
+		local := env.Iface.IP
+		if !local.IsValid() {
+			local = env.Iface.PublicIP
+		}
+		if !local.IsValid() || !env.Iface.PublicIP.IsValid() {
+			return nil, fmt.Errorf("vxlan: prepare: interface %s has no IPv4 address and IPv4 is enabled", env.Iface.Name)
+		}
+		specs = append(specs, devSpec{name: deviceName(b.opts.VNI, false), local: local, mtu: base - overhead4})
+	}
+	if v6 {
+		local := env.Iface.IPv6
+		if !local.IsValid() {
+			local = env.Iface.PublicIPv6
+		}
+		if !local.IsValid() || !env.Iface.PublicIPv6.IsValid() {
+			return nil, fmt.Errorf("vxlan: prepare: interface %s has no IPv6 address and IPv6 is enabled", env.Iface.Name)
+		}
+		specs = append(specs, devSpec{name: deviceName(b.opts.VNI, true), v6: true, local: local, mtu: base - overhead6})
+	}
+	return specs, nil
+}
+
+// enableForwarding turns on forwarding of env's families in env.NS, when
+// it is open.
+func enableForwarding(env flannel.Env) error {
+	if !env.NS.IsOpen() {
+		return nil
+	}
+	v4, v6 := families(env)
+	if v4 {
+		if err := backend.SetSysctl(env.NS, "net/ipv4/ip_forward", "1"); err != nil {
+			return err
+		}
+	}
+	if v6 {
+		if err := backend.SetSysctl(env.NS, "net/ipv6/conf/all/forwarding", "1"); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // pinnedMAC is the MAC a device gets when it has to be created: the one
