@@ -38,7 +38,7 @@ func (s suite) stale(t *testing.T) {
 	others := foreign(t, n0, n1)
 	apply(t, n0, n0.Lease, n1.Lease)
 	want, snap := s.dump(t, n0), Snapshot(t, n0)
-	ghost := c.ghost(n1)
+	ghost := c.ghost()
 
 	apply(t, n0, n0.Lease, n1.Lease, ghost)
 	require.NotEqual(t, want, s.dump(t, n0), "the ghost peer is programmed")
@@ -129,7 +129,7 @@ func (s suite) repairsNoNS(t *testing.T) {
 
 	intruder := &Node{Node: n0.Node, Env: n0.Env, Backend: s.f.New(t, never), Lease: n0.Lease}
 	intruder.Lease = c.Start(t, intruder, 0)
-	apply(t, intruder, n0.Lease, n1.Lease, c.ghost(n1))
+	apply(t, intruder, n0.Lease, n1.Lease, c.ghost())
 	poll(t, func() bool { return slices.Equal(want, s.dump(t, n0)) }, "entries for a peer not in the set removed by the timer")
 	stop()
 	verifyNoLeak(t, ignore)
@@ -142,7 +142,7 @@ func (s suite) noRepairBeforeApply(t *testing.T) {
 	n0, n1 := c.Nodes[0], c.Nodes[1]
 	apply(t, n0, n0.Lease, n1.Lease)
 	want := s.dump(t, n0)
-	apply(t, n0, n0.Lease, n1.Lease, c.ghost(n1))
+	apply(t, n0, n0.Lease, n1.Lease, c.ghost())
 	s.restartNode(t, c, n0, 20*time.Millisecond)
 	RunNetwork(t, n0)
 	s.f.Damage[0].Do(t, n0, n1)

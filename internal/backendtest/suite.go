@@ -48,7 +48,7 @@ type Damage struct {
 	Do   func(t *testing.T, n, peer *Node)
 }
 
-// Run checks the Backend contract of flannel.go on a two-node lab per
+// Run checks the Backend contract of flannel.go on a three-node lab per
 // case: Apply idempotence, removal of stale entries (of this Network and
 // of a previous run), peers of other backend types skipped, a
 // *flannel.PeerError naming a peer that cannot be programmed (warned about
@@ -79,11 +79,12 @@ func Run(t *testing.T, f Fixture) {
 
 type suite struct{ f Fixture }
 
-// cluster builds a two-node lab whose Networks repair every repair.
+// cluster builds a three-node lab whose Networks repair every repair.
+// Nodes 0 and 1 are the subjects; node 2 is the peer that leaves.
 func (s suite) cluster(t *testing.T, repair time.Duration, noNS bool) *Cluster {
 	t.Helper()
 	return NewCluster(t, ClusterOptions{
-		Lab:  netlab.Options{Nodes: 2, IPv4: s.f.IPv4, IPv6: s.f.IPv6},
+		Lab:  netlab.Options{Nodes: 3, IPv4: s.f.IPv4, IPv6: s.f.IPv6},
 		Type: s.f.Type,
 		New:  func(t *testing.T, _ int) flannel.Backend { return s.f.New(t, repair) },
 		NoNS: noNS,
@@ -113,14 +114,6 @@ func (s suite) restartNode(t *testing.T, c *Cluster, n *Node, repair time.Durati
 	n.Lease = c.Start(t, n, i)
 }
 
-// withLast returns a with its last byte set to b.
-func withLast(a netip.Addr, b byte) netip.Addr {
-	s := a.AsSlice()
-	s[len(s)-1] = b
-	out, _ := netip.AddrFromSlice(s)
-	return out
-}
-
 // peerLike is a copy of p's lease for the subnets 10.244.<k>.0/24 and
 // fd00:10:244:<k>::/64.
 func (c *Cluster) peerLike(p *Node, k int) lease.Lease {
@@ -136,18 +129,9 @@ func (c *Cluster) peerLike(p *Node, k int) lease.Lease {
 	return l
 }
 
-// ghost is a valid peer that does not exist: p's lease data for other
-// subnets and unused public addresses on p's segment.
-func (c *Cluster) ghost(p *Node) lease.Lease {
-	l := c.peerLike(p, 99)
-	if l.Attrs.PublicIP.IsValid() {
-		l.Attrs.PublicIP = withLast(l.Attrs.PublicIP, 200)
-	}
-	if l.Attrs.PublicIPv6.IsValid() {
-		l.Attrs.PublicIPv6 = withLast(l.Attrs.PublicIPv6, 200)
-	}
-	return l
-}
+// ghost is a valid peer that is to leave: the third node's lease (its
+// own backend data, e.g. keys or MACs, as a real peer has).
+func (c *Cluster) ghost() lease.Lease { return c.Nodes[2].Lease }
 
 // foreign adds routes that are not the backend's on n's external
 // interface, via peer, and returns them as Snapshot shows them.
