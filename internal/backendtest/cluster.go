@@ -28,13 +28,6 @@ import (
 // until it ends); generous for a loaded 2-core CI machine.
 const CheckTimeout = 30 * time.Second
 
-// Network and IPv6Network are the cluster networks of every Cluster; node
-// i leases 10.244.<i>.0/24 and fd00:10:244:<i>::/64.
-var (
-	Network     = netip.MustParsePrefix("10.244.0.0/16")
-	IPv6Network = netip.MustParsePrefix("fd00:10:244::/56")
-)
-
 // ClusterOptions configure NewCluster.
 type ClusterOptions struct {
 	// Lab is the lab to build (Nodes is required).
@@ -91,7 +84,9 @@ func NewCluster(t *testing.T, opts ClusterOptions) *Cluster {
 }
 
 // Env is the environment of lab node n: its external interface, handle,
-// namespace (unless NoNS), and the cluster's families and networks.
+// namespace (unless NoNS), and the cluster's families and networks
+// (10.244.0.0/16 and fd00:10:244::/56, where node i leases
+// 10.244.<i>.0/24 and fd00:10:244:<i>::/64).
 func (c *Cluster) Env(t *testing.T, n *netlab.Node) flannel.Env {
 	t.Helper()
 	iface, err := backend.FindInterface(n.Handle, backend.InterfaceOptions{IPv4: c.V4, IPv6: c.V6})
@@ -100,7 +95,8 @@ func (c *Cluster) Env(t *testing.T, n *netlab.Node) flannel.Env {
 	env := flannel.Env{
 		Config: lease.Config{
 			EnableIPv4: c.V4, EnableIPv6: c.V6, BackendType: c.opts.Type,
-			Network: Network, SubnetLen: 24, IPv6Network: IPv6Network, IPv6SubnetLen: 64,
+			Network: netip.MustParsePrefix("10.244.0.0/16"), SubnetLen: 24,
+			IPv6Network: netip.MustParsePrefix("fd00:10:244::/56"), IPv6SubnetLen: 64,
 		},
 		Iface:  iface,
 		Handle: n.Handle,

@@ -20,8 +20,8 @@ var linkLocal = netip.MustParsePrefix("fe80::/10")
 
 // Snapshot renders the node's kernel state, sorted: every link (name,
 // index, type, MAC, MTU, up, master), every address but link-local ones,
-// every route of the main table but link-local ones, and every permanent
-// neighbour and FDB entry. Two equal snapshots mean no entry changed, not
+// every route of the main table but link-local ones, every permanent
+// neighbour, and every permanent FDB entry with a destination. Two equal snapshots mean no entry changed, not
 // even by a delete and re-add of a device.
 func Snapshot(t *testing.T, n *Node) []string {
 	t.Helper()
@@ -44,7 +44,9 @@ func Snapshot(t *testing.T, n *Node) []string {
 			ns, err := backend.ListNeighs(h, a.Index, fam)
 			require.NoError(t, err)
 			for _, e := range ns {
-				if e.State&netlink.NUD_PERMANENT != 0 {
+				// A bridge FDB entry without a destination is the kernel's
+				// (local and multicast MACs, added as addresses come up).
+				if e.State&netlink.NUD_PERMANENT != 0 && (fam != unix.AF_BRIDGE || e.IP != nil) {
 					out = append(out, fmt.Sprintf("neigh %s family %d %s %s", a.Name, fam, e.IP, e.HardwareAddr))
 				}
 			}

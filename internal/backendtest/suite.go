@@ -66,15 +66,27 @@ func Run(t *testing.T, f Fixture) {
 		f.IPv4, f.IPv6 = true, true
 	}
 	s := suite{f: f}
-	t.Run("ApplyTwiceChangesNothing", s.applyTwice)
-	t.Run("StaleEntriesRemoved", s.stale)
-	t.Run("OtherBackendTypesSkipped", s.otherTypes)
-	t.Run("PeerError", s.peerError)
+	// The cases that check for leaked goroutines run one at a time, first;
+	// the others then run in parallel.
 	t.Run("RunRepairs", s.repairs)
 	t.Run("RunRepairsWithoutNamespace", s.repairsNoNS)
-	t.Run("NoRepairBeforeFirstApply", s.noRepairBeforeApply)
-	t.Run("CleanupTwice", s.cleanup)
-	t.Run("RestartChangesNothing", s.restart)
+	for _, c := range []struct {
+		name string
+		run  func(*testing.T)
+	}{
+		{"ApplyTwiceChangesNothing", s.applyTwice},
+		{"StaleEntriesRemoved", s.stale},
+		{"OtherBackendTypesSkipped", s.otherTypes},
+		{"PeerError", s.peerError},
+		{"NoRepairBeforeFirstApply", s.noRepairBeforeApply},
+		{"CleanupTwice", s.cleanup},
+		{"RestartChangesNothing", s.restart},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			t.Parallel()
+			c.run(t)
+		})
+	}
 }
 
 type suite struct{ f Fixture }
@@ -122,7 +134,7 @@ func (c *Cluster) peerLike(p *Node, k int) lease.Lease {
 		l.Subnet = netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 244, byte(k), 0}), 24)
 	}
 	if l.IPv6Subnet.IsValid() {
-		a := IPv6Network.Addr().As16()
+		a := l.IPv6Subnet.Addr().As16()
 		a[7] = byte(k)
 		l.IPv6Subnet = netip.PrefixFrom(netip.AddrFrom16(a), 64)
 	}
