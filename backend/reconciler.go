@@ -31,7 +31,8 @@ type ReconcilerConfig struct {
 	// (e.g. rekeying) and tick faster than it repairs. Run calls it from
 	// one goroutine only.
 	BeforeRepair func(ctx context.Context, why string) bool
-	// Interval is the period of Run's timer. Required (> 0).
+	// Interval is the period of Run's timer. Optional:
+	// DefaultReconcileInterval.
 	Interval time.Duration
 	// Logger receives the repair warnings (nil: discard).
 	Logger *slog.Logger
@@ -39,6 +40,10 @@ type ReconcilerConfig struct {
 
 // Periodic is the trigger of a repair that Run's timer started.
 const Periodic = "periodic"
+
+// DefaultReconcileInterval is Run's period when ReconcilerConfig.Interval
+// is not positive.
+const DefaultReconcileInterval = 10 * time.Second
 
 // Reconciler is the Apply/repair shell every dataplane shares. It owns the
 // lock that serializes Apply and repairs, the last peer set Apply was
@@ -67,8 +72,14 @@ type Reconciler struct {
 
 // NewReconciler returns a Reconciler driving cfg.Apply and cfg.Repair.
 func NewReconciler(cfg ReconcilerConfig) *Reconciler {
+	if cfg.Apply == nil { // a misuse; programming nothing beats a panic
+		cfg.Apply = func(context.Context, []lease.Lease) error { return nil }
+	}
 	if cfg.Repair == nil {
 		cfg.Repair = cfg.Apply
+	}
+	if cfg.Interval <= 0 {
+		cfg.Interval = DefaultReconcileInterval
 	}
 	return &Reconciler{cfg: cfg, log: Logger(cfg.Logger), warned: map[string]lease.Lease{}}
 }
