@@ -115,7 +115,8 @@ func (r *Reconciler) Repair(ctx context.Context, why string) {
 // Update runs change (when not nil) with the lock held and then, once
 // Apply was called, repairs as Repair does. A dataplane uses it for a
 // change of its own state that the kernel must follow at once (e.g. a new
-// key), so that no Apply or repair sees half of it.
+// key), so that no Apply or repair sees half of it. change must not call
+// the Reconciler's methods.
 func (r *Reconciler) Update(ctx context.Context, why string, change func()) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -135,7 +136,8 @@ func (r *Reconciler) Update(ctx context.Context, why string, change func()) {
 }
 
 // Locked runs fn with the lock held, for reads and writes of dataplane
-// state that Apply and repairs also use.
+// state that Apply and repairs also use. fn must not call the
+// Reconciler's methods (the lock is not reentrant).
 func (r *Reconciler) Locked(fn func()) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
