@@ -4,8 +4,11 @@
 // routes marked with RouteProtocol (DiffRoutes, RouteReconciler), netlink dump
 // helpers that retry on netlink.ErrDumpInterrupted (ListLinks, ListAddrs,
 // ListRoutes, ListNeighs), running code inside a network namespace on a
-// locked thread (InNamespace, SetSysctl), and a Registry that maps
-// net-conf.json backend types to constructors.
+// locked thread (InNamespace, SetSysctl), the Apply/repair shell of every
+// dataplane (Reconciler: one lock, the last peer set, nothing repaired
+// before the first Apply, a repair loop over kernel watchers, peer errors
+// warned once per lease change), and a Registry that maps net-conf.json
+// backend types to constructors.
 //
 // It is not a backend itself and holds no state of its own: there is no
 // global registry, no package-level handle, and every kernel operation goes

@@ -6,7 +6,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"log/slog"
 	"strings"
 	"sync"
 	"time"
@@ -45,12 +44,15 @@ type Backend struct {
 
 var _ flannel.Backend = (*Backend)(nil)
 
-// New returns a host-gw backend.
-func New(opts Options) *Backend {
+// New returns a host-gw backend. A zero RepairInterval (or a negative one)
+// means DefaultRepairInterval. host-gw has no option that can be out of
+// range, so the error is nil; it is there so that every backend
+// constructor (vxlan.New, ipsec.New) has the same shape.
+func New(opts Options) (*Backend, error) {
 	if opts.RepairInterval <= 0 {
 		opts.RepairInterval = DefaultRepairInterval
 	}
-	return &Backend{opts: opts}
+	return &Backend{opts: opts}, nil
 }
 
 // FromConfig builds a host-gw backend from the network configuration, for a
@@ -72,18 +74,11 @@ func FromConfig(cfg lease.Config) (flannel.Backend, error) {
 			}
 		}
 	}
-	return New(Options{}), nil
+	return New(Options{})
 }
 
 // Type returns "host-gw".
 func (b *Backend) Type() string { return Type }
-
-func logger(l *slog.Logger) *slog.Logger {
-	if l == nil {
-		return slog.New(slog.DiscardHandler)
-	}
-	return l
-}
 
 // Prepare checks the environment (a handle, an existing external interface
 // with the public address of every enabled family), enables IP forwarding
@@ -155,7 +150,7 @@ func (b *Backend) Cleanup(ctx context.Context, env flannel.Env) error {
 		}
 		return fmt.Errorf("host-gw: cleanup: %w", err)
 	}
-	rec := backend.RouteReconciler{Logger: logger(env.Logger)}
+	rec := backend.RouteReconciler{Logger: backend.Logger(env.Logger)}
 	if err := rec.Reconcile(ctx, env.Handle, link.Attrs().Index, nil); err != nil {
 		return fmt.Errorf("host-gw: cleanup routes on %s: %w", link.Attrs().Name, err)
 	}

@@ -57,8 +57,9 @@ func TestRegistryBuildsHostGW(t *testing.T) {
 
 func TestPrepareAndStartPreconditions(t *testing.T) {
 	ctx := context.Background()
-	b := New(Options{})
-	_, err := b.Prepare(ctx, flannel.Env{})
+	b, err := New(Options{})
+	require.NoError(t, err)
+	_, err = b.Prepare(ctx, flannel.Env{})
 	assert.ErrorContains(t, err, "no netlink handle")
 	_, err = b.Start(ctx, lease.Lease{})
 	assert.ErrorContains(t, err, "Prepare was not called")

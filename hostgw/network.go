@@ -6,8 +6,6 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
-	"slices"
-	"sync"
 	"syscall"
 	"time"
 
@@ -26,23 +24,22 @@ type Network struct {
 	interval time.Duration
 	log      *slog.Logger
 	rec      backend.RouteReconciler
-
-	mu      sync.Mutex
-	peers   []lease.Lease
-	applied bool // Apply was called: repairs may run
+	r        *backend.Reconciler // serializes Apply and repairs
 }
 
 var _ flannel.Network = (*Network)(nil)
 
 func newNetwork(env flannel.Env, own lease.Lease, interval time.Duration) *Network {
-	log := logger(env.Logger).With("backend", Type, "iface", env.Iface.Name)
-	return &Network{
+	log := backend.Logger(env.Logger).With("backend", Type, "iface", env.Iface.Name)
+	n := &Network{
 		env:      env,
 		own:      own,
 		interval: interval,
 		log:      log,
 		rec:      backend.RouteReconciler{Logger: log},
 	}
+	n.r = backend.NewReconciler(backend.ReconcilerConfig{Apply: n.apply, Interval: interval, Logger: log})
+	return n
 }
 
 // Lease returns the lease the network was started with.
@@ -62,11 +59,7 @@ func (n *Network) MTU() int { return n.env.Iface.MTU }
 // other peer is programmed. Apply may be called repeatedly with the same
 // peers; it changes nothing then.
 func (n *Network) Apply(ctx context.Context, peers []lease.Lease) error {
-	n.mu.Lock()
-	defer n.mu.Unlock()
-	n.peers = slices.Clone(peers)
-	n.applied = true
-	return n.applyLocked(ctx)
+	return n.r.Apply(ctx, peers)
 }
 
 // peerRoute is a desired route and the index of the peer it is for.
@@ -75,25 +68,9 @@ type peerRoute struct {
 	peer  int
 }
 
-// peerErrs collects the errors of each peer, in first-failure order.
-type peerErrs struct {
-	order []int
-	errs  map[int][]error
-}
-
-func (p *peerErrs) add(peer int, err error) {
-	if p.errs == nil {
-		p.errs = map[int][]error{}
-	}
-	if _, seen := p.errs[peer]; !seen {
-		p.order = append(p.order, peer)
-	}
-	p.errs[peer] = append(p.errs[peer], err)
-}
-
 // desired computes the routes for peers and records each peer that
 // cannot have one.
-func (n *Network) desired(peers []lease.Lease, failed *peerErrs) []peerRoute {
+func (n *Network) desired(peers []lease.Lease, failed *backend.PeerErrs) []peerRoute {
 	var routes []peerRoute
 	for i, p := range peers {
 		if p.Attrs.BackendType != Type {
@@ -105,7 +82,7 @@ func (n *Network) desired(peers []lease.Lease, failed *peerErrs) []peerRoute {
 		}
 		add := func(dst netip.Prefix, gw netip.Addr, family string) {
 			if !gw.IsValid() {
-				failed.add(i, fmt.Errorf("no public %s address for subnet %s", family, dst))
+				failed.Add(i, fmt.Errorf("no public %s address for subnet %s", family, dst))
 				return
 			}
 			routes = append(routes, peerRoute{peer: i, route: netlink.Route{
@@ -124,9 +101,10 @@ func (n *Network) desired(peers []lease.Lease, failed *peerErrs) []peerRoute {
 	return routes
 }
 
-func (n *Network) applyLocked(ctx context.Context) error {
-	var failed peerErrs
-	want := n.desired(n.peers, &failed)
+// apply programs peers; the Reconciler calls it with its lock held.
+func (n *Network) apply(ctx context.Context, peers []lease.Lease) error {
+	var failed backend.PeerErrs
+	want := n.desired(peers, &failed)
 	routes := make([]netlink.Route, 0, len(want))
 	byDst := make(map[netip.Prefix]int, len(want))
 	for _, w := range want {
@@ -153,14 +131,10 @@ func (n *Network) applyLocked(ctx context.Context) error {
 				e = fmt.Errorf("gateway %s is not directly reachable on %s (host-gw needs all nodes on one L2 segment): %w",
 					re.Route.Gw, n.env.Iface.Name, re)
 			}
-			failed.add(peer, e)
+			failed.Add(peer, e)
 		}
 	}
-	var errs []error
-	for _, i := range failed.order {
-		errs = append(errs, &flannel.PeerError{Lease: n.peers[i], Err: errors.Join(failed.errs[i]...)})
-	}
-	return errors.Join(append(errs, rest...)...)
+	return errors.Join(append(failed.Errors(peers), rest...)...)
 }
 
 // flatten unpacks a joined error into its parts.

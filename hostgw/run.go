@@ -15,7 +15,7 @@ import (
 // open NS only the periodic repair runs). Nothing is repaired before the
 // first Apply, so routes of a previous run stay until the caller has said
 // which peers exist. Repair failures are logged and retried at the next
-// tick; a failing subscription is retried with capped backoff. Run joins
+// tick (a peer that cannot be programmed once per change of its lease); a failing subscription is retried with capped backoff. Run joins
 // all its goroutines and returns nil when ctx ends.
 func (n *Network) Run(ctx context.Context) error {
 	var watchers []backend.Watcher
@@ -26,17 +26,6 @@ func (n *Network) Run(ctx context.Context) error {
 	} else {
 		n.log.Info("no namespace handle: repairing on a timer only", "interval", n.interval)
 	}
-	backend.RepairLoop(ctx, n.interval, n.repair, watchers...)
+	n.r.Run(ctx, watchers...)
 	return nil
-}
-
-func (n *Network) repair(ctx context.Context, why string) {
-	n.mu.Lock()
-	defer n.mu.Unlock()
-	if !n.applied {
-		return
-	}
-	if err := n.applyLocked(ctx); err != nil && ctx.Err() == nil {
-		n.log.Warn("repair failed", "trigger", why, "err", err)
-	}
 }

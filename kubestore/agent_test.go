@@ -51,9 +51,11 @@ func TestAgentsHostGW(t *testing.T) {
 			kubestore.Options{SetNodeNetworkUnavailable: true, Logger: logs.Logger().With("node", name)})
 		iface, err := backend.FindInterface(ln.Handle, backend.InterfaceOptions{IPv4: true, IPv6: true})
 		require.NoError(t, err)
+		hg, err := hostgw.New(hostgw.Options{})
+		require.NoError(t, err)
 		a, err := flannel.NewAgent(flannel.AgentOptions{
 			Store:    s,
-			Backend:  hostgw.New(hostgw.Options{}),
+			Backend:  hg,
 			Iface:    iface,
 			Handle:   ln.Handle,
 			NS:       ln.NS,

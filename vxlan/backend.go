@@ -52,13 +52,6 @@ func New(opts Options) (*Backend, error) {
 // Type returns "vxlan".
 func (b *Backend) Type() string { return Type }
 
-func logger(l *slog.Logger) *slog.Logger {
-	if l == nil {
-		return slog.New(slog.DiscardHandler)
-	}
-	return l
-}
-
 // families reports which underlay families env asks for: the Config's,
 // else (a hand-built Config) the interface's addresses.
 func families(env flannel.Env) (v4, v6 bool) {
@@ -82,7 +75,7 @@ func (b *Backend) Prepare(ctx context.Context, env flannel.Env) (lease.Attrs, er
 	if env.Handle == nil {
 		return lease.Attrs{}, errors.New("vxlan: prepare: no netlink handle")
 	}
-	log := logger(env.Logger).With("backend", Type)
+	log := backend.Logger(env.Logger).With("backend", Type)
 	link, err := backend.ResolveLink(env.Handle, env.Iface)
 	if err != nil {
 		return lease.Attrs{}, fmt.Errorf("vxlan: prepare: %w", err)
@@ -98,39 +91,12 @@ func (b *Backend) Prepare(ctx context.Context, env flannel.Env) (lease.Attrs, er
 	if base == 0 {
 		base = env.Iface.MTU
 	}
-	v4, v6 := families(env)
-	var specs []devSpec
-	if v4 {
-		local := env.Iface.IP
-		if !local.IsValid() {
-			local = env.Iface.PublicIP
-		}
-		if !local.IsValid() || !env.Iface.PublicIP.IsValid() {
-			return lease.Attrs{}, fmt.Errorf("vxlan: prepare: interface %s has no IPv4 address and IPv4 is enabled", env.Iface.Name)
-		}
-		specs = append(specs, devSpec{name: deviceName(b.opts.VNI, false), local: local, mtu: base - overhead4})
+	specs, err := b.specs(env, base)
+	if err != nil {
+		return lease.Attrs{}, err
 	}
-	if v6 {
-		local := env.Iface.IPv6
-		if !local.IsValid() {
-			local = env.Iface.PublicIPv6
-		}
-		if !local.IsValid() || !env.Iface.PublicIPv6.IsValid() {
-			return lease.Attrs{}, fmt.Errorf("vxlan: prepare: interface %s has no IPv6 address and IPv6 is enabled", env.Iface.Name)
-		}
-		specs = append(specs, devSpec{name: deviceName(b.opts.VNI, true), v6: true, local: local, mtu: base - overhead6})
-	}
-	if env.NS.IsOpen() {
-		if v4 {
-			if err := backend.SetSysctl(env.NS, "net/ipv4/ip_forward", "1"); err != nil {
-				return lease.Attrs{}, fmt.Errorf("vxlan: prepare: %w", err)
-			}
-		}
-		if v6 {
-			if err := backend.SetSysctl(env.NS, "net/ipv6/conf/all/forwarding", "1"); err != nil {
-				return lease.Attrs{}, fmt.Errorf("vxlan: prepare: %w", err)
-			}
-		}
+	if err := enableForwarding(env); err != nil {
+		return lease.Attrs{}, fmt.Errorf("vxlan: prepare: %w", err)
 	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
@@ -164,6 +130,54 @@ func (b *Backend) Prepare(ctx context.Context, env flannel.Env) (lease.Attrs, er
 	}
 	b.env, b.prepared, b.devs = env, true, devs
 	return attrs, nil
+}
+
+// specs returns the devices env's families ask for, on an underlay of MTU
+// base. It fails when the interface lacks the address of a family.
+func (b *Backend) specs(env flannel.Env, base int) ([]devSpec, error) {
+	v4, v6 := families(env)
+	var specs []devSpec
+	if v4 {
+		local := env.Iface.IP
+		if !local.IsValid() {
+			local = env.Iface.PublicIP
+		}
+		if !local.IsValid() || !env.Iface.PublicIP.IsValid() {
+			return nil, fmt.Errorf("vxlan: prepare: interface %s has no IPv4 address and IPv4 is enabled", env.Iface.Name)
+		}
+		specs = append(specs, devSpec{name: deviceName(b.opts.VNI, false), local: local, mtu: base - overhead4})
+	}
+	if v6 {
+		local := env.Iface.IPv6
+		if !local.IsValid() {
+			local = env.Iface.PublicIPv6
+		}
+		if !local.IsValid() || !env.Iface.PublicIPv6.IsValid() {
+			return nil, fmt.Errorf("vxlan: prepare: interface %s has no IPv6 address and IPv6 is enabled", env.Iface.Name)
+		}
+		specs = append(specs, devSpec{name: deviceName(b.opts.VNI, true), v6: true, local: local, mtu: base - overhead6})
+	}
+	return specs, nil
+}
+
+// enableForwarding turns on forwarding of env's families in env.NS, when
+// it is open.
+func enableForwarding(env flannel.Env) error {
+	if !env.NS.IsOpen() {
+		return nil
+	}
+	v4, v6 := families(env)
+	if v4 {
+		if err := backend.SetSysctl(env.NS, "net/ipv4/ip_forward", "1"); err != nil {
+			return err
+		}
+	}
+	if v6 {
+		if err := backend.SetSysctl(env.NS, "net/ipv6/conf/all/forwarding", "1"); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // pinnedMAC is the MAC a device gets when it has to be created: the one
@@ -252,9 +266,9 @@ func (b *Backend) Start(ctx context.Context, own lease.Lease) (flannel.Network, 
 			return nil, fmt.Errorf("vxlan: start: lease %s has a subnet of a family that was not prepared", own)
 		}
 	}
-	n.mu.Lock()
-	defer n.mu.Unlock()
-	if err := n.ensureDevicesLocked(); err != nil {
+	var err error
+	n.r.Locked(func() { err = n.ensureDevicesLocked() })
+	if err != nil {
 		return nil, fmt.Errorf("vxlan: start: %w", err)
 	}
 	return n, nil
@@ -294,7 +308,7 @@ func (b *Backend) Cleanup(ctx context.Context, env flannel.Env) error {
 	case err != nil:
 		errs = append(errs, fmt.Errorf("vxlan: cleanup: %w", err))
 	default:
-		rec := backend.RouteReconciler{Logger: logger(env.Logger)}
+		rec := backend.RouteReconciler{Logger: backend.Logger(env.Logger)}
 		if err := rec.Reconcile(ctx, env.Handle, link.Attrs().Index, nil); err != nil {
 			errs = append(errs, fmt.Errorf("vxlan: cleanup routes on %s: %w", link.Attrs().Name, err))
 		}

@@ -6,6 +6,7 @@ import (
 	"testing"
 
 	flannel "github.com/flannelkit/flannel"
+	"github.com/flannelkit/flannel/backend"
 	"github.com/flannelkit/flannel/lease"
 )
 
@@ -20,7 +21,7 @@ func BenchmarkDesire(b *testing.B) {
 	}
 	n := newNetwork(flannel.Env{}, lease.Lease{Subnet: netip.MustParsePrefix("10.255.0.0/24")}, Options{}.withDefaults(), []*device{{spec: devSpec{name: "flannel.1"}, index: 5}})
 	for b.Loop() {
-		var failed peerErrs
+		var failed backend.PeerErrs
 		n.desire(peers, func(netip.Addr) bool { return false }, &failed)
 	}
 }

@@ -67,8 +67,8 @@ func TestDiffNeigh(t *testing.T) {
 func TestWriterMapsErrors(t *testing.T) {
 	t.Parallel()
 	c := newCluster(t, netlab.Options{Nodes: 1}, Options{})
-	n := c.nodes[0]
-	dev := n.net.dev(false).index
+	n := c.Nodes[0]
+	dev := nw(n).dev(false).index
 	var ops []op
 	for k := range 3000 {
 		mac := net.HardwareAddr{0x0a, 0, 0, 0, byte(k >> 8), byte(k)}
@@ -79,7 +79,7 @@ func TestWriterMapsErrors(t *testing.T) {
 		}
 		ops = append(ops, op{kind: kindNeigh, link: link, ip: ip, mac: mac, peer: k})
 	}
-	w, err := newWriter(n.node.NS)
+	w, err := newWriter(n.Node.NS)
 	require.NoError(t, err)
 	defer w.Close()
 	errs := w.write(ops)
@@ -91,7 +91,7 @@ func TestWriterMapsErrors(t *testing.T) {
 			assert.NoError(t, e, "op %d", k)
 		}
 	}
-	got, err := backend.ListNeighs(n.node.Handle, dev, unix.AF_INET)
+	got, err := backend.ListNeighs(n.Node.Handle, dev, unix.AF_INET)
 	require.NoError(t, err)
 	perm := 0
 	for _, e := range got {

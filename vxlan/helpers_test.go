@@ -1,144 +1,48 @@
 package vxlan
 
 import (
-	"context"
 	"fmt"
 	"net/netip"
 	"slices"
-	"sync"
 	"testing"
-	"time"
 
-	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
 	flannel "github.com/flannelkit/flannel"
 	"github.com/flannelkit/flannel/backend"
+	"github.com/flannelkit/flannel/internal/backendtest"
 	"github.com/flannelkit/flannel/internal/netlab"
-	"github.com/flannelkit/flannel/lease"
 )
 
-// checkTimeout bounds each connectivity check; generous for a loaded CI.
-const checkTimeout = 30 * time.Second
-
-type testNode struct {
-	node    *netlab.Node
-	env     flannel.Env
-	backend *Backend
-	net     *Network
-	lease   lease.Lease
-	pod     *netlab.Pod
-}
-
-type cluster struct {
-	lab    *netlab.Lab
-	nodes  []*testNode
-	v4, v6 bool
-}
-
-// newCluster builds a lab, prepares and starts a vxlan Network per node
-// with the lease 10.244.<i>.0/24 and/or fd00:10:244:<i>::/64, and adds one
-// pod per node with the network's MTU. No peer is applied yet.
-func newCluster(t *testing.T, opts netlab.Options, bopts Options) *cluster {
+// newCluster builds a vxlan backendtest.Cluster: a lab whose every node
+// has a started Network and one pod with the Network's MTU. No peer is
+// applied yet.
+func newCluster(t *testing.T, opts netlab.Options, bopts Options) *backendtest.Cluster {
 	t.Helper()
-	lab := netlab.NewT(t, opts)
-	c := &cluster{lab: lab, v4: opts.IPv4 || !opts.IPv6, v6: opts.IPv6}
-	for i, n := range lab.Nodes {
-		c.nodes = append(c.nodes, c.startNode(t, i, n, bopts))
-	}
-	return c
+	return backendtest.NewCluster(t, backendtest.ClusterOptions{Lab: opts, Type: Type, New: func(t *testing.T, _ int) flannel.Backend {
+		b, err := New(bopts)
+		require.NoError(t, err)
+		return b
+	}})
 }
 
-func (c *cluster) env(t *testing.T, n *netlab.Node) flannel.Env {
-	t.Helper()
-	iface, err := backend.FindInterface(n.Handle, backend.InterfaceOptions{IPv4: c.v4, IPv6: c.v6})
-	require.NoError(t, err)
-	return flannel.Env{
-		Config: lease.Config{EnableIPv4: c.v4, EnableIPv6: c.v6, BackendType: Type},
-		Iface:  iface,
-		Handle: n.Handle,
-		NS:     n.NS,
-	}
-}
-
-func (c *cluster) startNode(t *testing.T, i int, n *netlab.Node, bopts Options) *testNode {
-	t.Helper()
-	ctx := context.Background()
-	env := c.env(t, n)
-	b, err := New(bopts)
-	require.NoError(t, err)
-	attrs, err := b.Prepare(ctx, env)
-	require.NoError(t, err)
-	l := lease.Lease{Attrs: attrs}
-	if c.v4 {
-		l.Subnet = netip.MustParsePrefix(fmt.Sprintf("10.244.%d.0/24", i))
-	}
-	if c.v6 {
-		l.IPv6Subnet = netip.MustParsePrefix(fmt.Sprintf("fd00:10:244:%d::/64", i))
-	}
-	nw, err := b.Start(ctx, l)
-	require.NoError(t, err)
-	pod, err := n.AddPod("pod", l.Subnet, l.IPv6Subnet, netlab.WithMTU(nw.MTU()))
-	require.NoError(t, err)
-	return &testNode{node: n, env: env, backend: b, net: nw.(*Network), lease: l, pod: pod}
-}
-
-func (c *cluster) leases() []lease.Lease {
-	var ls []lease.Lease
-	for _, n := range c.nodes {
-		ls = append(ls, n.lease)
-	}
-	return ls
-}
-
-func (c *cluster) applyAll(t *testing.T) {
-	t.Helper()
-	for _, n := range c.nodes {
-		require.NoError(t, n.net.Apply(context.Background(), c.leases()), "apply on %s", n.node.Name)
-	}
-}
-
-// checkPair pings and TCP-checks from a's pod to b's pod on every family.
-func (c *cluster) checkPair(t *testing.T, a, b *testNode) {
-	t.Helper()
-	for _, dst := range []netip.Addr{b.pod.IP, b.pod.IPv6} {
-		if !dst.IsValid() {
-			continue
-		}
-		ctx, cancel := context.WithTimeout(context.Background(), checkTimeout)
-		assert.NoError(t, a.pod.Ping(ctx, dst), "ping %s -> %s", a.node.Name, dst)
-		assert.NoError(t, a.pod.TCPCheck(ctx, b.pod, dst), "tcp %s -> %s", a.node.Name, dst)
-		cancel()
-	}
-}
-
-// checkAll checks every ordered pair, in parallel.
-func (c *cluster) checkAll(t *testing.T) {
-	t.Helper()
-	var wg sync.WaitGroup
-	for _, a := range c.nodes {
-		for _, b := range c.nodes {
-			if a != b {
-				wg.Go(func() { c.checkPair(t, a, b) })
-			}
-		}
-	}
-	wg.Wait()
-}
+// nw is n's Network and bk its Backend.
+func nw(n *backendtest.Node) *Network { return n.Net.(*Network) }
+func bk(n *backendtest.Node) *Backend { return n.Backend.(*Backend) }
 
 // state renders the kernel entries of n's flannel devices and our routes
 // on the external interface, sorted, e.g.
 // "fdb flannel.1 aa:.. dst 172.30.0.11", "neigh flannel.1 10.244.1.0 aa:..",
 // "route flannel.1 10.244.1.0/24 via 10.244.1.0 onlink",
 // "route eth0 10.244.1.0/24 via 172.30.0.11".
-func state(t *testing.T, n *testNode) []string {
+func state(t *testing.T, n *backendtest.Node) []string {
 	t.Helper()
-	h := n.node.Handle
+	h := n.Node.Handle
 	var out []string
-	links := map[int]string{n.env.Iface.Index: n.env.Iface.Name}
-	for _, d := range n.net.devs {
+	links := map[int]string{n.Env.Iface.Index: n.Env.Iface.Name}
+	for _, d := range nw(n).devs {
 		l, err := h.LinkByName(d.spec.name)
 		if err != nil {
 			continue
@@ -178,25 +82,25 @@ func state(t *testing.T, n *testNode) []string {
 }
 
 // want renders what state should show on n for peers.
-func (c *cluster) want(n *testNode, direct func(p *testNode) bool, peers ...*testNode) []string {
+func want(c *backendtest.Cluster, n *backendtest.Node, direct func(p *backendtest.Node) bool, peers ...*backendtest.Node) []string {
 	var out []string
 	for _, p := range peers {
 		if p == n {
 			continue
 		}
 		for _, v6 := range []bool{false, true} {
-			if (v6 && !c.v6) || (!v6 && !c.v4) {
+			if (v6 && !c.V6) || (!v6 && !c.V4) {
 				continue
 			}
-			subnet, public, dev := p.lease.Subnet, p.node.IP, deviceName(n.backend.opts.VNI, false)
+			subnet, public, dev := p.Lease.Subnet, p.Node.IP, deviceName(bk(n).opts.VNI, false)
 			if v6 {
-				subnet, public, dev = p.lease.IPv6Subnet, p.node.IPv6, deviceName(n.backend.opts.VNI, true)
+				subnet, public, dev = p.Lease.IPv6Subnet, p.Node.IPv6, deviceName(bk(n).opts.VNI, true)
 			}
 			if direct != nil && direct(p) {
-				out = append(out, fmt.Sprintf("route %s %s via %s", n.env.Iface.Name, subnet, public))
+				out = append(out, fmt.Sprintf("route %s %s via %s", n.Env.Iface.Name, subnet, public))
 				continue
 			}
-			mac := p.net.VtepMAC(v6)
+			mac := nw(p).VtepMAC(v6)
 			out = append(out,
 				fmt.Sprintf("fdb %s %s dst %s", dev, mac, public),
 				fmt.Sprintf("neigh %s %s %s", dev, subnet.Addr(), mac),
@@ -208,9 +112,9 @@ func (c *cluster) want(n *testNode, direct func(p *testNode) bool, peers ...*tes
 }
 
 // txPackets is the TX packet counter of a flannel device.
-func txPackets(t *testing.T, n *testNode, v6 bool) uint64 {
+func txPackets(t *testing.T, n *backendtest.Node, v6 bool) uint64 {
 	t.Helper()
-	l, err := n.node.Handle.LinkByName(deviceName(n.backend.opts.VNI, v6))
+	l, err := n.Node.Handle.LinkByName(deviceName(bk(n).opts.VNI, v6))
 	require.NoError(t, err)
 	return l.Attrs().Statistics.TxPackets
 }

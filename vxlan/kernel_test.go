@@ -18,9 +18,9 @@ import (
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"go.uber.org/goleak"
-	"golang.org/x/sys/unix"
 
 	"github.com/flannelkit/flannel/backend"
+	"github.com/flannelkit/flannel/internal/backendtest"
 	"github.com/flannelkit/flannel/internal/netlab"
 	"github.com/flannelkit/flannel/internal/testenv"
 	"github.com/flannelkit/flannel/lease"
@@ -29,46 +29,46 @@ import (
 func TestCustomVNIPortGBP(t *testing.T) {
 	t.Parallel()
 	c := newCluster(t, netlab.Options{Nodes: 2, IPv4: true, IPv6: true}, Options{VNI: 4242, Port: 4789, GBP: true, MTU: 1400})
-	c.applyAll(t)
-	n0 := c.nodes[0]
+	c.ApplyAll(t)
+	n0 := c.Nodes[0]
 	for _, v6 := range []bool{false, true} {
 		name := deviceName(4242, v6)
-		l, err := n0.node.Handle.LinkByName(name)
+		l, err := n0.Node.Handle.LinkByName(name)
 		require.NoError(t, err, name)
 		v := l.(*netlink.Vxlan)
 		assert.Equal(t, 4242, v.VxlanId)
 		assert.Equal(t, 4789, v.Port)
 		assert.True(t, v.GBP)
 		assert.False(t, v.Learning)
-		assert.Equal(t, n0.env.Iface.Index, v.VtepDevIndex)
+		assert.Equal(t, n0.Env.Iface.Index, v.VtepDevIndex)
 		if v6 {
 			assert.Equal(t, 1400-70, v.MTU)
-			assert.Equal(t, n0.node.IPv6, backend.AddrFromIP(v.SrcAddr))
+			assert.Equal(t, n0.Node.IPv6, backend.AddrFromIP(v.SrcAddr))
 		} else {
 			assert.Equal(t, 1400-50, v.MTU)
-			assert.Equal(t, n0.node.IP, backend.AddrFromIP(v.SrcAddr))
+			assert.Equal(t, n0.Node.IP, backend.AddrFromIP(v.SrcAddr))
 		}
 	}
-	assert.Equal(t, 1330, n0.net.MTU())
-	for _, raw := range [][]byte{n0.lease.Attrs.BackendData, n0.lease.Attrs.BackendV6Data} {
+	assert.Equal(t, 1330, nw(n0).MTU())
+	for _, raw := range [][]byte{n0.Lease.Attrs.BackendData, n0.Lease.Attrs.BackendV6Data} {
 		d, err := ParseBackendData(raw)
 		require.NoError(t, err)
 		assert.Equal(t, 4242, d.VNI)
 		assert.Contains(t, string(raw), `{"VNI":4242,"VtepMAC":"`)
 	}
 	// accept_ra off on the IPv6 device.
-	v, err := backend.GetSysctl(n0.node.NS, "net/ipv6/conf/"+deviceName(4242, true)+"/accept_ra")
+	v, err := backend.GetSysctl(n0.Node.NS, "net/ipv6/conf/"+deviceName(4242, true)+"/accept_ra")
 	require.NoError(t, err)
 	assert.Equal(t, "0", v)
-	c.checkAll(t)
+	c.CheckAll(t)
 }
 
 func TestDeviceReuseAndReplace(t *testing.T) {
 	t.Parallel()
 	lab := netlab.NewT(t, netlab.Options{Nodes: 1})
-	c := &cluster{lab: lab, v4: true}
+	c := &backendtest.Cluster{Lab: lab, V4: true}
 	n := lab.Nodes[0]
-	env := c.env(t, n)
+	env := c.Env(t, n)
 	mac, _ := net.ParseMAC("0a:58:0a:f4:00:01")
 	tests := []struct {
 		name    string
@@ -125,100 +125,42 @@ func TestDeviceReuseAndReplace(t *testing.T) {
 func TestDirectRouting(t *testing.T) {
 	t.Parallel()
 	c := newCluster(t, netlab.Options{Nodes: 4, IPv4: true, IPv6: true, Segments: 2}, Options{DirectRouting: true})
-	c.applyAll(t)
-	for _, n := range c.nodes {
-		same := func(p *testNode) bool { return p.node.Segment == n.node.Segment }
-		assert.Equal(t, c.want(n, same, c.nodes...), state(t, n), "entries on %s", n.node.Name)
+	c.ApplyAll(t)
+	for _, n := range c.Nodes {
+		same := func(p *backendtest.Node) bool { return p.Node.Segment == n.Node.Segment }
+		assert.Equal(t, want(c, n, same, c.Nodes...), state(t, n), "entries on %s", n.Node.Name)
 	}
-	c.checkAll(t)
+	c.CheckAll(t)
 }
 
-// TestRepair deletes a neighbour, an FDB entry, a route and then the whole
-// device (and sets it down) while Run runs, and checks each comes back,
-// with the same MAC, and that traffic recovers; an entry for a peer that no
-// longer exists is removed.
-func TestRepair(t *testing.T) {
-	tests := []struct {
-		name   string
-		opts   Options
-		events bool
-	}{
-		// A repair interval far beyond the test: only kernel events repair.
-		{name: "on events", opts: Options{RepairInterval: time.Hour}, events: true},
-		// No namespace handle: no subscriptions, no raw sockets; the timer
-		// repairs through the netlink handle.
-		{name: "periodically", opts: Options{RepairInterval: 100 * time.Millisecond}},
-	}
-	for _, tc := range tests {
-		t.Run(tc.name, func(t *testing.T) { testRepair(t, tc.opts, tc.events) })
-	}
-}
-
-func testRepair(t *testing.T, opts Options, events bool) {
-	ignore := goleak.IgnoreCurrent()
-	c := newCluster(t, netlab.Options{Nodes: 2, IPv4: true, IPv6: true}, opts)
-	n0, n1 := c.nodes[0], c.nodes[1]
-	if !events {
-		n0.net.env.NS = netns.None()
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	runErr := make(chan error, 1)
-	exited := make(chan struct{})
-	go func() { runErr <- n0.net.Run(ctx); close(exited) }()
-	t.Cleanup(func() { cancel(); <-exited }) // on failure too, before the lab goes
-	c.applyAll(t)
-	want := c.want(n0, nil, n1)
+// TestRepairKeepsMAC: Run recreates deleted devices with their MACs (the
+// contract suite checks the entries come back) and traffic recovers.
+func TestRepairKeepsMAC(t *testing.T) {
+	c := newCluster(t, netlab.Options{Nodes: 2, IPv4: true, IPv6: true}, Options{RepairInterval: time.Hour})
+	n0, n1 := c.Nodes[0], c.Nodes[1]
+	backendtest.RunNetwork(t, n0)
+	c.ApplyAll(t)
+	want := want(c, n0, nil, n1)
 	require.Equal(t, want, state(t, n0))
-	mac4, mac6 := n0.net.VtepMAC(false), n0.net.VtepMAC(true)
-	dev4, err := n0.node.Handle.LinkByName("flannel.1")
+	mac4, mac6 := nw(n0).VtepMAC(false), nw(n0).VtepMAC(true)
+	h := n0.Node.Handle
+	dev4, err := h.LinkByName("flannel.1")
 	require.NoError(t, err)
-	restored := func(what string) {
-		t.Helper()
-		require.Eventually(t, func() bool { return slices.Equal(want, state(t, n0)) }, 30*time.Second, 20*time.Millisecond, "%s restored", what)
-	}
-	h := n0.node.Handle
-	peerMAC := n1.net.VtepMAC(false)
-
-	require.NoError(t, h.NeighDel(&netlink.Neigh{LinkIndex: dev4.Attrs().Index, IP: backend.IPFromAddr(n1.lease.Subnet.Addr()), Family: unix.AF_INET}))
-	restored("neighbour")
-	require.NoError(t, h.NeighDel(&netlink.Neigh{LinkIndex: dev4.Attrs().Index, Family: unix.AF_BRIDGE, Flags: netlink.NTF_SELF, HardwareAddr: peerMAC, IP: backend.IPFromAddr(n1.node.IP)}))
-	restored("fdb entry")
-	require.NoError(t, h.RouteDel(&netlink.Route{LinkIndex: dev4.Attrs().Index, Dst: backend.IPNetFromPrefix(n1.lease.Subnet)}))
-	restored("route")
-	if !events {
-		// Entries for a peer that no longer exists (adding them raises no
-		// event worth a repair: the periodic one removes them).
-		ghostMAC, _ := net.ParseMAC("0a:00:00:00:00:99")
-		require.NoError(t, h.NeighSet(&netlink.Neigh{LinkIndex: dev4.Attrs().Index, Family: unix.AF_BRIDGE, Flags: netlink.NTF_SELF, State: netlink.NUD_PERMANENT, HardwareAddr: ghostMAC, IP: net.ParseIP("172.30.0.99")}))
-		require.NoError(t, h.NeighSet(&netlink.Neigh{LinkIndex: dev4.Attrs().Index, Family: unix.AF_INET, State: netlink.NUD_PERMANENT, HardwareAddr: ghostMAC, IP: net.ParseIP("10.244.99.0")}))
-		require.NoError(t, h.RouteAdd(&netlink.Route{LinkIndex: dev4.Attrs().Index, Dst: backend.IPNetFromPrefix(netip.MustParsePrefix("10.244.99.0/24")), Gw: net.ParseIP("10.244.99.0"), Flags: int(netlink.FLAG_ONLINK), Protocol: backend.RouteProtocol}))
-		restored("stale entries removed")
-	}
-
-	require.NoError(t, h.LinkSetDown(dev4))
-	require.Eventually(t, func() bool {
-		l, err := h.LinkByName("flannel.1")
-		return err == nil && l.Attrs().Flags&net.FlagUp != 0
-	}, 30*time.Second, 20*time.Millisecond, "device set up again")
-	restored("after down")
-
 	for _, name := range []string{"flannel.1", "flannel-v6.1"} {
 		l, err := h.LinkByName(name)
 		require.NoError(t, err)
 		require.NoError(t, h.LinkDel(l))
 	}
-	restored("device")
+	require.Eventually(t, func() bool { return slices.Equal(want, state(t, n0)) }, 30*time.Second, 20*time.Millisecond, "devices restored")
 	l, err := h.LinkByName("flannel.1")
 	require.NoError(t, err)
 	assert.NotEqual(t, dev4.Attrs().Index, l.Attrs().Index, "recreated")
 	assert.Equal(t, mac4, l.Attrs().HardwareAddr, "same MAC after recreation")
-	assert.Equal(t, mac4, n0.net.VtepMAC(false))
-	assert.Equal(t, mac6, n0.net.VtepMAC(true))
-	c.checkPair(t, n0, n1)
-	c.checkPair(t, n1, n0)
-	cancel()
-	require.NoError(t, <-runErr)
-	goleak.VerifyNone(t, ignore)
+	assert.NotZero(t, l.Attrs().Flags&net.FlagUp, "up")
+	assert.Equal(t, mac4, nw(n0).VtepMAC(false))
+	assert.Equal(t, mac6, nw(n0).VtepMAC(true))
+	c.CheckPair(t, n0, n1)
+	c.CheckPair(t, n1, n0)
 }
 
 // TestMACStable: a new Backend (an agent restart) reuses the device's MAC;
@@ -227,34 +169,34 @@ func testRepair(t *testing.T, opts Options, events bool) {
 func TestMACStable(t *testing.T) {
 	t.Parallel()
 	c := newCluster(t, netlab.Options{Nodes: 1, IPv4: true, IPv6: true}, Options{})
-	n := c.nodes[0]
-	mac4, mac6 := n.net.VtepMAC(false), n.net.VtepMAC(true)
+	n := c.Nodes[0]
+	mac4, mac6 := nw(n).VtepMAC(false), nw(n).VtepMAC(true)
 	assert.Equal(t, byte(2), mac4[0]&3, "locally administered unicast")
 	ctx := context.Background()
 
 	b2, err := New(Options{})
 	require.NoError(t, err)
-	attrs, err := b2.Prepare(ctx, n.env)
+	attrs, err := b2.Prepare(ctx, n.Env)
 	require.NoError(t, err)
-	assert.Equal(t, n.lease.Attrs.BackendData, attrs.BackendData, "restart keeps the v4 MAC")
-	assert.Equal(t, n.lease.Attrs.BackendV6Data, attrs.BackendV6Data, "restart keeps the v6 MAC")
+	assert.Equal(t, n.Lease.Attrs.BackendData, attrs.BackendData, "restart keeps the v4 MAC")
+	assert.Equal(t, n.Lease.Attrs.BackendV6Data, attrs.BackendV6Data, "restart keeps the v6 MAC")
 
-	require.NoError(t, b2.Cleanup(ctx, n.env))
-	_, err = n.node.Handle.LinkByName("flannel.1")
+	require.NoError(t, b2.Cleanup(ctx, n.Env))
+	_, err = n.Node.Handle.LinkByName("flannel.1")
 	require.Error(t, err, "cleanup deleted the device")
-	attrs, err = b2.Prepare(ctx, n.env)
+	attrs, err = b2.Prepare(ctx, n.Env)
 	require.NoError(t, err)
-	assert.Equal(t, n.lease.Attrs.BackendData, attrs.BackendData, "recreation keeps the MAC")
-	nw, err := b2.Start(ctx, n.lease)
+	assert.Equal(t, n.Lease.Attrs.BackendData, attrs.BackendData, "recreation keeps the MAC")
+	nw, err := b2.Start(ctx, n.Lease)
 	require.NoError(t, err)
 	assert.Equal(t, mac4, nw.(*Network).VtepMAC(false))
 	assert.Equal(t, mac6, nw.(*Network).VtepMAC(true))
 
 	pin, _ := net.ParseMAC("0e:00:00:00:00:01")
-	require.NoError(t, b2.Cleanup(ctx, n.env))
+	require.NoError(t, b2.Cleanup(ctx, n.Env))
 	b3, err := New(Options{VtepMAC: pin})
 	require.NoError(t, err)
-	attrs, err = b3.Prepare(ctx, n.env)
+	attrs, err = b3.Prepare(ctx, n.Env)
 	require.NoError(t, err)
 	assert.Contains(t, string(attrs.BackendData), pin.String())
 }
@@ -262,15 +204,15 @@ func TestMACStable(t *testing.T) {
 func TestDisableTXChecksum(t *testing.T) {
 	t.Parallel()
 	c := newCluster(t, netlab.Options{Nodes: 1}, Options{})
-	n := c.nodes[0]
-	on, err := txChecksum(n.node.NS, "flannel.1")
+	n := c.Nodes[0]
+	on, err := txChecksum(n.Node.NS, "flannel.1")
 	require.NoError(t, err)
 	assert.True(t, on, "the kernel's default is left alone")
 	b, err := New(Options{DisableTXChecksum: true})
 	require.NoError(t, err)
-	_, err = b.Prepare(context.Background(), n.env)
+	_, err = b.Prepare(context.Background(), n.Env)
 	require.NoError(t, err)
-	on, err = txChecksum(n.node.NS, "flannel.1")
+	on, err = txChecksum(n.Node.NS, "flannel.1")
 	require.NoError(t, err)
 	assert.False(t, on)
 }
@@ -281,10 +223,10 @@ func TestDisableTXChecksum(t *testing.T) {
 func TestApplyStates(t *testing.T) {
 	t.Parallel()
 	c := newCluster(t, netlab.Options{Nodes: 1, IPv4: true, IPv6: true}, Options{})
-	n0 := c.nodes[0]
+	n0 := c.Nodes[0]
 	for _, useHandle := range []bool{false, true} {
 		if useHandle {
-			n0.net.env.NS = netns.None() // programs through the handle
+			nw(n0).env.NS = netns.None() // programs through the handle
 		}
 		rng := rand.New(rand.NewPCG(1, 2))
 		for step := range 25 {
@@ -319,11 +261,9 @@ func TestApplyStates(t *testing.T) {
 			rng.Shuffle(len(set), func(i, j int) { set[i], set[j] = set[j], set[i] })
 			slices.Sort(want)
 			if step%3 == 0 {
-				n0.net.mu.Lock()
-				n0.net.synced = false // the full path (dump and diff) this time
-				n0.net.mu.Unlock()
+				nw(n0).r.Locked(func() { nw(n0).synced = false }) // the full path (dump and diff) this time
 			}
-			require.NoError(t, n0.net.Apply(context.Background(), append(set, n0.lease)), "step %d", step)
+			require.NoError(t, nw(n0).Apply(context.Background(), append(set, n0.Lease)), "step %d", step)
 			require.Equal(t, want, state(t, n0), "step %d (handle %t)", step, useHandle)
 		}
 	}
@@ -332,41 +272,41 @@ func TestApplyStates(t *testing.T) {
 func TestBadPeers(t *testing.T) {
 	t.Parallel()
 	c := newCluster(t, netlab.Options{Nodes: 2}, Options{})
-	n0, n1 := c.nodes[0], c.nodes[1]
-	bad := n1.lease
+	n0, n1 := c.Nodes[0], c.Nodes[1]
+	bad := n1.Lease
 	bad.Subnet = netip.MustParsePrefix("10.244.50.0/24")
 	bad.Attrs.BackendData = []byte(`{"VNI":1}`)
-	other := n1.lease
+	other := n1.Lease
 	other.Subnet = netip.MustParsePrefix("10.244.51.0/24")
 	other.Attrs.BackendType = "host-gw"
-	err := n0.net.Apply(context.Background(), []lease.Lease{n0.lease, n1.lease, bad, other})
+	err := nw(n0).Apply(context.Background(), []lease.Lease{n0.Lease, n1.Lease, bad, other})
 	require.Error(t, err)
 	assert.ErrorContains(t, err, "peer 10.244.50.0/24")
 	assert.ErrorContains(t, err, "no VtepMAC")
-	assert.Equal(t, c.want(n0, nil, n1), state(t, n0), "the good peer is programmed, the other backend skipped")
+	assert.Equal(t, want(c, n0, nil, n1), state(t, n0), "the good peer is programmed, the other backend skipped")
 }
 
 func TestRunSurvivesSubscriptionFailure(t *testing.T) {
 	ignore := goleak.IgnoreCurrent()
 	c := newCluster(t, netlab.Options{Nodes: 2}, Options{RepairInterval: 50 * time.Millisecond})
-	n0, n1 := c.nodes[0], c.nodes[1]
+	n0, n1 := c.Nodes[0], c.Nodes[1]
 	// Open but not a namespace: every subscribe attempt fails (setns
 	// EINVAL), and so do raw sockets: programming falls back to the handle.
 	f, err := os.Open(os.DevNull)
 	require.NoError(t, err)
 	t.Cleanup(func() { f.Close() })
-	n0.net.env.NS = netns.NsHandle(int(f.Fd()))
+	nw(n0).env.NS = netns.NsHandle(int(f.Fd()))
 	var logs testenv.LogBuffer
-	n0.net.log = slog.New(slog.NewTextHandler(&logs, nil))
+	nw(n0).log = slog.New(slog.NewTextHandler(&logs, nil))
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	go func() { done <- n0.net.Run(ctx) }()
-	require.NoError(t, n0.net.Apply(context.Background(), c.leases()))
-	want := c.want(n0, nil, n1)
+	go func() { done <- nw(n0).Run(ctx) }()
+	require.NoError(t, nw(n0).Apply(context.Background(), c.Leases()))
+	want := want(c, n0, nil, n1)
 	require.Equal(t, want, state(t, n0))
-	dev, err := n0.node.Handle.LinkByName("flannel.1")
+	dev, err := n0.Node.Handle.LinkByName("flannel.1")
 	require.NoError(t, err)
-	require.NoError(t, n0.node.Handle.RouteDel(&netlink.Route{LinkIndex: dev.Attrs().Index, Dst: backend.IPNetFromPrefix(n1.lease.Subnet)}))
+	require.NoError(t, n0.Node.Handle.RouteDel(&netlink.Route{LinkIndex: dev.Attrs().Index, Dst: backend.IPNetFromPrefix(n1.Lease.Subnet)}))
 	require.Eventually(t, func() bool { return slices.Equal(want, state(t, n0)) }, 30*time.Second, 20*time.Millisecond, "restored by the timer")
 	require.Eventually(t, func() bool { return strings.Contains(logs.String(), "link subscription failed") }, 30*time.Second, 20*time.Millisecond)
 	cancel()
@@ -379,7 +319,7 @@ func TestRunSurvivesSubscriptionFailure(t *testing.T) {
 func TestManyPeersParallelSockets(t *testing.T) {
 	t.Parallel()
 	c := newCluster(t, netlab.Options{Nodes: 1}, Options{Sockets: 3})
-	n0 := c.nodes[0]
+	n0 := c.Nodes[0]
 	var peers []lease.Lease
 	for k := 1; k <= 600; k++ {
 		peers = append(peers, lease.Lease{
@@ -395,12 +335,10 @@ func TestManyPeersParallelSockets(t *testing.T) {
 		}
 		return m
 	}
-	require.NoError(t, n0.net.Apply(context.Background(), append(peers, n0.lease)))
+	require.NoError(t, nw(n0).Apply(context.Background(), append(peers, n0.Lease)))
 	assert.Equal(t, map[string]int{"fdb": 600, "neigh": 600, "route": 600}, count())
-	n0.net.mu.Lock()
-	n0.net.synced = false // remove them through the full path
-	n0.net.mu.Unlock()
-	require.NoError(t, n0.net.Apply(context.Background(), []lease.Lease{n0.lease}))
+	nw(n0).r.Locked(func() { nw(n0).synced = false }) // remove them through the full path
+	require.NoError(t, nw(n0).Apply(context.Background(), []lease.Lease{n0.Lease}))
 	assert.Empty(t, count())
 }
 
@@ -410,29 +348,29 @@ func TestManyPeersParallelSockets(t *testing.T) {
 func TestRunManyPeersKeepsSubscriptions(t *testing.T) {
 	ignore := goleak.IgnoreCurrent()
 	c := newCluster(t, netlab.Options{Nodes: 2}, Options{RepairInterval: time.Hour})
-	n0, n1 := c.nodes[0], c.nodes[1]
+	n0, n1 := c.Nodes[0], c.Nodes[1]
 	var logs testenv.LogBuffer
-	n0.net.log = slog.New(slog.NewTextHandler(&logs, nil))
+	nw(n0).log = slog.New(slog.NewTextHandler(&logs, nil))
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	go func() { done <- n0.net.Run(ctx) }()
+	go func() { done <- nw(n0).Run(ctx) }()
 	defer func() {
 		cancel()
 		require.NoError(t, <-done)
 		goleak.VerifyNone(t, ignore)
 	}()
-	require.NoError(t, n0.net.Apply(context.Background(), c.leases()))
-	dev, err := n0.node.Handle.LinkByName("flannel.1")
+	require.NoError(t, nw(n0).Apply(context.Background(), c.Leases()))
+	dev, err := n0.Node.Handle.LinkByName("flannel.1")
 	require.NoError(t, err)
-	want := c.want(n0, nil, n1)
+	want := want(c, n0, nil, n1)
 	// The route and neighbour watches are up once an entry deleted by hand
 	// comes back (the periodic repair is an hour away).
-	require.NoError(t, n0.node.Handle.RouteDel(&netlink.Route{LinkIndex: dev.Attrs().Index, Dst: backend.IPNetFromPrefix(n1.lease.Subnet)}))
+	require.NoError(t, n0.Node.Handle.RouteDel(&netlink.Route{LinkIndex: dev.Attrs().Index, Dst: backend.IPNetFromPrefix(n1.Lease.Subnet)}))
 	require.Eventually(t, func() bool { return slices.Equal(want, state(t, n0)) }, 30*time.Second, 20*time.Millisecond, "route restored by an event")
-	require.NoError(t, n0.node.Handle.NeighDel(&netlink.Neigh{LinkIndex: dev.Attrs().Index, IP: backend.IPFromAddr(netip.AddrFrom4(n1.lease.Subnet.Addr().As4())), Family: netlink.FAMILY_V4}))
+	require.NoError(t, n0.Node.Handle.NeighDel(&netlink.Neigh{LinkIndex: dev.Attrs().Index, IP: backend.IPFromAddr(netip.AddrFrom4(n1.Lease.Subnet.Addr().As4())), Family: netlink.FAMILY_V4}))
 	require.Eventually(t, func() bool { return slices.Equal(want, state(t, n0)) }, 30*time.Second, 20*time.Millisecond, "neighbour restored by an event")
 
-	peers := c.leases()
+	peers := c.Leases()
 	for k := 1; k <= 4000; k++ {
 		peers = append(peers, lease.Lease{
 			Subnet: netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 100 + byte(k>>8), byte(k), 0}), 24),
@@ -440,11 +378,11 @@ func TestRunManyPeersKeepsSubscriptions(t *testing.T) {
 				BackendData: []byte(fmt.Sprintf(`{"VNI":1,"VtepMAC":"0a:00:00:00:%02x:%02x"}`, k>>8, k&255))},
 		})
 	}
-	require.NoError(t, n0.net.Apply(context.Background(), peers))
+	require.NoError(t, nw(n0).Apply(context.Background(), peers))
 	// Still subscribed: an entry deleted by hand comes back by an event.
-	require.NoError(t, n0.node.Handle.RouteDel(&netlink.Route{LinkIndex: dev.Attrs().Index, Dst: backend.IPNetFromPrefix(n1.lease.Subnet)}))
+	require.NoError(t, n0.Node.Handle.RouteDel(&netlink.Route{LinkIndex: dev.Attrs().Index, Dst: backend.IPNetFromPrefix(n1.Lease.Subnet)}))
 	require.Eventually(t, func() bool {
-		rs, err := n0.node.Handle.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{LinkIndex: dev.Attrs().Index, Dst: backend.IPNetFromPrefix(n1.lease.Subnet)}, netlink.RT_FILTER_OIF|netlink.RT_FILTER_DST)
+		rs, err := n0.Node.Handle.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{LinkIndex: dev.Attrs().Index, Dst: backend.IPNetFromPrefix(n1.Lease.Subnet)}, netlink.RT_FILTER_OIF|netlink.RT_FILTER_DST)
 		return err == nil && len(rs) == 1
 	}, 30*time.Second, 20*time.Millisecond, "route restored by an event after the burst")
 	assert.NotContains(t, logs.String(), "subscription ended", "a watch lost its subscription during the burst")

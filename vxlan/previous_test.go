@@ -19,9 +19,9 @@ import (
 func TestMACFromPreviousLease(t *testing.T) {
 	t.Parallel()
 	c := newCluster(t, netlab.Options{Nodes: 1, IPv4: true, IPv6: true}, Options{})
-	n := c.nodes[0]
-	mac4, mac6 := n.net.VtepMAC(false), n.net.VtepMAC(true)
-	prev := n.lease
+	n := c.Nodes[0]
+	mac4, mac6 := nw(n).VtepMAC(false), nw(n).VtepMAC(true)
+	prev := n.Lease
 	pin, _ := net.ParseMAC("0e:00:00:00:00:01")
 	other := func(mut func(*lease.Attrs)) lease.Lease {
 		l := prev
@@ -58,8 +58,8 @@ func TestMACFromPreviousLease(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			b, err := New(tt.opts)
 			require.NoError(t, err)
-			require.NoError(t, b.Cleanup(ctx, n.env))
-			env := n.env
+			require.NoError(t, b.Cleanup(ctx, n.Env))
+			env := n.Env
 			env.Previous = tt.prev
 			attrs, err := b.Prepare(ctx, env)
 			require.NoError(t, err)
@@ -71,7 +71,7 @@ func TestMACFromPreviousLease(t *testing.T) {
 			}{{false, attrs.BackendData, tt.want4, mac4}, {true, attrs.BackendV6Data, tt.want6, mac6}} {
 				d, err := ParseBackendData(fam.raw)
 				require.NoError(t, err)
-				l, err := n.node.Handle.LinkByName(deviceName(1, fam.v6))
+				l, err := n.Node.Handle.LinkByName(deviceName(1, fam.v6))
 				require.NoError(t, err)
 				assert.Equal(t, d.VtepMAC, l.Attrs().HardwareAddr, "published MAC is the device's")
 				if fam.want != nil {

@@ -18,7 +18,8 @@ import (
 // periodic repair runs; entries added by others only go at the periodic
 // repair). Nothing is repaired before the first Apply, so
 // entries of a previous run stay until the caller has said which peers
-// exist. Repair failures are logged and retried; a failing subscription is
+// exist. Repair failures are logged (a peer that cannot be programmed once
+// per change of its lease) and retried; a failing subscription is
 // retried with capped backoff and is never fatal. Run joins all its
 // goroutines and returns nil when ctx ends.
 func (n *Network) Run(ctx context.Context) error {
@@ -43,7 +44,7 @@ func (n *Network) Run(ctx context.Context) error {
 	} else {
 		n.log.Info("no namespace handle: repairing on a timer only", "interval", n.opts.RepairInterval)
 	}
-	backend.RepairLoop(ctx, n.opts.RepairInterval, n.repair, watchers...)
+	n.r.Run(ctx, watchers...)
 	return nil
 }
 
@@ -62,15 +63,4 @@ func (n *Network) ours(link int, ext bool) bool {
 		}
 	}
 	return false
-}
-
-func (n *Network) repair(ctx context.Context, why string) {
-	n.mu.Lock()
-	defer n.mu.Unlock()
-	if !n.applied {
-		return
-	}
-	if err := n.applyLocked(ctx); err != nil && ctx.Err() == nil {
-		n.log.Warn("repair failed", "trigger", why, "err", err)
-	}
 }

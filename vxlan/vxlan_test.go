@@ -2,10 +2,17 @@ package vxlan
 
 import (
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 
+	flannel "github.com/flannelkit/flannel"
+	"github.com/flannelkit/flannel/backend"
+
+	"github.com/flannelkit/flannel/internal/backendtest"
 	"github.com/flannelkit/flannel/internal/netlab"
 )
 
@@ -22,30 +29,68 @@ func TestPodConnectivity(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
 			c := newCluster(t, tc.opts, Options{})
-			c.applyAll(t)
-			for _, n := range c.nodes {
-				assert.Equal(t, c.want(n, nil, c.nodes...), state(t, n), "entries on %s", n.node.Name)
-				if !c.v6 {
-					assert.Equal(t, 1450, n.net.MTU())
+			c.ApplyAll(t)
+			for _, n := range c.Nodes {
+				assert.Equal(t, want(c, n, nil, c.Nodes...), state(t, n), "entries on %s", n.Node.Name)
+				if !c.V6 {
+					assert.Equal(t, 1450, nw(n).MTU())
 				} else {
-					assert.Equal(t, 1430, n.net.MTU())
+					assert.Equal(t, 1430, nw(n).MTU())
 				}
 			}
 			before := map[bool]uint64{}
 			for _, v6 := range []bool{false, true} {
-				if (v6 && c.v6) || (!v6 && c.v4) {
-					before[v6] = txPackets(t, c.nodes[0], v6)
+				if (v6 && c.V6) || (!v6 && c.V4) {
+					before[v6] = txPackets(t, c.Nodes[0], v6)
 				}
 			}
-			c.checkAll(t)
+			c.CheckAll(t)
 			// The traffic went through the VXLAN devices.
 			for v6, b := range before {
-				assert.Greater(t, txPackets(t, c.nodes[0], v6), b+4, "tx packets on the v6=%t device", v6)
+				assert.Greater(t, txPackets(t, c.Nodes[0], v6), b+4, "tx packets on the v6=%t device", v6)
 			}
-			// Applying the same set again changes nothing.
-			st := state(t, c.nodes[0])
-			c.applyAll(t)
-			require.Equal(t, st, state(t, c.nodes[0]))
 		})
 	}
+}
+
+// TestContract runs the dataplane contract suite. Its damage: a peer's
+// neighbour, FDB entry and route deleted, a device set down, both devices
+// deleted.
+func TestContract(t *testing.T) {
+	dev := func(t *testing.T, n *backendtest.Node) netlink.Link {
+		l, err := n.Node.Handle.LinkByName(deviceName(1, false))
+		require.NoError(t, err)
+		return l
+	}
+	backendtest.Run(t, backendtest.Fixture{
+		Type: Type,
+		New: func(t *testing.T, repair time.Duration) flannel.Backend {
+			b, err := New(Options{RepairInterval: repair})
+			require.NoError(t, err)
+			return b
+		},
+		Dump: state,
+		Damage: []backendtest.Damage{
+			{Name: "neighbour", Do: func(t *testing.T, n, peer *backendtest.Node) {
+				require.NoError(t, n.Node.Handle.NeighDel(&netlink.Neigh{LinkIndex: dev(t, n).Attrs().Index, IP: backend.IPFromAddr(peer.Lease.Subnet.Addr()), Family: unix.AF_INET}))
+			}},
+			{Name: "fdb entry", Do: func(t *testing.T, n, peer *backendtest.Node) {
+				require.NoError(t, n.Node.Handle.NeighDel(&netlink.Neigh{LinkIndex: dev(t, n).Attrs().Index, Family: unix.AF_BRIDGE, Flags: netlink.NTF_SELF,
+					HardwareAddr: nw(peer).VtepMAC(false), IP: backend.IPFromAddr(peer.Node.IP)}))
+			}},
+			{Name: "route", Do: func(t *testing.T, n, peer *backendtest.Node) {
+				require.NoError(t, n.Node.Handle.RouteDel(&netlink.Route{LinkIndex: dev(t, n).Attrs().Index, Dst: backend.IPNetFromPrefix(peer.Lease.Subnet)}))
+			}},
+			{Name: "device down", Do: func(t *testing.T, n, _ *backendtest.Node) {
+				require.NoError(t, n.Node.Handle.LinkSetDown(dev(t, n)))
+			}},
+			{Name: "devices deleted", Do: func(t *testing.T, n, _ *backendtest.Node) {
+				for _, v6 := range []bool{false, true} {
+					l, err := n.Node.Handle.LinkByName(deviceName(1, v6))
+					require.NoError(t, err)
+					require.NoError(t, n.Node.Handle.LinkDel(l))
+				}
+			}},
+		},
+	})
 }

@@ -108,9 +108,11 @@ func (c *cluster) start(t *testing.T, i int) {
 	n := c.nodes[i]
 	iface, err := backend.FindInterface(n.lab.Handle, backend.InterfaceOptions{IPv4: c.fam.ipv4, IPv6: c.fam.ipv6})
 	require.NoError(t, err)
+	hg, err := hostgw.New(hostgw.Options{RepairInterval: time.Second})
+	require.NoError(t, err)
 	n.agent, err = flannel.NewAgent(flannel.AgentOptions{
 		Store:      c.store,
-		Backend:    hostgw.New(hostgw.Options{RepairInterval: time.Second}),
+		Backend:    hg,
 		Iface:      iface,
 		Handle:     n.lab.Handle,
 		NS:         n.lab.NS,

@@ -1,0 +1,227 @@
+package vxlan
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"slices"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/flannelkit/flannel/backend"
+	"github.com/flannelkit/flannel/lease"
+)
+
+// applyAll programs peers: it checks the devices (recreating a missing or
+// changed one), dumps the tables and reconciles them to the whole peer
+// set. The Reconciler calls it with its lock held.
+func (n *Network) applyAll(ctx context.Context, peers []lease.Lease) error {
+	began := time.Now()
+	n.synced = false
+	if err := n.ensureDevicesLocked(); err != nil {
+		return err
+	}
+	links := []int{n.env.Iface.Index}
+	for _, d := range n.devs {
+		links = append(links, d.index)
+	}
+	// Pipelined: the kernel dumps its tables while the desired entries are
+	// computed (the goroutine is always joined below).
+	dumped := make(chan tables, 1)
+	go func() { dumped <- n.dump(links) }()
+	var failed backend.PeerErrs
+	want, memos := n.desire(peers, n.directFunc(), &failed)
+	tabs := <-dumped
+	if tabs.err != nil {
+		return tabs.err
+	}
+
+	var sets, dels []op
+	for _, d := range n.devs {
+		s, dl := diffNeigh(kindFDB, want.fdb[d.index], tabs.fdb[d.index])
+		sets, dels = append(sets, s...), append(dels, dl...)
+		s, dl = diffNeigh(kindNeigh, want.neigh[d.index], tabs.neigh[d.index])
+		sets, dels = append(sets, s...), append(dels, dl...)
+	}
+	for _, link := range links {
+		actual := tabs.routes[link]
+		// Desired routes with no actual route for their destination are
+		// added as they are; only the others go through DiffRoutes, which
+		// copies every route several times (slow with thousands of peers).
+		have := make(map[netip.Prefix]bool, len(actual))
+		for _, a := range actual {
+			if dst, ok := backend.PrefixFromIPNet(a.Dst); ok {
+				have[dst] = true
+			}
+		}
+		desired := want.routes[link] // normalized by desirePeer
+		var overlap []netlink.Route
+		for i := range desired {
+			dst, _ := backend.PrefixFromIPNet(desired[i].Dst)
+			if !have[dst] {
+				sets = append(sets, op{kind: kindRoute, link: link, route: &desired[i], peer: want.routePeer[routeKey{link, dst}]})
+				continue
+			}
+			overlap = append(overlap, desired[i])
+		}
+		add, del := backend.DiffRoutes(overlap, actual)
+		for i := range add {
+			dst, _ := backend.PrefixFromIPNet(add[i].Dst)
+			sets = append(sets, op{kind: kindRoute, link: link, route: &add[i], peer: want.routePeer[routeKey{link, dst}]})
+		}
+		for i := range del {
+			dels = append(dels, op{kind: kindRoute, del: true, link: link, route: &del[i], peer: -1})
+		}
+	}
+	return n.finish(ctx, began, peers, sets, dels, &failed, memos)
+}
+
+// tables is what dump read from the kernel, by link index.
+type tables struct {
+	fdb, neigh map[int][]netlink.Neigh
+	routes     map[int][]netlink.Route
+	err        error
+}
+
+// dump lists the FDB and neighbour entries of the devices and our routes on
+// links.
+func (n *Network) dump(links []int) tables {
+	h := n.env.Handle
+	t := tables{fdb: map[int][]netlink.Neigh{}, neigh: map[int][]netlink.Neigh{}, routes: map[int][]netlink.Route{}}
+	for _, d := range n.devs {
+		family := netlink.FAMILY_V4
+		if d.spec.v6 {
+			family = netlink.FAMILY_V6
+		}
+		var err error
+		if t.fdb[d.index], err = backend.ListNeighs(h, d.index, unix.AF_BRIDGE); err != nil {
+			t.err = fmt.Errorf("device %s: %w", d.spec.name, err)
+			return t
+		}
+		if t.neigh[d.index], err = backend.ListNeighs(h, d.index, family); err != nil {
+			t.err = fmt.Errorf("device %s: %w", d.spec.name, err)
+			return t
+		}
+	}
+	for _, link := range links {
+		var err error
+		if t.routes[link], err = n.rec.Owned(h, link); err != nil {
+			t.err = err
+			return t
+		}
+	}
+	return t
+}
+
+// applyChanges programs peers when the kernel is known to hold what the
+// last Apply asked for: only peers that are new, changed or gone are
+// looked at, so a new peer costs its own entries, not a dump of every
+// peer's. Peers' entries are assumed not to overlap (distinct subnets,
+// MACs and public IPs); the periodic full repair corrects anything else.
+func (n *Network) applyChanges(ctx context.Context, peers []lease.Lease) error {
+	began := time.Now()
+	n.synced = false
+	var failed backend.PeerErrs
+	direct := n.directFunc()
+	memos := make(map[leaseKey]*peerMemo, len(peers))
+	var sets, dels []op
+	for i, p := range peers {
+		k := keyOf(p)
+		old, had := n.memo[k]
+		if had && sameLease(old.lease, p) {
+			memos[k] = old
+			for _, e := range old.errs {
+				failed.Add(i, e)
+			}
+			continue
+		}
+		m := n.desirePeer(i, p, direct)
+		memos[k] = m
+		for _, e := range m.errs {
+			failed.Add(i, e)
+		}
+		if !had {
+			old = &peerMemo{}
+		}
+		s, d := diffMemo(old, m, i)
+		sets, dels = append(sets, s...), append(dels, d...)
+	}
+	for k, old := range n.memo {
+		if _, ok := memos[k]; !ok {
+			_, d := diffMemo(old, &peerMemo{}, -1)
+			dels = append(dels, d...)
+		}
+	}
+	return n.finish(ctx, began, peers, sets, dels, &failed, memos)
+}
+
+// sameLease reports whether a peer's lease asks for the same entries.
+func sameLease(a, b lease.Lease) bool {
+	return a.SameSubnets(b) && a.Attrs.Equal(b.Attrs)
+}
+
+// diffMemo returns the changes that turn a peer's old entries into its new
+// ones (sets tagged with peer).
+func diffMemo(old, cur *peerMemo, peer int) (sets, dels []op) {
+	for _, k := range []kind{kindFDB, kindNeigh} {
+		o, c := old.fdb, cur.fdb
+		if k == kindNeigh {
+			o, c = old.neigh, cur.neigh
+		}
+		s, d := diffNeigh(k, c, asNeighs(o))
+		sets, dels = append(sets, s...), append(dels, d...)
+	}
+	add, del := backend.DiffRoutes(cur.routes, old.routes)
+	for i := range add {
+		sets = append(sets, op{kind: kindRoute, link: add[i].LinkIndex, route: &add[i], peer: peer})
+	}
+	for i := range del {
+		dels = append(dels, op{kind: kindRoute, del: true, link: del[i].LinkIndex, route: &del[i], peer: -1})
+	}
+	return sets, dels
+}
+
+// finish programs sets, then dels, records the peers' entries and whether
+// the kernel is now known to match them, and returns the peers' errors.
+func (n *Network) finish(ctx context.Context, began time.Time, peers []lease.Lease, sets, dels []op, failed *backend.PeerErrs, memos map[leaseKey]*peerMemo) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	// Make before break: sets (FDB, neighbours, routes) before deletes
+	// (routes first, so no route points at a vanished neighbour).
+	slices.SortStableFunc(dels, func(a, b op) int { return int(b.kind) - int(a.kind) })
+	ops := append(sets, dels...)
+	start := time.Now()
+	errs := n.program(ops)
+	kernelOK := true
+	var rest []error
+	for i, e := range errs {
+		if e == nil {
+			continue
+		}
+		kernelOK = false
+		e = fmt.Errorf("%s: %w", ops[i], e)
+		if p := ops[i].peer; p >= 0 {
+			failed.Add(p, e)
+		} else {
+			rest = append(rest, e)
+		}
+	}
+	n.log.Debug("programmed", "sets", len(sets), "deletes", len(dels), "diff_took", start.Sub(began), "program_took", time.Since(start))
+	// Peers skipped for bad data have nothing in the kernel, as their memo
+	// says; only kernel errors leave the state unknown.
+	n.synced, n.memo = kernelOK, memos
+	return errors.Join(append(failed.Errors(peers), rest...)...)
+}
+
+// asNeighs renders desired neighbour or FDB ops as a dump would show them.
+func asNeighs(ops []op) []netlink.Neigh {
+	out := make([]netlink.Neigh, len(ops))
+	for i, o := range ops {
+		out[i] = netlink.Neigh{LinkIndex: o.link, IP: backend.IPFromAddr(o.ip), HardwareAddr: o.mac, State: netlink.NUD_PERMANENT}
+	}
+	return out
+}

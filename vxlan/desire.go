@@ -1,0 +1,153 @@
+package vxlan
+
+import (
+	"fmt"
+	"net"
+	"net/netip"
+	"slices"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/flannelkit/flannel/backend"
+	"github.com/flannelkit/flannel/lease"
+)
+
+// desired is the kernel state a peer set asks for, by link index.
+type desired struct {
+	fdb, neigh map[int][]op
+	routes     map[int][]netlink.Route
+	routePeer  map[routeKey]int
+}
+
+type routeKey struct {
+	link int
+	dst  netip.Prefix
+}
+
+// desire computes the entries for peers, and each peer's part by lease
+// key. direct reports whether a public IP is on a directly connected
+// network of the external interface (only called with DirectRouting).
+func (n *Network) desire(peers []lease.Lease, direct func(netip.Addr) bool, failed *backend.PeerErrs) (desired, map[leaseKey]*peerMemo) {
+	want := desired{fdb: map[int][]op{}, neigh: map[int][]op{}, routes: map[int][]netlink.Route{}, routePeer: make(map[routeKey]int, 2*len(peers))}
+	for _, d := range n.devs {
+		want.fdb[d.index] = make([]op, 0, len(peers))
+		want.neigh[d.index] = make([]op, 0, len(peers))
+		want.routes[d.index] = make([]netlink.Route, 0, len(peers))
+	}
+	memos := make(map[leaseKey]*peerMemo, len(peers))
+	for i, p := range peers {
+		m := n.desirePeer(i, p, direct)
+		memos[keyOf(p)] = m
+		for _, e := range m.errs {
+			failed.Add(i, e)
+		}
+		for _, o := range m.fdb {
+			want.fdb[o.link] = append(want.fdb[o.link], o)
+		}
+		for _, o := range m.neigh {
+			want.neigh[o.link] = append(want.neigh[o.link], o)
+		}
+		for _, r := range m.routes {
+			dst, _ := backend.PrefixFromIPNet(r.Dst)
+			want.routes[r.LinkIndex] = append(want.routes[r.LinkIndex], r)
+			want.routePeer[routeKey{r.LinkIndex, dst}] = i
+		}
+	}
+	return want, memos
+}
+
+// desirePeer computes the entries for peer i.
+func (n *Network) desirePeer(i int, p lease.Lease, direct func(netip.Addr) bool) *peerMemo {
+	m := &peerMemo{lease: p}
+	if p.Attrs.BackendType != Type {
+		n.log.Debug("skipping peer of another backend", "subnet", p.String(), "backend_type", p.Attrs.BackendType)
+		return m
+	}
+	if (p.Subnet.IsValid() && p.Subnet == n.own.Subnet) || (p.IPv6Subnet.IsValid() && p.IPv6Subnet == n.own.IPv6Subnet) {
+		return m
+	}
+	addRoute := func(r netlink.Route) {
+		// As RouteReconciler.Normalize does, without a slice per route.
+		r.Protocol, r.Table, r.Family = backend.RouteProtocol, unix.RT_TABLE_MAIN, netlink.FAMILY_V4
+		if r.Dst.IP.To4() == nil {
+			r.Family = netlink.FAMILY_V6
+		}
+		m.routes = append(m.routes, r)
+	}
+	for _, v6 := range []bool{false, true} {
+		subnet, public, data, fam := p.Subnet, p.Attrs.PublicIP, p.Attrs.BackendData, "IPv4"
+		ownSubnet := n.own.Subnet
+		if v6 {
+			subnet, public, data, fam = p.IPv6Subnet, p.Attrs.PublicIPv6, p.Attrs.BackendV6Data, "IPv6"
+			ownSubnet = n.own.IPv6Subnet
+		}
+		d := n.dev(v6)
+		if !ownSubnet.IsValid() || !subnet.IsValid() || d == nil {
+			continue
+		}
+		if !public.IsValid() {
+			m.errs = append(m.errs, fmt.Errorf("no public %s address for subnet %s", fam, subnet))
+			continue
+		}
+		if n.opts.DirectRouting && direct(public) {
+			addRoute(netlink.Route{LinkIndex: n.env.Iface.Index, Dst: backend.IPNetFromPrefix(subnet), Gw: backend.IPFromAddr(public)})
+			continue
+		}
+		bd, err := ParseBackendData(data)
+		if err != nil {
+			m.errs = append(m.errs, fmt.Errorf("subnet %s: %w", subnet, err))
+			continue
+		}
+		gw := subnet.Addr()
+		m.fdb = append(m.fdb, op{kind: kindFDB, link: d.index, ip: public, mac: bd.VtepMAC, peer: i})
+		m.neigh = append(m.neigh, op{kind: kindNeigh, link: d.index, ip: gw, mac: bd.VtepMAC, peer: i})
+		addRoute(netlink.Route{LinkIndex: d.index, Dst: backend.IPNetFromPrefix(subnet), Gw: backend.IPFromAddr(gw), Flags: int(netlink.FLAG_ONLINK)})
+	}
+	return m
+}
+
+// diffNeigh returns the sets for desired entries that are missing or
+// differ, and deletes for permanent actual entries nobody wants. Entries
+// are keyed by (link, ip) for neighbours and (link, mac, ip) for FDB
+// entries. It has no side effects.
+func diffNeigh(k kind, want []op, actual []netlink.Neigh) (set, del []op) {
+	type key struct {
+		link int
+		ip   netip.Addr
+		mac  string
+	}
+	keyFor := func(link int, ip netip.Addr, mac net.HardwareAddr) key {
+		if k == kindFDB {
+			return key{link, ip, string(mac)}
+		}
+		return key{link: link, ip: ip}
+	}
+	have := make(map[key]netlink.Neigh, len(actual))
+	for _, a := range actual {
+		if a.State&netlink.NUD_PERMANENT == 0 {
+			continue
+		}
+		have[keyFor(a.LinkIndex, backend.AddrFromIP(a.IP), a.HardwareAddr)] = a
+	}
+	if len(have) == 0 { // nothing programmed yet: the common bulk case
+		return want, nil
+	}
+	wanted := make(map[key]bool, len(want))
+	for _, w := range want {
+		kk := keyFor(w.link, w.ip, w.mac)
+		wanted[kk] = true
+		if a, ok := have[kk]; ok && sameMAC(a.HardwareAddr, w.mac) {
+			continue
+		}
+		set = append(set, w)
+	}
+	for kk, a := range have {
+		if wanted[kk] {
+			continue
+		}
+		del = append(del, op{kind: k, del: true, link: a.LinkIndex, ip: backend.AddrFromIP(a.IP), mac: a.HardwareAddr, peer: -1})
+	}
+	slices.SortFunc(del, func(a, b op) int { return a.ip.Compare(b.ip) })
+	return set, del
+}
