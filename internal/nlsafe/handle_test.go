@@ -207,4 +207,3 @@ func dsts(routes []netlink.Route) []string {
 	}
 	return out
 }
-
