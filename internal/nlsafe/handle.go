@@ -140,11 +140,14 @@ func (h Handle) XfrmPolicyList(family int) ([]netlink.XfrmPolicy, error) {
 
 // Open opens a netlink handle bound to ns and wraps it. The caller closes
 // it with Close (the embedded *netlink.Handle's); ns stays the caller's.
+// When ns is the namespace the process runs in, the socket is opened
+// without setns, which needs CAP_SYS_ADMIN even into the current namespace
+// (an agent in a container has only NET_ADMIN); see SubscribeNamespace.
 func Open(ns netns.NsHandle) (Handle, error) {
 	if !ns.IsOpen() {
 		return Handle{}, errors.New("open netlink handle: namespace handle is not open")
 	}
-	h, err := netlink.NewHandleAt(ns)
+	h, err := netlink.NewHandleAt(SubscribeNamespace(ns))
 	if err != nil {
 		return Handle{}, fmt.Errorf("open netlink handle in namespace %s: %w", ns, err)
 	}

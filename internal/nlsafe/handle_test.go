@@ -9,6 +9,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
 
 	"github.com/flannelkit/flannel/internal/ipconv"
 	"github.com/flannelkit/flannel/internal/netlab"
@@ -164,6 +165,23 @@ func TestOpen(t *testing.T) {
 
 	_, err = nlsafe.Open(nlsafe.Wrap(nil).NS())
 	assert.ErrorContains(t, err, "not open")
+
+	// The process's own namespace: opened without setns, and it is not the
+	// lab's (the lab node's underlay link is not there).
+	cur, err := netns.Get()
+	require.NoError(t, err)
+	defer cur.Close()
+	here, err := nlsafe.Open(cur)
+	require.NoError(t, err)
+	defer here.Close()
+	assert.True(t, here.NS().Equal(cur))
+	require.NoError(t, h.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "open0"}, PeerName: "open0p"}))
+	hostLinks, err := here.LinkList()
+	require.NoError(t, err)
+	assert.NotContains(t, names(hostLinks), "open0")
+	labLinks, err := h.LinkList()
+	require.NoError(t, err)
+	assert.Contains(t, names(labLinks), "open0")
 }
 
 func TestWrapHasNoNamespace(t *testing.T) {
