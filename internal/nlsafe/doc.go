@@ -4,7 +4,8 @@
 // namespace with a large receive buffer (SubscribeLinks, SubscribeNeighs,
 // SubscribeRoutes, SubscribeXfrm), and running code on a locked thread
 // inside a namespace for what has no handle (InNamespace, SetSysctl,
-// GetSysctl).
+// GetSysctl), and creating a namespace without moving the caller's thread
+// (NewNamespace).
 //
 // The kernel marks a dump NLM_F_DUMP_INTR when the table changes while it is
 // read; vishvananda/netlink then returns netlink.ErrDumpInterrupted with

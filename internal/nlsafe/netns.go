@@ -149,3 +149,44 @@ func (h Handle) SetSysctl(path, value string) error { return SetSysctl(h.NS(), p
 // GetSysctl reads the sysctl path inside the handle's namespace (see the
 // package function GetSysctl).
 func (h Handle) GetSysctl(path string) (string, error) { return GetSysctl(h.NS(), path) }
+
+// NewNamespace creates a new, unnamed network namespace and returns a
+// handle to it; the namespace lives as long as a handle or a process in
+// it does, so closing the returned handle destroys it and everything in
+// it. The caller's thread never changes namespace: creating one moves the
+// creating thread into it, so that happens on a locked thread of a
+// goroutine of its own that switches back, or exits still locked (and the
+// runtime destroys the thread) when it cannot.
+func NewNamespace() (netns.NsHandle, error) {
+	type result struct {
+		ns  netns.NsHandle
+		err error
+	}
+	res := make(chan result, 1)
+	go func() {
+		runtime.LockOSThread()
+		orig, err := netns.Get()
+		if err != nil {
+			runtime.UnlockOSThread()
+			res <- result{netns.None(), fmt.Errorf("new namespace: get current namespace: %w", err)}
+			return
+		}
+		defer orig.Close()
+		ns, err := netns.New()
+		if err != nil {
+			// unshare failed, so the thread is still where it was.
+			runtime.UnlockOSThread()
+			res <- result{netns.None(), fmt.Errorf("new namespace: %w", err)}
+			return
+		}
+		if err := netns.Set(orig); err != nil {
+			ns.Close()
+			res <- result{netns.None(), fmt.Errorf("new namespace: switch back: %w", err)}
+			return // stays locked: the thread dies with this goroutine
+		}
+		runtime.UnlockOSThread()
+		res <- result{ns, nil}
+	}()
+	r := <-res
+	return r.ns, r.err
+}

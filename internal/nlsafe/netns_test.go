@@ -71,3 +71,23 @@ func TestCurrentNamespace(t *testing.T) {
 	require.NoError(t, nlsafe.InNamespace(cur, func() error { ran = true; return nil }), "the current namespace needs no setns")
 	assert.True(t, ran)
 }
+
+func TestNewNamespace(t *testing.T) {
+	t.Parallel()
+	cur, err := netns.Get()
+	require.NoError(t, err)
+	defer cur.Close()
+
+	ns, err := nlsafe.NewNamespace()
+	require.NoError(t, err)
+	defer ns.Close()
+	assert.False(t, ns.Equal(cur), "a namespace of its own")
+	assert.False(t, nlsafe.IsCurrentNamespace(ns), "the caller's thread did not move")
+
+	h, err := nlsafe.Open(ns)
+	require.NoError(t, err)
+	defer h.Close()
+	links, err := h.LinkList()
+	require.NoError(t, err)
+	assert.Equal(t, []string{"lo"}, names(links), "a fresh namespace has only lo")
+}
