@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The project's test command (README "Run the tests"; .ci/run calls it).
-# Sets up a fresh Debian machine, then runs vet, every test in strict mode
-# (a missing prerequisite fails instead of skipping) with the race detector,
-# and the one-machine cluster demo. Needs root.
+# Sets up a fresh Debian machine, then runs vet, golangci-lint (.golangci.yml),
+# every test in strict mode (a missing prerequisite fails instead of
+# skipping) with the race detector, and the one-machine cluster demo. Needs
+# root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH=/usr/local/go/bin:$PATH
@@ -93,6 +94,15 @@ if ! "$helm" version >/dev/null 2>&1; then
 	(cd tools/helm && CGO_ENABLED=0 go build -ldflags='-s -w' -o "$helm.tmp" helm.sh/helm/v3/cmd/helm)
 	mv "$helm.tmp" "$helm"
 fi
+# golangci-lint, from tools/golangci (pinned in its go.mod), for the lint
+# rules of .golangci.yml: no netlink call on the calling thread's
+# namespace, no unwrapped netlink dump (internal/nlsafe).
+golangci="$kas_dir/golangci-lint-$(sha256sum tools/golangci/go.sum | cut -c1-16)"
+if ! "$golangci" version >/dev/null 2>&1; then
+	mkdir -p "$kas_dir"
+	(cd tools/golangci && CGO_ENABLED=0 go build -ldflags='-s -w' -o "$golangci.tmp" github.com/golangci/golangci-lint/v2/cmd/golangci-lint)
+	mv "$golangci.tmp" "$golangci"
+fi
 # The node and control-plane binaries of the one-machine Kubernetes
 # cluster (internal/kubecluster), from the same tools module.
 k8s_sum=$(sha256sum tools/go.sum | cut -c1-16)
@@ -128,9 +138,11 @@ ln -sfn "$coredns" .cache/bin/coredns
 ln -sfn "$cni" .cache/bin/cni
 ln -sfn "$kas" .cache/bin/kube-apiserver
 ln -sfn "$helm" .cache/bin/helm
+ln -sfn "$golangci" .cache/bin/golangci-lint
 
 export FLANNEL_STRICT=1
 go vet ./...
+.cache/bin/golangci-lint run ./...
 go test -race -count=1 -timeout 45m ./...
 # Each fuzz target also fuzzes briefly (the run above tried only its seed
 # corpus): new inputs each run, a crasher fails the command and is kept in

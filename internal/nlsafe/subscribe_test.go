@@ -1,0 +1,115 @@
+package nlsafe_test
+
+import (
+	"net"
+	"net/netip"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netlink/nl"
+	"github.com/vishvananda/netns"
+
+	"github.com/flannelkit/flannel/internal/ipconv"
+	"github.com/flannelkit/flannel/internal/nlsafe"
+)
+
+// waitFor reads ch until match accepts an update, then closes done and
+// drains ch until the subscription closes it (its receiver has exited).
+// The timeout only bounds a failing test.
+func waitFor[T any](t *testing.T, ch chan T, done chan struct{}, match func(T) bool) {
+	t.Helper()
+	timeout := time.After(time.Minute)
+	for found := false; !found; {
+		select {
+		case u, ok := <-ch:
+			require.True(t, ok, "subscription ended early")
+			found = match(u)
+		case <-timeout:
+			t.Fatal("no matching update")
+		}
+	}
+	close(done)
+	for {
+		select {
+		case _, ok := <-ch:
+			if !ok {
+				return
+			}
+		case <-timeout:
+			t.Fatal("subscription did not close its channel")
+		}
+	}
+}
+
+// subscribe opens sub in h's namespace; errors it reports fail the test
+// unless the test is over.
+func subscribe[T any](t *testing.T, h nlsafe.Handle,
+	sub func(chan T, chan struct{}, netns.NsHandle, func(error)) error) (chan T, chan struct{}) {
+	t.Helper()
+	ch, done := make(chan T, 64), make(chan struct{})
+	require.NoError(t, sub(ch, done, h.NS(), func(err error) {
+		select {
+		case <-done:
+		default:
+			t.Errorf("subscription error: %v", err)
+		}
+	}))
+	return ch, done
+}
+
+func TestSubscribeLinks(t *testing.T) {
+	t.Parallel()
+	_, h := node(t)
+	ch, done := subscribe(t, h, nlsafe.SubscribeLinks)
+	require.NoError(t, h.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "sub0"}, PeerName: "sub0p"}))
+	waitFor(t, ch, done, func(u netlink.LinkUpdate) bool { return u.Attrs().Name == "sub0" })
+}
+
+func TestSubscribeRoutesAndNeighs(t *testing.T) {
+	t.Parallel()
+	n, h := node(t)
+	link, err := h.LinkByName(n.Iface)
+	require.NoError(t, err)
+	rch, rdone := subscribe(t, h, nlsafe.SubscribeRoutes)
+	nch, ndone := subscribe(t, h, nlsafe.SubscribeNeighs)
+
+	dst := netip.MustParsePrefix("10.98.0.0/24")
+	require.NoError(t, h.RouteAdd(&netlink.Route{LinkIndex: link.Attrs().Index, Dst: ipconv.IPNetFromPrefix(dst)}))
+	waitFor(t, rch, rdone, func(u netlink.RouteUpdate) bool {
+		p, ok := ipconv.PrefixFromIPNet(u.Dst)
+		return ok && p == dst
+	})
+	ip := net.IPv4(172, 30, 0, 98).To4()
+	require.NoError(t, h.NeighSet(&netlink.Neigh{LinkIndex: link.Attrs().Index, Family: netlink.FAMILY_V4,
+		State: netlink.NUD_PERMANENT, IP: ip, HardwareAddr: net.HardwareAddr{0x02, 0, 0, 0, 0, 0x98}}))
+	waitFor(t, nch, ndone, func(u netlink.NeighUpdate) bool { return u.IP.Equal(ip) })
+}
+
+func TestSubscribeXfrm(t *testing.T) {
+	t.Parallel()
+	_, h := node(t)
+	ch, done := subscribe(t, h, nlsafe.SubscribeXfrm)
+	policy := &netlink.XfrmPolicy{
+		Src: ipconv.IPNetFromPrefix(netip.MustParsePrefix("10.1.0.0/24")),
+		Dst: ipconv.IPNetFromPrefix(netip.MustParsePrefix("10.2.0.0/24")),
+		Dir: netlink.XFRM_DIR_OUT,
+	}
+	require.NoError(t, h.XfrmPolicyAdd(policy))
+	waitFor(t, ch, done, func(m nl.XfrmMsgType) bool { return m == nl.XFRM_MSG_NEWPOLICY })
+}
+
+func TestSubscribeOnlySeesItsNamespace(t *testing.T) {
+	t.Parallel()
+	_, a := node(t)
+	_, b := node(t)
+	ch, done := subscribe(t, a, nlsafe.SubscribeLinks)
+	require.NoError(t, b.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "other0"}, PeerName: "other0p"}))
+	require.NoError(t, a.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "mine0"}, PeerName: "mine0p"}))
+	waitFor(t, ch, done, func(u netlink.LinkUpdate) bool {
+		assert.NotContains(t, []string{"other0", "other0p"}, u.Attrs().Name, "update from another namespace")
+		return u.Attrs().Name == "mine0"
+	})
+}
