@@ -12,6 +12,8 @@ import (
 	"golang.org/x/sys/unix"
 
 	flannel "github.com/flannelkit/flannel"
+	"github.com/flannelkit/flannel/internal/ipconv"
+	"github.com/flannelkit/flannel/internal/nlsafe"
 )
 
 // ErrNoInterface is wrapped by FindInterface when no interface matches.
@@ -63,7 +65,7 @@ func FindInterface(h *netlink.Handle, opts InterfaceOptions) (flannel.ExternalIn
 	if opts.PublicIPv6.IsValid() && (!opts.PublicIPv6.Is6() || opts.PublicIPv6.Is4In6()) {
 		return flannel.ExternalInterface{}, fmt.Errorf("public ipv6 %s is not an IPv6 address", opts.PublicIPv6)
 	}
-	f := finder{h: h, opts: opts}
+	f := finder{h: nlsafe.Wrap(h), opts: opts}
 	f.v4, f.v6 = opts.families()
 	ext, ok, err := f.find()
 	if err != nil {
@@ -88,7 +90,7 @@ func FindInterface(h *netlink.Handle, opts InterfaceOptions) (flannel.ExternalIn
 }
 
 type finder struct {
-	h      *netlink.Handle
+	h      nlsafe.Handle
 	opts   InterfaceOptions
 	v4, v6 bool
 	tried  []string
@@ -153,7 +155,7 @@ func (f *finder) byRegex(expr string) (flannel.ExternalInterface, bool, error) {
 	if err != nil {
 		return flannel.ExternalInterface{}, false, fmt.Errorf("interface regex %q: %w", expr, err)
 	}
-	links, err := ListLinks(f.h)
+	links, err := f.h.LinkList()
 	if err != nil {
 		return flannel.ExternalInterface{}, false, err
 	}
@@ -166,12 +168,12 @@ func (f *finder) byRegex(expr string) (flannel.ExternalInterface, bool, error) {
 		}
 		var prefer netip.Addr
 		if !re.MatchString(la.Name) {
-			addrs, err := ListAddrs(f.h, link, netlink.FAMILY_ALL)
+			addrs, err := f.h.AddrList(link, netlink.FAMILY_ALL)
 			if err != nil {
 				return flannel.ExternalInterface{}, false, err
 			}
 			for _, a := range addrs {
-				if ip := AddrFromIP(a.IP); ip.IsValid() && re.MatchString(ip.String()) {
+				if ip := ipconv.AddrFromIP(a.IP); ip.IsValid() && re.MatchString(ip.String()) {
 					prefer = ip
 					break
 				}
@@ -196,7 +198,7 @@ func (f *finder) byRegex(expr string) (flannel.ExternalInterface, bool, error) {
 
 func (f *finder) byCanReach(dst netip.Addr) (flannel.ExternalInterface, bool, error) {
 	what := fmt.Sprintf("can-reach %s", dst)
-	routes, err := f.h.RouteGet(IPFromAddr(dst))
+	routes, err := f.h.RouteGet(ipconv.IPFromAddr(dst))
 	if err != nil || len(routes) == 0 {
 		if err == nil {
 			err = errors.New("no route")
@@ -209,7 +211,7 @@ func (f *finder) byCanReach(dst netip.Addr) (flannel.ExternalInterface, bool, er
 	if err != nil {
 		return flannel.ExternalInterface{}, false, fmt.Errorf("look up interface %d (route to %s): %w", rt.LinkIndex, dst, err)
 	}
-	return f.fromLink(what, link, AddrFromIP(rt.Src))
+	return f.fromLink(what, link, ipconv.AddrFromIP(rt.Src))
 }
 
 func (f *finder) byDefaultRoute() (flannel.ExternalInterface, bool, error) {
@@ -243,7 +245,7 @@ func (f *finder) byDefaultRoute() (flannel.ExternalInterface, bool, error) {
 		if err != nil {
 			return flannel.ExternalInterface{}, false, fmt.Errorf("look up interface %d (default route): %w", rt.LinkIndex, err)
 		}
-		ext, ok, why, err := f.usable(link, AddrFromIP(rt.Src))
+		ext, ok, why, err := f.usable(link, ipconv.AddrFromIP(rt.Src))
 		if err != nil || ok {
 			return ext, ok, err
 		}
@@ -260,7 +262,7 @@ func (f *finder) byDefaultRoute() (flannel.ExternalInterface, bool, error) {
 // defaultRoute returns the main table's default route of family with the
 // lowest metric that has an output interface.
 func (f *finder) defaultRoute(family int) (netlink.Route, bool, error) {
-	routes, err := ListRoutes(f.h, family, &netlink.Route{Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_TABLE)
+	routes, err := f.h.RouteListFiltered(family, &netlink.Route{Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_TABLE)
 	if err != nil {
 		return netlink.Route{}, false, err
 	}
@@ -298,7 +300,7 @@ func (f *finder) fromLink(what string, link netlink.Link, prefer netip.Addr) (fl
 // Otherwise why says what is missing.
 func (f *finder) usable(link netlink.Link, prefer netip.Addr) (ext flannel.ExternalInterface, ok bool, why string, err error) {
 	la := link.Attrs()
-	addrs, err := ListAddrs(f.h, link, netlink.FAMILY_ALL)
+	addrs, err := f.h.AddrList(link, netlink.FAMILY_ALL)
 	if err != nil {
 		return ext, false, "", err
 	}
@@ -326,7 +328,7 @@ func (f *finder) usable(link netlink.Link, prefer netip.Addr) (ext flannel.Exter
 func pickAddr(addrs []netlink.Addr, v4 bool, prefer netip.Addr) netip.Addr {
 	var first, good netip.Addr
 	for _, a := range addrs {
-		ip := AddrFromIP(a.IP)
+		ip := ipconv.AddrFromIP(a.IP)
 		if !ip.IsValid() || ip.Is4() != v4 || !ip.IsGlobalUnicast() {
 			continue
 		}
@@ -351,12 +353,12 @@ func pickAddr(addrs []netlink.Addr, v4 bool, prefer netip.Addr) netip.Addr {
 
 // linkWithAddr returns the link holding ip, or nil.
 func (f *finder) linkWithAddr(ip netip.Addr) (netlink.Link, error) {
-	addrs, err := ListAddrs(f.h, nil, netlink.FAMILY_ALL)
+	addrs, err := f.h.AddrList(nil, netlink.FAMILY_ALL)
 	if err != nil {
 		return nil, err
 	}
 	for _, a := range addrs {
-		if AddrFromIP(a.IP) == ip {
+		if ipconv.AddrFromIP(a.IP) == ip {
 			link, err := f.h.LinkByIndex(a.LinkIndex)
 			if err != nil {
 				return nil, fmt.Errorf("look up interface %d (holding %s): %w", a.LinkIndex, ip, err)

@@ -10,6 +10,8 @@ import (
 	"github.com/stretchr/testify/require"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/flannelkit/flannel/internal/ipconv"
 )
 
 // ifaceLab builds, in a throwaway namespace:
@@ -30,7 +32,7 @@ func ifaceLab(t *testing.T) *netlink.Handle {
 	for _, r := range []netlink.Route{
 		{LinkIndex: eth0.Attrs().Index, Gw: net.ParseIP("192.0.2.1").To4()},
 		{LinkIndex: eth0.Attrs().Index, Gw: net.ParseIP("2001:db8:1::1")},
-		{LinkIndex: eth0.Attrs().Index, Dst: IPNetFromPrefix(netip.MustParsePrefix("203.0.113.0/24")), Gw: net.ParseIP("192.0.2.1").To4(), Src: net.ParseIP("192.0.2.20").To4()},
+		{LinkIndex: eth0.Attrs().Index, Dst: ipconv.IPNetFromPrefix(netip.MustParsePrefix("203.0.113.0/24")), Gw: net.ParseIP("192.0.2.1").To4(), Src: net.ParseIP("192.0.2.20").To4()},
 	} {
 		require.NoError(t, h.RouteAdd(&r), "add route %s", FormatRoute(r))
 	}
@@ -137,7 +139,7 @@ func TestFindInterfaceDefaultRouteWithoutAddress(t *testing.T) {
 	_, h := newNS(t)
 	link := addVeth(t, h, "eth0", "2001:db8:1::10/64")
 	// An on-link IPv4 default route on an interface with no IPv4 address.
-	require.NoError(t, h.RouteAdd(&netlink.Route{LinkIndex: link.Attrs().Index, Scope: unix.RT_SCOPE_LINK, Family: netlink.FAMILY_V4, Dst: IPNetFromPrefix(netip.MustParsePrefix("0.0.0.0/0"))}))
+	require.NoError(t, h.RouteAdd(&netlink.Route{LinkIndex: link.Attrs().Index, Scope: unix.RT_SCOPE_LINK, Family: netlink.FAMILY_V4, Dst: ipconv.IPNetFromPrefix(netip.MustParsePrefix("0.0.0.0/0"))}))
 	_, err := FindInterface(h, InterfaceOptions{})
 	require.EqualError(t, err, "no external interface: default route: ipv4 via eth0 has no global ipv4 address")
 }

@@ -13,13 +13,16 @@ import (
 	"github.com/stretchr/testify/require"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/flannelkit/flannel/internal/ipconv"
+	"github.com/flannelkit/flannel/internal/nlsafe"
 )
 
 // allRoutes renders every route of h's main table, both families, sorted,
 // for before/after comparisons.
 func allRoutes(t *testing.T, h *netlink.Handle) []string {
 	t.Helper()
-	rs, err := ListRoutes(h, netlink.FAMILY_ALL, nil, 0)
+	rs, err := nlsafe.Wrap(h).RouteListFiltered(netlink.FAMILY_ALL, nil, 0)
 	require.NoError(t, err)
 	var out []string
 	for _, r := range rs {
@@ -48,7 +51,7 @@ func TestRouteReconciler(t *testing.T) {
 	other := addVeth(t, h, "eth1", "198.51.100.10/24")
 	idx := eth0.Attrs().Index
 	mk := func(dst, gw string) netlink.Route {
-		return netlink.Route{Dst: IPNetFromPrefix(netip.MustParsePrefix(dst)), Gw: IPFromAddr(netip.MustParseAddr(gw))}
+		return netlink.Route{Dst: ipconv.IPNetFromPrefix(netip.MustParsePrefix(dst)), Gw: ipconv.IPFromAddr(netip.MustParseAddr(gw))}
 	}
 	add := func(r netlink.Route, proto netlink.RouteProtocol, link int) {
 		r.Protocol, r.LinkIndex = proto, link
@@ -157,7 +160,7 @@ func TestRouteReconcilerOwnProtocolAndTable(t *testing.T) {
 	eth0 := addVeth(t, h, "eth0", "192.0.2.10/24")
 	idx := eth0.Attrs().Index
 	r := RouteReconciler{Protocol: 150, Table: 100}
-	want := netlink.Route{Dst: IPNetFromPrefix(netip.MustParsePrefix("10.244.1.0/24")), Gw: net.ParseIP("192.0.2.11").To4()}
+	want := netlink.Route{Dst: ipconv.IPNetFromPrefix(netip.MustParsePrefix("10.244.1.0/24")), Gw: net.ParseIP("192.0.2.11").To4()}
 	require.NoError(t, r.Reconcile(context.Background(), h, idx, []netlink.Route{want}))
 	got, err := r.Owned(h, idx)
 	require.NoError(t, err)

@@ -5,12 +5,14 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
 	"net/netip"
 	"syscall"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/flannelkit/flannel/internal/ipconv"
+	"github.com/flannelkit/flannel/internal/nlsafe"
 )
 
 // RouteProtocol is the route protocol number (rtm_protocol) that marks the
@@ -95,59 +97,11 @@ func dstOf(r netlink.Route) netip.Prefix {
 		}
 		return netip.Prefix{}
 	}
-	p, ok := PrefixFromIPNet(r.Dst)
+	p, ok := ipconv.PrefixFromIPNet(r.Dst)
 	if !ok {
 		return netip.Prefix{}
 	}
 	return p
-}
-
-// PrefixFromIPNet converts n to a masked netip.Prefix (IPv4 unmapped).
-func PrefixFromIPNet(n *net.IPNet) (netip.Prefix, bool) {
-	if n == nil {
-		return netip.Prefix{}, false
-	}
-	a, ok := netip.AddrFromSlice(n.IP)
-	if !ok {
-		return netip.Prefix{}, false
-	}
-	ones, bits := n.Mask.Size()
-	if bits == 0 {
-		return netip.Prefix{}, false
-	}
-	a = a.Unmap()
-	if a.Is4() && bits == 128 {
-		ones -= 96
-	}
-	if ones < 0 || ones > a.BitLen() {
-		return netip.Prefix{}, false
-	}
-	return netip.PrefixFrom(a, ones).Masked(), true
-}
-
-// IPNetFromPrefix converts p to the *net.IPNet that netlink calls take.
-func IPNetFromPrefix(p netip.Prefix) *net.IPNet {
-	p = p.Masked()
-	return &net.IPNet{IP: net.IP(p.Addr().AsSlice()), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
-}
-
-// IPFromAddr converts a to the net.IP that netlink calls take (4 bytes for
-// IPv4); nil when a is invalid.
-func IPFromAddr(a netip.Addr) net.IP {
-	if !a.IsValid() {
-		return nil
-	}
-	return net.IP(a.Unmap().AsSlice())
-}
-
-// AddrFromIP converts ip to a netip.Addr (IPv4 unmapped); invalid when ip is
-// nil or malformed.
-func AddrFromIP(ip net.IP) netip.Addr {
-	a, ok := netip.AddrFromSlice(ip)
-	if !ok {
-		return netip.Addr{}
-	}
-	return a.Unmap()
 }
 
 func familyOf(r netlink.Route) int {
@@ -294,7 +248,7 @@ func (r *RouteReconciler) Owned(h *netlink.Handle, linkIndex int) ([]netlink.Rou
 	if linkIndex != 0 {
 		mask |= netlink.RT_FILTER_OIF
 	}
-	return ListRoutes(h, netlink.FAMILY_ALL, filter, mask)
+	return nlsafe.Wrap(h).RouteListFiltered(netlink.FAMILY_ALL, filter, mask)
 }
 
 // Reconcile makes the owned routes on linkIndex equal desired: missing or

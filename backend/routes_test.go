@@ -6,16 +6,17 @@ import (
 	"testing"
 
 	"github.com/stretchr/testify/assert"
-	"github.com/stretchr/testify/require"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/flannelkit/flannel/internal/ipconv"
 )
 
 // rt builds a route for table tests: dst, gateway ("" for none), link.
 func rt(dst, gw string, link int) netlink.Route {
-	r := netlink.Route{Dst: IPNetFromPrefix(netip.MustParsePrefix(dst)), LinkIndex: link}
+	r := netlink.Route{Dst: ipconv.IPNetFromPrefix(netip.MustParsePrefix(dst)), LinkIndex: link}
 	if gw != "" {
-		r.Gw = IPFromAddr(netip.MustParseAddr(gw))
+		r.Gw = ipconv.IPFromAddr(netip.MustParseAddr(gw))
 	}
 	return r
 }
@@ -113,7 +114,7 @@ func TestDiffRoutes(t *testing.T) {
 				{Family: netlink.FAMILY_V4, Gw: net.ParseIP("172.30.0.1"), LinkIndex: 2},
 				{Family: netlink.FAMILY_V6, Gw: net.ParseIP("fd00::1"), LinkIndex: 2},
 			},
-			actual:  []netlink.Route{{Family: netlink.FAMILY_V4, Dst: IPNetFromPrefix(netip.MustParsePrefix("0.0.0.0/0")), Gw: net.IPv4(172, 30, 0, 1).To4(), LinkIndex: 2}},
+			actual:  []netlink.Route{{Family: netlink.FAMILY_V4, Dst: ipconv.IPNetFromPrefix(netip.MustParsePrefix("0.0.0.0/0")), Gw: net.IPv4(172, 30, 0, 1).To4(), LinkIndex: 2}},
 			wantAdd: []netlink.Route{{Family: netlink.FAMILY_V6, Gw: net.ParseIP("fd00::1"), LinkIndex: 2}},
 		},
 	}
@@ -159,38 +160,6 @@ func applyDiff(actual, add, del []netlink.Route) []netlink.Route {
 		}
 	}
 	return out
-}
-
-func TestPrefixConversions(t *testing.T) {
-	tests := []struct {
-		name string
-		in   *net.IPNet
-		want string
-		ok   bool
-	}{
-		{name: "ipv4", in: &net.IPNet{IP: net.IP{10, 244, 1, 0}, Mask: net.CIDRMask(24, 32)}, want: "10.244.1.0/24", ok: true},
-		{name: "ipv4 16-byte", in: &net.IPNet{IP: net.ParseIP("10.244.1.7"), Mask: net.CIDRMask(24, 32)}, want: "10.244.1.0/24", ok: true},
-		{name: "ipv4 16-byte mask", in: &net.IPNet{IP: net.ParseIP("10.244.1.7"), Mask: net.CIDRMask(120, 128)}, want: "10.244.1.0/24", ok: true},
-		{name: "ipv6", in: &net.IPNet{IP: net.ParseIP("fd00:10:244:1::5"), Mask: net.CIDRMask(64, 128)}, want: "fd00:10:244:1::/64", ok: true},
-		{name: "nil", in: nil},
-		{name: "bad ip", in: &net.IPNet{IP: net.IP{1, 2, 3}, Mask: net.CIDRMask(8, 32)}},
-	}
-	for _, tc := range tests {
-		t.Run(tc.name, func(t *testing.T) {
-			p, ok := PrefixFromIPNet(tc.in)
-			require.Equal(t, tc.ok, ok)
-			if ok {
-				assert.Equal(t, tc.want, p.String())
-				back, ok := PrefixFromIPNet(IPNetFromPrefix(p))
-				assert.True(t, ok)
-				assert.Equal(t, p, back)
-			}
-		})
-	}
-	assert.Nil(t, IPFromAddr(netip.Addr{}))
-	assert.Len(t, IPFromAddr(netip.MustParseAddr("10.0.0.1")), 4)
-	assert.Equal(t, netip.MustParseAddr("10.0.0.1"), AddrFromIP(net.ParseIP("10.0.0.1")))
-	assert.False(t, AddrFromIP(nil).IsValid())
 }
 
 func TestRouteErrorNamesTheRoute(t *testing.T) {

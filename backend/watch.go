@@ -2,14 +2,11 @@ package backend
 
 import (
 	"context"
-	"errors"
 	"log/slog"
 	"sync"
 	"time"
 
-	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
-	"golang.org/x/sys/unix"
 )
 
 // Resubscribe backoff of a Watch: the first retry waits ResubscribeMin,
@@ -23,56 +20,9 @@ const (
 // Subscribe opens a netlink subscription in namespace ns that delivers
 // updates on ch until done is closed, then closes ch. onErr receives the
 // errors the subscription reports while it runs. The vishvananda/netlink
-// subscriptions fit through small adapters: SubscribeLinks, SubscribeNeighs,
-// SubscribeRoutes.
+// subscriptions fit through small adapters: internal/nlsafe's
+// SubscribeLinks, SubscribeNeighs, SubscribeRoutes and SubscribeXfrm.
 type Subscribe[T any] func(ch chan T, done chan struct{}, ns netns.NsHandle, onErr func(error)) error
-
-// SubscribeBuffer is the receive buffer of the adapters' sockets. Programming
-// thousands of peers at once emits as many notifications; with the default
-// buffer (about 200 KiB) the socket overflows, which ends the subscription
-// and costs a resubscribe and a full repair. Setting it beyond rmem_max needs
-// CAP_NET_ADMIN (which an agent has); without it the default is used.
-const SubscribeBuffer = 16 << 20
-
-// withBuffer subscribes with a SubscribeBuffer-sized receive buffer, and
-// with the default one when the kernel refuses the larger size.
-func withBuffer(sub func(size int, force bool) error) error {
-	err := sub(SubscribeBuffer, true)
-	if errors.Is(err, unix.EPERM) {
-		err = sub(0, false)
-	}
-	return err
-}
-
-// SubscribeLinks subscribes to link updates.
-func SubscribeLinks(ch chan netlink.LinkUpdate, done chan struct{}, ns netns.NsHandle, onErr func(error)) error {
-	ns = SubscribeNamespace(ns)
-	return withBuffer(func(size int, force bool) error {
-		return netlink.LinkSubscribeWithOptions(ch, done, netlink.LinkSubscribeOptions{
-			Namespace: &ns, ErrorCallback: onErr, ReceiveBufferSize: size, ReceiveBufferForceSize: force,
-		})
-	})
-}
-
-// SubscribeNeighs subscribes to neighbour (and FDB) updates.
-func SubscribeNeighs(ch chan netlink.NeighUpdate, done chan struct{}, ns netns.NsHandle, onErr func(error)) error {
-	ns = SubscribeNamespace(ns)
-	return withBuffer(func(size int, force bool) error {
-		return netlink.NeighSubscribeWithOptions(ch, done, netlink.NeighSubscribeOptions{
-			Namespace: &ns, ErrorCallback: onErr, ReceiveBufferSize: size, ReceiveBufferForceSize: force,
-		})
-	})
-}
-
-// SubscribeRoutes subscribes to route updates.
-func SubscribeRoutes(ch chan netlink.RouteUpdate, done chan struct{}, ns netns.NsHandle, onErr func(error)) error {
-	ns = SubscribeNamespace(ns)
-	return withBuffer(func(size int, force bool) error {
-		return netlink.RouteSubscribeWithOptions(ch, done, netlink.RouteSubscribeOptions{
-			Namespace: &ns, ErrorCallback: onErr, ReceiveBufferSize: size, ReceiveBufferForceSize: force,
-		})
-	})
-}
 
 // Watch keeps a subscription open in ns until ctx ends and calls
 // poke(what+" event") for every update relevant reports, and once after

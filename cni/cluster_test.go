@@ -7,7 +7,6 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
-	"strings"
 	"testing"
 	"time"
 
@@ -19,6 +18,7 @@ import (
 	"github.com/flannelkit/flannel/hostgw"
 	"github.com/flannelkit/flannel/internal/cnilab"
 	"github.com/flannelkit/flannel/internal/netlab"
+	"github.com/flannelkit/flannel/internal/nlsafe"
 	"github.com/flannelkit/flannel/internal/testenv"
 	"github.com/flannelkit/flannel/lease"
 	"github.com/flannelkit/flannel/lease/memstore"
@@ -136,7 +136,7 @@ func (c *cluster) storedConfs(t *testing.T, i int) []string {
 // veths lists the pod veths in node i's namespace (not the underlay).
 func (c *cluster) veths(t *testing.T, i int) []string {
 	t.Helper()
-	links, err := c.lab.Nodes[i].Handle.LinkList()
+	links, err := nlsafe.Wrap(c.lab.Nodes[i].Handle).LinkList()
 	require.NoError(t, err)
 	var out []string
 	for _, l := range links {
@@ -167,5 +167,3 @@ func ctxT(t *testing.T, d time.Duration) context.Context {
 	t.Cleanup(cancel)
 	return ctx
 }
-
-func names(ss []string) string { return strings.Join(ss, ",") }

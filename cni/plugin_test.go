@@ -19,6 +19,7 @@ import (
 
 	"github.com/flannelkit/flannel/internal/cnilab"
 	"github.com/flannelkit/flannel/internal/netlab"
+	"github.com/flannelkit/flannel/internal/nlsafe"
 )
 
 // TestConcurrentAddDel: 50 pods added at once on one node through libcni
@@ -56,7 +57,7 @@ func TestConcurrentAddDel(t *testing.T) {
 		eth, err := p.Handle.LinkByName(cnilab.IfName)
 		require.NoError(t, err)
 		assert.Equal(t, mtu, eth.Attrs().MTU, "pod %s MTU", p.Name)
-		routes, err := p.Handle.RouteList(eth, netlink.FAMILY_V4)
+		routes, err := nlsafe.Wrap(p.Handle).RouteList(eth, netlink.FAMILY_V4)
 		require.NoError(t, err)
 		var dflt, cluster bool
 		for _, r := range routes {
@@ -275,7 +276,7 @@ func TestBadInput(t *testing.T) {
 			}
 			assert.Contains(t, te.Msg+" "+te.Details, tc.msg)
 
-			links, err := p.Handle.LinkList()
+			links, err := nlsafe.Wrap(p.Handle).LinkList()
 			require.NoError(t, err)
 			for _, l := range links {
 				assert.Equal(t, "lo", l.Attrs().Name, "the pod has only lo")

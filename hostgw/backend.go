@@ -14,6 +14,7 @@ import (
 
 	flannel "github.com/flannelkit/flannel"
 	"github.com/flannelkit/flannel/backend"
+	"github.com/flannelkit/flannel/internal/nlsafe"
 	"github.com/flannelkit/flannel/lease"
 )
 
@@ -100,12 +101,12 @@ func (b *Backend) Prepare(ctx context.Context, env flannel.Env) (lease.Attrs, er
 			v4, v6 = env.Iface.PublicIP.IsValid(), env.Iface.PublicIPv6.IsValid()
 		}
 		if v4 {
-			if err := backend.SetSysctl(env.NS, "net/ipv4/ip_forward", "1"); err != nil {
+			if err := nlsafe.SetSysctl(env.NS, "net/ipv4/ip_forward", "1"); err != nil {
 				return lease.Attrs{}, fmt.Errorf("host-gw: prepare: %w", err)
 			}
 		}
 		if v6 {
-			if err := backend.SetSysctl(env.NS, "net/ipv6/conf/all/forwarding", "1"); err != nil {
+			if err := nlsafe.SetSysctl(env.NS, "net/ipv6/conf/all/forwarding", "1"); err != nil {
 				return lease.Attrs{}, fmt.Errorf("host-gw: prepare: %w", err)
 			}
 		}

@@ -23,6 +23,7 @@ import (
 	flannel "github.com/flannelkit/flannel"
 	"github.com/flannelkit/flannel/backend"
 	"github.com/flannelkit/flannel/internal/backendtest"
+	"github.com/flannelkit/flannel/internal/ipconv"
 	"github.com/flannelkit/flannel/internal/netlab"
 	"github.com/flannelkit/flannel/internal/testenv"
 	"github.com/flannelkit/flannel/lease"
@@ -55,7 +56,7 @@ func TestContract(t *testing.T) {
 		Dump: ours,
 		Damage: []backendtest.Damage{{Name: "routes", Do: func(t *testing.T, n, peer *backendtest.Node) {
 			for _, dst := range []netip.Prefix{peer.Lease.Subnet, peer.Lease.IPv6Subnet} {
-				r := netlink.Route{Dst: backend.IPNetFromPrefix(dst), LinkIndex: n.Env.Iface.Index, Protocol: backend.RouteProtocol}
+				r := netlink.Route{Dst: ipconv.IPNetFromPrefix(dst), LinkIndex: n.Env.Iface.Index, Protocol: backend.RouteProtocol}
 				require.NoError(t, n.Node.Handle.RouteDel(&r), "delete %s", dst)
 			}
 		}}},
@@ -216,7 +217,7 @@ func TestRunSurvivesSubscriptionFailure(t *testing.T) {
 	done := make(chan error, 1)
 	go func() { done <- n0.Net.Run(ctx) }()
 	require.NoError(t, n0.Net.Apply(context.Background(), c.Leases()))
-	r := netlink.Route{Dst: backend.IPNetFromPrefix(n1.Lease.Subnet), LinkIndex: n0.Env.Iface.Index, Protocol: backend.RouteProtocol}
+	r := netlink.Route{Dst: ipconv.IPNetFromPrefix(n1.Lease.Subnet), LinkIndex: n0.Env.Iface.Index, Protocol: backend.RouteProtocol}
 	require.NoError(t, n0.Node.Handle.RouteDel(&r))
 	want := wantOurs(c, n0, n1)
 	require.Eventually(t, func() bool { return slices.Equal(want, ours(t, n0)) }, 30*time.Second, 20*time.Millisecond, "restored by the timer")

@@ -13,6 +13,7 @@ import (
 
 	flannel "github.com/flannelkit/flannel"
 	"github.com/flannelkit/flannel/backend"
+	"github.com/flannelkit/flannel/internal/ipconv"
 	"github.com/flannelkit/flannel/lease"
 )
 
@@ -87,8 +88,8 @@ func (n *Network) desired(peers []lease.Lease, failed *backend.PeerErrs) []peerR
 			}
 			routes = append(routes, peerRoute{peer: i, route: netlink.Route{
 				LinkIndex: n.env.Iface.Index,
-				Dst:       backend.IPNetFromPrefix(dst),
-				Gw:        backend.IPFromAddr(gw),
+				Dst:       ipconv.IPNetFromPrefix(dst),
+				Gw:        ipconv.IPFromAddr(gw),
 			}})
 		}
 		if n.own.Subnet.IsValid() && p.Subnet.IsValid() {
@@ -109,7 +110,7 @@ func (n *Network) apply(ctx context.Context, peers []lease.Lease) error {
 	byDst := make(map[netip.Prefix]int, len(want))
 	for _, w := range want {
 		routes = append(routes, w.route)
-		dst, _ := backend.PrefixFromIPNet(w.route.Dst)
+		dst, _ := ipconv.PrefixFromIPNet(w.route.Dst)
 		byDst[dst] = w.peer
 	}
 	var rest []error
@@ -121,7 +122,7 @@ func (n *Network) apply(ctx context.Context, peers []lease.Lease) error {
 				rest = append(rest, e)
 				continue
 			}
-			dst, _ := backend.PrefixFromIPNet(re.Route.Dst)
+			dst, _ := ipconv.PrefixFromIPNet(re.Route.Dst)
 			peer, ok := byDst[dst]
 			if !ok {
 				rest = append(rest, e)

@@ -7,6 +7,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/flannelkit/flannel/backend"
+	"github.com/flannelkit/flannel/internal/nlsafe"
 )
 
 // Run repairs drift until ctx ends: it re-applies the last peer set every
@@ -20,7 +21,7 @@ import (
 func (n *Network) Run(ctx context.Context) error {
 	var watchers []backend.Watcher
 	if n.env.NS.IsOpen() {
-		watchers = append(watchers, backend.NetlinkWatcher(n.log, n.env.NS, "route", backend.SubscribeRoutes, func(u netlink.RouteUpdate) bool {
+		watchers = append(watchers, backend.NetlinkWatcher(n.log, n.env.NS, "route", nlsafe.SubscribeRoutes, func(u netlink.RouteUpdate) bool {
 			return u.Type == unix.RTM_DELROUTE && u.Route.Protocol == backend.RouteProtocol && u.Route.LinkIndex == n.env.Iface.Index
 		}))
 	} else {

@@ -60,17 +60,6 @@ func (x u128) shr(n uint) u128 {
 
 func (x u128) or(y u128) u128 { return u128{hi: x.hi | y.hi, lo: x.lo | y.lo} }
 
-func (x u128) cmp(y u128) int {
-	switch {
-	case x.hi < y.hi || (x.hi == y.hi && x.lo < y.lo):
-		return -1
-	case x == y:
-		return 0
-	default:
-		return 1
-	}
-}
-
 // ones returns an integer with the low n bits set.
 func ones(n uint) u128 {
 	switch {

@@ -9,7 +9,7 @@
 // github.com/coreos/go-iptables (chains FLANNEL-POSTRTG in nat and
 // FLANNEL-FWD in filter, jumped to from POSTROUTING and FORWARD). Both drive
 // the nft / iptables binaries, which they run inside the node's network
-// namespace (backend.InNamespace): the binaries must be installed.
+// namespace (nlsafe.InNamespace): the binaries must be installed.
 //
 // A Manager ensures the rules for a network and lease, repairs them
 // periodically, and removes what it owns, never other tables or chains.

@@ -18,8 +18,8 @@ import (
 	"github.com/vishvananda/netns"
 	"go.uber.org/goleak"
 
-	"github.com/flannelkit/flannel/backend"
 	"github.com/flannelkit/flannel/internal/netlab"
+	"github.com/flannelkit/flannel/internal/nlsafe"
 	"github.com/flannelkit/flannel/internal/testenv"
 	"github.com/flannelkit/flannel/lease"
 )
@@ -135,7 +135,7 @@ func twoNodes(t *testing.T, v4, v6 bool) (*netlab.Lab, [2]*netlab.Pod) {
 // source address the listener sees.
 func seenFrom(ctx context.Context, listenNS, dialNS netns.NsHandle, dst netip.Addr) (netip.Addr, error) {
 	var ln net.Listener
-	err := backend.InNamespace(listenNS, func() error {
+	err := nlsafe.InNamespace(listenNS, func() error {
 		var err error
 		ln, err = net.Listen("tcp", netip.AddrPortFrom(dst, 0).String())
 		return err
@@ -156,7 +156,7 @@ func seenFrom(ctx context.Context, listenNS, dialNS netns.NsHandle, dst netip.Ad
 	}()
 	var lastErr error
 	for ctx.Err() == nil {
-		err = backend.InNamespace(dialNS, func() error {
+		err = nlsafe.InNamespace(dialNS, func() error {
 			d := net.Dialer{Timeout: time.Second}
 			c, err := d.DialContext(ctx, "tcp", ln.Addr().String())
 			if err == nil {

@@ -14,7 +14,7 @@ import (
 	"sigs.k8s.io/knftables"
 
 	flannel "github.com/flannelkit/flannel"
-	"github.com/flannelkit/flannel/backend"
+	"github.com/flannelkit/flannel/internal/nlsafe"
 	"github.com/flannelkit/flannel/lease"
 )
 
@@ -109,7 +109,7 @@ func New(opts Options) (*Manager, error) {
 
 // masquerades reports whether family f gets the masquerade rules.
 func (m *Manager) masquerades(f family) bool {
-	return m.opts.Masquerade && !(f.v6() && m.opts.NoIPv6Masquerade)
+	return m.opts.Masquerade && (!f.v6() || !m.opts.NoIPv6Masquerade)
 }
 
 // ModeFor returns the mode the manager uses for cfg.
@@ -240,7 +240,7 @@ func (m *Manager) Cleanup(ctx context.Context) error {
 // inNS runs fn in the node's namespace; the binaries fn starts inherit it
 // from the locked thread that forks them.
 func (m *Manager) inNS(fn func() error) error {
-	return backend.InNamespace(m.opts.NS, fn)
+	return nlsafe.InNamespace(m.opts.NS, fn)
 }
 
 // ensure checks family f in mode and rewrites it if it differs. It reports

@@ -12,6 +12,8 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/flannelkit/flannel/backend"
+	"github.com/flannelkit/flannel/internal/ipconv"
+	"github.com/flannelkit/flannel/internal/nlsafe"
 	"github.com/flannelkit/flannel/lease"
 )
 
@@ -53,14 +55,14 @@ func (n *Network) applyAll(ctx context.Context, peers []lease.Lease) error {
 		// copies every route several times (slow with thousands of peers).
 		have := make(map[netip.Prefix]bool, len(actual))
 		for _, a := range actual {
-			if dst, ok := backend.PrefixFromIPNet(a.Dst); ok {
+			if dst, ok := ipconv.PrefixFromIPNet(a.Dst); ok {
 				have[dst] = true
 			}
 		}
 		desired := want.routes[link] // normalized by desirePeer
 		var overlap []netlink.Route
 		for i := range desired {
-			dst, _ := backend.PrefixFromIPNet(desired[i].Dst)
+			dst, _ := ipconv.PrefixFromIPNet(desired[i].Dst)
 			if !have[dst] {
 				sets = append(sets, op{kind: kindRoute, link: link, route: &desired[i], peer: want.routePeer[routeKey{link, dst}]})
 				continue
@@ -69,7 +71,7 @@ func (n *Network) applyAll(ctx context.Context, peers []lease.Lease) error {
 		}
 		add, del := backend.DiffRoutes(overlap, actual)
 		for i := range add {
-			dst, _ := backend.PrefixFromIPNet(add[i].Dst)
+			dst, _ := ipconv.PrefixFromIPNet(add[i].Dst)
 			sets = append(sets, op{kind: kindRoute, link: link, route: &add[i], peer: want.routePeer[routeKey{link, dst}]})
 		}
 		for i := range del {
@@ -97,11 +99,11 @@ func (n *Network) dump(links []int) tables {
 			family = netlink.FAMILY_V6
 		}
 		var err error
-		if t.fdb[d.index], err = backend.ListNeighs(h, d.index, unix.AF_BRIDGE); err != nil {
+		if t.fdb[d.index], err = nlsafe.Wrap(h).NeighList(d.index, unix.AF_BRIDGE); err != nil {
 			t.err = fmt.Errorf("device %s: %w", d.spec.name, err)
 			return t
 		}
-		if t.neigh[d.index], err = backend.ListNeighs(h, d.index, family); err != nil {
+		if t.neigh[d.index], err = nlsafe.Wrap(h).NeighList(d.index, family); err != nil {
 			t.err = fmt.Errorf("device %s: %w", d.spec.name, err)
 			return t
 		}
@@ -221,7 +223,7 @@ func (n *Network) finish(ctx context.Context, began time.Time, peers []lease.Lea
 func asNeighs(ops []op) []netlink.Neigh {
 	out := make([]netlink.Neigh, len(ops))
 	for i, o := range ops {
-		out[i] = netlink.Neigh{LinkIndex: o.link, IP: backend.IPFromAddr(o.ip), HardwareAddr: o.mac, State: netlink.NUD_PERMANENT}
+		out[i] = netlink.Neigh{LinkIndex: o.link, IP: ipconv.IPFromAddr(o.ip), HardwareAddr: o.mac, State: netlink.NUD_PERMANENT}
 	}
 	return out
 }

@@ -15,6 +15,7 @@ import (
 
 	flannel "github.com/flannelkit/flannel"
 	"github.com/flannelkit/flannel/backend"
+	"github.com/flannelkit/flannel/internal/nlsafe"
 	"github.com/flannelkit/flannel/lease"
 )
 
@@ -168,12 +169,12 @@ func enableForwarding(env flannel.Env) error {
 	}
 	v4, v6 := families(env)
 	if v4 {
-		if err := backend.SetSysctl(env.NS, "net/ipv4/ip_forward", "1"); err != nil {
+		if err := nlsafe.SetSysctl(env.NS, "net/ipv4/ip_forward", "1"); err != nil {
 			return err
 		}
 	}
 	if v6 {
-		if err := backend.SetSysctl(env.NS, "net/ipv6/conf/all/forwarding", "1"); err != nil {
+		if err := nlsafe.SetSysctl(env.NS, "net/ipv6/conf/all/forwarding", "1"); err != nil {
 			return err
 		}
 	}

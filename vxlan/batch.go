@@ -14,6 +14,8 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/flannelkit/flannel/backend"
+	"github.com/flannelkit/flannel/internal/ipconv"
+	"github.com/flannelkit/flannel/internal/nlsafe"
 )
 
 // kind is the table an op changes.
@@ -109,7 +111,7 @@ func appendNeigh(b []byte, o op) []byte {
 
 func appendRoute(b []byte, o op) []byte {
 	r := o.route
-	dst, _ := backend.PrefixFromIPNet(r.Dst)
+	dst, _ := ipconv.PrefixFromIPNet(r.Dst)
 	family := uint8(unix.AF_INET)
 	if dst.Addr().Is6() {
 		family = unix.AF_INET6
@@ -125,7 +127,7 @@ func appendRoute(b []byte, o op) []byte {
 	b = append(b, family, uint8(dst.Bits()), 0, 0, uint8(table), uint8(r.Protocol), uint8(r.Scope), typ)
 	b = binary.NativeEndian.AppendUint32(b, uint32(r.Flags))
 	b = appendAttr(b, unix.RTA_DST, dst.Addr().AsSlice())
-	if gw := backend.AddrFromIP(r.Gw); gw.IsValid() {
+	if gw := ipconv.AddrFromIP(r.Gw); gw.IsValid() {
 		b = appendAttr(b, unix.RTA_GATEWAY, gw.AsSlice())
 	}
 	if r.LinkIndex != 0 {
@@ -166,7 +168,7 @@ const batchBytes = 64 << 10
 // newWriter opens a writer's socket in ns.
 func newWriter(ns netns.NsHandle) (*writer, error) {
 	fd := -1
-	err := backend.InNamespace(ns, func() error {
+	err := nlsafe.InNamespace(ns, func() error {
 		var err error
 		fd, err = unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.NETLINK_ROUTE)
 		return err
@@ -251,7 +253,7 @@ func (w *writer) flush(ops []op, errs []error, base uint32) error {
 			if code := int32(binary.NativeEndian.Uint32(m.Data)); code != 0 {
 				e := syscall.Errno(-code)
 				i := seq - base
-				if !(ops[i].del && (e == unix.ENOENT || e == unix.ESRCH)) {
+				if !ops[i].del || e != unix.ENOENT && e != unix.ESRCH {
 					errs[i] = e
 				}
 			}
@@ -317,7 +319,7 @@ func viaHandle(h *netlink.Handle, o op) error {
 			err = h.RouteReplace(&r)
 		}
 	default:
-		n := netlink.Neigh{LinkIndex: o.link, IP: backend.IPFromAddr(o.ip), HardwareAddr: o.mac, State: netlink.NUD_PERMANENT}
+		n := netlink.Neigh{LinkIndex: o.link, IP: ipconv.IPFromAddr(o.ip), HardwareAddr: o.mac, State: netlink.NUD_PERMANENT}
 		switch {
 		case o.kind == kindFDB:
 			n.Family, n.Flags = unix.AF_BRIDGE, netlink.NTF_SELF

@@ -86,7 +86,7 @@ func (o Options) validate() error {
 	case o.VNI < 0 || o.VNI > 1<<24-1:
 		return fmt.Errorf("VNI %d out of range 1..16777215", o.VNI)
 	case o.Port < 0 || o.Port > 65535:
-		return fmt.Errorf("Port %d out of range 1..65535", o.Port)
+		return fmt.Errorf("Port %d out of range 1..65535", o.Port) //nolint:staticcheck // ST1005: Port is the net-conf.json key
 	case o.MTU < 0 || (o.MTU > 0 && o.MTU < 68+overhead4):
 		return fmt.Errorf("MTU %d too small", o.MTU)
 	}

@@ -10,6 +10,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/flannelkit/flannel/backend"
+	"github.com/flannelkit/flannel/internal/ipconv"
 	"github.com/flannelkit/flannel/lease"
 )
 
@@ -49,7 +50,7 @@ func (n *Network) desire(peers []lease.Lease, direct func(netip.Addr) bool, fail
 			want.neigh[o.link] = append(want.neigh[o.link], o)
 		}
 		for _, r := range m.routes {
-			dst, _ := backend.PrefixFromIPNet(r.Dst)
+			dst, _ := ipconv.PrefixFromIPNet(r.Dst)
 			want.routes[r.LinkIndex] = append(want.routes[r.LinkIndex], r)
 			want.routePeer[routeKey{r.LinkIndex, dst}] = i
 		}
@@ -91,7 +92,7 @@ func (n *Network) desirePeer(i int, p lease.Lease, direct func(netip.Addr) bool)
 			continue
 		}
 		if n.opts.DirectRouting && direct(public) {
-			addRoute(netlink.Route{LinkIndex: n.env.Iface.Index, Dst: backend.IPNetFromPrefix(subnet), Gw: backend.IPFromAddr(public)})
+			addRoute(netlink.Route{LinkIndex: n.env.Iface.Index, Dst: ipconv.IPNetFromPrefix(subnet), Gw: ipconv.IPFromAddr(public)})
 			continue
 		}
 		bd, err := ParseBackendData(data)
@@ -102,7 +103,7 @@ func (n *Network) desirePeer(i int, p lease.Lease, direct func(netip.Addr) bool)
 		gw := subnet.Addr()
 		m.fdb = append(m.fdb, op{kind: kindFDB, link: d.index, ip: public, mac: bd.VtepMAC, peer: i})
 		m.neigh = append(m.neigh, op{kind: kindNeigh, link: d.index, ip: gw, mac: bd.VtepMAC, peer: i})
-		addRoute(netlink.Route{LinkIndex: d.index, Dst: backend.IPNetFromPrefix(subnet), Gw: backend.IPFromAddr(gw), Flags: int(netlink.FLAG_ONLINK)})
+		addRoute(netlink.Route{LinkIndex: d.index, Dst: ipconv.IPNetFromPrefix(subnet), Gw: ipconv.IPFromAddr(gw), Flags: int(netlink.FLAG_ONLINK)})
 	}
 	return m
 }
@@ -128,7 +129,7 @@ func diffNeigh(k kind, want []op, actual []netlink.Neigh) (set, del []op) {
 		if a.State&netlink.NUD_PERMANENT == 0 {
 			continue
 		}
-		have[keyFor(a.LinkIndex, backend.AddrFromIP(a.IP), a.HardwareAddr)] = a
+		have[keyFor(a.LinkIndex, ipconv.AddrFromIP(a.IP), a.HardwareAddr)] = a
 	}
 	if len(have) == 0 { // nothing programmed yet: the common bulk case
 		return want, nil
@@ -146,7 +147,7 @@ func diffNeigh(k kind, want []op, actual []netlink.Neigh) (set, del []op) {
 		if wanted[kk] {
 			continue
 		}
-		del = append(del, op{kind: k, del: true, link: a.LinkIndex, ip: backend.AddrFromIP(a.IP), mac: a.HardwareAddr, peer: -1})
+		del = append(del, op{kind: k, del: true, link: a.LinkIndex, ip: ipconv.AddrFromIP(a.IP), mac: a.HardwareAddr, peer: -1})
 	}
 	slices.SortFunc(del, func(a, b op) int { return a.ip.Compare(b.ip) })
 	return set, del

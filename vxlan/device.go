@@ -15,7 +15,8 @@ import (
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
-	"github.com/flannelkit/flannel/backend"
+	"github.com/flannelkit/flannel/internal/ipconv"
+	"github.com/flannelkit/flannel/internal/nlsafe"
 )
 
 // devSpec is what one flannel VXLAN device must look like.
@@ -62,7 +63,7 @@ func (s devSpec) mismatch(l netlink.Link) string {
 		return "vni " + strconv.Itoa(v.VxlanId)
 	case v.Port != s.port:
 		return "port " + strconv.Itoa(v.Port)
-	case backend.AddrFromIP(v.SrcAddr) != s.local:
+	case ipconv.AddrFromIP(v.SrcAddr) != s.local:
 		return "local " + v.SrcAddr.String()
 	case v.VtepDevIndex != s.extIndex:
 		return "dev " + strconv.Itoa(v.VtepDevIndex)
@@ -113,7 +114,7 @@ func ensureDevice(h *netlink.Handle, ns netns.NsHandle, s devSpec, mac net.Hardw
 		LinkAttrs:    netlink.LinkAttrs{Name: s.name, HardwareAddr: mac, MTU: s.mtu},
 		VxlanId:      s.vni,
 		VtepDevIndex: s.extIndex,
-		SrcAddr:      backend.IPFromAddr(s.local),
+		SrcAddr:      ipconv.IPFromAddr(s.local),
 		Port:         s.port,
 		Learning:     s.learning,
 		GBP:          s.gbp,
@@ -145,7 +146,7 @@ func finishDevice(h *netlink.Handle, ns netns.NsHandle, s devSpec, v *netlink.Vx
 	if setRA && ns.IsOpen() {
 		// A VXLAN device must not autoconfigure from router adverts.
 		// Not fatal: the device works without it (and upstream only logs).
-		if err := backend.SetSysctl(ns, "net/ipv6/conf/"+s.name+"/accept_ra", "0"); err != nil && !errors.Is(err, unix.ENOENT) {
+		if err := nlsafe.SetSysctl(ns, "net/ipv6/conf/"+s.name+"/accept_ra", "0"); err != nil && !errors.Is(err, unix.ENOENT) {
 			log.Warn("cannot turn accept_ra off", "device", s.name, "err", err)
 		}
 	}
@@ -167,13 +168,13 @@ func ensureAddr(h *netlink.Handle, link netlink.Link, addr netip.Addr, log *slog
 		family = netlink.FAMILY_V6
 	}
 	want := netip.PrefixFrom(addr, addr.BitLen())
-	have, err := backend.ListAddrs(h, link, family)
+	have, err := nlsafe.Wrap(h).AddrList(link, family)
 	if err != nil {
 		return err
 	}
 	found := false
 	for _, a := range have {
-		p, ok := backend.PrefixFromIPNet(a.IPNet)
+		p, ok := ipconv.PrefixFromIPNet(a.IPNet)
 		if !ok || p.Addr().IsLinkLocalUnicast() {
 			continue
 		}
@@ -189,7 +190,7 @@ func ensureAddr(h *netlink.Handle, link netlink.Link, addr netip.Addr, log *slog
 	if found {
 		return nil
 	}
-	a := &netlink.Addr{IPNet: backend.IPNetFromPrefix(want)}
+	a := &netlink.Addr{IPNet: ipconv.IPNetFromPrefix(want)}
 	if addr.Is6() {
 		a.Flags = unix.IFA_F_NODAD
 	}

@@ -11,8 +11,9 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
-	"github.com/flannelkit/flannel/backend"
+	"github.com/flannelkit/flannel/internal/ipconv"
 	"github.com/flannelkit/flannel/internal/netlab"
+	"github.com/flannelkit/flannel/internal/nlsafe"
 )
 
 func TestDiffNeigh(t *testing.T) {
@@ -20,7 +21,7 @@ func TestDiffNeigh(t *testing.T) {
 	macB, _ := net.ParseMAC("0a:00:00:00:00:0b")
 	ip1, ip2 := netip.MustParseAddr("10.244.1.0"), netip.MustParseAddr("10.244.2.0")
 	perm := func(ip netip.Addr, mac net.HardwareAddr) netlink.Neigh {
-		return netlink.Neigh{LinkIndex: 5, IP: backend.IPFromAddr(ip), HardwareAddr: mac, State: netlink.NUD_PERMANENT}
+		return netlink.Neigh{LinkIndex: 5, IP: ipconv.IPFromAddr(ip), HardwareAddr: mac, State: netlink.NUD_PERMANENT}
 	}
 	want := func(ip netip.Addr, mac net.HardwareAddr) op { return op{link: 5, ip: ip, mac: mac} }
 	render := func(ops []op) []string {
@@ -44,7 +45,7 @@ func TestDiffNeigh(t *testing.T) {
 			wantSet: []string{"10.244.1.0 0a:00:00:00:00:0b"}},
 		{name: "stale deleted", kind: kindNeigh, actual: []netlink.Neigh{perm(ip2, macA)}, wantD: []string{"10.244.2.0 0a:00:00:00:00:0a"}},
 		{name: "learned entries left alone", kind: kindNeigh,
-			actual: []netlink.Neigh{{LinkIndex: 5, IP: backend.IPFromAddr(ip2), HardwareAddr: macA, State: netlink.NUD_REACHABLE}}},
+			actual: []netlink.Neigh{{LinkIndex: 5, IP: ipconv.IPFromAddr(ip2), HardwareAddr: macA, State: netlink.NUD_REACHABLE}}},
 		{name: "fdb keyed by mac and dst", kind: kindFDB, want: []op{want(ip1, macB)}, actual: []netlink.Neigh{perm(ip1, macA)},
 			wantSet: []string{"10.244.1.0 0a:00:00:00:00:0b"}, wantD: []string{"10.244.1.0 0a:00:00:00:00:0a"}},
 	}
@@ -91,7 +92,7 @@ func TestWriterMapsErrors(t *testing.T) {
 			assert.NoError(t, e, "op %d", k)
 		}
 	}
-	got, err := backend.ListNeighs(n.Node.Handle, dev, unix.AF_INET)
+	got, err := nlsafe.Wrap(n.Node.Handle).NeighList(dev, unix.AF_INET)
 	require.NoError(t, err)
 	perm := 0
 	for _, e := range got {

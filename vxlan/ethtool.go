@@ -7,7 +7,7 @@ import (
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
-	"github.com/flannelkit/flannel/backend"
+	"github.com/flannelkit/flannel/internal/nlsafe"
 )
 
 // ethtoolValue is struct ethtool_value.
@@ -27,7 +27,7 @@ type ifreqData struct {
 // value the kernel reports.
 func ethtool(ns netns.NsHandle, dev string, cmd, value uint32) (uint32, error) {
 	v := ethtoolValue{cmd: cmd, data: value}
-	err := backend.InNamespace(ns, func() error {
+	err := nlsafe.InNamespace(ns, func() error {
 		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
 		if err != nil {
 			return err

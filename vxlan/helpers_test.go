@@ -14,6 +14,7 @@ import (
 	"github.com/flannelkit/flannel/backend"
 	"github.com/flannelkit/flannel/internal/backendtest"
 	"github.com/flannelkit/flannel/internal/netlab"
+	"github.com/flannelkit/flannel/internal/nlsafe"
 )
 
 // newCluster builds a vxlan backendtest.Cluster: a lab whose every node
@@ -53,14 +54,14 @@ func state(t *testing.T, n *backendtest.Node) []string {
 		if d.spec.v6 {
 			fam = netlink.FAMILY_V6
 		}
-		fdb, err := backend.ListNeighs(h, idx, unix.AF_BRIDGE)
+		fdb, err := nlsafe.Wrap(h).NeighList(idx, unix.AF_BRIDGE)
 		require.NoError(t, err)
 		for _, e := range fdb {
 			if e.State&netlink.NUD_PERMANENT != 0 {
 				out = append(out, fmt.Sprintf("fdb %s %s dst %s", d.spec.name, e.HardwareAddr, e.IP))
 			}
 		}
-		ns, err := backend.ListNeighs(h, idx, fam)
+		ns, err := nlsafe.Wrap(h).NeighList(idx, fam)
 		require.NoError(t, err)
 		for _, e := range ns {
 			if e.State&netlink.NUD_PERMANENT != 0 {

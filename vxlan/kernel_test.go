@@ -19,9 +19,10 @@ import (
 	"github.com/vishvananda/netns"
 	"go.uber.org/goleak"
 
-	"github.com/flannelkit/flannel/backend"
 	"github.com/flannelkit/flannel/internal/backendtest"
+	"github.com/flannelkit/flannel/internal/ipconv"
 	"github.com/flannelkit/flannel/internal/netlab"
+	"github.com/flannelkit/flannel/internal/nlsafe"
 	"github.com/flannelkit/flannel/internal/testenv"
 	"github.com/flannelkit/flannel/lease"
 )
@@ -43,10 +44,10 @@ func TestCustomVNIPortGBP(t *testing.T) {
 		assert.Equal(t, n0.Env.Iface.Index, v.VtepDevIndex)
 		if v6 {
 			assert.Equal(t, 1400-70, v.MTU)
-			assert.Equal(t, n0.Node.IPv6, backend.AddrFromIP(v.SrcAddr))
+			assert.Equal(t, n0.Node.IPv6, ipconv.AddrFromIP(v.SrcAddr))
 		} else {
 			assert.Equal(t, 1400-50, v.MTU)
-			assert.Equal(t, n0.Node.IP, backend.AddrFromIP(v.SrcAddr))
+			assert.Equal(t, n0.Node.IP, ipconv.AddrFromIP(v.SrcAddr))
 		}
 	}
 	assert.Equal(t, 1330, nw(n0).MTU())
@@ -57,7 +58,7 @@ func TestCustomVNIPortGBP(t *testing.T) {
 		assert.Contains(t, string(raw), `{"VNI":4242,"VtepMAC":"`)
 	}
 	// accept_ra off on the IPv6 device.
-	v, err := backend.GetSysctl(n0.Node.NS, "net/ipv6/conf/"+deviceName(4242, true)+"/accept_ra")
+	v, err := nlsafe.GetSysctl(n0.Node.NS, "net/ipv6/conf/"+deviceName(4242, true)+"/accept_ra")
 	require.NoError(t, err)
 	assert.Equal(t, "0", v)
 	c.CheckAll(t)
@@ -95,7 +96,7 @@ func TestDeviceReuseAndReplace(t *testing.T) {
 				v.LinkAttrs = netlink.LinkAttrs{Name: "flannel.1", HardwareAddr: mac, MTU: 1450}
 				v.VtepDevIndex = env.Iface.Index
 				if tc.name != "no local" {
-					v.SrcAddr = backend.IPFromAddr(n.IP)
+					v.SrcAddr = ipconv.IPFromAddr(n.IP)
 				}
 				pre = &v
 			} else {
@@ -306,7 +307,7 @@ func TestRunSurvivesSubscriptionFailure(t *testing.T) {
 	require.Equal(t, want, state(t, n0))
 	dev, err := n0.Node.Handle.LinkByName("flannel.1")
 	require.NoError(t, err)
-	require.NoError(t, n0.Node.Handle.RouteDel(&netlink.Route{LinkIndex: dev.Attrs().Index, Dst: backend.IPNetFromPrefix(n1.Lease.Subnet)}))
+	require.NoError(t, n0.Node.Handle.RouteDel(&netlink.Route{LinkIndex: dev.Attrs().Index, Dst: ipconv.IPNetFromPrefix(n1.Lease.Subnet)}))
 	require.Eventually(t, func() bool { return slices.Equal(want, state(t, n0)) }, 30*time.Second, 20*time.Millisecond, "restored by the timer")
 	require.Eventually(t, func() bool { return strings.Contains(logs.String(), "link subscription failed") }, 30*time.Second, 20*time.Millisecond)
 	cancel()
@@ -365,9 +366,9 @@ func TestRunManyPeersKeepsSubscriptions(t *testing.T) {
 	want := want(c, n0, nil, n1)
 	// The route and neighbour watches are up once an entry deleted by hand
 	// comes back (the periodic repair is an hour away).
-	require.NoError(t, n0.Node.Handle.RouteDel(&netlink.Route{LinkIndex: dev.Attrs().Index, Dst: backend.IPNetFromPrefix(n1.Lease.Subnet)}))
+	require.NoError(t, n0.Node.Handle.RouteDel(&netlink.Route{LinkIndex: dev.Attrs().Index, Dst: ipconv.IPNetFromPrefix(n1.Lease.Subnet)}))
 	require.Eventually(t, func() bool { return slices.Equal(want, state(t, n0)) }, 30*time.Second, 20*time.Millisecond, "route restored by an event")
-	require.NoError(t, n0.Node.Handle.NeighDel(&netlink.Neigh{LinkIndex: dev.Attrs().Index, IP: backend.IPFromAddr(netip.AddrFrom4(n1.Lease.Subnet.Addr().As4())), Family: netlink.FAMILY_V4}))
+	require.NoError(t, n0.Node.Handle.NeighDel(&netlink.Neigh{LinkIndex: dev.Attrs().Index, IP: ipconv.IPFromAddr(netip.AddrFrom4(n1.Lease.Subnet.Addr().As4())), Family: netlink.FAMILY_V4}))
 	require.Eventually(t, func() bool { return slices.Equal(want, state(t, n0)) }, 30*time.Second, 20*time.Millisecond, "neighbour restored by an event")
 
 	peers := c.Leases()
@@ -380,9 +381,9 @@ func TestRunManyPeersKeepsSubscriptions(t *testing.T) {
 	}
 	require.NoError(t, nw(n0).Apply(context.Background(), peers))
 	// Still subscribed: an entry deleted by hand comes back by an event.
-	require.NoError(t, n0.Node.Handle.RouteDel(&netlink.Route{LinkIndex: dev.Attrs().Index, Dst: backend.IPNetFromPrefix(n1.Lease.Subnet)}))
+	require.NoError(t, n0.Node.Handle.RouteDel(&netlink.Route{LinkIndex: dev.Attrs().Index, Dst: ipconv.IPNetFromPrefix(n1.Lease.Subnet)}))
 	require.Eventually(t, func() bool {
-		rs, err := n0.Node.Handle.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{LinkIndex: dev.Attrs().Index, Dst: backend.IPNetFromPrefix(n1.Lease.Subnet)}, netlink.RT_FILTER_OIF|netlink.RT_FILTER_DST)
+		rs, err := nlsafe.Wrap(n0.Node.Handle).RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{LinkIndex: dev.Attrs().Index, Dst: ipconv.IPNetFromPrefix(n1.Lease.Subnet)}, netlink.RT_FILTER_OIF|netlink.RT_FILTER_DST)
 		return err == nil && len(rs) == 1
 	}, 30*time.Second, 20*time.Millisecond, "route restored by an event after the burst")
 	assert.NotContains(t, logs.String(), "subscription ended", "a watch lost its subscription during the burst")

@@ -13,6 +13,7 @@ import (
 
 	flannel "github.com/flannelkit/flannel"
 	"github.com/flannelkit/flannel/backend"
+	"github.com/flannelkit/flannel/internal/ipconv"
 	"github.com/flannelkit/flannel/lease"
 )
 
@@ -161,7 +162,7 @@ func (n *Network) Apply(ctx context.Context, peers []lease.Lease) error {
 // isDirect reports whether ip is reached without a gateway through the
 // external interface: the test for "same L2 segment".
 func (n *Network) isDirect(ip netip.Addr) bool {
-	rs, err := n.env.Handle.RouteGet(backend.IPFromAddr(ip))
+	rs, err := n.env.Handle.RouteGet(ipconv.IPFromAddr(ip))
 	if err != nil || len(rs) == 0 {
 		return false
 	}

@@ -8,6 +8,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/flannelkit/flannel/backend"
+	"github.com/flannelkit/flannel/internal/nlsafe"
 )
 
 // Run repairs drift until ctx ends: it re-applies the last peer set every
@@ -30,15 +31,15 @@ func (n *Network) Run(ctx context.Context) error {
 			names[d.spec.name] = true
 		}
 		watchers = append(watchers,
-			backend.NetlinkWatcher(n.log, n.env.NS, "link", backend.SubscribeLinks, func(u netlink.LinkUpdate) bool {
+			backend.NetlinkWatcher(n.log, n.env.NS, "link", nlsafe.SubscribeLinks, func(u netlink.LinkUpdate) bool {
 				return u.Link != nil && names[u.Link.Attrs().Name] &&
 					(u.Header.Type == unix.RTM_DELLINK || u.Link.Attrs().Flags&net.FlagUp == 0)
 			}),
-			backend.NetlinkWatcher(n.log, n.env.NS, "neighbour", backend.SubscribeNeighs, func(u netlink.NeighUpdate) bool {
+			backend.NetlinkWatcher(n.log, n.env.NS, "neighbour", nlsafe.SubscribeNeighs, func(u netlink.NeighUpdate) bool {
 				// A deleted neighbour is reported NUD_FAILED, whatever it was.
 				return u.Type == unix.RTM_DELNEIGH && n.ours(u.LinkIndex, false)
 			}),
-			backend.NetlinkWatcher(n.log, n.env.NS, "route", backend.SubscribeRoutes, func(u netlink.RouteUpdate) bool {
+			backend.NetlinkWatcher(n.log, n.env.NS, "route", nlsafe.SubscribeRoutes, func(u netlink.RouteUpdate) bool {
 				return u.Type == unix.RTM_DELROUTE && u.Protocol == backend.RouteProtocol && n.ours(u.LinkIndex, true)
 			}))
 	} else {

@@ -10,9 +10,9 @@ import (
 	"golang.org/x/sys/unix"
 
 	flannel "github.com/flannelkit/flannel"
-	"github.com/flannelkit/flannel/backend"
 
 	"github.com/flannelkit/flannel/internal/backendtest"
+	"github.com/flannelkit/flannel/internal/ipconv"
 	"github.com/flannelkit/flannel/internal/netlab"
 )
 
@@ -72,14 +72,14 @@ func TestContract(t *testing.T) {
 		Dump: state,
 		Damage: []backendtest.Damage{
 			{Name: "neighbour", Do: func(t *testing.T, n, peer *backendtest.Node) {
-				require.NoError(t, n.Node.Handle.NeighDel(&netlink.Neigh{LinkIndex: dev(t, n).Attrs().Index, IP: backend.IPFromAddr(peer.Lease.Subnet.Addr()), Family: unix.AF_INET}))
+				require.NoError(t, n.Node.Handle.NeighDel(&netlink.Neigh{LinkIndex: dev(t, n).Attrs().Index, IP: ipconv.IPFromAddr(peer.Lease.Subnet.Addr()), Family: unix.AF_INET}))
 			}},
 			{Name: "fdb entry", Do: func(t *testing.T, n, peer *backendtest.Node) {
 				require.NoError(t, n.Node.Handle.NeighDel(&netlink.Neigh{LinkIndex: dev(t, n).Attrs().Index, Family: unix.AF_BRIDGE, Flags: netlink.NTF_SELF,
-					HardwareAddr: nw(peer).VtepMAC(false), IP: backend.IPFromAddr(peer.Node.IP)}))
+					HardwareAddr: nw(peer).VtepMAC(false), IP: ipconv.IPFromAddr(peer.Node.IP)}))
 			}},
 			{Name: "route", Do: func(t *testing.T, n, peer *backendtest.Node) {
-				require.NoError(t, n.Node.Handle.RouteDel(&netlink.Route{LinkIndex: dev(t, n).Attrs().Index, Dst: backend.IPNetFromPrefix(peer.Lease.Subnet)}))
+				require.NoError(t, n.Node.Handle.RouteDel(&netlink.Route{LinkIndex: dev(t, n).Attrs().Index, Dst: ipconv.IPNetFromPrefix(peer.Lease.Subnet)}))
 			}},
 			{Name: "device down", Do: func(t *testing.T, n, _ *backendtest.Node) {
 				require.NoError(t, n.Node.Handle.LinkSetDown(dev(t, n)))

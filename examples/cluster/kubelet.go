@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -48,7 +47,7 @@ func runKubelet(ctx context.Context, o options, start time.Time) error {
 		return err
 	}
 	defer os.RemoveAll(dir)
-	goCmd := filepath.Join(runtime.GOROOT(), "bin", "go")
+	goCmd := testenv.GoBinary()
 	tar := filepath.Join(dir, "flanneld"+image.OCISuffix)
 	const tag = "ghcr.io/flannelkit/flanneld:demo"
 	res, err := image.Build(ctx, image.Options{Repo: root, Go: goCmd, CNIPlugins: plugins, Tag: tag, Out: tar, Version: "demo"})

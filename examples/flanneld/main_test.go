@@ -13,7 +13,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"sync"
 	"syscall"
@@ -29,10 +28,11 @@ import (
 	"golang.org/x/sys/unix"
 
 	flannel "github.com/flannelkit/flannel"
-	"github.com/flannelkit/flannel/backend"
 	"github.com/flannelkit/flannel/etcdstore"
 	"github.com/flannelkit/flannel/internal/etcdtest"
+	"github.com/flannelkit/flannel/internal/ipconv"
 	"github.com/flannelkit/flannel/internal/netlab"
+	"github.com/flannelkit/flannel/internal/nlsafe"
 	"github.com/flannelkit/flannel/internal/testenv"
 	"github.com/flannelkit/flannel/lease"
 )
@@ -51,10 +51,7 @@ func buildAndRun(m *testing.M) int {
 		return 1
 	}
 	defer os.RemoveAll(dir)
-	gobin := filepath.Join(runtime.GOROOT(), "bin", "go")
-	if _, err := os.Stat(gobin); err != nil {
-		gobin = "go"
-	}
+	gobin := testenv.GoBinary()
 	binary = filepath.Join(dir, "flanneld")
 	out, err := exec.Command(gobin, "build", "-o", binary, ".").CombinedOutput()
 	if err != nil {
@@ -93,14 +90,13 @@ func (v variant) netConf() []byte {
 // world is a lab with etcd reachable from every node at the router's
 // address, and one daemon process slot per node.
 type world struct {
-	t      *testing.T
-	lab    *netlab.Lab
-	etcd   *etcdtest.Server
-	store  *etcdstore.Store
-	dir    string
-	procs  []*proc
-	pods   []*netlab.Pod
-	client *http.Client
+	t     *testing.T
+	lab   *netlab.Lab
+	etcd  *etcdtest.Server
+	store *etcdstore.Store
+	dir   string
+	procs []*proc
+	pods  []*netlab.Pod
 	// storeArgs, when set, replaces the etcd flags of node i's daemon.
 	storeArgs func(i int) []string
 	// env is added to every daemon's environment.
@@ -157,7 +153,7 @@ func (w *world) relay(port uint16, target string) {
 // reach the embedded etcd on loopback.
 func forward(t *testing.T, ns netns.NsHandle, listen, target string) {
 	var ln net.Listener
-	require.NoError(t, backend.InNamespace(ns, func() error {
+	require.NoError(t, nlsafe.InNamespace(ns, func() error {
 		var err error
 		ln, err = net.Listen("tcp", listen)
 		return err
@@ -275,7 +271,7 @@ func (w *world) get(ctx context.Context, i int, path string) (int, string, error
 	n := w.lab.Nodes[i]
 	tr := &http.Transport{DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
 		var c net.Conn
-		err := backend.InNamespace(n.NS, func() error {
+		err := nlsafe.InNamespace(n.NS, func() error {
 			var err error
 			d := net.Dialer{Timeout: 2 * time.Second}
 			c, err = d.DialContext(ctx, network, addr)
@@ -330,14 +326,14 @@ func (w *world) lease(i int) lease.Lease {
 // kernel's own (the pod bridge's subnet): what the backend programmed.
 func (w *world) routes(i int) map[netip.Prefix]bool {
 	w.t.Helper()
-	rs, err := w.lab.Nodes[i].Handle.RouteList(nil, netlink.FAMILY_ALL)
+	rs, err := nlsafe.Wrap(w.lab.Nodes[i].Handle).RouteList(nil, netlink.FAMILY_ALL)
 	require.NoError(w.t, err)
 	out := map[netip.Prefix]bool{}
 	for _, r := range rs {
 		if r.Protocol == unix.RTPROT_KERNEL || r.Dst == nil {
 			continue
 		}
-		p, ok := backend.PrefixFromIPNet(r.Dst)
+		p, ok := ipconv.PrefixFromIPNet(r.Dst)
 		if !ok {
 			continue
 		}
@@ -362,7 +358,7 @@ func (w *world) ruleset(i int) string {
 // flannelLinks returns node i's devices named flannel*.
 func (w *world) flannelLinks(i int) []string {
 	w.t.Helper()
-	links, err := w.lab.Nodes[i].Handle.LinkList()
+	links, err := nlsafe.Wrap(w.lab.Nodes[i].Handle).LinkList()
 	require.NoError(w.t, err)
 	var out []string
 	for _, l := range links {
@@ -495,13 +491,13 @@ func testDaemonCluster(t *testing.T, v variant) {
 	// at once (from the route notification, well before the resync).
 	bhSubnet := w.lease(0).Subnet
 	require.NoError(t, w.lab.Nodes[0].Handle.RouteDel(&netlink.Route{
-		Dst: backend.IPNetFromPrefix(bhSubnet), Type: unix.RTN_BLACKHOLE, Priority: 4242, Table: unix.RT_TABLE_MAIN,
+		Dst: ipconv.IPNetFromPrefix(bhSubnet), Type: unix.RTN_BLACKHOLE, Priority: 4242, Table: unix.RT_TABLE_MAIN,
 	}), "delete node0's blackhole route")
 	blackhole := func() bool {
-		rs, err := w.lab.Nodes[0].Handle.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Type: unix.RTN_BLACKHOLE, Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_TYPE|netlink.RT_FILTER_TABLE)
+		rs, err := nlsafe.Wrap(w.lab.Nodes[0].Handle).RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Type: unix.RTN_BLACKHOLE, Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_TYPE|netlink.RT_FILTER_TABLE)
 		require.NoError(t, err)
 		for _, r := range rs {
-			if p, ok := backend.PrefixFromIPNet(r.Dst); ok && p == bhSubnet {
+			if p, ok := ipconv.PrefixFromIPNet(r.Dst); ok && p == bhSubnet {
 				return true
 			}
 		}

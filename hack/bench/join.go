@@ -14,6 +14,8 @@ import (
 
 	"github.com/flannelkit/flannel"
 	"github.com/flannelkit/flannel/backend"
+	"github.com/flannelkit/flannel/internal/ipconv"
+	"github.com/flannelkit/flannel/internal/nlsafe"
 	"github.com/flannelkit/flannel/lease"
 	"github.com/flannelkit/flannel/lease/memstore"
 	"github.com/flannelkit/flannel/vxlan"
@@ -58,16 +60,13 @@ func join(o options) error {
 	done := make(chan struct{})
 	ns := nd.n.NS
 	subErr := make(chan error, 1)
-	opts := netlink.RouteSubscribeOptions{
-		Namespace: &ns, ReceiveBufferSize: 16 << 20, ReceiveBufferForceSize: true,
-		ErrorCallback: func(err error) {
-			select {
-			case subErr <- err:
-			default:
-			}
-		},
+	onErr := func(err error) {
+		select {
+		case subErr <- err:
+		default:
+		}
 	}
-	if err := netlink.RouteSubscribeWithOptions(ch, done, opts); err != nil {
+	if err := nlsafe.SubscribeRoutes(ch, done, ns, onErr); err != nil {
 		return err
 	}
 	var wg sync.WaitGroup
@@ -81,7 +80,7 @@ func join(o options) error {
 			if u.Type != unix.RTM_NEWROUTE || u.Protocol != backend.RouteProtocol {
 				continue
 			}
-			if p, ok := backend.PrefixFromIPNet(u.Dst); ok {
+			if p, ok := ipconv.PrefixFromIPNet(u.Dst); ok {
 				mu.Lock()
 				seen[p] = time.Now()
 				mu.Unlock()

@@ -40,6 +40,7 @@ import (
 	"github.com/flannelkit/flannel"
 	"github.com/flannelkit/flannel/backend"
 	"github.com/flannelkit/flannel/internal/netlab"
+	"github.com/flannelkit/flannel/internal/nlsafe"
 	"github.com/flannelkit/flannel/lease"
 	"github.com/flannelkit/flannel/vxlan"
 )
@@ -262,7 +263,7 @@ func verify(nd *node, n int) error {
 	}
 	idx := link.Attrs().Index
 	count := func(fam int) (int, error) {
-		ns, err := backend.ListNeighs(h, idx, fam)
+		ns, err := nlsafe.Wrap(h).NeighList(idx, fam)
 		c := 0
 		for _, e := range ns {
 			if e.State&0x80 != 0 { // NUD_PERMANENT

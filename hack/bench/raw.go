@@ -9,6 +9,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/flannelkit/flannel/backend"
+	"github.com/flannelkit/flannel/internal/nlsafe"
 )
 
 // rawMessages encodes, for every peer, the three requests the vxlan
@@ -69,7 +70,7 @@ type raw struct{ fd int }
 
 func openRaw(ns netns.NsHandle) (*raw, error) {
 	var fd int
-	err := backend.InNamespace(ns, func() error {
+	err := nlsafe.InNamespace(ns, func() error {
 		var err error
 		fd, err = unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.NETLINK_ROUTE)
 		return err

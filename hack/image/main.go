@@ -13,10 +13,9 @@ import (
 	"flag"
 	"fmt"
 	"os"
-	"path/filepath"
-	"runtime"
 
 	"github.com/flannelkit/flannel/internal/image"
+	"github.com/flannelkit/flannel/internal/testenv"
 )
 
 func main() {
@@ -29,7 +28,7 @@ func main() {
 	if err == nil {
 		var res image.Result
 		res, err = image.Build(context.Background(), image.Options{
-			Repo: repo, Go: filepath.Join(runtime.GOROOT(), "bin", "go"), CNIPlugins: *plugins,
+			Repo: repo, Go: testenv.GoBinary(), CNIPlugins: *plugins,
 			Tag: *tag, Out: *out, Version: *version,
 		})
 		if err == nil {

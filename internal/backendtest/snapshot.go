@@ -12,6 +12,8 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/flannelkit/flannel/backend"
+	"github.com/flannelkit/flannel/internal/ipconv"
+	"github.com/flannelkit/flannel/internal/nlsafe"
 )
 
 // linkLocal is where the kernel's own IPv6 addresses and routes live; they
@@ -26,22 +28,22 @@ var linkLocal = netip.MustParsePrefix("fe80::/10")
 func Snapshot(t *testing.T, n *Node) []string {
 	t.Helper()
 	h := n.Node.Handle
-	links, err := backend.ListLinks(h)
+	links, err := nlsafe.Wrap(h).LinkList()
 	require.NoError(t, err)
 	var out []string
 	for _, l := range links {
 		a := l.Attrs()
 		out = append(out, fmt.Sprintf("link %s index %d type %s mac %s mtu %d up %t master %d",
 			a.Name, a.Index, l.Type(), a.HardwareAddr, a.MTU, a.Flags&net.FlagUp != 0, a.MasterIndex))
-		addrs, err := backend.ListAddrs(h, l, netlink.FAMILY_ALL)
+		addrs, err := nlsafe.Wrap(h).AddrList(l, netlink.FAMILY_ALL)
 		require.NoError(t, err)
 		for _, ad := range addrs {
-			if p, ok := backend.PrefixFromIPNet(ad.IPNet); ok && !linkLocal.Contains(p.Addr()) {
+			if p, ok := ipconv.PrefixFromIPNet(ad.IPNet); ok && !linkLocal.Contains(p.Addr()) {
 				out = append(out, fmt.Sprintf("addr %s %s", a.Name, p))
 			}
 		}
 		for _, fam := range []int{unix.AF_INET, unix.AF_INET6, unix.AF_BRIDGE} {
-			ns, err := backend.ListNeighs(h, a.Index, fam)
+			ns, err := nlsafe.Wrap(h).NeighList(a.Index, fam)
 			require.NoError(t, err)
 			for _, e := range ns {
 				// A bridge FDB entry without a destination is the kernel's
@@ -52,10 +54,10 @@ func Snapshot(t *testing.T, n *Node) []string {
 			}
 		}
 	}
-	rs, err := backend.ListRoutes(h, netlink.FAMILY_ALL, nil, 0)
+	rs, err := nlsafe.Wrap(h).RouteListFiltered(netlink.FAMILY_ALL, nil, 0)
 	require.NoError(t, err)
 	for _, r := range rs {
-		if p, ok := backend.PrefixFromIPNet(r.Dst); ok && linkLocal.Contains(p.Addr()) {
+		if p, ok := ipconv.PrefixFromIPNet(r.Dst); ok && linkLocal.Contains(p.Addr()) {
 			continue
 		}
 		out = append(out, fmt.Sprintf("route %s metric %d", backend.FormatRoute(r), r.Priority))

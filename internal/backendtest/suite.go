@@ -17,6 +17,7 @@ import (
 
 	flannel "github.com/flannelkit/flannel"
 	"github.com/flannelkit/flannel/backend"
+	"github.com/flannelkit/flannel/internal/ipconv"
 	"github.com/flannelkit/flannel/internal/netlab"
 	"github.com/flannelkit/flannel/lease"
 )
@@ -158,7 +159,7 @@ func foreign(t *testing.T, n, peer *Node) []string {
 			continue
 		}
 		rt := netlink.Route{
-			Dst: backend.IPNetFromPrefix(netip.MustParsePrefix(r.dst)), Gw: backend.IPFromAddr(r.gw),
+			Dst: ipconv.IPNetFromPrefix(netip.MustParsePrefix(r.dst)), Gw: ipconv.IPFromAddr(r.gw),
 			LinkIndex: n.Env.Iface.Index, Protocol: r.proto,
 		}
 		require.NoError(t, n.Node.Handle.RouteAdd(&rt), "add route %s", backend.FormatRoute(rt))

@@ -4,7 +4,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"testing"
 
 	"github.com/flannelkit/flannel/internal/netlab"
@@ -43,7 +42,7 @@ func BinDirT(tb testing.TB) string {
 		tb.Fatal(err)
 	}
 	dir := tb.TempDir()
-	build := exec.Command(filepath.Join(runtime.GOROOT(), "bin", "go"), "build", "-o", filepath.Join(dir, "flannel"), "./examples/flannel-cni")
+	build := exec.Command(testenv.GoBinary(), "build", "-o", filepath.Join(dir, "flannel"), "./examples/flannel-cni")
 	build.Dir = root
 	if out, err := build.CombinedOutput(); err != nil {
 		tb.Fatalf("build the flannel CNI plugin: %v\n%s", err, out)

@@ -15,6 +15,8 @@ import (
 
 	flannel "github.com/flannelkit/flannel"
 	"github.com/flannelkit/flannel/backend"
+	"github.com/flannelkit/flannel/internal/ipconv"
+	"github.com/flannelkit/flannel/internal/nlsafe"
 	"github.com/flannelkit/flannel/lease"
 )
 
@@ -26,7 +28,7 @@ const blackholeMetric = 4242
 
 func blackholeRoute(p netip.Prefix) *netlink.Route {
 	return &netlink.Route{
-		Dst:      backend.IPNetFromPrefix(p.Masked()),
+		Dst:      ipconv.IPNetFromPrefix(p.Masked()),
 		Type:     unix.RTN_BLACKHOLE,
 		Protocol: unix.RTPROT_STATIC,
 		Priority: blackholeMetric,
@@ -107,7 +109,7 @@ func (b *blackholes) repair(_ context.Context, why string) {
 func (b *blackholes) start(ctx context.Context) (stop func()) {
 	ctx, cancel := context.WithCancel(ctx)
 	done := make(chan struct{})
-	deleted := backend.NetlinkWatcher(b.log, b.ns, "route", backend.SubscribeRoutes, func(u netlink.RouteUpdate) bool {
+	deleted := backend.NetlinkWatcher(b.log, b.ns, "route", nlsafe.SubscribeRoutes, func(u netlink.RouteUpdate) bool {
 		return u.Type == unix.RTM_DELROUTE && u.Route.Type == unix.RTN_BLACKHOLE
 	})
 	go func() {

@@ -20,6 +20,7 @@ import (
 	"github.com/flannelkit/flannel/backend"
 	"github.com/flannelkit/flannel/etcdstore"
 	"github.com/flannelkit/flannel/hostgw"
+	"github.com/flannelkit/flannel/internal/nlsafe"
 	"github.com/flannelkit/flannel/internal/retry"
 	"github.com/flannelkit/flannel/ipsec"
 	"github.com/flannelkit/flannel/lease"
@@ -83,10 +84,11 @@ func Run(ctx context.Context, c Config, log *slog.Logger, hooks Hooks) error {
 	defer ns.Close()
 	// A handle in the current namespace without setns, which needs
 	// CAP_SYS_ADMIN: the manifests give the daemon only NET_ADMIN and NET_RAW.
-	h, err := netlink.NewHandle()
+	nh, err := nlsafe.Open(ns)
 	if err != nil {
-		return fmt.Errorf("netlink handle: %w", err)
+		return err
 	}
+	h := nh.Handle
 	defer h.Close()
 
 	st, err := openStore(ctx, c, log, m)

@@ -18,7 +18,9 @@ import (
 
 	"github.com/flannelkit/flannel"
 	"github.com/flannelkit/flannel/backend"
+	"github.com/flannelkit/flannel/internal/ipconv"
 	"github.com/flannelkit/flannel/internal/netlab"
+	"github.com/flannelkit/flannel/internal/nlsafe"
 	"github.com/flannelkit/flannel/lease"
 	"github.com/flannelkit/flannel/lease/memstore"
 	"github.com/flannelkit/flannel/vxlan"
@@ -150,7 +152,7 @@ func vxlanEntries(t *testing.T, n *netlab.Node) []string {
 			continue
 		}
 		for _, fam := range []int{unix.AF_BRIDGE, unix.AF_INET, unix.AF_INET6} {
-			ns, err := backend.ListNeighs(n.Handle, l.Attrs().Index, fam)
+			ns, err := nlsafe.Wrap(n.Handle).NeighList(l.Attrs().Index, fam)
 			require.NoError(t, err)
 			for _, e := range ns {
 				if e.State&netlink.NUD_PERMANENT != 0 {
@@ -219,7 +221,7 @@ func pingFlood(ctx context.Context, pod *netlab.Pod, dst netip.Addr, interval ti
 		network, src, req, reply, proto = "ip6:ipv6-icmp", pod.IPv6, ipv6.ICMPTypeEchoRequest, ipv6.ICMPTypeEchoReply, 58
 	}
 	var conn *icmp.PacketConn
-	if err := backend.InNamespace(pod.NS, func() error {
+	if err := nlsafe.InNamespace(pod.NS, func() error {
 		var err error
 		conn, err = icmp.ListenPacket(network, src.String())
 		return err
@@ -252,7 +254,7 @@ func pingFlood(ctx context.Context, pod *netlab.Pod, dst netip.Addr, interval ti
 	}()
 	ticker := time.NewTicker(interval)
 	defer ticker.Stop()
-	to := &net.IPAddr{IP: backend.IPFromAddr(dst)}
+	to := &net.IPAddr{IP: ipconv.IPFromAddr(dst)}
 loop:
 	for {
 		select {

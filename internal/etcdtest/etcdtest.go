@@ -127,7 +127,7 @@ func New(opts Options) (*Server, error) {
 		if err == nil {
 			break
 		}
-		if attempt == 5 || !(errors.Is(err, syscall.EADDRINUSE) || strings.Contains(err.Error(), "address already in use")) {
+		if attempt == 5 || !errors.Is(err, syscall.EADDRINUSE) && !strings.Contains(err.Error(), "address already in use") {
 			return nil, err
 		}
 	}

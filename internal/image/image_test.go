@@ -4,7 +4,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"testing"
 
@@ -29,7 +28,7 @@ func TestBuildReproducible(t *testing.T) {
 	dir := t.TempDir()
 	build := func(out string) image.Result {
 		res, err := image.Build(t.Context(), image.Options{
-			Repo: root, Go: filepath.Join(runtime.GOROOT(), "bin", "go"), CNIPlugins: plugins,
+			Repo: root, Go: testenv.GoBinary(), CNIPlugins: plugins,
 			Tag: "ghcr.io/flannelkit/flanneld:test", Out: filepath.Join(dir, out), Version: "test",
 		})
 		require.NoError(t, err)

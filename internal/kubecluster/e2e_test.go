@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"sync"
 	"syscall"
@@ -42,7 +41,7 @@ func (b *builtImage) get(t *testing.T, dir, tag string) (string, string) {
 		b.tar = filepath.Join(dir, strings.ReplaceAll(filepath.Base(tag), ":", "_")+image.OCISuffix)
 		var res image.Result
 		res, b.err = image.Build(context.Background(), image.Options{
-			Repo: root, Go: filepath.Join(runtime.GOROOT(), "bin", "go"), CNIPlugins: cnilab.PluginDir(t),
+			Repo: root, Go: testenv.GoBinary(), CNIPlugins: cnilab.PluginDir(t),
 			Tag: tag, Out: b.tar, Version: "e2e",
 		})
 		b.ref = tag + "@" + res.Digest.String()

@@ -4,7 +4,6 @@ import (
 	"context"
 	"os"
 	"path/filepath"
-	"runtime"
 	"testing"
 
 	"github.com/flannelkit/flannel/internal/testenv"
@@ -46,7 +45,7 @@ func NewT(t testing.TB, o Options) *Cluster {
 	if o.Dir == "" {
 		o.Dir = t.TempDir()
 	}
-	o.Bin, o.Repo, o.Go = bin, root, filepath.Join(runtime.GOROOT(), "bin", "go")
+	o.Bin, o.Repo, o.Go = bin, root, testenv.GoBinary()
 	c, err := New(context.Background(), o)
 	if err != nil {
 		t.Fatalf("kubecluster: %v", err)

@@ -19,6 +19,7 @@ import (
 	"go.uber.org/goleak"
 
 	"github.com/flannelkit/flannel/internal/netlab"
+	"github.com/flannelkit/flannel/internal/nlsafe"
 	"github.com/flannelkit/flannel/internal/testenv"
 )
 
@@ -105,7 +106,7 @@ func checkNode(t *testing.T, n *netlab.Node, opts netlab.Options) {
 		if !f.ip.IsValid() {
 			continue
 		}
-		routes, err := n.Handle.RouteList(link, f.family)
+		routes, err := nlsafe.Wrap(n.Handle).RouteList(link, f.family)
 		require.NoError(t, err)
 		var gws []netip.Addr
 		for _, r := range routes {

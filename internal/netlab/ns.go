@@ -155,20 +155,6 @@ func setSysctls(ns netns.NsHandle, settings []sysctl) error {
 	})
 }
 
-// readSysctl reads one setting inside ns.
-func readSysctl(ns netns.NsHandle, path string) (string, error) {
-	var v string
-	err := inNS(ns, func() error {
-		b, err := os.ReadFile(filepath.Join("/proc/sys", path))
-		if err != nil {
-			return fmt.Errorf("read sysctl %s: %w", strings.ReplaceAll(path, "/", "."), err)
-		}
-		v = strings.TrimSpace(string(b))
-		return nil
-	})
-	return v, err
-}
-
 // writeFile writes an existing file without creating it (procfs).
 func writeFile(path, value string) error {
 	f, err := os.OpenFile(path, os.O_WRONLY|os.O_TRUNC, 0)

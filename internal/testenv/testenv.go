@@ -7,6 +7,7 @@ package testenv
 import (
 	"errors"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -68,4 +69,14 @@ func RepoRoot() (string, error) {
 		}
 		dir = parent
 	}
+}
+
+// GoBinary is the go command that builds helper binaries: the one on PATH
+// (go test puts its own GOROOT/bin first, and hack/test.sh puts
+// /usr/local/go/bin there), else plain "go".
+func GoBinary() string {
+	if p, err := exec.LookPath("go"); err == nil {
+		return p
+	}
+	return "go"
 }

@@ -22,7 +22,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"sort"
 	"strings"
 	"sync"
@@ -90,11 +89,8 @@ func Find() (Tools, error) {
 	if t.Depmod == "" {
 		missing = append(missing, "depmod (Debian package kmod)")
 	}
-	t.Go = filepath.Join(runtime.GOROOT(), "bin", "go")
-	if !fileExists(t.Go) {
-		if t.Go, err = exec.LookPath("go"); err != nil {
-			missing = append(missing, "the go command")
-		}
+	if t.Go, err = exec.LookPath("go"); err != nil {
+		missing = append(missing, "the go command")
 	}
 	if len(missing) > 0 {
 		return t, fmt.Errorf("vmtest: missing %s", strings.Join(missing, ", "))
