@@ -15,7 +15,7 @@ import (
 	"github.com/flannelkit/flannel"
 	"github.com/flannelkit/flannel/backend"
 	"github.com/flannelkit/flannel/lease"
-	"github.com/flannelkit/flannel/lease/memstore"
+	"github.com/flannelkit/flannel/memstore"
 	"github.com/flannelkit/flannel/vxlan"
 )
 

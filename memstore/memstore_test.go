@@ -14,7 +14,7 @@ import (
 	"go.uber.org/goleak"
 
 	"github.com/flannelkit/flannel/lease"
-	"github.com/flannelkit/flannel/lease/memstore"
+	"github.com/flannelkit/flannel/memstore"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
