@@ -126,13 +126,27 @@ func TestUpstreamSamples(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, netip.MustParsePrefix("10.244.0.0/16"), cfg.Network)
 	w := startWatch(t, reader)
-	sn := w.waitFor(t, "the samples", func(sn lease.Snapshot) bool { return len(sn.Leases) == 3 })
+	// The dual-stack sample lies outside the sample config's network: it
+	// is ignored (lease.RuleOutside) and read below under its own config.
+	sn := w.waitFor(t, "the samples", func(sn lease.Snapshot) bool { return len(sn.Leases) == 2 })
 	assert.True(t, sn.Resync)
 	byKey := map[string]lease.Lease{}
 	for _, l := range sn.Leases {
 		byKey[reader.LeaseKey(l)] = l
 	}
-	dual := byKey["/coreos.com/network/subnets/10.42.1.0-24&2001:cafe:42:1::-64"]
+	dualKey := "10.42.1.0-24&2001:cafe:42:1::-64"
+	assert.NotContains(t, byKey, "/coreos.com/network/subnets/"+dualKey)
+	dualPrefix := e.prefix + "/dualread"
+	dualReader := e.store(t, nil, etcdstore.Options{Prefix: dualPrefix})
+	require.NoError(t, dualReader.PutConfig(ctx, []byte(`{"Network":"10.42.0.0/16","EnableIPv6":true,"IPv6Network":"2001:cafe:42::/48"}`)))
+	for _, s := range subnets {
+		if strings.HasSuffix(s.key, dualKey) {
+			_, err := e.admin.Put(ctx, dualPrefix+"/subnets/"+dualKey, s.value)
+			require.NoError(t, err)
+		}
+	}
+	dsn := startWatch(t, dualReader).waitFor(t, "the dual-stack sample", func(sn lease.Snapshot) bool { return len(sn.Leases) == 1 })
+	dual := dsn.Leases[0]
 	assert.Equal(t, netip.MustParsePrefix("10.42.1.0/24"), dual.Subnet)
 	assert.Equal(t, netip.MustParsePrefix("2001:cafe:42:1::/64"), dual.IPv6Subnet)
 	assert.Equal(t, netip.MustParseAddr("2001:db8::13"), dual.Attrs.PublicIPv6)

@@ -39,7 +39,7 @@ func TestPeers(t *testing.T) {
 			cands: []Candidate{cand("new", "10.69.1.0/24", 7), cand("old", "10.69.1.0/24", 3), cand("other", "10.69.2.0/24", 9)},
 			valid: []string{"old", "other"}, ignored: map[string]Rule{"new": RuleOverlap}},
 		{name: "overlap: same age, both ignored", cfg: v4,
-			cands: []Candidate{cand("a", "10.69.1.0/24", 3), cand("b", "10.69.1.0/24", 3), cand("c", "10.69.1.0/24", 4)},
+			cands:   []Candidate{cand("a", "10.69.1.0/24", 3), cand("b", "10.69.1.0/24", 3), cand("c", "10.69.1.0/24", 4)},
 			ignored: map[string]Rule{"a": RuleOverlap, "b": RuleOverlap, "c": RuleOverlap}},
 		{name: "overlap with an invalid lease does not count", cfg: v4,
 			cands: []Candidate{cand("wide", "10.69.0.0/16", 1), cand("a", "10.69.1.0/24", 2)},
