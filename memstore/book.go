@@ -99,9 +99,9 @@ func (b *book) listLocked() []lease.Lease {
 }
 
 // verdictLocked judges the stored leases by lease.Config.Peers for the
-// node with attrs (holding own, when known), and warns through w about
-// ignored leases not reported before.
-func (b *book) verdictLocked(attrs lease.Attrs, own lease.Lease, w *lease.Warnings) lease.Verdict {
+// node with attrs (holding own, when known), and warns to log through w
+// about ignored leases not reported before.
+func (b *book) verdictLocked(attrs lease.Attrs, own lease.Lease, w *lease.Warnings, log *slog.Logger) lease.Verdict {
 	id := b.cfg.Identity(attrs)
 	cands := make([]lease.Candidate, 0, len(b.leases))
 	for key, e := range b.leases {
@@ -115,7 +115,7 @@ func (b *book) verdictLocked(attrs lease.Attrs, own lease.Lease, w *lease.Warnin
 	slices.SortFunc(cands, func(a, b lease.Candidate) int { return cmp.Compare(a.Name, b.Name) })
 	v := b.cfg.Peers(cands, own)
 	for _, ig := range w.Fresh(v.Ignored) {
-		b.log.Warn("ignoring lease", "key", ig.Name, "rule", string(ig.Rule), "reason", ig.Detail)
+		log.Warn("ignoring lease", "key", ig.Name, "rule", string(ig.Rule), "reason", ig.Detail)
 	}
 	return v
 }

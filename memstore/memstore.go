@@ -54,6 +54,7 @@ type Store struct {
 	ownMu sync.Mutex
 	own   lease.Lease // the last lease Acquire returned through this handle
 	warn  *lease.Warnings
+	log   *slog.Logger
 }
 
 // New returns an empty store serving network cfg (as returned by
@@ -77,13 +78,17 @@ func New(cfg lease.Config, opts Options) *Store {
 	if b.log == nil {
 		b.log = slog.New(slog.DiscardHandler)
 	}
-	return &Store{book: b, warn: new(lease.Warnings)}
+	return &Store{book: b, warn: new(lease.Warnings), log: b.log}
 }
 
 // Node returns a new handle on the same leases for another node: it
-// remembers its own node (see Store) and reports ignored leases by itself.
-func (s *Store) Node() *Store {
-	return &Store{book: s.book, warn: new(lease.Warnings)}
+// remembers its own node (see Store) and reports ignored leases by itself,
+// to log (nil: the store's logger).
+func (s *Store) Node(log *slog.Logger) *Store {
+	if log == nil {
+		log = s.book.log
+	}
+	return &Store{book: s.book, warn: new(lease.Warnings), log: log}
 }
 
 // Config returns the network configuration the store was created with.
@@ -141,7 +146,7 @@ func (s *Store) acquireLocked(req lease.Request, id netip.Addr) (lease.Lease, er
 		delete(s.leases, key)
 		s.log.Warn("dropped own lease that no longer fits the network", "lease", old, "error", err)
 	}
-	taken := s.verdictLocked(req.Attrs, s.ownLease(), s.warn).Taken()
+	taken := s.verdictLocked(req.Attrs, s.ownLease(), s.warn, s.log).Taken()
 
 	// The previous subnets, when valid and free.
 	if prev := req.Previous; prev.Subnet.IsValid() || prev.IPv6Subnet.IsValid() {

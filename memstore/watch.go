@@ -64,7 +64,7 @@ func (s *Store) Watch(ctx context.Context, fn func(lease.Snapshot)) error {
 		if s.pruneLocked() {
 			s.notifyLocked()
 		}
-		snap := lease.Snapshot{Leases: s.verdictLocked(own.Attrs, own, s.warn).Leases(), Resync: resync}
+		snap := lease.Snapshot{Leases: s.verdictLocked(own.Attrs, own, s.warn, s.log).Leases(), Resync: resync}
 		for i := range snap.Leases {
 			snap.Leases[i] = cloneLease(snap.Leases[i])
 		}
