@@ -19,10 +19,10 @@ import (
 
 func TestContract(t *testing.T) {
 	t.Parallel()
-	srv := etcdtest.NewT(t, etcdtest.Options{})
-	admin := etcdtest.ClientT(t, srv)
 	storetest.Run(t, storetest.Factory{New: func(t *testing.T, conf string) storetest.Cluster {
-		c := &etcdCluster{srv: srv, admin: admin, cfg: storetest.Config(t, conf),
+		// A server per cluster: Gap restarts it.
+		srv := etcdtest.NewT(t, etcdtest.Options{})
+		c := &etcdCluster{srv: srv, admin: etcdtest.ClientT(t, srv), cfg: storetest.Config(t, conf),
 			prefix: "/contract/" + strings.ReplaceAll(t.Name(), "/", "_")}
 		s := c.Store(t, 0, nil).(*etcdstore.Store)
 		require.NoError(t, s.PutConfig(t.Context(), []byte(conf)))
@@ -76,5 +76,7 @@ func (c *etcdCluster) Delete(t *testing.T, i int) {
 }
 
 func (c *etcdCluster) Caps() storetest.Caps {
-	return storetest.Caps{Allocates: true, ByAddress: true, TakeOver: true}
+	return storetest.Caps{Allocates: true, ByAddress: true, TakeOver: true, Gap: func(t *testing.T) {
+		require.NoError(t, c.srv.Restart())
+	}}
 }

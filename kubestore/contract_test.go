@@ -27,11 +27,12 @@ func TestContract(t *testing.T) {
 	cs := kubetest.ClientT(t, srv.AdminConfig())
 	storetest.Run(t, storetest.Factory{Sequential: true, New: func(t *testing.T, conf string) storetest.Cluster {
 		require.NoError(t, cs.CoreV1().Nodes().DeleteCollection(t.Context(), metav1.DeleteOptions{}, metav1.ListOptions{}))
-		return &kubeCluster{cs: cs, conf: conf, cfg: storetest.Config(t, conf)}
+		return &kubeCluster{srv: srv, cs: cs, conf: conf, cfg: storetest.Config(t, conf)}
 	}})
 }
 
 type kubeCluster struct {
+	srv  *kubetest.Server
 	cs   kubernetes.Interface
 	conf string
 	cfg  lease.Config
@@ -87,8 +88,14 @@ func (c *kubeCluster) Delete(t *testing.T, i int) {
 }
 
 func (c *kubeCluster) Caps() storetest.Caps {
-	return storetest.Caps{Unassigned: func(t *testing.T) flannel.LeaseStore {
-		createNode(t, c.cs, "unassigned", nil)
-		return newStore(t, c.cs, "unassigned", c.conf, kubestore.Options{PollInterval: 20 * time.Millisecond})
-	}}
+	return storetest.Caps{
+		Unassigned: func(t *testing.T) flannel.LeaseStore {
+			createNode(t, c.cs, "unassigned", nil)
+			return newStore(t, c.cs, "unassigned", c.conf, kubestore.Options{PollInterval: 20 * time.Millisecond})
+		},
+		Gap: func(t *testing.T) {
+			c.srv.Stop()
+			require.NoError(t, c.srv.Start())
+		},
+	}
 }

@@ -68,6 +68,10 @@ type Caps struct {
 	// TakeOver: Write of another node's attributes over a lease replaces
 	// it (one key per subnet: memory, etcd).
 	TakeOver bool
+	// Gap breaks every watch of the cluster (restarts its server) and
+	// returns once the server serves again; nil when the store has no
+	// gaps (memory).
+	Gap func(t *testing.T)
 }
 
 // Attrs returns what node i publishes: PublicIP 192.0.2.(10+i),
@@ -124,6 +128,7 @@ func Run(t *testing.T, f Factory) {
 		{"KeepLostOnTakeOver", testKeepTakeOver},
 		{"KeepNilOnCancel", testKeepCancel},
 		{"Watch", testWatch},
+		{"WatchAfterGap", testGap},
 		{"HostileLeasesIgnored", testHostile},
 		{"MalformedSkipped", testMalformed},
 	}

@@ -38,6 +38,39 @@ func testWatch(t *testing.T, f Factory) {
 	w.Stop(t)
 }
 
+// testGap: after a gap (the server restarted) the watch carries on, and
+// what changed after it is seen; every resync snapshot is complete.
+func testGap(t *testing.T, f Factory) {
+	c := f.New(t, NetConf)
+	gap := c.Caps().Gap
+	if gap == nil {
+		t.Log("the store has no gaps")
+		return
+	}
+	var own [3]lease.Lease
+	for i := range 2 {
+		var err error
+		own[i], err = c.Store(t, i, nil).Acquire(t.Context(), lease.Request{Attrs: Attrs(i)})
+		require.NoError(t, err)
+	}
+	w := Watch(t, c.Store(t, 0, nil))
+	w.WaitFor(t, "both nodes", Len(2))
+	gap(t)
+	c.Delete(t, 1)
+	var err error
+	own[2], err = c.Store(t, 2, nil).Acquire(t.Context(), lease.Request{Attrs: Attrs(2)})
+	require.NoError(t, err)
+	sn := w.WaitFor(t, "the changes after the gap", func(sn lease.Snapshot) bool {
+		return HasKey(own[2].Key())(sn) && !HasKey(own[1].Key())(sn)
+	})
+	assert.ElementsMatch(t, []string{own[0].Key(), own[2].Key()}, Keys(sn))
+	for _, sn := range w.All() {
+		if sn.Resync {
+			assert.True(t, HasKey(own[0].Key())(sn), "a resync snapshot is complete: %v", Keys(sn))
+		}
+	}
+}
+
 // testHostile: leases outside the network, of the wrong length, or
 // claiming this node's subnet are never handed out, do not stop valid
 // ones, and are warned about once, naming them, however often the set
