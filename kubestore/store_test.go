@@ -343,38 +343,4 @@ func TestWatch(t *testing.T) {
 	w.WaitFor(t, "b deleted", func(sn lease.Snapshot) bool { ls := sn.Leases; return len(ls) == 0 })
 }
 
-// TestWatchApiserverRestart stops the apiserver under a running Watch and
-// changes nodes right after it is back: the watch resumes and misses
-// nothing.
-func TestWatchApiserverRestart(t *testing.T) {
-	srv := kubetest.NewT(t, kubetest.Options{})
-	cs := kubetest.ClientT(t, srv.AdminConfig())
-	ctx := context.Background()
-
-	ann := func(ip string) map[string]string {
-		return map[string]string{
-			pfx + "kube-subnet-manager": "true",
-			pfx + "backend-type":        "host-gw",
-			pfx + "backend-data":        "null",
-			pfx + "public-ip":           ip,
-		}
-	}
-	createNode(t, cs, "keep", ann("192.168.1.1"), "10.244.1.0/24")
-	createNode(t, cs, "gone", ann("192.168.1.2"), "10.244.2.0/24")
-	s := newStore(t, cs, "me", netConf4, kubestore.Options{})
-	w := storetest.Watch(t, s)
-	w.WaitFor(t, "two nodes", func(sn lease.Snapshot) bool { ls := sn.Leases; return len(ls) == 2 })
-
-	srv.Stop()
-	require.NoError(t, srv.Start())
-	require.NoError(t, cs.CoreV1().Nodes().Delete(ctx, "gone", metav1.DeleteOptions{}))
-	createNode(t, cs, "new", ann("192.168.1.3"), "10.244.3.0/24")
-	w.WaitFor(t, "gone deleted and new added", func(sn lease.Snapshot) bool {
-		ls := sn.Leases
-		_, hasNew := find(ls, "10.244.3.0/24")
-		_, hasGone := find(ls, "10.244.2.0/24")
-		return len(ls) == 2 && hasNew && !hasGone
-	})
-}
-
 func readFile(path string) ([]byte, error) { return os.ReadFile(path) }
