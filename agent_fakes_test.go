@@ -16,7 +16,7 @@ import (
 
 	"github.com/flannelkit/flannel"
 	"github.com/flannelkit/flannel/lease"
-	"github.com/flannelkit/flannel/lease/memstore"
+	"github.com/flannelkit/flannel/memstore"
 )
 
 // Compile-time checks of the fakes and of the in-memory store.

@@ -13,7 +13,7 @@ import (
 
 	"github.com/flannelkit/flannel"
 	"github.com/flannelkit/flannel/lease"
-	"github.com/flannelkit/flannel/lease/memstore"
+	"github.com/flannelkit/flannel/memstore"
 )
 
 // fakeRules records the Agent's calls to its TrafficRules.

@@ -13,7 +13,7 @@ import (
 	"github.com/flannelkit/flannel"
 	"github.com/flannelkit/flannel/internal/testenv"
 	"github.com/flannelkit/flannel/lease"
-	"github.com/flannelkit/flannel/lease/memstore"
+	"github.com/flannelkit/flannel/memstore"
 )
 
 // prevBackend records the Env.Previous each Prepare was given.

@@ -12,7 +12,7 @@ import (
 
 	"github.com/flannelkit/flannel"
 	"github.com/flannelkit/flannel/lease"
-	"github.com/flannelkit/flannel/lease/memstore"
+	"github.com/flannelkit/flannel/memstore"
 )
 
 // pubBackend keeps the Env.Publish its last Prepare was given, as a

@@ -17,7 +17,7 @@ import (
 
 	"github.com/flannelkit/flannel"
 	"github.com/flannelkit/flannel/lease"
-	"github.com/flannelkit/flannel/lease/memstore"
+	"github.com/flannelkit/flannel/memstore"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }

@@ -13,7 +13,16 @@ import (
 )
 
 // LeaseStore is where nodes publish their subnet leases: the Kubernetes API,
-// etcd, or memory. Implementations are safe for concurrent use.
+// etcd, or memory. Implementations are safe for concurrent use, and pass
+// the contract suite internal/storetest.
+//
+// A node is identified by lease.Config.Identity of its attributes (PublicIP
+// when the network has IPv4, else PublicIPv6) in the etcd and memory
+// stores, and by its Node in the Kubernetes store. Every store applies the
+// valid-peer rule lease.Config.Peers: a lease outside the network, of
+// another length, overlapping an older one or claiming this node's subnet
+// is never counted for allocation nor delivered by Watch, and is warned
+// about once per change to its value.
 type LeaseStore interface {
 	// Config returns the cluster network configuration.
 	Config(ctx context.Context) (lease.Config, error)

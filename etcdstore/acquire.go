@@ -6,24 +6,13 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net/netip"
 	"slices"
 
-	"go.etcd.io/etcd/api/v3/mvccpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/flannelkit/flannel/lease"
 )
-
-// entry is one key under <prefix>/subnets/ as Acquire sees it.
-type entry struct {
-	key     string
-	l       lease.Lease // subnets always; attributes only when ok
-	ok      bool        // the value parsed
-	modRev  int64
-	leaseID clientv3.LeaseID // NoLease: a reservation
-}
-
-func (e entry) reservation() bool { return e.leaseID == clientv3.NoLease }
 
 // errRace means a compare-and-swap lost against another writer.
 var errRace = errors.New("lost a race with another writer")
@@ -32,7 +21,8 @@ var errRace = errors.New("lost a race with another writer")
 var errRelist = errors.New("own keys deleted; list again")
 
 // Acquire returns this node's lease, the node being identified by
-// req.Attrs.PublicIP (PublicIPv6 when it has no IPv4 address). In order:
+// lease.Config.Identity of req.Attrs: PublicIP when the network has IPv4,
+// else PublicIPv6 (a request without it is an error). In order:
 //
 //   - a reservation (a key without an etcd lease) with the node's public IP,
 //     with its attributes updated and no TTL;
@@ -46,104 +36,123 @@ var errRelist = errors.New("own keys deleted; list again")
 // an etcd lease of the store's TTL; a lost race retries with a fresh view,
 // up to Options.MaxAttempts times. Reservations of other nodes are never
 // taken. A full network yields an error wrapping lease.ErrNoFreeSubnet.
-// Values that do not parse are skipped with a warning naming the key, but
-// their subnets count as taken. Acquire may be called again after an error.
+// Only valid leases count as taken (lease.Config.Peers: a key such as
+// 0.0.0.0-1 or 172.0.0.0-8 is ignored, with one warning per change); a key
+// whose value does not parse is skipped with a warning naming it, but its
+// subnets count as taken when they fit the network. Acquire may be called
+// again after an error.
 func (s *Store) Acquire(ctx context.Context, req lease.Request) (lease.Lease, error) {
 	cfg, err := s.Config(ctx)
 	if err != nil {
 		return lease.Lease{}, err
 	}
-	id := identity(req.Attrs)
+	id := cfg.Identity(req.Attrs)
 	if !id.IsValid() {
-		return lease.Lease{}, errors.New("acquire lease: request has no public IP to identify the node")
+		return lease.Lease{}, errors.New("acquire lease: request has no public IP to identify the node (PublicIP, or PublicIPv6 in an IPv6-only network)")
 	}
 	value, err := json.Marshal(req.Attrs)
 	if err != nil {
 		return lease.Lease{}, fmt.Errorf("acquire lease for %s: encode attributes: %w", id, err)
 	}
-
 	// One etcd lease serves every attempt; it is revoked if unused.
-	grant := clientv3.NoLease
-	used := false
-	defer func() {
-		if !used {
-			s.revoke(ctx, grant)
-		}
-	}()
-	ensureGrant := func() (clientv3.LeaseID, error) {
-		if grant == clientv3.NoLease {
-			g, err := s.grant(ctx)
-			if err != nil {
-				return clientv3.NoLease, fmt.Errorf("acquire lease for %s: %w", id, err)
-			}
-			grant = g
-		}
-		return grant, nil
-	}
-
+	g := &grantOnce{s: s, ctx: ctx, id: id}
+	defer g.done()
 	for attempt := 1; ; attempt++ {
 		if attempt > s.maxAttempts {
 			return lease.Lease{}, fmt.Errorf("acquire lease for %s: gave up after %d attempts: %w", id, s.maxAttempts, errRace)
 		}
-		entries, err := s.list(ctx)
-		if err != nil {
-			return lease.Lease{}, fmt.Errorf("acquire lease for %s: %w", id, err)
-		}
-
-		l, usedGrant, err := s.reclaim(ctx, cfg, req, entries, value, ensureGrant)
-		if errors.Is(err, errRace) {
-			s.log.Debug("own lease changed while reclaiming it; retrying", "public_ip", id, "attempt", attempt)
+		l, err := s.attempt(ctx, cfg, req, id, value, g)
+		switch {
+		case errors.Is(err, errRace):
+			s.log.Debug("lost a race for a key; retrying", "public_ip", id, "attempt", attempt, "error", err)
 			continue
-		}
-		if errors.Is(err, errRelist) {
+		case errors.Is(err, errRelist):
 			// Stale own keys were deleted: their subnets may be free now.
 			continue
-		}
-		if err != nil {
-			return lease.Lease{}, fmt.Errorf("acquire lease for %s: %w", id, err)
-		}
-		if l.Subnet.IsValid() || l.IPv6Subnet.IsValid() {
-			used = usedGrant
-			return l, nil
-		}
-
-		// Nothing of ours: allocate, honouring Previous when free.
-		taken := make([]lease.Lease, 0, len(entries))
-		for _, e := range entries {
-			taken = append(taken, e.l)
-		}
-		s.rngMu.Lock()
-		got, err := cfg.Allocate(taken, req.Previous, s.rng)
-		s.rngMu.Unlock()
-		if err != nil {
-			return lease.Lease{}, fmt.Errorf("acquire lease for %s under %s: %w", id, s.prefix, err)
-		}
-		g, err := ensureGrant()
-		if err != nil {
+		case err != nil:
 			return lease.Lease{}, err
 		}
-		key := s.LeaseKey(got)
-		rctx, cancel := s.reqCtx(ctx)
-		txn, err := s.client.Txn(rctx).
-			If(clientv3.Compare(clientv3.CreateRevision(key), "=", 0)).
-			Then(clientv3.OpPut(key, string(value), clientv3.WithLease(g))).Commit()
-		cancel()
+		s.setOwn(l)
+		return l, nil
+	}
+}
+
+// attempt is one try of Acquire on a fresh listing: reclaim, else create
+// a key for Previous or a free subnet with a compare-and-swap.
+func (s *Store) attempt(ctx context.Context, cfg lease.Config, req lease.Request, id netip.Addr, value []byte, g *grantOnce) (lease.Lease, error) {
+	entries, err := s.list(ctx)
+	if err != nil {
+		return lease.Lease{}, fmt.Errorf("acquire lease for %s: %w", id, err)
+	}
+	l, err := s.reclaim(ctx, cfg, req, entries, value, g)
+	switch {
+	case errors.Is(err, errRace) || errors.Is(err, errRelist):
+		return lease.Lease{}, err
+	case err != nil:
+		return lease.Lease{}, fmt.Errorf("acquire lease for %s: %w", id, err)
+	case l.Subnet.IsValid() || l.IPv6Subnet.IsValid():
+		return l, nil
+	}
+
+	// Nothing of ours: allocate among the valid leases, honouring Previous.
+	_, taken := s.judge(cfg, entries, req.Attrs, s.ownLease())
+	s.rngMu.Lock()
+	got, err := cfg.Allocate(taken, req.Previous, s.rng)
+	s.rngMu.Unlock()
+	if err != nil {
+		return lease.Lease{}, fmt.Errorf("acquire lease for %s under %s: %w", id, s.prefix, err)
+	}
+	lid, err := g.get()
+	if err != nil {
+		return lease.Lease{}, err
+	}
+	key := s.LeaseKey(got)
+	rctx, cancel := s.reqCtx(ctx)
+	txn, err := s.client.Txn(rctx).
+		If(clientv3.Compare(clientv3.CreateRevision(key), "=", 0)).
+		Then(clientv3.OpPut(key, string(value), clientv3.WithLease(lid))).Commit()
+	cancel()
+	if err != nil {
+		return lease.Lease{}, fmt.Errorf("acquire lease for %s: create %s: %w", id, key, err)
+	}
+	if !txn.Succeeded {
+		return lease.Lease{}, fmt.Errorf("subnet %s taken concurrently: %w", key, errRace)
+	}
+	g.used = true
+	got.Attrs = req.Attrs
+	got.Expiration = s.now().Add(s.ttl)
+	how := "new subnet"
+	if got.SameSubnets(req.Previous) {
+		how = "previous subnet"
+	}
+	s.log.Info("lease acquired", "key", key, "public_ip", id, "how", how)
+	return got, nil
+}
+
+// grantOnce grants one etcd lease for all attempts of an Acquire, when
+// first needed, and revokes it at the end unless a key uses it.
+type grantOnce struct {
+	s    *Store
+	ctx  context.Context
+	id   netip.Addr
+	lid  clientv3.LeaseID
+	used bool
+}
+
+func (g *grantOnce) get() (clientv3.LeaseID, error) {
+	if g.lid == clientv3.NoLease {
+		lid, err := g.s.grant(g.ctx)
 		if err != nil {
-			return lease.Lease{}, fmt.Errorf("acquire lease for %s: create %s: %w", id, key, err)
+			return clientv3.NoLease, fmt.Errorf("acquire lease for %s: %w", g.id, err)
 		}
-		if !txn.Succeeded {
-			s.log.Debug("subnet taken concurrently; retrying with another", "key", key, "attempt", attempt)
-			continue
-		}
-		used = true
-		got.Attrs = req.Attrs
-		got.Expiration = s.now().Add(s.ttl)
-		how := "new subnet"
-		if got.SameSubnets(req.Previous) {
-			how = "previous subnet"
-		}
-		s.log.Info("lease acquired", "key", key, "public_ip", id, "how", how)
-		return got, nil
+		g.lid = lid
+	}
+	return g.lid, nil
+}
+
+func (g *grantOnce) done() {
+	if !g.used {
+		g.s.revoke(g.ctx, g.lid)
 	}
 }
 
@@ -151,10 +160,10 @@ func (s *Store) Acquire(ctx context.Context, req lease.Request) (lease.Lease, er
 // a zero lease when the node has none that fits; own keys that do not fit
 // the config (and duplicates) are deleted, reservations never.
 func (s *Store) reclaim(ctx context.Context, cfg lease.Config, req lease.Request, entries []entry, value []byte,
-	ensureGrant func() (clientv3.LeaseID, error)) (lease.Lease, bool, error) {
-	own := ownEntries(req.Attrs, req.Previous, entries)
+	g *grantOnce) (lease.Lease, error) {
+	own := ownEntries(cfg, req.Attrs, req.Previous, entries)
 	if len(own) == 0 {
-		return lease.Lease{}, false, nil
+		return lease.Lease{}, nil
 	}
 	var chosen *entry
 	deleted := false
@@ -174,7 +183,7 @@ func (s *Store) reclaim(ctx context.Context, cfg lease.Config, req lease.Request
 				why = err.Error()
 			}
 			if derr := s.deleteIfUnchanged(ctx, *e); derr != nil {
-				return lease.Lease{}, false, derr
+				return lease.Lease{}, derr
 			}
 			deleted = true
 			s.log.Info("deleted own lease", "key", e.key, "reason", why)
@@ -182,20 +191,18 @@ func (s *Store) reclaim(ctx context.Context, cfg lease.Config, req lease.Request
 	}
 	if chosen == nil {
 		if deleted {
-			return lease.Lease{}, false, errRelist
+			return lease.Lease{}, errRelist
 		}
-		return lease.Lease{}, false, nil
+		return lease.Lease{}, nil
 	}
 
 	put := clientv3.OpPut(chosen.key, string(value))
-	usedGrant := false
 	if !chosen.reservation() {
-		g, err := ensureGrant()
+		lid, err := g.get()
 		if err != nil {
-			return lease.Lease{}, false, err
+			return lease.Lease{}, err
 		}
-		put = clientv3.OpPut(chosen.key, string(value), clientv3.WithLease(g))
-		usedGrant = true
+		put = clientv3.OpPut(chosen.key, string(value), clientv3.WithLease(lid))
 	}
 	rctx, cancel := s.reqCtx(ctx)
 	defer cancel()
@@ -203,30 +210,31 @@ func (s *Store) reclaim(ctx context.Context, cfg lease.Config, req lease.Request
 		If(clientv3.Compare(clientv3.ModRevision(chosen.key), "=", chosen.modRev)).
 		Then(put).Commit()
 	if err != nil {
-		return lease.Lease{}, false, fmt.Errorf("update %s: %w", chosen.key, err)
+		return lease.Lease{}, fmt.Errorf("update %s: %w", chosen.key, err)
 	}
 	if !txn.Succeeded {
-		return lease.Lease{}, false, errRace
+		return lease.Lease{}, fmt.Errorf("own key %s changed while reclaiming it: %w", chosen.key, errRace)
 	}
 	l := lease.Lease{Subnet: chosen.l.Subnet, IPv6Subnet: chosen.l.IPv6Subnet, Attrs: req.Attrs}
 	if chosen.reservation() {
-		s.log.Info("using reservation", "key", chosen.key, "public_ip", identity(req.Attrs))
-		return l, false, nil
+		s.log.Info("using reservation", "key", chosen.key, "public_ip", cfg.Identity(req.Attrs))
+		return l, nil
 	}
+	g.used = true
 	// The key moved to the new etcd lease; the old one holds nothing now.
 	s.revoke(ctx, chosen.leaseID)
 	l.Expiration = s.now().Add(s.ttl)
-	s.log.Info("lease reclaimed", "key", chosen.key, "public_ip", identity(req.Attrs))
-	return l, usedGrant, nil
+	s.log.Info("lease reclaimed", "key", chosen.key, "public_ip", cfg.Identity(req.Attrs))
+	return l, nil
 }
 
 // ownEntries returns the entries the node with attrs published (same
 // identifying public IP), in the order Acquire prefers them: reservations
 // first, then the previous subnets, then by key.
-func ownEntries(attrs lease.Attrs, previous lease.Lease, entries []entry) []entry {
+func ownEntries(cfg lease.Config, attrs lease.Attrs, previous lease.Lease, entries []entry) []entry {
 	var own []entry
 	for _, e := range entries {
-		if e.ok && sameNode(attrs, e.l.Attrs) {
+		if e.ok && cfg.SameNode(attrs, e.l.Attrs) {
 			own = append(own, e)
 		}
 	}
@@ -252,19 +260,19 @@ func ownEntries(attrs lease.Attrs, previous lease.Lease, entries []entry) []entr
 // and false when there is none. It changes nothing; Expiration is left
 // zero.
 func (s *Store) FindOwn(ctx context.Context, attrs lease.Attrs) (lease.Lease, bool, error) {
-	id := identity(attrs)
-	if !id.IsValid() {
-		return lease.Lease{}, false, nil
-	}
 	cfg, err := s.Config(ctx)
 	if err != nil {
-		return lease.Lease{}, false, fmt.Errorf("find lease of %s: %w", id, err)
+		return lease.Lease{}, false, fmt.Errorf("find own lease: %w", err)
+	}
+	id := cfg.Identity(attrs)
+	if !id.IsValid() {
+		return lease.Lease{}, false, nil
 	}
 	entries, err := s.list(ctx)
 	if err != nil {
 		return lease.Lease{}, false, fmt.Errorf("find lease of %s: %w", id, err)
 	}
-	for _, e := range ownEntries(attrs, lease.Lease{}, entries) {
+	for _, e := range ownEntries(cfg, attrs, lease.Lease{}, entries) {
 		if cfg.CheckLease(e.l) == nil {
 			return e.l, true, nil
 		}
@@ -285,9 +293,8 @@ func (s *Store) deleteIfUnchanged(ctx context.Context, e entry) error {
 	return nil
 }
 
-// list reads every key under <prefix>/subnets/. Keys that do not parse are
-// skipped with a warning; keys whose value does not parse are returned
-// with ok false (their subnets are still taken).
+// list reads every key under <prefix>/subnets/, malformed ones included
+// (ok false; judge warns about them).
 func (s *Store) list(ctx context.Context) ([]entry, error) {
 	rctx, cancel := s.reqCtx(ctx)
 	defer cancel()
@@ -297,24 +304,7 @@ func (s *Store) list(ctx context.Context) ([]entry, error) {
 	}
 	out := make([]entry, 0, len(resp.Kvs))
 	for _, kv := range resp.Kvs {
-		e, ok := s.entryOf(kv)
-		if ok {
-			out = append(out, e)
-		}
+		out = append(out, s.entryOf(kv))
 	}
 	return out, nil
-}
-
-func (s *Store) entryOf(kv *mvccpb.KeyValue) (entry, bool) {
-	l, err := s.parse(kv.Key, kv.Value)
-	e := entry{key: string(kv.Key), l: l, ok: err == nil, modRev: kv.ModRevision, leaseID: clientv3.LeaseID(kv.Lease)}
-	if err != nil {
-		if !l.Subnet.IsValid() && !l.IPv6Subnet.IsValid() {
-			s.log.Warn("skipping malformed lease key", "key", string(kv.Key), "error", err)
-			return entry{}, false
-		}
-		s.log.Warn("skipping malformed lease value; its subnet stays taken", "key", string(kv.Key), "error", err)
-		e.l.Attrs = lease.Attrs{}
-	}
-	return e, true
 }

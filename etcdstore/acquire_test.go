@@ -3,7 +3,6 @@ package etcdstore_test
 import (
 	"bufio"
 	"context"
-	"errors"
 	"net/netip"
 	"os"
 	"strings"
@@ -17,6 +16,7 @@ import (
 
 	"github.com/flannelkit/flannel/etcdstore"
 	"github.com/flannelkit/flannel/internal/etcdtest"
+	"github.com/flannelkit/flannel/internal/storetest"
 	"github.com/flannelkit/flannel/lease"
 )
 
@@ -125,14 +125,28 @@ func TestUpstreamSamples(t *testing.T) {
 	cfg, err := reader.Config(ctx)
 	require.NoError(t, err)
 	assert.Equal(t, netip.MustParsePrefix("10.244.0.0/16"), cfg.Network)
-	w := startWatch(t, reader)
-	sn := w.waitFor(t, "the samples", func(sn lease.Snapshot) bool { return len(sn.Leases) == 3 })
+	w := storetest.Watch(t, reader)
+	// The dual-stack sample lies outside the sample config's network: it
+	// is ignored (lease.RuleOutside) and read below under its own config.
+	sn := w.WaitFor(t, "the samples", func(sn lease.Snapshot) bool { return len(sn.Leases) == 2 })
 	assert.True(t, sn.Resync)
 	byKey := map[string]lease.Lease{}
 	for _, l := range sn.Leases {
 		byKey[reader.LeaseKey(l)] = l
 	}
-	dual := byKey["/coreos.com/network/subnets/10.42.1.0-24&2001:cafe:42:1::-64"]
+	dualKey := "10.42.1.0-24&2001:cafe:42:1::-64"
+	assert.NotContains(t, byKey, "/coreos.com/network/subnets/"+dualKey)
+	dualPrefix := e.prefix + "/dualread"
+	dualReader := e.store(t, nil, etcdstore.Options{Prefix: dualPrefix})
+	require.NoError(t, dualReader.PutConfig(ctx, []byte(`{"Network":"10.42.0.0/16","EnableIPv6":true,"IPv6Network":"2001:cafe:42::/48"}`)))
+	for _, s := range subnets {
+		if strings.HasSuffix(s.key, dualKey) {
+			_, err := e.admin.Put(ctx, dualPrefix+"/subnets/"+dualKey, s.value)
+			require.NoError(t, err)
+		}
+	}
+	dsn := storetest.Watch(t, dualReader).WaitFor(t, "the dual-stack sample", func(sn lease.Snapshot) bool { return len(sn.Leases) == 1 })
+	dual := dsn.Leases[0]
 	assert.Equal(t, netip.MustParsePrefix("10.42.1.0/24"), dual.Subnet)
 	assert.Equal(t, netip.MustParsePrefix("2001:cafe:42:1::/64"), dual.IPv6Subnet)
 	assert.Equal(t, netip.MustParseAddr("2001:db8::13"), dual.Attrs.PublicIPv6)
@@ -343,7 +357,7 @@ func TestAcquirePrevious(t *testing.T) {
 		require.NoError(t, err)
 		key := short.LeaseKey(mine)
 		// The node goes offline: nobody renews, the key expires.
-		eventually(t, "lease expiry", func() bool { _, ok := e.get(t, key); return !ok })
+		storetest.Eventually(t, "lease expiry", func() bool { _, ok := e.get(t, key); return !ok })
 		// Another node asks for exactly that subnet and gets it.
 		thief, err := e.store(t, nil, etcdstore.Options{}).Acquire(ctx, lease.Request{Attrs: attrs(5), Previous: mine})
 		require.NoError(t, err)
@@ -433,13 +447,4 @@ func TestRelease(t *testing.T) {
 	_, ok = e.get(t, s.LeaseKey(mine))
 	assert.False(t, ok)
 	require.NoError(t, s.Release(ctx, mine), "releasing twice is fine")
-}
-
-func TestAcquireNeedsPublicIP(t *testing.T) {
-	t.Parallel()
-	e := newEnv(t, etcdtest.Options{})
-	e.putConfig(t, netConf)
-	_, err := e.store(t, nil, etcdstore.Options{}).Acquire(t.Context(), lease.Request{Attrs: lease.Attrs{BackendType: "vxlan"}})
-	require.Error(t, err)
-	assert.False(t, errors.Is(err, lease.ErrNoFreeSubnet))
 }

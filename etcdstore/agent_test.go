@@ -13,6 +13,7 @@ import (
 	"github.com/flannelkit/flannel"
 	"github.com/flannelkit/flannel/etcdstore"
 	"github.com/flannelkit/flannel/internal/etcdtest"
+	"github.com/flannelkit/flannel/internal/storetest"
 	"github.com/flannelkit/flannel/lease"
 )
 
@@ -85,7 +86,7 @@ func TestAgentReacquiresDeletedLease(t *testing.T) {
 	_, err := e.admin.Delete(t.Context(), key)
 	require.NoError(t, err)
 	var after *clientKV
-	eventually(t, "the agent to re-create its key", func() bool {
+	storetest.Eventually(t, "the agent to re-create its key", func() bool {
 		after, ok = e.get(t, key)
 		return ok
 	})

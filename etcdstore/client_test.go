@@ -12,6 +12,7 @@ import (
 
 	"github.com/flannelkit/flannel/etcdstore"
 	"github.com/flannelkit/flannel/internal/etcdtest"
+	"github.com/flannelkit/flannel/internal/storetest"
 	"github.com/flannelkit/flannel/internal/testenv"
 	"github.com/flannelkit/flannel/lease"
 )
@@ -124,9 +125,9 @@ func TestPasswordNeverLogged(t *testing.T) {
 	require.NoError(t, s.PutConfig(t.Context(), []byte(netConf)))
 	l, err := s.Acquire(t.Context(), lease.Request{Attrs: attrs(1)})
 	require.NoError(t, err)
-	w := startWatch(t, s)
-	w.waitFor(t, "own lease", hasKey(l.Key()))
-	w.stop(t)
+	w := storetest.Watch(t, s)
+	w.WaitFor(t, "own lease", storetest.HasKey(l.Key()))
+	w.Stop(t)
 	require.NoError(t, s.Release(t.Context(), l))
 
 	out := logs.String()

@@ -1,11 +1,9 @@
 package etcdstore_test
 
 import (
-	"context"
 	"fmt"
 	"net/netip"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -107,112 +105,5 @@ func attrs(i int) lease.Attrs {
 		PublicIP:    nodeIP(i),
 		BackendType: "vxlan",
 		BackendData: []byte(fmt.Sprintf(`{"VNI":1,"VtepMAC":"7a:1e:6c:d2:4a:%02x"}`, i%256)),
-	}
-}
-
-// watcher runs Store.Watch in the background and records snapshots.
-type watcher struct {
-	mu     sync.Mutex
-	snaps  []lease.Snapshot
-	notify chan struct{}
-	cancel context.CancelFunc
-	done   chan error
-}
-
-func startWatch(t *testing.T, s *etcdstore.Store) *watcher {
-	t.Helper()
-	ctx, cancel := context.WithCancel(t.Context())
-	w := &watcher{notify: make(chan struct{}, 1), cancel: cancel, done: make(chan error, 1)}
-	go func() {
-		w.done <- s.Watch(ctx, func(sn lease.Snapshot) {
-			w.mu.Lock()
-			w.snaps = append(w.snaps, sn)
-			w.mu.Unlock()
-			select {
-			case w.notify <- struct{}{}:
-			default:
-			}
-		})
-	}()
-	t.Cleanup(func() { w.stop(t) })
-	return w
-}
-
-func (w *watcher) stop(t *testing.T) {
-	t.Helper()
-	w.cancel()
-	select {
-	case err, ok := <-w.done:
-		if ok {
-			require.NoError(t, err, "Watch returns nil on cancel")
-			close(w.done)
-		}
-	case <-time.After(30 * time.Second):
-		t.Fatal("Watch did not return after cancel")
-	}
-}
-
-// all returns the snapshots seen so far.
-func (w *watcher) all() []lease.Snapshot {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	return append([]lease.Snapshot(nil), w.snaps...)
-}
-
-// waitFor waits until the latest snapshot satisfies ok, and returns it.
-func (w *watcher) waitFor(t *testing.T, what string, ok func(lease.Snapshot) bool) lease.Snapshot {
-	t.Helper()
-	deadline := time.After(60 * time.Second)
-	for {
-		w.mu.Lock()
-		var last lease.Snapshot
-		have := len(w.snaps) > 0
-		if have {
-			last = w.snaps[len(w.snaps)-1]
-		}
-		w.mu.Unlock()
-		if have && ok(last) {
-			return last
-		}
-		select {
-		case <-w.notify:
-		case <-deadline:
-			t.Fatalf("watch: timed out waiting for %s; last snapshot %v", what, keysOf(last))
-		}
-	}
-}
-
-func keysOf(sn lease.Snapshot) []string {
-	out := make([]string, 0, len(sn.Leases))
-	for _, l := range sn.Leases {
-		out = append(out, l.Key())
-	}
-	return out
-}
-
-func hasKey(key string) func(lease.Snapshot) bool {
-	return func(sn lease.Snapshot) bool {
-		for _, l := range sn.Leases {
-			if l.Key() == key {
-				return true
-			}
-		}
-		return false
-	}
-}
-
-func not(f func(lease.Snapshot) bool) func(lease.Snapshot) bool {
-	return func(sn lease.Snapshot) bool { return !f(sn) }
-}
-
-// eventually polls cond every 50ms for up to 60s.
-func eventually(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(60 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(50 * time.Millisecond)
 	}
 }

@@ -111,8 +111,8 @@ func (s *Store) checkOwner(kv *mvccpb.KeyValue, own lease.Lease) error {
 	if err != nil {
 		return fmt.Errorf("keep lease %s: value overwritten with something unreadable (%v): %w", kv.Key, err, lease.ErrLeaseLost)
 	}
-	if !sameNode(own.Attrs, cur.Attrs) {
-		return fmt.Errorf("keep lease %s: taken by %s: %w", kv.Key, identity(cur.Attrs), lease.ErrLeaseLost)
+	if id := own.Identity(); !id.IsValid() || cur.Identity() != id {
+		return fmt.Errorf("keep lease %s: taken by %s: %w", kv.Key, cur.Identity(), lease.ErrLeaseLost)
 	}
 	return nil
 }

@@ -1,16 +1,21 @@
 package etcdstore
 
 import (
+	"cmp"
 	"encoding/json"
 	"fmt"
-	"net/netip"
+	"slices"
 	"strings"
+
+	"go.etcd.io/etcd/api/v3/mvccpb"
+	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/flannelkit/flannel/lease"
 )
 
 // parse turns one etcd key-value under <prefix>/subnets/ into a lease. The
-// error names the key. Expiration is left zero.
+// error names the key. Expiration is left zero. When only the value is
+// malformed, the lease still has its subnets.
 func (s *Store) parse(key, value []byte) (lease.Lease, error) {
 	k := string(key)
 	name, ok := strings.CutPrefix(k, s.subnetsKey)
@@ -28,24 +33,72 @@ func (s *Store) parse(key, value []byte) (lease.Lease, error) {
 	return l, nil
 }
 
-// identity is the address that identifies a node's lease, as upstream
-// flannel matches it: PublicIP, or PublicIPv6 for a node without one.
-func identity(a lease.Attrs) netip.Addr {
-	if a.PublicIP.IsValid() {
-		return a.PublicIP
-	}
-	return a.PublicIPv6
+// entry is one key under <prefix>/subnets/ as the store lists or watches it.
+type entry struct {
+	key       string
+	l         lease.Lease // subnets when the key parsed; attributes only when ok
+	ok        bool        // key and value parsed
+	err       error       // why not, when !ok
+	modRev    int64
+	createRev int64            // decides between overlapping leases: the older wins
+	leaseID   clientv3.LeaseID // NoLease: a reservation
 }
 
-// sameNode reports whether b was published by the node whose attributes
-// are a (same identifying public IP).
-func sameNode(a, b lease.Attrs) bool {
-	id := identity(a)
-	if !id.IsValid() {
-		return false
+func (e entry) reservation() bool { return e.leaseID == clientv3.NoLease }
+
+// keyOK reports whether the key named subnets (the value may still be bad).
+func (e entry) keyOK() bool { return e.l.Subnet.IsValid() || e.l.IPv6Subnet.IsValid() }
+
+func (s *Store) entryOf(kv *mvccpb.KeyValue) entry {
+	l, err := s.parse(kv.Key, kv.Value)
+	if err != nil {
+		l.Attrs = lease.Attrs{}
 	}
-	if id.Is4() {
-		return b.PublicIP == id
+	return entry{key: string(kv.Key), l: l, ok: err == nil, err: err, modRev: kv.ModRevision,
+		createRev: kv.CreateRevision, leaseID: clientv3.LeaseID(kv.Lease)}
+}
+
+// judge applies the valid-peer rule (lease.Config.Peers) to entries for
+// the node with attrs holding own (either may be zero), and warns about
+// each ignored or malformed key once per change to its value. taken is
+// what allocation must count: the verdict's Taken plus keys whose value is
+// malformed but whose subnets fit the network (the key exists, so it
+// cannot be created).
+func (s *Store) judge(cfg lease.Config, entries []entry, attrs lease.Attrs, own lease.Lease) (v lease.Verdict, taken []lease.Lease) {
+	cands := make([]lease.Candidate, 0, len(entries))
+	var malformed []lease.Ignored
+	for _, e := range entries {
+		c := lease.Candidate{Name: e.key, Lease: e.l, Order: e.createRev}
+		if !e.ok {
+			malformed = append(malformed, lease.Ignored{Candidate: c, Rule: lease.RuleMalformed, Detail: e.err.Error()})
+			continue
+		}
+		c.Own = cfg.SameNode(attrs, e.l.Attrs)
+		cands = append(cands, c)
 	}
-	return b.PublicIPv6 == id
+	slices.SortFunc(cands, func(a, b lease.Candidate) int { return cmp.Compare(a.Name, b.Name) })
+	v = cfg.Peers(cands, own)
+	taken = v.Taken()
+	for _, m := range malformed {
+		if r, _ := cfg.Shape(m.Lease); r == "" {
+			taken = append(taken, m.Lease)
+		}
+	}
+	for _, ig := range s.warn.Fresh(append(slices.Clip(v.Ignored), malformed...)) {
+		s.log.Warn("ignoring lease", "key", ig.Name, "rule", string(ig.Rule), "reason", ig.Detail)
+	}
+	return v, taken
+}
+
+// ownLease returns the lease the last successful Acquire returned.
+func (s *Store) ownLease() lease.Lease {
+	s.ownMu.Lock()
+	defer s.ownMu.Unlock()
+	return s.own
+}
+
+func (s *Store) setOwn(l lease.Lease) {
+	s.ownMu.Lock()
+	defer s.ownMu.Unlock()
+	s.own = l
 }

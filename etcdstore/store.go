@@ -90,6 +90,12 @@ type Store struct {
 	rngMu sync.Mutex
 	rng   *rand.Rand
 
+	// own is the lease the last Acquire returned: Watch never hands out
+	// another node's lease claiming its subnet.
+	ownMu sync.Mutex
+	own   lease.Lease
+	warn  lease.Warnings
+
 	// grantedTTL is the TTL etcd actually granted last time (it raises
 	// TTLs below its minimum); Keep compares an etcd lease's TTL to it.
 	grantedTTL atomic.Int64
@@ -228,7 +234,7 @@ func (s *Store) Release(ctx context.Context, l lease.Lease) error {
 	}
 	kv := resp.Kvs[0]
 	cur, err := s.parse(kv.Key, kv.Value)
-	if err != nil || !sameNode(l.Attrs, cur.Attrs) {
+	if err != nil || !l.Identity().IsValid() || cur.Identity() != l.Identity() {
 		s.log.Info("not releasing a lease held by another node", "key", key)
 		return nil
 	}

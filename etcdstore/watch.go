@@ -5,9 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
-	"strings"
 
-	"go.etcd.io/etcd/api/v3/mvccpb"
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
@@ -15,18 +13,21 @@ import (
 	"github.com/flannelkit/flannel/lease"
 )
 
-// Watch calls fn with the full set of leases under <prefix>/subnets/: a
-// snapshot listed from etcd first (Resync true), then one after every
-// change, until ctx ends; it then returns nil. It watches from the listed
-// revision with a leader required, so a partitioned member cannot hold it
-// on stale data. When the watch breaks (etcd down, no leader, revision
-// compacted) it lists again with capped, jittered backoff and delivers a
-// fresh snapshot with Resync true: nothing is missed, and nothing spins
-// while etcd is unreachable.
+// Watch calls fn with the set of valid leases under <prefix>/subnets/
+// (lease.Config.Peers: keys outside the network, of another length,
+// overlapping an older key, or claiming this node's subnet are left out):
+// a snapshot listed from etcd first (Resync true), then one after every
+// change to that set, until ctx ends; it then returns nil. It watches from
+// the listed revision with a leader required, so a partitioned member
+// cannot hold it on stale data. When the watch breaks (etcd down, no
+// leader, revision compacted) it reads the config and lists again with
+// capped, jittered backoff and delivers a fresh snapshot with Resync true:
+// nothing is missed, and nothing spins while etcd is unreachable.
 //
-// Keys or values that do not parse are skipped with a warning naming the
-// key. Leases in snapshots carry no Expiration (etcd would need a request
-// per key). fn is called from Watch's goroutine only.
+// Ignored keys and keys or values that do not parse are warned about once
+// per change to their value, naming the key, not on every re-list. Leases
+// in snapshots carry no Expiration (etcd would need a request per key). fn
+// is called from Watch's goroutine only.
 func (s *Store) Watch(ctx context.Context, fn func(lease.Snapshot)) error {
 	bo := s.newBackoff()
 	first := true
@@ -38,7 +39,16 @@ func (s *Store) Watch(ctx context.Context, fn func(lease.Snapshot)) error {
 		}
 		first = false
 
-		current, rev, err := s.snapshot(ctx)
+		cfg, err := s.Config(ctx)
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			s.log.Warn("reading the network config failed; retrying", "error", err)
+			continue
+		}
+		w := &watchState{s: s, cfg: cfg, fn: fn}
+		rev, err := w.list(ctx)
 		if err != nil {
 			if ctx.Err() != nil {
 				return nil
@@ -46,9 +56,7 @@ func (s *Store) Watch(ctx context.Context, fn func(lease.Snapshot)) error {
 			s.log.Warn("listing leases failed; retrying", "prefix", s.subnetsKey, "error", err)
 			continue
 		}
-		fn(lease.Snapshot{Leases: sorted(current), Resync: true})
-
-		progressed, err := s.follow(ctx, current, rev, fn)
+		progressed, err := w.follow(ctx, rev)
 		if ctx.Err() != nil {
 			return nil
 		}
@@ -63,31 +71,62 @@ func (s *Store) Watch(ctx context.Context, fn func(lease.Snapshot)) error {
 	}
 }
 
-// snapshot lists the leases and the revision of the listing.
-func (s *Store) snapshot(ctx context.Context) (map[string]lease.Lease, int64, error) {
+// watchState is one listing of Watch and the events that follow it.
+type watchState struct {
+	s       *Store
+	cfg     lease.Config
+	fn      func(lease.Snapshot)
+	current map[string]entry
+	last    []lease.Lease // delivered last
+}
+
+// list lists the keys, delivers the first snapshot (Resync) and returns
+// the revision of the listing.
+func (w *watchState) list(ctx context.Context) (int64, error) {
+	s := w.s
 	rctx, cancel := s.reqCtx(ctx)
 	defer cancel()
 	resp, err := s.client.Get(rctx, s.subnetsKey, clientv3.WithPrefix())
 	if err != nil {
-		return nil, 0, fmt.Errorf("list %s: %w", s.subnetsKey, err)
+		return 0, fmt.Errorf("list %s: %w", s.subnetsKey, err)
 	}
-	current := make(map[string]lease.Lease, len(resp.Kvs))
+	w.current = make(map[string]entry, len(resp.Kvs))
 	for _, kv := range resp.Kvs {
-		if l, ok := s.watchLease(kv); ok {
-			current[string(kv.Key)] = l
-		}
+		w.current[string(kv.Key)] = s.entryOf(kv)
 	}
-	return current, resp.Header.Revision, nil
+	w.deliver(true)
+	return resp.Header.Revision, nil
 }
 
-// follow applies watch events after rev to current and calls fn after each
-// change. It returns when the watch breaks (with the reason) or ctx ends,
-// and reports whether the watch delivered anything (so the caller's
-// backoff can start over).
-func (s *Store) follow(ctx context.Context, current map[string]lease.Lease, rev int64, fn func(lease.Snapshot)) (bool, error) {
+// deliver judges the current keys and calls fn when resync is set or the
+// valid leases changed since the last call.
+func (w *watchState) deliver(resync bool) {
+	entries := make([]entry, 0, len(w.current))
+	for _, e := range w.current {
+		entries = append(entries, e)
+	}
+	own := w.s.ownLease()
+	v, _ := w.s.judge(w.cfg, entries, own.Attrs, own)
+	leases := v.Leases()
+	if !resync && slices.EqualFunc(w.last, leases, leaseEqual) {
+		return
+	}
+	w.last = leases
+	w.fn(lease.Snapshot{Leases: leases, Resync: resync})
+}
+
+func leaseEqual(a, b lease.Lease) bool {
+	return a.SameSubnets(b) && a.Attrs.Equal(b.Attrs)
+}
+
+// follow applies watch events after rev to the current keys and delivers
+// a snapshot after each change. It returns when the watch breaks (with the
+// reason) or ctx ends, and reports whether the watch delivered anything
+// (so the caller's backoff can start over).
+func (w *watchState) follow(ctx context.Context, rev int64) (bool, error) {
 	wctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	wch := s.client.Watch(clientv3.WithRequireLeader(wctx), s.subnetsKey,
+	wch := w.s.client.Watch(clientv3.WithRequireLeader(wctx), w.s.subnetsKey,
 		clientv3.WithPrefix(), clientv3.WithRev(rev+1))
 	progressed := false
 	for resp := range wch {
@@ -98,57 +137,21 @@ func (s *Store) follow(ctx context.Context, current map[string]lease.Lease, rev 
 			return progressed, errors.New("watch canceled by the server")
 		}
 		progressed = true
-		changed := false
 		for _, ev := range resp.Events {
 			key := string(ev.Kv.Key)
-			old, had := current[key]
 			switch ev.Type {
 			case clientv3.EventTypeDelete:
-				if had {
-					delete(current, key)
-					changed = true
-				}
+				delete(w.current, key)
 			case clientv3.EventTypePut:
-				l, ok := s.watchLease(ev.Kv)
-				switch {
-				case !ok && had:
-					delete(current, key)
-					changed = true
-				case ok && (!had || !old.Attrs.Equal(l.Attrs)):
-					current[key] = l
-					changed = true
-				}
+				w.current[key] = w.s.entryOf(ev.Kv)
 			}
 		}
-		if changed {
-			fn(lease.Snapshot{Leases: sorted(current)})
+		if len(resp.Events) > 0 {
+			w.deliver(false)
 		}
 	}
 	if ctx.Err() != nil {
 		return progressed, nil
 	}
 	return progressed, errors.New("watch channel closed")
-}
-
-// watchLease parses kv for a snapshot, warning about what it skips.
-func (s *Store) watchLease(kv *mvccpb.KeyValue) (lease.Lease, bool) {
-	l, err := s.parse(kv.Key, kv.Value)
-	if err != nil {
-		s.log.Warn("skipping malformed lease", "key", string(kv.Key), "error", err)
-		return lease.Lease{}, false
-	}
-	return l, true
-}
-
-func sorted(m map[string]lease.Lease) []lease.Lease {
-	keys := make([]string, 0, len(m))
-	for k := range m {
-		keys = append(keys, k)
-	}
-	slices.SortFunc(keys, strings.Compare)
-	out := make([]lease.Lease, len(keys))
-	for i, k := range keys {
-		out[i] = m[k]
-	}
-	return out
 }

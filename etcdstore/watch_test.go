@@ -17,6 +17,7 @@ import (
 
 	"github.com/flannelkit/flannel/etcdstore"
 	"github.com/flannelkit/flannel/internal/etcdtest"
+	"github.com/flannelkit/flannel/internal/storetest"
 	"github.com/flannelkit/flannel/internal/testenv"
 	"github.com/flannelkit/flannel/lease"
 )
@@ -57,8 +58,8 @@ func TestWatchAcrossRestart(t *testing.T) {
 	s := e.store(t, nil, opts)
 	first, err := s.Acquire(ctx, lease.Request{Attrs: attrs(1)})
 	require.NoError(t, err)
-	w := startWatch(t, s)
-	w.waitFor(t, "first lease", hasKey(first.Key()))
+	w := storetest.Watch(t, s)
+	w.WaitFor(t, "first lease", storetest.HasKey(first.Key()))
 	startKeep(t, s, first)
 
 	t0 := time.Now()
@@ -75,9 +76,9 @@ func TestWatchAcrossRestart(t *testing.T) {
 	second, err := e.store(t, nil, opts).Acquire(ctx, lease.Request{Attrs: attrs(2)})
 	require.NoError(t, err)
 	t.Logf("acquire after %s", time.Since(t0))
-	sn := w.waitFor(t, "lease created after the restart", hasKey(second.Key()))
+	sn := w.WaitFor(t, "lease created after the restart", storetest.HasKey(second.Key()))
 	t.Logf("watch after %s", time.Since(t0))
-	assert.True(t, hasKey(first.Key())(sn), "kept lease survived the outage")
+	assert.True(t, storetest.HasKey(first.Key())(sn), "kept lease survived the outage")
 	assert.NotContains(t, logs.String(), "level=ERROR")
 }
 
@@ -188,8 +189,8 @@ func TestWatchCompaction(t *testing.T) {
 		require.NoError(t, err)
 		leases = append(leases, l)
 	}
-	w := startWatch(t, s)
-	w.waitFor(t, "three leases", func(sn lease.Snapshot) bool { return len(sn.Leases) == 3 })
+	w := storetest.Watch(t, s)
+	w.WaitFor(t, "three leases", func(sn lease.Snapshot) bool { return len(sn.Leases) == 3 })
 
 	// Cut the watcher off; meanwhile leases come and go and the history
 	// is compacted past the watcher's revision.
@@ -204,7 +205,7 @@ func TestWatchCompaction(t *testing.T) {
 	resp, err := e.admin.Get(ctx, "/")
 	require.NoError(t, err)
 	require.NoError(t, e.srv.Compact(ctx, resp.Header.Revision))
-	nBefore := len(w.all())
+	nBefore := len(w.All())
 
 	const outage = 5 * time.Second
 	cpu := measureIdle(t, outage)
@@ -212,12 +213,12 @@ func TestWatchCompaction(t *testing.T) {
 	p.setCut(false)
 
 	want := []string{leases[1].Key(), leases[2].Key(), leases[4].Key(), leases[5].Key()}
-	sn := w.waitFor(t, "the state after the outage", func(sn lease.Snapshot) bool {
-		return assert.ObjectsAreEqual(sortedStrings(want), sortedStrings(keysOf(sn)))
+	sn := w.WaitFor(t, "the state after the outage", func(sn lease.Snapshot) bool {
+		return assert.ObjectsAreEqual(sortedStrings(want), sortedStrings(storetest.Keys(sn)))
 	})
 	assert.True(t, sn.Resync, "a fresh snapshot after compaction")
 	resyncs := 0
-	for _, s := range w.all()[nBefore:] {
+	for _, s := range w.All()[nBefore:] {
 		if s.Resync {
 			resyncs++
 		}
@@ -228,7 +229,7 @@ func TestWatchCompaction(t *testing.T) {
 	// And the watch goes on.
 	more, err := writer.Acquire(ctx, lease.Request{Attrs: attrs(9)})
 	require.NoError(t, err)
-	w.waitFor(t, "a lease after the resync", hasKey(more.Key()))
+	w.WaitFor(t, "a lease after the resync", storetest.HasKey(more.Key()))
 }
 
 func sortedStrings(s []string) []string {
@@ -253,9 +254,9 @@ func TestWatchMalformed(t *testing.T) {
 		require.NoError(t, err)
 	}
 
-	w := startWatch(t, s)
-	sn := w.waitFor(t, "the good lease", hasKey(good.Key()))
-	assert.Equal(t, []string{good.Key()}, keysOf(sn))
+	w := storetest.Watch(t, s)
+	sn := w.WaitFor(t, "the good lease", storetest.HasKey(good.Key()))
+	assert.Equal(t, []string{good.Key()}, storetest.Keys(sn))
 	assert.Contains(t, logs.String(), badKey)
 	assert.Contains(t, logs.String(), badValue)
 
@@ -263,10 +264,10 @@ func TestWatchMalformed(t *testing.T) {
 	key := s.LeaseKey(good)
 	_, err = e.admin.Put(ctx, key, `{"PublicIP":"nope"}`)
 	require.NoError(t, err)
-	w.waitFor(t, "garbled lease gone", not(hasKey(good.Key())))
+	w.WaitFor(t, "garbled lease gone", storetest.Not(storetest.HasKey(good.Key())))
 	_, err = e.admin.Put(ctx, key, mustJSON(t, attrs(1)))
 	require.NoError(t, err)
-	w.waitFor(t, "lease fixed", hasKey(good.Key()))
+	w.WaitFor(t, "lease fixed", storetest.HasKey(good.Key()))
 
 	// The malformed value's subnet is never handed out.
 	for i := 10; i < 20; i++ {

@@ -20,7 +20,7 @@ import (
 	"github.com/flannelkit/flannel/internal/testenv"
 	"github.com/flannelkit/flannel/ipsec"
 	"github.com/flannelkit/flannel/lease"
-	"github.com/flannelkit/flannel/lease/memstore"
+	"github.com/flannelkit/flannel/memstore"
 )
 
 // agentLab is a lab whose nodes run real Agents with the ipsec backend,

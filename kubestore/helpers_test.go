@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"os"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -98,64 +97,6 @@ func flannelAnnotations(n *corev1.Node) map[string]string {
 		}
 	}
 	return out
-}
-
-// watcher runs Store.Watch in the background and records snapshots.
-type watcher struct {
-	mu     sync.Mutex
-	snaps  []lease.Snapshot
-	cancel context.CancelFunc
-	done   chan error
-}
-
-func startWatch(t *testing.T, s *kubestore.Store) *watcher {
-	t.Helper()
-	ctx, cancel := context.WithCancel(context.Background())
-	w := &watcher{cancel: cancel, done: make(chan error, 1)}
-	go func() {
-		w.done <- s.Watch(ctx, func(snap lease.Snapshot) {
-			w.mu.Lock()
-			defer w.mu.Unlock()
-			w.snaps = append(w.snaps, snap)
-		})
-	}()
-	t.Cleanup(func() { w.stop(t) })
-	return w
-}
-
-func (w *watcher) stop(t *testing.T) {
-	if w.cancel == nil {
-		return
-	}
-	w.cancel()
-	w.cancel = nil
-	select {
-	case err := <-w.done:
-		require.NoError(t, err)
-	case <-time.After(30 * time.Second):
-		t.Fatal("Watch did not return after cancel")
-	}
-}
-
-func (w *watcher) last() (lease.Snapshot, bool) {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	if len(w.snaps) == 0 {
-		return lease.Snapshot{}, false
-	}
-	return w.snaps[len(w.snaps)-1], true
-}
-
-// waitFor waits until the last snapshot satisfies ok.
-func (w *watcher) waitFor(t *testing.T, what string, ok func([]lease.Lease) bool) lease.Snapshot {
-	t.Helper()
-	var snap lease.Snapshot
-	require.Eventually(t, func() bool {
-		s, have := w.last()
-		snap = s
-		return have && ok(s.Leases)
-	}, 60*time.Second, 10*time.Millisecond, "waiting for %s; last snapshot %v", what, snap.Leases)
-	return snap
 }
 
 // find returns the lease with the given IPv4 subnet.

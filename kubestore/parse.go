@@ -17,6 +17,22 @@ import (
 // error when a CIDR is malformed, lies outside the network or an enabled
 // family is missing.
 func (s *Store) podCIDRs(n *corev1.Node) (v4, v6 netip.Prefix, err error) {
+	v4, v6, err = s.parseCIDRs(n)
+	if err != nil {
+		return netip.Prefix{}, netip.Prefix{}, err
+	}
+	if err := checkNetwork("Network", s.cfg.Network, v4); err != nil {
+		return netip.Prefix{}, netip.Prefix{}, fmt.Errorf("node %s: %w", n.Name, err)
+	}
+	if err := checkNetwork("IPv6Network", s.cfg.IPv6Network, v6); err != nil {
+		return netip.Prefix{}, netip.Prefix{}, fmt.Errorf("node %s: %w", n.Name, err)
+	}
+	return v4, v6, nil
+}
+
+// parseCIDRs is podCIDRs without the network check: Watch leaves that to
+// the valid-peer rule (lease.Config.Peers).
+func (s *Store) parseCIDRs(n *corev1.Node) (v4, v6 netip.Prefix, err error) {
 	cidrs := n.Spec.PodCIDRs
 	if len(cidrs) == 0 && n.Spec.PodCIDR != "" {
 		cidrs = []string{n.Spec.PodCIDR}
@@ -38,11 +54,11 @@ func (s *Store) podCIDRs(n *corev1.Node) (v4, v6 netip.Prefix, err error) {
 			v6 = p
 		}
 	}
-	if err := checkFamily(s.cfg.EnableIPv4, "IPv4", "Network", s.cfg.Network, v4); err != nil {
-		return netip.Prefix{}, netip.Prefix{}, fmt.Errorf("node %s: %w", n.Name, err)
+	if s.cfg.EnableIPv4 && !v4.IsValid() {
+		return netip.Prefix{}, netip.Prefix{}, fmt.Errorf("node %s: no IPv4 podCIDR although IPv4 is enabled", n.Name)
 	}
-	if err := checkFamily(s.cfg.EnableIPv6, "IPv6", "IPv6Network", s.cfg.IPv6Network, v6); err != nil {
-		return netip.Prefix{}, netip.Prefix{}, fmt.Errorf("node %s: %w", n.Name, err)
+	if s.cfg.EnableIPv6 && !v6.IsValid() {
+		return netip.Prefix{}, netip.Prefix{}, fmt.Errorf("node %s: no IPv6 podCIDR although IPv6 is enabled", n.Name)
 	}
 	if !s.cfg.EnableIPv4 {
 		v4 = netip.Prefix{}
@@ -53,15 +69,13 @@ func (s *Store) podCIDRs(n *corev1.Node) (v4, v6 netip.Prefix, err error) {
 	return v4, v6, nil
 }
 
-// checkFamily checks one family's podCIDR against the network, as upstream
-// does: the network must contain it (its length is the controller
+// checkNetwork checks one family's podCIDR against the network, as
+// upstream does: the network must contain it (its length is the controller
 // manager's --node-cidr-mask-size, not SubnetLen).
-func checkFamily(enabled bool, family, key string, network, p netip.Prefix) error {
+func checkNetwork(key string, network, p netip.Prefix) error {
 	switch {
-	case !enabled:
-		return nil
 	case !p.IsValid():
-		return fmt.Errorf("no %s podCIDR although %s is enabled", family, family)
+		return nil
 	case p.Bits() < network.Bits() || !network.Contains(p.Addr()):
 		return fmt.Errorf("podCIDR %s is outside %s %s of the network config", p, key, network)
 	}
@@ -74,13 +88,19 @@ var errNotPeer = errors.New("not a flannel node")
 
 // nodeLease turns a (stripped) Node into a peer lease. It returns an error
 // wrapping errNotPeer for nodes that are not flannel nodes, and an error
-// naming the annotation for malformed ones.
-func (s *Store) nodeLease(n *corev1.Node) (lease.Lease, error) {
+// naming the annotation for malformed ones. With strict, a podCIDR
+// outside the network is an error too (Watch leaves that to
+// lease.Config.Peers).
+func (s *Store) nodeLease(n *corev1.Node, strict bool) (lease.Lease, error) {
 	a := n.Annotations
 	if a[s.ann.subnetKubeManaged] != "true" {
 		return lease.Lease{}, errNotPeer
 	}
-	v4, v6, err := s.podCIDRs(n)
+	cidrs := s.parseCIDRs
+	if strict {
+		cidrs = s.podCIDRs
+	}
+	v4, v6, err := cidrs(n)
 	if errors.Is(err, lease.ErrNotAssigned) {
 		return lease.Lease{}, errNotPeer
 	}

@@ -82,6 +82,7 @@ type Store struct {
 	retryMax   time.Duration
 	reqTimeout time.Duration
 	log        *slog.Logger
+	warn       lease.Warnings // shared by every Watch of the store
 }
 
 var _ flannel.LeaseStore = (*Store)(nil)

@@ -15,6 +15,7 @@ import (
 	"k8s.io/client-go/kubernetes/fake"
 
 	"github.com/flannelkit/flannel/internal/kubetest"
+	"github.com/flannelkit/flannel/internal/storetest"
 	"github.com/flannelkit/flannel/internal/testenv"
 	"github.com/flannelkit/flannel/kubestore"
 	"github.com/flannelkit/flannel/lease"
@@ -273,17 +274,6 @@ func TestStore(t *testing.T) {
 		require.ErrorIs(t, err, lease.ErrLeaseLost)
 		assert.ErrorContains(t, err, "podCIDRs changed from 10.244.12.0/24 to 10.244.13.0/24")
 	})
-
-	t.Run("keep returns nil on cancel", func(t *testing.T) {
-		t.Parallel()
-		createNode(t, cs, "keep-cancel", nil, "10.244.14.0/24")
-		s := newStore(t, cs, "keep-cancel", netConf4, kubestore.Options{})
-		l, err := s.Acquire(ctx, lease.Request{Attrs: vxlanAttrs})
-		require.NoError(t, err)
-		kctx, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
-		defer cancel()
-		assert.NoError(t, s.Keep(kctx, l))
-	})
 }
 
 // TestWatch checks the peer set through adds, updates and deletes on its
@@ -301,17 +291,17 @@ func TestWatch(t *testing.T) {
 	s := newStore(t, cs, "me", netConfDual, kubestore.Options{Logger: logs.Logger()})
 	// worker-1 is IPv4 only: in a dual-stack network it is malformed.
 	s4 := newStore(t, cs, "me", netConf4, kubestore.Options{})
-	w4 := startWatch(t, s4)
-	snap := w4.waitFor(t, "worker-1", func(ls []lease.Lease) bool { return len(ls) == 1 })
+	w4 := storetest.Watch(t, s4)
+	snap := w4.WaitFor(t, "worker-1", func(sn lease.Snapshot) bool { ls := sn.Leases; return len(ls) == 1 })
 	assert.True(t, snap.Resync, "first snapshot is a resync")
 	l := snap.Leases[0]
 	assert.Equal(t, "10.244.3.0/24", l.Subnet.String())
 	assert.True(t, l.Attrs.Equal(vxlanAttrs), "%+v", l.Attrs)
-	w4.stop(t)
+	w4.Stop(t)
 
-	w := startWatch(t, s)
-	w.waitFor(t, "empty dual-stack set", func(ls []lease.Lease) bool { return len(ls) == 0 })
-	require.Eventually(t, func() bool { return logs.HasLine("skipping node", "node=worker-1", "no IPv6 podCIDR") }, 10*time.Second, 10*time.Millisecond)
+	w := storetest.Watch(t, s)
+	w.WaitFor(t, "empty dual-stack set", func(sn lease.Snapshot) bool { ls := sn.Leases; return len(ls) == 0 })
+	storetest.Eventually(t, "a warning about worker-1", func() bool { return logs.HasLine("skipping node", "node=worker-1", "no IPv6 podCIDR") })
 
 	// Add: two dual-stack nodes acquire.
 	for i, name := range []string{"a", "b"} {
@@ -325,13 +315,14 @@ func TestWatch(t *testing.T) {
 		_, err := ns.Acquire(ctx, lease.Request{Attrs: attrs})
 		require.NoError(t, err)
 	}
-	w.waitFor(t, "a and b", func(ls []lease.Lease) bool { return len(ls) == 2 })
+	w.WaitFor(t, "a and b", func(sn lease.Snapshot) bool { ls := sn.Leases; return len(ls) == 2 })
 
 	// Update of only the IPv6 backend data of b.
 	_, err := cs.CoreV1().Nodes().Patch(ctx, "b", "application/merge-patch+json",
 		[]byte(`{"metadata":{"annotations":{"`+pfx+`backend-v6-data":"{\"VNI\":1,\"VtepMAC\":\"7a:1e:6c:d2:4a:ff\"}"}}}`), metav1.PatchOptions{})
 	require.NoError(t, err)
-	w.waitFor(t, "b's new v6 data", func(ls []lease.Lease) bool {
+	w.WaitFor(t, "b's new v6 data", func(sn lease.Snapshot) bool {
+		ls := sn.Leases
 		b, ok := find(ls, "10.244.2.0/24")
 		return ok && string(b.Attrs.BackendV6Data) == `{"VNI":1,"VtepMAC":"7a:1e:6c:d2:4a:ff"}`
 	})
@@ -340,7 +331,8 @@ func TestWatch(t *testing.T) {
 	_, err = cs.CoreV1().Nodes().Patch(ctx, "a", "application/merge-patch+json",
 		[]byte(`{"metadata":{"annotations":{"`+pfx+`public-ip":"not-an-ip"}}}`), metav1.PatchOptions{})
 	require.NoError(t, err)
-	w.waitFor(t, "a skipped", func(ls []lease.Lease) bool {
+	w.WaitFor(t, "a skipped", func(sn lease.Snapshot) bool {
+		ls := sn.Leases
 		_, ok := find(ls, "10.244.1.0/24")
 		return len(ls) == 1 && !ok
 	})
@@ -348,40 +340,7 @@ func TestWatch(t *testing.T) {
 
 	// Delete b.
 	require.NoError(t, cs.CoreV1().Nodes().Delete(ctx, "b", metav1.DeleteOptions{}))
-	w.waitFor(t, "b deleted", func(ls []lease.Lease) bool { return len(ls) == 0 })
-}
-
-// TestWatchApiserverRestart stops the apiserver under a running Watch and
-// changes nodes right after it is back: the watch resumes and misses
-// nothing.
-func TestWatchApiserverRestart(t *testing.T) {
-	srv := kubetest.NewT(t, kubetest.Options{})
-	cs := kubetest.ClientT(t, srv.AdminConfig())
-	ctx := context.Background()
-
-	ann := func(ip string) map[string]string {
-		return map[string]string{
-			pfx + "kube-subnet-manager": "true",
-			pfx + "backend-type":        "host-gw",
-			pfx + "backend-data":        "null",
-			pfx + "public-ip":           ip,
-		}
-	}
-	createNode(t, cs, "keep", ann("192.168.1.1"), "10.244.1.0/24")
-	createNode(t, cs, "gone", ann("192.168.1.2"), "10.244.2.0/24")
-	s := newStore(t, cs, "me", netConf4, kubestore.Options{})
-	w := startWatch(t, s)
-	w.waitFor(t, "two nodes", func(ls []lease.Lease) bool { return len(ls) == 2 })
-
-	srv.Stop()
-	require.NoError(t, srv.Start())
-	require.NoError(t, cs.CoreV1().Nodes().Delete(ctx, "gone", metav1.DeleteOptions{}))
-	createNode(t, cs, "new", ann("192.168.1.3"), "10.244.3.0/24")
-	w.waitFor(t, "gone deleted and new added", func(ls []lease.Lease) bool {
-		_, hasNew := find(ls, "10.244.3.0/24")
-		_, hasGone := find(ls, "10.244.2.0/24")
-		return len(ls) == 2 && hasNew && !hasGone
-	})
+	w.WaitFor(t, "b deleted", func(sn lease.Snapshot) bool { ls := sn.Leases; return len(ls) == 0 })
 }
 
 func readFile(path string) ([]byte, error) { return os.ReadFile(path) }

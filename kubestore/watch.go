@@ -82,11 +82,10 @@ func (s *Store) Watch(ctx context.Context, fn func(lease.Snapshot)) error {
 		last     []lease.Lease
 		seenList int64
 		first    = true
-		warned   = map[string]string{} // node -> last warning, to warn once per change
 	)
 	for {
 		gen := lists.Load()
-		leases := s.leases(store.List(), warned)
+		leases := s.leases(store.List(), &s.warn)
 		resync := first || gen != seenList
 		if resync || !slices.EqualFunc(last, leases, leaseEqual) {
 			fn(lease.Snapshot{Leases: leases, Resync: resync})
@@ -100,9 +99,17 @@ func (s *Store) Watch(ctx context.Context, fn func(lease.Snapshot)) error {
 	}
 }
 
-// leases converts the cached nodes, sorted by name, skipping (with a
-// warning, once per distinct problem) the malformed ones.
-func (s *Store) leases(objs []any, warned map[string]string) []lease.Lease {
+// leases converts the cached nodes and returns the valid ones
+// (lease.Config.Peers), sorted by name. Malformed and ignored nodes are
+// warned about once per change to their value.
+//
+// The rule's subnet length is the length of this Node's podCIDR (the
+// controller manager's --node-cidr-mask-size, which Kubernetes applies to
+// every Node alike), or SubnetLen (IPv6SubnetLen) while this Node has
+// none. Of two Nodes with one podCIDR, the one created earlier wins
+// (creationTimestamp has whole seconds: two created in the same second
+// are both ignored); another Node never takes this Node's podCIDR.
+func (s *Store) leases(objs []any, warn *lease.Warnings) []lease.Lease {
 	nodes := make([]*corev1.Node, 0, len(objs))
 	for _, o := range objs {
 		if n, ok := o.(*corev1.Node); ok {
@@ -110,28 +117,43 @@ func (s *Store) leases(objs []any, warned map[string]string) []lease.Lease {
 		}
 	}
 	slices.SortFunc(nodes, func(a, b *corev1.Node) int { return strings.Compare(a.Name, b.Name) })
-	out := make([]lease.Lease, 0, len(nodes))
-	seen := make(map[string]bool, len(warned))
+	cands := make([]lease.Candidate, 0, len(nodes))
+	var malformed []lease.Ignored
+	cfg := s.cfg
 	for _, n := range nodes {
-		l, err := s.nodeLease(n)
+		l, err := s.nodeLease(n, false)
+		c := lease.Candidate{Name: n.Name, Lease: l, Order: n.CreationTimestamp.Unix(), Own: n.Name == s.node}
 		switch {
 		case errors.Is(err, errNotPeer):
 		case err != nil:
-			seen[n.Name] = true
-			if warned[n.Name] != err.Error() {
-				warned[n.Name] = err.Error()
-				s.log.Warn("skipping node with malformed flannel data", "node", n.Name, "error", err)
-			}
+			malformed = append(malformed, lease.Ignored{Candidate: c, Rule: lease.RuleMalformed, Detail: err.Error()})
 		default:
-			out = append(out, l)
+			cands = append(cands, c)
+			if c.Own {
+				cfg = peerLengths(cfg, l)
+			}
 		}
 	}
-	for name := range warned {
-		if !seen[name] {
-			delete(warned, name)
+	v := cfg.Peers(cands, lease.Lease{})
+	for _, ig := range warn.Fresh(append(slices.Clip(v.Ignored), malformed...)) {
+		if ig.Rule == lease.RuleMalformed {
+			s.log.Warn("skipping node with malformed flannel data", "node", ig.Name, "error", ig.Detail)
+		} else {
+			s.log.Warn("ignoring lease", "node", ig.Name, "rule", string(ig.Rule), "reason", ig.Detail)
 		}
 	}
-	return out
+	return v.Leases()
+}
+
+// peerLengths returns cfg with the subnet lengths of own's podCIDRs.
+func peerLengths(cfg lease.Config, own lease.Lease) lease.Config {
+	if own.Subnet.IsValid() {
+		cfg.SubnetLen = own.Subnet.Bits()
+	}
+	if own.IPv6Subnet.IsValid() {
+		cfg.IPv6SubnetLen = own.IPv6Subnet.Bits()
+	}
+	return cfg
 }
 
 func leaseEqual(a, b lease.Lease) bool {
@@ -147,9 +169,10 @@ func (s *Store) strip(obj any) (any, error) {
 	}
 	out := &corev1.Node{
 		ObjectMeta: metav1.ObjectMeta{
-			Name:            n.Name,
-			UID:             n.UID,
-			ResourceVersion: n.ResourceVersion,
+			Name:              n.Name,
+			UID:               n.UID,
+			ResourceVersion:   n.ResourceVersion,
+			CreationTimestamp: n.CreationTimestamp,
 		},
 		Spec: corev1.NodeSpec{PodCIDR: n.Spec.PodCIDR, PodCIDRs: n.Spec.PodCIDRs},
 	}

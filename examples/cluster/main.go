@@ -52,7 +52,7 @@ import (
 	"github.com/flannelkit/flannel/internal/netlab"
 	"github.com/flannelkit/flannel/ipsec"
 	"github.com/flannelkit/flannel/lease"
-	"github.com/flannelkit/flannel/lease/memstore"
+	"github.com/flannelkit/flannel/memstore"
 	"github.com/flannelkit/flannel/vxlan"
 )
 

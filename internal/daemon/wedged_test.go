@@ -13,7 +13,7 @@ import (
 
 	flannel "github.com/flannelkit/flannel"
 	"github.com/flannelkit/flannel/lease"
-	"github.com/flannelkit/flannel/lease/memstore"
+	"github.com/flannelkit/flannel/memstore"
 )
 
 func TestWedged(t *testing.T) {

@@ -20,7 +20,7 @@ import (
 	"github.com/flannelkit/flannel/hostgw"
 	"github.com/flannelkit/flannel/internal/netlab"
 	"github.com/flannelkit/flannel/lease"
-	"github.com/flannelkit/flannel/lease/memstore"
+	"github.com/flannelkit/flannel/memstore"
 )
 
 type family struct {

@@ -13,8 +13,9 @@ import (
 	"github.com/stretchr/testify/require"
 	"go.uber.org/goleak"
 
+	"github.com/flannelkit/flannel/internal/storetest"
 	"github.com/flannelkit/flannel/lease"
-	"github.com/flannelkit/flannel/lease/memstore"
+	"github.com/flannelkit/flannel/memstore"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -108,27 +109,6 @@ func TestAcquireReclaimAndPrevious(t *testing.T) {
 			},
 		},
 		{
-			name: "previous honoured when free",
-			run: func(t *testing.T, s *memstore.Store) {
-				prev := lease.Lease{Subnet: netip.MustParsePrefix("10.30.77.0/24")}
-				got, err := s.Acquire(t.Context(), lease.Request{Attrs: attrs("192.0.2.2"), Previous: prev})
-				require.NoError(t, err)
-				assert.Equal(t, prev.Subnet, got.Subnet)
-			},
-		},
-		{
-			name: "previous taken by another node",
-			run: func(t *testing.T, s *memstore.Store) {
-				prev := lease.Lease{Subnet: netip.MustParsePrefix("10.30.78.0/24")}
-				other, err := s.Acquire(t.Context(), lease.Request{Attrs: attrs("192.0.2.3"), Previous: prev})
-				require.NoError(t, err)
-				require.Equal(t, prev.Subnet, other.Subnet)
-				got, err := s.Acquire(t.Context(), lease.Request{Attrs: attrs("192.0.2.4"), Previous: prev})
-				require.NoError(t, err)
-				assert.NotEqual(t, prev.Subnet, got.Subnet)
-			},
-		},
-		{
 			name: "previous outside the network ignored",
 			run: func(t *testing.T, s *memstore.Store) {
 				prev := lease.Lease{Subnet: netip.MustParsePrefix("10.99.1.0/24")}
@@ -146,106 +126,27 @@ func TestAcquireReclaimAndPrevious(t *testing.T) {
 	}
 }
 
-func TestAcquireReclaimIPv6Only(t *testing.T) {
-	t.Parallel()
-	cfg := mustConfig(t, `{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:40::/56"}`)
-	s := memstore.New(cfg, memstore.Options{})
-	a := lease.Attrs{PublicIPv6: netip.MustParseAddr("fd00::1"), BackendType: "host-gw"}
-	first, err := s.Acquire(t.Context(), lease.Request{Attrs: a})
-	require.NoError(t, err)
-	require.True(t, first.IPv6Subnet.IsValid())
-	assert.False(t, first.Subnet.IsValid())
-	again, err := s.Acquire(t.Context(), lease.Request{Attrs: a})
-	require.NoError(t, err)
-	assert.True(t, first.SameSubnets(again))
-	assert.Len(t, s.Leases(), 1)
-}
-
-// watcher collects snapshots from Watch in the background.
-type watcher struct {
-	mu    sync.Mutex
-	snaps []lease.Snapshot
-	wake  chan struct{}
-}
-
-func startWatch(t *testing.T, s *memstore.Store) (*watcher, func()) {
-	w := &watcher{wake: make(chan struct{}, 1)}
-	ctx, cancel := context.WithCancel(t.Context())
-	done := make(chan error, 1)
-	go func() {
-		done <- s.Watch(ctx, func(sn lease.Snapshot) {
-			w.mu.Lock()
-			w.snaps = append(w.snaps, sn)
-			w.mu.Unlock()
-			select {
-			case w.wake <- struct{}{}:
-			default:
-			}
-		})
-	}()
-	return w, func() {
-		cancel()
-		require.NoError(t, <-done)
-	}
-}
-
-// waitFor waits until the latest snapshot satisfies ok.
-func (w *watcher) waitFor(t *testing.T, ok func(lease.Snapshot) bool) lease.Snapshot {
-	t.Helper()
-	timeout := time.After(10 * time.Second)
-	for {
-		w.mu.Lock()
-		var last lease.Snapshot
-		have := len(w.snaps) > 0
-		if have {
-			last = w.snaps[len(w.snaps)-1]
-		}
-		w.mu.Unlock()
-		if have && ok(last) {
-			return last
-		}
-		select {
-		case <-w.wake:
-		case <-timeout:
-			t.Fatalf("snapshot condition not met; last: %+v", last)
-		}
-	}
-}
-
-func subnets(sn lease.Snapshot) []string {
-	var out []string
-	for _, l := range sn.Leases {
-		out = append(out, l.Subnet.String())
-	}
-	return out
-}
-
-func TestWatchSeesAddAndRemove(t *testing.T) {
+// TestRemoveAndRelease: Remove and Release (memstore's own API) delete
+// leases and wake watchers; removing twice reports false.
+func TestRemoveAndRelease(t *testing.T) {
 	t.Parallel()
 	cfg := mustConfig(t, `{"Network":"10.50.0.0/16"}`)
 	s := memstore.New(cfg, memstore.Options{})
 	a, err := s.Acquire(t.Context(), lease.Request{Attrs: attrs("192.0.2.1"), Previous: lease.Lease{Subnet: netip.MustParsePrefix("10.50.1.0/24")}})
 	require.NoError(t, err)
-
-	w, stop := startWatch(t, s)
-	defer stop()
-	first := w.waitFor(t, func(sn lease.Snapshot) bool { return true })
-	assert.True(t, first.Resync, "first snapshot is a resync")
-	assert.Equal(t, []string{"10.50.1.0/24"}, subnets(first))
-
 	b, err := s.Acquire(t.Context(), lease.Request{Attrs: attrs("192.0.2.2"), Previous: lease.Lease{Subnet: netip.MustParsePrefix("10.50.2.0/24")}})
 	require.NoError(t, err)
-	sn := w.waitFor(t, func(sn lease.Snapshot) bool { return len(sn.Leases) == 2 })
-	assert.False(t, sn.Resync)
-	assert.Equal(t, []string{"10.50.1.0/24", "10.50.2.0/24"}, subnets(sn))
+	w := storetest.Watch(t, s)
+	sn := w.WaitFor(t, "both", storetest.Len(2))
+	assert.Equal(t, []string{"10.50.1.0-24", "10.50.2.0-24"}, storetest.Keys(sn), "sorted by key")
 
 	require.True(t, s.Remove(a.Subnet))
 	assert.False(t, s.Remove(a.Subnet), "already gone")
-	sn = w.waitFor(t, func(sn lease.Snapshot) bool { return len(sn.Leases) == 1 })
-	assert.Equal(t, []string{b.Subnet.String()}, subnets(sn))
+	sn = w.WaitFor(t, "a removed", storetest.Len(1))
+	assert.Equal(t, []string{b.Key()}, storetest.Keys(sn))
 
 	require.NoError(t, s.Release(t.Context(), b))
-	w.waitFor(t, func(sn lease.Snapshot) bool { return len(sn.Leases) == 0 })
+	w.WaitFor(t, "b released", storetest.Len(0))
 }
 
 func TestWatchSlowConsumerCoalesces(t *testing.T) {
@@ -272,61 +173,29 @@ func TestWatchSlowConsumerCoalesces(t *testing.T) {
 		require.NoError(t, err)
 	}
 	close(release)
-	require.Eventually(t, func() bool { return last.Load() == 20 }, 10*time.Second, time.Millisecond)
+	storetest.Eventually(t, "the last state", func() bool { return last.Load() == 20 })
 	cancel()
 	require.NoError(t, <-done)
 	assert.Less(t, calls.Load(), int32(21), "intermediate states coalesced")
 }
 
-func TestKeepLostOnRemove(t *testing.T) {
-	t.Parallel()
-	cfg := mustConfig(t, `{"Network":"10.70.0.0/16"}`)
-	s := memstore.New(cfg, memstore.Options{})
-	own, err := s.Acquire(t.Context(), lease.Request{Attrs: attrs("192.0.2.1")})
-	require.NoError(t, err)
-
-	done := make(chan error, 1)
-	go func() { done <- s.Keep(t.Context(), own) }()
-	require.True(t, s.Remove(own.Subnet))
-	select {
-	case err := <-done:
-		assert.ErrorIs(t, err, lease.ErrLeaseLost)
-	case <-time.After(10 * time.Second):
-		t.Fatal("Keep did not notice the removal")
-	}
-}
-
-func TestKeepLostWhenTakenOver(t *testing.T) {
+func TestReleaseLeavesOtherNodesLease(t *testing.T) {
 	t.Parallel()
 	cfg := mustConfig(t, `{"Network":"10.71.0.0/16"}`)
 	s := memstore.New(cfg, memstore.Options{})
 	own, err := s.Acquire(t.Context(), lease.Request{Attrs: attrs("192.0.2.1")})
 	require.NoError(t, err)
-	// Gone and immediately taken by another node: Keep reports the loss
-	// even though a lease with the same key exists.
+	// Gone and immediately taken by another node: a lease with the same
+	// key exists, and Keep reports the loss.
 	require.True(t, s.Remove(own.Subnet))
 	other, err := s.Acquire(t.Context(), lease.Request{Attrs: attrs("192.0.2.2"), Previous: own})
 	require.NoError(t, err)
 	require.True(t, other.SameSubnets(own))
-	err = s.Keep(t.Context(), own)
-	assert.ErrorIs(t, err, lease.ErrLeaseLost)
+	assert.ErrorIs(t, s.Keep(t.Context(), own), lease.ErrLeaseLost)
 
 	// Release of a lease held by someone else leaves it alone.
 	require.NoError(t, s.Release(t.Context(), own))
 	assert.Len(t, s.Leases(), 1)
-}
-
-func TestKeepReturnsNilOnCancel(t *testing.T) {
-	t.Parallel()
-	cfg := mustConfig(t, `{"Network":"10.72.0.0/16"}`)
-	s := memstore.New(cfg, memstore.Options{TTL: time.Hour})
-	own, err := s.Acquire(t.Context(), lease.Request{Attrs: attrs("192.0.2.1")})
-	require.NoError(t, err)
-	ctx, cancel := context.WithCancel(t.Context())
-	done := make(chan error, 1)
-	go func() { done <- s.Keep(ctx, own) }()
-	cancel()
-	require.NoError(t, <-done)
 }
 
 func TestTTLExpiryAndRenewal(t *testing.T) {
@@ -372,10 +241,10 @@ func TestKeepRenews(t *testing.T) {
 	done := make(chan error, 1)
 	go func() { done <- s.Keep(ctx, own) }()
 	// The expiration moves forward while Keep runs.
-	require.Eventually(t, func() bool {
+	storetest.Eventually(t, "a renewal", func() bool {
 		ls := s.Leases()
 		return len(ls) == 1 && ls[0].Expiration.Equal(clock().Add(time.Hour))
-	}, 10*time.Second, time.Millisecond)
+	})
 	cancel()
 	require.NoError(t, <-done)
 }
@@ -386,11 +255,9 @@ func TestWatchSeesExpiry(t *testing.T) {
 	s := memstore.New(cfg, memstore.Options{TTL: 20 * time.Millisecond})
 	_, err := s.Acquire(t.Context(), lease.Request{Attrs: attrs("192.0.2.1")})
 	require.NoError(t, err)
-	w, stop := startWatch(t, s)
-	defer stop()
 	// Without Keep, the lease expires and the watcher sees it go without
 	// any other store activity.
-	w.waitFor(t, func(sn lease.Snapshot) bool { return len(sn.Leases) == 0 })
+	storetest.Watch(t, s).WaitFor(t, "the lease expired", storetest.Len(0))
 }
 
 func TestConfig(t *testing.T) {

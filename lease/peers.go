@@ -1,0 +1,212 @@
+package lease
+
+import (
+	"cmp"
+	"fmt"
+	"net/netip"
+	"slices"
+)
+
+// Rule names why a lease in a store is not a valid peer. Stores use the
+// value in their warnings.
+type Rule string
+
+// The rules a lease breaks when Peers ignores it. RuleMalformed is for
+// stores: data that does not even parse into a lease.
+const (
+	RuleMalformed Rule = "malformed"
+	RuleOutside   Rule = "outside the network"
+	RuleLength    Rule = "prefix length is not the subnet length"
+	RuleOverlap   Rule = "overlaps another lease"
+	RuleOwnSubnet Rule = "claims this node's subnet from another node"
+)
+
+// Candidate is one lease as a store holds it, before Peers judges it.
+type Candidate struct {
+	// Name names the object in warnings: the etcd key, the Node name.
+	Name  string
+	Lease Lease
+	// Order decides between overlapping leases: the lowest wins (etcd's
+	// create revision, the Node's creation time, memstore's insertion
+	// sequence: the older lease). Equal lowest orders: all are ignored.
+	Order int64
+	// Own marks a lease this node published (same identity, or for
+	// Kubernetes its own Node).
+	Own bool
+}
+
+// Ignored is a candidate that is not a valid peer, with the rule it breaks.
+type Ignored struct {
+	Candidate
+	Rule Rule
+	// Detail says what exactly is wrong, for the warning.
+	Detail string
+}
+
+// Verdict is what Peers decided about a store's leases.
+type Verdict struct {
+	// Valid are the valid peers (this node's own lease included), in the
+	// order of the candidates.
+	Valid []Candidate
+	// Ignored are the others, in the order of the candidates.
+	Ignored []Ignored
+}
+
+// Leases returns the valid leases: what a store hands to Watch's fn.
+func (v Verdict) Leases() []Lease {
+	out := make([]Lease, len(v.Valid))
+	for i, c := range v.Valid {
+		out[i] = c.Lease
+	}
+	return out
+}
+
+// Taken returns what allocation must count as held: the valid leases and
+// those ignored only because they overlap another (their subnets have the
+// right shape and the store really holds them, so creating them again
+// would fail). Leases outside the network or of another length are not
+// counted, so hostile keys such as 0.0.0.0/1 cannot exhaust the network.
+func (v Verdict) Taken() []Lease {
+	out := v.Leases()
+	for _, ig := range v.Ignored {
+		if ig.Rule == RuleOverlap || ig.Rule == RuleOwnSubnet {
+			out = append(out, ig.Lease)
+		}
+	}
+	return out
+}
+
+// Shape checks the rules of one lease on its own: every subnet it has is
+// of an enabled family, inside Network (IPv6Network) and of length
+// SubnetLen (IPv6SubnetLen), and it has at least one. It returns "" when
+// the lease fits, else the rule broken and a detail. A lease without a
+// subnet of one enabled family is allowed (a node not yet dual-stack).
+// It does not check SubnetMin/SubnetMax: reservations may lie outside.
+func (c Config) Shape(l Lease) (Rule, string) {
+	if !l.Subnet.IsValid() && !l.IPv6Subnet.IsValid() {
+		return RuleOutside, "no subnet"
+	}
+	if r, d := shapeFamily(c.EnableIPv4, "Network", c.Network, c.SubnetLen, l.Subnet); r != "" {
+		return r, d
+	}
+	return shapeFamily(c.EnableIPv6, "IPv6Network", c.IPv6Network, c.IPv6SubnetLen, l.IPv6Subnet)
+}
+
+func shapeFamily(enabled bool, key string, network netip.Prefix, subLen int, p netip.Prefix) (Rule, string) {
+	switch {
+	case !p.IsValid():
+		return "", ""
+	case !enabled:
+		return RuleOutside, fmt.Sprintf("subnet %s but the network has no %s", p, key)
+	case p.Bits() < network.Bits() || !network.Contains(p.Addr()) || p.Masked() != p:
+		return RuleOutside, fmt.Sprintf("subnet %s is not inside %s %s", p, key, network)
+	case p.Bits() != subLen:
+		return RuleLength, fmt.Sprintf("subnet %s is not a /%d", p, subLen)
+	}
+	return "", ""
+}
+
+// Peers applies the one rule for valid peers that every store follows: a
+// lease is ignored (for allocation, see Verdict.Taken, and for Watch's
+// snapshots) when
+//
+//   - its subnet is not inside Network (IPv6Network), or it has a subnet
+//     of a disabled family (RuleOutside);
+//   - its prefix length is not SubnetLen (IPv6SubnetLen) (RuleLength);
+//   - it is not this node's (Own false) and overlaps own or a lease of
+//     this node's (RuleOwnSubnet): this node's subnet is never routed away;
+//   - it overlaps another lease (RuleOverlap). Of overlapping leases the
+//     one with the lowest Order (the older) stays valid; when the lowest
+//     Order is shared, all of them are ignored. Leases that passed the
+//     first two rules overlap only when they hold the same subnet.
+//
+// own is this node's lease when the store knows it (zero otherwise); its
+// subnets count as this node's as well as those of Own candidates. Peers
+// is pure and keeps no state; see Warnings for logging once.
+func (c Config) Peers(cands []Candidate, own Lease) Verdict {
+	bad := make([]Ignored, len(cands)) // Rule "" means valid
+	ownSubnets := map[netip.Prefix]bool{}
+	for _, p := range []netip.Prefix{own.Subnet, own.IPv6Subnet} {
+		if p.IsValid() {
+			ownSubnets[p] = true
+		}
+	}
+	holders := map[netip.Prefix][]int{}
+	for i, cd := range cands {
+		bad[i].Candidate = cd
+		if r, d := c.Shape(cd.Lease); r != "" {
+			bad[i].Rule, bad[i].Detail = r, d
+			continue
+		}
+		for _, p := range subnets(cd.Lease) {
+			holders[p] = append(holders[p], i)
+			if cd.Own {
+				ownSubnets[p] = true
+			}
+		}
+	}
+	for i, cd := range cands {
+		if bad[i].Rule != "" || cd.Own {
+			continue
+		}
+		for _, p := range subnets(cd.Lease) {
+			if ownSubnets[p] {
+				bad[i].Rule, bad[i].Detail = RuleOwnSubnet, fmt.Sprintf("subnet %s is this node's", p)
+			}
+		}
+	}
+	for p, idx := range holders {
+		resolveOverlap(bad, p, idx)
+	}
+	var v Verdict
+	for i, b := range bad {
+		if b.Rule == "" {
+			v.Valid = append(v.Valid, cands[i])
+		} else {
+			v.Ignored = append(v.Ignored, b)
+		}
+	}
+	return v
+}
+
+// resolveOverlap marks all but the lowest-Order holder of p (all of them
+// on a tie) as overlapping, among those not already ignored.
+func resolveOverlap(bad []Ignored, p netip.Prefix, idx []int) {
+	idx = slices.DeleteFunc(slices.Clone(idx), func(i int) bool {
+		return bad[i].Rule != "" && bad[i].Rule != RuleOverlap
+	})
+	if len(idx) < 2 {
+		return
+	}
+	slices.SortStableFunc(idx, func(a, b int) int { return cmp.Compare(bad[a].Order, bad[b].Order) })
+	winner := -1
+	if bad[idx[0]].Order != bad[idx[1]].Order {
+		winner = idx[0]
+	}
+	for _, i := range idx {
+		if i == winner || bad[i].Rule != "" {
+			continue
+		}
+		var detail string
+		switch {
+		case winner >= 0:
+			detail = fmt.Sprintf("subnet %s is held by the older %s", p, bad[winner].Name)
+		case i == idx[0]:
+			detail = fmt.Sprintf("subnet %s is also claimed by %s, as old", p, bad[idx[1]].Name)
+		default:
+			detail = fmt.Sprintf("subnet %s is also claimed by %s, as old", p, bad[idx[0]].Name)
+		}
+		bad[i].Rule, bad[i].Detail = RuleOverlap, detail
+	}
+}
+
+func subnets(l Lease) []netip.Prefix {
+	var out []netip.Prefix
+	if l.Subnet.IsValid() {
+		out = append(out, l.Subnet)
+	}
+	if l.IPv6Subnet.IsValid() {
+		out = append(out, l.IPv6Subnet)
+	}
+	return out
+}

@@ -1,0 +1,147 @@
+package lease
+
+import (
+	"net/netip"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+)
+
+func TestPeers(t *testing.T) {
+	t.Parallel()
+	v4 := Config{EnableIPv4: true, Network: netip.MustParsePrefix("10.69.0.0/16")}.WithDefaults()
+	pfx := netip.MustParsePrefix
+	cand := func(name, subnet string, order int64) Candidate {
+		return Candidate{Name: name, Lease: Lease{Subnet: pfx(subnet)}, Order: order}
+	}
+	own := func(c Candidate) Candidate { c.Own = true; return c }
+	v6cand := func(name, subnet string) Candidate {
+		return Candidate{Name: name, Lease: Lease{Subnet: pfx("10.69.9.0/24"), IPv6Subnet: pfx(subnet)}}
+	}
+	tests := []struct {
+		name    string
+		cfg     Config
+		cands   []Candidate
+		own     Lease
+		valid   []string
+		ignored map[string]Rule
+	}{
+		{name: "all valid", cfg: v4, cands: []Candidate{cand("a", "10.69.1.0/24", 1), cand("b", "10.69.2.0/24", 2)}, valid: []string{"a", "b"}},
+		{name: "outside the network", cfg: v4, cands: []Candidate{cand("a", "172.0.0.0/8", 1), cand("b", "10.70.0.0/24", 2), cand("c", "10.69.1.0/24", 3)},
+			valid: []string{"c"}, ignored: map[string]Rule{"a": RuleOutside, "b": RuleOutside}},
+		{name: "wider than the network", cfg: v4, cands: []Candidate{cand("a", "0.0.0.0/1", 1), cand("b", "10.0.0.0/8", 2)},
+			ignored: map[string]Rule{"a": RuleOutside, "b": RuleOutside}},
+		{name: "wrong length", cfg: v4, cands: []Candidate{cand("a", "10.69.0.0/16", 1), cand("b", "10.69.1.0/25", 2), cand("c", "10.69.4.0/23", 3)},
+			ignored: map[string]Rule{"a": RuleLength, "b": RuleLength, "c": RuleLength}},
+		{name: "no subnet", cfg: v4, cands: []Candidate{{Name: "a"}}, ignored: map[string]Rule{"a": RuleOutside}},
+		{name: "family not enabled", cfg: v4, cands: []Candidate{v6cand("a", "fd00::/64")}, ignored: map[string]Rule{"a": RuleOutside}},
+		{name: "overlap: the older wins", cfg: v4,
+			cands: []Candidate{cand("new", "10.69.1.0/24", 7), cand("old", "10.69.1.0/24", 3), cand("other", "10.69.2.0/24", 9)},
+			valid: []string{"old", "other"}, ignored: map[string]Rule{"new": RuleOverlap}},
+		{name: "overlap: same age, both ignored", cfg: v4,
+			cands:   []Candidate{cand("a", "10.69.1.0/24", 3), cand("b", "10.69.1.0/24", 3), cand("c", "10.69.1.0/24", 4)},
+			ignored: map[string]Rule{"a": RuleOverlap, "b": RuleOverlap, "c": RuleOverlap}},
+		{name: "overlap with an invalid lease does not count", cfg: v4,
+			cands: []Candidate{cand("wide", "10.69.0.0/16", 1), cand("a", "10.69.1.0/24", 2)},
+			valid: []string{"a"}, ignored: map[string]Rule{"wide": RuleLength}},
+		{name: "own subnet claimed by another node", cfg: v4,
+			cands: []Candidate{cand("thief", "10.69.1.0/24", 1), own(cand("me", "10.69.1.0/24", 5))},
+			valid: []string{"me"}, ignored: map[string]Rule{"thief": RuleOwnSubnet}},
+		{name: "own subnet from the own lease alone", cfg: v4, own: Lease{Subnet: pfx("10.69.1.0/24")},
+			cands: []Candidate{cand("thief", "10.69.1.0/24", 1), cand("b", "10.69.2.0/24", 2)},
+			valid: []string{"b"}, ignored: map[string]Rule{"thief": RuleOwnSubnet}},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			v := tc.cfg.Peers(tc.cands, tc.own)
+			var valid []string
+			for _, c := range v.Valid {
+				valid = append(valid, c.Name)
+			}
+			ignored := map[string]Rule{}
+			for _, ig := range v.Ignored {
+				ignored[ig.Name] = ig.Rule
+				assert.NotEmpty(t, ig.Detail, ig.Name)
+			}
+			assert.Equal(t, tc.valid, valid)
+			if tc.ignored == nil {
+				tc.ignored = map[string]Rule{}
+			}
+			assert.Equal(t, tc.ignored, ignored)
+			assert.Len(t, v.Leases(), len(valid))
+		})
+	}
+}
+
+func TestPeersTaken(t *testing.T) {
+	t.Parallel()
+	cfg := Config{EnableIPv4: true, Network: netip.MustParsePrefix("10.69.0.0/16")}.WithDefaults()
+	l := func(s string) Lease { return Lease{Subnet: netip.MustParsePrefix(s)} }
+	v := cfg.Peers([]Candidate{
+		{Name: "hostile", Lease: l("0.0.0.0/1")},
+		{Name: "a", Lease: l("10.69.1.0/24"), Order: 1},
+		{Name: "b", Lease: l("10.69.1.0/24"), Order: 2},
+		{Name: "c", Lease: l("10.69.2.0/24"), Order: 3},
+	}, Lease{})
+	assert.Equal(t, []Lease{l("10.69.1.0/24"), l("10.69.2.0/24"), l("10.69.1.0/24")}, v.Taken(),
+		"the overlapping lease still holds its subnet; the hostile one holds nothing")
+	got, err := cfg.Allocate(v.Taken(), Lease{}, nil)
+	assert.NoError(t, err, "a hostile 0.0.0.0/1 does not exhaust the network")
+	assert.True(t, cfg.Network.Contains(got.Subnet.Addr()))
+}
+
+func TestPeersDualStack(t *testing.T) {
+	t.Parallel()
+	cfg := dualConfig()
+	pfx := netip.MustParsePrefix
+	v := cfg.Peers([]Candidate{
+		{Name: "dual", Lease: Lease{Subnet: pfx("10.244.1.0/24"), IPv6Subnet: pfx("fd00:10:244:1::/64")}},
+		{Name: "v4 only", Lease: Lease{Subnet: pfx("10.244.2.0/24")}},
+		{Name: "bad v6", Lease: Lease{Subnet: pfx("10.244.3.0/24"), IPv6Subnet: pfx("fd00:99::/64")}},
+		{Name: "v6 len", Lease: Lease{IPv6Subnet: pfx("fd00:10:244:4::/80")}},
+		{Name: "shares v6", Lease: Lease{Subnet: pfx("10.244.5.0/24"), IPv6Subnet: pfx("fd00:10:244:1::/64")}, Order: 1},
+	}, Lease{})
+	var valid []string
+	for _, c := range v.Valid {
+		valid = append(valid, c.Name)
+	}
+	assert.Equal(t, []string{"dual", "v4 only"}, valid)
+	rules := map[string]Rule{}
+	for _, ig := range v.Ignored {
+		rules[ig.Name] = ig.Rule
+	}
+	assert.Equal(t, map[string]Rule{"bad v6": RuleOutside, "v6 len": RuleLength, "shares v6": RuleOverlap}, rules)
+}
+
+func TestWarnings(t *testing.T) {
+	t.Parallel()
+	var w Warnings
+	a := Ignored{Candidate: Candidate{Name: "a", Lease: Lease{Subnet: netip.MustParsePrefix("172.0.0.0/8")}}, Rule: RuleOutside, Detail: "x"}
+	b := Ignored{Candidate: Candidate{Name: "b", Lease: Lease{Subnet: netip.MustParsePrefix("10.0.0.0/8")}}, Rule: RuleOutside, Detail: "y"}
+	assert.Equal(t, []Ignored{a}, w.Fresh([]Ignored{a}), "first report")
+	assert.Empty(t, w.Fresh([]Ignored{a}), "same value: not again")
+	assert.Equal(t, []Ignored{b}, w.Fresh([]Ignored{a, b}), "only the new one")
+	a2 := a
+	a2.Lease.Attrs.BackendType = "vxlan"
+	assert.Equal(t, []Ignored{a2}, w.Fresh([]Ignored{a2, b}), "a changed value is reported again")
+	assert.Empty(t, w.Fresh(nil))
+	assert.Equal(t, []Ignored{a2}, w.Fresh([]Ignored{a2}), "forgotten once gone, reported when back")
+}
+
+func TestIdentity(t *testing.T) {
+	t.Parallel()
+	ip4, ip6 := netip.MustParseAddr("192.0.2.1"), netip.MustParseAddr("2001:db8::1")
+	attrs := Attrs{PublicIP: ip4, PublicIPv6: ip6}
+	v4 := Config{EnableIPv4: true}
+	v6 := Config{EnableIPv6: true}
+	dual := Config{EnableIPv4: true, EnableIPv6: true}
+	assert.Equal(t, ip4, v4.Identity(attrs))
+	assert.Equal(t, ip4, dual.Identity(attrs))
+	assert.Equal(t, ip6, v6.Identity(attrs), "IPv6-only networks identify nodes by PublicIPv6")
+	assert.False(t, v4.Identity(Attrs{PublicIPv6: ip6}).IsValid(), "no fallback to the other family")
+	assert.True(t, v6.SameNode(attrs, Attrs{PublicIPv6: ip6}))
+	assert.False(t, v4.SameNode(Attrs{}, Attrs{}), "no identity, no match")
+	assert.Equal(t, ip6, Lease{IPv6Subnet: netip.MustParsePrefix("fd00::/64"), Attrs: attrs}.Identity())
+	assert.Equal(t, ip4, Lease{Subnet: netip.MustParsePrefix("10.0.0.0/24"), Attrs: attrs}.Identity())
+}
