@@ -117,20 +117,21 @@ func (h *Host) Exec(ctx context.Context, name string, args ...string) (string, e
 	return string(out), nil
 }
 
-// StartFlanneld runs flanneld.service on the host: ExecStart (the etcd
-// endpoint swapped for the lab's), then ExecStartPost (wait for
+// StartFlanneld runs flanneld.service on the host: ExecStart with the
+// unit's Environment= and, as the operator's /etc/default/flanneld,
+// FLANNELD_ETCD_ENDPOINTS of the lab's etcd; then ExecStartPost (wait for
 // subnet.env, docker-opts), as systemd does before it counts the unit
-// started; it returns when ExecStartPost has succeeded.
+// started. It returns when ExecStartPost has succeeded.
 func (h *Host) StartFlanneld(ctx context.Context) error {
 	u := h.c.units
-	args := make([]string, 0, len(u.FlanneldArgs))
-	for _, a := range u.FlanneldArgs {
-		if strings.HasPrefix(a, "--etcd-endpoints=") {
-			a = "--etcd-endpoints=" + h.c.EtcdEndpoint()
+	cmd := h.command(context.Background(), h.c.opts.Flanneld, u.FlanneldArgs...)
+	for _, e := range os.Environ() {
+		if !strings.HasPrefix(e, "FLANNELD_") {
+			cmd.Env = append(cmd.Env, e)
 		}
-		args = append(args, a)
 	}
-	p, err := startProc("flanneld", filepath.Join(h.Root, "flanneld.log"), h.command(context.Background(), h.c.opts.Flanneld, args...))
+	cmd.Env = append(append(cmd.Env, u.FlanneldEnv...), "FLANNELD_ETCD_ENDPOINTS="+h.c.EtcdEndpoint())
+	p, err := startProc("flanneld", filepath.Join(h.Root, "flanneld.log"), cmd)
 	if err != nil {
 		return err
 	}

@@ -19,6 +19,9 @@ type Units struct {
 	FlanneldBin string
 	// FlanneldArgs are ExecStart's arguments.
 	FlanneldArgs []string
+	// FlanneldEnv are the unit's Environment= settings (KEY=value); the
+	// operator's EnvironmentFile (/etc/default/flanneld) overrides them.
+	FlanneldEnv []string
 	// PostScript is ExecStartPost's `/bin/sh -c '...'` script.
 	PostScript string
 	// DockerEnvFile is the drop-in's EnvironmentFile (the docker-opts
@@ -41,7 +44,7 @@ func ReadUnits(dir string) (Units, error) {
 		return u, errors.New("flanneld.service: want one ExecStart and one ExecStartPost")
 	}
 	f := strings.Fields(starts[0])
-	u.FlanneldBin, u.FlanneldArgs = f[0], f[1:]
+	u.FlanneldBin, u.FlanneldArgs, u.FlanneldEnv = f[0], f[1:], fl["Environment"]
 	i, j := strings.Index(posts[0], "'"), strings.LastIndex(posts[0], "'")
 	if !strings.HasPrefix(posts[0], "/bin/sh -c '") || j <= i {
 		return u, fmt.Errorf("flanneld.service: ExecStartPost %q: want /bin/sh -c '...'", posts[0])
