@@ -1,11 +1,16 @@
 package dockerhost
 
 import (
+	"bufio"
+	"context"
+	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strconv"
+	"strings"
 	"syscall"
 	"testing"
 
@@ -121,37 +126,101 @@ func TestWrongOrder(t *testing.T) {
 	checkBridge(t, h, env.Subnet, env.MTU)
 }
 
-// TestSweep: what a killed run leaves (its owner gone) is removed by
-// Sweep: dockerd, containerd, the containers, the cgroups, the files.
+// sweepChild is set in the environment of the test binary TestSweep
+// starts as the run that gets killed.
+const sweepChild = "DOCKERHOST_SWEEP_CHILD"
+
+// TestSweep: a run killed with SIGKILL (no cleanup at all) leaves
+// flanneld, dockerd, containerd, shims and a container behind; Sweep in
+// the next run removes them, the cgroups, the state directory and the
+// lab's namespaces.
 func TestSweep(t *testing.T) {
-	ctx := t.Context()
-	c := newCluster(t, 1, "host-gw")
+	if os.Getenv(sweepChild) != "" {
+		runSweepChild(t)
+		return
+	}
+	Require(t)
+	child := exec.Command(os.Args[0], "-test.run=^TestSweep$", "-test.v")
+	child.Env = append(os.Environ(), sweepChild+"=1", "DOCKERHOST_FLANNELD="+bins.flanneld, "DOCKERHOST_WHOAMI="+bins.whoami)
+	out, err := child.StdoutPipe()
+	require.NoError(t, err)
+	child.Stderr = os.Stderr
+	require.NoError(t, child.Start())
+	var lab string
+	var pids []int
+	sc := bufio.NewScanner(out)
+	for sc.Scan() {
+		if f := strings.Fields(sc.Text()); len(f) > 1 && f[0] == "SWEEP-CHILD" {
+			lab = f[1]
+			for _, p := range f[2:] {
+				pid, err := strconv.Atoi(p)
+				require.NoError(t, err)
+				pids = append(pids, pid)
+			}
+			break
+		}
+	}
+	require.NoError(t, child.Process.Kill())
+	_ = child.Wait()
+	require.NotEmpty(t, lab, "the child run did not come up")
+	go func() { _, _ = io.Copy(io.Discard, out) }()
+
+	left := 0
+	for _, pid := range pids {
+		if alive(pid) {
+			left++
+		}
+	}
+	t.Logf("the killed run left %d of %d processes (daemons die with it: Pdeathsig)", left, len(pids))
+	assert.True(t, alive(pids[len(pids)-1]), "the container outlives the killed run")
+	assert.DirExists(t, filepath.Join(StateDir, lab))
+
+	require.NoError(t, Sweep())
+	assert.NoDirExists(t, filepath.Join(StateDir, lab))
+	for _, hier := range hierarchies() {
+		m, _ := filepath.Glob(filepath.Join(hier, cgroupPrefix+lab+"-*"))
+		assert.Empty(t, m, "cgroups left in %s", hier)
+	}
+	m, _ := filepath.Glob("/run/netns/" + lab + "-*")
+	assert.Empty(t, m, "namespaces left")
+	for _, pid := range pids {
+		assert.False(t, alive(pid), "process %d left", pid)
+	}
+}
+
+// alive says whether pid runs (a zombie does not count).
+func alive(pid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return false
+	}
+	s := string(b)
+	f := strings.Fields(s[strings.LastIndex(s, ")")+1:])
+	return len(f) > 0 && f[0] != "Z"
+}
+
+// runSweepChild is the run TestSweep kills: a started host-gw host with a
+// container; it prints the lab and the pids of dockerd, containerd, the
+// shim and the container, then waits to be killed.
+func runSweepChild(t *testing.T) {
+	ctx := context.Background()
+	c, err := New(ctx, Options{
+		Hosts: 1, Flanneld: os.Getenv("DOCKERHOST_FLANNELD"), Units: unitsDir(t),
+		Network: `{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}`,
+	})
+	require.NoError(t, err)
 	require.NoError(t, c.Start(ctx))
 	h := c.Hosts[0]
-	_, err := h.Run(ctx, "c0", "sleep", "3600")
+	_, err = h.Run(ctx, "c0", "sleep", "3600")
 	require.NoError(t, err)
-	pidOf := func(args ...string) int {
-		out, err := h.Docker(ctx, args...)
+	pids := []string{strconv.Itoa(h.dockerd.cmd.Process.Pid), strconv.Itoa(h.flanneld.cmd.Process.Pid)}
+	for _, d := range hierarchies()[:1] {
+		b, err := os.ReadFile(filepath.Join(d, h.cgroup, "cgroup.procs"))
 		require.NoError(t, err)
-		pid, err := strconv.Atoi(out)
-		require.NoError(t, err)
-		return pid
+		pids = append(pids, strings.Fields(string(b))...)
 	}
-	container := pidOf("inspect", "-f", "{{.State.Pid}}", "c0")
-	dockerd := h.dockerd.cmd.Process.Pid
-
-	// The owner "died": a pid that has exited.
-	dead := exec.Command("true")
-	require.NoError(t, dead.Run())
-	root := filepath.Dir(h.Root)
-	require.NoError(t, os.WriteFile(filepath.Join(root, "owner"), []byte(strconv.Itoa(dead.Process.Pid)+" 1\n"), 0o644))
-	require.NoError(t, Sweep())
-
-	assert.NoDirExists(t, root)
-	for _, hier := range hierarchies() {
-		assert.NoDirExists(t, filepath.Join(hier, h.cgroup))
-	}
-	<-h.dockerd.done // reaped by its waiter once killed
-	assert.Error(t, syscall.Kill(container, 0), "container process gone")
-	assert.True(t, h.dockerd.exited(), "dockerd %d gone", dockerd)
+	pid, err := h.Docker(ctx, "inspect", "-f", "{{.State.Pid}}", "c0")
+	require.NoError(t, err)
+	fmt.Printf("SWEEP-CHILD %s %s %s\n", c.Lab.Name, strings.Join(pids, " "), pid)
+	select {}
 }

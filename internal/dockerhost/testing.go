@@ -30,11 +30,7 @@ func NewT(t testing.TB, o Options) *Cluster {
 	t.Helper()
 	Require(t)
 	if o.Units == "" {
-		root, err := testenv.RepoRoot()
-		if err != nil {
-			t.Fatalf("dockerhost: %v", err)
-		}
-		o.Units = filepath.Join(root, "examples", "systemd")
+		o.Units = unitsDir(t)
 	}
 	c, err := New(context.Background(), o)
 	if err != nil {
@@ -53,4 +49,14 @@ func NewT(t testing.TB, o Options) *Cluster {
 		}
 	})
 	return c
+}
+
+// unitsDir is this repository's examples/systemd.
+func unitsDir(t testing.TB) string {
+	t.Helper()
+	root, err := testenv.RepoRoot()
+	if err != nil {
+		t.Fatalf("dockerhost: %v", err)
+	}
+	return filepath.Join(root, "examples", "systemd")
 }
