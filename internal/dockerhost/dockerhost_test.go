@@ -68,11 +68,12 @@ func newCluster(t *testing.T, hosts int, backendType string) *Cluster {
 func TestCrossHost(t *testing.T) {
 	for _, tc := range []struct {
 		backend string
+		hosts   int
 		mtu     int
-	}{{"vxlan", 1450}, {"host-gw", 1500}} {
+	}{{"vxlan", 3, 1450}, {"host-gw", 2, 1500}} {
 		t.Run(tc.backend, func(t *testing.T) {
 			ctx := t.Context()
-			c := newCluster(t, 2, tc.backend)
+			c := newCluster(t, tc.hosts, tc.backend)
 			require.NoError(t, c.Start(ctx))
 			ips := make([]netip.Addr, len(c.Hosts))
 			for i, h := range c.Hosts {
@@ -94,13 +95,31 @@ func TestCrossHost(t *testing.T) {
 				assert.Equal(t, strconv.Itoa(env.MTU), out, "container eth0 mtu")
 			}
 			for i, h := range c.Hosts {
-				j := (i + 1) % len(c.Hosts)
-				out, err := h.Docker(ctx, "exec", fmt.Sprintf("c%d", i), "ping", "-c", "3", "-W", "2", ips[j].String())
-				require.NoError(t, err, "ping %s -> %s", ips[i], ips[j])
-				assert.Contains(t, out, "3 packets received")
-				assert.Equal(t, ips[i].String(), tcpWhoami(t, h, fmt.Sprintf("c%d", i), ips[j].String()),
-					"the peer container sees the container's own address")
+				for j := range c.Hosts {
+					if i == j {
+						continue
+					}
+					out, err := h.Docker(ctx, "exec", fmt.Sprintf("c%d", i), "ping", "-c", "3", "-i", "0.2", "-W", "2", ips[j].String())
+					require.NoError(t, err, "ping %s -> %s", ips[i], ips[j])
+					assert.Contains(t, out, "3 packets received")
+					assert.Equal(t, ips[i].String(), tcpWhoami(t, h, fmt.Sprintf("c%d", i), ips[j].String()),
+						"the peer container sees the container's own address")
+				}
 			}
+			// flanneld turned IPv4 forwarding on before dockerd started,
+			// so Docker left FORWARD's policy alone; had Docker turned it
+			// on itself (or a firewall), the policy would be DROP. With
+			// DROP, flanneld's FLANNEL-FWD rules carry the traffic.
+			for _, h := range c.Hosts {
+				_, err := h.Exec(ctx, "iptables", "-P", "FORWARD", "DROP")
+				require.NoError(t, err)
+				rules, err := h.Exec(ctx, "iptables", "-S", "FORWARD")
+				require.NoError(t, err)
+				assert.Contains(t, rules, "-j FLANNEL-FWD")
+			}
+			_, err := c.Hosts[0].Docker(ctx, "exec", "c0", "ping", "-c", "2", "-W", "2", ips[1].String())
+			require.NoError(t, err, "ping with FORWARD policy DROP")
+			assert.Equal(t, ips[1].String(), tcpWhoami(t, c.Hosts[1], "c1", ips[0].String()))
 			checkMasquerade(t, c)
 		})
 	}

@@ -87,7 +87,10 @@ func (h *Host) startHolder() error {
 	h.holder = p.cmd
 	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
 		if _, err := os.Stat(ready); err == nil {
-			return nil
+			// As on a fresh host, IPv4 forwarding is off until dockerd
+			// turns it on, and sets FORWARD's policy to DROP then.
+			_, err := h.Exec(context.Background(), "sysctl", "-q", "-w", "net.ipv4.ip_forward=0")
+			return err
 		}
 		if p.exited() || time.Now().After(deadline) {
 			return fmt.Errorf("host %s: mount namespace not set up: %s", h.Name, p.tail(10))
