@@ -89,7 +89,7 @@ func (h *Host) startHolder() error {
 		if _, err := os.Stat(ready); err == nil {
 			// As on a fresh host, IPv4 forwarding is off until dockerd
 			// turns it on, and sets FORWARD's policy to DROP then.
-			_, err := h.Exec(context.Background(), "sysctl", "-q", "-w", "net.ipv4.ip_forward=0")
+			_, err := h.Exec(context.Background(), "/bin/sh", "-c", "echo 0 > /proc/sys/net/ipv4/ip_forward")
 			return err
 		}
 		if p.exited() || time.Now().After(deadline) {
@@ -104,12 +104,18 @@ func (h *Host) joinScript() string {
 }
 
 // command makes a command that runs on the host: in its network and mount
-// namespaces and its cgroup.
+// namespaces and its cgroup, with the clean environment systemd gives a
+// service (only PATH), not the caller's.
 func (h *Host) command(ctx context.Context, name string, args ...string) *exec.Cmd {
 	a := append([]string{"--target", strconv.Itoa(h.holder.Process.Pid), "--mount", "--net", "--",
 		"/bin/sh", "-c", h.joinScript() + `exec "$@"`, "sh", name}, args...)
-	return exec.CommandContext(ctx, "nsenter", a...)
+	cmd := exec.CommandContext(ctx, "nsenter", a...)
+	cmd.Env = []string{servicePath}
+	return cmd
 }
+
+// servicePath is systemd's default PATH for services.
+const servicePath = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 // Exec runs a command on the host and returns its combined output.
 func (h *Host) Exec(ctx context.Context, name string, args ...string) (string, error) {
@@ -128,11 +134,6 @@ func (h *Host) Exec(ctx context.Context, name string, args ...string) (string, e
 func (h *Host) StartFlanneld(ctx context.Context) error {
 	u := h.c.units
 	cmd := h.command(context.Background(), h.c.opts.Flanneld, u.FlanneldArgs...)
-	for _, e := range os.Environ() {
-		if !strings.HasPrefix(e, "FLANNELD_") {
-			cmd.Env = append(cmd.Env, e)
-		}
-	}
 	cmd.Env = append(append(cmd.Env, u.FlanneldEnv...), "FLANNELD_ETCD_ENDPOINTS="+h.c.EtcdEndpoint())
 	p, err := startProc("flanneld", filepath.Join(h.Root, "flanneld.log"), cmd)
 	if err != nil {
@@ -252,9 +253,7 @@ func (h *Host) StopDocker(sig syscall.Signal) {
 
 // Docker runs the docker CLI against the host's dockerd.
 func (h *Host) Docker(ctx context.Context, args ...string) (string, error) {
-	cmd := exec.CommandContext(ctx, h.c.dockerCLI, append([]string{"-H", "unix://" + h.Socket()}, args...)...)
-	cmd.Env = append(os.Environ(), "DOCKER_CONFIG="+filepath.Join(h.c.root, "docker-cli"))
-	out, err := cmd.CombinedOutput()
+	out, err := h.c.cli(ctx, h, args...).CombinedOutput()
 	if err != nil {
 		return string(out), fmt.Errorf("host %s: docker %s: %w: %s", h.Name, strings.Join(args, " "), err, out)
 	}

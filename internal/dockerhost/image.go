@@ -81,11 +81,18 @@ func (c *Cluster) importImage(ctx context.Context, h *Host) error {
 		return err
 	}
 	defer f.Close()
-	cmd := exec.CommandContext(ctx, c.dockerCLI, "-H", "unix://"+h.Socket(), "import", "-", Image)
-	cmd.Env = append(os.Environ(), "DOCKER_CONFIG="+filepath.Join(c.root, "docker-cli"))
+	cmd := c.cli(ctx, h, "import", "-", Image)
 	cmd.Stdin = f
 	if out, err := cmd.CombinedOutput(); err != nil {
 		return fmt.Errorf("host %s: docker import: %w: %s", h.Name, err, out)
 	}
 	return nil
+}
+
+// cli is a docker CLI command for h's dockerd, with a configuration
+// directory of its own and none of the caller's DOCKER_* settings.
+func (c *Cluster) cli(ctx context.Context, h *Host, args ...string) *exec.Cmd {
+	cmd := exec.CommandContext(ctx, c.dockerCLI, append([]string{"-H", "unix://" + h.Socket()}, args...)...)
+	cmd.Env = []string{servicePath, "DOCKER_CONFIG=" + filepath.Join(c.root, "docker-cli")}
+	return cmd
 }
