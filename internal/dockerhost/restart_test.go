@@ -94,7 +94,9 @@ func TestRestarts(t *testing.T) {
 // TestWrongOrder: docker-opts before flanneld has written subnet.env (or
 // while it is incomplete) fails and says why; dockerd is not started
 // without its options (systemd's EnvironmentFile), so no bridge of
-// Docker's own choosing appears. In the right order it then works.
+// Docker's own choosing appears. A dockerd started by hand without them
+// gets 172.17.0.1/16; started again in the right order, docker0 has the
+// flannel subnet alone.
 func TestWrongOrder(t *testing.T) {
 	ctx := t.Context()
 	c := newCluster(t, 1, "vxlan")
@@ -117,12 +119,28 @@ func TestWrongOrder(t *testing.T) {
 	assert.NoFileExists(t, h.Path(c.units.DockerEnvFile))
 	require.NoError(t, os.Remove(partial))
 
+	// dockerd started by hand without flannel's options: Docker's own
+	// bridge, outside the flannel network.
+	optsFile := h.Path(c.units.DockerEnvFile)
+	require.NoError(t, os.WriteFile(optsFile, []byte("DOCKER_OPTS=\"\"\n"), 0o644))
+	require.NoError(t, h.StartDocker(ctx))
+	link, err := h.Lab.Handle.LinkByName("docker0")
+	require.NoError(t, err)
+	addrs, err := h.Lab.Handle.AddrList(link, syscall.AF_INET)
+	require.NoError(t, err)
+	require.Len(t, addrs, 1)
+	t.Logf("dockerd without options: docker0 %s", addrs[0].IPNet)
+	h.StopDocker(syscall.SIGTERM)
+	require.NoError(t, os.Remove(optsFile))
+
 	require.NoError(t, h.StartFlanneld(ctx))
 	require.NoError(t, h.StartDocker(ctx))
 	env, err := h.SubnetEnv()
 	require.NoError(t, err)
 	_, err = h.Run(ctx, "c0", "sleep", "3600")
 	require.NoError(t, err)
+	// The bridge moved to the flannel subnet: dockerd replaced the
+	// address it had chosen itself.
 	checkBridge(t, h, env.Subnet, env.MTU)
 }
 
