@@ -4,7 +4,9 @@
 // flanneld, its docker-opts step and a real dockerd (Debian's docker.io),
 // started as the units in examples/systemd start them (read from those
 // files), with its own data-root, exec-root, pidfile, API socket and its
-// own containerd (dockerd's managed one, under its exec-root). All hosts
+// own containerd (dockerd's managed one, under its exec-root: a host's
+// containers, shims and state go with it, and no host shares a socket
+// with another or with a kubecluster node's containerd). All hosts
 // share one embedded etcd (internal/etcdtest), reached through a relay at
 // the lab router's address. Images come from `docker import` of a rootfs
 // made here (busybox-static and the files the caller adds); nothing is

@@ -189,7 +189,7 @@ func TestSweep(t *testing.T) {
 			left++
 		}
 	}
-	t.Logf("the killed run left %d of %d processes (daemons die with it: Pdeathsig)", left, len(pids))
+	t.Logf("the killed run left %d of %d processes running (its daemons get SIGKILL as it dies, shims and containers do not)", left, len(pids))
 	assert.True(t, alive(pids[len(pids)-1]), "the container outlives the killed run")
 	assert.DirExists(t, filepath.Join(StateDir, lab))
 
