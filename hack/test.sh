@@ -39,9 +39,23 @@ command -v cpio >/dev/null || vm+=(cpio)
 command -v containerd >/dev/null || vm+=(containerd)
 command -v runc >/dev/null || vm+=(runc)
 command -v depmod >/dev/null || [ -x /usr/sbin/depmod ] || vm+=(kmod)
+# The Docker hosts (internal/dockerhost): Debian's docker.io (dockerd
+# 20.10, docker-init; it depends on the containerd and runc above, so it
+# adds no second containerd). The harness starts one dockerd per node
+# namespace itself; the package must not start a dockerd on this host (a
+# host docker0 and FORWARD policy DROP), so service starts are denied
+# while it installs, unless a policy is already in place.
+command -v dockerd >/dev/null || vm+=(docker.io)
 if [ ${#vm[@]} -gt 0 ]; then
 	apt-get update -qq
+	policy=
+	if [ ! -e /usr/sbin/policy-rc.d ]; then
+		printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+		chmod +x /usr/sbin/policy-rc.d
+		policy=1
+	fi
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${vm[@]}"
+	[ -z "$policy" ] || rm -f /usr/sbin/policy-rc.d
 fi
 # iptables through nf_tables (Debian's default), chosen explicitly.
 for t in iptables ip6tables; do
@@ -72,6 +86,8 @@ done
 out=$(qemu-system-x86_64 --version 2>&1) || fail "qemu-system-x86_64 is installed but does not run: $out"
 out=$(containerd --version 2>&1) || fail "containerd is installed but does not run: $out"
 out=$(runc --version 2>&1) || fail "runc is installed but does not run: $out"
+out=$(dockerd --version 2>&1) || fail "dockerd is installed but does not run: $out"
+out=$(/usr/bin/docker --version 2>&1) || fail "the docker CLI (/usr/bin/docker, docker.io) does not run: $out"
 ip netns del "$probe_ns"
 trap - EXIT
 

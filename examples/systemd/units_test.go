@@ -61,6 +61,20 @@ func TestFlanneldUnitFlagsParse(t *testing.T) {
 	// The daemon says when it is ready (sd_notify), so ExecStartPost and
 	// docker.service start after subnet.env is complete.
 	assert.Equal(t, []string{"notify"}, values(ds, "Type"))
+
+	// The etcd endpoints come from the environment, so that
+	// /etc/default/flanneld can set them (a flag would win over it).
+	assert.NotContains(t, starts[0], "--etcd-endpoints")
+	env := map[string]string{}
+	for _, e := range values(ds, "Environment") {
+		k, v, _ := strings.Cut(e, "=")
+		env[k] = v
+	}
+	assert.Equal(t, "http://127.0.0.1:2379", env["FLANNELD_ETCD_ENDPOINTS"])
+	c, err = daemon.Parse(args[1:], func(k string) string { return env[k] }, io.Discard)
+	require.NoError(t, err)
+	assert.Equal(t, []string{"http://127.0.0.1:2379"}, c.EtcdEndpoints)
+	assert.Equal(t, []string{"-/etc/default/flanneld"}, values(ds, "EnvironmentFile"))
 }
 
 // TestDockerOptsChain runs the ExecStartPost's docker-opts arguments on a

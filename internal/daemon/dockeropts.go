@@ -6,6 +6,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"io/fs"
 	"strconv"
 
 	flannel "github.com/flannelkit/flannel"
@@ -73,7 +74,10 @@ func DockerOpts(env flannel.SubnetEnv, o DockerOptions) ([]byte, error) {
 
 // DockerOptsCommand is the docker-opts subcommand: it reads subnet.env
 // (-f) and writes the Docker options file (-d, "-" for standard output)
-// atomically. The flags are mk-docker-opts.sh's.
+// atomically. The flags are mk-docker-opts.sh's. A missing or incomplete
+// subnet.env (flanneld not started, or not done yet) is an error that says
+// so, and no options file is written: Docker must not come up with a
+// bridge of its own choosing.
 func DockerOptsCommand(args []string, stdout, stderr io.Writer) error {
 	fs := flag.NewFlagSet("flanneld docker-opts", flag.ContinueOnError)
 	fs.SetOutput(stderr)
@@ -90,9 +94,9 @@ func DockerOptsCommand(args []string, stdout, stderr io.Writer) error {
 	if fs.NArg() > 0 {
 		return fmt.Errorf("docker-opts: unexpected argument %q", fs.Arg(0))
 	}
-	env, err := flannel.ReadSubnetEnv(*in)
+	env, err := readDockerSubnetEnv(*in)
 	if err != nil {
-		return fmt.Errorf("docker-opts: %w", err)
+		return err
 	}
 	b, err := DockerOpts(env, o)
 	if err != nil {
@@ -106,4 +110,24 @@ func DockerOptsCommand(args []string, stdout, stderr io.Writer) error {
 		return fmt.Errorf("docker-opts: %w", err)
 	}
 	return nil
+}
+
+// readDockerSubnetEnv reads subnet.env for docker-opts, with every key
+// flanneld writes (flannel.ReadCompleteSubnetEnv), and turns the errors of
+// running too early into advice: the usual cause is starting Docker (or
+// this step) before flanneld has taken its lease.
+func readDockerSubnetEnv(path string) (flannel.SubnetEnv, error) {
+	env, err := flannel.ReadCompleteSubnetEnv(path)
+	switch {
+	case err == nil:
+		return env, nil
+	case errors.Is(err, fs.ErrNotExist):
+		return env, fmt.Errorf("docker-opts: %s does not exist: flanneld has not written it yet; "+
+			"start flanneld first and run docker-opts, then dockerd, after it: %w", path, err)
+	case errors.Is(err, flannel.ErrSubnetEnvIncomplete):
+		return env, fmt.Errorf("docker-opts: %w; flanneld has not finished writing it (or another program wrote it): "+
+			"run docker-opts after flanneld is up", err)
+	default:
+		return env, fmt.Errorf("docker-opts: %w", err)
+	}
 }

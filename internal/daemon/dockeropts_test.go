@@ -90,3 +90,24 @@ func TestDockerOptsCommand(t *testing.T) {
 	assert.ErrorContains(t, err, "FLANNEL_SUBNET")
 	assert.ErrorContains(t, DockerOptsCommand([]string{"-x"}, io.Discard, io.Discard), "-x")
 }
+
+// TestDockerOptsTooEarly: docker-opts run before flanneld has written
+// subnet.env (or while a partial one is there) fails with advice and
+// writes no options file.
+func TestDockerOptsTooEarly(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	out := filepath.Join(dir, "docker")
+	err := DockerOptsCommand([]string{"-f", filepath.Join(dir, "subnet.env"), "-d", out, "-c"}, io.Discard, io.Discard)
+	require.Error(t, err)
+	assert.ErrorIs(t, err, os.ErrNotExist)
+	assert.ErrorContains(t, err, "start flanneld first")
+
+	partial := filepath.Join(dir, "partial.env")
+	require.NoError(t, os.WriteFile(partial, []byte("FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.3.1/24\n"), 0o644))
+	err = DockerOptsCommand([]string{"-f", partial, "-d", out, "-c"}, io.Discard, io.Discard)
+	assert.ErrorIs(t, err, flannel.ErrSubnetEnvIncomplete)
+	assert.ErrorContains(t, err, "FLANNEL_MTU")
+	assert.ErrorContains(t, err, "after flanneld is up")
+	assert.NoFileExists(t, out)
+}
