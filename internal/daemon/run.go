@@ -24,15 +24,18 @@ import (
 	"github.com/flannelkit/flannel/lease"
 	"github.com/flannelkit/flannel/rules"
 	"github.com/flannelkit/flannel/vxlan"
+	"github.com/flannelkit/flannel/wireguard"
 )
 
-// Registry returns the backends this daemon links.
-func Registry() (*backend.Registry, error) {
+// Registry returns the backends this daemon links, set up for c (the
+// wireguard key file).
+func Registry(c Config) (*backend.Registry, error) {
 	r := backend.NewRegistry()
 	for typ, c := range map[string]backend.Constructor{
-		vxlan.Type:  vxlan.FromConfig,
-		hostgw.Type: hostgw.FromConfig,
-		ipsec.Type:  ipsec.FromConfig,
+		vxlan.Type:     vxlan.FromConfig,
+		hostgw.Type:    hostgw.FromConfig,
+		ipsec.Type:     ipsec.FromConfig,
+		wireguard.Type: wireguard.Constructor(wireguard.Options{KeyFile: c.WireguardKeyFile}),
 	} {
 		if err := r.Register(typ, c); err != nil {
 			return nil, err
@@ -96,7 +99,7 @@ func Run(ctx context.Context, c Config, log *slog.Logger) error {
 	if err != nil || ctx.Err() != nil {
 		return err
 	}
-	reg, err := Registry()
+	reg, err := Registry(c)
 	if err != nil {
 		return err
 	}
