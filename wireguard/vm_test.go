@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"net/netip"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -15,6 +16,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	flannel "github.com/flannelkit/flannel"
+	"github.com/flannelkit/flannel/internal/cnilab"
 	"github.com/flannelkit/flannel/internal/netlab"
 	"github.com/flannelkit/flannel/internal/testenv"
 	"github.com/flannelkit/flannel/internal/vmtest"
@@ -29,6 +31,41 @@ var vmModules = []string{"wireguard", "veth", "bridge", "xfrm_user", "nfnetlink"
 // TestVM runs the TestInVM* tests of this package inside a qemu VM whose
 // kernel has WireGuard (the host's has not): one boot for all of them.
 func TestVM(t *testing.T) {
+	res := runVM(t, "^TestInVM", nil, nil)
+	require.Contains(t, res.Output, "--- PASS: TestInVMMatrix")
+	// inVM skips these tests on the host only: inside the VM none may skip.
+	require.NotContains(t, res.Output, "--- SKIP", "a test skipped inside the VM")
+}
+
+// TestVMDemo runs examples/cluster -backend wireguard in the VM. It is
+// opt-in (FLANNEL_VM_DEMO=1), as ipsec's is: building the demo statically
+// compiles its whole dependency graph once more; TestInVMAgents covers
+// the same Agent + wireguard path in every run.
+func TestVMDemo(t *testing.T) {
+	if os.Getenv("FLANNEL_VM_DEMO") != "1" {
+		t.Skip("opt-in: set FLANNEL_VM_DEMO=1 to build examples/cluster statically and run it with -backend wireguard in the VM")
+	}
+	plugins := map[string]string{}
+	dir := cnilab.PluginDir(t)
+	for _, p := range cnilab.ReferencePlugins() {
+		plugins["opt/cni/bin/"+p] = filepath.Join(dir, p)
+	}
+	res := runVM(t, "^TestDemoInVM", map[string]string{"cluster": "../examples/cluster"}, plugins)
+	require.Contains(t, res.Output, "--- PASS: TestDemoInVM")
+}
+
+// TestDemoInVM runs examples/cluster -backend wireguard on the VM's kernel
+// (TestVMDemo).
+func TestDemoInVM(t *testing.T) {
+	inVM(t)
+	out, err := exec.CommandContext(t.Context(), "/bin/cluster", "-backend", "wireguard", "-store", "memory", "-nodes", "3", "-ipv6").CombinedOutput()
+	t.Logf("examples/cluster -backend wireguard:\n%s", out)
+	require.NoError(t, err)
+	assert.Contains(t, string(out), "backend wireguard, store memory: all pairs reachable")
+}
+
+func runVM(t *testing.T, run string, cmds, files map[string]string) vmtest.Result {
+	t.Helper()
 	if vmtest.Inside() {
 		t.Skip("already inside the VM")
 	}
@@ -38,22 +75,22 @@ func TestVM(t *testing.T) {
 	accel, err := vmtest.AccelFromEnv()
 	require.NoError(t, err)
 	res, err := vmtest.Run(t.Context(), tools, vmtest.Options{
-		Accel:   accel,
-		Package: ".",
-		Run:     "^TestInVM",
-		Modules: vmModules,
-		Timeout: 15 * time.Minute,
-		Out:     t.Output(),
-		Verbose: true,
+		Accel:    accel,
+		Package:  ".",
+		Run:      run,
+		Modules:  vmModules,
+		Timeout:  15 * time.Minute,
+		Out:      t.Output(),
+		Verbose:  true,
+		Commands: cmds,
+		Files:    files,
 	})
 	t.Logf("VM: accelerator %s (%s), boot %v, total %v", res.Accel, res.AccelReason, res.Boot.Round(time.Millisecond), res.Total.Round(time.Millisecond))
 	require.NoError(t, err)
 	if !res.Passed {
 		t.Fatal("tests inside the VM failed (output above)")
 	}
-	require.Contains(t, res.Output, "--- PASS: TestInVMMatrix")
-	// inVM skips these tests on the host only: inside the VM none may skip.
-	require.NotContains(t, res.Output, "--- SKIP", "a test skipped inside the VM")
+	return res
 }
 
 func inVM(t *testing.T) {
