@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -64,7 +65,7 @@ func TestDemoInVM(t *testing.T) {
 	assert.Contains(t, string(out), "backend wireguard, store memory: all pairs reachable")
 }
 
-func runVM(t *testing.T, run string, cmds, files map[string]string) vmtest.Result {
+func runVM(t *testing.T, run string, cmds, files map[string]string, mods ...string) vmtest.Result {
 	t.Helper()
 	if vmtest.Inside() {
 		t.Skip("already inside the VM")
@@ -78,7 +79,7 @@ func runVM(t *testing.T, run string, cmds, files map[string]string) vmtest.Resul
 		Accel:    accel,
 		Package:  ".",
 		Run:      run,
-		Modules:  vmModules,
+		Modules:  append(slices.Clone(vmModules), mods...),
 		Timeout:  15 * time.Minute,
 		Out:      t.Output(),
 		Verbose:  true,

@@ -3,6 +3,7 @@ package wireguard_test
 import (
 	"bufio"
 	"context"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -46,23 +47,35 @@ func TestVMUpstream(t *testing.T) {
 	if bin == "" {
 		t.Skip("opt-in: set " + upstreamEnv + " to a static upstream flanneld to run the mixed-cluster check in the VM")
 	}
-	res := runVM(t, "^TestUpstreamInVM", nil, map[string]string{"bin/flanneld-upstream": bin})
+	// Upstream's flanneld refuses to start without br_netfilter.
+	res := runVM(t, "^TestUpstreamInVM", nil, map[string]string{"bin/flanneld-upstream": bin}, "br_netfilter")
 	require.Contains(t, res.Output, "--- PASS: TestUpstreamInVM")
 }
 
 // TestUpstreamInVM: nodes 0 and 1 run Agents of this library, node 2 runs
-// upstream's flanneld; every pod pair talks both ways over ICMP and TCP.
+// upstream's flanneld, for IPv4 and dual-stack in separate and auto mode;
+// every pod pair talks both ways over ICMP and TCP, and the etcd values of
+// both kinds of node have one shape.
 func TestUpstreamInVM(t *testing.T) {
 	inVM(t)
 	const bin = "/bin/flanneld-upstream"
 	_, err := os.Stat(bin)
 	require.NoError(t, err, "the upstream binary is packed by TestVMUpstream")
-	lab := netlab.NewT(t, netlab.Options{Nodes: 3})
+	for _, tc := range []struct {
+		fam  family
+		mode wireguard.Mode
+	}{{ipv4, wireguard.ModeSeparate}, {dual, wireguard.ModeSeparate}, {dual, wireguard.ModeAuto}} {
+		t.Run(fmt.Sprintf("%s-%s", tc.fam, tc.mode), func(t *testing.T) { mixedCluster(t, bin, tc.fam, tc.mode) })
+	}
+}
+
+func mixedCluster(t *testing.T, bin string, f family, mode wireguard.Mode) {
+	lab := netlab.NewT(t, netlab.Options{Nodes: 3, IPv4: f.v4, IPv6: f.v6})
 	etcd := etcdtest.NewT(t, etcdtest.Options{})
 	client := etcdtest.ClientT(t, etcd)
 	admin, err := etcdstore.New(client, etcdstore.Options{})
 	require.NoError(t, err)
-	require.NoError(t, admin.PutConfig(t.Context(), []byte(`{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard"}}`)))
+	require.NoError(t, admin.PutConfig(t.Context(), []byte(netConf(f, `"Mode":"`+string(mode)+`"`))))
 	u, err := url.Parse(etcd.Endpoints[0])
 	require.NoError(t, err)
 	const etcdPort = 2379
@@ -83,7 +96,7 @@ func TestUpstreamInVM(t *testing.T) {
 		require.NoError(t, err)
 		be, err := wireguard.Constructor(wireguard.Options{KeyFile: filepath.Join(dir, n.Name, "wgkey")})(cfg)
 		require.NoError(t, err)
-		iface, err := backend.FindInterface(n.Handle, backend.InterfaceOptions{IPv4: true})
+		iface, err := backend.FindInterface(n.Handle, backend.InterfaceOptions{IPv4: f.v4, IPv6: f.v6})
 		require.NoError(t, err)
 		agents[i], err = flannel.NewAgent(flannel.AgentOptions{Store: st, Backend: be, Iface: iface, Handle: n.Handle, NS: n.NS, Logger: log.With("node", n.Name)})
 		require.NoError(t, err)
@@ -97,25 +110,34 @@ func TestUpstreamInVM(t *testing.T) {
 	for i, a := range agents {
 		require.Eventually(t, func() bool { return a.State().Peers == 2 }, 60*time.Second, 100*time.Millisecond, "agent %d sees the upstream node", i)
 	}
-	env := waitSubnetEnv(t, filepath.Join(dir, "upstream", "subnet.env"))
-	upSubnet := netip.MustParsePrefix(env["FLANNEL_SUBNET"]).Masked()
+	env := waitSubnetEnv(t, filepath.Join(dir, "upstream", "subnet.env"), f)
+	var upSubnet, upSubnet6 netip.Prefix
+	if f.v4 {
+		upSubnet = netip.MustParsePrefix(env["FLANNEL_SUBNET"]).Masked()
+	}
+	if f.v6 {
+		upSubnet6 = netip.MustParsePrefix(env["FLANNEL_IPV6_SUBNET"]).Masked()
+	}
 	upMTU, err := strconv.Atoi(env["FLANNEL_MTU"])
 	require.NoError(t, err)
-	t.Logf("upstream node: subnet %s, MTU %d", upSubnet, upMTU)
+	t.Logf("upstream node: subnets %s %s, MTU %d", upSubnet, upSubnet6, upMTU)
 
 	pods := make([]*netlab.Pod, 3)
 	for i, a := range agents {
 		st := a.State()
-		pods[i], err = lab.Nodes[i].AddPod("pod", st.Lease.Subnet, netip.Prefix{}, netlab.WithMTU(min(st.MTU, upMTU)))
+		pods[i], err = lab.Nodes[i].AddPod("pod", st.Lease.Subnet, st.Lease.IPv6Subnet, netlab.WithMTU(min(st.MTU, upMTU)))
 		require.NoError(t, err)
 	}
-	pods[2], err = lab.Nodes[2].AddPod("pod", upSubnet, netip.Prefix{}, netlab.WithMTU(upMTU))
+	pods[2], err = lab.Nodes[2].AddPod("pod", upSubnet, upSubnet6, netlab.WithMTU(upMTU))
 	require.NoError(t, err)
 	for i, a := range pods {
 		for j, b := range pods {
-			if i != j {
-				require.NoError(t, a.Ping(ctxT(t, 30*time.Second), b.IP), "ping %d->%d (node 2 is upstream)\nupstream log:\n%s", i, j, up.log())
-				require.NoError(t, a.TCPCheck(ctxT(t, 30*time.Second), b, b.IP), "tcp %d->%d", i, j)
+			for _, ip := range []netip.Addr{b.IP, b.IPv6} {
+				if i == j || !ip.IsValid() {
+					continue
+				}
+				require.NoError(t, a.Ping(ctxT(t, 30*time.Second), ip), "ping %d->%d %s (node 2 is upstream)", i, j, ip)
+				require.NoError(t, a.TCPCheck(ctxT(t, 30*time.Second), b, ip), "tcp %d->%d %s", i, j, ip)
 			}
 		}
 	}
@@ -126,7 +148,9 @@ func TestUpstreamInVM(t *testing.T) {
 	shape := regexp.MustCompile(`"BackendType":"wireguard","BackendData":\{"PublicKey":"[A-Za-z0-9+/]{43}=","Port":51820\}`)
 	for _, kv := range resp.Kvs {
 		t.Logf("%s = %s", kv.Key, kv.Value)
-		assert.Regexp(t, shape, string(kv.Value))
+		if f.v4 {
+			assert.Regexp(t, shape, string(kv.Value))
+		}
 	}
 	require.NoError(t, up.stop())
 }
@@ -174,8 +198,9 @@ func startUpstream(t *testing.T, n *netlab.Node, bin string, etcd netip.AddrPort
 	return p
 }
 
-// waitSubnetEnv waits for a subnet.env and returns its variables.
-func waitSubnetEnv(t *testing.T, path string) map[string]string {
+// waitSubnetEnv waits for a subnet.env with the subnets of f and returns
+// its variables.
+func waitSubnetEnv(t *testing.T, path string, fam family) map[string]string {
 	t.Helper()
 	env := map[string]string{}
 	require.Eventually(t, func() bool {
@@ -190,7 +215,7 @@ func waitSubnetEnv(t *testing.T, path string) map[string]string {
 				env[k] = v
 			}
 		}
-		return env["FLANNEL_SUBNET"] != "" && env["FLANNEL_MTU"] != ""
+		return (!fam.v4 || env["FLANNEL_SUBNET"] != "") && (!fam.v6 || env["FLANNEL_IPV6_SUBNET"] != "") && env["FLANNEL_MTU"] != ""
 	}, 60*time.Second, 100*time.Millisecond, "upstream wrote %s", path)
 	return env
 }
