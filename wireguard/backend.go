@@ -197,7 +197,7 @@ func (b *Backend) privateKey(log *slog.Logger) (wgtypes.Key, error) {
 // and port.
 func ensureDevices(env flannel.Env, devs []devSpec, key wgtypes.Key, log *slog.Logger) error {
 	for _, d := range devs {
-		if _, _, err := ensureLink(env.Handle, d, log); err != nil {
+		if _, err := ensureLink(env.Handle, d, log); err != nil {
 			return err
 		}
 	}

@@ -31,48 +31,46 @@ func noWireGuard(err error) bool {
 // ensureLink makes the device s.name a WireGuard link with s.mtu, up. An
 // existing WireGuard link is kept as it is (its key, port and peers: a
 // restart changes nothing); a link of another type with the name is
-// replaced. It reports whether the link was created.
-func ensureLink(h *netlink.Handle, s devSpec, log *slog.Logger) (netlink.Link, bool, error) {
+// replaced.
+func ensureLink(h *netlink.Handle, s devSpec, log *slog.Logger) (netlink.Link, error) {
 	link, err := h.LinkByName(s.name)
 	var nf netlink.LinkNotFoundError
 	switch {
 	case errors.As(err, &nf):
 		link = nil
 	case err != nil:
-		return nil, false, fmt.Errorf("look up device %s: %w", s.name, err)
+		return nil, fmt.Errorf("look up device %s: %w", s.name, err)
 	}
 	if link != nil && link.Type() != "wireguard" {
 		log.Warn("replacing a device of another type with our name", "device", s.name, "type", link.Type())
 		if err := h.LinkDel(link); err != nil && !errors.As(err, &nf) {
-			return nil, false, fmt.Errorf("delete device %s of type %s: %w", s.name, link.Type(), err)
+			return nil, fmt.Errorf("delete device %s of type %s: %w", s.name, link.Type(), err)
 		}
 		link = nil
 	}
-	created := false
 	if link == nil {
 		err := h.LinkAdd(&netlink.Wireguard{LinkAttrs: netlink.LinkAttrs{Name: s.name, MTU: s.mtu}})
 		switch {
 		case err != nil && noWireGuard(err):
-			return nil, false, fmt.Errorf("%w: create device %s: %v", ErrNoWireGuard, s.name, err)
+			return nil, fmt.Errorf("%w: create device %s: %v", ErrNoWireGuard, s.name, err)
 		case err != nil && !errors.Is(err, syscall.EEXIST):
-			return nil, false, fmt.Errorf("create device %s: %w", s.name, err)
+			return nil, fmt.Errorf("create device %s: %w", s.name, err)
 		}
 		if link, err = h.LinkByName(s.name); err != nil {
-			return nil, false, fmt.Errorf("look up created device %s: %w", s.name, err)
+			return nil, fmt.Errorf("look up created device %s: %w", s.name, err)
 		}
-		created = true
 	}
 	if link.Attrs().MTU != s.mtu {
 		if err := h.LinkSetMTU(link, s.mtu); err != nil {
-			return nil, false, fmt.Errorf("set mtu %d on %s: %w", s.mtu, s.name, err)
+			return nil, fmt.Errorf("set mtu %d on %s: %w", s.mtu, s.name, err)
 		}
 	}
 	if link.Attrs().Flags&net.FlagUp == 0 {
 		if err := h.LinkSetUp(link); err != nil {
-			return nil, false, fmt.Errorf("set %s up: %w", s.name, err)
+			return nil, fmt.Errorf("set %s up: %w", s.name, err)
 		}
 	}
-	return link, created, nil
+	return link, nil
 }
 
 // ensureAddrs makes want the addresses of link: missing ones are added,

@@ -163,7 +163,7 @@ func (n *Network) ensureLinks() (map[string]netlink.Link, error) {
 	links := map[string]netlink.Link{}
 	var recreated []string
 	for _, d := range n.devs {
-		link, _, err := ensureLink(n.env.Handle, d, n.log)
+		link, err := ensureLink(n.env.Handle, d, n.log)
 		if err != nil {
 			return nil, err
 		}
