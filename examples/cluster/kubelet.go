@@ -25,7 +25,7 @@ import (
 // node, the pod table and the reachability matrix.
 func runKubelet(ctx context.Context, o options, start time.Time) error {
 	if o.backend != "vxlan" && o.backend != "host-gw" {
-		return fmt.Errorf("-kubelet: -backend %s: the manifest's image runs vxlan or host-gw here (ipsec needs a kernel with ESP)", o.backend)
+		return fmt.Errorf("-kubelet: -backend %s: the manifest's image runs vxlan or host-gw here (ipsec and wireguard need kernel modules this host lacks)", o.backend)
 	}
 	if !o.ipv4 {
 		return errors.New("-kubelet: IPv4 is required (the cluster's Services are IPv4)")

@@ -35,6 +35,7 @@ import (
 	"net/netip"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"text/tabwriter"
@@ -54,6 +55,7 @@ import (
 	"github.com/flannelkit/flannel/lease"
 	"github.com/flannelkit/flannel/memstore"
 	"github.com/flannelkit/flannel/vxlan"
+	"github.com/flannelkit/flannel/wireguard"
 )
 
 func main() {
@@ -82,7 +84,7 @@ type options struct {
 func run() error {
 	var o options
 	flag.IntVar(&o.nodes, "nodes", 3, "number of nodes")
-	flag.StringVar(&o.backend, "backend", "vxlan", "dataplane: vxlan, host-gw or ipsec (needs a kernel with ESP)")
+	flag.StringVar(&o.backend, "backend", "vxlan", "dataplane: vxlan, host-gw, ipsec (needs a kernel with ESP) or wireguard (needs a kernel with WireGuard)")
 	flag.StringVar(&o.store, "store", "etcd", "lease store: etcd (embedded server), memory, or kube (real kube-apiserver)")
 	flag.BoolVar(&o.ipv4, "ipv4", true, "enable IPv4 pod network")
 	flag.BoolVar(&o.ipv6, "ipv6", false, "enable IPv6 pod network")
@@ -140,6 +142,7 @@ func run() error {
 	if err := reg.Register(ipsec.Type, ipsec.FromConfig); err != nil {
 		return err
 	}
+	// wireguard is built per node below: each node keeps its own key file.
 
 	lab, err := netlab.New(netlab.Options{Nodes: o.nodes, IPv4: o.ipv4, IPv6: o.ipv6})
 	if err != nil {
@@ -153,6 +156,11 @@ func run() error {
 	if o.backend == ipsec.Type {
 		if err := ipsec.CheckKernel(lab.Nodes[0].Handle, ipsec.AESGCM128); err != nil {
 			return fmt.Errorf("-backend ipsec cannot run on this kernel: %w (the ipsec tests run in a VM instead: go test ./ipsec -run TestVM)", err)
+		}
+	}
+	if o.backend == wireguard.Type {
+		if err := wireguard.CheckKernel(lab.Nodes[0].Handle); err != nil {
+			return fmt.Errorf("-backend wireguard cannot run on this kernel: %w (the wireguard tests run in a VM instead: go test ./wireguard -run TestVM)", err)
 		}
 	}
 
@@ -176,7 +184,7 @@ func run() error {
 		if err != nil {
 			return fmt.Errorf("node %s: %w", n.Name, err)
 		}
-		be, err := reg.New(cfg)
+		be, err := newBackend(reg, cfg, filepath.Join(tmp, n.Name))
 		if err != nil {
 			return err
 		}
@@ -311,6 +319,15 @@ func stores(ctx context.Context, o options, cfg lease.Config, log *slog.Logger) 
 	}
 	newStore := func(nlog *slog.Logger) (flannel.LeaseStore, error) { return newEtcdStore(nlog) }
 	return newStore, closeAll, nil
+}
+
+// newBackend builds a node's backend; a wireguard node keeps its private
+// key in dir, as flanneld keeps it in /run/flannel/wgkey.
+func newBackend(reg *backend.Registry, cfg lease.Config, dir string) (flannel.Backend, error) {
+	if cfg.BackendType == wireguard.Type {
+		return wireguard.Constructor(wireguard.Options{KeyFile: filepath.Join(dir, "wgkey")})(cfg)
+	}
+	return reg.New(cfg)
 }
 
 func netConf(o options) []byte {

@@ -11,6 +11,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/flannelkit/flannel/wireguard"
 )
 
 // EnvPrefix is the prefix of the environment variables that set flags:
@@ -50,6 +52,10 @@ type Config struct {
 	// NodeName is the Kubernetes node (kube mode): NODE_NAME, else the
 	// pod's node is looked up from POD_NAME/POD_NAMESPACE by the store.
 	NodeName, PodName, PodNamespace string
+	// WireguardKeyFile keeps the wireguard backend's private key:
+	// WIREGUARD_KEY_FILE as upstream reads it, else upstream's
+	// /run/flannel/wgkey.
+	WireguardKeyFile string
 }
 
 // list is a repeatable flag; an environment value may hold several
@@ -153,7 +159,8 @@ func flagSet(c *Config, out io.Writer) (*flag.FlagSet, *int, *int, *string) {
 // Parse parses args (without the program name) with the FLANNELD_*
 // variables that getenv returns, and checks every value: an error names
 // the flag (or variable) and the bad value, before anything touches the
-// kernel. getenv also supplies NODE_NAME, POD_NAME and POD_NAMESPACE.
+// kernel. getenv also supplies NODE_NAME, POD_NAME, POD_NAMESPACE and
+// WIREGUARD_KEY_FILE.
 func Parse(args []string, getenv func(string) string, out io.Writer) (Config, error) {
 	c := Config{HealthzIP: netip.IPv4Unspecified()}
 	fs, renewMin, resyncSec, eps := flagSet(&c, out)
@@ -190,6 +197,9 @@ func Parse(args []string, getenv func(string) string, out io.Writer) (Config, er
 		return Config{}, envErr
 	}
 	c.NodeName, c.PodName, c.PodNamespace = getenv("NODE_NAME"), getenv("POD_NAME"), getenv("POD_NAMESPACE")
+	if c.WireguardKeyFile = getenv("WIREGUARD_KEY_FILE"); c.WireguardKeyFile == "" {
+		c.WireguardKeyFile = wireguard.DefaultKeyFile
+	}
 	for _, e := range strings.Split(*eps, ",") {
 		if e = strings.TrimSpace(e); e != "" {
 			c.EtcdEndpoints = append(c.EtcdEndpoints, e)

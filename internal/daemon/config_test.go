@@ -32,11 +32,24 @@ func TestParseDefaults(t *testing.T) {
 	assert.Equal(t, 5*time.Second, c.IPTablesResync)
 	assert.True(t, c.IPTablesForwardRules)
 	assert.True(t, c.SetNodeNetworkUnavailable)
+	assert.Equal(t, "/run/flannel/wgkey", c.WireguardKeyFile, "upstream's wireguard key file")
 	assert.False(t, c.IPMasq)
 	assert.True(t, c.IPMasqIPv6, "both families, as upstream")
 	assert.Equal(t, netip.IPv4Unspecified(), c.HealthzIP)
 	assert.Equal(t, 0, c.HealthzPort)
 	assert.Equal(t, "text", c.LogFormat)
+}
+
+// TestParseWireguardKeyFile: WIREGUARD_KEY_FILE moves the key file, as
+// upstream reads it (no FLANNELD_ prefix, no flag).
+func TestParseWireguardKeyFile(t *testing.T) {
+	t.Parallel()
+	c, err := Parse(nil, envOf(map[string]string{"WIREGUARD_KEY_FILE": "/var/lib/flannel/wgkey"}), io.Discard)
+	require.NoError(t, err)
+	assert.Equal(t, "/var/lib/flannel/wgkey", c.WireguardKeyFile)
+	r, err := Registry(c)
+	require.NoError(t, err)
+	assert.Contains(t, r.Types(), "wireguard")
 }
 
 // TestParseEachSetting sets every setting once as a flag and once as its

@@ -83,7 +83,7 @@ func TestMetricsEndpoints(t *testing.T) {
 
 func TestRegistryLinksBackends(t *testing.T) {
 	t.Parallel()
-	r, err := Registry()
+	r, err := Registry(Config{WireguardKeyFile: "/nonexistent/wgkey"})
 	require.NoError(t, err)
-	assert.Equal(t, []string{"host-gw", "ipsec", "vxlan"}, r.Types())
+	assert.Equal(t, []string{"host-gw", "ipsec", "vxlan", "wireguard"}, r.Types())
 }

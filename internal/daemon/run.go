@@ -26,15 +26,18 @@ import (
 	"github.com/flannelkit/flannel/lease"
 	"github.com/flannelkit/flannel/rules"
 	"github.com/flannelkit/flannel/vxlan"
+	"github.com/flannelkit/flannel/wireguard"
 )
 
-// Registry returns the backends this daemon links.
-func Registry() (*backend.Registry, error) {
+// Registry returns the backends this daemon links, set up for c (the
+// wireguard key file).
+func Registry(c Config) (*backend.Registry, error) {
 	r := backend.NewRegistry()
 	for typ, c := range map[string]backend.Constructor{
-		vxlan.Type:  vxlan.FromConfig,
-		hostgw.Type: hostgw.FromConfig,
-		ipsec.Type:  ipsec.FromConfig,
+		vxlan.Type:     vxlan.FromConfig,
+		hostgw.Type:    hostgw.FromConfig,
+		ipsec.Type:     ipsec.FromConfig,
+		wireguard.Type: wireguard.Constructor(wireguard.Options{KeyFile: c.WireguardKeyFile}),
 	} {
 		if err := r.Register(typ, c); err != nil {
 			return nil, err
@@ -172,7 +175,7 @@ func openStore(ctx context.Context, c Config, log *slog.Logger, m *Metrics) (*st
 // findBackend builds the backend that cfg names and finds the external
 // interface as the --iface* and --public-ip* flags say.
 func findBackend(c Config, cfg lease.Config, h *netlink.Handle, log *slog.Logger) (flannel.Backend, flannel.ExternalInterface, error) {
-	reg, err := Registry()
+	reg, err := Registry(c)
 	if err != nil {
 		return nil, flannel.ExternalInterface{}, err
 	}

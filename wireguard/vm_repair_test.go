@@ -1,0 +1,321 @@
+package wireguard_test
+
+import (
+	"context"
+	"encoding/base64"
+	"encoding/binary"
+	"fmt"
+	"math/rand/v2"
+	"net"
+	"net/netip"
+	"os"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"github.com/vishvananda/netlink"
+	"go.uber.org/goleak"
+	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
+
+	"github.com/flannelkit/flannel/backend"
+	"github.com/flannelkit/flannel/internal/netlab"
+	"github.com/flannelkit/flannel/lease"
+	"github.com/flannelkit/flannel/wireguard"
+)
+
+// runAll runs every node's Network.Run until the returned stop is called;
+// stop waits for them to return.
+func (c *wcluster) runAll() (stop func()) {
+	ctx, cancel := context.WithCancel(c.t.Context())
+	var wg sync.WaitGroup
+	for i, v := range c.nodes {
+		if !c.gone[i] {
+			n := v.net
+			wg.Go(func() { assert.NoError(c.t, n.Run(ctx)) })
+		}
+	}
+	var once sync.Once
+	stop = func() { once.Do(func() { cancel(); wg.Wait() }) }
+	c.t.Cleanup(stop)
+	return stop
+}
+
+// udpProbe sends numbered datagrams from a to b's echo server every
+// interval until stop, and counts the answers.
+type udpProbe struct {
+	sent, got atomic.Int64
+	stop      func()
+}
+
+func startUDPProbe(t *testing.T, a, b *netlab.Pod, interval time.Duration) *udpProbe {
+	t.Helper()
+	var srv, cli *net.UDPConn
+	require.NoError(t, backend.InNamespace(b.NS, func() error {
+		var err error
+		srv, err = net.ListenUDP("udp4", net.UDPAddrFromAddrPort(netip.AddrPortFrom(b.IP, 0)))
+		return err
+	}))
+	require.NoError(t, backend.InNamespace(a.NS, func() error {
+		var err error
+		cli, err = net.DialUDP("udp4", net.UDPAddrFromAddrPort(netip.AddrPortFrom(a.IP, 0)), srv.LocalAddr().(*net.UDPAddr))
+		return err
+	}))
+	p := &udpProbe{}
+	var wg sync.WaitGroup
+	done := make(chan struct{})
+	wg.Go(func() { // echo
+		buf := make([]byte, 64)
+		for {
+			n, from, err := srv.ReadFromUDPAddrPort(buf)
+			if err != nil {
+				return
+			}
+			srv.WriteToUDPAddrPort(buf[:n], from)
+		}
+	})
+	var mu sync.Mutex
+	seen := map[uint64]bool{}
+	wg.Go(func() { // answers
+		buf := make([]byte, 64)
+		for {
+			n, err := cli.Read(buf)
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			if s := binary.BigEndian.Uint64(buf); n >= 8 && !seen[s] {
+				seen[s] = true
+				p.got.Add(1)
+			}
+			mu.Unlock()
+		}
+	})
+	sender := make(chan struct{})
+	wg.Go(func() {
+		defer close(sender)
+		tk := time.NewTicker(interval)
+		defer tk.Stop()
+		for seq := uint64(0); ; seq++ {
+			select {
+			case <-done:
+				return
+			case <-tk.C:
+			}
+			var b [8]byte
+			binary.BigEndian.PutUint64(b[:], seq)
+			if _, err := cli.Write(b[:]); err == nil {
+				p.sent.Add(1)
+			}
+		}
+	})
+	var once sync.Once
+	p.stop = func() {
+		once.Do(func() {
+			close(done)
+			<-sender
+			// Answers in flight: TCG is slow, so wait for them (bounded).
+			for deadline := time.Now().Add(15 * time.Second); p.got.Load() < p.sent.Load() && time.Now().Before(deadline); {
+				time.Sleep(50 * time.Millisecond)
+			}
+			srv.Close()
+			cli.Close()
+			wg.Wait()
+		})
+	}
+	t.Cleanup(p.stop)
+	return p
+}
+
+// TestInVMRestart: an agent killed and restarted with its key file loses
+// no datagram at 100/s and publishes the same key; restarted without the
+// key file it publishes a new one, and traffic flows again once the peer
+// has seen it.
+func TestInVMRestart(t *testing.T) {
+	inVM(t)
+	ignore := goleak.IgnoreCurrent()
+	c := newCluster(t, 2, ipv4, "", 0)
+	c.applyOK()
+	c.checkAllPairs()
+	v0, v1 := c.nodes[0], c.nodes[1]
+	oldKey, oldAttrs := v1.net.PublicKey(), v1.lease.Attrs
+
+	stop := c.runAll()
+	probe := startUDPProbe(t, v0.pod, v1.pod, 10*time.Millisecond)
+	time.Sleep(500 * time.Millisecond)
+	stop() // node 1's agent dies (and node 0's Run with it): nothing is cleaned up
+	time.Sleep(300 * time.Millisecond)
+	c.start(1) // a new process: a new Backend with the same key file
+	assert.Equal(t, oldKey, v1.net.PublicKey(), "the key survives the restart")
+	assert.Equal(t, string(oldAttrs.BackendData), string(v1.lease.Attrs.BackendData), "the published data is unchanged")
+	require.NoError(t, v1.net.Apply(t.Context(), c.peersOf(1)))
+	stop = c.runAll()
+	time.Sleep(500 * time.Millisecond)
+	probe.stop()
+	t.Logf("udp probe across the restart: sent %d, answered %d", probe.sent.Load(), probe.got.Load())
+	assert.Greater(t, probe.sent.Load(), int64(50))
+	assert.Equal(t, probe.sent.Load(), probe.got.Load(), "datagrams lost across the restart")
+	stop()
+
+	// The key file deleted: a new key, published; node 0 picks it up.
+	require.NoError(t, os.Remove(v1.keyFile))
+	c.start(1)
+	newKey := v1.net.PublicKey()
+	assert.NotEqual(t, oldKey, newKey)
+	assert.Contains(t, string(v1.lease.Attrs.BackendData), newKey)
+	require.NoError(t, v1.net.Apply(t.Context(), c.peersOf(1)))
+	seen := time.Now()
+	require.NoError(t, v0.net.Apply(t.Context(), c.peersOf(0))) // the store watch delivers node 1's new lease
+	require.NoError(t, v0.pod.Ping(ctxT(t, 20*time.Second), v1.pod.IP))
+	t.Logf("new key: node 0 reaches node 1's pod %v after it saw the new lease", time.Since(seen).Round(time.Millisecond))
+	require.NoError(t, v1.pod.Ping(ctxT(t, 20*time.Second), v0.pod.IP))
+	assert.Equal(t, []string{newKey}, c.peerKeys(0, wireguard.DeviceName), "the old key's peer is gone")
+	c.checkLogsFree("")
+	goleak.VerifyNone(t, ignore)
+}
+
+// TestInVMRepairByEvents: with the periodic repair out of the way (an
+// hour), a deleted route and deleted devices come back from the kernel's
+// notifications alone, with every peer replayed.
+func TestInVMRepairByEvents(t *testing.T) {
+	inVM(t)
+	ignore := goleak.IgnoreCurrent()
+	c := newCluster(t, 2, dual, "", time.Hour)
+	c.applyOK()
+	stop := c.runAll()
+	h0 := c.nodes[0].node.Handle
+
+	ourRoutes := func(dev string) []netlink.Route {
+		link, err := h0.LinkByName(dev)
+		if err != nil {
+			return nil
+		}
+		rs, err := h0.RouteListFiltered(netlink.FAMILY_ALL, &netlink.Route{LinkIndex: link.Attrs().Index, Protocol: backend.RouteProtocol}, netlink.RT_FILTER_OIF|netlink.RT_FILTER_PROTOCOL)
+		require.NoError(t, err)
+		return rs
+	}
+	require.Len(t, ourRoutes(wireguard.DeviceName), 1)
+	r := ourRoutes(wireguard.DeviceName)[0]
+	require.NoError(t, h0.RouteDel(&r))
+	require.Eventually(t, func() bool { return len(ourRoutes(wireguard.DeviceName)) == 1 }, 20*time.Second, 20*time.Millisecond, "route restored")
+
+	for _, dev := range []string{wireguard.DeviceNameV6, wireguard.DeviceName} {
+		link, err := h0.LinkByName(dev)
+		require.NoError(t, err)
+		require.NoError(t, h0.LinkDel(link))
+		require.Eventually(t, func() bool {
+			d, err := wireguard.ReadDevice(c.nodes[0].node.NS, dev)
+			return err == nil && len(d.Peers) == 1 && len(ourRoutes(dev)) == 1
+		}, 20*time.Second, 20*time.Millisecond, "%s recreated with its peer and route", dev)
+	}
+	link, err := h0.LinkByName(wireguard.DeviceName)
+	require.NoError(t, err)
+	require.NoError(t, h0.LinkSetDown(link))
+	require.Eventually(t, func() bool {
+		l, err := h0.LinkByName(wireguard.DeviceName)
+		return err == nil && l.Attrs().Flags&net.FlagUp != 0
+	}, 20*time.Second, 20*time.Millisecond, "device set up again")
+	c.checkAllPairs()
+	stop()
+	assert.Contains(t, c.nodes[0].logs.String(), "device was deleted")
+	goleak.VerifyNone(t, ignore)
+}
+
+// TestInVMPeerDeletedRepaired: a peer removed by hand (WireGuard sends no
+// notification for it) comes back at the periodic repair.
+func TestInVMPeerDeletedRepaired(t *testing.T) {
+	inVM(t)
+	c := newCluster(t, 2, ipv4, "", 300*time.Millisecond)
+	c.applyOK()
+	stop := c.runAll()
+	ns0 := c.nodes[0].node.NS
+	k, err := wgtypes.ParseKey(c.nodes[1].net.PublicKey())
+	require.NoError(t, err)
+	require.NoError(t, wireguard.ConfigureDevice(ns0, wireguard.DeviceName, wgtypes.Config{Peers: []wgtypes.PeerConfig{{PublicKey: k, Remove: true}}}))
+	require.Eventually(t, func() bool { return len(c.peerKeys(0, wireguard.DeviceName)) == 1 }, 20*time.Second, 20*time.Millisecond, "peer restored")
+	c.checkAllPairs()
+	stop()
+}
+
+// TestInVMStalePeersAndChanges: peers nobody published go at the next
+// Apply, a node that left loses its peer, a changed endpoint is updated
+// in place, and keepalive and PSK reach the kernel.
+func TestInVMStalePeersAndChanges(t *testing.T) {
+	inVM(t)
+	psk := base64.StdEncoding.EncodeToString([]byte("0123456789abcdef0123456789abcdef"))
+	c := newCluster(t, 3, ipv4, `"PersistentKeepaliveInterval":25,"PSK":"`+psk+`"`, 0)
+	c.applyOK()
+	c.checkAllPairs()
+	ns0 := c.nodes[0].node.NS
+	d, err := wireguard.ReadDevice(ns0, wireguard.DeviceName)
+	require.NoError(t, err)
+	for _, p := range d.Peers {
+		assert.Equal(t, 25*time.Second, p.PersistentKeepaliveInterval)
+		assert.Equal(t, psk, p.PresharedKey.String())
+	}
+
+	// A peer added by hand (or left by a previous run) goes.
+	priv, err := wgtypes.GeneratePrivateKey()
+	require.NoError(t, err)
+	_, stray, _ := net.ParseCIDR("10.244.99.0/24")
+	require.NoError(t, wireguard.ConfigureDevice(ns0, wireguard.DeviceName, wgtypes.Config{Peers: []wgtypes.PeerConfig{{PublicKey: priv.PublicKey(), AllowedIPs: []net.IPNet{*stray}}}}))
+	require.Len(t, c.peerKeys(0, wireguard.DeviceName), 3)
+	c.applyOK()
+	assert.ElementsMatch(t, []string{c.nodes[1].net.PublicKey(), c.nodes[2].net.PublicKey()}, c.peerKeys(0, wireguard.DeviceName))
+
+	// Node 2 leaves.
+	c.gone[2] = true
+	c.applyOK()
+	assert.Equal(t, []string{c.nodes[1].net.PublicKey()}, c.peerKeys(0, wireguard.DeviceName))
+	require.NoError(t, c.nodes[0].pod.Ping(ctxT(t, 20*time.Second), c.nodes[1].pod.IP))
+
+	// Node 1 publishes another port: the peer's endpoint changes in place.
+	v1 := c.nodes[1]
+	orig := v1.lease
+	v1.lease.Attrs.BackendData = []byte(fmt.Sprintf(`{"PublicKey":%q,"Port":51999}`, v1.net.PublicKey()))
+	require.NoError(t, c.nodes[0].net.Apply(t.Context(), c.peersOf(0)))
+	d, err = wireguard.ReadDevice(ns0, wireguard.DeviceName)
+	require.NoError(t, err)
+	require.Len(t, d.Peers, 1)
+	assert.Equal(t, netip.AddrPortFrom(v1.node.IP, 51999), d.Peers[0].Endpoint.AddrPort())
+	v1.lease = orig
+	c.applyOK()
+	c.checkAllPairs()
+	c.checkLogsFree(psk)
+}
+
+// TestInVMRandomPeerSets applies random sets of invented peers in random
+// order; after each Apply the device holds exactly the last set's peers.
+func TestInVMRandomPeerSets(t *testing.T) {
+	inVM(t)
+	c := newCluster(t, 1, ipv4, "", 0)
+	v := c.nodes[0]
+	var pool []lease.Lease
+	keys := map[string]string{} // subnet -> key
+	for i := range 8 {
+		priv, err := wgtypes.GeneratePrivateKey()
+		require.NoError(t, err)
+		sub := netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 244, byte(100 + i), 0}), 24)
+		keys[sub.String()] = priv.PublicKey().String()
+		pool = append(pool, lease.Lease{Subnet: sub, Attrs: lease.Attrs{
+			BackendType: wireguard.Type, PublicIP: netip.AddrFrom4([4]byte{172, 30, 0, byte(100 + i)}),
+			BackendData: []byte(fmt.Sprintf(`{"PublicKey":%q,"Port":51820}`, priv.PublicKey().String())),
+		}})
+	}
+	rng := rand.New(rand.NewPCG(1, 2))
+	for step := range 12 {
+		var set []lease.Lease
+		var want []string
+		for _, l := range pool {
+			if rng.IntN(2) == 0 {
+				set = append(set, l)
+				want = append(want, keys[l.Subnet.String()])
+			}
+		}
+		rng.Shuffle(len(set), func(i, j int) { set[i], set[j] = set[j], set[i] })
+		require.NoError(t, v.net.Apply(t.Context(), set), "step %d", step)
+		assert.ElementsMatch(t, want, c.peerKeys(0, wireguard.DeviceName), "step %d", step)
+	}
+}
