@@ -17,6 +17,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	flannel "github.com/flannelkit/flannel"
+	"github.com/flannelkit/flannel/alloc"
 	"github.com/flannelkit/flannel/backend"
 	"github.com/flannelkit/flannel/etcdstore"
 	"github.com/flannelkit/flannel/hostgw"
@@ -33,6 +34,7 @@ func Registry() (*backend.Registry, error) {
 		vxlan.Type:  vxlan.FromConfig,
 		hostgw.Type: hostgw.FromConfig,
 		ipsec.Type:  ipsec.FromConfig,
+		alloc.Type:  alloc.FromConfig,
 	} {
 		if err := r.Register(typ, c); err != nil {
 			return nil, err
