@@ -64,14 +64,14 @@ func peerLease(k int, data string) lease.Lease {
 }
 
 // routes lists "dst via gw" of the IPv4 main-table routes in h's
-// namespace that point at 10.244.0.0/16.
+// namespace via a gateway into 10.244.0.0/16.
 func routes(t *testing.T, h *netlink.Handle) []string {
 	t.Helper()
 	rs, err := backend.ListRoutes(h, netlink.FAMILY_V4, nil, 0)
 	require.NoError(t, err)
 	var out []string
 	for _, r := range rs {
-		if r.Dst != nil && strings.HasPrefix(r.Dst.String(), "10.244.") {
+		if r.Dst != nil && r.Gw != nil && strings.HasPrefix(r.Dst.String(), "10.244.") {
 			out = append(out, fmt.Sprintf("%s via %s", r.Dst, r.Gw))
 		}
 	}

@@ -20,6 +20,7 @@ import (
 	"github.com/flannelkit/flannel/alloc"
 	"github.com/flannelkit/flannel/backend"
 	"github.com/flannelkit/flannel/etcdstore"
+	"github.com/flannelkit/flannel/extension"
 	"github.com/flannelkit/flannel/hostgw"
 	"github.com/flannelkit/flannel/ipsec"
 	"github.com/flannelkit/flannel/lease"
@@ -35,6 +36,8 @@ func Registry() (*backend.Registry, error) {
 		hostgw.Type: hostgw.FromConfig,
 		ipsec.Type:  ipsec.FromConfig,
 		alloc.Type:  alloc.FromConfig,
+		// The added peers live next to subnet.env's default, on tmpfs.
+		extension.Type: extension.Constructor(extension.Options{StateDir: "/run/flannel"}),
 	} {
 		if err := r.Register(typ, c); err != nil {
 			return nil, err
