@@ -2,6 +2,7 @@ package ipip_test
 
 import (
 	"context"
+	"errors"
 	"net/netip"
 	"testing"
 	"time"
@@ -11,6 +12,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"go.uber.org/goleak"
 
+	flannel "github.com/flannelkit/flannel"
 	"github.com/flannelkit/flannel/backend"
 	"github.com/flannelkit/flannel/ipip"
 	"github.com/flannelkit/flannel/lease"
@@ -112,12 +114,19 @@ func TestInVMRepair(t *testing.T) {
 	require.NoError(t, <-done)
 	goleak.VerifyNone(t, ignore)
 
-	// Node 2 leaves: its routes go at the next Apply.
-	gone := c.nodes[2]
+	// The agent restarts (same lease): the device is kept, not recreated,
+	// and nothing changes before the first Apply. Node 2 left meanwhile:
+	// its route goes at that Apply.
+	before, err := v.node.Handle.LinkByName(ipip.DeviceName)
+	require.NoError(t, err)
+	c.start(0)
+	after, err := v.node.Handle.LinkByName(ipip.DeviceName)
+	require.NoError(t, err)
+	assert.Equal(t, before.Attrs().Index, after.Attrs().Index, "device kept across a restart")
+	assert.Equal(t, want, ours(t, v), "nothing changed before the first Apply")
 	require.NoError(t, v.net.Apply(t.Context(), []lease.Lease{c.nodes[0].lease, c.nodes[1].lease}))
-	assert.NotContains(t, ours(t, v), want[len(want)-1])
-	assert.Len(t, ours(t, v), 1)
-	assert.NotContains(t, ours(t, v), gone.lease.Subnet.String())
+	assert.Equal(t, c.wantOurs(v, true)[:1], ours(t, v), "only the route to node 1 is left")
+	c.checkPair(v, c.nodes[1])
 
 	// A device with another local address (the node's address changed) is
 	// replaced by the next Prepare.
@@ -144,4 +153,23 @@ func TestInVMCleanup(t *testing.T) {
 	_, err := v.node.Handle.LinkByName(ipip.DeviceName)
 	assert.Error(t, err, "device gone")
 	require.NoError(t, v.b.Cleanup(t.Context(), v.env), "again")
+}
+
+// TestInVMPeerErrors: a peer without a public IPv4 address is a
+// *flannel.PeerError naming it while the others are programmed; leases of
+// another backend type are skipped.
+func TestInVMPeerErrors(t *testing.T) {
+	inVM(t)
+	c := newCluster(t, 3, ipip.Options{})
+	v := c.nodes[0]
+	bad := c.nodes[1].lease
+	bad.Attrs.PublicIP = netip.Addr{}
+	other := lease.Lease{Subnet: netip.MustParsePrefix("10.244.99.0/24"), Attrs: lease.Attrs{BackendType: "vxlan", PublicIP: c.nodes[1].node.IP}}
+	err := v.net.Apply(t.Context(), []lease.Lease{v.lease, bad, c.nodes[2].lease, other})
+	var pe *flannel.PeerError
+	require.True(t, errors.As(err, &pe), "%v", err)
+	assert.Equal(t, bad, pe.Lease)
+	assert.ErrorContains(t, err, "no public IPv4 address for subnet 10.244.2.0/24")
+	want := c.wantOurs(v, false)
+	assert.Equal(t, []string{want[1]}, ours(t, v), "node 2 programmed, the vxlan lease skipped")
 }
