@@ -85,5 +85,5 @@ func TestRegistryLinksBackends(t *testing.T) {
 	t.Parallel()
 	r, err := Registry()
 	require.NoError(t, err)
-	assert.Equal(t, []string{"alloc", "extension", "host-gw", "ipsec", "vxlan"}, r.Types())
+	assert.Equal(t, []string{"alloc", "extension", "host-gw", "ipip", "ipsec", "vxlan"}, r.Types())
 }

@@ -22,6 +22,7 @@ import (
 	"github.com/flannelkit/flannel/etcdstore"
 	"github.com/flannelkit/flannel/extension"
 	"github.com/flannelkit/flannel/hostgw"
+	"github.com/flannelkit/flannel/ipip"
 	"github.com/flannelkit/flannel/ipsec"
 	"github.com/flannelkit/flannel/lease"
 	"github.com/flannelkit/flannel/rules"
@@ -36,6 +37,7 @@ func Registry() (*backend.Registry, error) {
 		hostgw.Type: hostgw.FromConfig,
 		ipsec.Type:  ipsec.FromConfig,
 		alloc.Type:  alloc.FromConfig,
+		ipip.Type:   ipip.FromConfig,
 		// The added peers live next to subnet.env's default, on tmpfs.
 		extension.Type: extension.Constructor(extension.Options{StateDir: "/run/flannel"}),
 	} {
