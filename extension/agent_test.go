@@ -39,8 +39,8 @@ func TestAgentsReachEachOther(t *testing.T) {
 		a      *flannel.Agent
 		done   chan error
 		cancel context.CancelFunc
-		node *netlab.Node
-		pod  *netlab.Pod
+		node   *netlab.Node
+		pod    *netlab.Pod
 	}
 	var agents []*agent
 	for _, n := range lab.Nodes {

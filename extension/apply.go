@@ -205,7 +205,7 @@ func (n *Network) runOne(ctx context.Context, c change) outcome {
 	log := n.log.With("peer", c.key)
 	if c.old != nil {
 		if line := n.cmds.SubnetRemove; line != "" {
-			if _, err := n.run.run(ctx, "SubnetRemoveCommand", line, c.old.vars(), c.old.Data, log); err != nil {
+			if _, err := n.cmd.run(ctx, "SubnetRemoveCommand", line, c.old.vars(), c.old.Data, log); err != nil {
 				o.err = err
 				return o
 			}
@@ -215,7 +215,7 @@ func (n *Network) runOne(ctx context.Context, c change) outcome {
 	}
 	if c.new != nil {
 		if line := n.cmds.SubnetAdd; line != "" {
-			if _, err := n.run.run(ctx, "SubnetAddCommand", line, c.new.vars(), c.new.Data, log); err != nil {
+			if _, err := n.cmd.run(ctx, "SubnetAddCommand", line, c.new.vars(), c.new.Data, log); err != nil {
 				o.err = err
 				return o
 			}

@@ -7,7 +7,9 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -195,7 +197,7 @@ func TestTimeout(t *testing.T) {
 	n := lab.Nodes[0]
 	dir := t.TempDir()
 	var logs testenv.LogBuffer
-	add := script(t, dir, "add.sh", `if [ "$SUBNET" = 10.244.2.0/24 ]; then sleep 600; fi
+	add := script(t, dir, "add.sh", `if [ "$SUBNET" = 10.244.2.0/24 ]; then echo $$ > `+dir+`/pgid; sleep 600; fi
 ip route replace "$SUBNET" via "$PUBLIC_IP" dev eth0`)
 	b := extension.New(extension.Options{CommandTimeout: 300 * time.Millisecond, RetryMin: time.Hour, Commands: extension.Commands{SubnetAdd: add}})
 	_, nw := start(t, b, env(t, n, config(t), &logs), "10.244.7.0/24")
@@ -207,6 +209,13 @@ ip route replace "$SUBNET" via "$PUBLIC_IP" dev eth0`)
 	assert.ErrorContains(t, err, "timed out after 300ms")
 	assert.Equal(t, want(p1, p3), routes(t, n.Handle))
 	assert.True(t, logs.HasLine("command failed", "SubnetAddCommand", "timed out"))
+	// The script ran in a process group of its own, and all of it (the
+	// sleep it started too) was killed.
+	pgid := lines(t, filepath.Join(dir, "pgid"))
+	require.Len(t, pgid, 1)
+	pg, err := strconv.Atoi(pgid[0])
+	require.NoError(t, err)
+	require.Eventually(t, func() bool { return errors.Is(syscall.Kill(-pg, 0), syscall.ESRCH) }, 10*time.Second, 10*time.Millisecond, "process group %d gone", pg)
 }
 
 // TestPrepareNeedsNamespace: commands never run in an implicit namespace.

@@ -19,7 +19,7 @@ type Network struct {
 	env    flannel.Env
 	own    lease.Lease
 	log    *slog.Logger
-	run    *runner
+	cmd    *runner
 	state  stateFile
 	sched  *schedule
 	cmds   Commands
@@ -43,7 +43,7 @@ func newNetwork(b *Backend, env flannel.Env, own lease.Lease, added map[string]p
 	log := logger(env.Logger).With("backend", Type)
 	return &Network{
 		opts: b.opts, env: env, own: own, log: log,
-		run: b.runner(env), state: b.state(), cmds: b.opts.Commands,
+		cmd: b.runner(env), state: b.state(), cmds: b.opts.Commands,
 		sched: newSchedule(), added: added, failed: map[string]*attempt{},
 	}
 }
