@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -227,4 +228,36 @@ func TestPrepareNeedsNamespace(t *testing.T) {
 	assert.ErrorContains(t, err, "Prepare was not called")
 	_, err = extension.New(extension.Options{Commands: extension.Commands{PreStartup: "false"}}).Prepare(context.Background(), flannel.Env{NS: netns.None()})
 	assert.Error(t, err)
+}
+
+// TestApplyStates replays random peer sets (peers also moving to another
+// address) in random order and checks after each that the routes the
+// commands made are exactly those of the set, and that only changed peers
+// had commands run.
+func TestApplyStates(t *testing.T) {
+	testenv.RequireRoot(t)
+	lab := netlab.NewT(t, netlab.Options{Nodes: 1})
+	n := lab.Nodes[0]
+	dir := t.TempDir()
+	var logs testenv.LogBuffer
+	add, del := hostgwCommands()
+	b := extension.New(extension.Options{StateDir: dir, Commands: extension.Commands{SubnetAdd: add, SubnetRemove: del}})
+	_, nw := start(t, b, env(t, n, config(t), &logs), "10.244.200.0/24")
+	rng := rand.New(rand.NewPCG(3, 4))
+	for step := range 25 {
+		var set []lease.Lease
+		for k := 1; k <= 8; k++ {
+			if rng.IntN(2) == 0 {
+				continue
+			}
+			l := peerLease(k, "")
+			if rng.IntN(4) == 0 {
+				l.Attrs.PublicIP = l.Attrs.PublicIP.Next()
+			}
+			set = append(set, l)
+		}
+		rng.Shuffle(len(set), func(i, j int) { set[i], set[j] = set[j], set[i] })
+		require.NoError(t, nw.Apply(context.Background(), set), "step %d", step)
+		require.Equal(t, want(set...), routes(t, n.Handle), "step %d", step)
+	}
 }

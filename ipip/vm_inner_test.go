@@ -3,7 +3,10 @@ package ipip_test
 import (
 	"context"
 	"errors"
+	"fmt"
+	"math/rand/v2"
 	"net/netip"
+	"slices"
 	"testing"
 	"time"
 
@@ -172,4 +175,37 @@ func TestInVMPeerErrors(t *testing.T) {
 	assert.ErrorContains(t, err, "no public IPv4 address for subnet 10.244.2.0/24")
 	want := c.wantOurs(v, false)
 	assert.Equal(t, []string{want[1]}, ours(t, v), "node 2 programmed, the vxlan lease skipped")
+}
+
+// TestInVMApplyStates replays random peer sets in random order on one
+// node with DirectRouting, peers on its segment and behind the router,
+// some moving between the two, and checks after each that the routes are
+// exactly those of the set.
+func TestInVMApplyStates(t *testing.T) {
+	inVM(t)
+	c := newCluster(t, 1, ipip.Options{DirectRouting: true})
+	v := c.nodes[0]
+	rng := rand.New(rand.NewPCG(5, 6))
+	for step := range 30 {
+		set := []lease.Lease{v.lease}
+		var want []string
+		for k := 1; k <= 8; k++ {
+			if rng.IntN(2) == 0 {
+				continue
+			}
+			l := lease.Lease{Subnet: netip.MustParsePrefix(fmt.Sprintf("10.244.%d.0/24", 100+k)), Attrs: lease.Attrs{BackendType: "ipip"}}
+			if rng.IntN(2) == 0 { // on the segment: direct
+				l.Attrs.PublicIP = netip.MustParseAddr(fmt.Sprintf("172.30.0.%d", 100+k))
+				want = append(want, fmt.Sprintf("%s via %s dev eth0", l.Subnet, l.Attrs.PublicIP))
+			} else { // behind the router: tunnel
+				l.Attrs.PublicIP = netip.MustParseAddr(fmt.Sprintf("172.30.1.%d", 100+k))
+				want = append(want, fmt.Sprintf("%s via %s dev %s onlink", l.Subnet, l.Attrs.PublicIP, ipip.DeviceName))
+			}
+			set = append(set, l)
+		}
+		rng.Shuffle(len(set), func(i, j int) { set[i], set[j] = set[j], set[i] })
+		slices.Sort(want)
+		require.NoError(t, v.net.Apply(t.Context(), set), "step %d", step)
+		require.Equal(t, want, ours(t, v), "step %d", step)
+	}
 }
