@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"slices"
@@ -15,6 +16,7 @@ import (
 	"github.com/stretchr/testify/require"
 	"github.com/vishvananda/netlink"
 	"go.uber.org/goleak"
+	"golang.org/x/sys/unix"
 
 	flannel "github.com/flannelkit/flannel"
 	"github.com/flannelkit/flannel/alloc"
@@ -71,8 +73,11 @@ func TestStartPreconditions(t *testing.T) {
 }
 
 // kernelState renders what a backend could have programmed in a node's
-// namespace: links, addresses, routes of every table, neighbours, and the
-// forwarding sysctls.
+// namespace: links (name, type, MTU, up), addresses, routes of every table,
+// permanent neighbours, and the forwarding sysctls. What the kernel adds
+// by itself while a fresh veth settles (carrier, IPv6 link-local addresses,
+// their kernel routes, multicast neighbours) is left out: it is no
+// backend's doing and comes at its own pace.
 func kernelState(t *testing.T, n *netlab.Node) []string {
 	t.Helper()
 	var out []string
@@ -80,22 +85,26 @@ func kernelState(t *testing.T, n *netlab.Node) []string {
 	require.NoError(t, err)
 	for _, l := range links {
 		a := l.Attrs()
-		out = append(out, fmt.Sprintf("link %s %s mtu %d flags %v", a.Name, l.Type(), a.MTU, a.Flags))
+		out = append(out, fmt.Sprintf("link %s %s mtu %d up %v", a.Name, l.Type(), a.MTU, a.Flags&net.FlagUp != 0))
 	}
 	addrs, err := backend.ListAddrs(n.Handle, nil, netlink.FAMILY_ALL)
 	require.NoError(t, err)
 	for _, a := range addrs {
-		out = append(out, fmt.Sprintf("addr %s dev %d", a.IPNet, a.LinkIndex))
+		if !a.IP.IsLinkLocalUnicast() {
+			out = append(out, fmt.Sprintf("addr %s dev %d", a.IPNet, a.LinkIndex))
+		}
 	}
 	routes, err := backend.ListRoutes(n.Handle, netlink.FAMILY_ALL, &netlink.Route{Table: 0}, netlink.RT_FILTER_TABLE)
 	require.NoError(t, err)
 	for _, r := range routes {
-		out = append(out, "route "+backend.FormatRoute(r))
+		if r.Protocol != unix.RTPROT_KERNEL {
+			out = append(out, "route "+backend.FormatRoute(r))
+		}
 	}
 	neighs, err := backend.ListNeighs(n.Handle, 0, netlink.FAMILY_ALL)
 	require.NoError(t, err)
 	for _, ne := range neighs {
-		if ne.State&(netlink.NUD_PERMANENT|netlink.NUD_NOARP) != 0 {
+		if ne.State&netlink.NUD_PERMANENT != 0 {
 			out = append(out, fmt.Sprintf("neigh %s dev %d %s", ne.IP, ne.LinkIndex, ne.HardwareAddr))
 		}
 	}
