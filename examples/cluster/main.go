@@ -47,10 +47,12 @@ import (
 	"github.com/flannelkit/flannel"
 	"github.com/flannelkit/flannel/backend"
 	"github.com/flannelkit/flannel/etcdstore"
+	"github.com/flannelkit/flannel/extension"
 	"github.com/flannelkit/flannel/hostgw"
 	"github.com/flannelkit/flannel/internal/cnilab"
 	"github.com/flannelkit/flannel/internal/etcdtest"
 	"github.com/flannelkit/flannel/internal/netlab"
+	"github.com/flannelkit/flannel/ipip"
 	"github.com/flannelkit/flannel/ipsec"
 	"github.com/flannelkit/flannel/lease"
 	"github.com/flannelkit/flannel/memstore"
@@ -84,7 +86,7 @@ type options struct {
 func run() error {
 	var o options
 	flag.IntVar(&o.nodes, "nodes", 3, "number of nodes")
-	flag.StringVar(&o.backend, "backend", "vxlan", "dataplane: vxlan, host-gw, ipsec (needs a kernel with ESP) or wireguard (needs a kernel with WireGuard)")
+	flag.StringVar(&o.backend, "backend", "vxlan", "dataplane: vxlan, host-gw, ipsec (needs a kernel with ESP), wireguard (needs a kernel with WireGuard), ipip (needs the ipip module) or extension (host-gw routes by ip commands, IPv4)")
 	flag.StringVar(&o.store, "store", "etcd", "lease store: etcd (embedded server), memory, or kube (real kube-apiserver)")
 	flag.BoolVar(&o.ipv4, "ipv4", true, "enable IPv4 pod network")
 	flag.BoolVar(&o.ipv6, "ipv6", false, "enable IPv6 pod network")
@@ -143,6 +145,9 @@ func run() error {
 		return err
 	}
 	// wireguard is built per node below: each node keeps its own key file.
+	if err := errors.Join(reg.Register(ipip.Type, ipip.FromConfig), reg.Register(extension.Type, extension.FromConfig)); err != nil {
+		return err
+	}
 
 	lab, err := netlab.New(netlab.Options{Nodes: o.nodes, IPv4: o.ipv4, IPv6: o.ipv6})
 	if err != nil {
@@ -343,6 +348,9 @@ func netConf(o options) []byte {
 		psk := make([]byte, ipsec.MinPSKLen/2)
 		rand.Read(psk)
 		return []byte(conf + `, "Backend": {"Type": "ipsec", "PSK": "` + hex.EncodeToString(psk) + `"}}`)
+	}
+	if o.backend == extension.Type { // upstream's host-gw example, IPv4
+		return []byte(conf + `, "Backend": {"Type": "extension", "SubnetAddCommand": "ip route replace $SUBNET via $PUBLIC_IP dev eth0", "SubnetRemoveCommand": "ip route del $SUBNET via $PUBLIC_IP dev eth0"}}`)
 	}
 	return []byte(conf + `, "Backend": {"Type": "` + o.backend + `"}}`)
 }

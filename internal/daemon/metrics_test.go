@@ -85,5 +85,5 @@ func TestRegistryLinksBackends(t *testing.T) {
 	t.Parallel()
 	r, err := Registry(Config{WireguardKeyFile: "/nonexistent/wgkey"})
 	require.NoError(t, err)
-	assert.Equal(t, []string{"host-gw", "ipsec", "vxlan", "wireguard"}, r.Types())
+	assert.Equal(t, []string{"alloc", "extension", "host-gw", "ipip", "ipsec", "vxlan", "wireguard"}, r.Types())
 }

@@ -17,11 +17,14 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	flannel "github.com/flannelkit/flannel"
+	"github.com/flannelkit/flannel/alloc"
 	"github.com/flannelkit/flannel/backend"
 	"github.com/flannelkit/flannel/etcdstore"
+	"github.com/flannelkit/flannel/extension"
 	"github.com/flannelkit/flannel/hostgw"
 	"github.com/flannelkit/flannel/internal/nlsafe"
 	"github.com/flannelkit/flannel/internal/retry"
+	"github.com/flannelkit/flannel/ipip"
 	"github.com/flannelkit/flannel/ipsec"
 	"github.com/flannelkit/flannel/lease"
 	"github.com/flannelkit/flannel/rules"
@@ -38,6 +41,10 @@ func Registry(c Config) (*backend.Registry, error) {
 		hostgw.Type:    hostgw.FromConfig,
 		ipsec.Type:     ipsec.FromConfig,
 		wireguard.Type: wireguard.Constructor(wireguard.Options{KeyFile: c.WireguardKeyFile}),
+		alloc.Type:     alloc.FromConfig,
+		ipip.Type:      ipip.FromConfig,
+		// The added peers live next to subnet.env's default, on tmpfs.
+		extension.Type: extension.Constructor(extension.Options{StateDir: "/run/flannel"}),
 	} {
 		if err := r.Register(typ, c); err != nil {
 			return nil, err

@@ -1,0 +1,4 @@
+package extension
+
+// Argv exposes argv to the external tests.
+var Argv = argv

@@ -1,0 +1,234 @@
+package ipip_test
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+
+	flannel "github.com/flannelkit/flannel"
+	"github.com/flannelkit/flannel/backend"
+	"github.com/flannelkit/flannel/internal/netlab"
+	"github.com/flannelkit/flannel/internal/testenv"
+	"github.com/flannelkit/flannel/internal/vmtest"
+	"github.com/flannelkit/flannel/ipip"
+	"github.com/flannelkit/flannel/lease"
+)
+
+// vmModules are loaded at boot in the VM (ipip brings tunnel4 and
+// ip_tunnel; netlink handles open XFRM and netfilter sockets too, hence
+// xfrm_user and nfnetlink).
+var vmModules = []string{"ipip", "veth", "bridge", "xfrm_user", "nfnetlink"}
+
+// TestVM runs the TestInVM* tests of this package inside a qemu VM whose
+// kernel has ipip (the host's has not): one boot for all of them.
+func TestVM(t *testing.T) {
+	if vmtest.Inside() {
+		t.Skip("already inside the VM")
+	}
+	testenv.RequireRoot(t)
+	tools, err := vmtest.Find()
+	testenv.Require(t, err == nil, fmt.Sprint(err))
+	accel, err := vmtest.AccelFromEnv()
+	require.NoError(t, err)
+	res, err := vmtest.Run(t.Context(), tools, vmtest.Options{
+		Accel: accel, Package: ".", Run: "^TestInVM", Modules: vmModules,
+		Timeout: 10 * time.Minute, Out: t.Output(), Verbose: true,
+	})
+	t.Logf("VM: accelerator %s (%s), boot %v, total %v", res.Accel, res.AccelReason, res.Boot.Round(time.Millisecond), res.Total.Round(time.Millisecond))
+	require.NoError(t, err)
+	require.True(t, res.Passed, "tests inside the VM failed (output above)")
+	require.Contains(t, res.Output, "--- PASS: TestInVMReachability")
+	require.NotContains(t, res.Output, "--- SKIP", "a test skipped inside the VM")
+}
+
+func inVM(t *testing.T) {
+	t.Helper()
+	if !vmtest.Inside() {
+		t.Skip("runs inside the VM (TestVM)")
+	}
+}
+
+type vnode struct {
+	node  *netlab.Node
+	env   flannel.Env
+	b     *ipip.Backend
+	net   flannel.Network
+	lease lease.Lease
+	pod   *netlab.Pod
+	logs  *testenv.LogBuffer
+}
+
+type vcluster struct {
+	t     *testing.T
+	lab   *netlab.Lab
+	cfg   lease.Config
+	opts  ipip.Options
+	nodes []*vnode
+}
+
+// newCluster builds n nodes on two L2 segments behind the lab's router
+// (node i on segment i%2), each with the backend started and a pod.
+func newCluster(t *testing.T, n int, opts ipip.Options) *vcluster {
+	t.Helper()
+	lab := netlab.NewT(t, netlab.Options{Nodes: n, Segments: 2})
+	cfg, err := lease.ParseConfig([]byte(`{"Network":"10.244.0.0/16","Backend":{"Type":"ipip"}}`))
+	require.NoError(t, err)
+	c := &vcluster{t: t, lab: lab, cfg: cfg, opts: opts}
+	for i, nd := range lab.Nodes {
+		v := &vnode{node: nd, logs: &testenv.LogBuffer{}}
+		v.env = flannel.Env{
+			Config: cfg,
+			Iface:  flannel.ExternalInterface{Name: nd.Iface, IP: nd.IP, PublicIP: nd.IP},
+			Handle: nd.Handle, NS: nd.NS,
+			Logger: slog.New(slog.NewTextHandler(v.logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
+		}
+		c.nodes = append(c.nodes, v)
+		c.start(i)
+		v.pod, err = nd.AddPod("pod", v.lease.Subnet, netip.Prefix{}, netlab.WithMTU(v.net.MTU()))
+		require.NoError(t, err)
+	}
+	return c
+}
+
+// start prepares and starts node i's backend, as an agent start does.
+func (c *vcluster) start(i int) {
+	t := c.t
+	v := c.nodes[i]
+	v.b = ipip.New(c.opts)
+	attrs, err := v.b.Prepare(t.Context(), v.env)
+	require.NoError(t, err)
+	v.lease = lease.Lease{Subnet: netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 244, byte(i + 1), 0}), 24), Attrs: attrs}
+	v.net, err = v.b.Start(t.Context(), v.lease)
+	require.NoError(t, err)
+}
+
+func (c *vcluster) leases() []lease.Lease {
+	var ls []lease.Lease
+	for _, v := range c.nodes {
+		ls = append(ls, v.lease)
+	}
+	return ls
+}
+
+func (c *vcluster) applyAll() {
+	for i, v := range c.nodes {
+		require.NoError(c.t, v.net.Apply(c.t.Context(), c.leases()), "node %d apply", i)
+	}
+}
+
+func ctxT(t *testing.T, d time.Duration) context.Context {
+	ctx, cancel := context.WithTimeout(t.Context(), d)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+func (c *vcluster) checkPair(a, b *vnode) {
+	t := c.t
+	t.Helper()
+	require.NoError(t, a.pod.Ping(ctxT(t, 30*time.Second), b.pod.IP), "ping %s -> %s", a.node.Name, b.node.Name)
+	require.NoError(t, a.pod.TCPCheck(ctxT(t, 30*time.Second), b.pod, b.pod.IP), "tcp %s -> %s", a.node.Name, b.node.Name)
+}
+
+func (c *vcluster) checkAllPairs() {
+	for _, a := range c.nodes {
+		for _, b := range c.nodes {
+			if a != b {
+				c.checkPair(a, b)
+			}
+		}
+	}
+}
+
+// ours renders node v's routes of ours as "dst via gw dev <name> [onlink]".
+func ours(t *testing.T, v *vnode) []string {
+	t.Helper()
+	rec := backend.RouteReconciler{}
+	rs, err := rec.Owned(v.node.Handle, 0)
+	require.NoError(t, err)
+	var out []string
+	for _, r := range rs {
+		l, err := v.node.Handle.LinkByIndex(r.LinkIndex)
+		require.NoError(t, err)
+		s := fmt.Sprintf("%s via %s dev %s", r.Dst, r.Gw, l.Attrs().Name)
+		if r.Flags&unix.RTNH_F_ONLINK != 0 {
+			s += " onlink"
+		}
+		out = append(out, s)
+	}
+	slices.Sort(out)
+	return out
+}
+
+// wantOurs is what node v should hold: direct routes to peers on its
+// segment when direct is set, tunnel routes to the others.
+func (c *vcluster) wantOurs(v *vnode, direct bool) []string {
+	var out []string
+	for _, p := range c.nodes {
+		if p == v {
+			continue
+		}
+		if direct && p.node.Segment == v.node.Segment {
+			out = append(out, fmt.Sprintf("%s via %s dev eth0", p.lease.Subnet, p.node.IP))
+		} else {
+			out = append(out, fmt.Sprintf("%s via %s dev %s onlink", p.lease.Subnet, p.node.IP, ipip.DeviceName))
+		}
+	}
+	slices.Sort(out)
+	return out
+}
+
+// counter counts IPv4 frames by IP protocol on segment 0's bridge ports,
+// i.e. on the wire between node0 and node2.
+type counter struct {
+	ipip, icmp atomic.Int64
+	stop       func()
+}
+
+func countFrames(t *testing.T, lab *netlab.Lab) *counter {
+	t.Helper()
+	seg, err := netns.GetFromName(lab.NSName("s0"))
+	require.NoError(t, err)
+	defer seg.Close()
+	var fd int
+	require.NoError(t, backend.InNamespace(seg, func() error {
+		var err error
+		// ETH_P_ALL: a socket for one protocol never sees frames that a
+		// bridge port consumes.
+		fd, err = unix.Socket(unix.AF_PACKET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, int(htons(unix.ETH_P_ALL)))
+		return err
+	}))
+	require.NoError(t, unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &unix.Timeval{Usec: 100000}))
+	c := &counter{}
+	var done atomic.Bool
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		buf := make([]byte, 65536)
+		for !done.Load() {
+			n, _, err := unix.Recvfrom(fd, buf, 0)
+			if err != nil || n < 14+20 || buf[12] != 0x08 || buf[13] != 0x00 {
+				continue
+			}
+			switch buf[14+9] {
+			case unix.IPPROTO_IPIP:
+				c.ipip.Add(1)
+			case unix.IPPROTO_ICMP:
+				c.icmp.Add(1)
+			}
+		}
+	})
+	c.stop = func() { done.Store(true); wg.Wait(); unix.Close(fd) }
+	t.Cleanup(c.stop)
+	return c
+}
+
+func htons(v uint16) uint16 { return v<<8 | v>>8 }
