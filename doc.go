@@ -28,23 +28,22 @@
 //   - flannel (this package): LeaseStore, Backend, Network, Agent,
 //     subnet.env. It imports lease and leaf helpers only: no store, no
 //     backend, no traffic rules.
+//   - Leaf helpers under internal/ (nlsafe: the one door to the kernel,
+//     whose dumps retry interrupted dumps; ipconv; retry): they import
+//     lease at most.
 //   - backend: what every dataplane shares (interface discovery, MTU, the
-//     route reconciler, netlink and namespace plumbing, the Registry). It
-//     imports flannel and lease.
-//   - Dataplanes, one package each (hostgw, vxlan, ipsec, and those to come:
-//     wireguard, ipip, extension): they import backend, flannel and lease,
-//     never another dataplane or a store.
+//     route reconciler, the Reconciler Apply/repair shell, the Registry).
+//     It imports flannel, lease and the leaf helpers.
+//   - Dataplanes, one package each (hostgw, vxlan, ipsec, wireguard, ipip,
+//     extension, alloc): they import backend, flannel and lease, never
+//     another dataplane or a store.
 //   - Stores, one LeaseStore each (kubestore, etcdstore, memstore): they
 //     import flannel, lease and leaf helpers, never backend, a dataplane or
 //     another store. Only kubestore imports client-go; only etcdstore
-//     imports the etcd client. The in-memory store still sits at
-//     lease/memstore, the one import that runs back up (it imports
-//     flannel from below it); it is moving to the top-level memstore
-//     package beside the other stores, and new code should expect it
-//     there.
+//     imports the etcd client.
 //   - rules: the masquerade and forward rules (TrafficRules). It imports
-//     flannel and lease, and backend for its namespace helper only; never
-//     a store or a dataplane.
+//     flannel, lease and internal/nlsafe (to run nft and iptables in the
+//     node's namespace); never a store or a dataplane.
 //   - cni: the CNI plugin. It imports flannel only, for subnet.env; it
 //     never reaches a store, a backend or the kernel itself.
 //   - internal/daemon: the flanneld program minus its main. It wires the
