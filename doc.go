@@ -22,15 +22,14 @@
 //     subnet allocator, lease-set tracking and the sentinel errors. Pure
 //     data and logic: no I/O, no kernel, no network; it imports no package
 //     of the module.
-//   - Leaf helpers under internal/ that any layer may use, such as
-//     internal/retry (the one capped, jittered backoff). They import lease
-//     at most.
+//   - Leaf helpers under internal/ that any layer may use: internal/retry
+//     (the one capped, jittered backoff), internal/nlsafe (the one door to
+//     the kernel: namespace-bound netlink whose dumps retry interrupted
+//     dumps, namespace switches, sysctls, subscriptions) and
+//     internal/ipconv. They import lease at most.
 //   - flannel (this package): LeaseStore, Backend, Network, Agent,
 //     subnet.env. It imports lease and leaf helpers only: no store, no
 //     backend, no traffic rules.
-//   - Leaf helpers under internal/ (nlsafe: the one door to the kernel,
-//     whose dumps retry interrupted dumps; ipconv; retry): they import
-//     lease at most.
 //   - backend: what every dataplane shares (interface discovery, MTU, the
 //     route reconciler, the Reconciler Apply/repair shell, the Registry).
 //     It imports flannel, lease and the leaf helpers.
