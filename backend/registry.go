@@ -3,6 +3,7 @@ package backend
 import (
 	"errors"
 	"fmt"
+	"log/slog"
 	"slices"
 	"strings"
 	"sync"
@@ -90,4 +91,13 @@ func (r *Registry) New(cfg lease.Config) (flannel.Backend, error) {
 		return nil, fmt.Errorf("backend %q: %w", typ, err)
 	}
 	return b, nil
+}
+
+// WarnIgnoredKeys warns once per key of the "Backend" object that the typ
+// backend accepted without effect: keys upstream reads on another platform
+// (Windows), which a net-conf.json shared with such nodes carries.
+func WarnIgnoredKeys(log *slog.Logger, typ string, keys []string) {
+	for _, k := range keys {
+		log.Warn("net-conf.json key ignored: upstream uses it on Windows only", "key", "Backend."+k, "backend", typ)
+	}
 }

@@ -3,12 +3,15 @@ package backend
 import (
 	"context"
 	"errors"
+	"log/slog"
+	"strings"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
 	flannel "github.com/flannelkit/flannel"
+	"github.com/flannelkit/flannel/internal/testenv"
 	"github.com/flannelkit/flannel/lease"
 )
 
@@ -67,4 +70,13 @@ func TestRegistry(t *testing.T) {
 
 	var zero Registry // the zero value works too
 	require.NoError(t, zero.Register("host-gw", mk("host-gw")))
+}
+
+func TestWarnIgnoredKeys(t *testing.T) {
+	var buf testenv.LogBuffer
+	WarnIgnoredKeys(slog.New(slog.NewTextHandler(&buf, nil)), "vxlan", []string{"MacPrefix", "Name"})
+	out := buf.String()
+	assert.Contains(t, out, "key=Backend.MacPrefix")
+	assert.Contains(t, out, "key=Backend.Name")
+	assert.Equal(t, 2, strings.Count(out, "upstream uses it on Windows only"))
 }

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -30,6 +31,10 @@ type Options struct {
 	// RepairInterval is how often Network.Run re-applies the last peer set
 	// to repair drift that no kernel event announced. Optional: 10s.
 	RepairInterval time.Duration
+	// Ignored are the net-conf.json keys FromConfig accepted without
+	// effect (upstream's Windows-only Name and DNSServerList); Prepare
+	// warns about each.
+	Ignored []string
 }
 
 // Backend is the host-gw flannel.Backend. Prepare must be called before
@@ -57,9 +62,10 @@ func New(opts Options) (*Backend, error) {
 }
 
 // FromConfig builds a host-gw backend from the network configuration, for a
-// backend.Registry. host-gw has no settings: any key of the "Backend"
-// object other than "Type" is an error wrapping lease.ErrInvalidConfig that
-// names the key.
+// backend.Registry. host-gw has no settings on Linux: upstream's
+// Windows-only Name and DNSServerList are accepted and ignored (with a
+// warning at Prepare), and any other key of the "Backend" object than
+// "Type" is an error wrapping lease.ErrInvalidConfig that names the key.
 func FromConfig(cfg lease.Config) (flannel.Backend, error) {
 	if cfg.BackendType != "" && cfg.BackendType != Type {
 		return nil, fmt.Errorf("%w: Backend.Type %q is not %q", lease.ErrInvalidConfig, cfg.BackendType, Type)
@@ -69,11 +75,20 @@ func FromConfig(cfg lease.Config) (flannel.Backend, error) {
 		if err := json.Unmarshal(raw, &keys); err != nil {
 			return nil, fmt.Errorf("%w: Backend: %v", lease.ErrInvalidConfig, err)
 		}
+		var o Options
 		for k := range keys {
-			if !strings.EqualFold(k, "Type") {
-				return nil, fmt.Errorf("%w: Backend.%s: unknown key for the %s backend (it has no settings)", lease.ErrInvalidConfig, k, Type)
+			switch {
+			case strings.EqualFold(k, "Type"):
+			case strings.EqualFold(k, "Name"):
+				o.Ignored = append(o.Ignored, "Name")
+			case strings.EqualFold(k, "DNSServerList"):
+				o.Ignored = append(o.Ignored, "DNSServerList")
+			default:
+				return nil, fmt.Errorf("%w: Backend.%s: unknown key for the %s backend (it has no settings; known: Type, and Windows' Name, DNSServerList)", lease.ErrInvalidConfig, k, Type)
 			}
 		}
+		slices.Sort(o.Ignored)
+		return New(o)
 	}
 	return New(Options{})
 }
@@ -90,6 +105,7 @@ func (b *Backend) Prepare(ctx context.Context, env flannel.Env) (lease.Attrs, er
 	if env.Handle == nil {
 		return lease.Attrs{}, errors.New("host-gw: prepare: no netlink handle")
 	}
+	backend.WarnIgnoredKeys(backend.Logger(env.Logger).With("backend", Type), Type, b.opts.Ignored)
 	iface, err := backend.BindInterface(env.Handle, env.Iface, env.Config)
 	if err != nil {
 		return lease.Attrs{}, fmt.Errorf("host-gw: prepare: %w", err)

@@ -20,12 +20,14 @@ func TestFromConfig(t *testing.T) {
 		typ     string
 		raw     string
 		wantErr string
+		ignored []string
 	}{
 		{name: "no backend object", typ: "host-gw"},
 		{name: "type only", typ: "host-gw", raw: `{"Type":"host-gw"}`},
 		{name: "type key in lower case", typ: "host-gw", raw: `{"type":"host-gw"}`},
 		{name: "null", typ: "host-gw", raw: `null`},
 		{name: "unknown key named", typ: "host-gw", raw: `{"Type":"host-gw","DirectRouting":true}`, wantErr: "Backend.DirectRouting: unknown key"},
+		{name: "windows keys accepted", typ: "host-gw", raw: `{"Type":"host-gw","Name":"cbr0","dnsServerList":"10.0.0.10"}`, ignored: []string{"DNSServerList", "Name"}},
 		{name: "other type", typ: "vxlan", raw: `{"Type":"vxlan"}`, wantErr: `Backend.Type "vxlan" is not "host-gw"`},
 		{name: "not an object", typ: "host-gw", raw: `[1]`, wantErr: "Backend:"},
 	}
@@ -41,6 +43,7 @@ func TestFromConfig(t *testing.T) {
 			require.NoError(t, err)
 			assert.Equal(t, "host-gw", b.Type())
 			assert.Equal(t, DefaultRepairInterval, b.(*Backend).opts.RepairInterval)
+			assert.Equal(t, tc.ignored, b.(*Backend).opts.Ignored)
 		})
 	}
 }

@@ -77,6 +77,7 @@ func (b *Backend) Prepare(ctx context.Context, env flannel.Env) (lease.Attrs, er
 		return lease.Attrs{}, errors.New("vxlan: prepare: no netlink handle")
 	}
 	log := backend.Logger(env.Logger).With("backend", Type)
+	backend.WarnIgnoredKeys(log, Type, b.opts.Ignored)
 	link, err := backend.ResolveLink(env.Handle, env.Iface)
 	if err != nil {
 		return lease.Attrs{}, fmt.Errorf("vxlan: prepare: %w", err)

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -63,6 +64,10 @@ type Options struct {
 	// Optional: 1 (the kernel serializes most of the work anyway). Without
 	// an open Env.NS, entries are written one by one through Env.Handle.
 	Sockets int
+	// Ignored are the net-conf.json keys ParseOptions accepted without
+	// effect (upstream's Windows-only Name and MacPrefix); Prepare warns
+	// about each.
+	Ignored []string
 }
 
 func (o Options) withDefaults() Options {
@@ -117,7 +122,7 @@ func checkMAC(m net.HardwareAddr) error {
 // configKeys are the keys of the "Backend" object the vxlan backend reads,
 // matched case-insensitively as encoding/json (and so upstream) does.
 func configKeys() []string {
-	return []string{"Type", "VNI", "Port", "GBP", "Learning", "DirectRouting", "MTU"}
+	return []string{"Type", "VNI", "Port", "GBP", "Learning", "DirectRouting", "MTU", "Name", "MacPrefix"}
 }
 
 // ParseOptions decodes the "Backend" object of net-conf.json into Options.
@@ -148,6 +153,12 @@ func ParseOptions(raw json.RawMessage) (Options, error) {
 				lease.ErrInvalidConfig, k, Type, strings.Join(configKeys(), ", "))
 		case "Type":
 			continue
+		case "Name", "MacPrefix":
+			// Upstream's Windows backend reads them (the HNS network's
+			// name, the VTEP MAC prefix); a net-conf.json shared with
+			// Windows nodes carries them. Accepted, with a warning.
+			o.Ignored = append(o.Ignored, canon)
+			continue
 		case "VNI":
 			o.VNI, err = decodeInt(v, 1, 1<<24-1)
 		case "Port":
@@ -165,6 +176,7 @@ func ParseOptions(raw json.RawMessage) (Options, error) {
 			return Options{}, fmt.Errorf("%w: Backend.%s: %v", lease.ErrInvalidConfig, k, describe(err))
 		}
 	}
+	slices.Sort(o.Ignored)
 	return o, nil
 }
 

@@ -29,6 +29,8 @@ func TestParseOptions(t *testing.T) {
 		{name: "keys in any case", raw: `{"type":"vxlan","vni":7,"port":4789,"directrouting":true}`,
 			want: Options{VNI: 7, Port: 4789, DirectRouting: true}},
 		{name: "unknown key", raw: `{"Type":"vxlan","PSK":"x"}`, wantErr: "Backend.PSK: unknown key"},
+		{name: "windows keys accepted, ignored", raw: `{"Type":"vxlan","Name":"vxlan0","macprefix":"0E-2A","VNI":4096}`,
+			want: Options{VNI: 4096, Ignored: []string{"MacPrefix", "Name"}}},
 		{name: "vni zero", raw: `{"VNI":0}`, wantErr: "Backend.VNI: 0 out of range 1..16777215"},
 		{name: "vni too big", raw: `{"VNI":16777216}`, wantErr: "Backend.VNI"},
 		{name: "vni fraction", raw: `{"VNI":1.5}`, wantErr: "Backend.VNI: not an integer"},
