@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"net"
 	"net/netip"
 	"net/url"
 	"os"
@@ -13,6 +14,7 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"github.com/vishvananda/netlink"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
@@ -58,13 +60,37 @@ func testDaemonKube(t *testing.T, v variant) {
 
 	podCIDR := func(i int) netip.Prefix { return netip.MustParsePrefix(fmt.Sprintf("10.244.%d.0/24", i+1)) }
 	podCIDR6 := func(i int) netip.Prefix { return netip.MustParsePrefix(fmt.Sprintf("fd00:10:244:%d::/64", i+1)) }
+	// In the host-gw run node1's operator chose its public address with
+	// upstream's node-public-ip annotation: a second address on its eth0,
+	// which the daemon must publish (and its peer route through) instead
+	// of the interface's first.
+	publicIP := func(i int) netip.Addr { return w.lab.Nodes[i].IP }
+	if v.backend == "host-gw" {
+		n1 := w.lab.Nodes[1]
+		a := n1.IP.As4()
+		a[3] += 100
+		second := netip.AddrFrom4(a)
+		eth0, err := n1.Handle.LinkByName("eth0")
+		require.NoError(t, err)
+		require.NoError(t, n1.Handle.AddrAdd(eth0, &netlink.Addr{IPNet: &net.IPNet{IP: second.AsSlice(), Mask: net.CIDRMask(24, 32)}}))
+		publicIP = func(i int) netip.Addr {
+			if i == 1 {
+				return second
+			}
+			return w.lab.Nodes[i].IP
+		}
+	}
 	for i, n := range w.lab.Nodes {
 		cidrs := []string{podCIDR(i).String()}
 		if v.dual {
 			cidrs = append(cidrs, podCIDR6(i).String())
 		}
+		meta := metav1.ObjectMeta{Name: n.Name}
+		if publicIP(i) != n.IP {
+			meta.Annotations = map[string]string{annotation + "node-public-ip": publicIP(i).String()}
+		}
 		_, err := admin.CoreV1().Nodes().Create(ctx, &corev1.Node{
-			ObjectMeta: metav1.ObjectMeta{Name: n.Name},
+			ObjectMeta: meta,
 			Spec:       corev1.NodeSpec{PodCIDR: cidrs[0], PodCIDRs: cidrs},
 		}, metav1.CreateOptions{})
 		require.NoError(t, err)
@@ -118,7 +144,7 @@ current-context: lab
 		assert.Equal(t, podCIDR(i), w.lease(i).Subnet, "node%d subnet is its podCIDR", i)
 		a := node(i).Annotations
 		assert.Equal(t, "true", a[annotation+"kube-subnet-manager"], "node%d", i)
-		assert.Equal(t, n.IP.String(), a[annotation+"public-ip"], "node%d", i)
+		assert.Equal(t, publicIP(i).String(), a[annotation+"public-ip"], "node%d", i)
 		assert.Equal(t, v.backend, a[annotation+"backend-type"], "node%d", i)
 		if v.dual {
 			assert.Equal(t, podCIDR6(i), w.lease(i).IPv6Subnet, "node%d IPv6 subnet is its second podCIDR", i)

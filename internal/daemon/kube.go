@@ -57,5 +57,5 @@ func newKubeStore(ctx context.Context, c Config, log *slog.Logger) (*storeSetup,
 	if err != nil {
 		return nil, err
 	}
-	return &storeSetup{store: store, where: c.NetConfigPath, close: func() {}}, nil
+	return &storeSetup{store: store, where: c.NetConfigPath, close: func() {}, publicIPs: store.StoredPublicIPs}, nil
 }

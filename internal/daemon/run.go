@@ -107,6 +107,7 @@ func Run(ctx context.Context, c Config, log *slog.Logger, hooks Hooks) error {
 	}
 	defer st.close()
 	store := st.store
+	c = withStoredPublicIPs(ctx, c, st, log)
 
 	cfg, err := waitConfig(ctx, store, st.where, log)
 	if err != nil || ctx.Err() != nil {
@@ -155,6 +156,30 @@ func Run(ctx context.Context, c Config, log *slog.Logger, hooks Hooks) error {
 	runErr := agent.Run(ctx)
 	m.RunDone(runErr)
 	return runErr
+}
+
+// withStoredPublicIPs returns c with the public addresses stored for this
+// node (Node annotations node-public-ip and node-public-ipv6) in place of
+// --public-ip and --public-ipv6, as upstream does at start. A failed read
+// keeps the flags, with a warning.
+func withStoredPublicIPs(ctx context.Context, c Config, st *storeSetup, log *slog.Logger) Config {
+	if st.publicIPs == nil {
+		return c
+	}
+	v4, v6, err := st.publicIPs(ctx)
+	if err != nil {
+		log.Warn("public-ip annotations not read; using the flags", "error", err)
+		return c
+	}
+	if v4.IsValid() {
+		log.Info("public IP from the node-public-ip annotation", "ip", v4, "flag", c.PublicIP)
+		c.PublicIP = v4
+	}
+	if v6.IsValid() {
+		log.Info("public IPv6 from the node-public-ipv6 annotation", "ip", v6, "flag", c.PublicIPv6)
+		c.PublicIPv6 = v6
+	}
+	return c
 }
 
 // onReady is the Agent's OnReady: the blackhole routes (when kept), then
@@ -243,6 +268,9 @@ type storeSetup struct {
 	store flannel.LeaseStore
 	// where names the config's location for logs.
 	where string
+	// publicIPs reads public addresses stored for this node (the kube
+	// store's node-public-ip(v6) annotations); nil when the store has none.
+	publicIPs func(ctx context.Context) (v4, v6 netip.Addr, err error)
 	// expiry reports when the node's lease expires; nil when leases do not
 	// expire.
 	expiry func(ctx context.Context, own lease.Lease) (time.Time, error)
