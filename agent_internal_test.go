@@ -5,10 +5,12 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
+	"strings"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
 
+	"github.com/flannelkit/flannel/internal/testenv"
 	"github.com/flannelkit/flannel/lease"
 )
 
@@ -35,7 +37,33 @@ func TestLeavesClassifiesPeerErrors(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
 			assert.Len(t, leaves(tc.err), tc.n)
-			assert.Equal(t, tc.peerOnly, a.logApplyError(tc.err, 2))
+			peerOnly, _ := a.logApplyError(tc.err, 2, nil)
+			assert.Equal(t, tc.peerOnly, peerOnly)
 		})
 	}
+}
+
+// TestPeerWarnedOncePerChange: retries of the same failing peer lease warn
+// once; a changed lease, or one failing again after it recovered, warns
+// again.
+func TestPeerWarnedOncePerChange(t *testing.T) {
+	t.Parallel()
+	var buf testenv.LogBuffer
+	a := &Agent{log: slog.New(slog.NewTextHandler(&buf, nil))}
+	l := lease.Lease{Subnet: netip.MustParsePrefix("10.244.1.0/24"), Attrs: lease.Attrs{PublicIP: netip.MustParseAddr("192.0.2.1")}}
+	fail := func(l lease.Lease) error { return &PeerError{Lease: l, Err: errors.New("no backend data")} }
+	count := func() int { return strings.Count(buf.String(), "level=WARN msg=\"peer not programmed") }
+	var w peerWarnings
+	for range 5 {
+		_, w = a.logApplyError(fail(l), 1, w)
+	}
+	assert.Equal(t, 1, count(), "five retries of one lease")
+	changed := l
+	changed.Attrs.BackendData = []byte(`{"VNI":1}`)
+	_, w = a.logApplyError(fail(changed), 1, w)
+	_, w = a.logApplyError(fail(changed), 1, w)
+	assert.Equal(t, 2, count(), "its value changed")
+	_, w = a.logApplyError(nil, 1, w)
+	_, _ = a.logApplyError(fail(changed), 1, w)
+	assert.Equal(t, 3, count(), "it recovered and failed again")
 }

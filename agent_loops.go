@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"sync/atomic"
 	"time"
 
@@ -56,6 +57,7 @@ type applier struct {
 	in      *latest[lease.Snapshot]
 	bo      *retry.Backoff
 	pending *time.Timer // the retry of a failed Apply; nil when none
+	warned  peerWarnings
 }
 
 func (a *Agent) newApplier(r *run, in *latest[lease.Snapshot]) *applier {
@@ -125,7 +127,8 @@ func (p *applier) next(ctx context.Context) (applied, alive bool) {
 	if a.opts.OnApply != nil {
 		a.opts.OnApply(len(peers), time.Since(began), err)
 	}
-	peerOnly := a.logApplyError(err, len(peers))
+	var peerOnly bool
+	peerOnly, p.warned = a.logApplyError(err, len(peers), p.warned)
 	applied = err == nil || peerOnly
 	if applied {
 		a.update(func(m *mutable) { m.state.Peers = len(peers) })
@@ -160,24 +163,45 @@ func (a *Agent) peers(own lease.Lease, all []lease.Lease) []lease.Lease {
 }
 
 // logApplyError logs err and reports whether it consists only of
-// *PeerError (the rest of the peers were programmed).
-func (a *Agent) logApplyError(err error, n int) (peerOnly bool) {
+// *PeerError (the rest of the peers were programmed). A peer that cannot
+// be programmed is warned about once per change of its lease: warned holds
+// what the previous call warned about and the returned set replaces it, so
+// retries of the same failing lease log at debug level only, and a peer
+// that recovers and fails again is warned about again.
+func (a *Agent) logApplyError(err error, n int, warned peerWarnings) (peerOnly bool, now peerWarnings) {
 	if err == nil {
 		a.log.Debug("peers applied", "peers", n)
-		return false
+		return false, nil
 	}
-	peerOnly = true
+	peerOnly, now = true, peerWarnings{}
 	for _, e := range leaves(err) {
 		var pe *PeerError
 		if errors.As(e, &pe) {
-			a.log.Warn("peer not programmed; will retry", "peer", pe.Lease.String(),
+			key, value := pe.Lease.Key(), leaseValue(pe.Lease)
+			level := slog.LevelWarn
+			if warned[key] == value {
+				level = slog.LevelDebug
+			}
+			now[key] = value
+			a.log.Log(context.Background(), level, "peer not programmed; will retry", "peer", pe.Lease.String(),
 				"public_ip", peerIP(pe.Lease), "error", pe.Err)
 			continue
 		}
 		peerOnly = false
 		a.log.Warn("apply peers failed; will retry", "peers", n, "error", e)
 	}
-	return peerOnly
+	return peerOnly, now
+}
+
+// peerWarnings maps the key of each peer last warned about to its lease
+// value then (see leaseValue).
+type peerWarnings map[string]string
+
+// leaseValue is a lease's whole published value: a change to any of it is
+// a new lease to warn about.
+func leaseValue(l lease.Lease) string {
+	return fmt.Sprintf("%s|%s|%s|%s|%s|%s", l.Key(), l.Attrs.PublicIP, l.Attrs.PublicIPv6,
+		l.Attrs.BackendType, l.Attrs.BackendData, l.Attrs.BackendV6Data)
 }
 
 // leaves flattens err into the errors it joins (errors.Join, fmt.Errorf
