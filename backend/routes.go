@@ -142,6 +142,9 @@ func sameRoute(desired, actual netlink.Route) bool {
 	if desired.MTU != actual.MTU || desired.Scope != actual.Scope || typeOf(desired) != typeOf(actual) {
 		return false
 	}
+	if desired.Protocol != 0 && desired.Protocol != actual.Protocol {
+		return false // an adopted route (RouteReconciler.Adopt) is re-marked as ours
+	}
 	if desired.Src != nil && !desired.Src.Equal(actual.Src) {
 		return false
 	}
@@ -207,6 +210,11 @@ type RouteReconciler struct {
 	Table int
 	// Logger receives a debug line per change. Optional: nil discards.
 	Logger *slog.Logger
+	// Adopt, when set, also owns routes in Table without Protocol that it
+	// accepts: upstream flanneld's, which carry no mark (UpstreamRoute), so
+	// that on a node migrated from upstream they are replaced by ours or,
+	// for peers gone meanwhile, deleted. Optional.
+	Adopt func(netlink.Route) bool
 }
 
 func (r *RouteReconciler) protocol() netlink.RouteProtocol {
@@ -248,7 +256,26 @@ func (r *RouteReconciler) Owned(h *netlink.Handle, linkIndex int) ([]netlink.Rou
 	if linkIndex != 0 {
 		mask |= netlink.RT_FILTER_OIF
 	}
+	if r.Adopt != nil {
+		return r.adopted(h, filter, mask&^netlink.RT_FILTER_PROTOCOL)
+	}
 	return nlsafe.Wrap(h).RouteListFiltered(netlink.FAMILY_ALL, filter, mask)
+}
+
+// adopted lists the routes matching filter (without its protocol) that
+// carry our protocol or that Adopt accepts.
+func (r *RouteReconciler) adopted(h *netlink.Handle, filter *netlink.Route, mask uint64) ([]netlink.Route, error) {
+	all, err := nlsafe.Wrap(h).RouteListFiltered(netlink.FAMILY_ALL, filter, mask)
+	if err != nil {
+		return nil, err
+	}
+	out := all[:0]
+	for _, rt := range all {
+		if rt.Protocol == r.protocol() || r.Adopt(rt) {
+			out = append(out, rt)
+		}
+	}
+	return out, nil
 }
 
 // Reconcile makes the owned routes on linkIndex equal desired: missing or

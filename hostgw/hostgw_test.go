@@ -25,6 +25,7 @@ import (
 	"github.com/flannelkit/flannel/internal/backendtest"
 	"github.com/flannelkit/flannel/internal/ipconv"
 	"github.com/flannelkit/flannel/internal/netlab"
+	"github.com/flannelkit/flannel/internal/nlsafe"
 	"github.com/flannelkit/flannel/internal/testenv"
 	"github.com/flannelkit/flannel/lease"
 )
@@ -265,5 +266,83 @@ func TestApplyStates(t *testing.T) {
 		slices.Sort(want)
 		require.NoError(t, n0.Net.Apply(context.Background(), append(set, n0.Lease)), "step %d", step)
 		require.Equal(t, want, ours(t, n0), "step %d", step)
+	}
+}
+
+// TestMigrationFromUpstream: a node that upstream flanneld ran left routes
+// without a mark (proto boot): to a current peer, and to a peer that is
+// gone since. The first Apply makes the first ours and deletes the second;
+// routes that are not upstream's shape (another length, outside the
+// network, another protocol) stay.
+func TestMigrationFromUpstream(t *testing.T) {
+	c := newCluster(t, netlab.Options{Nodes: 3, IPv4: true, IPv6: true}, Options{})
+	n0, n1, n2 := c.Nodes[0], c.Nodes[1], c.Nodes[2]
+	add := func(dst string, gw netip.Addr, proto netlink.RouteProtocol) {
+		t.Helper()
+		r := netlink.Route{Dst: ipconv.IPNetFromPrefix(netip.MustParsePrefix(dst)), Gw: ipconv.IPFromAddr(gw),
+			LinkIndex: n0.Env.Iface.Index, Protocol: proto}
+		require.NoError(t, n0.Node.Handle.RouteAdd(&r), "add %s", dst)
+	}
+	// Upstream's shape (netlink without a protocol writes boot).
+	add(n1.Lease.Subnet.String(), n1.Node.IP, unix.RTPROT_BOOT)
+	add(n1.Lease.IPv6Subnet.String(), n1.Node.IPv6, unix.RTPROT_BOOT)
+	add("10.244.77.0/24", n2.Node.IP, unix.RTPROT_BOOT)
+	add("fd00:10:244:77::/64", n2.Node.IPv6, unix.RTPROT_BOOT)
+	// Not upstream's: kept.
+	keep := []string{"10.244.16.0/20", "192.0.2.0/24", "10.244.78.0/24"}
+	add(keep[0], n1.Node.IP, unix.RTPROT_BOOT)
+	add(keep[1], n1.Node.IP, unix.RTPROT_BOOT)
+	add(keep[2], n1.Node.IP, unix.RTPROT_STATIC)
+
+	require.NoError(t, n0.Net.Apply(context.Background(), []lease.Lease{n0.Lease, n1.Lease}))
+	assert.Equal(t, wantOurs(c, n0, n1), ours(t, n0), "the current peer's routes are ours now")
+	routes := map[string]netlink.RouteProtocol{}
+	rs, err := nlsafe.Wrap(n0.Node.Handle).RouteListFiltered(netlink.FAMILY_ALL, &netlink.Route{LinkIndex: n0.Env.Iface.Index}, netlink.RT_FILTER_OIF)
+	require.NoError(t, err)
+	for _, r := range rs {
+		if r.Dst != nil {
+			routes[r.Dst.String()] = r.Protocol
+		}
+	}
+	assert.NotContains(t, routes, "10.244.77.0/24", "upstream's route to a gone peer is deleted")
+	assert.NotContains(t, routes, "fd00:10:244:77::/64", "upstream's IPv6 route to a gone peer is deleted")
+	assert.Equal(t, unix.RTPROT_BOOT, int(routes[keep[0]]), "another length stays")
+	assert.Equal(t, unix.RTPROT_BOOT, int(routes[keep[1]]), "outside the network stays")
+	assert.Equal(t, unix.RTPROT_STATIC, int(routes[keep[2]]), "another protocol stays")
+	require.NoError(t, n1.Net.Apply(context.Background(), []lease.Lease{n0.Lease, n1.Lease}))
+	c.CheckPair(t, n0, n1)
+}
+
+func TestUpstreamRouteShape(t *testing.T) {
+	cfg, err := lease.ParseConfig([]byte(`{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56"}`))
+	require.NoError(t, err)
+	own := lease.Lease{Subnet: netip.MustParsePrefix("10.244.1.0/24"), IPv6Subnet: netip.MustParsePrefix("fd00:10:244:1::/64")}
+	adopt := backend.UpstreamRoute(cfg, own)
+	gw := ipconv.IPFromAddr(netip.MustParseAddr("192.0.2.2"))
+	route := func(dst string, proto netlink.RouteProtocol, mod func(*netlink.Route)) netlink.Route {
+		r := netlink.Route{Dst: ipconv.IPNetFromPrefix(netip.MustParsePrefix(dst)), Gw: gw, Protocol: proto, Type: unix.RTN_UNICAST}
+		if mod != nil {
+			mod(&r)
+		}
+		return r
+	}
+	for _, tc := range []struct {
+		name string
+		r    netlink.Route
+		want bool
+	}{
+		{"upstream v4", route("10.244.7.0/24", unix.RTPROT_BOOT, nil), true},
+		{"upstream v6", route("fd00:10:244:7::/64", unix.RTPROT_BOOT, nil), true},
+		{"own subnet", route("10.244.1.0/24", unix.RTPROT_BOOT, nil), false},
+		{"own v6 subnet", route("fd00:10:244:1::/64", unix.RTPROT_BOOT, nil), false},
+		{"ours", route("10.244.7.0/24", backend.RouteProtocol, nil), false},
+		{"static", route("10.244.7.0/24", unix.RTPROT_STATIC, nil), false},
+		{"kernel", route("10.244.7.0/24", unix.RTPROT_KERNEL, nil), false},
+		{"other length", route("10.244.0.0/20", unix.RTPROT_BOOT, nil), false},
+		{"outside", route("10.245.7.0/24", unix.RTPROT_BOOT, nil), false},
+		{"no gateway", route("10.244.7.0/24", unix.RTPROT_BOOT, func(r *netlink.Route) { r.Gw = nil }), false},
+		{"blackhole", route("10.244.7.0/24", unix.RTPROT_BOOT, func(r *netlink.Route) { r.Type = unix.RTN_BLACKHOLE }), false},
+	} {
+		assert.Equal(t, tc.want, adopt(tc.r), tc.name)
 	}
 }

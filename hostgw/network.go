@@ -37,7 +37,9 @@ func newNetwork(env flannel.Env, own lease.Lease, interval time.Duration) *Netwo
 		own:      own,
 		interval: interval,
 		log:      log,
-		rec:      backend.RouteReconciler{Logger: log},
+		// Routes upstream flanneld left (a node migrated from it) are
+		// adopted: replaced by ours, or deleted for peers gone meanwhile.
+		rec: backend.RouteReconciler{Logger: log, Adopt: backend.UpstreamRoute(env.Config, own)},
 	}
 	n.r = backend.NewReconciler(backend.ReconcilerConfig{Apply: n.apply, Interval: interval, Logger: log})
 	return n

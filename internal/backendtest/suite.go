@@ -147,14 +147,18 @@ func (c *Cluster) peerLike(p *Node, k int) lease.Lease {
 func (c *Cluster) ghost() lease.Lease { return c.Nodes[2].Lease }
 
 // foreign adds routes that are not the backend's on n's external
-// interface, via peer, and returns them as Snapshot shows them.
+// interface, via peer, and returns them as Snapshot shows them: a static
+// route of a subnet's size and a boot route (what `ip route add` writes)
+// of another size. (A boot route of exactly a subnet's size inside the
+// network is what upstream flanneld leaves behind; a dataplane may adopt
+// those, see backend.UpstreamRoute.)
 func foreign(t *testing.T, n, peer *Node) []string {
 	t.Helper()
 	for _, r := range []struct {
 		dst   string
 		gw    netip.Addr
 		proto netlink.RouteProtocol
-	}{{"10.244.96.0/24", peer.Node.IP, unix.RTPROT_STATIC}, {"fd00:10:244:96::/64", peer.Node.IPv6, unix.RTPROT_BOOT}} {
+	}{{"10.244.96.0/24", peer.Node.IP, unix.RTPROT_STATIC}, {"fd00:10:244:90::/60", peer.Node.IPv6, unix.RTPROT_BOOT}} {
 		if !r.gw.IsValid() {
 			continue
 		}
@@ -166,7 +170,7 @@ func foreign(t *testing.T, n, peer *Node) []string {
 	}
 	var added []string
 	for _, l := range Snapshot(t, n) {
-		if strings.HasPrefix(l, "route 10.244.96.0/24 ") || strings.HasPrefix(l, "route fd00:10:244:96::/64 ") {
+		if strings.HasPrefix(l, "route 10.244.96.0/24 ") || strings.HasPrefix(l, "route fd00:10:244:90::/60 ") {
 			added = append(added, l)
 		}
 	}
