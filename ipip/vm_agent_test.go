@@ -17,7 +17,7 @@ import (
 	"github.com/flannelkit/flannel/internal/testenv"
 	"github.com/flannelkit/flannel/ipip"
 	"github.com/flannelkit/flannel/lease"
-	"github.com/flannelkit/flannel/lease/memstore"
+	"github.com/flannelkit/flannel/memstore"
 )
 
 // TestInVMAgents runs real Agents with the ipip backend from net-conf.json
