@@ -127,4 +127,3 @@ func dumpProto(t *testing.T, n *backendtest.Node) []string {
 	slices.Sort(out)
 	return out
 }
-
