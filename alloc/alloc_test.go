@@ -22,6 +22,7 @@ import (
 	"github.com/flannelkit/flannel/alloc"
 	"github.com/flannelkit/flannel/backend"
 	"github.com/flannelkit/flannel/internal/netlab"
+	"github.com/flannelkit/flannel/internal/nlsafe"
 	"github.com/flannelkit/flannel/internal/testenv"
 	"github.com/flannelkit/flannel/lease"
 	"github.com/flannelkit/flannel/memstore"
@@ -81,27 +82,27 @@ func TestStartPreconditions(t *testing.T) {
 func kernelState(t *testing.T, n *netlab.Node) []string {
 	t.Helper()
 	var out []string
-	links, err := backend.ListLinks(n.Handle)
+	links, err := nlsafe.Wrap(n.Handle).LinkList()
 	require.NoError(t, err)
 	for _, l := range links {
 		a := l.Attrs()
 		out = append(out, fmt.Sprintf("link %s %s mtu %d up %v", a.Name, l.Type(), a.MTU, a.Flags&net.FlagUp != 0))
 	}
-	addrs, err := backend.ListAddrs(n.Handle, nil, netlink.FAMILY_ALL)
+	addrs, err := nlsafe.Wrap(n.Handle).AddrList(nil, netlink.FAMILY_ALL)
 	require.NoError(t, err)
 	for _, a := range addrs {
 		if !a.IP.IsLinkLocalUnicast() {
 			out = append(out, fmt.Sprintf("addr %s dev %d", a.IPNet, a.LinkIndex))
 		}
 	}
-	routes, err := backend.ListRoutes(n.Handle, netlink.FAMILY_ALL, &netlink.Route{Table: 0}, netlink.RT_FILTER_TABLE)
+	routes, err := nlsafe.Wrap(n.Handle).RouteListFiltered(netlink.FAMILY_ALL, &netlink.Route{Table: 0}, netlink.RT_FILTER_TABLE)
 	require.NoError(t, err)
 	for _, r := range routes {
 		if r.Protocol != unix.RTPROT_KERNEL {
 			out = append(out, "route "+backend.FormatRoute(r))
 		}
 	}
-	neighs, err := backend.ListNeighs(n.Handle, 0, netlink.FAMILY_ALL)
+	neighs, err := nlsafe.Wrap(n.Handle).NeighList(0, netlink.FAMILY_ALL)
 	require.NoError(t, err)
 	for _, ne := range neighs {
 		if ne.State&netlink.NUD_PERMANENT != 0 {
@@ -109,13 +110,19 @@ func kernelState(t *testing.T, n *netlab.Node) []string {
 		}
 	}
 	for _, s := range []string{"net/ipv4/ip_forward", "net/ipv6/conf/all/forwarding"} {
-		v, err := backend.GetSysctl(n.NS, s)
+		v, err := nlsafe.GetSysctl(n.NS, s)
 		require.NoError(t, err)
 		out = append(out, s+"="+v)
 	}
 	slices.Sort(out)
 	return out
 }
+
+// alloc does not run the dataplane contract suite (backendtest.Run): every
+// case of it is about the kernel entries a backend owns (at least one per
+// peer, repaired after damage, removed when stale, pods reaching each other
+// through them), and alloc owns none. Its contract is that it makes no
+// kernel entry at all, which TestAgentLeaseOnly checks on a whole run.
 
 // TestAgentLeaseOnly runs real Agents with the alloc backend on two nodes of
 // a netlab underlay, dual-stack: each gets a lease of its own with its

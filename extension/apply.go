@@ -84,7 +84,7 @@ func plan(added, want map[string]peer, leases map[string]lease.Lease) []change {
 	return out
 }
 
-// apply runs the changes for peers (n.mu held) and records the outcome.
+// apply runs the changes for peers (the Reconciler calls it with its lock held) and records the outcome.
 func (n *Network) apply(ctx context.Context, peers []lease.Lease) error {
 	want, leases, errs := n.desired(peers)
 	changes := plan(n.added, want, leases)

@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"log/slog"
 	"maps"
 	"path/filepath"
 	"slices"
@@ -38,13 +37,6 @@ func New(opts Options) *Backend { return &Backend{opts: opts.withDefaults()} }
 // Type returns "extension".
 func (b *Backend) Type() string { return Type }
 
-func logger(l *slog.Logger) *slog.Logger {
-	if l == nil {
-		return slog.New(slog.DiscardHandler)
-	}
-	return l
-}
-
 // nsOpen reports whether ns is a namespace handle: open, and not the zero
 // value of a flannel.Env (descriptor 0 is standard input).
 func nsOpen(ns netns.NsHandle) bool { return ns.IsOpen() && ns != 0 }
@@ -57,7 +49,7 @@ func (b *Backend) state() stateFile {
 }
 
 func (b *Backend) runner(env flannel.Env) *runner {
-	return &runner{ns: env.NS, environ: b.opts.Environ, timeout: b.opts.CommandTimeout, log: logger(env.Logger)}
+	return &runner{ns: env.NS, environ: b.opts.Environ, timeout: b.opts.CommandTimeout, log: backend.Logger(env.Logger)}
 }
 
 // Prepare checks the environment (an open env.NS when any command is
@@ -81,7 +73,7 @@ func (b *Backend) Prepare(ctx context.Context, env flannel.Env) (lease.Attrs, er
 	}
 	attrs := lease.Attrs{BackendType: Type, PublicIP: env.Iface.PublicIP, PublicIPv6: env.Iface.PublicIPv6}
 	if c.PreStartup != "" {
-		log := logger(env.Logger).With("backend", Type)
+		log := backend.Logger(env.Logger).With("backend", Type)
 		res, err := b.runner(env).run(ctx, "PreStartupCommand", c.PreStartup, nil, "", log)
 		if err != nil {
 			return lease.Attrs{}, fmt.Errorf("extension: prepare: %w", err)
@@ -116,7 +108,7 @@ func (b *Backend) Start(ctx context.Context, own lease.Lease) (flannel.Network, 
 	if err != nil {
 		return nil, fmt.Errorf("extension: start: %w", err)
 	}
-	log := logger(env.Logger).With("backend", Type)
+	log := backend.Logger(env.Logger).With("backend", Type)
 	if b.opts.StateDir == "" {
 		log.Warn("no state directory: peers removed while the agent is down will not get their remove command")
 	}
@@ -146,7 +138,7 @@ func (b *Backend) Cleanup(ctx context.Context, env flannel.Env) error {
 	if len(added) == 0 {
 		return st.remove()
 	}
-	log := logger(env.Logger).With("backend", Type)
+	log := backend.Logger(env.Logger).With("backend", Type)
 	r := b.runner(env)
 	var errs []error
 	for _, k := range slices.Sorted(maps.Keys(added)) {

@@ -14,7 +14,7 @@ import (
 
 	"github.com/vishvananda/netns"
 
-	"github.com/flannelkit/flannel/backend"
+	"github.com/flannelkit/flannel/internal/nlsafe"
 )
 
 // maxLogOutput caps the output of a command kept for the log and errors.
@@ -75,7 +75,7 @@ func (r *runner) run(ctx context.Context, which, line string, vars []string, std
 	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
 	cmd.WaitDelay = time.Second
 	// The child inherits the namespace of the thread that forks it.
-	err := backend.InNamespace(r.ns, cmd.Start)
+	err := nlsafe.InNamespace(r.ns, cmd.Start)
 	if err == nil {
 		err = cmd.Wait()
 	}

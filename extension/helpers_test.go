@@ -17,6 +17,7 @@ import (
 	flannel "github.com/flannelkit/flannel"
 	"github.com/flannelkit/flannel/backend"
 	"github.com/flannelkit/flannel/internal/netlab"
+	"github.com/flannelkit/flannel/internal/nlsafe"
 	"github.com/flannelkit/flannel/internal/testenv"
 	"github.com/flannelkit/flannel/lease"
 )
@@ -67,7 +68,7 @@ func peerLease(k int, data string) lease.Lease {
 // namespace via a gateway into 10.244.0.0/16.
 func routes(t *testing.T, h *netlink.Handle) []string {
 	t.Helper()
-	rs, err := backend.ListRoutes(h, netlink.FAMILY_V4, nil, 0)
+	rs, err := nlsafe.Wrap(h).RouteListFiltered(netlink.FAMILY_V4, nil, 0)
 	require.NoError(t, err)
 	var out []string
 	for _, r := range rs {

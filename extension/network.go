@@ -3,7 +3,6 @@ package extension
 import (
 	"context"
 	"log/slog"
-	"slices"
 	"sync"
 	"time"
 
@@ -12,20 +11,21 @@ import (
 	"github.com/flannelkit/flannel/lease"
 )
 
-// Network is a started extension dataplane. Apply and the repairs of Run
-// are serialized; it is safe for concurrent use.
+// Network is a started extension dataplane: apply, which runs the
+// commands that turn the added peers into the peer set, on a
+// backend.Reconciler. Apply and the repairs of Run are serialized; it is
+// safe for concurrent use.
 type Network struct {
-	opts   Options
-	env    flannel.Env
-	own    lease.Lease
-	log    *slog.Logger
-	cmd    *runner
-	state  stateFile
-	sched  *schedule
-	cmds   Commands
-	mu     sync.Mutex
-	peers  []lease.Lease
-	ready  bool            // Apply was called: repairs may run
+	opts  Options
+	env   flannel.Env
+	own   lease.Lease
+	log   *slog.Logger
+	cmd   *runner
+	state stateFile
+	sched *schedule
+	cmds  Commands
+	r     *backend.Reconciler // serializes Apply and repairs
+	// added and failed are apply's, under the Reconciler's lock.
 	added  map[string]peer // peers whose add command succeeded (persisted)
 	failed map[string]*attempt
 }
@@ -40,12 +40,14 @@ type attempt struct {
 }
 
 func newNetwork(b *Backend, env flannel.Env, own lease.Lease, added map[string]peer) *Network {
-	log := logger(env.Logger).With("backend", Type)
-	return &Network{
+	log := backend.Logger(env.Logger).With("backend", Type)
+	n := &Network{
 		opts: b.opts, env: env, own: own, log: log,
 		cmd: b.runner(env), state: b.state(), cmds: b.opts.Commands,
 		sched: newSchedule(), added: added, failed: map[string]*attempt{},
 	}
+	n.r = backend.NewReconciler(backend.ReconcilerConfig{Apply: n.apply, Interval: b.opts.RepairInterval, Logger: log})
+	return n
 }
 
 // Lease returns the lease the network was started with.
@@ -65,36 +67,22 @@ func (n *Network) MTU() int { return n.env.Iface.MTU }
 // its backoff allows (its PeerError is returned meanwhile). Apply may be
 // called repeatedly with the same peers; it runs nothing then.
 func (n *Network) Apply(ctx context.Context, peers []lease.Lease) error {
-	n.mu.Lock()
-	defer n.mu.Unlock()
-	n.peers = slices.Clone(peers)
-	n.ready = true
-	return n.apply(ctx, n.peers)
+	return n.r.Apply(ctx, peers)
 }
 
 // Run repairs until ctx ends: it re-applies the last peer set every
 // RepairInterval and when a failed peer's backoff is over. Nothing runs
-// before the first Apply. Run returns nil when ctx ends, with every
-// goroutine joined.
+// before the first Apply. What fails is logged (a peer once per change of
+// its lease, besides the backoff's own warning). Run returns nil when ctx
+// ends, with every goroutine joined.
 func (n *Network) Run(ctx context.Context) error {
-	backend.RepairLoop(ctx, n.opts.RepairInterval, n.repair, n.watchers()...)
+	n.r.Run(ctx, n.watchers()...)
 	return nil
 }
 
 // watchers are the event sources of Run: the retry schedule.
 func (n *Network) watchers() []backend.Watcher {
 	return []backend.Watcher{n.sched.watch}
-}
-
-func (n *Network) repair(ctx context.Context, why string) {
-	n.mu.Lock()
-	defer n.mu.Unlock()
-	if !n.ready {
-		return
-	}
-	if err := n.apply(ctx, n.peers); err != nil && ctx.Err() == nil {
-		n.log.Warn("repair failed", "trigger", why, "err", err)
-	}
 }
 
 // schedule tells the retry watcher when the next retry is due.

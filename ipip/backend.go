@@ -4,13 +4,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"log/slog"
 	"sync"
 
 	"github.com/vishvananda/netlink"
 
 	flannel "github.com/flannelkit/flannel"
 	"github.com/flannelkit/flannel/backend"
+	"github.com/flannelkit/flannel/internal/nlsafe"
 	"github.com/flannelkit/flannel/lease"
 )
 
@@ -33,13 +33,6 @@ func New(opts Options) *Backend { return &Backend{opts: opts.withDefaults()} }
 
 // Type returns "ipip".
 func (b *Backend) Type() string { return Type }
-
-func logger(l *slog.Logger) *slog.Logger {
-	if l == nil {
-		return slog.New(slog.DiscardHandler)
-	}
-	return l
-}
 
 // Prepare checks the environment (a handle, IPv4 only, an external
 // interface with an IPv4 address and an MTU leaving room for the outer
@@ -69,12 +62,12 @@ func (b *Backend) Prepare(ctx context.Context, env flannel.Env) (lease.Attrs, er
 	if mtu < minMTU {
 		return lease.Attrs{}, fmt.Errorf("ipip: prepare: MTU %d of %s is too small for ipip", iface.MTU, iface.Name)
 	}
-	if env.NS.IsOpen() && env.NS != 0 {
-		if err := backend.SetSysctl(env.NS, "net/ipv4/ip_forward", "1"); err != nil {
+	if env.NS.IsOpen() && env.NS != 0 { // a zero Env.NS is no namespace
+		if err := nlsafe.SetSysctl(env.NS, "net/ipv4/ip_forward", "1"); err != nil {
 			return lease.Attrs{}, fmt.Errorf("ipip: prepare: %w", err)
 		}
 	}
-	if _, err := ensureDevice(env.Handle, iface.IP, mtu, logger(env.Logger).With("backend", Type)); err != nil {
+	if _, err := ensureDevice(env.Handle, iface.IP, mtu, backend.Logger(env.Logger).With("backend", Type)); err != nil {
 		return lease.Attrs{}, fmt.Errorf("ipip: prepare: %w", err)
 	}
 	b.mu.Lock()
@@ -131,7 +124,7 @@ func (b *Backend) Cleanup(ctx context.Context, env flannel.Env) error {
 	if err != nil {
 		return fmt.Errorf("ipip: cleanup: %w", err)
 	}
-	rec := backend.RouteReconciler{Logger: logger(env.Logger)}
+	rec := backend.RouteReconciler{Logger: backend.Logger(env.Logger)}
 	if err := rec.Reconcile(ctx, env.Handle, link.Attrs().Index, nil); err != nil {
 		return fmt.Errorf("ipip: cleanup routes on %s: %w", link.Attrs().Name, err)
 	}

@@ -10,7 +10,8 @@ import (
 
 	"github.com/vishvananda/netlink"
 
-	"github.com/flannelkit/flannel/backend"
+	"github.com/flannelkit/flannel/internal/ipconv"
+	"github.com/flannelkit/flannel/internal/nlsafe"
 )
 
 // ErrNoKernelSupport is wrapped when the kernel cannot create an ipip
@@ -21,7 +22,7 @@ var ErrNoKernelSupport = errors.New("the kernel has no ipip support: load the ip
 // from what flannel.ipip must be, or returns "" when it can be kept.
 func mismatch(l *netlink.Iptun, local netip.Addr) string {
 	switch {
-	case backend.AddrFromIP(l.Local) != local:
+	case ipconv.AddrFromIP(l.Local) != local:
 		return "local " + fmt.Sprint(l.Local)
 	case l.Remote != nil && !l.Remote.IsUnspecified():
 		return "remote " + l.Remote.String()
@@ -48,7 +49,7 @@ func ensureDevice(h *netlink.Handle, local netip.Addr, mtu int, log *slog.Logger
 		}
 	}
 	if l == nil {
-		dev := &netlink.Iptun{LinkAttrs: netlink.LinkAttrs{Name: DeviceName, MTU: mtu}, Local: backend.IPFromAddr(local)}
+		dev := &netlink.Iptun{LinkAttrs: netlink.LinkAttrs{Name: DeviceName, MTU: mtu}, Local: ipconv.IPFromAddr(local)}
 		err := h.LinkAdd(dev)
 		switch {
 		case errors.Is(err, syscall.EOPNOTSUPP) || errors.Is(err, syscall.ENOTSUP) || errors.Is(err, syscall.EAFNOSUPPORT):
@@ -101,14 +102,14 @@ func lookup(h *netlink.Handle) (*netlink.Iptun, error) {
 // addresses are removed): /32 so that no subnet or broadcast route is
 // created, as upstream does.
 func ensureAddr(h *netlink.Handle, link netlink.Link, addr netip.Addr) error {
-	have, err := backend.ListAddrs(h, link, netlink.FAMILY_V4)
+	have, err := nlsafe.Wrap(h).AddrList(link, netlink.FAMILY_V4)
 	if err != nil {
 		return err
 	}
 	want := netip.PrefixFrom(addr, 32)
 	found := false
 	for _, a := range have {
-		p, _ := backend.PrefixFromIPNet(a.IPNet)
+		p, _ := ipconv.PrefixFromIPNet(a.IPNet)
 		if p == want {
 			found = true
 			continue
@@ -120,7 +121,7 @@ func ensureAddr(h *netlink.Handle, link netlink.Link, addr netip.Addr) error {
 	if found {
 		return nil
 	}
-	a := &netlink.Addr{IPNet: backend.IPNetFromPrefix(want)}
+	a := &netlink.Addr{IPNet: ipconv.IPNetFromPrefix(want)}
 	if err := h.AddrReplace(link, a); err != nil {
 		return fmt.Errorf("add address %s to %s: %w", want, DeviceName, err)
 	}

@@ -7,8 +7,6 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
-	"slices"
-	"sync"
 	"sync/atomic"
 
 	"github.com/vishvananda/netlink"
@@ -16,6 +14,8 @@ import (
 
 	flannel "github.com/flannelkit/flannel"
 	"github.com/flannelkit/flannel/backend"
+	"github.com/flannelkit/flannel/internal/ipconv"
+	"github.com/flannelkit/flannel/internal/nlsafe"
 	"github.com/flannelkit/flannel/lease"
 )
 
@@ -28,18 +28,17 @@ type Network struct {
 	opts Options
 	log  *slog.Logger
 	rec  backend.RouteReconciler
-	dev  atomic.Int64 // flannel.ipip's index, for the watchers
-
-	mu    sync.Mutex
-	peers []lease.Lease
-	ready bool // Apply was called: repairs may run
+	dev  atomic.Int64        // flannel.ipip's index, for the watchers
+	r    *backend.Reconciler // serializes Apply and repairs
 }
 
 var _ flannel.Network = (*Network)(nil)
 
 func newNetwork(env flannel.Env, own lease.Lease, mtu int, opts Options) *Network {
-	log := logger(env.Logger).With("backend", Type, "iface", env.Iface.Name)
-	return &Network{env: env, own: own, mtu: mtu, opts: opts, log: log, rec: backend.RouteReconciler{Logger: log}}
+	log := backend.Logger(env.Logger).With("backend", Type, "iface", env.Iface.Name)
+	n := &Network{env: env, own: own, mtu: mtu, opts: opts, log: log, rec: backend.RouteReconciler{Logger: log}}
+	n.r = backend.NewReconciler(backend.ReconcilerConfig{Apply: n.apply, Interval: opts.RepairInterval, Logger: log})
+	return n
 }
 
 // Lease returns the lease the network was started with.
@@ -59,21 +58,18 @@ func (n *Network) MTU() int { return n.mtu }
 // error while the others are programmed. Apply may be called repeatedly
 // with the same peers; it changes nothing then.
 func (n *Network) Apply(ctx context.Context, peers []lease.Lease) error {
-	n.mu.Lock()
-	defer n.mu.Unlock()
-	n.peers = slices.Clone(peers)
-	n.ready = true
-	return n.apply(ctx, n.peers)
+	return n.r.Apply(ctx, peers)
 }
 
 // Run repairs drift until ctx ends: it re-applies the last peer set every
 // RepairInterval and right after flannel.ipip is deleted or set down or a
 // route of ours on it or on the external interface is deleted (netlink
 // subscriptions in env.NS; without an open NS only the periodic repair
-// runs). Nothing is repaired before the first Apply. Run joins its
-// goroutines and returns nil when ctx ends.
+// runs). Nothing is repaired before the first Apply. Repair failures are
+// logged (a peer that cannot be programmed once per change of its lease)
+// and retried. Run joins its goroutines and returns nil when ctx ends.
 func (n *Network) Run(ctx context.Context) error {
-	backend.RepairLoop(ctx, n.opts.RepairInterval, n.repair, n.watchers()...)
+	n.r.Run(ctx, n.watchers()...)
 	return nil
 }
 
@@ -83,25 +79,14 @@ func (n *Network) watchers() []backend.Watcher {
 		return nil
 	}
 	return []backend.Watcher{
-		backend.NetlinkWatcher(n.log, n.env.NS, "link", backend.SubscribeLinks, func(u netlink.LinkUpdate) bool {
+		backend.NetlinkWatcher(n.log, n.env.NS, "link", nlsafe.SubscribeLinks, func(u netlink.LinkUpdate) bool {
 			return u.Link != nil && u.Link.Attrs().Name == DeviceName &&
 				(u.Header.Type == unix.RTM_DELLINK || u.Link.Attrs().Flags&net.FlagUp == 0)
 		}),
-		backend.NetlinkWatcher(n.log, n.env.NS, "route", backend.SubscribeRoutes, func(u netlink.RouteUpdate) bool {
+		backend.NetlinkWatcher(n.log, n.env.NS, "route", nlsafe.SubscribeRoutes, func(u netlink.RouteUpdate) bool {
 			return u.Type == unix.RTM_DELROUTE && u.Protocol == backend.RouteProtocol &&
 				(u.LinkIndex == n.env.Iface.Index || int64(u.LinkIndex) == n.dev.Load())
 		}),
-	}
-}
-
-func (n *Network) repair(ctx context.Context, why string) {
-	n.mu.Lock()
-	defer n.mu.Unlock()
-	if !n.ready {
-		return
-	}
-	if err := n.apply(ctx, n.peers); err != nil && ctx.Err() == nil {
-		n.log.Warn("repair failed", "trigger", why, "err", err)
 	}
 }
 
@@ -121,7 +106,7 @@ func (n *Network) ensure() (int, error) {
 // desired computes the routes on the device and on the external interface
 // and the peer each destination is for; a peer that cannot have a route
 // gets an error in failed.
-func (n *Network) desired(peers []lease.Lease, dev int, failed map[int][]error) (tun, ext []netlink.Route, byDst map[netip.Prefix]int) {
+func (n *Network) desired(peers []lease.Lease, dev int, failed *backend.PeerErrs) (tun, ext []netlink.Route, byDst map[netip.Prefix]int) {
 	byDst = map[netip.Prefix]int{}
 	direct := map[netip.Addr]bool{}
 	for i, p := range peers {
@@ -130,10 +115,10 @@ func (n *Network) desired(peers []lease.Lease, dev int, failed map[int][]error) 
 		}
 		gw := p.Attrs.PublicIP
 		if !gw.IsValid() || !gw.Is4() {
-			failed[i] = append(failed[i], fmt.Errorf("no public IPv4 address for subnet %s", p.Subnet))
+			failed.Add(i, fmt.Errorf("no public IPv4 address for subnet %s", p.Subnet))
 			continue
 		}
-		r := netlink.Route{Dst: backend.IPNetFromPrefix(p.Subnet), Gw: backend.IPFromAddr(gw)}
+		r := netlink.Route{Dst: ipconv.IPNetFromPrefix(p.Subnet), Gw: ipconv.IPFromAddr(gw)}
 		byDst[p.Subnet.Masked()] = i
 		if n.opts.DirectRouting {
 			d, ok := direct[gw]
@@ -156,55 +141,38 @@ func (n *Network) desired(peers []lease.Lease, dev int, failed map[int][]error) 
 // isDirect reports whether ip is reached on the external interface without
 // a gateway: on its segment.
 func (n *Network) isDirect(ip netip.Addr) bool {
-	rs, err := n.env.Handle.RouteGet(backend.IPFromAddr(ip))
+	rs, err := n.env.Handle.RouteGet(ipconv.IPFromAddr(ip))
 	if err != nil || len(rs) == 0 {
 		return false
 	}
 	return rs[0].Gw == nil && rs[0].LinkIndex == n.env.Iface.Index
 }
 
-// apply programs peers (n.mu held).
+// apply programs peers; the Reconciler calls it with its lock held.
 func (n *Network) apply(ctx context.Context, peers []lease.Lease) error {
 	dev, err := n.ensure()
 	if err != nil {
 		return err
 	}
-	failed := map[int][]error{}
-	tun, ext, byDst := n.desired(peers, dev, failed)
+	var failed backend.PeerErrs
+	tun, ext, byDst := n.desired(peers, dev, &failed)
 	var rest []error
 	for _, link := range []struct {
 		index  int
 		routes []netlink.Route
 	}{{dev, tun}, {n.env.Iface.Index, ext}} {
 		err := n.rec.Reconcile(ctx, n.env.Handle, link.index, link.routes)
-		for _, e := range flatten(err) {
+		for _, e := range backend.PeerErrorLeaves(err) {
 			var re *backend.RouteError
 			if errors.As(e, &re) && re.Op == "replace" {
-				dst, _ := backend.PrefixFromIPNet(re.Route.Dst)
+				dst, _ := ipconv.PrefixFromIPNet(re.Route.Dst)
 				if i, ok := byDst[dst]; ok {
-					failed[i] = append(failed[i], e)
+					failed.Add(i, e)
 					continue
 				}
 			}
 			rest = append(rest, e)
 		}
 	}
-	var errs []error
-	for i := range peers {
-		if len(failed[i]) > 0 {
-			errs = append(errs, &flannel.PeerError{Lease: peers[i], Err: errors.Join(failed[i]...)})
-		}
-	}
-	return errors.Join(append(errs, rest...)...)
-}
-
-// flatten unpacks a joined error into its parts; nil gives none.
-func flatten(err error) []error {
-	if err == nil {
-		return nil
-	}
-	if j, ok := err.(interface{ Unwrap() []error }); ok {
-		return j.Unwrap()
-	}
-	return []error{err}
+	return errors.Join(append(failed.Errors(peers), rest...)...)
 }

@@ -12,12 +12,14 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
+	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
 	flannel "github.com/flannelkit/flannel"
 	"github.com/flannelkit/flannel/backend"
 	"github.com/flannelkit/flannel/internal/netlab"
+	"github.com/flannelkit/flannel/internal/nlsafe"
 	"github.com/flannelkit/flannel/internal/testenv"
 	"github.com/flannelkit/flannel/internal/vmtest"
 	"github.com/flannelkit/flannel/ipip"
@@ -48,6 +50,7 @@ func TestVM(t *testing.T) {
 	require.NoError(t, err)
 	require.True(t, res.Passed, "tests inside the VM failed (output above)")
 	require.Contains(t, res.Output, "--- PASS: TestInVMReachability")
+	require.Contains(t, res.Output, "--- PASS: TestInVMContract")
 	require.NotContains(t, res.Output, "--- SKIP", "a test skipped inside the VM")
 }
 
@@ -152,12 +155,18 @@ func (c *vcluster) checkAllPairs() {
 // ours renders node v's routes of ours as "dst via gw dev <name> [onlink]".
 func ours(t *testing.T, v *vnode) []string {
 	t.Helper()
+	return oursOn(t, v.node.Handle)
+}
+
+// oursOn renders the routes of ours that h sees, as ours does.
+func oursOn(t *testing.T, h *netlink.Handle) []string {
+	t.Helper()
 	rec := backend.RouteReconciler{}
-	rs, err := rec.Owned(v.node.Handle, 0)
+	rs, err := rec.Owned(h, 0)
 	require.NoError(t, err)
 	var out []string
 	for _, r := range rs {
-		l, err := v.node.Handle.LinkByIndex(r.LinkIndex)
+		l, err := h.LinkByIndex(r.LinkIndex)
 		require.NoError(t, err)
 		s := fmt.Sprintf("%s via %s dev %s", r.Dst, r.Gw, l.Attrs().Name)
 		if r.Flags&unix.RTNH_F_ONLINK != 0 {
@@ -200,7 +209,7 @@ func countFrames(t *testing.T, lab *netlab.Lab) *counter {
 	require.NoError(t, err)
 	defer seg.Close()
 	var fd int
-	require.NoError(t, backend.InNamespace(seg, func() error {
+	require.NoError(t, nlsafe.InNamespace(seg, func() error {
 		var err error
 		// ETH_P_ALL: a socket for one protocol never sees frames that a
 		// bridge port consumes.

@@ -25,6 +25,7 @@ import (
 	"github.com/flannelkit/flannel/etcdstore"
 	"github.com/flannelkit/flannel/internal/etcdtest"
 	"github.com/flannelkit/flannel/internal/netlab"
+	"github.com/flannelkit/flannel/internal/nlsafe"
 	"github.com/flannelkit/flannel/internal/testenv"
 	"github.com/flannelkit/flannel/internal/vmtest"
 	"github.com/flannelkit/flannel/ipip"
@@ -100,7 +101,7 @@ func TestUpstreamInVM(t *testing.T) {
 	// etcd listens on the test's loopback; upstream's flanneld reaches it
 	// at node0's address through a forwarder listening in node0.
 	var l net.Listener
-	require.NoError(t, backend.InNamespace(lab.Nodes[0].NS, func() error {
+	require.NoError(t, nlsafe.InNamespace(lab.Nodes[0].NS, func() error {
 		var err error
 		l, err = net.Listen("tcp", net.JoinHostPort(lab.Nodes[0].IP.String(), "2379"))
 		return err
@@ -125,7 +126,7 @@ func TestUpstreamInVM(t *testing.T) {
 	up := exec.Command("/bin/upstream-flanneld", "-etcd-endpoints=http://"+l.Addr().String(), "-iface=eth0",
 		"-ip-masq=false", "-iptables-forward-rules=false", "-subnet-file="+filepath.Join(dir, "subnet.env"), "-v=2")
 	up.Stdout, up.Stderr = &out, &out
-	require.NoError(t, backend.InNamespace(lab.Nodes[2].NS, up.Start))
+	require.NoError(t, nlsafe.InNamespace(lab.Nodes[2].NS, up.Start))
 	t.Cleanup(func() {
 		up.Process.Signal(syscall.SIGTERM)
 		up.Wait()
@@ -199,7 +200,7 @@ func mustParse(t *testing.T, conf string) lease.Config {
 // whoever made it, as "dst via gw dev <name> [onlink]".
 func routesOf(t *testing.T, v *vnode) []string {
 	t.Helper()
-	rs, err := backend.ListRoutes(v.node.Handle, netlink.FAMILY_V4, nil, 0)
+	rs, err := nlsafe.Wrap(v.node.Handle).RouteListFiltered(netlink.FAMILY_V4, nil, 0)
 	require.NoError(t, err)
 	var out []string
 	for _, r := range rs {

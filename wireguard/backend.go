@@ -14,6 +14,7 @@ import (
 
 	flannel "github.com/flannelkit/flannel"
 	"github.com/flannelkit/flannel/backend"
+	"github.com/flannelkit/flannel/internal/nlsafe"
 	"github.com/flannelkit/flannel/lease"
 )
 
@@ -46,13 +47,6 @@ func New(opts Options) (*Backend, error) {
 
 // Type returns "wireguard".
 func (b *Backend) Type() string { return Type }
-
-func logger(l *slog.Logger) *slog.Logger {
-	if l == nil {
-		return slog.New(slog.DiscardHandler)
-	}
-	return l
-}
 
 // families are the address families the node runs: the configuration's,
 // or for a hand-built Config without either flag, its public addresses'.
@@ -110,15 +104,15 @@ func (b *Backend) Prepare(ctx context.Context, env flannel.Env) (lease.Attrs, er
 		return lease.Attrs{}, fmt.Errorf("wireguard: prepare: %w", err)
 	}
 	env.Iface = iface
-	log := logger(env.Logger).With("backend", Type)
+	log := backend.Logger(env.Logger).With("backend", Type)
 	v4, v6 := families(env)
 	if v4 {
-		if err := backend.SetSysctl(env.NS, "net/ipv4/ip_forward", "1"); err != nil {
+		if err := nlsafe.SetSysctl(env.NS, "net/ipv4/ip_forward", "1"); err != nil {
 			return lease.Attrs{}, fmt.Errorf("wireguard: prepare: %w", err)
 		}
 	}
 	if v6 {
-		if err := backend.SetSysctl(env.NS, "net/ipv6/conf/all/forwarding", "1"); err != nil {
+		if err := nlsafe.SetSysctl(env.NS, "net/ipv6/conf/all/forwarding", "1"); err != nil {
 			return lease.Attrs{}, fmt.Errorf("wireguard: prepare: %w", err)
 		}
 	}

@@ -14,7 +14,8 @@ import (
 	"golang.zx2c4.com/wireguard/wgctrl"
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 
-	"github.com/flannelkit/flannel/backend"
+	"github.com/flannelkit/flannel/internal/ipconv"
+	"github.com/flannelkit/flannel/internal/nlsafe"
 )
 
 // ErrNoWireGuard is wrapped by the errors of Prepare and CheckKernel when
@@ -76,7 +77,7 @@ func ensureLink(h *netlink.Handle, s devSpec, log *slog.Logger) (netlink.Link, e
 // ensureAddrs makes want the addresses of link: missing ones are added,
 // others (a previous lease's) deleted, IPv6 link-local ones left alone.
 func ensureAddrs(h *netlink.Handle, link netlink.Link, want []netip.Prefix) error {
-	have, err := backend.ListAddrs(h, link, netlink.FAMILY_ALL)
+	have, err := nlsafe.Wrap(h).AddrList(link, netlink.FAMILY_ALL)
 	if err != nil {
 		return err
 	}
@@ -87,11 +88,11 @@ func ensureAddrs(h *netlink.Handle, link netlink.Link, want []netip.Prefix) erro
 	present := map[netip.Prefix]bool{}
 	var errs []error
 	for _, a := range have {
-		p, ok := backend.PrefixFromIPNet(a.IPNet)
+		p, ok := ipconv.PrefixFromIPNet(a.IPNet)
 		if !ok || p.Addr().IsLinkLocalUnicast() {
 			continue
 		}
-		p = netip.PrefixFrom(backend.AddrFromIP(a.IP), p.Bits())
+		p = netip.PrefixFrom(ipconv.AddrFromIP(a.IP), p.Bits())
 		if wanted[p] {
 			present[p] = true
 			continue
@@ -104,7 +105,7 @@ func ensureAddrs(h *netlink.Handle, link netlink.Link, want []netip.Prefix) erro
 		if present[p] {
 			continue
 		}
-		a := &netlink.Addr{IPNet: &net.IPNet{IP: backend.IPFromAddr(p.Addr()), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}}
+		a := &netlink.Addr{IPNet: &net.IPNet{IP: ipconv.IPFromAddr(p.Addr()), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}}
 		if err := h.AddrAdd(link, a); err != nil && !errors.Is(err, syscall.EEXIST) {
 			errs = append(errs, fmt.Errorf("add address %s to %s: %w", p, link.Attrs().Name, err))
 		}
@@ -114,10 +115,10 @@ func ensureAddrs(h *netlink.Handle, link netlink.Link, want []netip.Prefix) erro
 
 // withClient runs fn with a wgctrl client whose netlink socket lives in
 // ns: wgctrl's sockets belong to the namespace of the thread that opens
-// them, so it is opened on a thread switched into ns (backend.InNamespace)
+// them, so it is opened on a thread switched into ns (nlsafe.InNamespace)
 // and used there. The client is closed when fn returns.
 func withClient(ns netns.NsHandle, fn func(c *wgctrl.Client) error) error {
-	return backend.InNamespace(ns, func() error {
+	return nlsafe.InNamespace(ns, func() error {
 		c, err := wgctrl.New()
 		if err != nil {
 			return fmt.Errorf("wgctrl: %w", err)

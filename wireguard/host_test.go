@@ -11,6 +11,7 @@ import (
 	flannel "github.com/flannelkit/flannel"
 	"github.com/flannelkit/flannel/backend"
 	"github.com/flannelkit/flannel/internal/netlab"
+	"github.com/flannelkit/flannel/internal/nlsafe"
 	"github.com/flannelkit/flannel/internal/vmtest"
 	"github.com/flannelkit/flannel/lease"
 	"github.com/flannelkit/flannel/wireguard"
@@ -46,7 +47,7 @@ func TestHostKernelWithoutWireGuard(t *testing.T) {
 	})
 	require.ErrorIs(t, err, wireguard.ErrNoWireGuard)
 	assert.Contains(t, err.Error(), "kernel lacks WireGuard (module wireguard needed")
-	links, err := n.Handle.LinkList()
+	links, err := nlsafe.Wrap(n.Handle).LinkList()
 	require.NoError(t, err)
 	for _, l := range links {
 		assert.NotContains(t, l.Attrs().Name, "flannel-wg")

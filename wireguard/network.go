@@ -7,7 +7,6 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
-	"slices"
 	"sync"
 
 	"github.com/vishvananda/netlink"
@@ -17,13 +16,15 @@ import (
 
 	flannel "github.com/flannelkit/flannel"
 	"github.com/flannelkit/flannel/backend"
+	"github.com/flannelkit/flannel/internal/ipconv"
+	"github.com/flannelkit/flannel/internal/nlsafe"
 	"github.com/flannelkit/flannel/lease"
 )
 
-// Network is a started wireguard dataplane: a small Apply/Run/repair
-// shell around apply, which makes the kernel match a peer set, and the
-// watchers whose kernel events trigger a repair. Apply and the repairs
-// are serialized; it is safe for concurrent use.
+// Network is a started wireguard dataplane: apply, which makes the kernel
+// match a peer set, and the watchers whose kernel events trigger a repair,
+// on a backend.Reconciler. Apply and the repairs are serialized; it is
+// safe for concurrent use.
 type Network struct {
 	env  flannel.Env
 	own  lease.Lease
@@ -32,11 +33,7 @@ type Network struct {
 	key  wgtypes.Key
 	devs []devSpec
 	rec  backend.RouteReconciler
-
-	mu      sync.Mutex
-	peers   []lease.Lease
-	applied bool              // Apply was called: repairs may run
-	warned  map[string]string // lease key -> the peer error last logged
+	r    *backend.Reconciler // serializes Apply and repairs
 
 	idxMu sync.Mutex     // guards index, read by the watchers' filters
 	index map[string]int // device name -> ifindex
@@ -45,13 +42,14 @@ type Network struct {
 var _ flannel.Network = (*Network)(nil)
 
 func newNetwork(env flannel.Env, own lease.Lease, opts Options, devs []devSpec, key wgtypes.Key) *Network {
-	log := logger(env.Logger).With("backend", Type)
-	return &Network{
+	log := backend.Logger(env.Logger).With("backend", Type)
+	n := &Network{
 		env: env, own: own, opts: opts, log: log, key: key, devs: devs,
-		rec:    backend.RouteReconciler{Logger: log},
-		warned: map[string]string{},
-		index:  map[string]int{},
+		rec:   backend.RouteReconciler{Logger: log},
+		index: map[string]int{},
 	}
+	n.r = backend.NewReconciler(backend.ReconcilerConfig{Apply: n.apply, Interval: opts.RepairInterval, Logger: log})
+	return n
 }
 
 // Lease returns the lease the network was started with.
@@ -86,11 +84,7 @@ func (n *Network) PublicKey() string { return n.key.PublicKey().String() }
 // Apply may be called repeatedly with the same peers; it changes nothing
 // then.
 func (n *Network) Apply(ctx context.Context, peers []lease.Lease) error {
-	n.mu.Lock()
-	defer n.mu.Unlock()
-	n.peers = slices.Clone(peers)
-	n.applied = true
-	return n.apply(ctx, n.peers)
+	return n.r.Apply(ctx, peers)
 }
 
 // Run repairs drift until ctx ends: it re-applies the last peer set every
@@ -99,21 +93,12 @@ func (n *Network) Apply(ctx context.Context, peers []lease.Lease) error {
 // deleted or set down, or a route of ours on one is deleted (netlink
 // subscriptions in env.NS, retried with capped backoff). A deleted device
 // is recreated and every peer replayed. Nothing is repaired before the
-// first Apply. Run joins its goroutines and returns nil when ctx ends.
+// first Apply. Repair failures are logged (a peer that cannot be
+// programmed once per change of its lease) and retried. Run joins its
+// goroutines and returns nil when ctx ends.
 func (n *Network) Run(ctx context.Context) error {
-	backend.RepairLoop(ctx, n.opts.RepairInterval, n.repair, n.watchers()...)
+	n.r.Run(ctx, n.watchers()...)
 	return nil
-}
-
-func (n *Network) repair(ctx context.Context, why string) {
-	n.mu.Lock()
-	defer n.mu.Unlock()
-	if !n.applied {
-		return
-	}
-	if err := n.apply(ctx, n.peers); err != nil && ctx.Err() == nil {
-		n.log.Warn("repair failed", "trigger", why, "err", err)
-	}
 }
 
 // watchers are the kernel event sources of Run.
@@ -123,11 +108,11 @@ func (n *Network) watchers() []backend.Watcher {
 		names[d.name] = true
 	}
 	return []backend.Watcher{
-		backend.NetlinkWatcher(n.log, n.env.NS, "link", backend.SubscribeLinks, func(u netlink.LinkUpdate) bool {
+		backend.NetlinkWatcher(n.log, n.env.NS, "link", nlsafe.SubscribeLinks, func(u netlink.LinkUpdate) bool {
 			return u.Link != nil && names[u.Link.Attrs().Name] &&
 				(u.Header.Type == unix.RTM_DELLINK || u.Link.Attrs().Flags&net.FlagUp == 0)
 		}),
-		backend.NetlinkWatcher(n.log, n.env.NS, "route", backend.SubscribeRoutes, func(u netlink.RouteUpdate) bool {
+		backend.NetlinkWatcher(n.log, n.env.NS, "route", nlsafe.SubscribeRoutes, func(u netlink.RouteUpdate) bool {
 			return u.Type == unix.RTM_DELROUTE && u.Protocol == backend.RouteProtocol && n.ours(u.LinkIndex)
 		}),
 	}
@@ -147,14 +132,14 @@ func (n *Network) ours(link int) bool {
 }
 
 // setup prepares the devices for the first Apply (Start).
-func (n *Network) setup(ctx context.Context) error {
-	n.mu.Lock()
-	defer n.mu.Unlock()
-	links, err := n.ensureLinks()
-	if err != nil {
-		return err
-	}
-	return n.routes(ctx, links, nil)
+func (n *Network) setup(ctx context.Context) (err error) {
+	n.r.Locked(func() {
+		var links map[string]netlink.Link
+		if links, err = n.ensureLinks(); err == nil {
+			err = n.routes(ctx, links, nil)
+		}
+	})
+	return err
 }
 
 // ensureLinks makes every device exist, up, with its MTU, key, port and
@@ -225,7 +210,7 @@ func (n *Network) routes(ctx context.Context, links map[string]netlink.Link, wan
 		}
 		var rs []netlink.Route
 		for _, dst := range dsts {
-			r := netlink.Route{LinkIndex: idx, Dst: backend.IPNetFromPrefix(dst)}
+			r := netlink.Route{LinkIndex: idx, Dst: ipconv.IPNetFromPrefix(dst)}
 			if dst.Addr().Is4() {
 				r.Scope = netlink.SCOPE_LINK // IPv6 routes have no scope
 			}
@@ -238,7 +223,8 @@ func (n *Network) routes(ctx context.Context, links map[string]netlink.Link, wan
 	return errors.Join(errs...)
 }
 
-// apply makes the kernel match peers; the caller holds n.mu.
+// apply makes the kernel match peers; the Reconciler calls it with its
+// lock held.
 func (n *Network) apply(ctx context.Context, peers []lease.Lease) error {
 	links, err := n.ensureLinks()
 	if err != nil {
@@ -305,30 +291,16 @@ func (n *Network) logChanges(dev string, ops []wgtypes.PeerConfig) {
 	}
 }
 
-// report joins a *flannel.PeerError per failed lease (warned once per
-// change) with the other errors.
+// report joins a *flannel.PeerError per failed lease (by index, in the
+// order of peers) with the other errors.
 func (n *Network) report(peers []lease.Lease, failed map[int]error, rest []error) error {
-	var errs []error
-	seen := map[string]bool{}
-	for i, p := range peers {
-		err, ok := failed[i]
-		if !ok {
-			continue
-		}
-		key := p.Key()
-		seen[key] = true
-		if n.warned[key] != err.Error() {
-			n.warned[key] = err.Error()
-			n.log.Warn("peer not programmed", "subnet", p.String(), "public_ip", p.Attrs.PublicIP, "err", err)
-		}
-		errs = append(errs, &flannel.PeerError{Lease: p, Err: err})
-	}
-	for k := range n.warned {
-		if !seen[k] {
-			delete(n.warned, k)
+	var pe backend.PeerErrs
+	for i := range peers {
+		if err, ok := failed[i]; ok {
+			pe.Add(i, err)
 		}
 	}
-	if err := errors.Join(append(errs, rest...)...); err != nil {
+	if err := errors.Join(append(pe.Errors(peers), rest...)...); err != nil {
 		return fmt.Errorf("wireguard: %w", err)
 	}
 	return nil

@@ -18,8 +18,8 @@ import (
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
-	"github.com/flannelkit/flannel/backend"
 	"github.com/flannelkit/flannel/internal/netlab"
+	"github.com/flannelkit/flannel/internal/nlsafe"
 )
 
 // capture reads every frame on the wire between the nodes (all ports of
@@ -49,7 +49,7 @@ func startCapture(t *testing.T, lab *netlab.Lab, marker []byte, pods []netip.Pre
 	require.NoError(t, err)
 	defer seg.Close()
 	var fd int
-	require.NoError(t, backend.InNamespace(seg, func() error {
+	require.NoError(t, nlsafe.InNamespace(seg, func() error {
 		var err error
 		fd, err = unix.Socket(unix.AF_PACKET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, int(htons(unix.ETH_P_ALL)))
 		return err
@@ -195,7 +195,7 @@ func sendMarker(a, b *netlab.Pod, dst netip.Addr, marker []byte, timeout time.Du
 		network, src = "tcp6", a.IPv6
 	}
 	var ln net.Listener
-	if err := backend.InNamespace(b.NS, func() error {
+	if err := nlsafe.InNamespace(b.NS, func() error {
 		var err error
 		ln, err = net.Listen(network, netip.AddrPortFrom(dst, 0).String())
 		return err
@@ -223,7 +223,7 @@ func sendMarker(a, b *netlab.Pod, dst netip.Addr, marker []byte, timeout time.Du
 		got <- buf
 	})
 	var conn net.Conn
-	if err := backend.InNamespace(a.NS, func() error {
+	if err := nlsafe.InNamespace(a.NS, func() error {
 		d := net.Dialer{Timeout: timeout, LocalAddr: &net.TCPAddr{IP: src.AsSlice()}}
 		var err error
 		conn, err = d.Dial(network, ln.Addr().String())

@@ -16,6 +16,7 @@ import (
 
 	"github.com/flannelkit/flannel/backend"
 	"github.com/flannelkit/flannel/internal/netlab"
+	"github.com/flannelkit/flannel/internal/nlsafe"
 	"github.com/flannelkit/flannel/wireguard"
 )
 
@@ -113,11 +114,11 @@ func checkDevice(t *testing.T, c *wcluster) {
 	link, err := v.node.Handle.LinkByName(wireguard.DeviceName)
 	require.NoError(t, err)
 	assert.Equal(t, 1440, link.Attrs().MTU)
-	addrs, err := v.node.Handle.AddrList(link, netlink.FAMILY_V4)
+	addrs, err := nlsafe.Wrap(v.node.Handle).AddrList(link, netlink.FAMILY_V4)
 	require.NoError(t, err)
 	require.Len(t, addrs, 1)
 	assert.Equal(t, "10.244.1.0/32", addrs[0].IPNet.String(), "the subnet address, as upstream")
-	routes, err := v.node.Handle.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{LinkIndex: link.Attrs().Index}, netlink.RT_FILTER_OIF)
+	routes, err := nlsafe.Wrap(v.node.Handle).RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{LinkIndex: link.Attrs().Index}, netlink.RT_FILTER_OIF)
 	require.NoError(t, err)
 	var dsts []string
 	for _, r := range routes {
@@ -148,13 +149,13 @@ func checkDevice(t *testing.T, c *wcluster) {
 func udpEchoSized(t *testing.T, a, b *netlab.Pod, size int) error {
 	t.Helper()
 	var srv, cli *net.UDPConn
-	require.NoError(t, backend.InNamespace(b.NS, func() error {
+	require.NoError(t, nlsafe.InNamespace(b.NS, func() error {
 		var err error
 		srv, err = net.ListenUDP("udp4", net.UDPAddrFromAddrPort(netip.AddrPortFrom(b.IP, 0)))
 		return err
 	}))
 	defer srv.Close()
-	require.NoError(t, backend.InNamespace(a.NS, func() error {
+	require.NoError(t, nlsafe.InNamespace(a.NS, func() error {
 		var err error
 		cli, err = net.DialUDP("udp4", net.UDPAddrFromAddrPort(netip.AddrPortFrom(a.IP, 0)), srv.LocalAddr().(*net.UDPAddr))
 		return err

@@ -34,6 +34,7 @@ var vmModules = []string{"wireguard", "veth", "bridge", "xfrm_user", "nfnetlink"
 func TestVM(t *testing.T) {
 	res := runVM(t, "^TestInVM", nil, nil)
 	require.Contains(t, res.Output, "--- PASS: TestInVMMatrix")
+	require.Contains(t, res.Output, "--- PASS: TestInVMContract")
 	// inVM skips these tests on the host only: inside the VM none may skip.
 	require.NotContains(t, res.Output, "--- SKIP", "a test skipped inside the VM")
 }

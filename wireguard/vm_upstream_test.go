@@ -30,6 +30,7 @@ import (
 	"github.com/flannelkit/flannel/etcdstore"
 	"github.com/flannelkit/flannel/internal/etcdtest"
 	"github.com/flannelkit/flannel/internal/netlab"
+	"github.com/flannelkit/flannel/internal/nlsafe"
 	"github.com/flannelkit/flannel/internal/testenv"
 	"github.com/flannelkit/flannel/wireguard"
 )
@@ -228,7 +229,7 @@ func relay(t *testing.T, lab *netlab.Lab, listen, target string) {
 	require.NoError(t, err)
 	defer rt.Close()
 	var ln net.Listener
-	require.NoError(t, backend.InNamespace(rt, func() error {
+	require.NoError(t, nlsafe.InNamespace(rt, func() error {
 		var err error
 		ln, err = net.Listen("tcp", listen)
 		return err
