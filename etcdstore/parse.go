@@ -46,9 +46,6 @@ type entry struct {
 
 func (e entry) reservation() bool { return e.leaseID == clientv3.NoLease }
 
-// keyOK reports whether the key named subnets (the value may still be bad).
-func (e entry) keyOK() bool { return e.l.Subnet.IsValid() || e.l.IPv6Subnet.IsValid() }
-
 func (s *Store) entryOf(kv *mvccpb.KeyValue) entry {
 	l, err := s.parse(kv.Key, kv.Value)
 	if err != nil {

@@ -7,7 +7,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strconv"
 	"strings"
 	"syscall"
@@ -18,8 +17,9 @@ import (
 	"github.com/stretchr/testify/require"
 	"github.com/vishvananda/netns"
 
-	"github.com/flannelkit/flannel/backend"
 	"github.com/flannelkit/flannel/internal/netlab"
+	"github.com/flannelkit/flannel/internal/nlsafe"
+	"github.com/flannelkit/flannel/internal/testenv"
 )
 
 // bins are the flanneld and whoami binaries TestMain builds once.
@@ -38,7 +38,7 @@ func buildAndRun(m *testing.M) int {
 		bins.flanneld, bins.whoami = os.Getenv("DOCKERHOST_FLANNELD"), os.Getenv("DOCKERHOST_WHOAMI")
 		return m.Run()
 	}
-	gobin := filepath.Join(runtime.GOROOT(), "bin", "go")
+	gobin := testenv.GoBinary()
 	bins.flanneld, bins.whoami = filepath.Join(dir, "flanneld"), filepath.Join(dir, "whoami")
 	for pkg, out := range map[string]string{"../../examples/flanneld": bins.flanneld, "./whoami": bins.whoami} {
 		cmd := exec.Command(gobin, "build", "-ldflags=-s -w", "-o", out, pkg)
@@ -132,7 +132,7 @@ func checkBridge(t *testing.T, h *Host, subnet netip.Prefix, mtu int) {
 	link, err := h.Lab.Handle.LinkByName("docker0")
 	require.NoError(t, err)
 	assert.Equal(t, mtu, link.Attrs().MTU, "docker0 mtu")
-	addrs, err := h.Lab.Handle.AddrList(link, syscall.AF_INET)
+	addrs, err := nlsafe.Wrap(h.Lab.Handle).AddrList(link, syscall.AF_INET)
 	require.NoError(t, err)
 	require.Len(t, addrs, 1)
 	got, _ := netip.AddrFromSlice(addrs[0].IP.To4())
@@ -158,7 +158,7 @@ func checkMasquerade(t *testing.T, c *Cluster) {
 	require.NoError(t, err)
 	defer rt.Close()
 	var ln net.Listener
-	require.NoError(t, backend.InNamespace(rt, func() error {
+	require.NoError(t, nlsafe.InNamespace(rt, func() error {
 		ln, err = net.Listen("tcp", netip.AddrPortFrom(netlab.RouterIP(0), 0).String())
 		return err
 	}))

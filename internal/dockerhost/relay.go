@@ -7,7 +7,7 @@ import (
 
 	"github.com/vishvananda/netns"
 
-	"github.com/flannelkit/flannel/backend"
+	"github.com/flannelkit/flannel/internal/nlsafe"
 )
 
 // relay accepts TCP connections on an address inside a namespace and
@@ -27,7 +27,7 @@ func startRelay(nsName, listen, target string) (*relay, error) {
 	}
 	defer ns.Close()
 	r := &relay{conns: map[net.Conn]bool{}}
-	if err := backend.InNamespace(ns, func() error {
+	if err := nlsafe.InNamespace(ns, func() error {
 		var err error
 		r.ln, err = net.Listen("tcp", listen)
 		return err

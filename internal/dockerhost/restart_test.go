@@ -16,6 +16,8 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/flannelkit/flannel/internal/nlsafe"
 )
 
 var pingStats = regexp.MustCompile(`(\d+) packets transmitted, (\d+) packets received`)
@@ -126,7 +128,7 @@ func TestWrongOrder(t *testing.T) {
 	require.NoError(t, h.StartDocker(ctx))
 	link, err := h.Lab.Handle.LinkByName("docker0")
 	require.NoError(t, err)
-	addrs, err := h.Lab.Handle.AddrList(link, syscall.AF_INET)
+	addrs, err := nlsafe.Wrap(h.Lab.Handle).AddrList(link, syscall.AF_INET)
 	require.NoError(t, err)
 	require.Len(t, addrs, 1)
 	t.Logf("dockerd without options: docker0 %s", addrs[0].IPNet)

@@ -53,7 +53,7 @@ func ReadUnits(dir string) (Units, error) {
 	u.Notify = len(types) > 0 && types[len(types)-1] == "notify"
 	u.PostArgs = strings.Fields(posts[0])
 	if len(u.PostArgs) < 2 || u.PostArgs[1] != "docker-opts" {
-		return u, fmt.Errorf("flanneld.service: ExecStartPost %q: want flanneld docker-opts ...", posts[0])
+		return u, fmt.Errorf("flanneld.service: ExecStartPost %q: want flanneld docker-opts and its flags", posts[0])
 	}
 	dr, err := unitDirectives(filepath.Join(dir, "docker-flannel.conf"))
 	if err != nil {
