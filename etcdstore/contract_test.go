@@ -80,3 +80,24 @@ func (c *etcdCluster) Caps() storetest.Caps {
 		require.NoError(t, c.srv.Restart())
 	}}
 }
+
+// Grant returns the etcd lease of node i's key.
+func (c *etcdCluster) Grant(t *testing.T, i int) int64 {
+	resp, err := c.admin.Get(t.Context(), c.prefix+"/subnets/", clientv3.WithPrefix())
+	require.NoError(t, err)
+	for _, kv := range resp.Kvs {
+		var a lease.Attrs
+		if json.Unmarshal(kv.Value, &a) == nil && c.cfg.SameNode(a, storetest.Attrs(i)) {
+			return kv.Lease
+		}
+	}
+	t.Fatalf("no key of node %d", i)
+	return 0
+}
+
+// Revoked reports whether an etcd lease is gone.
+func (c *etcdCluster) Revoked(t *testing.T, grant int64) bool {
+	ttl, err := c.admin.TimeToLive(t.Context(), clientv3.LeaseID(grant))
+	require.NoError(t, err)
+	return ttl.TTL == -1
+}

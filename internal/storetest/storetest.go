@@ -131,6 +131,7 @@ func Run(t *testing.T, f Factory) {
 		{"WatchAfterGap", testGap},
 		{"HostileLeasesIgnored", testHostile},
 		{"MalformedSkipped", testMalformed},
+		{"Republish", testRepublish},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
