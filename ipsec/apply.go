@@ -9,8 +9,8 @@ import (
 
 	"github.com/vishvananda/netlink"
 
-	flannel "github.com/flannelkit/flannel"
 	"github.com/flannelkit/flannel/backend"
+	"github.com/flannelkit/flannel/internal/ipconv"
 	"github.com/flannelkit/flannel/lease"
 )
 
@@ -35,20 +35,21 @@ func (r *applyPass) addErr(peer int, err error) {
 // err is the result of the apply: a *flannel.PeerError per failed peer,
 // in peer order, then the rest.
 func (r *applyPass) err() error {
-	var errs []error
+	var pe backend.PeerErrs
 	for i := range r.in.peers {
 		if err, ok := r.failed[i]; ok {
-			errs = append(errs, &flannel.PeerError{Lease: r.leases[i], Err: err})
+			pe.Add(i, err)
 		}
 	}
-	return errors.Join(append(errs, r.rest...)...)
+	return errors.Join(append(pe.Errors(r.leases), r.rest...)...)
 }
 
-// applyLocked makes the kernel match n.peers: the XFRM states and policies
+// applyLocked makes the kernel match peers: the XFRM states and policies
 // (asking the key book what to install, planning the writes and executing
-// them), then the routes.
-func (n *Network) applyLocked(ctx context.Context) error {
-	r, err := n.reconcileXfrm()
+// them), then the routes. It is the Reconciler's Apply and runs with its
+// lock held.
+func (n *Network) applyLocked(ctx context.Context, peers []lease.Lease) error {
+	r, err := n.reconcileXfrm(peers)
 	if err != nil {
 		return err
 	}
@@ -58,13 +59,13 @@ func (n *Network) applyLocked(ctx context.Context) error {
 	return r.err()
 }
 
-// reconcileXfrm brings our XFRM states and policies to what n.peers and
+// reconcileXfrm brings our XFRM states and policies to what peers and
 // the key book want. An error is returned only when the kernel's tables
 // cannot be read; failed writes are in the applyPass.
-func (n *Network) reconcileXfrm() (*applyPass, error) {
+func (n *Network) reconcileXfrm(peers []lease.Lease) (*applyPass, error) {
 	now := n.now()
 	n.book.retirePrev(now)
-	r := n.peerInput(now)
+	r := n.peerInput(peers, now)
 	have, err := n.x.states()
 	if err != nil {
 		return nil, fmt.Errorf("ipsec: %w", err)
@@ -134,14 +135,14 @@ func (n *Network) baseInput() input {
 	return in
 }
 
-// peerInput builds the input for n.peers: peers of other backend types
+// peerInput builds the input for peers: peers of other backend types
 // and the own lease are skipped; a peer whose key is unusable is in it
 // (as not valid) with its error, warned about once per BackendData.
-func (n *Network) peerInput(now time.Time) *applyPass {
+func (n *Network) peerInput(peers []lease.Lease, now time.Time) *applyPass {
 	r := &applyPass{in: n.baseInput(), failed: map[int]error{}}
 	usable := map[string]bool{}
 	present := map[string]bool{}
-	for _, p := range n.peers {
+	for _, p := range peers {
 		if p.Attrs.BackendType != Type {
 			n.log.Debug("skipping peer of another backend", "subnet", p.String(), "backend_type", p.Attrs.BackendType)
 			continue
@@ -206,8 +207,8 @@ func (n *Network) reconcileRoutes(ctx context.Context, in input, failed map[int]
 			}
 			routes = append(routes, netlink.Route{
 				LinkIndex: n.env.Iface.Index,
-				Dst:       backend.IPNetFromPrefix(sub),
-				Gw:        backend.IPFromAddr(gw),
+				Dst:       ipconv.IPNetFromPrefix(sub),
+				Gw:        ipconv.IPFromAddr(gw),
 			})
 		}
 	}
@@ -220,7 +221,7 @@ func (n *Network) reconcileRoutes(ctx context.Context, in input, failed map[int]
 // nextHop returns the gateway the kernel uses towards ip on the external
 // interface, or ip itself when it is on-link.
 func (n *Network) nextHop(ip netip.Addr) (netip.Addr, error) {
-	rs, err := n.env.Handle.RouteGet(backend.IPFromAddr(ip))
+	rs, err := n.env.Handle.RouteGet(ipconv.IPFromAddr(ip))
 	if err != nil {
 		return netip.Addr{}, fmt.Errorf("route to peer %s: %w", ip, err)
 	}

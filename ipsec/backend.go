@@ -4,13 +4,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"log/slog"
 	"sync"
 
 	"github.com/vishvananda/netlink"
 
 	flannel "github.com/flannelkit/flannel"
 	"github.com/flannelkit/flannel/backend"
+	"github.com/flannelkit/flannel/internal/nlsafe"
 	"github.com/flannelkit/flannel/lease"
 )
 
@@ -41,13 +41,6 @@ func New(opts Options) (*Backend, error) {
 // Type returns "ipsec".
 func (b *Backend) Type() string { return Type }
 
-func logger(l *slog.Logger) *slog.Logger {
-	if l == nil {
-		return slog.New(slog.DiscardHandler)
-	}
-	return l
-}
-
 // ErrNoESP is wrapped by Prepare's error when the kernel cannot do ESP
 // with the configured cipher (no esp4/xfrm_user module or no AES-GCM).
 var ErrNoESP = errors.New("kernel lacks ESP/XFRM support (modules esp4, esp6, xfrm_user and rfc4106(gcm(aes)) needed)")
@@ -71,12 +64,12 @@ func (b *Backend) Prepare(ctx context.Context, env flannel.Env) (lease.Attrs, er
 	}
 	if env.NS.IsOpen() {
 		if env.Config.EnableIPv4 || env.Iface.PublicIP.IsValid() {
-			if err := backend.SetSysctl(env.NS, "net/ipv4/ip_forward", "1"); err != nil {
+			if err := nlsafe.SetSysctl(env.NS, "net/ipv4/ip_forward", "1"); err != nil {
 				return lease.Attrs{}, fmt.Errorf("ipsec: prepare: %w", err)
 			}
 		}
 		if env.Config.EnableIPv6 {
-			if err := backend.SetSysctl(env.NS, "net/ipv6/conf/all/forwarding", "1"); err != nil {
+			if err := nlsafe.SetSysctl(env.NS, "net/ipv6/conf/all/forwarding", "1"); err != nil {
 				return lease.Attrs{}, fmt.Errorf("ipsec: prepare: %w", err)
 			}
 		}
@@ -159,7 +152,7 @@ func (b *Backend) Cleanup(ctx context.Context, env flannel.Env) error {
 	}
 	link, err := backend.ResolveLink(env.Handle, env.Iface)
 	if err == nil {
-		rec := backend.RouteReconciler{Logger: logger(env.Logger)}
+		rec := backend.RouteReconciler{Logger: backend.Logger(env.Logger)}
 		errs = append(errs, rec.Reconcile(ctx, env.Handle, link.Attrs().Index, nil))
 	} else {
 		var nf netlink.LinkNotFoundError

@@ -9,7 +9,8 @@ import (
 
 	"github.com/vishvananda/netlink"
 
-	"github.com/flannelkit/flannel/backend"
+	"github.com/flannelkit/flannel/internal/ipconv"
+	"github.com/flannelkit/flannel/internal/nlsafe"
 )
 
 // kernel programs XFRM through a namespace-bound handle. Errors name the
@@ -27,7 +28,7 @@ func addrOf(ip net.IP) netip.Addr {
 
 // states lists our states (Reqid).
 func (k kernel) states() ([]xstate, error) {
-	all, err := backend.ListXfrmStates(k.h)
+	all, err := nlsafe.Wrap(k.h).XfrmStateList(netlink.FAMILY_ALL)
 	if err != nil {
 		return nil, err
 	}
@@ -50,8 +51,8 @@ func (k kernel) states() ([]xstate, error) {
 
 func (k kernel) toState(s xstate) *netlink.XfrmState {
 	st := &netlink.XfrmState{
-		Src:   backend.IPFromAddr(s.Src),
-		Dst:   backend.IPFromAddr(s.Dst),
+		Src:   ipconv.IPFromAddr(s.Src),
+		Dst:   ipconv.IPFromAddr(s.Dst),
 		Proto: netlink.XFRM_PROTO_ESP,
 		Mode:  netlink.XFRM_MODE_TUNNEL,
 		Spi:   int(s.SPI),
@@ -74,7 +75,7 @@ func (k kernel) addState(s xstate) error {
 }
 
 func (k kernel) delState(s xstate) error {
-	st := &netlink.XfrmState{Src: backend.IPFromAddr(s.Src), Dst: backend.IPFromAddr(s.Dst), Proto: netlink.XFRM_PROTO_ESP, Spi: int(s.SPI)}
+	st := &netlink.XfrmState{Src: ipconv.IPFromAddr(s.Src), Dst: ipconv.IPFromAddr(s.Dst), Proto: netlink.XFRM_PROTO_ESP, Spi: int(s.SPI)}
 	if err := k.h.XfrmStateDel(st); err != nil && !errors.Is(err, syscall.ESRCH) && !errors.Is(err, syscall.ENOENT) {
 		return fmt.Errorf("delete esp state %s->%s spi %#x: %w", s.Src, s.Dst, s.SPI, err)
 	}
@@ -84,14 +85,14 @@ func (k kernel) delState(s xstate) error {
 // policies lists our policies: those with a template of our reqid and the
 // template-less ones with our allow/block priorities.
 func (k kernel) policies() ([]xpolicy, error) {
-	all, err := backend.ListXfrmPolicies(k.h)
+	all, err := nlsafe.Wrap(k.h).XfrmPolicyList(netlink.FAMILY_ALL)
 	if err != nil {
 		return nil, err
 	}
 	var out []xpolicy
 	for _, p := range all {
-		src, ok1 := backend.PrefixFromIPNet(p.Src)
-		dst, ok2 := backend.PrefixFromIPNet(p.Dst)
+		src, ok1 := ipconv.PrefixFromIPNet(p.Src)
+		dst, ok2 := ipconv.PrefixFromIPNet(p.Dst)
 		if !ok1 || !ok2 || p.Mark != nil || p.Ifid != 0 {
 			continue
 		}
@@ -111,8 +112,8 @@ func (k kernel) policies() ([]xpolicy, error) {
 
 func (k kernel) toPolicy(p xpolicy) *netlink.XfrmPolicy {
 	np := &netlink.XfrmPolicy{
-		Src:      backend.IPNetFromPrefix(p.Src),
-		Dst:      backend.IPNetFromPrefix(p.Dst),
+		Src:      ipconv.IPNetFromPrefix(p.Src),
+		Dst:      ipconv.IPNetFromPrefix(p.Dst),
 		Dir:      netlink.Dir(p.Dir),
 		Priority: p.Priority,
 		Action:   netlink.XFRM_POLICY_ALLOW,
@@ -122,8 +123,8 @@ func (k kernel) toPolicy(p xpolicy) *netlink.XfrmPolicy {
 	}
 	if p.TmplSrc.IsValid() {
 		np.Tmpls = []netlink.XfrmPolicyTmpl{{
-			Src:   backend.IPFromAddr(p.TmplSrc),
-			Dst:   backend.IPFromAddr(p.TmplDst),
+			Src:   ipconv.IPFromAddr(p.TmplSrc),
+			Dst:   ipconv.IPFromAddr(p.TmplDst),
 			Proto: netlink.XFRM_PROTO_ESP,
 			Mode:  netlink.XFRM_MODE_TUNNEL,
 			Reqid: int(k.reqid),

@@ -26,17 +26,18 @@ import (
 // ("b2" is node b's second key). Node i has subnet 10.244.i.0/24
 // (fd00:10:244:i::/64) and public address 172.30.0.1i (fd00::1i).
 type seqHarness struct {
-	t      *testing.T
-	cfg    seqConfig
-	n      *Network
-	x      *memXfrm
-	start  time.Time
-	clock  time.Time
-	keys   map[string]keyPair
-	names  map[string]string // key material -> "b1>a1 g0"
-	own    []string          // labels of the key pairs Rekey makes, in order
-	routes []string          // the routes of the last apply, rendered
-	logs   *bytes.Buffer     // the log since the step began
+	t       *testing.T
+	cfg     seqConfig
+	n       *Network
+	applied []lease.Lease // the peers of the last Apply step (a repair step re-applies them)
+	x       *memXfrm
+	start   time.Time
+	clock   time.Time
+	keys    map[string]keyPair
+	names   map[string]string // key material -> "b1>a1 g0"
+	own     []string          // labels of the key pairs Rekey makes, in order
+	routes  []string          // the routes of the last apply, rendered
+	logs    *bytes.Buffer     // the log since the step began
 }
 
 // seqConfig is what a sequence runs with.

@@ -168,10 +168,11 @@ func (h *seqHarness) step(st seqStep) error {
 		_, err := h.n.Rekey(h.t.Context())
 		return err
 	case st.repair:
-		h.n.mu.Lock()
-		defer h.n.mu.Unlock()
-		return h.n.applyLocked(h.t.Context())
+		var err error
+		h.n.r.Locked(func() { err = h.n.applyLocked(h.t.Context(), h.applied) })
+		return err
 	}
+	h.applied = peers
 	return h.n.Apply(h.t.Context(), peers)
 }
 

@@ -17,6 +17,7 @@ import (
 	flannel "github.com/flannelkit/flannel"
 	"github.com/flannelkit/flannel/backend"
 	"github.com/flannelkit/flannel/internal/netlab"
+	"github.com/flannelkit/flannel/internal/nlsafe"
 	"github.com/flannelkit/flannel/internal/testenv"
 	"github.com/flannelkit/flannel/ipsec"
 	"github.com/flannelkit/flannel/lease"
@@ -131,7 +132,7 @@ func TestInVMUDPEncap(t *testing.T) {
 func sendUDPMarker(t *testing.T, a, b *netlab.Pod, marker []byte, n int) {
 	t.Helper()
 	var conn *net.UDPConn
-	require.NoError(t, backend.InNamespace(a.NS, func() error {
+	require.NoError(t, nlsafe.InNamespace(a.NS, func() error {
 		var err error
 		conn, err = net.DialUDP("udp4", net.UDPAddrFromAddrPort(netip.AddrPortFrom(a.IP, 0)), net.UDPAddrFromAddrPort(netip.AddrPortFrom(b.IP, 9)))
 		return err

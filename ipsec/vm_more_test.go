@@ -20,7 +20,9 @@ import (
 
 	flannel "github.com/flannelkit/flannel"
 	"github.com/flannelkit/flannel/backend"
+	"github.com/flannelkit/flannel/internal/ipconv"
 	"github.com/flannelkit/flannel/internal/netlab"
+	"github.com/flannelkit/flannel/internal/nlsafe"
 	"github.com/flannelkit/flannel/ipsec"
 	"github.com/flannelkit/flannel/lease"
 )
@@ -133,7 +135,7 @@ func TestInVMPeerRemovedAndStale(t *testing.T) {
 	require.NoError(t, h0.XfrmStateAdd(stale))
 	require.NoError(t, h0.XfrmStateAdd(&foreign))
 	stalePol := &netlink.XfrmPolicy{
-		Src: backend.IPNetFromPrefix(c.nodes[0].lease.Subnet), Dst: backend.IPNetFromPrefix(netip.MustParsePrefix("10.244.99.0/24")),
+		Src: ipconv.IPNetFromPrefix(c.nodes[0].lease.Subnet), Dst: ipconv.IPNetFromPrefix(netip.MustParsePrefix("10.244.99.0/24")),
 		Dir: netlink.XFRM_DIR_OUT, Priority: 0x66c1,
 		Tmpls: []netlink.XfrmPolicyTmpl{{Src: c.nodes[0].node.IP.AsSlice(), Dst: net.ParseIP("172.30.0.99"), Proto: netlink.XFRM_PROTO_ESP, Mode: netlink.XFRM_MODE_TUNNEL, Reqid: ipsec.DefaultReqid}},
 	}
@@ -221,12 +223,12 @@ func (p *udpProbe) missing() []string {
 func startUDPProbe(t *testing.T, a, b *netlab.Pod, interval time.Duration) *udpProbe {
 	t.Helper()
 	var srv, cli *net.UDPConn
-	require.NoError(t, backend.InNamespace(b.NS, func() error {
+	require.NoError(t, nlsafe.InNamespace(b.NS, func() error {
 		var err error
 		srv, err = net.ListenUDP("udp4", net.UDPAddrFromAddrPort(netip.AddrPortFrom(b.IP, 0)))
 		return err
 	}))
-	require.NoError(t, backend.InNamespace(a.NS, func() error {
+	require.NoError(t, nlsafe.InNamespace(a.NS, func() error {
 		var err error
 		cli, err = net.DialUDP("udp4", net.UDPAddrFromAddrPort(netip.AddrPortFrom(a.IP, 0)), srv.LocalAddr().(*net.UDPAddr))
 		return err
@@ -524,7 +526,7 @@ func TestInVMRandomPeerSets(t *testing.T) {
 		require.NoError(t, v.net.Apply(t.Context(), set), "step %d", step)
 		assert.Len(t, xfrmStates(t, v.node.Handle), perPeer*len(set), "step %d", step)
 		assert.Len(t, xfrmPolicies(t, v.node.Handle), 2+3*len(set), "step %d", step)
-		routes, err := v.node.Handle.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Protocol: backend.RouteProtocol}, netlink.RT_FILTER_PROTOCOL)
+		routes, err := nlsafe.Wrap(v.node.Handle).RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Protocol: backend.RouteProtocol}, netlink.RT_FILTER_PROTOCOL)
 		require.NoError(t, err)
 		assert.Len(t, routes, len(set), "step %d", step)
 		for _, l := range set {

@@ -30,6 +30,7 @@ import (
 	"github.com/flannelkit/flannel/backend"
 	"github.com/flannelkit/flannel/internal/cnilab"
 	"github.com/flannelkit/flannel/internal/netlab"
+	"github.com/flannelkit/flannel/internal/nlsafe"
 	"github.com/flannelkit/flannel/internal/testenv"
 	"github.com/flannelkit/flannel/internal/vmtest"
 	"github.com/flannelkit/flannel/ipsec"
@@ -270,7 +271,7 @@ func startCapture(t *testing.T, lab *netlab.Lab, marker []byte) *capture {
 	require.NoError(t, err)
 	defer seg.Close()
 	var fd int
-	err = backend.InNamespace(seg, func() error {
+	err = nlsafe.InNamespace(seg, func() error {
 		var err error
 		fd, err = unix.Socket(unix.AF_PACKET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, int(htons(unix.ETH_P_ALL)))
 		return err
@@ -337,7 +338,7 @@ func htons(v uint16) uint16 { return v<<8 | v>>8 }
 func sendMarker(t *testing.T, a, b *netlab.Pod, marker []byte, timeout time.Duration) error {
 	t.Helper()
 	var ln net.Listener
-	err := backend.InNamespace(b.NS, func() error {
+	err := nlsafe.InNamespace(b.NS, func() error {
 		var err error
 		ln, err = net.Listen("tcp4", netip.AddrPortFrom(b.IP, 0).String())
 		return err
@@ -365,7 +366,7 @@ func sendMarker(t *testing.T, a, b *netlab.Pod, marker []byte, timeout time.Dura
 		got <- buf
 	})
 	var conn net.Conn
-	err = backend.InNamespace(a.NS, func() error {
+	err = nlsafe.InNamespace(a.NS, func() error {
 		d := net.Dialer{Timeout: timeout, LocalAddr: &net.TCPAddr{IP: a.IP.AsSlice()}}
 		var err error
 		conn, err = d.Dial("tcp4", ln.Addr().String())
@@ -392,14 +393,14 @@ func sendMarker(t *testing.T, a, b *netlab.Pod, marker []byte, timeout time.Dura
 
 func xfrmStates(t *testing.T, h *netlink.Handle) []netlink.XfrmState {
 	t.Helper()
-	s, err := h.XfrmStateList(netlink.FAMILY_ALL)
+	s, err := nlsafe.Wrap(h).XfrmStateList(netlink.FAMILY_ALL)
 	require.NoError(t, err)
 	return s
 }
 
 func xfrmPolicies(t *testing.T, h *netlink.Handle) []netlink.XfrmPolicy {
 	t.Helper()
-	p, err := h.XfrmPolicyList(netlink.FAMILY_ALL)
+	p, err := nlsafe.Wrap(h).XfrmPolicyList(netlink.FAMILY_ALL)
 	require.NoError(t, err)
 	return p
 }
@@ -494,7 +495,7 @@ func TestInVMDualStack(t *testing.T) {
 	require.NoError(t, v.b.Cleanup(t.Context(), v.env))
 	assert.Empty(t, xfrmStates(t, v.node.Handle))
 	assert.Empty(t, xfrmPolicies(t, v.node.Handle))
-	routes, err := v.node.Handle.RouteListFiltered(netlink.FAMILY_ALL, &netlink.Route{Protocol: backend.RouteProtocol}, netlink.RT_FILTER_PROTOCOL)
+	routes, err := nlsafe.Wrap(v.node.Handle).RouteListFiltered(netlink.FAMILY_ALL, &netlink.Route{Protocol: backend.RouteProtocol}, netlink.RT_FILTER_PROTOCOL)
 	require.NoError(t, err)
 	assert.Empty(t, routes)
 	require.NoError(t, v.b.Cleanup(t.Context(), v.env), "cleanup is idempotent")
@@ -505,13 +506,13 @@ func TestInVMDualStack(t *testing.T) {
 func udpEchoSized(t *testing.T, a, b *netlab.Pod, size int) error {
 	t.Helper()
 	var srv, cli *net.UDPConn
-	require.NoError(t, backend.InNamespace(b.NS, func() error {
+	require.NoError(t, nlsafe.InNamespace(b.NS, func() error {
 		var err error
 		srv, err = net.ListenUDP("udp4", net.UDPAddrFromAddrPort(netip.AddrPortFrom(b.IP, 0)))
 		return err
 	}))
 	defer srv.Close()
-	require.NoError(t, backend.InNamespace(a.NS, func() error {
+	require.NoError(t, nlsafe.InNamespace(a.NS, func() error {
 		var err error
 		cli, err = net.DialUDP("udp4", net.UDPAddrFromAddrPort(netip.AddrPortFrom(a.IP, 0)), srv.LocalAddr().(*net.UDPAddr))
 		return err
