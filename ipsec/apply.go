@@ -136,41 +136,77 @@ func (n *Network) baseInput() input {
 }
 
 // peerInput builds the input for peers: peers of other backend types
-// and the own lease are skipped; a peer whose key is unusable is in it
-// (as not valid) with its error, warned about once per BackendData.
+// and the own lease are skipped; a peer whose key is unusable (see
+// peerKeys) is in it (as not valid) with its error, warned about once per
+// BackendData.
 func (n *Network) peerInput(peers []lease.Lease, now time.Time) *applyPass {
 	r := &applyPass{in: n.baseInput(), failed: map[int]error{}}
-	usable := map[string]bool{}
-	present := map[string]bool{}
+	var ls []lease.Lease
 	for _, p := range peers {
 		if p.Attrs.BackendType != Type {
 			n.log.Debug("skipping peer of another backend", "subnet", p.String(), "backend_type", p.Attrs.BackendType)
 			continue
 		}
-		if p.SameSubnets(n.own) {
-			continue
+		if !p.SameSubnets(n.own) {
+			ls = append(ls, p)
 		}
+	}
+	keys, errs := n.peerKeys(ls)
+	usable := map[string]bool{}
+	present := map[string]bool{}
+	for i, p := range ls {
 		key := p.Key()
 		present[key] = true
 		v := nodeView{Subnet: p.Subnet, Subnet6: p.IPv6Subnet, IP: p.Attrs.PublicIP, IP6: p.Attrs.PublicIPv6}
-		pub, err := parsePeerKey(n.opts.PSK, p.Attrs.BackendData)
-		if err != nil {
+		if err := errs[i]; err != nil {
 			r.failed[len(r.in.peers)] = err
-			if n.book.unusable(key, p.Attrs.BackendData) {
+			if n.book.unusable(key, p.Attrs.BackendData, err) {
 				n.log.Warn("peer not programmed: its key is unusable; traffic to it stays blocked",
 					"subnet", p.String(), "public_ip", p.Attrs.PublicIP, "err", err)
 			}
 		} else {
 			usable[key] = true
-			v.Cur, v.Prev = n.book.peer(key, p.String(), pub, now)
+			v.Cur, v.Prev = n.book.peer(key, p.String(), keys[i].pub, now)
 			v.SendPrev = n.book.sendPrev(key, now)
 		}
 		r.in.peers = append(r.in.peers, v)
-		r.in.valid = append(r.in.valid, err == nil)
+		r.in.valid = append(r.in.valid, errs[i] == nil)
 		r.leases = append(r.leases, p)
 	}
 	n.book.forgetPeers(usable, present)
 	return r
+}
+
+// ErrDuplicateKey is wrapped by the error for a peer whose public key is
+// also published by another peer or is this node's own.
+var ErrDuplicateKey = errors.New("peer publishes a public key that another node uses too")
+
+// peerKeys reads the keys of peers: errs[i] is set for a peer whose key is
+// missing, malformed or not authenticated for its lease (ErrPeerAuth),
+// whose epoch is older than one seen before for its subnets (ErrOldEpoch),
+// or whose key another peer or this node uses (ErrDuplicateKey).
+func (n *Network) peerKeys(peers []lease.Lease) ([]publishedKey, []error) {
+	keys := make([]publishedKey, len(peers))
+	errs := make([]error, len(peers))
+	users := map[string]int{string(n.book.keys.cur.pub): 2}
+	if n.book.keys.prev != nil {
+		users[string(n.book.keys.prev.pub)] = 2
+	}
+	for i, p := range peers {
+		keys[i], errs[i] = parsePeerKey(n.opts.PSK, p)
+		if errs[i] == nil {
+			errs[i] = n.book.checkEpoch(p.Key(), keys[i])
+		}
+		if errs[i] == nil {
+			users[string(keys[i].pub)]++
+		}
+	}
+	for i := range peers {
+		if errs[i] == nil && users[string(keys[i].pub)] > 1 {
+			errs[i] = ErrDuplicateKey
+		}
+	}
+	return keys, errs
 }
 
 func (n *Network) ownIPs() (v4, v6 netip.Addr) {

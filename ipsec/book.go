@@ -4,9 +4,11 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"log/slog"
 	"net/netip"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/flannelkit/flannel/lease"
@@ -19,13 +21,13 @@ import (
 // It reads the clock and the states listed from the kernel but never
 // writes the kernel; Network.applyLocked asks it, then plans and executes.
 //
-// The rule of issue #18 that a key and SPI are never installed twice in a
-// key's lifetime belongs here: today forgetPairs drops the generation of a
-// key pair once it is not in use (a peer leaves, our previous key is
-// switched back to, a pair ran out of generations), so the pair starts
-// over at generation 0. A record of the outbound (key, SPI) pairs
-// installed per key lifetime, kept by installed and consulted by vanished
-// and forgetPairs, would enforce it.
+// An outbound key and SPI (a key pair's generation) is never installed
+// twice while our key of the pair lives: installed records how many
+// generations of each pair were installed (spent), and a pair that drops
+// out of use (a peer leaves, our previous key is switched away from, a
+// pair ran out of generations) keeps its record until our key is retired,
+// so when it comes back it takes its next unused generation, or stays
+// blocked when there is none.
 type keyBook struct {
 	log           *slog.Logger
 	grace         time.Duration
@@ -33,13 +35,18 @@ type keyBook struct {
 
 	keys      localKeys
 	rekeyedAt time.Time
-	peerKeys  map[string]*peerKey   // by lease key
-	badKeys   map[string]string     // lease key -> BackendData last warned about
-	use       map[string]*keyUse    // by lease key: peers' use of our keys since the rekey
-	outGen    map[string]uint8      // pairName -> generation of our outbound state
-	outSeen   map[stateID]bool      // outbound states we installed
-	exhausted map[string]bool       // pairName out of generations
-	linger    map[stateID]time.Time // replaced outbound states kept until then
+	peerKeys  map[string]*peerKey     // by lease key
+	badKeys   map[string]string       // lease key -> BackendData and error last warned about
+	epochs    map[string]publishedKey // lease key -> the key of the highest epoch seen
+	use       map[string]*keyUse      // by lease key: peers' use of our keys since the rekey
+	outGen    map[string]uint8        // pairName -> generation of our outbound state
+	spent     map[string]uint8        // pairName -> generations installed (the highest + 1)
+	outSeen   map[stateID]bool        // outbound states we installed
+	exhausted map[string]bool         // pairName out of generations
+	linger    map[stateID]time.Time   // replaced outbound states kept until then
+	// earlyRekey asks Run for a rekey before RekeyInterval: a pair of our
+	// current key ran out of generations.
+	earlyRekey bool
 }
 
 // outLinger is how long an outbound state replaced by one for the same
@@ -70,8 +77,10 @@ func newKeyBook(log *slog.Logger, opts Options, key keyPair) keyBook {
 		keys:          localKeys{cur: key},
 		peerKeys:      map[string]*peerKey{},
 		badKeys:       map[string]string{},
+		epochs:        map[string]publishedKey{},
 		use:           map[string]*keyUse{},
 		outGen:        map[string]uint8{},
+		spent:         map[string]uint8{},
 		outSeen:       map[stateID]bool{},
 		exhausted:     map[string]bool{},
 		linger:        map[stateID]time.Time{},
@@ -83,15 +92,18 @@ func (b *keyBook) rekey(key keyPair, now time.Time) {
 	old := b.keys.cur
 	b.keys.prev, b.keys.cur = &old, key
 	b.rekeyedAt = now
+	b.earlyRekey = false
 	clear(b.use)
 }
 
 // pending reports whether the key the last rekey replaced is still live.
 func (b *keyBook) pending() bool { return b.keys.prev != nil }
 
-// inGrace reports whether a replaced key, ours or a peer's, is still live.
+// inGrace reports whether a replaced key, ours or a peer's, or a replaced
+// outbound state (lingering) is still live: repairs then run every tick,
+// to switch and retire them on time.
 func (b *keyBook) inGrace() bool {
-	if b.keys.prev != nil {
+	if b.keys.prev != nil || len(b.linger) > 0 {
 		return true
 	}
 	for _, pk := range b.peerKeys {
@@ -103,13 +115,35 @@ func (b *keyBook) inGrace() bool {
 }
 
 // unusable records that the peer with lease key key published data that
-// is no usable key, and reports whether that is news (to warn once).
-func (b *keyBook) unusable(key string, data json.RawMessage) bool {
-	if b.badKeys[key] == string(data) {
+// is no usable key for the reason err, and reports whether that is news
+// (to warn once per change of either).
+func (b *keyBook) unusable(key string, data json.RawMessage, err error) bool {
+	v := string(data) + "\x00" + err.Error()
+	if b.badKeys[key] == v {
 		return false
 	}
-	b.badKeys[key] = string(data)
+	b.badKeys[key] = v
 	return true
+}
+
+// ErrOldEpoch is wrapped by the error for a peer whose key has an older
+// epoch than one this node saw for the same subnets (a replayed lease), or
+// the same epoch with another key.
+var ErrOldEpoch = errors.New("peer key is older than one it published before (replayed lease?)")
+
+// checkEpoch refuses k for the peer with lease key key when an older epoch
+// than the highest seen for it, or that epoch with another key; otherwise
+// it records k's epoch. The record outlives the peer's absence.
+func (b *keyBook) checkEpoch(key string, k publishedKey) error {
+	seen, ok := b.epochs[key]
+	switch {
+	case !ok || k.epoch > seen.epoch:
+		b.epochs[key] = k
+		return nil
+	case k.epoch == seen.epoch && bytes.Equal(k.pub, seen.pub):
+		return nil
+	}
+	return fmt.Errorf("%w: epoch %d, seen %d", ErrOldEpoch, k.epoch, seen.epoch)
 }
 
 // peer records pub as the published key of the peer with lease key key
@@ -271,7 +305,7 @@ func (b *keyBook) vanished(states, have []xstate) bool {
 			bumped = true
 			b.log.Warn("outbound esp state vanished; installing a new one with a fresh SPI and key", "peer_ip", s.Dst, "generation", b.outGen[s.Pair])
 		} else {
-			b.exhausted[s.Pair] = true
+			b.exhaust(s.Pair)
 		}
 	}
 	return bumped
@@ -291,8 +325,10 @@ func (b *keyBook) dropExhausted(states []xstate, failed map[int]error) []xstate 
 	})
 }
 
-// forgetPairs forgets the generations of key pairs no outbound state in
-// states uses.
+// forgetPairs moves every key pair no outbound state in states uses past
+// the generations it installed (exhausted when none is left), so that it
+// never comes back with a key and SPI it had, and forgets the pairs whose
+// key of ours is retired.
 func (b *keyBook) forgetPairs(states []xstate) {
 	live := map[string]bool{}
 	for _, s := range states {
@@ -300,16 +336,43 @@ func (b *keyBook) forgetPairs(states []xstate) {
 			live[s.Pair] = true
 		}
 	}
-	for p := range b.outGen {
-		if !live[p] {
-			delete(b.outGen, p)
+	for _, m := range []map[string]uint8{b.outGen, b.spent} {
+		for p := range m {
+			if !b.ourKeyLive(p) {
+				delete(b.outGen, p)
+				delete(b.spent, p)
+				delete(b.exhausted, p)
+			}
 		}
 	}
-	for p := range b.exhausted {
-		if !live[p] {
-			delete(b.exhausted, p)
+	for p, n := range b.spent {
+		if live[p] || n <= b.outGen[p] {
+			continue
 		}
+		if n >= Generations {
+			b.exhaust(p)
+			continue
+		}
+		b.outGen[p] = n
 	}
+}
+
+// exhaust marks pair p out of generations; when its sender is our current
+// key, an early rekey is due (our previous key is retired anyway).
+func (b *keyBook) exhaust(p string) {
+	if !b.exhausted[p] && strings.HasPrefix(p, string(b.keys.cur.pub)) {
+		b.earlyRekey = true
+	}
+	b.exhausted[p] = true
+}
+
+// ourKeyLive reports whether the sender of pair p (a pairName of one of
+// our outbound states) is our current or previous key.
+func (b *keyBook) ourKeyLive(p string) bool {
+	if strings.HasPrefix(p, string(b.keys.cur.pub)) {
+		return true
+	}
+	return b.keys.prev != nil && strings.HasPrefix(p, string(b.keys.prev.pub))
 }
 
 // lingerStates adds to states the outbound states of ours in have that
@@ -366,5 +429,10 @@ func (b *keyBook) installed(states []xstate, addFailed map[stateID]bool) {
 	}
 	for id := range outs {
 		b.outSeen[id] = true
+	}
+	for _, s := range states {
+		if s.Out && !addFailed[s.id()] && s.Pair != "" {
+			b.spent[s.Pair] = max(b.spent[s.Pair], s.Gen+1)
+		}
 	}
 }

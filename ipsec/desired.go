@@ -35,6 +35,7 @@ type xstate struct {
 	Out      bool   // outbound (informational; not compared)
 	Peer     int    // index into the peers of the input, -1 if none
 	Pair     string // outbound: pairName of its keys
+	Gen      uint8  // outbound: the generation of its key and SPI
 	ToPrev   bool   // inbound: received with our previous key (informational)
 	Packets  uint64 // actual: packets the kernel counted (informational)
 }
@@ -229,7 +230,7 @@ func peerESP(in input, sp *spis, i int, t tunnel) ([]xstate, []xpolicy, []error)
 		return nil, nil, []error{err}
 	}
 	outSPI := spiFor(outKey.pub, p.Cur, gen, table, used)
-	states := []xstate{{Src: t.ownIP, Dst: t.ip, SPI: outSPI, Key: k, Encap: in.encap, Out: true, Peer: i, Pair: pair}}
+	states := []xstate{{Src: t.ownIP, Dst: t.ip, SPI: outSPI, Key: k, Encap: in.encap, Out: true, Peer: i, Pair: pair, Gen: gen}}
 	senders := [][]byte{p.Cur}
 	if p.Prev != nil {
 		senders = append(senders, p.Prev)

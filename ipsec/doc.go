@@ -8,11 +8,24 @@
 //
 // Every Prepare (so every agent start) and every Network.Rekey makes a fresh
 // X25519 key pair. The public key is published in the lease's BackendData
-// ({"PublicKey":"<base64>","Auth":"<base64>"}), together with
-// Auth = HMAC-SHA256(HKDF-SHA256(PSK, info "flannel-ipsec v1 auth"), PublicKey),
-// which lets peers tell a node holding another PSK apart (it is reported as
-// a *flannel.PeerError naming the reason) without revealing the PSK. The
-// ESP key for traffic from sender S to receiver R is
+// ({"PublicKey":"<base64>","Epoch":<uint64>,"Auth":"<base64>"}). Epoch goes
+// up with every new key (the previous lease's epoch + 1, at least the Unix
+// time in milliseconds). Auth is HMAC-SHA256 under
+// HKDF-SHA256(PSK, info "flannel-ipsec v2 lease auth") over the lease's
+// identity, each field as a 4-byte big-endian length and its bytes: the
+// IPv4 and IPv6 subnet (text, empty when none), the public IPv4 and IPv6
+// address (4 or 16 bytes, empty when none), the public key and the epoch
+// (8 bytes big-endian). So a (PublicKey, Auth) pair pasted into another
+// lease does not verify, nor does one with another epoch, and a node with
+// another PSK is told apart (a *flannel.PeerError naming the reason,
+// ErrPeerAuth) without revealing the PSK. Each node remembers the highest
+// epoch it saw per peer lease (subnets) and refuses an older one
+// (ErrOldEpoch: a replayed lease), and refuses every peer whose key another
+// peer or this node also uses (ErrDuplicateKey); refused peers are warned
+// about once per change and stay blocked. Prepare does not know the subnets
+// yet: it binds to the previous lease's, and Start binds to the lease it
+// gets and publishes again (Options.Publish) when they differ. The ESP key
+// for traffic from sender S to receiver R is
 //
 //	HKDF-SHA256(secret = X25519(S, R) || PSK,
 //	            salt   = "flannel-ipsec v1",
@@ -34,10 +47,13 @@
 // state. So an outbound state is never installed again with a key it had:
 // when one vanishes (deleted by hand, flushed), the sender moves to the next
 // generation (a gen-specific info string and SPI); receivers keep inbound
-// states for Generations generations per sender key. After Generations-1
-// such repairs within one key lifetime the peer stays blocked (and is
-// reported) until the next rekey or restart. Every Start needs its own
-// Prepare, i.e. a fresh key pair.
+// states for Generations generations per sender key. The generations a key
+// pair used are remembered while our key lives, so a pair that comes back
+// (a peer that left returns with the same key, our previous key switched
+// back to) takes its next unused generation, never one it had. Once a pair
+// has none left the peer stays blocked (and is reported) until the next
+// rekey, which Run then starts early when it can publish, or restart. Every
+// Start needs its own Prepare, i.e. a fresh key pair.
 //
 // # Rekeying
 //

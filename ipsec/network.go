@@ -1,6 +1,7 @@
 package ipsec
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -30,9 +31,10 @@ type Network struct {
 	// sequence tests, which have no kernel, record them instead).
 	routes func(ctx context.Context, in input, failed map[int]error) error
 
-	r    *backend.Reconciler // its lock guards book and own.Attrs
-	book keyBook
-	tick tickState // Run's loop only
+	r     *backend.Reconciler // its lock guards book, own.Attrs and epoch
+	book  keyBook
+	epoch uint64    // of our current key
+	tick  tickState // Run's loop only
 }
 
 // tickState is what Run's loop remembers between ticks.
@@ -69,8 +71,38 @@ func newNetwork(env flannel.Env, own lease.Lease, opts Options, key keyPair) *Ne
 	return n
 }
 
-// Lease returns the lease the network was started with.
-func (n *Network) Lease() lease.Lease { return n.own }
+// Lease returns the lease the network was started with, with the
+// attributes it published last (a rekey's, or BackendData bound to the
+// lease by Start).
+func (n *Network) Lease() lease.Lease {
+	var l lease.Lease
+	n.r.Locked(func() { l = n.own })
+	return l
+}
+
+// bindOwn makes the own lease's BackendData the current key's, bound to
+// the lease, and publishes it when it changed and Options.Publish is set.
+func (n *Network) bindOwn() error {
+	var attrs lease.Attrs
+	var err error
+	changed := false
+	n.r.Locked(func() {
+		var data []byte
+		data, err = marshalBackendData(n.opts.PSK, bindingOf(n.own, n.book.keys.cur.pub, n.epoch))
+		if err == nil && !bytes.Equal(data, n.own.Attrs.BackendData) {
+			n.own.Attrs.BackendData = data
+			attrs, changed = n.own.Attrs, true
+		}
+	})
+	if err != nil {
+		return err
+	}
+	if changed && n.opts.Publish != nil {
+		n.log.Info("publishing the key bound to the lease")
+		n.opts.Publish(attrs)
+	}
+	return nil
+}
 
 // MTU is the external MTU minus the ESP tunnel overhead of the cipher (the
 // IPv6 overhead when the node has an IPv6 subnet).
@@ -110,18 +142,24 @@ func (n *Network) Rekey(ctx context.Context) (lease.Attrs, error) {
 	if err != nil {
 		return lease.Attrs{}, fmt.Errorf("ipsec: rekey: %w", err)
 	}
-	data, err := marshalBackendData(n.opts.PSK, key.pub)
-	if err != nil {
-		return lease.Attrs{}, fmt.Errorf("ipsec: rekey: %w", err)
-	}
 	var attrs lease.Attrs
 	n.r.Update(ctx, "rekey", func() {
+		epoch := nextEpoch(n.epoch, n.now())
+		var data []byte
+		data, err = marshalBackendData(n.opts.PSK, bindingOf(n.own, key.pub, epoch))
+		if err != nil {
+			return
+		}
 		n.book.rekey(key, n.now())
+		n.epoch = epoch
 		attrs = n.own.Attrs
 		attrs.BackendData = data
 		n.own.Attrs = attrs
 		n.log.Info("rekeyed; publishing new public key")
 	})
+	if err != nil {
+		return lease.Attrs{}, fmt.Errorf("ipsec: rekey: %w", err)
+	}
 	return attrs, nil
 }
 
@@ -156,8 +194,8 @@ func (n *Network) Run(ctx context.Context) error {
 }
 
 // beforeRepair is the Reconciler's BeforeRepair: a repair a watcher asked
-// for runs at once; on a tick it first rekeys when one is due (or was
-// postponed), then lets the repair run while a rekey is in its grace
+// for runs at once; on a tick it first rekeys when one is due, was
+// postponed or is asked for early by the key book, then lets the repair run while a rekey is in its grace
 // period or when RepairInterval has passed since the last one.
 func (n *Network) beforeRepair(ctx context.Context, why string) bool {
 	t := &n.tick
@@ -165,7 +203,9 @@ func (n *Network) beforeRepair(ctx context.Context, why string) bool {
 		t.lastRepair = n.now()
 		return true
 	}
-	if n.opts.Publish != nil && (t.postponed || n.now().Sub(t.lastRekey) >= n.opts.RekeyInterval) {
+	var early bool
+	n.r.Locked(func() { early = n.book.earlyRekey })
+	if n.opts.Publish != nil && (t.postponed || early || n.now().Sub(t.lastRekey) >= n.opts.RekeyInterval) {
 		t.postponed = !n.rekeyAndPublish(ctx, t.postponed)
 		if !t.postponed {
 			t.lastRekey = n.now()

@@ -44,10 +44,10 @@ var seqCases = []sequence{
 				noLog: []string{"vanished"}},
 			{name: "peer leaves", at: 4 * sec, peers: []string{"b1"},
 				want: tables(noPeers, peerLines("b", "a1>b1 g0", "b1>a1 g0123"))},
-			// Issue #18: the same key and SPI come back with a restarted
-			// sequence number; today they do.
+			// Issue #18: never the same key and SPI again (its sequence
+			// number would start over): the next generation.
 			{name: "peer returns with the same key", at: 5 * sec, peers: []string{"b1", "c1"},
-				want: tables(noPeers, peerLines("b", "a1>b1 g0", "b1>a1 g0123"), peerLines("c", "a1>c1 g0", "c1>a1 g0123"))},
+				want: tables(noPeers, peerLines("b", "a1>b1 g0", "b1>a1 g0123"), peerLines("c", "a1>c1 g1", "c1>a1 g0123"))},
 			{name: "peer key of another psk", at: 6 * sec, peers: []string{"b1", "!c"},
 				want:  tables(noPeers, peerLines("b", "a1>b1 g0", "b1>a1 g0123")),
 				errs:  []string{"peer 10.244.2.0/24", "public ip 172.30.0.12", "not authenticated"},
@@ -134,8 +134,8 @@ var seqCases = []sequence{
 		}),
 	},
 	{
-		// Issue #18: the previous key and its SPI come back with a
-		// restarted sequence number; today they do.
+		// Issue #18: the previous key comes back, but never with an SPI
+		// it had (its sequence number would start over).
 		name: "our rekey: previous key switched back when a peer returns",
 		keys: []string{"a2"},
 		steps: []seqStep{
@@ -147,8 +147,8 @@ var seqCases = []sequence{
 				want: tables(noPeers, peerLines("b", "a2>b1 g0", "b1>a1 g0123", "b1>a2 g0123"), []string{"out b a1>b1 g0"})},
 			{name: "b leaves", at: 4 * sec, peers: []string{},
 				want: noPeers},
-			{name: "b returns: the previous key again", at: 5 * sec, peers: []string{"b1"},
-				want: tables(noPeers, peerLines("b", "a1>b1 g0", "b1>a1 g0123", "b1>a2 g0123"))},
+			{name: "b returns: the previous key again, its next generation", at: 5 * sec, peers: []string{"b1"},
+				want: tables(noPeers, peerLines("b", "a1>b1 g1", "b1>a1 g0123", "b1>a2 g0123"))},
 		},
 	},
 	{
@@ -167,10 +167,10 @@ var seqCases = []sequence{
 			{name: "last gen deleted: blocked", at: 4 * sec, vanish: []string{"a1>b1 g3"}, repair: true,
 				want: []string{"allow a->a", "block a->cluster", "policy out a->b via no state", "policy in b->a", "policy fwd b->a", "in b b1>a1 g0123", "route b"},
 				errs: []string{"peer 10.244.1.0/24", "deleted too often"}},
-			// Issue #18: the generation is forgotten and gen 0 comes back
-			// with a restarted sequence number; today it does.
-			{name: "next repair", at: 5 * sec, repair: true,
-				want: tables(noPeers, peerLines("b", "a1>b1 g0", "b1>a1 g0123"))},
+			// Issue #18: no generation comes back; blocked until a rekey.
+			{name: "next repair: still blocked", at: 5 * sec, repair: true,
+				want: []string{"allow a->a", "block a->cluster", "policy out a->b via no state", "policy in b->a", "policy fwd b->a", "in b b1>a1 g0123", "route b"},
+				errs: []string{"peer 10.244.1.0/24", "deleted too often"}},
 		},
 	},
 }
@@ -209,9 +209,10 @@ var dualFlush = sequence{
 		{name: "second flush: blocked", at: 2 * sec, vanish: []string{"a1>b1 g2"}, repair: true,
 			want: []string{"allow a->a", "block a->cluster", "policy out a->b via no state", "policy in b->a", "policy fwd b->a", "in b b1>a1 g0123", "route b"},
 			errs: []string{"deleted too often"}},
-		// Issue #18: gen 0 comes back; today it does.
-		{name: "next repair", at: 3 * sec, repair: true,
-			want: tables(noPeers, peerLines("b", "a1>b1 g0", "b1>a1 g0123"))},
+		// Issue #18: no generation comes back; blocked until a rekey.
+		{name: "next repair: still blocked", at: 3 * sec, repair: true,
+			want: []string{"allow a->a", "block a->cluster", "policy out a->b via no state", "policy in b->a", "policy fwd b->a", "in b b1>a1 g0123", "route b"},
+			errs: []string{"deleted too often"}},
 	},
 }
 

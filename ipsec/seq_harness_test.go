@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net/netip"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -179,7 +180,11 @@ func (h *seqHarness) peer(label string) lease.Lease {
 		psk = []byte(strings.Repeat("another psk ", 10))
 		label = label[:1] + "bad"
 	}
-	data, err := marshalBackendData(psk, h.key(label).pub)
+	epoch := uint64(1) // b1: 1, b2: 2, ...
+	if n, err := strconv.Atoi(label[1:]); err == nil {
+		epoch = uint64(n)
+	}
+	data, err := marshalBackendData(psk, bindingOf(l, h.key(label).pub, epoch))
 	require.NoError(h.t, err)
 	l.Attrs.BackendData = data
 	return l
