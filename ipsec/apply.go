@@ -112,6 +112,7 @@ func (n *Network) want(r *applyPass, have []xstate, now time.Time) ([]xstate, []
 			r.failed[i] = err
 		}
 	}
+	n.book.checkLimits(states, have)
 	states = n.book.dropExhausted(states, r.failed)
 	n.book.forgetPairs(states)
 	return n.book.lingerStates(states, have, now), policies

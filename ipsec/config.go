@@ -144,6 +144,8 @@ type Options struct {
 	// RepairInterval is how often Network.Run re-applies the last peer
 	// set. Optional: 10s.
 	RepairInterval time.Duration
+
+	limits stateLimits // of outbound states (tests set low ones)
 }
 
 // DefaultGrace is Options.Grace when zero.
@@ -170,6 +172,7 @@ func (o Options) withDefaults() Options {
 	if o.RepairInterval <= 0 {
 		o.RepairInterval = DefaultRepairInterval
 	}
+	o.limits = o.limits.withDefaults()
 	return o
 }
 

@@ -10,7 +10,7 @@
 // X25519 key pair. The public key is published in the lease's BackendData
 // ({"PublicKey":"<base64>","Epoch":<uint64>,"Auth":"<base64>"}). Epoch goes
 // up with every new key (the previous lease's epoch + 1, at least the Unix
-// time in milliseconds). Auth is HMAC-SHA256 under
+// time in nanoseconds). Auth is HMAC-SHA256 under
 // HKDF-SHA256(PSK, info "flannel-ipsec v2 lease auth") over the lease's
 // identity, each field as a 4-byte big-endian length and its bytes: the
 // IPv4 and IPv6 subnet (text, empty when none), the public IPv4 and IPv6
@@ -76,17 +76,33 @@
 // # Kernel state
 //
 // For each peer and family: an outbound and an inbound ESP tunnel-mode state
-// between the public IPs (AES-GCM, rfc4106), out/in/fwd policies between the
-// own and the peer's pod subnets, and a route for the peer's subnet via the
-// next hop towards its public IP (so peers on other L2 segments work). Under
-// the per-peer policies sits a block policy for traffic from the own subnet
-// to the whole cluster network (programmed by Start, before the first
-// Apply), so pod traffic is never sent in plain text: not before a peer's
-// states exist, not after they were deleted by hand, not while the agent
-// restarts. Traffic from the node's own addresses is not covered. States
-// and policies are ours when they carry Options.Reqid (policies: in their
-// template, or the block/allow priorities); reconcile is level-triggered
-// and deletes ours that are not wanted, including those of a previous run.
+// between the public IPs (AES-GCM, rfc4106, 64-bit extended sequence
+// numbers, a replay window of ReplayWindow packets), out/in/fwd policies
+// between the own and the peer's pod subnets and the same between our
+// public address and the peer's subnet and the peer's public address and
+// our subnet (host-sourced traffic, e.g. NodePort traffic that kube-proxy
+// masquerades to the node's address), and a route for the peer's subnet
+// via the next hop towards its public IP (so peers on other L2 segments
+// work). Under the per-peer policies sit, programmed by Start before the
+// first Apply: an out block policy for traffic from any source to the whole
+// cluster network (with an allow for the own subnet), and in and fwd block
+// policies for traffic from the cluster network to the own subnet (with an
+// allow from the own subnet). So traffic to remote pods is never sent in
+// plain text, whatever its source: not before a peer's states exist, not
+// after they were deleted by hand, not while the agent restarts; traffic
+// from a host address other than the public one is dropped, not
+// encrypted. And plain text with a cluster source address (spoofed, from a
+// peer whose key is refused, or before the first Apply) never reaches a
+// local pod. Traffic from outside the cluster network (the internet, the
+// underlay) to pods is not affected. States and policies are ours when
+// they carry Options.Reqid (policies: in their template, or the
+// block/allow priorities); reconcile is level-triggered and deletes ours
+// that are not wanted, including those of a previous run.
+//
+// Outbound states have soft limits (2^31 packets, 1 TiB): when one of the
+// current key's reaches one, the kernel reports it and Run rekeys early;
+// the hard limits, which make the kernel delete the state, are twice as
+// far.
 //
 // The MTU is the external MTU minus the exact ESP tunnel overhead for
 // AES-GCM (outer IP header, SPI and sequence number, 8-byte IV, padding to 4

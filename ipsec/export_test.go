@@ -6,6 +6,13 @@ import (
 	"github.com/flannelkit/flannel/lease"
 )
 
+// WithLimits returns o with outbound states whose soft limit is
+// softPackets packets (hard: twice that), for tests of the early rekey.
+func WithLimits(o Options, softPackets uint64) Options {
+	o.limits.softPackets = softPackets
+	return o
+}
+
 // FakePeerData returns BackendData for a fresh key pair authenticated with
 // psk for lease l and epoch, as a peer would publish (for tests that
 // invent peers).

@@ -19,6 +19,7 @@ type kernel struct {
 	h      *netlink.Handle
 	reqid  uint32
 	cipher Cipher
+	limits stateLimits // of outbound states
 }
 
 func addrOf(ip net.IP) netip.Addr {
@@ -40,7 +41,8 @@ func (k kernel) states() ([]xstate, error) {
 			// by itself and a real state replaces it.
 			continue
 		}
-		x := xstate{Src: addrOf(s.Src), Dst: addrOf(s.Dst), SPI: uint32(s.Spi), Encap: s.Encap != nil, Peer: -1, Packets: s.Statistics.Packets}
+		x := xstate{Src: addrOf(s.Src), Dst: addrOf(s.Dst), SPI: uint32(s.Spi), Encap: s.Encap != nil, Peer: -1,
+			Packets: s.Statistics.Packets, Bytes: s.Statistics.Bytes}
 		if s.Aead != nil {
 			x.Key = s.Aead.Key
 		}
@@ -57,9 +59,17 @@ func (k kernel) toState(s xstate) *netlink.XfrmState {
 		Mode:  netlink.XFRM_MODE_TUNNEL,
 		Spi:   int(s.SPI),
 		Reqid: int(k.reqid),
-		// A replay window for inbound; 0 keeps the kernel default off.
-		ReplayWindow: 128,
+		// 64-bit sequence numbers, and with them a replay window of
+		// more than 32 (netlink wants a window with ESN on every state).
+		ESN:          true,
+		ReplayWindow: ReplayWindow,
 		Aead:         &netlink.XfrmStateAlgo{Name: k.cipher.Name(), Key: s.Key, ICVLen: k.cipher.ICVBits()},
+	}
+	if s.Out {
+		st.Limits = netlink.XfrmStateLimits{
+			PacketSoft: k.limits.softPackets, PacketHard: 2 * k.limits.softPackets,
+			ByteSoft: k.limits.softBytes, ByteHard: 2 * k.limits.softBytes,
+		}
 	}
 	if s.Encap {
 		st.Encap = &netlink.XfrmStateEncap{Type: netlink.XFRM_ENCAP_ESPINUDP, SrcPort: UDPEncapPort, DstPort: UDPEncapPort}
@@ -96,6 +106,7 @@ func (k kernel) policies() ([]xpolicy, error) {
 		if !ok1 || !ok2 || p.Mark != nil || p.Ifid != 0 {
 			continue
 		}
+		src, dst = sameFamily(src, dst)
 		x := xpolicy{Src: src, Dst: dst, Dir: dir(p.Dir), Priority: p.Priority, Block: p.Action == netlink.XFRM_POLICY_BLOCK, Peer: -1}
 		switch {
 		case len(p.Tmpls) == 1 && uint32(p.Tmpls[0].Reqid) == k.reqid:
@@ -108,6 +119,18 @@ func (k kernel) policies() ([]xpolicy, error) {
 		out = append(out, x)
 	}
 	return out, nil
+}
+
+// sameFamily gives an all-zero prefix (::/0 of an IPv6 selector, which
+// netlink's listing reads as 0.0.0.0/0) the family of the other.
+func sameFamily(src, dst netip.Prefix) (netip.Prefix, netip.Prefix) {
+	unspec := func(p, other netip.Prefix) netip.Prefix {
+		if p.Bits() == 0 && p.Addr().IsUnspecified() && other.Addr().Is6() {
+			return netip.PrefixFrom(netip.IPv6Unspecified(), 0)
+		}
+		return p
+	}
+	return unspec(src, dst), unspec(dst, src)
 }
 
 func (k kernel) toPolicy(p xpolicy) *netlink.XfrmPolicy {

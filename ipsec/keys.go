@@ -138,10 +138,10 @@ func parsePeerKey(psk []byte, l lease.Lease) (publishedKey, error) {
 }
 
 // nextEpoch is the epoch of a new key: above prev, and at least the
-// current time in milliseconds, so that it also goes up across restarts
-// that do not know the previous one.
+// current Unix time in nanoseconds, so that it also goes up across
+// restarts that do not know the previous one.
 func nextEpoch(prev uint64, now time.Time) uint64 {
-	return max(prev+1, uint64(max(now.UnixMilli(), 0)))
+	return max(prev+1, uint64(max(now.UnixNano(), 0)))
 }
 
 // epochOf is the epoch in BackendData raw, 0 when it has none.

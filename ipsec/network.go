@@ -52,7 +52,7 @@ func newNetwork(env flannel.Env, own lease.Lease, opts Options, key keyPair) *Ne
 		own:  own,
 		opts: opts,
 		log:  log,
-		x:    kernel{h: env.Handle, reqid: opts.Reqid, cipher: opts.Cipher},
+		x:    kernel{h: env.Handle, reqid: opts.Reqid, cipher: opts.Cipher, limits: opts.limits},
 		rec:  backend.RouteReconciler{Logger: log},
 		now:  time.Now,
 		key:  newKeyPair,

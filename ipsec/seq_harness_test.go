@@ -114,7 +114,17 @@ func nodeName(a netip.Addr) string {
 	return a.String()
 }
 
+// prefixName names a prefix: "cluster", "any" (0.0.0.0/0), "ha" (the
+// address of node a alone), "a" (its subnet); IPv6 ones end in 6.
 func prefixName(p netip.Prefix) string {
+	switch {
+	case p.Bits() == 0 && p.Addr().Is4():
+		return "any"
+	case p.Bits() == 0:
+		return "any6"
+	case p.IsSingleIP():
+		return "h" + nodeName(p.Addr())
+	}
 	switch p {
 	case netip.MustParsePrefix("10.244.0.0/16"):
 		return "cluster"
@@ -236,10 +246,18 @@ func (h *seqHarness) table() []string {
 func (h *seqHarness) policyLine(p xpolicy, sts []xstate, name func(xstate) string) string {
 	src, dst := prefixName(p.Src), prefixName(p.Dst)
 	switch {
-	case !p.TmplSrc.IsValid() && p.Block:
-		return fmt.Sprintf("block %s->%s", src, dst)
 	case !p.TmplSrc.IsValid():
-		return fmt.Sprintf("allow %s->%s", src, dst)
+		verb := "allow"
+		if p.Block {
+			verb = "block"
+		}
+		switch p.Dir {
+		case dirIn:
+			verb += " in"
+		case dirFwd:
+			verb += " fwd"
+		}
+		return fmt.Sprintf("%s %s->%s", verb, src, dst)
 	case p.Dir == dirOut:
 		via := "no state"
 		for _, s := range sts {

@@ -357,3 +357,22 @@ func TestPeerKeyBinding(t *testing.T) {
 	refused(h.n.Apply(t.Context(), []lease.Lease{b1}), ErrOldEpoch, b1) // remembered while b was gone
 	require.NoError(t, h.n.Apply(t.Context(), []lease.Lease{h.peer("b3")}))
 }
+
+// TestSoftLimitRekeysEarly: an outbound state of our current key at its
+// soft packet limit asks Run for an early rekey; after the rekey, the old
+// key's states at their limit do not ask again.
+func TestSoftLimitRekeysEarly(t *testing.T) {
+	h := newSeqHarness(t, seqConfigs[0], time.Hour)
+	h.n.book.limits = stateLimits{softPackets: 100, softBytes: 1 << 40}
+	h.own = []string{"a2"}
+	require.NoError(t, h.step(seqStep{peers: []string{"b1"}}))
+	require.NoError(t, h.step(seqStep{at: time.Second, send: map[string]uint64{"a1>b1 g0": 99}, repair: true}))
+	assert.False(t, h.n.book.earlyRekey)
+	require.NoError(t, h.step(seqStep{at: 2 * time.Second, send: map[string]uint64{"a1>b1 g0": 1}, repair: true}))
+	assert.True(t, h.n.book.earlyRekey, "soft limit reached")
+	assert.Contains(t, h.logs.String(), "reached its soft limit")
+	require.NoError(t, h.step(seqStep{at: 3 * time.Second, rekey: true}))
+	assert.False(t, h.n.book.earlyRekey)
+	require.NoError(t, h.step(seqStep{at: 4 * time.Second, send: map[string]uint64{"a1>b1 g0": 1}, repair: true}))
+	assert.False(t, h.n.book.earlyRekey, "the previous key's state does not ask again")
+}

@@ -117,8 +117,7 @@ func TestInVMUDPEncap(t *testing.T) {
 	inESP := capt.markerInESP.Load()
 	sent := capt.udpESP.Load()
 	sendUDPMarker(t, c.nodes[0].pod, c.nodes[1].pod, marker, 5)
-	time.Sleep(500 * time.Millisecond)
-	assert.GreaterOrEqual(t, capt.udpESP.Load(), sent+5, "the marker went out as ESP in UDP")
+	require.Eventually(t, func() bool { return capt.udpESP.Load() >= sent+5 }, 20*time.Second, 20*time.Millisecond, "the marker went out as ESP in UDP")
 	assert.Equal(t, inESP, capt.markerInESP.Load(), "marker readable in ESP-in-UDP frames nobody decrypted")
 	t.Logf("ESP-in-UDP frames %d, of which read back decrypted by the receiver: %d", capt.udpESP.Load(), capt.markerInESP.Load())
 	capt.stop()
@@ -177,7 +176,20 @@ func TestInVMAgentsRekey(t *testing.T) {
 	}, 60*time.Second, 100*time.Millisecond, "every node published a new key")
 	// Outbound switches after Grace/2 and old keys retire after Grace
 	// (half the 8s interval): wait for that, traffic flowing.
-	time.Sleep(5 * time.Second)
+	require.Eventually(t, func() bool {
+		for _, n := range lab.Nodes {
+			now := spis(t, n.Handle)
+			if len(now) != perPeer {
+				return false
+			}
+			for s := range now {
+				if beforeSPIs[s] {
+					return false
+				}
+			}
+		}
+		return true
+	}, 60*time.Second, 100*time.Millisecond, "the old keys retired")
 	probe.stop()
 
 	t.Logf("udp probe: sent %d, answered %d", probe.sent.Load(), probe.got.Load())

@@ -83,7 +83,7 @@ func dumpXfrm(t *testing.T, n *backendtest.Node) []string {
 		out = append(out, fmt.Sprintf("state %s->%s encap %t", s.Src, s.Dst, s.Encap != nil))
 	}
 	for _, p := range xfrmPolicies(t, n.Node.Handle) {
-		src, _ := ipconv.PrefixFromIPNet(p.Src)
+		src, _ := ipconv.PrefixFromIPNet(p.Src) // ::/0 reads as 0.0.0.0/0
 		dst, _ := ipconv.PrefixFromIPNet(p.Dst)
 		l := fmt.Sprintf("policy %s->%s dir %d prio %#x action %d", src, dst, p.Dir, p.Priority, p.Action)
 		if len(p.Tmpls) > 0 {

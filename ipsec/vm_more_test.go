@@ -138,7 +138,7 @@ func TestInVMPeerRemovedAndStale(t *testing.T) {
 	}
 	assert.NotContains(t, spisNow, 0x1234, "stale state of ours removed")
 	assert.Contains(t, spisNow, 0x4321, "foreign state left alone")
-	assert.Len(t, xfrmPolicies(t, h0), 5, "stale policy removed")
+	assert.Len(t, xfrmPolicies(t, h0), closedPols+peerPols, "stale policy removed")
 	require.NoError(t, c.nodes[0].pod.Ping(ctxT(t, 20*time.Second), c.nodes[1].pod.IP))
 	c.checkLogsFree()
 }
@@ -298,6 +298,13 @@ func startUDPProbe(t *testing.T, a, b *netlab.Pod, interval time.Duration) *udpP
 	return p
 }
 
+// waitAnswers waits until n more datagrams than now were answered.
+func (p *udpProbe) waitAnswers(t *testing.T, n int64) {
+	t.Helper()
+	want := p.got.Load() + n
+	require.Eventually(t, func() bool { return p.got.Load() >= want }, 60*time.Second, 20*time.Millisecond, "%d more probe answers", n)
+}
+
 // rekeyRun is two running nodes with a UDP probe from pod 0 to pod 1, where
 // node 1 has rekeyed and its new attributes are not yet published.
 type rekeyRun struct {
@@ -322,7 +329,7 @@ func startRekey(t *testing.T, opts ipsec.Options, setup func(*vcluster)) *rekeyR
 	r := &rekeyRun{c: c, stop: c.runAll(), h1: c.nodes[1].node.Handle}
 	r.before = spis(t, r.h1)
 	r.probe = startUDPProbe(t, c.nodes[0].pod, c.nodes[1].pod, 20*time.Millisecond)
-	time.Sleep(500 * time.Millisecond)
+	r.probe.waitAnswers(t, 10)
 	var err error
 	r.attrs, err = c.nodes[1].net.(*ipsec.Network).Rekey(t.Context())
 	require.NoError(t, err)
@@ -368,17 +375,16 @@ func TestInVMRekeyUnseen(t *testing.T) {
 	ignore := goleak.IgnoreCurrent()
 	grace := 3 * time.Second
 	r := startRekey(t, ipsec.Options{Grace: grace, RepairInterval: 500 * time.Millisecond}, nil)
-	// Not published: two grace periods pass with node 0 unaware.
-	time.Sleep(2 * grace)
+	// Not published: two grace periods of probe traffic (at least; the
+	// probe sends every 20ms) pass with node 0 unaware.
+	r.probe.waitAnswers(t, int64(2*grace/(20*time.Millisecond)))
 	assert.Greater(t, len(spis(t, r.h1)), perPeer, "the old key is still installed while node 0 sends with it")
-	got := r.probe.got.Load()
-	time.Sleep(500 * time.Millisecond)
-	assert.Greater(t, r.probe.got.Load(), got, "traffic flows while the new key is unseen")
+	r.probe.waitAnswers(t, 10) // traffic flows while the new key is unseen
 
 	// The key arrives: node 0 switches, node 1 sees it and retires the old key.
 	r.publish()
 	r.waitRetired(t, 10*grace)
-	time.Sleep(500 * time.Millisecond)
+	r.probe.waitAnswers(t, 10) // and on the new key only
 	r.finish(t)
 	goleak.VerifyNone(t, ignore)
 }
@@ -395,7 +401,9 @@ func TestInVMRekeyWithoutLoss(t *testing.T) {
 	c := r.c
 	r.publish()
 	require.NoError(t, sendMarker(t, c.nodes[0].pod, c.nodes[1].pod, marker, 5*time.Second))
-	time.Sleep(grace + time.Second) // outbound switch and retirement of the old key
+	// The old key goes once node 0 sends with the new one and Grace has
+	// passed (outbound switch and retirement).
+	r.waitRetired(t, 10*grace)
 	require.NoError(t, sendMarker(t, c.nodes[1].pod, c.nodes[0].pod, marker, 5*time.Second))
 	// The old key goes once node 0 sends with the new one and Grace has
 	// passed; a replaced outbound state lingers a moment longer.
@@ -417,24 +425,32 @@ func TestInVMRestartWhileTrafficFlows(t *testing.T) {
 	before := spis(t, h1)
 	oldKey := c.nodes[1].net.(*ipsec.Network).PublicKey()
 
-	// Marker traffic both ways all along.
+	// Marker traffic both ways all along; each phase lasts until both
+	// directions made another attempt.
 	ctx, cancel := context.WithCancel(t.Context())
 	var wg sync.WaitGroup
-	for _, dir := range [][2]int{{0, 1}, {1, 0}} {
+	var tries [2]atomic.Int64
+	for i, dir := range [][2]int{{0, 1}, {1, 0}} {
 		wg.Go(func() {
 			for ctx.Err() == nil {
 				_ = sendMarker(t, c.nodes[dir[0]].pod, c.nodes[dir[1]].pod, marker, 300*time.Millisecond)
+				tries[i].Add(1)
 			}
 		})
 	}
-	time.Sleep(300 * time.Millisecond)
+	phase := func() {
+		t.Helper()
+		a, b := tries[0].Load(), tries[1].Load()
+		require.Eventually(t, func() bool { return tries[0].Load() > a && tries[1].Load() > b }, 30*time.Second, 10*time.Millisecond)
+	}
+	phase()
 	// Node 1's agent restarts: fresh key, its old states still in place
 	// until its first Apply; node 0 sees the new lease afterwards.
 	c.start(1)
 	require.NoError(t, c.nodes[1].net.Apply(t.Context(), []lease.Lease{c.nodes[0].lease}))
-	time.Sleep(300 * time.Millisecond)
+	phase()
 	c.applyOK()
-	time.Sleep(300 * time.Millisecond)
+	phase()
 	cancel()
 	wg.Wait()
 
@@ -467,6 +483,7 @@ func TestInVMRekeyByRun(t *testing.T) {
 		}
 	}
 	c.start(1)
+	<-published // Start's: the key bound to the lease (c.start took it from Lease)
 	c.applyOK()
 	first := c.nodes[1].net.(*ipsec.Network).PublicKey()
 	stop := c.runAll()
@@ -525,7 +542,7 @@ func TestInVMRandomPeerSets(t *testing.T) {
 		rng.Shuffle(len(set), func(i, j int) { set[i], set[j] = set[j], set[i] })
 		require.NoError(t, v.net.Apply(t.Context(), set), "step %d", step)
 		assert.Len(t, xfrmStates(t, v.node.Handle), perPeer*len(set), "step %d", step)
-		assert.Len(t, xfrmPolicies(t, v.node.Handle), 2+3*len(set), "step %d", step)
+		assert.Len(t, xfrmPolicies(t, v.node.Handle), closedPols+peerPols*len(set), "step %d", step)
 		routes, err := nlsafe.Wrap(v.node.Handle).RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Protocol: backend.RouteProtocol}, netlink.RT_FILTER_PROTOCOL)
 		require.NoError(t, err)
 		assert.Len(t, routes, len(set), "step %d", step)

@@ -100,6 +100,16 @@ func runVM(t *testing.T, run string, cmds, files map[string]string) vmtest.Resul
 // inbound per generation.
 const perPeer = 1 + ipsec.Generations
 
+// Policies per family: closedPols without peers (out allow to the own
+// subnet and block to the cluster network from any source; in and fwd
+// allow from the own subnet and block from the cluster network), and
+// peerPols per peer (out, in, fwd between the pod subnets, and the same
+// for the public addresses: host and SNAT sources).
+const (
+	closedPols = 6
+	peerPols   = 6
+)
+
 func inVM(t *testing.T) {
 	t.Helper()
 	if !vmtest.Inside() {
@@ -441,7 +451,7 @@ func TestInVMReachability(t *testing.T) {
 	capt := startCapture(t, c.lab, marker)
 	// Started, not applied yet: the cluster network is already closed.
 	for i, v := range c.nodes {
-		assert.Len(t, xfrmPolicies(t, v.node.Handle), 2, "node %d: allow and block policies after Start", i)
+		assert.Len(t, xfrmPolicies(t, v.node.Handle), closedPols, "node %d: allow and block policies after Start", i)
 	}
 	assert.Error(t, sendMarker(t, c.nodes[0].pod, c.nodes[1].pod, marker, 2*time.Second))
 	sendUDPMarker(t, c.nodes[0].pod, c.nodes[1].pod, marker, 3)
@@ -460,7 +470,7 @@ func TestInVMReachability(t *testing.T) {
 	// 2 peers x (out + inbound per generation) states, policies: allow, block, 2 x (out, in, fwd).
 	for i, v := range c.nodes {
 		assert.Len(t, xfrmStates(t, v.node.Handle), 2*perPeer, "node %d states", i)
-		assert.Len(t, xfrmPolicies(t, v.node.Handle), 8, "node %d policies", i)
+		assert.Len(t, xfrmPolicies(t, v.node.Handle), closedPols+2*peerPols, "node %d policies", i)
 	}
 	// Idempotent.
 	c.applyOK()
@@ -486,7 +496,7 @@ func TestInVMDualStack(t *testing.T) {
 	// Per family: one peer x (out + inbound per generation).
 	assert.Len(t, xfrmStates(t, c.nodes[0].node.Handle), 2*perPeer)
 	// allow + block + out/in/fwd, per family.
-	assert.Len(t, xfrmPolicies(t, c.nodes[0].node.Handle), 10)
+	assert.Len(t, xfrmPolicies(t, c.nodes[0].node.Handle), 2*(closedPols+peerPols))
 	assert.Positive(t, capt.esp.Load())
 	assert.Zero(t, capt.plain.Load())
 }
