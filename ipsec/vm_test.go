@@ -11,7 +11,6 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
-	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -39,23 +38,13 @@ import (
 // vmModules are loaded at boot in the VM.
 var vmModules = []string{"esp4", "xfrm_user", "xfrm_algo", "gcm", "ghash_generic", "ctr", "seqiv", "echainiv", "veth", "bridge", "nfnetlink", "drbg", "crypto_null", "esp6"}
 
-// TestVM runs the TestInVM* tests of this package inside a qemu VM with a
-// kernel that has ESP (the host's has not): one boot for all of them.
+// TestVM runs the TestInVM* tests of this package and TestDemoInVM
+// (examples/cluster -backend ipsec, the README's demo) inside a qemu VM
+// with a kernel that has ESP (the host's has not): one boot for all of
+// them. Building the demo statically compiles its whole dependency graph
+// (etcd) once more: seconds with a warm build cache, about three minutes on
+// a cold one.
 func TestVM(t *testing.T) {
-	res := runVM(t, "^TestInVM", nil, nil)
-	require.Contains(t, res.Output, "--- PASS: TestInVMReachability")
-	// inVM skips these tests on the host only: inside the VM none may skip.
-	require.NotContains(t, res.Output, "--- SKIP", "a test skipped inside the VM")
-}
-
-// TestVMDemo runs examples/cluster -backend ipsec in the VM. It is opt-in
-// (FLANNEL_VM_DEMO=1) because building the demo statically compiles its
-// whole dependency graph (etcd) once more, minutes on a cold CI cache;
-// TestInVMAgents covers the same Agent + ipsec path in every run.
-func TestVMDemo(t *testing.T) {
-	if os.Getenv("FLANNEL_VM_DEMO") != "1" {
-		t.Skip("opt-in: set FLANNEL_VM_DEMO=1 to build examples/cluster statically and run it with -backend ipsec in the VM")
-	}
 	// The demo's pods get their addresses through the CNI plugins, as on
 	// a real node: the reference plugins go to /opt/cni/bin in the VM.
 	plugins := map[string]string{}
@@ -63,8 +52,11 @@ func TestVMDemo(t *testing.T) {
 	for _, p := range cnilab.ReferencePlugins() {
 		plugins["opt/cni/bin/"+p] = filepath.Join(dir, p)
 	}
-	res := runVM(t, "^TestDemoInVM", map[string]string{"cluster": "../examples/cluster"}, plugins)
+	res := runVM(t, "^(TestInVM|TestDemoInVM)", map[string]string{"cluster": "../examples/cluster"}, plugins)
+	require.Contains(t, res.Output, "--- PASS: TestInVMReachability")
 	require.Contains(t, res.Output, "--- PASS: TestDemoInVM")
+	// inVM skips these tests on the host only: inside the VM none may skip.
+	require.NotContains(t, res.Output, "--- SKIP", "a test skipped inside the VM")
 }
 
 func runVM(t *testing.T, run string, cmds, files map[string]string) vmtest.Result {
@@ -552,7 +544,7 @@ func udpEchoSized(t *testing.T, a, b *netlab.Pod, size int) error {
 }
 
 // TestDemoInVM runs examples/cluster -backend ipsec on the VM's kernel
-// (TestVMDemo).
+// (TestVM).
 func TestDemoInVM(t *testing.T) {
 	inVM(t)
 	out, err := exec.CommandContext(t.Context(), "/bin/cluster", "-backend", "ipsec", "-store", "memory", "-nodes", "3").CombinedOutput()
