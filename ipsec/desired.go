@@ -251,7 +251,8 @@ func peerESP(in input, sp *spis, i int, t tunnel) ([]xstate, []xpolicy, []error)
 	table, used := sp.to(p.Cur)
 	pair := pairName(outKey.pub, p.Cur)
 	gen := in.outGen[pair]
-	k, err := deriveKey(in.psk, in.cipher, outKey.priv, p.Cur, outKey.pub, p.Cur, gen)
+	v6 := t.ownIP.Is6()
+	k, err := deriveKey(in.psk, in.cipher, outKey.priv, p.Cur, outKey.pub, p.Cur, gen, v6)
 	if err != nil {
 		return nil, nil, []error{err}
 	}
@@ -269,7 +270,7 @@ func peerESP(in input, sp *spis, i int, t tunnel) ([]xstate, []xpolicy, []error)
 	for _, r := range recvs {
 		for _, s := range senders {
 			for gen := range uint8(Generations) {
-				k, err := deriveKey(in.psk, in.cipher, r.kp.priv, s, s, r.kp.pub, gen)
+				k, err := deriveKey(in.psk, in.cipher, r.kp.priv, s, s, r.kp.pub, gen, v6)
 				if err != nil {
 					errs = append(errs, err)
 					continue

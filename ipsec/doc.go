@@ -29,9 +29,12 @@
 //
 //	HKDF-SHA256(secret = X25519(S, R) || PSK,
 //	            salt   = "flannel-ipsec v1",
-//	            info   = "flannel-ipsec v1 esp " + cipher + pub(S) + pub(R))
+//	            info   = "flannel-ipsec v1 esp " + cipher + pub(S) + pub(R)
+//	                     [+ " gen <n>" for generation n > 0] [+ " ipv6"])
 //
-// truncated to the cipher's key length plus the 4-byte GCM salt. It is
+// truncated to the cipher's key length plus the 4-byte GCM salt; the IPv4
+// and IPv6 states of a pair have their own keys, since each counts its own
+// sequence numbers (the GCM nonces). It is
 // distinct per node pair and direction (the info orders the two public
 // keys), changes on every restart and rekey (fresh X25519 keys), cannot be
 // computed without the PSK even by someone who can write leases, and gives

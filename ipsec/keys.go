@@ -160,8 +160,10 @@ func epochOf(raw json.RawMessage) uint64 {
 // gen is the generation of the sender's outbound state for the pair: it
 // goes up when that state was deleted behind our back and had to be
 // installed again, since a new state restarts the sequence number that
-// the GCM nonce is made of, so it must never reuse a key.
-func deriveKey(psk []byte, c Cipher, own *ecdh.PrivateKey, peerPub []byte, senderPub, receiverPub []byte, gen uint8) ([]byte, error) {
+// the GCM nonce is made of, so it must never reuse a key. v6 selects the
+// key of the IPv6 state: the two families' states of a pair count their
+// sequence numbers apart, so they must not share a key either.
+func deriveKey(psk []byte, c Cipher, own *ecdh.PrivateKey, peerPub []byte, senderPub, receiverPub []byte, gen uint8, v6 bool) ([]byte, error) {
 	pk, err := ecdh.X25519().NewPublicKey(peerPub)
 	if err != nil {
 		return nil, fmt.Errorf("peer public key: %w", err)
@@ -175,6 +177,9 @@ func deriveKey(psk []byte, c Cipher, own *ecdh.PrivateKey, peerPub []byte, sende
 	info := "flannel-ipsec v1 esp " + c.String() + string(senderPub) + string(receiverPub)
 	if gen > 0 {
 		info += fmt.Sprintf(" gen %d", gen)
+	}
+	if v6 {
+		info += " ipv6"
 	}
 	k, err := hkdf.Key(sha256.New, secret, []byte("flannel-ipsec v1"), info, c.keyLen())
 	clear(secret)

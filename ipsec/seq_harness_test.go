@@ -154,9 +154,11 @@ func (h *seqHarness) key(label string) keyPair {
 				if d[0] == other {
 					s, r = o, k
 				}
-				m, err := deriveKey([]byte(testPSK), AESGCM128, s.priv, r.pub, s.pub, r.pub, gen)
-				require.NoError(h.t, err)
-				h.names[string(m)] = fmt.Sprintf("%s>%s g%d", d[0], d[1], gen)
+				for _, v6 := range []bool{false, true} { // both families' keys have the name
+					m, err := deriveKey([]byte(testPSK), AESGCM128, s.priv, r.pub, s.pub, r.pub, gen, v6)
+					require.NoError(h.t, err)
+					h.names[string(m)] = fmt.Sprintf("%s>%s g%d", d[0], d[1], gen)
+				}
 			}
 		}
 	}
@@ -164,15 +166,19 @@ func (h *seqHarness) key(label string) keyPair {
 	return k
 }
 
-// espKey is the key material of a name such as "b1>a2 g0".
-func (h *seqHarness) espKey(name string) []byte {
+// espKeys are the key materials (one per family) of a name such as
+// "b1>a2 g0".
+func (h *seqHarness) espKeys(name string) [][]byte {
+	var out [][]byte
 	for m, n := range h.names {
 		if n == name {
-			return []byte(m)
+			out = append(out, []byte(m))
 		}
 	}
-	h.t.Fatalf("no ESP key %q", name)
-	return nil
+	if len(out) == 0 {
+		h.t.Fatalf("no ESP key %q", name)
+	}
+	return out
 }
 
 // peer is the lease of the node and key of label ("b1"); "!b" is node b

@@ -157,14 +157,24 @@ func (h *seqHarness) step(st seqStep) error {
 		peers = append(peers, h.peer(p)) // learns the keys' names
 	}
 	for name, n := range st.send {
-		require.True(h.t, h.x.count(h.espKey(name), n), "no state with key %s to count on", name)
+		found := false
+		for _, k := range h.espKeys(name) {
+			found = h.x.count(k, n) || found
+		}
+		require.True(h.t, found, "no state with key %s to count on", name)
 	}
 	for _, name := range st.vanish {
-		require.True(h.t, h.x.vanish(h.espKey(name)), "no state with key %s to delete", name)
+		found := false
+		for _, k := range h.espKeys(name) {
+			found = h.x.vanish(k) || found
+		}
+		require.True(h.t, found, "no state with key %s to delete", name)
 	}
 	h.x.failKeys = map[string]error{}
 	for _, name := range st.failAdd {
-		h.x.failKeys[string(h.espKey(name))] = errors.New("injected add failure")
+		for _, k := range h.espKeys(name) {
+			h.x.failKeys[string(k)] = errors.New("injected add failure")
+		}
 	}
 	switch {
 	case st.rekey:
@@ -249,9 +259,16 @@ func TestRandomPeerSets(t *testing.T) {
 }
 
 // requireNoOutboundReinstalled fails unless every outbound key and SPI
-// was installed at most once.
+// was installed at most once, and no two installed states share a key
+// (the IPv4 and IPv6 states of a pair included).
 func (h *seqHarness) requireNoOutboundReinstalled() {
 	h.t.Helper()
+	keys := map[string]stateID{}
+	for id, s := range h.x.st {
+		other, dup := keys[string(s.Key)]
+		require.False(h.t, dup, "states %v and %v share a key", id, other)
+		keys[string(s.Key)] = id
+	}
 	for st, n := range h.x.added {
 		if strings.HasPrefix(st, nodeIP(0, false).String()+"->") || strings.HasPrefix(st, nodeIP(0, true).String()+"->") {
 			require.Equal(h.t, 1, n, "outbound state %s installed %d times", st, n)

@@ -111,30 +111,33 @@ func TestKeyDerivation(t *testing.T) {
 	require.NoError(t, err)
 
 	// Both ends compute the same key for a direction.
-	abBySender, err := deriveKey(psk, AESGCM128, a.priv, b.pub, a.pub, b.pub, 0)
+	abBySender, err := deriveKey(psk, AESGCM128, a.priv, b.pub, a.pub, b.pub, 0, false)
 	require.NoError(t, err)
-	abByReceiver, err := deriveKey(psk, AESGCM128, b.priv, a.pub, a.pub, b.pub, 0)
+	abByReceiver, err := deriveKey(psk, AESGCM128, b.priv, a.pub, a.pub, b.pub, 0, false)
 	require.NoError(t, err)
 	assert.Equal(t, abBySender, abByReceiver)
 	assert.Len(t, abBySender, 20, "16-byte AES key + 4-byte salt")
 
 	// Directions, pairs, ciphers and PSKs give distinct keys.
-	ba, err := deriveKey(psk, AESGCM128, b.priv, a.pub, b.pub, a.pub, 0)
+	ba, err := deriveKey(psk, AESGCM128, b.priv, a.pub, b.pub, a.pub, 0, false)
 	require.NoError(t, err)
-	ac, err := deriveKey(psk, AESGCM128, a.priv, c.pub, a.pub, c.pub, 0)
+	ac, err := deriveKey(psk, AESGCM128, a.priv, c.pub, a.pub, c.pub, 0, false)
 	require.NoError(t, err)
-	ab256, err := deriveKey(psk, AESGCM256, a.priv, b.pub, a.pub, b.pub, 0)
+	ab256, err := deriveKey(psk, AESGCM256, a.priv, b.pub, a.pub, b.pub, 0, false)
 	require.NoError(t, err)
 	assert.Len(t, ab256, 36)
-	other, err := deriveKey([]byte(strings.Repeat("x", 100)), AESGCM128, a.priv, b.pub, a.pub, b.pub, 0)
+	other, err := deriveKey([]byte(strings.Repeat("x", 100)), AESGCM128, a.priv, b.pub, a.pub, b.pub, 0, false)
 	require.NoError(t, err)
-	for _, k := range [][]byte{ba, ac, ab256[:20], other} {
+	// The IPv6 state of the pair: its own key (its own sequence numbers).
+	ab6, err := deriveKey(psk, AESGCM128, a.priv, b.pub, a.pub, b.pub, 0, true)
+	require.NoError(t, err)
+	for _, k := range [][]byte{ba, ac, ab256[:20], other, ab6} {
 		assert.NotEqual(t, abBySender, k)
 	}
 	// A fresh key pair (restart, rekey) gives a fresh key.
 	a2, err := newKeyPair()
 	require.NoError(t, err)
-	fresh, err := deriveKey(psk, AESGCM128, a2.priv, b.pub, a2.pub, b.pub, 0)
+	fresh, err := deriveKey(psk, AESGCM128, a2.priv, b.pub, a2.pub, b.pub, 0, false)
 	require.NoError(t, err)
 	assert.NotEqual(t, abBySender, fresh)
 }
