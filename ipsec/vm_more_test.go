@@ -483,7 +483,11 @@ func TestInVMRekeyByRun(t *testing.T) {
 		}
 	}
 	c.start(1)
-	<-published // Start's: the key bound to the lease (c.start took it from Lease)
+	select { // Start's: the key bound to the lease (c.start took it from Lease)
+	case <-published:
+	default:
+		t.Fatal("Start did not publish the key bound to its lease")
+	}
 	c.applyOK()
 	first := c.nodes[1].net.(*ipsec.Network).PublicKey()
 	stop := c.runAll()
