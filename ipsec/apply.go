@@ -9,8 +9,8 @@ import (
 
 	"github.com/vishvananda/netlink"
 
-	flannel "github.com/flannelkit/flannel"
 	"github.com/flannelkit/flannel/backend"
+	"github.com/flannelkit/flannel/internal/ipconv"
 	"github.com/flannelkit/flannel/lease"
 )
 
@@ -35,20 +35,21 @@ func (r *applyPass) addErr(peer int, err error) {
 // err is the result of the apply: a *flannel.PeerError per failed peer,
 // in peer order, then the rest.
 func (r *applyPass) err() error {
-	var errs []error
+	var pe backend.PeerErrs
 	for i := range r.in.peers {
 		if err, ok := r.failed[i]; ok {
-			errs = append(errs, &flannel.PeerError{Lease: r.leases[i], Err: err})
+			pe.Add(i, err)
 		}
 	}
-	return errors.Join(append(errs, r.rest...)...)
+	return errors.Join(append(pe.Errors(r.leases), r.rest...)...)
 }
 
-// applyLocked makes the kernel match n.peers: the XFRM states and policies
+// applyLocked makes the kernel match peers: the XFRM states and policies
 // (asking the key book what to install, planning the writes and executing
-// them), then the routes.
-func (n *Network) applyLocked(ctx context.Context) error {
-	r, err := n.reconcileXfrm()
+// them), then the routes. It is the Reconciler's Apply and runs with its
+// lock held.
+func (n *Network) applyLocked(ctx context.Context, peers []lease.Lease) error {
+	r, err := n.reconcileXfrm(peers)
 	if err != nil {
 		return err
 	}
@@ -58,13 +59,13 @@ func (n *Network) applyLocked(ctx context.Context) error {
 	return r.err()
 }
 
-// reconcileXfrm brings our XFRM states and policies to what n.peers and
+// reconcileXfrm brings our XFRM states and policies to what peers and
 // the key book want. An error is returned only when the kernel's tables
 // cannot be read; failed writes are in the applyPass.
-func (n *Network) reconcileXfrm() (*applyPass, error) {
+func (n *Network) reconcileXfrm(peers []lease.Lease) (*applyPass, error) {
 	now := n.now()
 	n.book.retirePrev(now)
-	r := n.peerInput(now)
+	r := n.peerInput(peers, now)
 	have, err := n.x.states()
 	if err != nil {
 		return nil, fmt.Errorf("ipsec: %w", err)
@@ -111,6 +112,7 @@ func (n *Network) want(r *applyPass, have []xstate, now time.Time) ([]xstate, []
 			r.failed[i] = err
 		}
 	}
+	n.book.checkLimits(states, have)
 	states = n.book.dropExhausted(states, r.failed)
 	n.book.forgetPairs(states)
 	return n.book.lingerStates(states, have, now), policies
@@ -134,42 +136,78 @@ func (n *Network) baseInput() input {
 	return in
 }
 
-// peerInput builds the input for n.peers: peers of other backend types
-// and the own lease are skipped; a peer whose key is unusable is in it
-// (as not valid) with its error, warned about once per BackendData.
-func (n *Network) peerInput(now time.Time) *applyPass {
+// peerInput builds the input for peers: peers of other backend types
+// and the own lease are skipped; a peer whose key is unusable (see
+// peerKeys) is in it (as not valid) with its error, warned about once per
+// BackendData.
+func (n *Network) peerInput(peers []lease.Lease, now time.Time) *applyPass {
 	r := &applyPass{in: n.baseInput(), failed: map[int]error{}}
-	usable := map[string]bool{}
-	present := map[string]bool{}
-	for _, p := range n.peers {
+	var ls []lease.Lease
+	for _, p := range peers {
 		if p.Attrs.BackendType != Type {
 			n.log.Debug("skipping peer of another backend", "subnet", p.String(), "backend_type", p.Attrs.BackendType)
 			continue
 		}
-		if p.SameSubnets(n.own) {
-			continue
+		if !p.SameSubnets(n.own) {
+			ls = append(ls, p)
 		}
+	}
+	keys, errs := n.peerKeys(ls)
+	usable := map[string]bool{}
+	present := map[string]bool{}
+	for i, p := range ls {
 		key := p.Key()
 		present[key] = true
 		v := nodeView{Subnet: p.Subnet, Subnet6: p.IPv6Subnet, IP: p.Attrs.PublicIP, IP6: p.Attrs.PublicIPv6}
-		pub, err := parsePeerKey(n.opts.PSK, p.Attrs.BackendData)
-		if err != nil {
+		if err := errs[i]; err != nil {
 			r.failed[len(r.in.peers)] = err
-			if n.book.unusable(key, p.Attrs.BackendData) {
+			if n.book.unusable(key, p.Attrs.BackendData, err) {
 				n.log.Warn("peer not programmed: its key is unusable; traffic to it stays blocked",
 					"subnet", p.String(), "public_ip", p.Attrs.PublicIP, "err", err)
 			}
 		} else {
 			usable[key] = true
-			v.Cur, v.Prev = n.book.peer(key, p.String(), pub, now)
+			v.Cur, v.Prev = n.book.peer(key, p.String(), keys[i].pub, now)
 			v.SendPrev = n.book.sendPrev(key, now)
 		}
 		r.in.peers = append(r.in.peers, v)
-		r.in.valid = append(r.in.valid, err == nil)
+		r.in.valid = append(r.in.valid, errs[i] == nil)
 		r.leases = append(r.leases, p)
 	}
 	n.book.forgetPeers(usable, present)
 	return r
+}
+
+// ErrDuplicateKey is wrapped by the error for a peer whose public key is
+// also published by another peer or is this node's own.
+var ErrDuplicateKey = errors.New("peer publishes a public key that another node uses too")
+
+// peerKeys reads the keys of peers: errs[i] is set for a peer whose key is
+// missing, malformed or not authenticated for its lease (ErrPeerAuth),
+// whose epoch is older than one seen before for its subnets (ErrOldEpoch),
+// or whose key another peer or this node uses (ErrDuplicateKey).
+func (n *Network) peerKeys(peers []lease.Lease) ([]publishedKey, []error) {
+	keys := make([]publishedKey, len(peers))
+	errs := make([]error, len(peers))
+	users := map[string]int{string(n.book.keys.cur.pub): 2}
+	if n.book.keys.prev != nil {
+		users[string(n.book.keys.prev.pub)] = 2
+	}
+	for i, p := range peers {
+		keys[i], errs[i] = parsePeerKey(n.opts.PSK, p)
+		if errs[i] == nil {
+			errs[i] = n.book.checkEpoch(p.Key(), keys[i])
+		}
+		if errs[i] == nil {
+			users[string(keys[i].pub)]++
+		}
+	}
+	for i := range peers {
+		if errs[i] == nil && users[string(keys[i].pub)] > 1 {
+			errs[i] = ErrDuplicateKey
+		}
+	}
+	return keys, errs
 }
 
 func (n *Network) ownIPs() (v4, v6 netip.Addr) {
@@ -206,8 +244,8 @@ func (n *Network) reconcileRoutes(ctx context.Context, in input, failed map[int]
 			}
 			routes = append(routes, netlink.Route{
 				LinkIndex: n.env.Iface.Index,
-				Dst:       backend.IPNetFromPrefix(sub),
-				Gw:        backend.IPFromAddr(gw),
+				Dst:       ipconv.IPNetFromPrefix(sub),
+				Gw:        ipconv.IPFromAddr(gw),
 			})
 		}
 	}
@@ -220,7 +258,7 @@ func (n *Network) reconcileRoutes(ctx context.Context, in input, failed map[int]
 // nextHop returns the gateway the kernel uses towards ip on the external
 // interface, or ip itself when it is on-link.
 func (n *Network) nextHop(ip netip.Addr) (netip.Addr, error) {
-	rs, err := n.env.Handle.RouteGet(backend.IPFromAddr(ip))
+	rs, err := n.env.Handle.RouteGet(ipconv.IPFromAddr(ip))
 	if err != nil {
 		return netip.Addr{}, fmt.Errorf("route to peer %s: %w", ip, err)
 	}

@@ -4,13 +4,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"log/slog"
 	"sync"
+	"time"
 
 	"github.com/vishvananda/netlink"
 
 	flannel "github.com/flannelkit/flannel"
 	"github.com/flannelkit/flannel/backend"
+	"github.com/flannelkit/flannel/internal/nlsafe"
 	"github.com/flannelkit/flannel/lease"
 )
 
@@ -23,6 +24,7 @@ type Backend struct {
 	mu       sync.Mutex
 	env      flannel.Env
 	key      keyPair
+	epoch    uint64
 	prepared bool
 }
 
@@ -40,13 +42,6 @@ func New(opts Options) (*Backend, error) {
 
 // Type returns "ipsec".
 func (b *Backend) Type() string { return Type }
-
-func logger(l *slog.Logger) *slog.Logger {
-	if l == nil {
-		return slog.New(slog.DiscardHandler)
-	}
-	return l
-}
 
 // ErrNoESP is wrapped by Prepare's error when the kernel cannot do ESP
 // with the configured cipher (no esp4/xfrm_user module or no AES-GCM).
@@ -71,12 +66,12 @@ func (b *Backend) Prepare(ctx context.Context, env flannel.Env) (lease.Attrs, er
 	}
 	if env.NS.IsOpen() {
 		if env.Config.EnableIPv4 || env.Iface.PublicIP.IsValid() {
-			if err := backend.SetSysctl(env.NS, "net/ipv4/ip_forward", "1"); err != nil {
+			if err := nlsafe.SetSysctl(env.NS, "net/ipv4/ip_forward", "1"); err != nil {
 				return lease.Attrs{}, fmt.Errorf("ipsec: prepare: %w", err)
 			}
 		}
 		if env.Config.EnableIPv6 {
-			if err := backend.SetSysctl(env.NS, "net/ipv6/conf/all/forwarding", "1"); err != nil {
+			if err := nlsafe.SetSysctl(env.NS, "net/ipv6/conf/all/forwarding", "1"); err != nil {
 				return lease.Attrs{}, fmt.Errorf("ipsec: prepare: %w", err)
 			}
 		}
@@ -85,30 +80,35 @@ func (b *Backend) Prepare(ctx context.Context, env flannel.Env) (lease.Attrs, er
 	if err != nil {
 		return lease.Attrs{}, fmt.Errorf("ipsec: prepare: %w", err)
 	}
-	data, err := marshalBackendData(b.opts.PSK, key.pub)
+	// The tag binds the key to the lease; the subnets are not known yet:
+	// those of the previous lease (usually acquired again), else Start
+	// binds and publishes again.
+	epoch := nextEpoch(epochOf(env.Previous.Attrs.BackendData), time.Now())
+	attrs := lease.Attrs{BackendType: Type, PublicIP: env.Iface.PublicIP, PublicIPv6: env.Iface.PublicIPv6}
+	bind := lease.Lease{Subnet: env.Previous.Subnet, IPv6Subnet: env.Previous.IPv6Subnet, Attrs: attrs}
+	attrs.BackendData, err = marshalBackendData(b.opts.PSK, bindingOf(bind, key.pub, epoch))
 	if err != nil {
 		return lease.Attrs{}, fmt.Errorf("ipsec: prepare: %w", err)
 	}
 	b.mu.Lock()
-	b.env, b.key, b.prepared = env, key, true
+	b.env, b.key, b.epoch, b.prepared = env, key, epoch, true
 	b.mu.Unlock()
-	return lease.Attrs{
-		BackendType: Type,
-		PublicIP:    env.Iface.PublicIP,
-		PublicIPv6:  env.Iface.PublicIPv6,
-		BackendData: data,
-	}, nil
+	return attrs, nil
 }
 
 // Start returns the Network for own, using the key pair of the last
-// Prepare; every Start needs a Prepare of its own (a fresh key pair).
+// Prepare; every Start needs a Prepare of its own (a fresh key pair). When
+// own's subnets or public addresses are not those Prepare bound the key's
+// auth tag to, the Network's lease (Network.Lease) carries BackendData
+// bound to own, published through Options.Publish when set; peers refuse
+// the node until they see it.
 // Before returning it programs the allow policy for the own subnet and the
 // block policy for the rest of the cluster network, so pods started before
 // the first Apply cannot send cluster traffic in clear; peers are
 // programmed by Apply.
 func (b *Backend) Start(ctx context.Context, own lease.Lease) (flannel.Network, error) {
 	b.mu.Lock()
-	env, key, ok := b.env, b.key, b.prepared
+	env, key, epoch, ok := b.env, b.key, b.epoch, b.prepared
 	b.mu.Unlock()
 	if !ok {
 		return nil, errors.New("ipsec: start: Prepare was not called since the last Start")
@@ -127,6 +127,10 @@ func (b *Backend) Start(ctx context.Context, own lease.Lease) (flannel.Network, 
 		opts.Publish = env.Publish
 	}
 	n := newNetwork(env, own, opts, key)
+	n.epoch = epoch
+	if err := n.bindOwn(); err != nil {
+		return nil, fmt.Errorf("ipsec: start: %w", err)
+	}
 	if err := n.closeClusterNetwork(); err != nil {
 		return nil, fmt.Errorf("ipsec: start: %w", err)
 	}
@@ -159,7 +163,7 @@ func (b *Backend) Cleanup(ctx context.Context, env flannel.Env) error {
 	}
 	link, err := backend.ResolveLink(env.Handle, env.Iface)
 	if err == nil {
-		rec := backend.RouteReconciler{Logger: logger(env.Logger)}
+		rec := backend.RouteReconciler{Logger: backend.Logger(env.Logger)}
 		errs = append(errs, rec.Reconcile(ctx, env.Handle, link.Attrs().Index, nil))
 	} else {
 		var nf netlink.LinkNotFoundError

@@ -4,8 +4,8 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"log/slog"
-	"net/netip"
 	"slices"
 	"time"
 
@@ -19,27 +19,34 @@ import (
 // It reads the clock and the states listed from the kernel but never
 // writes the kernel; Network.applyLocked asks it, then plans and executes.
 //
-// The rule of issue #18 that a key and SPI are never installed twice in a
-// key's lifetime belongs here: today forgetPairs drops the generation of a
-// key pair once it is not in use (a peer leaves, our previous key is
-// switched back to, a pair ran out of generations), so the pair starts
-// over at generation 0. A record of the outbound (key, SPI) pairs
-// installed per key lifetime, kept by installed and consulted by vanished
-// and forgetPairs, would enforce it.
+// An outbound key and SPI (a key pair's generation) is never installed
+// twice while our key of the pair lives: installed records how many
+// generations of each pair were installed (spent), and a pair that drops
+// out of use (a peer leaves, our previous key is switched away from, a
+// pair ran out of generations) keeps its record until our key is retired,
+// so when it comes back it takes its next unused generation, or stays
+// blocked when there is none.
 type keyBook struct {
 	log           *slog.Logger
 	grace         time.Duration
 	rekeyInterval time.Duration
+	limits        stateLimits
 
 	keys      localKeys
 	rekeyedAt time.Time
-	peerKeys  map[string]*peerKey   // by lease key
-	badKeys   map[string]string     // lease key -> BackendData last warned about
-	use       map[string]*keyUse    // by lease key: peers' use of our keys since the rekey
-	outGen    map[string]uint8      // pairName -> generation of our outbound state
-	outSeen   map[stateID]bool      // outbound states we installed
-	exhausted map[string]bool       // pairName out of generations
-	linger    map[stateID]time.Time // replaced outbound states kept until then
+	peerKeys  map[string]*peerKey     // by lease key
+	badKeys   map[string]string       // lease key -> BackendData and error last warned about
+	epochs    map[string]publishedKey // lease key -> the key of the highest epoch seen
+	use       map[string]*keyUse      // by lease key: peers' use of our keys since the rekey
+	outGen    map[string]uint8        // pairName -> generation of our outbound state
+	spent     map[string]uint8        // pairName -> generations installed (the highest + 1)
+	outSeen   map[stateID]bool        // outbound states we installed
+	exhausted map[string]bool         // pairName out of generations
+	linger    map[stateID]time.Time   // replaced outbound states kept until then
+	// earlyRekey asks Run for a rekey before RekeyInterval: a pair of our
+	// current key ran out of generations, or one of its outbound states
+	// reached a soft limit.
+	earlyRekey bool
 }
 
 // outLinger is how long an outbound state replaced by one for the same
@@ -67,11 +74,14 @@ func newKeyBook(log *slog.Logger, opts Options, key keyPair) keyBook {
 		log:           log,
 		grace:         opts.Grace,
 		rekeyInterval: opts.RekeyInterval,
+		limits:        opts.limits.withDefaults(),
 		keys:          localKeys{cur: key},
 		peerKeys:      map[string]*peerKey{},
 		badKeys:       map[string]string{},
+		epochs:        map[string]publishedKey{},
 		use:           map[string]*keyUse{},
 		outGen:        map[string]uint8{},
+		spent:         map[string]uint8{},
 		outSeen:       map[stateID]bool{},
 		exhausted:     map[string]bool{},
 		linger:        map[stateID]time.Time{},
@@ -83,15 +93,18 @@ func (b *keyBook) rekey(key keyPair, now time.Time) {
 	old := b.keys.cur
 	b.keys.prev, b.keys.cur = &old, key
 	b.rekeyedAt = now
+	b.earlyRekey = false
 	clear(b.use)
 }
 
 // pending reports whether the key the last rekey replaced is still live.
 func (b *keyBook) pending() bool { return b.keys.prev != nil }
 
-// inGrace reports whether a replaced key, ours or a peer's, is still live.
+// inGrace reports whether a replaced key, ours or a peer's, or a replaced
+// outbound state (lingering) is still live: repairs then run every tick,
+// to switch and retire them on time.
 func (b *keyBook) inGrace() bool {
-	if b.keys.prev != nil {
+	if b.keys.prev != nil || len(b.linger) > 0 {
 		return true
 	}
 	for _, pk := range b.peerKeys {
@@ -103,13 +116,35 @@ func (b *keyBook) inGrace() bool {
 }
 
 // unusable records that the peer with lease key key published data that
-// is no usable key, and reports whether that is news (to warn once).
-func (b *keyBook) unusable(key string, data json.RawMessage) bool {
-	if b.badKeys[key] == string(data) {
+// is no usable key for the reason err, and reports whether that is news
+// (to warn once per change of either).
+func (b *keyBook) unusable(key string, data json.RawMessage, err error) bool {
+	v := string(data) + "\x00" + err.Error()
+	if b.badKeys[key] == v {
 		return false
 	}
-	b.badKeys[key] = string(data)
+	b.badKeys[key] = v
 	return true
+}
+
+// ErrOldEpoch is wrapped by the error for a peer whose key has an older
+// epoch than one this node saw for the same subnets (a replayed lease), or
+// the same epoch with another key.
+var ErrOldEpoch = errors.New("peer key is older than one it published before (replayed lease?)")
+
+// checkEpoch refuses k for the peer with lease key key when an older epoch
+// than the highest seen for it, or that epoch with another key; otherwise
+// it records k's epoch. The record outlives the peer's absence.
+func (b *keyBook) checkEpoch(key string, k publishedKey) error {
+	seen, ok := b.epochs[key]
+	switch {
+	case !ok || k.epoch > seen.epoch:
+		b.epochs[key] = k
+		return nil
+	case k.epoch == seen.epoch && bytes.Equal(k.pub, seen.pub):
+		return nil
+	}
+	return fmt.Errorf("%w: epoch %d, seen %d", ErrOldEpoch, k.epoch, seen.epoch)
 }
 
 // peer records pub as the published key of the peer with lease key key
@@ -248,123 +283,4 @@ func (b *keyBook) retirePrev(now time.Time) {
 	}
 	b.keys.prev = nil
 	clear(b.use)
-}
-
-// vanished moves the key pair of every wanted outbound state that we
-// installed and that is gone from have (deleted by hand, flushed) to its
-// next generation, or marks it exhausted after the last one, and reports
-// whether a generation moved: the state must not come back with the same
-// key, since its sequence number, and so the GCM nonce, would start over.
-func (b *keyBook) vanished(states, have []xstate) bool {
-	haveIDs := make(map[stateID]bool, len(have))
-	for _, s := range have {
-		haveIDs[s.id()] = true
-	}
-	bumped := false
-	for _, s := range states {
-		if !s.Out || !b.outSeen[s.id()] || haveIDs[s.id()] {
-			continue
-		}
-		delete(b.outSeen, s.id())
-		if b.outGen[s.Pair]+1 < Generations {
-			b.outGen[s.Pair]++
-			bumped = true
-			b.log.Warn("outbound esp state vanished; installing a new one with a fresh SPI and key", "peer_ip", s.Dst, "generation", b.outGen[s.Pair])
-		} else {
-			b.exhausted[s.Pair] = true
-		}
-	}
-	return bumped
-}
-
-var errExhausted = errors.New("outbound esp state was deleted too often for this key; traffic stays blocked until the next rekey or restart")
-
-// dropExhausted removes from states the outbound ones of exhausted key
-// pairs, with an error for their peer in failed.
-func (b *keyBook) dropExhausted(states []xstate, failed map[int]error) []xstate {
-	return slices.DeleteFunc(states, func(s xstate) bool {
-		if s.Out && b.exhausted[s.Pair] {
-			failed[s.Peer] = errors.Join(failed[s.Peer], errExhausted)
-			return true
-		}
-		return false
-	})
-}
-
-// forgetPairs forgets the generations of key pairs no outbound state in
-// states uses.
-func (b *keyBook) forgetPairs(states []xstate) {
-	live := map[string]bool{}
-	for _, s := range states {
-		if s.Out {
-			live[s.Pair] = true
-		}
-	}
-	for p := range b.outGen {
-		if !live[p] {
-			delete(b.outGen, p)
-		}
-	}
-	for p := range b.exhausted {
-		if !live[p] {
-			delete(b.exhausted, p)
-		}
-	}
-}
-
-// lingerStates adds to states the outbound states of ours in have that
-// were replaced by another outbound state between the same addresses less
-// than outLinger ago.
-func (b *keyBook) lingerStates(states, have []xstate, now time.Time) []xstate {
-	type ends struct{ src, dst netip.Addr }
-	want := make(map[stateID]bool, len(states))
-	outTo := map[ends]bool{}
-	for _, s := range states {
-		want[s.id()] = true
-		if s.Out {
-			outTo[ends{s.Src, s.Dst}] = true
-		}
-	}
-	keep := map[stateID]bool{}
-	for _, h := range have {
-		id := h.id()
-		if want[id] || !b.outSeen[id] || !outTo[ends{h.Src, h.Dst}] {
-			continue
-		}
-		until, ok := b.linger[id]
-		if !ok {
-			until = now.Add(outLinger)
-			b.linger[id] = until
-		}
-		if now.Before(until) {
-			h.Out, h.Peer = true, -1
-			states = append(states, h)
-			keep[id] = true
-		}
-	}
-	for id := range b.linger {
-		if !keep[id] {
-			delete(b.linger, id)
-		}
-	}
-	return states
-}
-
-// installed records the outbound states of states as ours, except those
-// whose add failed.
-func (b *keyBook) installed(states []xstate, addFailed map[stateID]bool) {
-	outs := map[stateID]bool{}
-	for _, s := range states {
-		if s.Out && !addFailed[s.id()] {
-			outs[s.id()] = true
-		}
-	}
-	for id := range b.outSeen {
-		if !outs[id] {
-			delete(b.outSeen, id)
-		}
-	}
-	for id := range outs {
-		b.outSeen[id] = true
-	}
 }

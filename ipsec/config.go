@@ -144,6 +144,8 @@ type Options struct {
 	// RepairInterval is how often Network.Run re-applies the last peer
 	// set. Optional: 10s.
 	RepairInterval time.Duration
+
+	limits stateLimits // of outbound states (tests set low ones)
 }
 
 // DefaultGrace is Options.Grace when zero.
@@ -170,6 +172,7 @@ func (o Options) withDefaults() Options {
 	if o.RepairInterval <= 0 {
 		o.RepairInterval = DefaultRepairInterval
 	}
+	o.limits = o.limits.withDefaults()
 	return o
 }
 
@@ -198,7 +201,8 @@ type configWire struct {
 
 // ParseConfig reads the ipsec keys of the "Backend" object: PSK (required),
 // UDPEncap, ESPProposal and RekeyInterval (seconds as a number, or a Go
-// duration string such as "30m"). Errors wrap lease.ErrInvalidConfig, name
+// duration string such as "30m"; 1s to MaxRekeyInterval). Keys are
+// case-insensitive and each may appear once. Errors wrap lease.ErrInvalidConfig, name
 // the key and never quote the PSK.
 func ParseConfig(raw json.RawMessage) (Options, error) {
 	var o Options
@@ -206,12 +210,13 @@ func ParseConfig(raw json.RawMessage) (Options, error) {
 	if len(raw) == 0 || bytes.Equal(raw, []byte("null")) {
 		return o, Options{}.withDefaults().validate()
 	}
-	var keys map[string]json.RawMessage
-	if err := json.Unmarshal(raw, &keys); err != nil {
-		return o, fmt.Errorf("%w: Backend: not a JSON object", lease.ErrInvalidConfig)
+	keys, err := objectKeys(raw)
+	if err != nil {
+		return o, err
 	}
 	var w configWire
-	for k, v := range keys {
+	for _, kv := range keys {
+		k, v := kv.key, kv.value
 		var err error
 		switch strings.ToLower(k) {
 		case "type":
@@ -263,11 +268,58 @@ func ParseConfig(raw json.RawMessage) (Options, error) {
 	return o, nil
 }
 
+// MaxRekeyInterval is the longest RekeyInterval accepted.
+const MaxRekeyInterval = 30 * 24 * time.Hour
+
+// keyValue is one member of a JSON object.
+type keyValue struct {
+	key   string
+	value json.RawMessage
+}
+
+// objectKeys returns the members of the JSON object raw in order. A key
+// given twice, also in another case ("PSK" and "psk": the keys are
+// case-insensitive), is an error naming both.
+func objectKeys(raw json.RawMessage) ([]keyValue, error) {
+	notObject := fmt.Errorf("%w: Backend: not a JSON object", lease.ErrInvalidConfig)
+	var all map[string]json.RawMessage
+	if json.Unmarshal(raw, &all) != nil {
+		return nil, notObject
+	}
+	d := json.NewDecoder(bytes.NewReader(raw))
+	if t, err := d.Token(); err != nil || t != json.Delim('{') {
+		return nil, notObject
+	}
+	var out []keyValue
+	seen := map[string]string{}
+	for d.More() {
+		t, err := d.Token()
+		k, ok := t.(string)
+		if err != nil || !ok {
+			return nil, notObject
+		}
+		var v json.RawMessage
+		if err := d.Decode(&v); err != nil {
+			return nil, notObject
+		}
+		if first, dup := seen[strings.ToLower(k)]; dup {
+			return nil, fmt.Errorf("%w: Backend.%s and Backend.%s: the same key twice (keys are case-insensitive)", lease.ErrInvalidConfig, first, k)
+		}
+		seen[strings.ToLower(k)] = k
+		out = append(out, keyValue{k, v})
+	}
+	return out, nil
+}
+
 func parseInterval(raw json.RawMessage) (time.Duration, error) {
+	tooLong := fmt.Errorf("want at most %v", MaxRekeyInterval)
 	var secs float64
 	if err := json.Unmarshal(raw, &secs); err == nil {
 		if secs < 1 {
 			return 0, fmt.Errorf("want at least 1 second")
+		}
+		if secs > MaxRekeyInterval.Seconds() {
+			return 0, tooLong
 		}
 		return time.Duration(secs * float64(time.Second)), nil
 	}
@@ -281,6 +333,9 @@ func parseInterval(raw json.RawMessage) (time.Duration, error) {
 	}
 	if d < time.Second {
 		return 0, fmt.Errorf("want at least 1s")
+	}
+	if d > MaxRekeyInterval {
+		return 0, tooLong
 	}
 	return d, nil
 }

@@ -35,8 +35,10 @@ type xstate struct {
 	Out      bool   // outbound (informational; not compared)
 	Peer     int    // index into the peers of the input, -1 if none
 	Pair     string // outbound: pairName of its keys
+	Gen      uint8  // outbound: the generation of its key and SPI
 	ToPrev   bool   // inbound: received with our previous key (informational)
 	Packets  uint64 // actual: packets the kernel counted (informational)
+	Bytes    uint64 // actual: bytes the kernel counted (informational)
 }
 
 // Generations is how many generations of a sender's outbound state each
@@ -157,12 +159,7 @@ func desired(in input) (states []xstate, policies []xpolicy, failed map[int]erro
 		if !ownSub.IsValid() || !cluster.IsValid() {
 			continue
 		}
-		// Own subnet to itself stays local; the rest of the cluster
-		// network is blocked unless a peer policy matches.
-		policies = append(policies,
-			xpolicy{Src: ownSub, Dst: ownSub, Dir: dirOut, Priority: prioAllow, Peer: -1},
-			xpolicy{Src: ownSub, Dst: cluster, Dir: dirOut, Priority: prioBlock, Block: true, Peer: -1},
-		)
+		policies = append(policies, closedPolicies(ownSub, cluster)...)
 		if !ownIP.IsValid() {
 			continue
 		}
@@ -189,8 +186,8 @@ func desired(in input) (states []xstate, policies []xpolicy, failed map[int]erro
 			policies = append(policies, pol...)
 		}
 	}
-	// Duplicate state ids (an SPI collision among grace pairs) keep the
-	// first.
+	// Duplicate state ids (an SPI collision among grace pairs) and policy
+	// ids (peers sharing a public address) keep the first.
 	seen := map[stateID]bool{}
 	states = slices.DeleteFunc(states, func(s xstate) bool {
 		if seen[s.id()] {
@@ -199,7 +196,37 @@ func desired(in input) (states []xstate, policies []xpolicy, failed map[int]erro
 		seen[s.id()] = true
 		return false
 	})
+	seenPol := map[policyID]bool{}
+	policies = slices.DeleteFunc(policies, func(p xpolicy) bool {
+		if seenPol[p.id()] {
+			return true
+		}
+		seenPol[p.id()] = true
+		return false
+	})
 	return states, policies, failed
+}
+
+// closedPolicies are the policies of one family that do not depend on
+// peers, under the per-peer ones: anything to the own subnet stays local
+// (out) and the own subnet reaches itself (in, fwd); traffic to the rest
+// of the cluster network from any source (pods, the host, SNAT) leaves
+// only through a peer policy, and traffic from the cluster network to the
+// own subnet is accepted only through one (decapsulated from its ESP
+// state), so cleartext with a cluster source never reaches a local pod.
+func closedPolicies(ownSub, cluster netip.Prefix) []xpolicy {
+	anySrc := netip.PrefixFrom(netip.IPv4Unspecified(), 0)
+	if ownSub.Addr().Is6() {
+		anySrc = netip.PrefixFrom(netip.IPv6Unspecified(), 0)
+	}
+	return []xpolicy{
+		{Src: anySrc, Dst: ownSub, Dir: dirOut, Priority: prioAllow, Peer: -1},
+		{Src: anySrc, Dst: cluster, Dir: dirOut, Priority: prioBlock, Block: true, Peer: -1},
+		{Src: ownSub, Dst: ownSub, Dir: dirIn, Priority: prioAllow, Peer: -1},
+		{Src: cluster, Dst: ownSub, Dir: dirIn, Priority: prioBlock, Block: true, Peer: -1},
+		{Src: ownSub, Dst: ownSub, Dir: dirFwd, Priority: prioAllow, Peer: -1},
+		{Src: cluster, Dst: ownSub, Dir: dirFwd, Priority: prioBlock, Block: true, Peer: -1},
+	}
 }
 
 // tunnel is one family's ends of the tunnel to a peer: the own and the
@@ -224,12 +251,13 @@ func peerESP(in input, sp *spis, i int, t tunnel) ([]xstate, []xpolicy, []error)
 	table, used := sp.to(p.Cur)
 	pair := pairName(outKey.pub, p.Cur)
 	gen := in.outGen[pair]
-	k, err := deriveKey(in.psk, in.cipher, outKey.priv, p.Cur, outKey.pub, p.Cur, gen)
+	v6 := t.ownIP.Is6()
+	k, err := deriveKey(in.psk, in.cipher, outKey.priv, p.Cur, outKey.pub, p.Cur, gen, v6)
 	if err != nil {
 		return nil, nil, []error{err}
 	}
 	outSPI := spiFor(outKey.pub, p.Cur, gen, table, used)
-	states := []xstate{{Src: t.ownIP, Dst: t.ip, SPI: outSPI, Key: k, Encap: in.encap, Out: true, Peer: i, Pair: pair}}
+	states := []xstate{{Src: t.ownIP, Dst: t.ip, SPI: outSPI, Key: k, Encap: in.encap, Out: true, Peer: i, Pair: pair, Gen: gen}}
 	senders := [][]byte{p.Cur}
 	if p.Prev != nil {
 		senders = append(senders, p.Prev)
@@ -242,7 +270,7 @@ func peerESP(in input, sp *spis, i int, t tunnel) ([]xstate, []xpolicy, []error)
 	for _, r := range recvs {
 		for _, s := range senders {
 			for gen := range uint8(Generations) {
-				k, err := deriveKey(in.psk, in.cipher, r.kp.priv, s, s, r.kp.pub, gen)
+				k, err := deriveKey(in.psk, in.cipher, r.kp.priv, s, s, r.kp.pub, gen, v6)
 				if err != nil {
 					errs = append(errs, err)
 					continue
@@ -251,11 +279,24 @@ func peerESP(in input, sp *spis, i int, t tunnel) ([]xstate, []xpolicy, []error)
 			}
 		}
 	}
-	tmplOut := xpolicy{Src: t.ownSub, Dst: t.sub, Dir: dirOut, Priority: prioPeer, TmplSrc: t.ownIP, TmplDst: t.ip, TmplSPI: outSPI, Peer: i}
-	tmplIn := xpolicy{Src: t.sub, Dst: t.ownSub, Dir: dirIn, Priority: prioPeer, TmplSrc: t.ip, TmplDst: t.ownIP, Peer: i}
-	tmplFwd := tmplIn
-	tmplFwd.Dir = dirFwd
-	return states, []xpolicy{tmplOut, tmplIn, tmplFwd}, errs
+	return states, tunnelPolicies(t, outSPI, i), errs
+}
+
+// tunnelPolicies are the policies of the tunnel t to peer i: out, in and
+// fwd between the pod subnets, and the same between our public address
+// and the peer's subnet (host and SNAT sources: kube-proxy masquerades
+// NodePort traffic to a remote pod to it) and the peer's public address
+// and ours. outSPI pins our outbound state.
+func tunnelPolicies(t tunnel, outSPI uint32, i int) []xpolicy {
+	out := xpolicy{Src: t.ownSub, Dst: t.sub, Dir: dirOut, Priority: prioPeer, TmplSrc: t.ownIP, TmplDst: t.ip, TmplSPI: outSPI, Peer: i}
+	in := xpolicy{Src: t.sub, Dst: t.ownSub, Dir: dirIn, Priority: prioPeer, TmplSrc: t.ip, TmplDst: t.ownIP, Peer: i}
+	fwd := in
+	fwd.Dir = dirFwd
+	hostOut, hostIn, hostFwd := out, in, fwd
+	hostOut.Src = netip.PrefixFrom(t.ownIP, t.ownIP.BitLen())
+	hostIn.Src = netip.PrefixFrom(t.ip, t.ip.BitLen())
+	hostFwd.Src = hostIn.Src
+	return []xpolicy{out, in, fwd, hostOut, hostIn, hostFwd}
 }
 
 // receiver is a key pair of ours that peers send to, with the SPIs of the

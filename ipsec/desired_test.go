@@ -97,12 +97,24 @@ func TestDesiredPolicies(t *testing.T) {
 		got = append(got, p.String())
 	}
 	assert.Equal(t, []string{
-		"10.244.0.0/24->10.244.0.0/24 dir 1 prio 0x66c0 allow",
-		"10.244.0.0/24->10.244.0.0/16 dir 1 prio 0x66cf block",
+		// Nothing to the cluster network leaves in clear, from any
+		// source; from the cluster network only the own subnet reaches
+		// it without ESP (issue #18).
+		"0.0.0.0/0->10.244.0.0/24 dir 1 prio 0x66c0 allow",
+		"0.0.0.0/0->10.244.0.0/16 dir 1 prio 0x66cf block",
+		"10.244.0.0/24->10.244.0.0/24 dir 0 prio 0x66c0 allow",
+		"10.244.0.0/16->10.244.0.0/24 dir 0 prio 0x66cf block",
+		"10.244.0.0/24->10.244.0.0/24 dir 2 prio 0x66c0 allow",
+		"10.244.0.0/16->10.244.0.0/24 dir 2 prio 0x66cf block",
 		fmt.Sprintf("10.244.0.0/24->10.244.1.0/24 dir 1 prio 0x66c1 esp tunnel 172.30.0.10->172.30.0.11 spi %#x", outSPI),
 		"10.244.1.0/24->10.244.0.0/24 dir 0 prio 0x66c1 esp tunnel 172.30.0.11->172.30.0.10",
 		"10.244.1.0/24->10.244.0.0/24 dir 2 prio 0x66c1 esp tunnel 172.30.0.11->172.30.0.10",
-	}, got, "a peer without a valid key gets no policy: the block policy covers it; the outbound one names the outbound state")
+		// Host and SNAT sources: our public address to the peer's pods,
+		// the peer's to ours.
+		fmt.Sprintf("172.30.0.10/32->10.244.1.0/24 dir 1 prio 0x66c1 esp tunnel 172.30.0.10->172.30.0.11 spi %#x", outSPI),
+		"172.30.0.11/32->10.244.0.0/24 dir 0 prio 0x66c1 esp tunnel 172.30.0.11->172.30.0.10",
+		"172.30.0.11/32->10.244.0.0/24 dir 2 prio 0x66c1 esp tunnel 172.30.0.11->172.30.0.10",
+	}, got, "a peer without a valid key gets no policy: the block policies cover it; the outbound ones name the outbound state")
 }
 
 func TestDesiredRekeyOverlap(t *testing.T) {

@@ -7,7 +7,7 @@ import (
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
-	"github.com/flannelkit/flannel/backend"
+	"github.com/flannelkit/flannel/internal/nlsafe"
 )
 
 // openEncapSocket opens a UDP socket on port 4500 in ns with UDP_ENCAP set,
@@ -18,7 +18,7 @@ func openEncapSocket(ns netns.NsHandle) (func(), error) {
 		return nil, errors.New("no namespace handle for the udp encapsulation socket")
 	}
 	var fd int
-	err := backend.InNamespace(ns, func() error {
+	err := nlsafe.InNamespace(ns, func() error {
 		var err error
 		fd, err = unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
 		if err != nil {

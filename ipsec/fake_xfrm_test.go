@@ -20,12 +20,14 @@ type memXfrm struct {
 	// failKeys fails the adds of states with these keys (material as a
 	// string), as a kernel that refuses them.
 	failKeys map[string]error
+	// added counts the successful adds of each (addresses, SPI, key).
+	added map[string]int
 }
 
 var _ xfrm = (*memXfrm)(nil)
 
 func newMemXfrm() *memXfrm {
-	return &memXfrm{st: map[stateID]xstate{}, pol: map[policyID]xpolicy{}}
+	return &memXfrm{st: map[stateID]xstate{}, pol: map[policyID]xpolicy{}, added: map[string]int{}}
 }
 
 func keyTag(k []byte) string { return fmt.Sprintf("%x", sha256.Sum256(k))[:8] }
@@ -61,6 +63,7 @@ func (m *memXfrm) addState(s xstate) error {
 		return nil
 	}
 	m.st[s.id()] = xstate{Src: s.Src, Dst: s.Dst, SPI: s.SPI, Key: slices.Clone(s.Key), Encap: s.Encap}
+	m.added[fmt.Sprintf("%s->%s spi %#x key %s", s.Src, s.Dst, s.SPI, keyTag(s.Key))]++
 	return nil
 }
 

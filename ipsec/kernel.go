@@ -9,7 +9,8 @@ import (
 
 	"github.com/vishvananda/netlink"
 
-	"github.com/flannelkit/flannel/backend"
+	"github.com/flannelkit/flannel/internal/ipconv"
+	"github.com/flannelkit/flannel/internal/nlsafe"
 )
 
 // kernel programs XFRM through a namespace-bound handle. Errors name the
@@ -18,6 +19,7 @@ type kernel struct {
 	h      *netlink.Handle
 	reqid  uint32
 	cipher Cipher
+	limits stateLimits // of outbound states
 }
 
 func addrOf(ip net.IP) netip.Addr {
@@ -27,7 +29,7 @@ func addrOf(ip net.IP) netip.Addr {
 
 // states lists our states (Reqid).
 func (k kernel) states() ([]xstate, error) {
-	all, err := backend.ListXfrmStates(k.h)
+	all, err := nlsafe.Wrap(k.h).XfrmStateList(netlink.FAMILY_ALL)
 	if err != nil {
 		return nil, err
 	}
@@ -39,7 +41,8 @@ func (k kernel) states() ([]xstate, error) {
 			// by itself and a real state replaces it.
 			continue
 		}
-		x := xstate{Src: addrOf(s.Src), Dst: addrOf(s.Dst), SPI: uint32(s.Spi), Encap: s.Encap != nil, Peer: -1, Packets: s.Statistics.Packets}
+		x := xstate{Src: addrOf(s.Src), Dst: addrOf(s.Dst), SPI: uint32(s.Spi), Encap: s.Encap != nil, Peer: -1,
+			Packets: s.Statistics.Packets, Bytes: s.Statistics.Bytes}
 		if s.Aead != nil {
 			x.Key = s.Aead.Key
 		}
@@ -50,15 +53,23 @@ func (k kernel) states() ([]xstate, error) {
 
 func (k kernel) toState(s xstate) *netlink.XfrmState {
 	st := &netlink.XfrmState{
-		Src:   backend.IPFromAddr(s.Src),
-		Dst:   backend.IPFromAddr(s.Dst),
+		Src:   ipconv.IPFromAddr(s.Src),
+		Dst:   ipconv.IPFromAddr(s.Dst),
 		Proto: netlink.XFRM_PROTO_ESP,
 		Mode:  netlink.XFRM_MODE_TUNNEL,
 		Spi:   int(s.SPI),
 		Reqid: int(k.reqid),
-		// A replay window for inbound; 0 keeps the kernel default off.
-		ReplayWindow: 128,
+		// 64-bit sequence numbers, and with them a replay window of
+		// more than 32 (netlink wants a window with ESN on every state).
+		ESN:          true,
+		ReplayWindow: ReplayWindow,
 		Aead:         &netlink.XfrmStateAlgo{Name: k.cipher.Name(), Key: s.Key, ICVLen: k.cipher.ICVBits()},
+	}
+	if s.Out {
+		st.Limits = netlink.XfrmStateLimits{
+			PacketSoft: k.limits.softPackets, PacketHard: 2 * k.limits.softPackets,
+			ByteSoft: k.limits.softBytes, ByteHard: 2 * k.limits.softBytes,
+		}
 	}
 	if s.Encap {
 		st.Encap = &netlink.XfrmStateEncap{Type: netlink.XFRM_ENCAP_ESPINUDP, SrcPort: UDPEncapPort, DstPort: UDPEncapPort}
@@ -74,7 +85,7 @@ func (k kernel) addState(s xstate) error {
 }
 
 func (k kernel) delState(s xstate) error {
-	st := &netlink.XfrmState{Src: backend.IPFromAddr(s.Src), Dst: backend.IPFromAddr(s.Dst), Proto: netlink.XFRM_PROTO_ESP, Spi: int(s.SPI)}
+	st := &netlink.XfrmState{Src: ipconv.IPFromAddr(s.Src), Dst: ipconv.IPFromAddr(s.Dst), Proto: netlink.XFRM_PROTO_ESP, Spi: int(s.SPI)}
 	if err := k.h.XfrmStateDel(st); err != nil && !errors.Is(err, syscall.ESRCH) && !errors.Is(err, syscall.ENOENT) {
 		return fmt.Errorf("delete esp state %s->%s spi %#x: %w", s.Src, s.Dst, s.SPI, err)
 	}
@@ -84,17 +95,18 @@ func (k kernel) delState(s xstate) error {
 // policies lists our policies: those with a template of our reqid and the
 // template-less ones with our allow/block priorities.
 func (k kernel) policies() ([]xpolicy, error) {
-	all, err := backend.ListXfrmPolicies(k.h)
+	all, err := nlsafe.Wrap(k.h).XfrmPolicyList(netlink.FAMILY_ALL)
 	if err != nil {
 		return nil, err
 	}
 	var out []xpolicy
 	for _, p := range all {
-		src, ok1 := backend.PrefixFromIPNet(p.Src)
-		dst, ok2 := backend.PrefixFromIPNet(p.Dst)
+		src, ok1 := ipconv.PrefixFromIPNet(p.Src)
+		dst, ok2 := ipconv.PrefixFromIPNet(p.Dst)
 		if !ok1 || !ok2 || p.Mark != nil || p.Ifid != 0 {
 			continue
 		}
+		src, dst = sameFamily(src, dst)
 		x := xpolicy{Src: src, Dst: dst, Dir: dir(p.Dir), Priority: p.Priority, Block: p.Action == netlink.XFRM_POLICY_BLOCK, Peer: -1}
 		switch {
 		case len(p.Tmpls) == 1 && uint32(p.Tmpls[0].Reqid) == k.reqid:
@@ -109,10 +121,22 @@ func (k kernel) policies() ([]xpolicy, error) {
 	return out, nil
 }
 
+// sameFamily gives an all-zero prefix (::/0 of an IPv6 selector, which
+// netlink's listing reads as 0.0.0.0/0) the family of the other.
+func sameFamily(src, dst netip.Prefix) (netip.Prefix, netip.Prefix) {
+	unspec := func(p, other netip.Prefix) netip.Prefix {
+		if p.Bits() == 0 && p.Addr().IsUnspecified() && other.Addr().Is6() {
+			return netip.PrefixFrom(netip.IPv6Unspecified(), 0)
+		}
+		return p
+	}
+	return unspec(src, dst), unspec(dst, src)
+}
+
 func (k kernel) toPolicy(p xpolicy) *netlink.XfrmPolicy {
 	np := &netlink.XfrmPolicy{
-		Src:      backend.IPNetFromPrefix(p.Src),
-		Dst:      backend.IPNetFromPrefix(p.Dst),
+		Src:      ipconv.IPNetFromPrefix(p.Src),
+		Dst:      ipconv.IPNetFromPrefix(p.Dst),
 		Dir:      netlink.Dir(p.Dir),
 		Priority: p.Priority,
 		Action:   netlink.XFRM_POLICY_ALLOW,
@@ -122,8 +146,8 @@ func (k kernel) toPolicy(p xpolicy) *netlink.XfrmPolicy {
 	}
 	if p.TmplSrc.IsValid() {
 		np.Tmpls = []netlink.XfrmPolicyTmpl{{
-			Src:   backend.IPFromAddr(p.TmplSrc),
-			Dst:   backend.IPFromAddr(p.TmplDst),
+			Src:   ipconv.IPFromAddr(p.TmplSrc),
+			Dst:   ipconv.IPFromAddr(p.TmplDst),
 			Proto: netlink.XFRM_PROTO_ESP,
 			Mode:  netlink.XFRM_MODE_TUNNEL,
 			Reqid: int(k.reqid),

@@ -11,11 +11,16 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net/netip"
 	"slices"
+	"time"
+
+	"github.com/flannelkit/flannel/lease"
 )
 
 // ErrPeerAuth is wrapped by the error for a peer whose published key is not
-// authenticated with our PSK (the peer, or this node, has another PSK).
+// authenticated with our PSK for its lease (the peer, or this node, has
+// another PSK, or the key was copied from another lease).
 var ErrPeerAuth = errors.New("peer key not authenticated with this cluster's PSK (different PSK on one side?)")
 
 // keyPair is one X25519 key of this node.
@@ -32,53 +37,120 @@ func newKeyPair() (keyPair, error) {
 	return keyPair{priv: k, pub: k.PublicKey().Bytes()}, nil
 }
 
-// backendData is the BackendData an ipsec node publishes.
+// backendData is the BackendData an ipsec node publishes (JSON; see the
+// README): its public key, the key's epoch and the auth tag.
 type backendData struct {
 	PublicKey []byte // base64 in JSON
-	Auth      []byte // HMAC of PublicKey under the PSK-derived auth key
+	// Epoch goes up with every new key of the node (a rekey, a restart):
+	// peers refuse a lease with an older epoch than one they saw.
+	Epoch uint64
+	Auth  []byte // leaseTag of the lease under the PSK-derived auth key
 }
 
-// authTag proves that whoever published pub holds psk.
-func authTag(psk, pub []byte) ([]byte, error) {
-	k, err := hkdf.Key(sha256.New, psk, []byte("flannel-ipsec v1"), "flannel-ipsec v1 auth", 32)
+// binding is what the auth tag of a lease covers: its subnets, public
+// addresses, public key and epoch. A (PublicKey, Auth) pair copied into
+// another lease, or replayed with an older epoch, does not verify.
+type binding struct {
+	subnet, subnet6 netip.Prefix
+	ip, ip6         netip.Addr
+	pub             []byte
+	epoch           uint64
+}
+
+// bindingOf is the binding of l with key pub and epoch.
+func bindingOf(l lease.Lease, pub []byte, epoch uint64) binding {
+	return binding{subnet: l.Subnet, subnet6: l.IPv6Subnet, ip: l.Attrs.PublicIP, ip6: l.Attrs.PublicIPv6, pub: pub, epoch: epoch}
+}
+
+// leaseTag proves that whoever published the lease of b holds psk: an
+// HMAC-SHA256 over the length-prefixed fields of b.
+func leaseTag(psk []byte, b binding) ([]byte, error) {
+	k, err := hkdf.Key(sha256.New, psk, []byte("flannel-ipsec v1"), "flannel-ipsec v2 lease auth", 32)
 	if err != nil {
 		return nil, fmt.Errorf("derive auth key: %w", err)
 	}
 	m := hmac.New(sha256.New, k)
-	m.Write(pub)
+	field := func(p []byte) {
+		var n [4]byte
+		binary.BigEndian.PutUint32(n[:], uint32(len(p)))
+		m.Write(n[:])
+		m.Write(p)
+	}
+	for _, p := range []netip.Prefix{b.subnet, b.subnet6} {
+		if p.IsValid() {
+			field([]byte(p.String()))
+		} else {
+			field(nil)
+		}
+	}
+	for _, a := range []netip.Addr{b.ip, b.ip6} {
+		if a.IsValid() {
+			field(a.AsSlice())
+		} else {
+			field(nil)
+		}
+	}
+	field(b.pub)
+	var e [8]byte
+	binary.BigEndian.PutUint64(e[:], b.epoch)
+	field(e[:])
 	return m.Sum(nil), nil
 }
 
-// marshalBackendData renders the BackendData for pub.
-func marshalBackendData(psk, pub []byte) (json.RawMessage, error) {
-	tag, err := authTag(psk, pub)
+// marshalBackendData renders the BackendData for b.
+func marshalBackendData(psk []byte, b binding) (json.RawMessage, error) {
+	tag, err := leaseTag(psk, b)
 	if err != nil {
 		return nil, err
 	}
-	return json.Marshal(backendData{PublicKey: pub, Auth: tag})
+	return json.Marshal(backendData{PublicKey: b.pub, Epoch: b.epoch, Auth: tag})
 }
 
-// parsePeerKey reads a peer's BackendData and checks its auth tag. The
-// error wraps ErrPeerAuth when the tag does not match.
-func parsePeerKey(psk []byte, raw json.RawMessage) ([]byte, error) {
+// publishedKey is a peer's published key with its epoch.
+type publishedKey struct {
+	pub   []byte
+	epoch uint64
+}
+
+// parsePeerKey reads the BackendData of lease l and checks its auth tag
+// against l's subnets and public addresses. The error wraps ErrPeerAuth
+// when the tag does not match.
+func parsePeerKey(psk []byte, l lease.Lease) (publishedKey, error) {
+	raw := l.Attrs.BackendData
 	if len(bytes.TrimSpace(raw)) == 0 {
-		return nil, errors.New("no ipsec BackendData (no public key)")
+		return publishedKey{}, errors.New("no ipsec BackendData (no public key)")
 	}
 	var d backendData
 	if err := json.Unmarshal(raw, &d); err != nil {
-		return nil, fmt.Errorf("ipsec BackendData: %w", err)
+		return publishedKey{}, fmt.Errorf("ipsec BackendData: %w", err)
 	}
 	if len(d.PublicKey) != 32 {
-		return nil, fmt.Errorf("ipsec BackendData: public key of %d bytes, want 32", len(d.PublicKey))
+		return publishedKey{}, fmt.Errorf("ipsec BackendData: public key of %d bytes, want 32", len(d.PublicKey))
 	}
-	want, err := authTag(psk, d.PublicKey)
+	want, err := leaseTag(psk, bindingOf(l, d.PublicKey, d.Epoch))
 	if err != nil {
-		return nil, err
+		return publishedKey{}, err
 	}
 	if !hmac.Equal(want, d.Auth) {
-		return nil, ErrPeerAuth
+		return publishedKey{}, ErrPeerAuth
 	}
-	return d.PublicKey, nil
+	return publishedKey{pub: d.PublicKey, epoch: d.Epoch}, nil
+}
+
+// nextEpoch is the epoch of a new key: above prev, and at least the
+// current Unix time in nanoseconds, so that it also goes up across
+// restarts that do not know the previous one.
+func nextEpoch(prev uint64, now time.Time) uint64 {
+	return max(prev+1, uint64(max(now.UnixNano(), 0)))
+}
+
+// epochOf is the epoch in BackendData raw, 0 when it has none.
+func epochOf(raw json.RawMessage) uint64 {
+	var d backendData
+	if json.Unmarshal(raw, &d) != nil {
+		return 0
+	}
+	return d.Epoch
 }
 
 // deriveKey returns the ESP key material (AES key and GCM salt) for traffic
@@ -88,8 +160,10 @@ func parsePeerKey(psk []byte, raw json.RawMessage) ([]byte, error) {
 // gen is the generation of the sender's outbound state for the pair: it
 // goes up when that state was deleted behind our back and had to be
 // installed again, since a new state restarts the sequence number that
-// the GCM nonce is made of, so it must never reuse a key.
-func deriveKey(psk []byte, c Cipher, own *ecdh.PrivateKey, peerPub []byte, senderPub, receiverPub []byte, gen uint8) ([]byte, error) {
+// the GCM nonce is made of, so it must never reuse a key. v6 selects the
+// key of the IPv6 state: the two families' states of a pair count their
+// sequence numbers apart, so they must not share a key either.
+func deriveKey(psk []byte, c Cipher, own *ecdh.PrivateKey, peerPub []byte, senderPub, receiverPub []byte, gen uint8, v6 bool) ([]byte, error) {
 	pk, err := ecdh.X25519().NewPublicKey(peerPub)
 	if err != nil {
 		return nil, fmt.Errorf("peer public key: %w", err)
@@ -103,6 +177,9 @@ func deriveKey(psk []byte, c Cipher, own *ecdh.PrivateKey, peerPub []byte, sende
 	info := "flannel-ipsec v1 esp " + c.String() + string(senderPub) + string(receiverPub)
 	if gen > 0 {
 		info += fmt.Sprintf(" gen %d", gen)
+	}
+	if v6 {
+		info += " ipv6"
 	}
 	k, err := hkdf.Key(sha256.New, secret, []byte("flannel-ipsec v1"), info, c.keyLen())
 	clear(secret)

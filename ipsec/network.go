@@ -1,21 +1,23 @@
 package ipsec
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"log/slog"
 	"slices"
-	"sync"
 	"time"
 
 	flannel "github.com/flannelkit/flannel"
 	"github.com/flannelkit/flannel/backend"
+	"github.com/flannelkit/flannel/internal/nlsafe"
 	"github.com/flannelkit/flannel/lease"
 )
 
 // Network is a started ipsec dataplane. Apply, Rekey and the repairs of
-// Run are serialized; it is safe for concurrent use.
+// Run are serialized by its backend.Reconciler; it is safe for concurrent
+// use.
 type Network struct {
 	env  flannel.Env
 	own  lease.Lease
@@ -29,33 +31,78 @@ type Network struct {
 	// sequence tests, which have no kernel, record them instead).
 	routes func(ctx context.Context, in input, failed map[int]error) error
 
-	mu      sync.Mutex
-	peers   []lease.Lease
-	applied bool
-	book    keyBook
+	r     *backend.Reconciler // its lock guards book, own.Attrs and epoch
+	book  keyBook
+	epoch uint64    // of our current key
+	tick  tickState // Run's loop only
+}
+
+// tickState is what Run's loop remembers between ticks.
+type tickState struct {
+	lastRepair, lastRekey time.Time
+	postponed             bool // a due rekey waits for the previous key's retirement
 }
 
 var _ flannel.Network = (*Network)(nil)
 
 func newNetwork(env flannel.Env, own lease.Lease, opts Options, key keyPair) *Network {
-	log := logger(env.Logger).With("backend", Type, "iface", env.Iface.Name)
+	log := backend.Logger(env.Logger).With("backend", Type, "iface", env.Iface.Name)
 	n := &Network{
 		env:  env,
 		own:  own,
 		opts: opts,
 		log:  log,
-		x:    kernel{h: env.Handle, reqid: opts.Reqid, cipher: opts.Cipher},
+		x:    kernel{h: env.Handle, reqid: opts.Reqid, cipher: opts.Cipher, limits: opts.limits},
 		rec:  backend.RouteReconciler{Logger: log},
 		now:  time.Now,
 		key:  newKeyPair,
 		book: newKeyBook(log, opts, key),
 	}
 	n.routes = n.reconcileRoutes
+	n.r = backend.NewReconciler(backend.ReconcilerConfig{
+		Apply:        n.applyLocked,
+		BeforeRepair: n.beforeRepair,
+		// The loop ticks often enough to switch and retire keys on time
+		// during a grace period; outside one it repairs every
+		// RepairInterval (beforeRepair).
+		Interval: max(min(opts.RepairInterval, opts.Grace/4), 10*time.Millisecond),
+		Logger:   log,
+	})
 	return n
 }
 
-// Lease returns the lease the network was started with.
-func (n *Network) Lease() lease.Lease { return n.own }
+// Lease returns the lease the network was started with, with the
+// attributes it published last (a rekey's, or BackendData bound to the
+// lease by Start).
+func (n *Network) Lease() lease.Lease {
+	var l lease.Lease
+	n.r.Locked(func() { l = n.own })
+	return l
+}
+
+// bindOwn makes the own lease's BackendData the current key's, bound to
+// the lease, and publishes it when it changed and Options.Publish is set.
+func (n *Network) bindOwn() error {
+	var attrs lease.Attrs
+	var err error
+	changed := false
+	n.r.Locked(func() {
+		var data []byte
+		data, err = marshalBackendData(n.opts.PSK, bindingOf(n.own, n.book.keys.cur.pub, n.epoch))
+		if err == nil && !bytes.Equal(data, n.own.Attrs.BackendData) {
+			n.own.Attrs.BackendData = data
+			attrs, changed = n.own.Attrs, true
+		}
+	})
+	if err != nil {
+		return err
+	}
+	if changed && n.opts.Publish != nil {
+		n.log.Info("publishing the key bound to the lease")
+		n.opts.Publish(attrs)
+	}
+	return nil
+}
 
 // MTU is the external MTU minus the ESP tunnel overhead of the cipher (the
 // IPv6 overhead when the node has an IPv6 subnet).
@@ -65,9 +112,9 @@ func (n *Network) MTU() int {
 
 // PublicKey returns the node's current public key (for tests and status).
 func (n *Network) PublicKey() []byte {
-	n.mu.Lock()
-	defer n.mu.Unlock()
-	return slices.Clone(n.book.keys.cur.pub)
+	var pub []byte
+	n.r.Locked(func() { pub = slices.Clone(n.book.keys.cur.pub) })
+	return pub
 }
 
 // Apply makes the XFRM states, policies and routes match peers (the other
@@ -81,11 +128,7 @@ func (n *Network) PublicKey() []byte {
 // traffic to it is blocked. Apply may be called repeatedly with the same
 // peers; it changes nothing then.
 func (n *Network) Apply(ctx context.Context, peers []lease.Lease) error {
-	n.mu.Lock()
-	defer n.mu.Unlock()
-	n.peers = slices.Clone(peers)
-	n.applied = true
-	return n.applyLocked(ctx)
+	return n.r.Apply(ctx, peers)
 }
 
 // Rekey makes a fresh key pair, installs inbound states for it next to the
@@ -99,21 +142,23 @@ func (n *Network) Rekey(ctx context.Context) (lease.Attrs, error) {
 	if err != nil {
 		return lease.Attrs{}, fmt.Errorf("ipsec: rekey: %w", err)
 	}
-	data, err := marshalBackendData(n.opts.PSK, key.pub)
+	var attrs lease.Attrs
+	n.r.Update(ctx, "rekey", func() {
+		epoch := nextEpoch(n.epoch, n.now())
+		var data []byte
+		data, err = marshalBackendData(n.opts.PSK, bindingOf(n.own, key.pub, epoch))
+		if err != nil {
+			return
+		}
+		n.book.rekey(key, n.now())
+		n.epoch = epoch
+		attrs = n.own.Attrs
+		attrs.BackendData = data
+		n.own.Attrs = attrs
+		n.log.Info("rekeyed; publishing new public key")
+	})
 	if err != nil {
 		return lease.Attrs{}, fmt.Errorf("ipsec: rekey: %w", err)
-	}
-	n.mu.Lock()
-	defer n.mu.Unlock()
-	n.book.rekey(key, n.now())
-	attrs := n.own.Attrs
-	attrs.BackendData = data
-	n.own.Attrs = attrs
-	n.log.Info("rekeyed; publishing new public key")
-	if n.applied {
-		if err := n.applyLocked(ctx); err != nil {
-			n.log.Warn("apply after rekey", "err", err)
-		}
 	}
 	return attrs, nil
 }
@@ -139,37 +184,40 @@ func (n *Network) Run(ctx context.Context) error {
 	// repaired right away; the periodic repair covers the rest.
 	var watchers []backend.Watcher
 	if n.env.NS.IsOpen() {
-		watchers = append(watchers, backend.NetlinkWatcher(n.log, n.env.NS, "xfrm", subscribeXfrm, xfrmEvent.removal))
+		watchers = append(watchers, backend.NetlinkWatcher(n.log, n.env.NS, "xfrm", nlsafe.SubscribeXfrm, removal))
 	} else {
 		n.log.Info("no namespace handle: repairing on a timer only", "interval", n.opts.RepairInterval)
 	}
-	// The loop ticks often enough to switch and retire keys on time during
-	// a grace period; outside one it repairs every RepairInterval.
-	tick := max(min(n.opts.RepairInterval, n.opts.Grace/4), 10*time.Millisecond)
-	lastRepair, lastRekey := n.now(), n.now()
-	postponed := false // a due rekey waits for the previous key's retirement
-	backend.RepairLoop(ctx, tick, func(ctx context.Context, why string) {
-		if why != "periodic" {
-			lastRepair = n.now()
-			n.repair(ctx, why)
-			return
-		}
-		if n.opts.Publish != nil && (postponed || n.now().Sub(lastRekey) >= n.opts.RekeyInterval) {
-			postponed = !n.rekeyAndPublish(ctx, postponed)
-			if !postponed {
-				lastRekey = n.now()
-			}
-		}
-		n.mu.Lock()
-		inGrace := n.book.inGrace()
-		n.mu.Unlock()
-		if !inGrace && n.now().Sub(lastRepair) < n.opts.RepairInterval {
-			return
-		}
-		lastRepair = n.now()
-		n.repair(ctx, why)
-	}, watchers...)
+	n.tick = tickState{lastRepair: n.now(), lastRekey: n.now()}
+	n.r.Run(ctx, watchers...)
 	return nil
+}
+
+// beforeRepair is the Reconciler's BeforeRepair: a repair a watcher asked
+// for runs at once; on a tick it first rekeys when one is due, was
+// postponed or is asked for early by the key book, then lets the repair run while a rekey is in its grace
+// period or when RepairInterval has passed since the last one.
+func (n *Network) beforeRepair(ctx context.Context, why string) bool {
+	t := &n.tick
+	if why != backend.Periodic {
+		t.lastRepair = n.now()
+		return true
+	}
+	var early bool
+	n.r.Locked(func() { early = n.book.earlyRekey })
+	if n.opts.Publish != nil && (t.postponed || early || n.now().Sub(t.lastRekey) >= n.opts.RekeyInterval) {
+		t.postponed = !n.rekeyAndPublish(ctx, t.postponed)
+		if !t.postponed {
+			t.lastRekey = n.now()
+		}
+	}
+	var inGrace bool
+	n.r.Locked(func() { inGrace = n.book.inGrace() })
+	if !inGrace && n.now().Sub(t.lastRepair) < n.opts.RepairInterval {
+		return false
+	}
+	t.lastRepair = n.now()
+	return true
 }
 
 // rekeyAndPublish rekeys and hands the new attributes to Options.Publish,
@@ -177,9 +225,8 @@ func (n *Network) Run(ctx context.Context) error {
 // reports false (logging it unless quiet, the rekey having already been
 // postponed). A failed rekey is logged and counts as done.
 func (n *Network) rekeyAndPublish(ctx context.Context, quiet bool) bool {
-	n.mu.Lock()
-	pending := n.book.pending()
-	n.mu.Unlock()
+	var pending bool
+	n.r.Locked(func() { pending = n.book.pending() })
 	if pending {
 		if !quiet {
 			n.log.Info("rekey postponed: peers still send with the key the last rekey replaced")
@@ -195,26 +242,15 @@ func (n *Network) rekeyAndPublish(ctx context.Context, quiet bool) bool {
 	return true
 }
 
-func (n *Network) repair(ctx context.Context, why string) {
-	n.mu.Lock()
-	defer n.mu.Unlock()
-	if !n.applied {
-		return
-	}
-	if err := n.applyLocked(ctx); err != nil && ctx.Err() == nil {
-		n.log.Warn("repair failed", "trigger", why, "err", err)
-	}
-}
-
 // closeClusterNetwork programs the allow and block policies, which do not
 // depend on peers. Policies of a previous run are left to the first Apply.
 func (n *Network) closeClusterNetwork() error {
-	n.mu.Lock()
-	defer n.mu.Unlock()
-	_, policies, _ := desired(n.baseInput())
 	var errs []error
-	for _, p := range policies {
-		errs = append(errs, n.x.upsertPolicy(p))
-	}
+	n.r.Locked(func() {
+		_, policies, _ := desired(n.baseInput())
+		for _, p := range policies {
+			errs = append(errs, n.x.upsertPolicy(p))
+		}
+	})
 	return errors.Join(errs...)
 }

@@ -10,13 +10,14 @@ import (
 
 // noPeers is what Start programs: the own subnet stays local, the rest of
 // the cluster network is blocked.
-var noPeers = []string{"allow a->a", "block a->cluster"}
+var noPeers = []string{"allow any->a", "block any->cluster", "allow in a->a", "block in cluster->a", "allow fwd a->a", "block fwd cluster->a"}
 
 // peerLines are the tables for peer p ("b") sending with out and receiving
 // with in ("b1>a1 g0123": every generation).
 func peerLines(p, out string, in ...string) []string {
 	l := []string{"out " + p + " " + out, "policy out a->" + p + " via " + out,
-		"policy in " + p + "->a", "policy fwd " + p + "->a", "route " + p}
+		"policy in " + p + "->a", "policy fwd " + p + "->a", "route " + p,
+		"policy out ha->" + p + " via " + out, "policy in h" + p + "->a", "policy fwd h" + p + "->a"}
 	for _, k := range in {
 		l = append(l, "in "+p+" "+k)
 	}
@@ -24,6 +25,11 @@ func peerLines(p, out string, in ...string) []string {
 }
 
 func tables(parts ...[]string) []string { return slices.Concat(parts...) }
+
+// blockedB is the table with peer b, whose outbound state is gone for good
+// (no generation left): its policies stay, naming no state.
+var blockedB = tables(noPeers, []string{"policy out a->b via no state", "policy in b->a", "policy fwd b->a",
+	"policy out ha->b via no state", "policy in hb->a", "policy fwd hb->a", "in b b1>a1 g0123", "route b"})
 
 const sec = time.Second
 
@@ -44,10 +50,10 @@ var seqCases = []sequence{
 				noLog: []string{"vanished"}},
 			{name: "peer leaves", at: 4 * sec, peers: []string{"b1"},
 				want: tables(noPeers, peerLines("b", "a1>b1 g0", "b1>a1 g0123"))},
-			// Issue #18: the same key and SPI come back with a restarted
-			// sequence number; today they do.
+			// Issue #18: never the same key and SPI again (its sequence
+			// number would start over): the next generation.
 			{name: "peer returns with the same key", at: 5 * sec, peers: []string{"b1", "c1"},
-				want: tables(noPeers, peerLines("b", "a1>b1 g0", "b1>a1 g0123"), peerLines("c", "a1>c1 g0", "c1>a1 g0123"))},
+				want: tables(noPeers, peerLines("b", "a1>b1 g0", "b1>a1 g0123"), peerLines("c", "a1>c1 g1", "c1>a1 g0123"))},
 			{name: "peer key of another psk", at: 6 * sec, peers: []string{"b1", "!c"},
 				want:  tables(noPeers, peerLines("b", "a1>b1 g0", "b1>a1 g0123")),
 				errs:  []string{"peer 10.244.2.0/24", "public ip 172.30.0.12", "not authenticated"},
@@ -134,8 +140,8 @@ var seqCases = []sequence{
 		}),
 	},
 	{
-		// Issue #18: the previous key and its SPI come back with a
-		// restarted sequence number; today they do.
+		// Issue #18: the previous key comes back, but never with an SPI
+		// it had (its sequence number would start over).
 		name: "our rekey: previous key switched back when a peer returns",
 		keys: []string{"a2"},
 		steps: []seqStep{
@@ -147,8 +153,8 @@ var seqCases = []sequence{
 				want: tables(noPeers, peerLines("b", "a2>b1 g0", "b1>a1 g0123", "b1>a2 g0123"), []string{"out b a1>b1 g0"})},
 			{name: "b leaves", at: 4 * sec, peers: []string{},
 				want: noPeers},
-			{name: "b returns: the previous key again", at: 5 * sec, peers: []string{"b1"},
-				want: tables(noPeers, peerLines("b", "a1>b1 g0", "b1>a1 g0123", "b1>a2 g0123"))},
+			{name: "b returns: the previous key again, its next generation", at: 5 * sec, peers: []string{"b1"},
+				want: tables(noPeers, peerLines("b", "a1>b1 g1", "b1>a1 g0123", "b1>a2 g0123"))},
 		},
 	},
 	{
@@ -165,12 +171,12 @@ var seqCases = []sequence{
 			{name: "gen 2 deleted", at: 3 * sec, vanish: []string{"a1>b1 g2"}, repair: true,
 				want: tables(noPeers, peerLines("b", "a1>b1 g3", "b1>a1 g0123"))},
 			{name: "last gen deleted: blocked", at: 4 * sec, vanish: []string{"a1>b1 g3"}, repair: true,
-				want: []string{"allow a->a", "block a->cluster", "policy out a->b via no state", "policy in b->a", "policy fwd b->a", "in b b1>a1 g0123", "route b"},
+				want: blockedB,
 				errs: []string{"peer 10.244.1.0/24", "deleted too often"}},
-			// Issue #18: the generation is forgotten and gen 0 comes back
-			// with a restarted sequence number; today it does.
-			{name: "next repair", at: 5 * sec, repair: true,
-				want: tables(noPeers, peerLines("b", "a1>b1 g0", "b1>a1 g0123"))},
+			// Issue #18: no generation comes back; blocked until a rekey.
+			{name: "next repair: still blocked", at: 5 * sec, repair: true,
+				want: blockedB,
+				errs: []string{"peer 10.244.1.0/24", "deleted too often"}},
 		},
 	},
 }
@@ -181,7 +187,7 @@ var addFails = sequence{
 	name: "kernel refuses an outbound state",
 	steps: []seqStep{
 		{name: "add fails", peers: []string{"b1"}, failAdd: []string{"a1>b1 g0"},
-			want: []string{"allow a->a", "block a->cluster", "policy out a->b via no state", "policy in b->a", "policy fwd b->a", "in b b1>a1 g0123", "route b"},
+			want: blockedB,
 			errs: []string{"peer 10.244.1.0/24", "injected add failure"}},
 		{name: "repair adds it, same generation", at: 1 * sec, repair: true,
 			want:  tables(noPeers, peerLines("b", "a1>b1 g0", "b1>a1 g0123")),
@@ -207,11 +213,12 @@ var dualFlush = sequence{
 			want: tables(noPeers, peerLines("b", "a1>b1 g2", "b1>a1 g0123")),
 			log:  []string{"outbound esp state vanished", "generation=2"}},
 		{name: "second flush: blocked", at: 2 * sec, vanish: []string{"a1>b1 g2"}, repair: true,
-			want: []string{"allow a->a", "block a->cluster", "policy out a->b via no state", "policy in b->a", "policy fwd b->a", "in b b1>a1 g0123", "route b"},
+			want: blockedB,
 			errs: []string{"deleted too often"}},
-		// Issue #18: gen 0 comes back; today it does.
-		{name: "next repair", at: 3 * sec, repair: true,
-			want: tables(noPeers, peerLines("b", "a1>b1 g0", "b1>a1 g0123"))},
+		// Issue #18: no generation comes back; blocked until a rekey.
+		{name: "next repair: still blocked", at: 3 * sec, repair: true,
+			want: blockedB,
+			errs: []string{"deleted too often"}},
 	},
 }
 

@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net/netip"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -26,17 +27,18 @@ import (
 // ("b2" is node b's second key). Node i has subnet 10.244.i.0/24
 // (fd00:10:244:i::/64) and public address 172.30.0.1i (fd00::1i).
 type seqHarness struct {
-	t      *testing.T
-	cfg    seqConfig
-	n      *Network
-	x      *memXfrm
-	start  time.Time
-	clock  time.Time
-	keys   map[string]keyPair
-	names  map[string]string // key material -> "b1>a1 g0"
-	own    []string          // labels of the key pairs Rekey makes, in order
-	routes []string          // the routes of the last apply, rendered
-	logs   *bytes.Buffer     // the log since the step began
+	t       *testing.T
+	cfg     seqConfig
+	n       *Network
+	applied []lease.Lease // the peers of the last Apply step (a repair step re-applies them)
+	x       *memXfrm
+	start   time.Time
+	clock   time.Time
+	keys    map[string]keyPair
+	names   map[string]string // key material -> "b1>a1 g0"
+	own     []string          // labels of the key pairs Rekey makes, in order
+	routes  []string          // the routes of the last apply, rendered
+	logs    *bytes.Buffer     // the log since the step began
 }
 
 // seqConfig is what a sequence runs with.
@@ -112,7 +114,17 @@ func nodeName(a netip.Addr) string {
 	return a.String()
 }
 
+// prefixName names a prefix: "cluster", "any" (0.0.0.0/0), "ha" (the
+// address of node a alone), "a" (its subnet); IPv6 ones end in 6.
 func prefixName(p netip.Prefix) string {
+	switch {
+	case p.Bits() == 0 && p.Addr().Is4():
+		return "any"
+	case p.Bits() == 0:
+		return "any6"
+	case p.IsSingleIP():
+		return "h" + nodeName(p.Addr())
+	}
 	switch p {
 	case netip.MustParsePrefix("10.244.0.0/16"):
 		return "cluster"
@@ -142,9 +154,11 @@ func (h *seqHarness) key(label string) keyPair {
 				if d[0] == other {
 					s, r = o, k
 				}
-				m, err := deriveKey([]byte(testPSK), AESGCM128, s.priv, r.pub, s.pub, r.pub, gen)
-				require.NoError(h.t, err)
-				h.names[string(m)] = fmt.Sprintf("%s>%s g%d", d[0], d[1], gen)
+				for _, v6 := range []bool{false, true} { // both families' keys have the name
+					m, err := deriveKey([]byte(testPSK), AESGCM128, s.priv, r.pub, s.pub, r.pub, gen, v6)
+					require.NoError(h.t, err)
+					h.names[string(m)] = fmt.Sprintf("%s>%s g%d", d[0], d[1], gen)
+				}
 			}
 		}
 	}
@@ -152,15 +166,19 @@ func (h *seqHarness) key(label string) keyPair {
 	return k
 }
 
-// espKey is the key material of a name such as "b1>a2 g0".
-func (h *seqHarness) espKey(name string) []byte {
+// espKeys are the key materials (one per family) of a name such as
+// "b1>a2 g0".
+func (h *seqHarness) espKeys(name string) [][]byte {
+	var out [][]byte
 	for m, n := range h.names {
 		if n == name {
-			return []byte(m)
+			out = append(out, []byte(m))
 		}
 	}
-	h.t.Fatalf("no ESP key %q", name)
-	return nil
+	if len(out) == 0 {
+		h.t.Fatalf("no ESP key %q", name)
+	}
+	return out
 }
 
 // peer is the lease of the node and key of label ("b1"); "!b" is node b
@@ -178,7 +196,11 @@ func (h *seqHarness) peer(label string) lease.Lease {
 		psk = []byte(strings.Repeat("another psk ", 10))
 		label = label[:1] + "bad"
 	}
-	data, err := marshalBackendData(psk, h.key(label).pub)
+	epoch := uint64(1) // b1: 1, b2: 2, ...
+	if n, err := strconv.Atoi(label[1:]); err == nil {
+		epoch = uint64(n)
+	}
+	data, err := marshalBackendData(psk, bindingOf(l, h.key(label).pub, epoch))
 	require.NoError(h.t, err)
 	l.Attrs.BackendData = data
 	return l
@@ -230,10 +252,18 @@ func (h *seqHarness) table() []string {
 func (h *seqHarness) policyLine(p xpolicy, sts []xstate, name func(xstate) string) string {
 	src, dst := prefixName(p.Src), prefixName(p.Dst)
 	switch {
-	case !p.TmplSrc.IsValid() && p.Block:
-		return fmt.Sprintf("block %s->%s", src, dst)
 	case !p.TmplSrc.IsValid():
-		return fmt.Sprintf("allow %s->%s", src, dst)
+		verb := "allow"
+		if p.Block {
+			verb = "block"
+		}
+		switch p.Dir {
+		case dirIn:
+			verb += " in"
+		case dirFwd:
+			verb += " fwd"
+		}
+		return fmt.Sprintf("%s %s->%s", verb, src, dst)
 	case p.Dir == dirOut:
 		via := "no state"
 		for _, s := range sts {

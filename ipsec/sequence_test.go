@@ -15,6 +15,8 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	flannel "github.com/flannelkit/flannel"
+	"github.com/flannelkit/flannel/backend"
 	"github.com/flannelkit/flannel/lease"
 )
 
@@ -126,6 +128,7 @@ func runSequence(t *testing.T, cfg seqConfig, sq sequence, golden *strings.Build
 		logs := h.logs.String()
 		h.logs.Reset()
 		assert.Equal(t, expand(cfg, st.want), h.table(), "step %d %q: tables", i, st.name)
+		h.requireNoOutboundReinstalled()
 		if len(st.errs) == 0 {
 			assert.NoError(t, err, "step %d %q", i, st.name)
 		}
@@ -154,24 +157,35 @@ func (h *seqHarness) step(st seqStep) error {
 		peers = append(peers, h.peer(p)) // learns the keys' names
 	}
 	for name, n := range st.send {
-		require.True(h.t, h.x.count(h.espKey(name), n), "no state with key %s to count on", name)
+		found := false
+		for _, k := range h.espKeys(name) {
+			found = h.x.count(k, n) || found
+		}
+		require.True(h.t, found, "no state with key %s to count on", name)
 	}
 	for _, name := range st.vanish {
-		require.True(h.t, h.x.vanish(h.espKey(name)), "no state with key %s to delete", name)
+		found := false
+		for _, k := range h.espKeys(name) {
+			found = h.x.vanish(k) || found
+		}
+		require.True(h.t, found, "no state with key %s to delete", name)
 	}
 	h.x.failKeys = map[string]error{}
 	for _, name := range st.failAdd {
-		h.x.failKeys[string(h.espKey(name))] = errors.New("injected add failure")
+		for _, k := range h.espKeys(name) {
+			h.x.failKeys[string(k)] = errors.New("injected add failure")
+		}
 	}
 	switch {
 	case st.rekey:
 		_, err := h.n.Rekey(h.t.Context())
 		return err
 	case st.repair:
-		h.n.mu.Lock()
-		defer h.n.mu.Unlock()
-		return h.n.applyLocked(h.t.Context())
+		var err error
+		h.n.r.Locked(func() { err = h.n.applyLocked(h.t.Context(), h.applied) })
+		return err
 	}
+	h.applied = peers
 	return h.n.Apply(h.t.Context(), peers)
 }
 
@@ -227,15 +241,155 @@ func TestRandomPeerSets(t *testing.T) {
 			for i, set := range sets {
 				h := newSeqHarness(t, cfg, time.Hour)
 				_ = h.step(seqStep{peers: set})
-				fresh[i] = h.table()
+				fresh[i] = anyGen(h.table())
 			}
+			// The same tables whatever came before, except for the
+			// generation of each outbound state: a peer that returns gets
+			// its next one, and none after the last (issue #18).
 			h := newSeqHarness(t, cfg, time.Hour)
 			rnd := rand.New(rand.NewPCG(1, 2))
 			for n := range 60 {
 				i := rnd.IntN(len(sets))
-				_ = h.step(seqStep{at: time.Duration(n) * time.Second, peers: sets[i]})
-				require.Equal(t, fresh[i], h.table(), "apply %d: set %v", n, sets[i])
+				err := h.step(seqStep{at: time.Duration(n) * time.Second, peers: sets[i]})
+				require.Equal(t, blockExhausted(fresh[i], err), anyGen(h.table()), "apply %d: set %v", n, sets[i])
+				h.requireNoOutboundReinstalled()
 			}
 		})
 	}
+}
+
+// requireNoOutboundReinstalled fails unless every outbound key and SPI
+// was installed at most once, and no two installed states share a key
+// (the IPv4 and IPv6 states of a pair included).
+func (h *seqHarness) requireNoOutboundReinstalled() {
+	h.t.Helper()
+	keys := map[string]stateID{}
+	for id, s := range h.x.st {
+		other, dup := keys[string(s.Key)]
+		require.False(h.t, dup, "states %v and %v share a key", id, other)
+		keys[string(s.Key)] = id
+	}
+	for st, n := range h.x.added {
+		if strings.HasPrefix(st, nodeIP(0, false).String()+"->") || strings.HasPrefix(st, nodeIP(0, true).String()+"->") {
+			require.Equal(h.t, 1, n, "outbound state %s installed %d times", st, n)
+		}
+	}
+}
+
+// anyGen replaces the generation of the outbound states in a table by *.
+func anyGen(table []string) []string {
+	out := make([]string, len(table))
+	for i, l := range table {
+		if strings.HasPrefix(l, "out ") || strings.HasPrefix(l, "policy out ") {
+			if j := strings.LastIndex(l, " g"); j > 0 && !strings.HasSuffix(l, "no state") {
+				l = l[:j] + " g*"
+			}
+		}
+		out[i] = l
+	}
+	slices.Sort(out)
+	return out
+}
+
+// blockExhausted is table without the outbound states of the peers err
+// reports out of generations.
+func blockExhausted(table []string, err error) []string {
+	var out []string
+	for _, e := range backendPeerErrs(err) {
+		if !errors.Is(e.Err, errExhausted) {
+			continue
+		}
+		p := nodeName(e.Lease.Subnet.Addr())
+		table = slices.DeleteFunc(slices.Clone(table), func(l string) bool {
+			return strings.HasPrefix(l, "out "+p+" ") || strings.HasPrefix(l, "out "+p+"6 ")
+		})
+		for i, l := range table {
+			if strings.HasPrefix(l, "policy out ") && (strings.Contains(l, "->"+p+" via") || strings.Contains(l, "->"+p+"6 via")) {
+				table[i] = l[:strings.Index(l, " via ")] + " via no state"
+			}
+		}
+	}
+	out = append(out, table...)
+	slices.Sort(out)
+	return out
+}
+
+// backendPeerErrs returns the *flannel.PeerError values err joins.
+func backendPeerErrs(err error) []*flannel.PeerError {
+	var out []*flannel.PeerError
+	for _, e := range backend.PeerErrorLeaves(err) {
+		var pe *flannel.PeerError
+		if errors.As(e, &pe) {
+			out = append(out, pe)
+		}
+	}
+	return out
+}
+
+// TestPeerKeyBinding: a key is bound to its lease and epoch (issue #18):
+// copied into another lease, replayed with an older epoch, or used by two
+// nodes, it is refused, and the refused peer is warned about once.
+func TestPeerKeyBinding(t *testing.T) {
+	h := newSeqHarness(t, seqConfigs[0], time.Hour)
+	b1, c1 := h.peer("b1"), h.peer("c1")
+	require.NoError(t, h.n.Apply(t.Context(), []lease.Lease{b1, c1}))
+	refused := func(err error, want error, peers ...lease.Lease) {
+		t.Helper()
+		pes := backendPeerErrs(err)
+		require.Len(t, pes, len(peers), "%v", err)
+		for i, pe := range pes {
+			assert.Equal(t, peers[i].Subnet, pe.Lease.Subnet)
+			assert.ErrorIs(t, pe, want)
+		}
+	}
+	rebind := func(l lease.Lease, key string, epoch uint64) lease.Lease {
+		data, err := marshalBackendData([]byte(testPSK), bindingOf(l, h.key(key).pub, epoch))
+		require.NoError(t, err)
+		l.Attrs.BackendData = data
+		return l
+	}
+
+	pasted := c1
+	pasted.Attrs.BackendData = b1.Attrs.BackendData
+	refused(h.n.Apply(t.Context(), []lease.Lease{b1, pasted}), ErrPeerAuth, pasted)
+
+	// Holders of the PSK publishing one key twice: both refused; our own
+	// key in a peer's lease: refused.
+	twice := rebind(c1, "b1", 5)
+	h.logs.Reset()
+	for range 2 {
+		refused(h.n.Apply(t.Context(), []lease.Lease{b1, twice}), ErrDuplicateKey, b1, twice)
+	}
+	assert.Equal(t, 1, strings.Count(h.logs.String(), "subnet="+twice.String()), "warned once:\n%s", h.logs)
+	ours := rebind(c1, "a1", 6)
+	refused(h.n.Apply(t.Context(), []lease.Lease{b1, ours}), ErrDuplicateKey, ours)
+
+	// Epochs: a newer key is taken, the older one replayed is refused, and
+	// so is its epoch with another key.
+	b2 := h.peer("b2")
+	require.NoError(t, h.n.Apply(t.Context(), []lease.Lease{b2}))
+	refused(h.n.Apply(t.Context(), []lease.Lease{b1}), ErrOldEpoch, b1)
+	refused(h.n.Apply(t.Context(), []lease.Lease{rebind(b1, "b3", 2)}), ErrOldEpoch, b1)
+	require.NoError(t, h.n.Apply(t.Context(), []lease.Lease{}))
+	refused(h.n.Apply(t.Context(), []lease.Lease{b1}), ErrOldEpoch, b1) // remembered while b was gone
+	require.NoError(t, h.n.Apply(t.Context(), []lease.Lease{h.peer("b3")}))
+}
+
+// TestSoftLimitRekeysEarly: an outbound state of our current key at its
+// soft packet limit asks Run for an early rekey; after the rekey, the old
+// key's states at their limit do not ask again.
+func TestSoftLimitRekeysEarly(t *testing.T) {
+	h := newSeqHarness(t, seqConfigs[0], time.Hour)
+	h.n.book.limits = stateLimits{softPackets: 100, softBytes: 1 << 40}
+	h.own = []string{"a2"}
+	require.NoError(t, h.step(seqStep{peers: []string{"b1"}}))
+	require.NoError(t, h.step(seqStep{at: time.Second, send: map[string]uint64{"a1>b1 g0": 99}, repair: true}))
+	assert.False(t, h.n.book.earlyRekey)
+	require.NoError(t, h.step(seqStep{at: 2 * time.Second, send: map[string]uint64{"a1>b1 g0": 1}, repair: true}))
+	assert.True(t, h.n.book.earlyRekey, "soft limit reached")
+	assert.Contains(t, h.logs.String(), "reached its soft limit")
+	require.NoError(t, h.step(seqStep{at: 3 * time.Second, rekey: true}))
+	assert.False(t, h.n.book.earlyRekey)
+	require.NoError(t, h.step(seqStep{at: 4 * time.Second, send: map[string]uint64{"a1>b1 g0": 1}, repair: true}))
+	assert.False(t, h.n.book.earlyRekey, "the previous key's state does not ask again")
 }

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"strings"
 	"testing"
 	"time"
@@ -38,6 +39,11 @@ func TestParseConfig(t *testing.T) {
 		{name: "bad rekey", js: `{"PSK":"` + testPSK + `","RekeyInterval":"soon"}`, wantErr: "Backend.RekeyInterval"},
 		{name: "unknown key", js: `{"PSK":"` + testPSK + `","Cipher":"x"}`, wantErr: "Backend.Cipher: unknown key"},
 		{name: "wrong type", js: `{"Type":"vxlan","PSK":"` + testPSK + `"}`, wantErr: `Backend.Type "vxlan"`},
+		{name: "key twice in another case", js: `{"PSK":"` + testPSK + `","psk":"` + strings.Repeat("x", 100) + `"}`, wantErr: "Backend.PSK and Backend.psk: the same key twice"},
+		{name: "key twice", js: `{"UDPEncap":true,"PSK":"` + testPSK + `","UDPEncap":false}`, wantErr: "Backend.UDPEncap and Backend.UDPEncap"},
+		{name: "huge rekey seconds", js: `{"PSK":"` + testPSK + `","RekeyInterval":1e30}`, wantErr: "Backend.RekeyInterval 1e30: want at most 720h0m0s"},
+		{name: "huge rekey duration", js: `{"PSK":"` + testPSK + `","RekeyInterval":"2000000h"}`, wantErr: "Backend.RekeyInterval"},
+		{name: "not an object", js: `["PSK"]`, wantErr: "Backend: not a JSON object"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			got, err := ParseConfig(json.RawMessage(tc.js))
@@ -105,30 +111,33 @@ func TestKeyDerivation(t *testing.T) {
 	require.NoError(t, err)
 
 	// Both ends compute the same key for a direction.
-	abBySender, err := deriveKey(psk, AESGCM128, a.priv, b.pub, a.pub, b.pub, 0)
+	abBySender, err := deriveKey(psk, AESGCM128, a.priv, b.pub, a.pub, b.pub, 0, false)
 	require.NoError(t, err)
-	abByReceiver, err := deriveKey(psk, AESGCM128, b.priv, a.pub, a.pub, b.pub, 0)
+	abByReceiver, err := deriveKey(psk, AESGCM128, b.priv, a.pub, a.pub, b.pub, 0, false)
 	require.NoError(t, err)
 	assert.Equal(t, abBySender, abByReceiver)
 	assert.Len(t, abBySender, 20, "16-byte AES key + 4-byte salt")
 
 	// Directions, pairs, ciphers and PSKs give distinct keys.
-	ba, err := deriveKey(psk, AESGCM128, b.priv, a.pub, b.pub, a.pub, 0)
+	ba, err := deriveKey(psk, AESGCM128, b.priv, a.pub, b.pub, a.pub, 0, false)
 	require.NoError(t, err)
-	ac, err := deriveKey(psk, AESGCM128, a.priv, c.pub, a.pub, c.pub, 0)
+	ac, err := deriveKey(psk, AESGCM128, a.priv, c.pub, a.pub, c.pub, 0, false)
 	require.NoError(t, err)
-	ab256, err := deriveKey(psk, AESGCM256, a.priv, b.pub, a.pub, b.pub, 0)
+	ab256, err := deriveKey(psk, AESGCM256, a.priv, b.pub, a.pub, b.pub, 0, false)
 	require.NoError(t, err)
 	assert.Len(t, ab256, 36)
-	other, err := deriveKey([]byte(strings.Repeat("x", 100)), AESGCM128, a.priv, b.pub, a.pub, b.pub, 0)
+	other, err := deriveKey([]byte(strings.Repeat("x", 100)), AESGCM128, a.priv, b.pub, a.pub, b.pub, 0, false)
 	require.NoError(t, err)
-	for _, k := range [][]byte{ba, ac, ab256[:20], other} {
+	// The IPv6 state of the pair: its own key (its own sequence numbers).
+	ab6, err := deriveKey(psk, AESGCM128, a.priv, b.pub, a.pub, b.pub, 0, true)
+	require.NoError(t, err)
+	for _, k := range [][]byte{ba, ac, ab256[:20], other, ab6} {
 		assert.NotEqual(t, abBySender, k)
 	}
 	// A fresh key pair (restart, rekey) gives a fresh key.
 	a2, err := newKeyPair()
 	require.NoError(t, err)
-	fresh, err := deriveKey(psk, AESGCM128, a2.priv, b.pub, a2.pub, b.pub, 0)
+	fresh, err := deriveKey(psk, AESGCM128, a2.priv, b.pub, a2.pub, b.pub, 0, false)
 	require.NoError(t, err)
 	assert.NotEqual(t, abBySender, fresh)
 }
@@ -137,23 +146,46 @@ func TestBackendDataAuth(t *testing.T) {
 	psk := []byte(testPSK)
 	k, err := newKeyPair()
 	require.NoError(t, err)
-	data, err := marshalBackendData(psk, k.pub)
+	l := lease.Lease{
+		Subnet: netip.MustParsePrefix("10.244.1.0/24"), IPv6Subnet: netip.MustParsePrefix("fd00:10:244:1::/64"),
+		Attrs: lease.Attrs{BackendType: Type, PublicIP: netip.MustParseAddr("172.30.0.11"), PublicIPv6: netip.MustParseAddr("fd00::11")},
+	}
+	l.Attrs.BackendData, err = marshalBackendData(psk, bindingOf(l, k.pub, 7))
 	require.NoError(t, err)
-	assert.False(t, bytes.Contains(data, psk))
+	assert.False(t, bytes.Contains(l.Attrs.BackendData, psk))
 
-	got, err := parsePeerKey(psk, data)
+	got, err := parsePeerKey(psk, l)
 	require.NoError(t, err)
-	assert.Equal(t, k.pub, got)
+	assert.Equal(t, publishedKey{pub: k.pub, epoch: 7}, got)
 
-	_, err = parsePeerKey([]byte(strings.Repeat("y", 100)), data)
+	_, err = parsePeerKey([]byte(strings.Repeat("y", 100)), l)
 	assert.ErrorIs(t, err, ErrPeerAuth)
+
+	// The (PublicKey, Epoch, Auth) of l pasted into another lease, or
+	// with another epoch, does not verify.
+	for name, change := range map[string]func(*lease.Lease){
+		"subnet":      func(o *lease.Lease) { o.Subnet = netip.MustParsePrefix("10.244.2.0/24") },
+		"ipv6 subnet": func(o *lease.Lease) { o.IPv6Subnet = netip.Prefix{} },
+		"public ip":   func(o *lease.Lease) { o.Attrs.PublicIP = netip.MustParseAddr("172.30.0.12") },
+		"public ipv6": func(o *lease.Lease) { o.Attrs.PublicIPv6 = netip.MustParseAddr("fd00::12") },
+		"epoch": func(o *lease.Lease) {
+			o.Attrs.BackendData = bytes.Replace(o.Attrs.BackendData, []byte(`"Epoch":7`), []byte(`"Epoch":8`), 1)
+		},
+	} {
+		o := l
+		change(&o)
+		_, err := parsePeerKey(psk, o)
+		assert.ErrorIs(t, err, ErrPeerAuth, name)
+	}
 
 	for name, raw := range map[string]string{
 		"empty":     ``,
 		"not json":  `{`,
 		"short key": `{"PublicKey":"AAAA","Auth":"AAAA"}`,
 	} {
-		_, err := parsePeerKey(psk, json.RawMessage(raw))
+		o := l
+		o.Attrs.BackendData = json.RawMessage(raw)
+		_, err := parsePeerKey(psk, o)
 		assert.Error(t, err, name)
 		assert.False(t, errors.Is(err, ErrPeerAuth), name)
 	}

@@ -17,6 +17,7 @@ import (
 	flannel "github.com/flannelkit/flannel"
 	"github.com/flannelkit/flannel/backend"
 	"github.com/flannelkit/flannel/internal/netlab"
+	"github.com/flannelkit/flannel/internal/nlsafe"
 	"github.com/flannelkit/flannel/internal/testenv"
 	"github.com/flannelkit/flannel/ipsec"
 	"github.com/flannelkit/flannel/lease"
@@ -116,8 +117,7 @@ func TestInVMUDPEncap(t *testing.T) {
 	inESP := capt.markerInESP.Load()
 	sent := capt.udpESP.Load()
 	sendUDPMarker(t, c.nodes[0].pod, c.nodes[1].pod, marker, 5)
-	time.Sleep(500 * time.Millisecond)
-	assert.GreaterOrEqual(t, capt.udpESP.Load(), sent+5, "the marker went out as ESP in UDP")
+	require.Eventually(t, func() bool { return capt.udpESP.Load() >= sent+5 }, 20*time.Second, 20*time.Millisecond, "the marker went out as ESP in UDP")
 	assert.Equal(t, inESP, capt.markerInESP.Load(), "marker readable in ESP-in-UDP frames nobody decrypted")
 	t.Logf("ESP-in-UDP frames %d, of which read back decrypted by the receiver: %d", capt.udpESP.Load(), capt.markerInESP.Load())
 	capt.stop()
@@ -131,7 +131,7 @@ func TestInVMUDPEncap(t *testing.T) {
 func sendUDPMarker(t *testing.T, a, b *netlab.Pod, marker []byte, n int) {
 	t.Helper()
 	var conn *net.UDPConn
-	require.NoError(t, backend.InNamespace(a.NS, func() error {
+	require.NoError(t, nlsafe.InNamespace(a.NS, func() error {
 		var err error
 		conn, err = net.DialUDP("udp4", net.UDPAddrFromAddrPort(netip.AddrPortFrom(a.IP, 0)), net.UDPAddrFromAddrPort(netip.AddrPortFrom(b.IP, 9)))
 		return err
@@ -176,7 +176,20 @@ func TestInVMAgentsRekey(t *testing.T) {
 	}, 60*time.Second, 100*time.Millisecond, "every node published a new key")
 	// Outbound switches after Grace/2 and old keys retire after Grace
 	// (half the 8s interval): wait for that, traffic flowing.
-	time.Sleep(5 * time.Second)
+	require.Eventually(t, func() bool {
+		for _, n := range lab.Nodes {
+			now := spis(t, n.Handle)
+			if len(now) != perPeer {
+				return false
+			}
+			for s := range now {
+				if beforeSPIs[s] {
+					return false
+				}
+			}
+		}
+		return true
+	}, 60*time.Second, 100*time.Millisecond, "the old keys retired")
 	probe.stop()
 
 	t.Logf("udp probe: sent %d, answered %d", probe.sent.Load(), probe.got.Load())

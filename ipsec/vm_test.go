@@ -11,7 +11,6 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
-	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -27,9 +26,9 @@ import (
 	"golang.org/x/sys/unix"
 
 	flannel "github.com/flannelkit/flannel"
-	"github.com/flannelkit/flannel/backend"
 	"github.com/flannelkit/flannel/internal/cnilab"
 	"github.com/flannelkit/flannel/internal/netlab"
+	"github.com/flannelkit/flannel/internal/nlsafe"
 	"github.com/flannelkit/flannel/internal/testenv"
 	"github.com/flannelkit/flannel/internal/vmtest"
 	"github.com/flannelkit/flannel/ipsec"
@@ -39,23 +38,13 @@ import (
 // vmModules are loaded at boot in the VM.
 var vmModules = []string{"esp4", "xfrm_user", "xfrm_algo", "gcm", "ghash_generic", "ctr", "seqiv", "echainiv", "veth", "bridge", "nfnetlink", "drbg", "crypto_null", "esp6"}
 
-// TestVM runs the TestInVM* tests of this package inside a qemu VM with a
-// kernel that has ESP (the host's has not): one boot for all of them.
+// TestVM runs the TestInVM* tests of this package and TestDemoInVM
+// (examples/cluster -backend ipsec, the README's demo) inside a qemu VM
+// with a kernel that has ESP (the host's has not): one boot for all of
+// them. Building the demo statically compiles its whole dependency graph
+// (etcd) once more: seconds with a warm build cache, about three minutes on
+// a cold one.
 func TestVM(t *testing.T) {
-	res := runVM(t, "^TestInVM", nil, nil)
-	require.Contains(t, res.Output, "--- PASS: TestInVMReachability")
-	// inVM skips these tests on the host only: inside the VM none may skip.
-	require.NotContains(t, res.Output, "--- SKIP", "a test skipped inside the VM")
-}
-
-// TestVMDemo runs examples/cluster -backend ipsec in the VM. It is opt-in
-// (FLANNEL_VM_DEMO=1) because building the demo statically compiles its
-// whole dependency graph (etcd) once more, minutes on a cold CI cache;
-// TestInVMAgents covers the same Agent + ipsec path in every run.
-func TestVMDemo(t *testing.T) {
-	if os.Getenv("FLANNEL_VM_DEMO") != "1" {
-		t.Skip("opt-in: set FLANNEL_VM_DEMO=1 to build examples/cluster statically and run it with -backend ipsec in the VM")
-	}
 	// The demo's pods get their addresses through the CNI plugins, as on
 	// a real node: the reference plugins go to /opt/cni/bin in the VM.
 	plugins := map[string]string{}
@@ -63,8 +52,11 @@ func TestVMDemo(t *testing.T) {
 	for _, p := range cnilab.ReferencePlugins() {
 		plugins["opt/cni/bin/"+p] = filepath.Join(dir, p)
 	}
-	res := runVM(t, "^TestDemoInVM", map[string]string{"cluster": "../examples/cluster"}, plugins)
+	res := runVM(t, "^(TestInVM|TestDemoInVM)", map[string]string{"cluster": "../examples/cluster"}, plugins)
+	require.Contains(t, res.Output, "--- PASS: TestInVMReachability")
 	require.Contains(t, res.Output, "--- PASS: TestDemoInVM")
+	// inVM skips these tests on the host only: inside the VM none may skip.
+	require.NotContains(t, res.Output, "--- SKIP", "a test skipped inside the VM")
 }
 
 func runVM(t *testing.T, run string, cmds, files map[string]string) vmtest.Result {
@@ -99,6 +91,16 @@ func runVM(t *testing.T, run string, cmds, files map[string]string) vmtest.Resul
 // perPeer is the number of ESP states per peer: one outbound and one
 // inbound per generation.
 const perPeer = 1 + ipsec.Generations
+
+// Policies per family: closedPols without peers (out allow to the own
+// subnet and block to the cluster network from any source; in and fwd
+// allow from the own subnet and block from the cluster network), and
+// peerPols per peer (out, in, fwd between the pod subnets, and the same
+// for the public addresses: host and SNAT sources).
+const (
+	closedPols = 6
+	peerPols   = 6
+)
 
 func inVM(t *testing.T) {
 	t.Helper()
@@ -183,6 +185,7 @@ func (c *vcluster) start(i int) {
 	}
 	v.net, err = b.Start(t.Context(), v.lease)
 	require.NoError(t, err)
+	v.lease = v.net.Lease() // the key bound to the lease
 }
 
 func (c *vcluster) leases() []lease.Lease {
@@ -270,7 +273,7 @@ func startCapture(t *testing.T, lab *netlab.Lab, marker []byte) *capture {
 	require.NoError(t, err)
 	defer seg.Close()
 	var fd int
-	err = backend.InNamespace(seg, func() error {
+	err = nlsafe.InNamespace(seg, func() error {
 		var err error
 		fd, err = unix.Socket(unix.AF_PACKET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, int(htons(unix.ETH_P_ALL)))
 		return err
@@ -337,7 +340,7 @@ func htons(v uint16) uint16 { return v<<8 | v>>8 }
 func sendMarker(t *testing.T, a, b *netlab.Pod, marker []byte, timeout time.Duration) error {
 	t.Helper()
 	var ln net.Listener
-	err := backend.InNamespace(b.NS, func() error {
+	err := nlsafe.InNamespace(b.NS, func() error {
 		var err error
 		ln, err = net.Listen("tcp4", netip.AddrPortFrom(b.IP, 0).String())
 		return err
@@ -365,7 +368,7 @@ func sendMarker(t *testing.T, a, b *netlab.Pod, marker []byte, timeout time.Dura
 		got <- buf
 	})
 	var conn net.Conn
-	err = backend.InNamespace(a.NS, func() error {
+	err = nlsafe.InNamespace(a.NS, func() error {
 		d := net.Dialer{Timeout: timeout, LocalAddr: &net.TCPAddr{IP: a.IP.AsSlice()}}
 		var err error
 		conn, err = d.Dial("tcp4", ln.Addr().String())
@@ -392,14 +395,14 @@ func sendMarker(t *testing.T, a, b *netlab.Pod, marker []byte, timeout time.Dura
 
 func xfrmStates(t *testing.T, h *netlink.Handle) []netlink.XfrmState {
 	t.Helper()
-	s, err := h.XfrmStateList(netlink.FAMILY_ALL)
+	s, err := nlsafe.Wrap(h).XfrmStateList(netlink.FAMILY_ALL)
 	require.NoError(t, err)
 	return s
 }
 
 func xfrmPolicies(t *testing.T, h *netlink.Handle) []netlink.XfrmPolicy {
 	t.Helper()
-	p, err := h.XfrmPolicyList(netlink.FAMILY_ALL)
+	p, err := nlsafe.Wrap(h).XfrmPolicyList(netlink.FAMILY_ALL)
 	require.NoError(t, err)
 	return p
 }
@@ -440,7 +443,7 @@ func TestInVMReachability(t *testing.T) {
 	capt := startCapture(t, c.lab, marker)
 	// Started, not applied yet: the cluster network is already closed.
 	for i, v := range c.nodes {
-		assert.Len(t, xfrmPolicies(t, v.node.Handle), 2, "node %d: allow and block policies after Start", i)
+		assert.Len(t, xfrmPolicies(t, v.node.Handle), closedPols, "node %d: allow and block policies after Start", i)
 	}
 	assert.Error(t, sendMarker(t, c.nodes[0].pod, c.nodes[1].pod, marker, 2*time.Second))
 	sendUDPMarker(t, c.nodes[0].pod, c.nodes[1].pod, marker, 3)
@@ -459,7 +462,7 @@ func TestInVMReachability(t *testing.T) {
 	// 2 peers x (out + inbound per generation) states, policies: allow, block, 2 x (out, in, fwd).
 	for i, v := range c.nodes {
 		assert.Len(t, xfrmStates(t, v.node.Handle), 2*perPeer, "node %d states", i)
-		assert.Len(t, xfrmPolicies(t, v.node.Handle), 8, "node %d policies", i)
+		assert.Len(t, xfrmPolicies(t, v.node.Handle), closedPols+2*peerPols, "node %d policies", i)
 	}
 	// Idempotent.
 	c.applyOK()
@@ -485,19 +488,9 @@ func TestInVMDualStack(t *testing.T) {
 	// Per family: one peer x (out + inbound per generation).
 	assert.Len(t, xfrmStates(t, c.nodes[0].node.Handle), 2*perPeer)
 	// allow + block + out/in/fwd, per family.
-	assert.Len(t, xfrmPolicies(t, c.nodes[0].node.Handle), 10)
+	assert.Len(t, xfrmPolicies(t, c.nodes[0].node.Handle), 2*(closedPols+peerPols))
 	assert.Positive(t, capt.esp.Load())
 	assert.Zero(t, capt.plain.Load())
-
-	// Cleanup removes ours: states, policies, routes.
-	v := c.nodes[0]
-	require.NoError(t, v.b.Cleanup(t.Context(), v.env))
-	assert.Empty(t, xfrmStates(t, v.node.Handle))
-	assert.Empty(t, xfrmPolicies(t, v.node.Handle))
-	routes, err := v.node.Handle.RouteListFiltered(netlink.FAMILY_ALL, &netlink.Route{Protocol: backend.RouteProtocol}, netlink.RT_FILTER_PROTOCOL)
-	require.NoError(t, err)
-	assert.Empty(t, routes)
-	require.NoError(t, v.b.Cleanup(t.Context(), v.env), "cleanup is idempotent")
 }
 
 // udpEchoSized sends one UDP datagram of size bytes with DF set from a to
@@ -505,13 +498,13 @@ func TestInVMDualStack(t *testing.T) {
 func udpEchoSized(t *testing.T, a, b *netlab.Pod, size int) error {
 	t.Helper()
 	var srv, cli *net.UDPConn
-	require.NoError(t, backend.InNamespace(b.NS, func() error {
+	require.NoError(t, nlsafe.InNamespace(b.NS, func() error {
 		var err error
 		srv, err = net.ListenUDP("udp4", net.UDPAddrFromAddrPort(netip.AddrPortFrom(b.IP, 0)))
 		return err
 	}))
 	defer srv.Close()
-	require.NoError(t, backend.InNamespace(a.NS, func() error {
+	require.NoError(t, nlsafe.InNamespace(a.NS, func() error {
 		var err error
 		cli, err = net.DialUDP("udp4", net.UDPAddrFromAddrPort(netip.AddrPortFrom(a.IP, 0)), srv.LocalAddr().(*net.UDPAddr))
 		return err
@@ -551,7 +544,7 @@ func udpEchoSized(t *testing.T, a, b *netlab.Pod, size int) error {
 }
 
 // TestDemoInVM runs examples/cluster -backend ipsec on the VM's kernel
-// (TestVMDemo).
+// (TestVM).
 func TestDemoInVM(t *testing.T) {
 	inVM(t)
 	out, err := exec.CommandContext(t.Context(), "/bin/cluster", "-backend", "ipsec", "-store", "memory", "-nodes", "3").CombinedOutput()

@@ -110,8 +110,8 @@ func (c *Cluster) Env(t *testing.T, n *netlab.Node) flannel.Env {
 
 // Start prepares nd.Backend in nd.Env (with nd.Logs as its logger and
 // nd.Lease as the previous lease), starts the Network for node i's subnets
-// and stores it in nd.Net. It returns the lease with the prepared
-// attributes.
+// and stores it in nd.Net. It returns the Network's lease: the prepared
+// attributes, or those Start published instead.
 func (c *Cluster) Start(t *testing.T, nd *Node, i int) lease.Lease {
 	t.Helper()
 	if nd.Logs == nil {
@@ -133,7 +133,7 @@ func (c *Cluster) Start(t *testing.T, nd *Node, i int) lease.Lease {
 	nw, err := nd.Backend.Start(ctx, l)
 	require.NoError(t, err)
 	nd.Net = nw
-	return l
+	return nw.Lease() // with what Start published, if anything (ipsec binds its key to the lease)
 }
 
 // Leases is every node's lease, as a store snapshot has them.
