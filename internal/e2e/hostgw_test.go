@@ -19,6 +19,7 @@ import (
 	"github.com/flannelkit/flannel/backend"
 	"github.com/flannelkit/flannel/hostgw"
 	"github.com/flannelkit/flannel/internal/netlab"
+	"github.com/flannelkit/flannel/internal/nlsafe"
 	"github.com/flannelkit/flannel/lease"
 	"github.com/flannelkit/flannel/memstore"
 )
@@ -195,7 +196,7 @@ func ourRoutes(t *testing.T, n *netlab.Node) []string {
 	t.Helper()
 	var out []string
 	for _, fam := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
-		rs, err := n.Handle.RouteListFiltered(fam, &netlink.Route{Protocol: backend.RouteProtocol}, netlink.RT_FILTER_PROTOCOL)
+		rs, err := nlsafe.Wrap(n.Handle).RouteListFiltered(fam, &netlink.Route{Protocol: backend.RouteProtocol}, netlink.RT_FILTER_PROTOCOL)
 		require.NoError(t, err)
 		for _, r := range rs {
 			out = append(out, fmt.Sprintf("%s via %s dev %d", r.Dst, r.Gw, r.LinkIndex))
@@ -274,7 +275,7 @@ func TestHostGWRestartKeepsDatapath(t *testing.T) {
 	// Watch node 0's routing table for the whole restart.
 	updates := make(chan netlink.RouteUpdate, 256)
 	subDone := make(chan struct{})
-	require.NoError(t, netlink.RouteSubscribeWithOptions(updates, subDone, netlink.RouteSubscribeOptions{Namespace: &n0.lab.NS}))
+	require.NoError(t, nlsafe.SubscribeRoutes(updates, subDone, n0.lab.NS, func(error) {}))
 
 	n0.stop(t)
 	assert.Equal(t, routesBefore, ourRoutes(t, n0.lab), "datapath left in place after Run returned")
@@ -308,7 +309,7 @@ func TestHostGWStaleAndForeignRoutes(t *testing.T) {
 
 	c.startAll(t)
 	assert.False(t, routeTo(t, n0, netip.MustParsePrefix("10.244.200.0/24")), "stale route of ours removed")
-	rs, err := n0.Handle.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Dst: foreign.Dst}, netlink.RT_FILTER_DST)
+	rs, err := nlsafe.Wrap(n0.Handle).RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Dst: foreign.Dst}, netlink.RT_FILTER_DST)
 	require.NoError(t, err)
 	assert.Len(t, rs, 1, "foreign route left alone")
 }
@@ -319,7 +320,7 @@ func TestHostGWRepairsDeletedRoute(t *testing.T) {
 	c.startAll(t)
 	n0 := c.nodes[0].lab
 	peer := c.nodes[1].agent.State().Lease.Subnet
-	rs, err := n0.Handle.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Dst: mustIPNet(peer.String())}, netlink.RT_FILTER_DST)
+	rs, err := nlsafe.Wrap(n0.Handle).RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Dst: mustIPNet(peer.String())}, netlink.RT_FILTER_DST)
 	require.NoError(t, err)
 	require.Len(t, rs, 1)
 	require.NoError(t, n0.Handle.RouteDel(&rs[0]))
