@@ -231,10 +231,10 @@ func (r *RouteReconciler) table() int {
 	return r.Table
 }
 
-// Normalize fills in what Reconcile sets on every desired route before it
+// normalize fills in what Reconcile sets on every desired route before it
 // is compared and programmed: the link (when zero), the protocol, the table
 // and the family.
-func (r *RouteReconciler) Normalize(linkIndex int, desired []netlink.Route) []netlink.Route {
+func (r *RouteReconciler) normalize(linkIndex int, desired []netlink.Route) []netlink.Route {
 	out := make([]netlink.Route, 0, len(desired))
 	for _, d := range desired {
 		if d.LinkIndex == 0 {
@@ -290,7 +290,7 @@ func (r *RouteReconciler) Reconcile(ctx context.Context, h *netlink.Handle, link
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	desired = r.Normalize(linkIndex, desired)
+	desired = r.normalize(linkIndex, desired)
 	actual, err := r.Owned(h, linkIndex)
 	if err != nil {
 		return err

@@ -9,12 +9,12 @@ import (
 	"github.com/vishvananda/netns"
 )
 
-// Resubscribe backoff of a Watch: the first retry waits ResubscribeMin,
-// each further one twice as long up to ResubscribeMax; a subscription that
-// lived longer than ResubscribeMax starts over at ResubscribeMin.
+// Resubscribe backoff of a watch: the first retry waits resubscribeMin,
+// each further one twice as long up to resubscribeMax; a subscription that
+// lived longer than resubscribeMax starts over at resubscribeMin.
 const (
-	ResubscribeMin = 200 * time.Millisecond
-	ResubscribeMax = 30 * time.Second
+	resubscribeMin = 200 * time.Millisecond
+	resubscribeMax = 30 * time.Second
 )
 
 // Subscribe opens a netlink subscription in namespace ns that delivers
@@ -24,15 +24,15 @@ const (
 // SubscribeLinks, SubscribeNeighs, SubscribeRoutes and SubscribeXfrm.
 type Subscribe[T any] func(ch chan T, done chan struct{}, ns netns.NsHandle, onErr func(error)) error
 
-// Watch keeps a subscription open in ns until ctx ends and calls
+// watch keeps a subscription open in ns until ctx ends and calls
 // poke(what+" event") for every update relevant reports, and once after
 // every (re)subscription since updates may have been missed meanwhile. A
 // failed or ended subscription is logged and retried with capped backoff;
-// it is never fatal. Watch returns when ctx ends, after the subscription's
+// it is never fatal. watch returns when ctx ends, after the subscription's
 // receiver has exited.
-func Watch[T any](ctx context.Context, log *slog.Logger, ns netns.NsHandle, what string,
+func watch[T any](ctx context.Context, log *slog.Logger, ns netns.NsHandle, what string,
 	sub Subscribe[T], relevant func(T) bool, poke func(why string)) {
-	backoff := ResubscribeMin
+	backoff := resubscribeMin
 	for {
 		ch := make(chan T, 256)
 		done := make(chan struct{})
@@ -58,8 +58,8 @@ func Watch[T any](ctx context.Context, log *slog.Logger, ns netns.NsHandle, what
 			if ctx.Err() != nil {
 				return
 			}
-			if time.Since(started) > ResubscribeMax {
-				backoff = ResubscribeMin
+			if time.Since(started) > resubscribeMax {
+				backoff = resubscribeMin
 			}
 			log.Warn(what+" subscription ended; resubscribing", "retry_in", backoff)
 		}
@@ -70,7 +70,7 @@ func Watch[T any](ctx context.Context, log *slog.Logger, ns netns.NsHandle, what
 			return
 		case <-t.C:
 		}
-		backoff = min(backoff*2, ResubscribeMax)
+		backoff = min(backoff*2, resubscribeMax)
 	}
 }
 
@@ -93,10 +93,10 @@ func consume[T any](ctx context.Context, ch <-chan T, fn func(T)) {
 // calls poke with the reason whenever a repair should run.
 type Watcher func(ctx context.Context, poke func(why string))
 
-// NetlinkWatcher is a Watcher that keeps a Watch of sub in ns.
+// NetlinkWatcher is a Watcher that keeps a subscription sub open in ns.
 func NetlinkWatcher[T any](log *slog.Logger, ns netns.NsHandle, what string, sub Subscribe[T], relevant func(T) bool) Watcher {
 	return func(ctx context.Context, poke func(why string)) {
-		Watch(ctx, log, ns, what, sub, relevant, poke)
+		watch(ctx, log, ns, what, sub, relevant, poke)
 	}
 }
 

@@ -60,7 +60,7 @@ func TestWatchResubscribesAndFilters(t *testing.T) {
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		Watch(ctx, slog.New(slog.DiscardHandler), netns.None(), "thing", f.subscribe,
+		watch(ctx, slog.New(slog.DiscardHandler), netns.None(), "thing", f.subscribe,
 			func(u int) bool { return u%2 == 0 },
 			func(why string) {
 				mu.Lock()
@@ -86,7 +86,7 @@ func TestWatchStopsWhileWaitingToRetry(t *testing.T) {
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		Watch(ctx, slog.New(slog.DiscardHandler), netns.None(), "thing", f.subscribe, func(int) bool { return true }, func(string) {})
+		watch(ctx, slog.New(slog.DiscardHandler), netns.None(), "thing", f.subscribe, func(int) bool { return true }, func(string) {})
 	}()
 	require.Eventually(t, func() bool { return f.callCount() >= 1 }, 5*time.Second, 5*time.Millisecond)
 	cancel()
