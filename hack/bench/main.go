@@ -62,11 +62,20 @@ type options struct {
 	profile  string
 	verbose  bool
 	sockets  int
+	// daemon and join on the real daemon
+	store      string
+	idle       time.Duration
+	flanneld   string
+	daemonArgs string
 }
 
 func run() error {
 	var o options
-	flag.StringVar(&o.scenario, "scenario", "bulk", "bulk or join")
+	flag.StringVar(&o.scenario, "scenario", "bulk", "bulk, join or daemon")
+	flag.StringVar(&o.store, "store", "", "daemon, join: etcd or kube (daemon; default etcd), memory (join's in-process Agent, the default)")
+	flag.DurationVar(&o.idle, "idle", 60*time.Second, "daemon, join -store etcd: idle period sampled after programming")
+	flag.StringVar(&o.flanneld, "flanneld", "", "daemon: run this flanneld binary (default: build examples/flanneld)")
+	flag.StringVar(&o.daemonArgs, "daemon-args", "", "daemon: more flanneld flags, space-separated")
 	flag.IntVar(&o.peers, "peers", 1000, "number of peers (bulk: programmed; join: already present)")
 	flag.StringVar(&o.backend, "backend", "vxlan", "dataplane: vxlan")
 	flag.IntVar(&o.runs, "runs", 3, "bulk: number of runs")
@@ -105,9 +114,18 @@ func run() error {
 		}
 		return nil
 	case "join":
-		return join(o)
+		if o.store == "" || o.store == "memory" {
+			o.store = "memory"
+			return join(o)
+		}
+		return daemon(o)
+	case "daemon":
+		if o.store == "" {
+			o.store = "etcd"
+		}
+		return daemon(o)
 	}
-	return fmt.Errorf("-scenario %q: want bulk or join", o.scenario)
+	return fmt.Errorf("-scenario %q: want bulk, join or daemon", o.scenario)
 }
 
 // peer is one synthetic peer: subnet 10.<k/256>.<k%256>.0/24, public IP
