@@ -32,6 +32,16 @@ type Subscribe[T any] func(ch chan T, done chan struct{}, ns netns.NsHandle, onE
 // receiver has exited.
 func Watch[T any](ctx context.Context, log *slog.Logger, ns netns.NsHandle, what string,
 	sub Subscribe[T], relevant func(T) bool, poke func(why string)) {
+	watch(ctx, log, ns, what, sub, relevant, poke, nil)
+}
+
+// watch is Watch; health (when set) is told true once a subscription is
+// open (before its poke) and false when it failed or ended.
+func watch[T any](ctx context.Context, log *slog.Logger, ns netns.NsHandle, what string,
+	sub Subscribe[T], relevant func(T) bool, poke func(why string), health func(up bool)) {
+	if health == nil {
+		health = func(bool) {}
+	}
 	backoff := ResubscribeMin
 	for {
 		ch := make(chan T, 256)
@@ -43,8 +53,10 @@ func Watch[T any](ctx context.Context, log *slog.Logger, ns netns.NsHandle, what
 		})
 		if err != nil {
 			close(done)
+			health(false)
 			log.Warn(what+" subscription failed; repairing on a timer meanwhile", "err", err, "retry_in", backoff)
 		} else {
+			health(true)
 			poke(what + " subscribed")
 			started := time.Now()
 			consume(ctx, ch, func(u T) {
@@ -53,6 +65,7 @@ func Watch[T any](ctx context.Context, log *slog.Logger, ns netns.NsHandle, what
 				}
 			})
 			close(done)
+			health(false)
 			for range ch { // until the receiver goroutine has exited
 			}
 			if ctx.Err() != nil {
@@ -97,6 +110,17 @@ type Watcher func(ctx context.Context, poke func(why string))
 func NetlinkWatcher[T any](log *slog.Logger, ns netns.NsHandle, what string, sub Subscribe[T], relevant func(T) bool) Watcher {
 	return func(ctx context.Context, poke func(why string)) {
 		Watch(ctx, log, ns, what, sub, relevant, poke)
+	}
+}
+
+// NetlinkHealthWatcher is NetlinkWatcher that also reports whether its
+// subscription is open: health(true) once it is (before the poke that
+// follows every subscription), health(false) when it failed or ended. A
+// dataplane that repairs rarely on its timer (ReconcilerConfig.Resync)
+// uses it to repair on every tick while it may miss kernel events.
+func NetlinkHealthWatcher[T any](log *slog.Logger, ns netns.NsHandle, what string, sub Subscribe[T], relevant func(T) bool, health func(up bool)) Watcher {
+	return func(ctx context.Context, poke func(why string)) {
+		watch(ctx, log, ns, what, sub, relevant, poke, health)
 	}
 }
 
