@@ -16,8 +16,11 @@ import (
 	"flag"
 	"fmt"
 	sdnotify "github.com/coreos/go-systemd/v22/daemon"
+	"log/slog"
 	"os"
 	"os/signal"
+	"runtime"
+	"runtime/pprof"
 	"syscall"
 
 	"github.com/flannelkit/flannel/internal/daemon"
@@ -74,10 +77,28 @@ func run() int {
 			log.Info("told systemd the node is ready")
 		}
 	}
+	// FLANNELD_MEMPROFILE names a file that gets a heap profile (live and
+	// all allocations since start) when the daemon stops: for hack/bench.
+	if path := os.Getenv("FLANNELD_MEMPROFILE"); path != "" {
+		defer writeHeapProfile(path, log)
+	}
 	if err := daemon.Run(ctx, cfg, log, daemon.Hooks{Ready: ready}); err != nil {
 		log.Error("flanneld failed", "error", err)
 		return 1
 	}
 	log.Info("flanneld stopped")
 	return 0
+}
+
+func writeHeapProfile(path string, log *slog.Logger) {
+	f, err := os.Create(path)
+	if err != nil {
+		log.Warn("heap profile", "error", err)
+		return
+	}
+	defer f.Close()
+	runtime.GC()
+	if err := pprof.Lookup("heap").WriteTo(f, 0); err != nil {
+		log.Warn("heap profile", "error", err)
+	}
 }

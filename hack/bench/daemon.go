@@ -127,6 +127,9 @@ func runDaemon(ctx context.Context, o options, exe, dir string, st *storeSetup) 
 	if err := idle(ctx, o, pid, &res); err != nil {
 		return res, err
 	}
+	if o.scenario == "join" && o.idle <= 0 {
+		time.Sleep(idleSettle) // the joins meet a settled daemon
+	}
 	for k := range o.joins {
 		if o.scenario != "join" {
 			break
@@ -226,14 +229,23 @@ func daemon(o options) error {
 }
 
 // kernelLimit is the bulk scenario's raw netlink writer for n peers on a
-// fresh node: the kernel's own time for the same entries.
+// fresh node: the kernel's own time for the same entries, the best of
+// three (the machine may be shared).
 func kernelLimit(ctx context.Context, n int) (float64, error) {
 	nd, err := newNode()
 	if err != nil {
 		return 0, err
 	}
 	defer nd.lab.Close()
-	return rawLimit(ctx, nd, synthetic(n))
+	best := -1.0
+	for range 3 {
+		l, err := rawLimit(ctx, nd, synthetic(n))
+		if err != nil {
+			return 0, err
+		}
+		best = minPos(best, l)
+	}
+	return best, nil
 }
 
 func report(o options, r daemonResult, limit float64) {
