@@ -35,6 +35,7 @@ type Network struct {
 	// peers that changed. Repairs always dump and diff everything.
 	synced bool
 	memo   map[leaseKey]*peerMemo // what each peer asked for last
+	gen    uint64                 // applyChanges' generation (peerMemo.gen)
 	socks  *sockets
 
 	devMu    sync.Mutex // guards devIndex, read by Run's event filters
@@ -56,6 +57,7 @@ type peerMemo struct {
 	fdb, neigh []op
 	routes     []netlink.Route // normalized
 	errs       []error         // why it could not be (fully) programmed
+	gen        uint64          // the applyChanges call that last saw it
 }
 
 var _ flannel.Network = (*Network)(nil)

@@ -82,6 +82,13 @@ func run() int {
 	if path := os.Getenv("FLANNELD_MEMPROFILE"); path != "" {
 		defer writeHeapProfile(path, log)
 	}
+	// FLANNELD_CPUPROFILE: a CPU profile of the whole run, likewise.
+	if path := os.Getenv("FLANNELD_CPUPROFILE"); path != "" {
+		if f, err := os.Create(path); err == nil && pprof.StartCPUProfile(f) == nil {
+			defer f.Close()
+			defer pprof.StopCPUProfile()
+		}
+	}
 	if err := daemon.Run(ctx, cfg, log, daemon.Hooks{Ready: ready}); err != nil {
 		log.Error("flanneld failed", "error", err)
 		return 1

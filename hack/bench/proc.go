@@ -24,8 +24,9 @@ import (
 
 // procStats is what /proc says about a process.
 type procStats struct {
-	hwmMB, rssMB float64
-	cpu          time.Duration // utime + stime
+	hwmMB, rssMB   float64
+	anonMB, fileMB float64       // RssAnon (heap, stacks) and RssFile (the binary's pages)
+	cpu            time.Duration // utime + stime
 }
 
 // readProc reads VmHWM and VmRSS from /proc/<pid>/status and utime+stime
@@ -47,6 +48,10 @@ func readProc(pid int) (procStats, error) {
 			s.hwmMB = kb / 1024
 		case "VmRSS:":
 			s.rssMB = kb / 1024
+		case "RssAnon:":
+			s.anonMB = kb / 1024
+		case "RssFile:":
+			s.fileMB = kb / 1024
 		}
 	}
 	b, err = os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
