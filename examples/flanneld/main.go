@@ -20,6 +20,7 @@ import (
 	"os"
 	"os/signal"
 	"runtime"
+	"runtime/debug"
 	"runtime/pprof"
 	"syscall"
 
@@ -71,6 +72,11 @@ func run() int {
 	// Type=notify units start their dependants (docker.service) once the
 	// node is ready; without NOTIFY_SOCKET this does nothing.
 	ready := func() {
+		// The first programming of every peer leaves its garbage (store
+		// listing, desired and dumped tables) to the heap's high-water
+		// mark: give it back to the kernel once, so the steady RSS is the
+		// live state.
+		go debug.FreeOSMemory()
 		if sent, err := sdnotify.SdNotify(false, sdnotify.SdNotifyReady); err != nil {
 			log.Warn("sd_notify READY=1 failed", "error", err)
 		} else if sent {
@@ -78,9 +84,16 @@ func run() int {
 		}
 	}
 	// FLANNELD_MEMPROFILE names a file that gets a heap profile (live and
-	// all allocations since start) when the daemon stops: for hack/bench.
+	// all allocations since start) on SIGUSR1: for hack/bench.
 	if path := os.Getenv("FLANNELD_MEMPROFILE"); path != "" {
-		defer writeHeapProfile(path, log)
+		usr1 := make(chan os.Signal, 1)
+		signal.Notify(usr1, syscall.SIGUSR1)
+		defer signal.Stop(usr1)
+		go func() {
+			for range usr1 {
+				writeHeapProfile(path, log)
+			}
+		}()
 	}
 	// FLANNELD_CPUPROFILE: a CPU profile of the whole run, likewise.
 	if path := os.Getenv("FLANNELD_CPUPROFILE"); path != "" {
