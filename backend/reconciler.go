@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"log/slog"
-	"slices"
 	"sync"
 	"time"
 
@@ -108,7 +107,9 @@ func NewReconciler(cfg ReconcilerConfig) *Reconciler {
 func (r *Reconciler) Apply(ctx context.Context, peers []lease.Lease) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	r.peers = slices.Clone(peers)
+	// The previous copy's array is reused: the dataplane does not keep
+	// peers past its call.
+	r.peers = append(r.peers[:0], peers...)
 	if !r.applied {
 		r.lastRepair = r.now()
 	}

@@ -79,6 +79,10 @@ type watchState struct {
 	current map[string]entry
 	keys    []string      // the keys of current, sorted: judge gets them in order
 	last    []lease.Lease // delivered last
+	// buffers deliver reuses (one event costs no copy of every key's
+	// entry and candidate)
+	entries []entry
+	cands   []lease.Candidate
 }
 
 // put records e under key.
@@ -128,12 +132,13 @@ func (w *watchState) list(ctx context.Context) (int64, error) {
 // deliver judges the current keys and calls fn when resync is set or the
 // valid leases changed since the last call.
 func (w *watchState) deliver(resync bool) {
-	entries := make([]entry, 0, len(w.keys))
+	w.entries = w.entries[:0]
 	for _, k := range w.keys {
-		entries = append(entries, w.current[k])
+		w.entries = append(w.entries, w.current[k])
 	}
 	own := w.s.ownLease()
-	v, _ := w.s.judge(w.cfg, entries, own.Attrs, own)
+	v, _ := w.s.verdict(w.cfg, w.entries, own.Attrs, own, w.cands)
+	w.cands = slices.Grow(w.cands[:0], len(w.entries))
 	leases := v.Leases()
 	if !resync && slices.EqualFunc(w.last, leases, leaseEqual) {
 		return
