@@ -79,10 +79,6 @@ type watchState struct {
 	current map[string]entry
 	keys    []string      // the keys of current, sorted: judge gets them in order
 	last    []lease.Lease // delivered last
-	// buffers deliver reuses (one event costs no copy of every key's
-	// entry and candidate)
-	entries []entry
-	cands   []lease.Candidate
 }
 
 // put records e under key.
@@ -132,13 +128,14 @@ func (w *watchState) list(ctx context.Context) (int64, error) {
 // deliver judges the current keys and calls fn when resync is set or the
 // valid leases changed since the last call.
 func (w *watchState) deliver(resync bool) {
-	w.entries = w.entries[:0]
+	// No buffers kept between events: they would add every key's entry
+	// and candidate to the live heap (and twice that to the peak RSS).
+	entries := make([]entry, 0, len(w.keys))
 	for _, k := range w.keys {
-		w.entries = append(w.entries, w.current[k])
+		entries = append(entries, w.current[k])
 	}
 	own := w.s.ownLease()
-	v, _ := w.s.verdict(w.cfg, w.entries, own.Attrs, own, w.cands)
-	w.cands = slices.Grow(w.cands[:0], len(w.entries))
+	v, _ := w.s.verdict(w.cfg, entries, own.Attrs, own, nil)
 	leases := v.Leases()
 	if !resync && slices.EqualFunc(w.last, leases, leaseEqual) {
 		return
