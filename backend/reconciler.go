@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"log/slog"
-	"slices"
 	"sync"
 	"time"
 
@@ -36,6 +35,18 @@ type ReconcilerConfig struct {
 	Interval time.Duration
 	// Logger receives the repair warnings (nil: discard).
 	Logger *slog.Logger
+	// Resync, when longer than Interval, makes the periodic repair rare: a
+	// tick repairs only when Resync has passed since the last repair (of
+	// any trigger) or when the kernel may not hold the last peer set (the
+	// last Apply or repair failed, or Synced says so). Kernel-event
+	// repairs (watchers' pokes) are not affected: they run at once.
+	// Optional: zero, every tick repairs.
+	Resync time.Duration
+	// Synced, when set, reports (with the lock held) whether the kernel is
+	// known to hold what the last Apply or repair programmed; a false
+	// answer makes the next tick repair. Optional: the last Apply or
+	// repair returned no error other than *flannel.PeerError values.
+	Synced func() bool
 }
 
 // Periodic is the trigger of a repair that Run's timer started.
@@ -68,6 +79,11 @@ type Reconciler struct {
 	peers   []lease.Lease
 	applied bool
 	warned  map[string]lease.Lease // by lease key: the failing lease last reported
+	// lastRepair is when the last repair (or the first Apply) began;
+	// lastOK whether the last Apply or repair returned no error.
+	lastRepair time.Time
+	lastOK     bool
+	now        func() time.Time // time.Now; tests replace it
 }
 
 // NewReconciler returns a Reconciler driving cfg.Apply and cfg.Repair.
@@ -81,7 +97,7 @@ func NewReconciler(cfg ReconcilerConfig) *Reconciler {
 	if cfg.Interval <= 0 {
 		cfg.Interval = DefaultReconcileInterval
 	}
-	return &Reconciler{cfg: cfg, log: Logger(cfg.Logger), warned: map[string]lease.Lease{}}
+	return &Reconciler{cfg: cfg, log: Logger(cfg.Logger), warned: map[string]lease.Lease{}, now: time.Now}
 }
 
 // Apply records peers as the peer set to keep programmed, enables repairs
@@ -91,10 +107,15 @@ func NewReconciler(cfg ReconcilerConfig) *Reconciler {
 func (r *Reconciler) Apply(ctx context.Context, peers []lease.Lease) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	r.peers = slices.Clone(peers)
+	// The previous copy's array is reused: the dataplane does not keep
+	// peers past its call.
+	r.peers = append(r.peers[:0], peers...)
+	if !r.applied {
+		r.lastRepair = r.now()
+	}
 	r.applied = true
 	err := r.cfg.Apply(ctx, r.peers)
-	r.notePeerErrs(err, "")
+	r.lastOK = len(r.notePeerErrs(err, "")) == 0
 	return err
 }
 
@@ -126,11 +147,15 @@ func (r *Reconciler) Update(ctx context.Context, why string, change func()) {
 	if !r.applied {
 		return
 	}
+	r.lastRepair = r.now()
 	err := r.cfg.Repair(ctx, r.peers)
 	if ctx.Err() != nil {
+		r.lastOK = false
 		return
 	}
-	if rest := r.notePeerErrs(err, why); len(rest) > 0 {
+	rest := r.notePeerErrs(err, why)
+	r.lastOK = len(rest) == 0
+	if len(rest) > 0 {
 		r.log.Warn("repair failed", "trigger", why, "err", errors.Join(rest...))
 	}
 }
@@ -146,15 +171,34 @@ func (r *Reconciler) Locked(fn func()) {
 
 // Run repairs until ctx ends: every cfg.Interval (trigger Periodic) and
 // soon after one of watchers pokes (pokes coalesce while a repair runs),
-// each time after cfg.BeforeRepair allows it. It runs the watchers in
+// each time after cfg.BeforeRepair allows it; with cfg.Resync, ticks
+// repair only when due (see ReconcilerConfig.Resync). It runs the watchers in
 // their own goroutines and joins them before it returns.
 func (r *Reconciler) Run(ctx context.Context, watchers ...Watcher) {
 	RepairLoop(ctx, r.cfg.Interval, func(ctx context.Context, why string) {
 		if r.cfg.BeforeRepair != nil && !r.cfg.BeforeRepair(ctx, why) {
 			return
 		}
+		if why == Periodic && !r.tickDue() {
+			return
+		}
 		r.Repair(ctx, why)
 	}, watchers...)
+}
+
+// tickDue reports whether a periodic tick should repair (see
+// ReconcilerConfig.Resync).
+func (r *Reconciler) tickDue() bool {
+	if r.cfg.Resync <= r.cfg.Interval {
+		return true
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	synced := r.lastOK
+	if r.cfg.Synced != nil {
+		synced = r.cfg.Synced()
+	}
+	return !synced || r.now().Sub(r.lastRepair) >= r.cfg.Resync
 }
 
 // notePeerErrs logs (when why is not empty: a repair) each peer error of

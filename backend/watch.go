@@ -29,9 +29,13 @@ type Subscribe[T any] func(ch chan T, done chan struct{}, ns netns.NsHandle, onE
 // every (re)subscription since updates may have been missed meanwhile. A
 // failed or ended subscription is logged and retried with capped backoff;
 // it is never fatal. watch returns when ctx ends, after the subscription's
-// receiver has exited.
+// receiver has exited. health (when set) is told true once a subscription
+// is open (before its poke) and false when it failed or ended.
 func watch[T any](ctx context.Context, log *slog.Logger, ns netns.NsHandle, what string,
-	sub Subscribe[T], relevant func(T) bool, poke func(why string)) {
+	sub Subscribe[T], relevant func(T) bool, poke func(why string), health func(up bool)) {
+	if health == nil {
+		health = func(bool) {}
+	}
 	backoff := resubscribeMin
 	for {
 		ch := make(chan T, 256)
@@ -43,8 +47,10 @@ func watch[T any](ctx context.Context, log *slog.Logger, ns netns.NsHandle, what
 		})
 		if err != nil {
 			close(done)
+			health(false)
 			log.Warn(what+" subscription failed; repairing on a timer meanwhile", "err", err, "retry_in", backoff)
 		} else {
+			health(true)
 			poke(what + " subscribed")
 			started := time.Now()
 			consume(ctx, ch, func(u T) {
@@ -53,6 +59,7 @@ func watch[T any](ctx context.Context, log *slog.Logger, ns netns.NsHandle, what
 				}
 			})
 			close(done)
+			health(false)
 			for range ch { // until the receiver goroutine has exited
 			}
 			if ctx.Err() != nil {
@@ -96,7 +103,18 @@ type Watcher func(ctx context.Context, poke func(why string))
 // NetlinkWatcher is a Watcher that keeps a subscription sub open in ns.
 func NetlinkWatcher[T any](log *slog.Logger, ns netns.NsHandle, what string, sub Subscribe[T], relevant func(T) bool) Watcher {
 	return func(ctx context.Context, poke func(why string)) {
-		watch(ctx, log, ns, what, sub, relevant, poke)
+		watch(ctx, log, ns, what, sub, relevant, poke, nil)
+	}
+}
+
+// NetlinkHealthWatcher is NetlinkWatcher that also reports whether its
+// subscription is open: health(true) once it is (before the poke that
+// follows every subscription), health(false) when it failed or ended. A
+// dataplane that repairs rarely on its timer (ReconcilerConfig.Resync)
+// uses it to repair on every tick while it may miss kernel events.
+func NetlinkHealthWatcher[T any](log *slog.Logger, ns netns.NsHandle, what string, sub Subscribe[T], relevant func(T) bool, health func(up bool)) Watcher {
+	return func(ctx context.Context, poke func(why string)) {
+		watch(ctx, log, ns, what, sub, relevant, poke, health)
 	}
 }
 

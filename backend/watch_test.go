@@ -66,7 +66,7 @@ func TestWatchResubscribesAndFilters(t *testing.T) {
 				mu.Lock()
 				pokes = append(pokes, why)
 				mu.Unlock()
-			})
+			}, nil)
 	}()
 	// Two refusals (200 ms, 400 ms backoff), then a subscription that
 	// ends after its updates, then (800 ms later) the next one.
@@ -86,7 +86,7 @@ func TestWatchStopsWhileWaitingToRetry(t *testing.T) {
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		watch(ctx, slog.New(slog.DiscardHandler), netns.None(), "thing", f.subscribe, func(int) bool { return true }, func(string) {})
+		watch(ctx, slog.New(slog.DiscardHandler), netns.None(), "thing", f.subscribe, func(int) bool { return true }, func(string) {}, nil)
 	}()
 	require.Eventually(t, func() bool { return f.callCount() >= 1 }, 5*time.Second, 5*time.Millisecond)
 	cancel()

@@ -62,7 +62,21 @@ func (s *Store) entryOf(kv *mvccpb.KeyValue) entry {
 // malformed but whose subnets fit the network (the key exists, so it
 // cannot be created).
 func (s *Store) judge(cfg lease.Config, entries []entry, attrs lease.Attrs, own lease.Lease) (v lease.Verdict, taken []lease.Lease) {
-	cands := make([]lease.Candidate, 0, len(entries))
+	v, malformed := s.verdict(cfg, entries, attrs, own, nil)
+	taken = v.Taken()
+	for _, m := range malformed {
+		if r, _ := cfg.Shape(m.Lease); r == "" {
+			taken = append(taken, m.Lease)
+		}
+	}
+	return v, taken
+}
+
+// verdict is judge without what allocation needs: the verdict and the
+// malformed entries. cands is a buffer it may reuse (the verdict does not
+// alias it).
+func (s *Store) verdict(cfg lease.Config, entries []entry, attrs lease.Attrs, own lease.Lease, cands []lease.Candidate) (lease.Verdict, []lease.Ignored) {
+	cands = cands[:0]
 	var malformed []lease.Ignored
 	for _, e := range entries {
 		c := lease.Candidate{Name: e.key, Lease: e.l, Order: e.createRev}
@@ -73,19 +87,18 @@ func (s *Store) judge(cfg lease.Config, entries []entry, attrs lease.Attrs, own 
 		c.Own = cfg.SameNode(attrs, e.l.Attrs)
 		cands = append(cands, c)
 	}
-	slices.SortFunc(cands, func(a, b lease.Candidate) int { return cmp.Compare(a.Name, b.Name) })
-	v = cfg.Peers(cands, own)
-	taken = v.Taken()
-	for _, m := range malformed {
-		if r, _ := cfg.Shape(m.Lease); r == "" {
-			taken = append(taken, m.Lease)
-		}
+	// A no-op when the caller keeps the entries in key order (Watch).
+	if !slices.IsSortedFunc(cands, byName) {
+		slices.SortFunc(cands, byName)
 	}
+	v := cfg.Peers(cands, own)
 	for _, ig := range s.warn.Fresh(append(slices.Clip(v.Ignored), malformed...)) {
 		s.log.Warn("ignoring lease", "key", ig.Name, "rule", string(ig.Rule), "reason", ig.Detail)
 	}
-	return v, taken
+	return v, malformed
 }
+
+func byName(a, b lease.Candidate) int { return cmp.Compare(a.Name, b.Name) }
 
 // ownLease returns the lease the last successful Acquire returned.
 func (s *Store) ownLease() lease.Lease {

@@ -77,7 +77,28 @@ type watchState struct {
 	cfg     lease.Config
 	fn      func(lease.Snapshot)
 	current map[string]entry
+	keys    []string      // the keys of current, sorted: judge gets them in order
 	last    []lease.Lease // delivered last
+}
+
+// put records e under key.
+func (w *watchState) put(key string, e entry) {
+	if _, ok := w.current[key]; !ok {
+		i, _ := slices.BinarySearch(w.keys, key)
+		w.keys = slices.Insert(w.keys, i, key)
+	}
+	w.current[key] = e
+}
+
+// del forgets key.
+func (w *watchState) del(key string) {
+	if _, ok := w.current[key]; !ok {
+		return
+	}
+	delete(w.current, key)
+	if i, ok := slices.BinarySearch(w.keys, key); ok {
+		w.keys = slices.Delete(w.keys, i, i+1)
+	}
 }
 
 // list lists the keys, delivers the first snapshot (Resync) and returns
@@ -91,9 +112,15 @@ func (w *watchState) list(ctx context.Context) (int64, error) {
 		return 0, fmt.Errorf("list %s: %w", s.subnetsKey, err)
 	}
 	w.current = make(map[string]entry, len(resp.Kvs))
+	w.keys = make([]string, 0, len(resp.Kvs))
 	for _, kv := range resp.Kvs {
-		w.current[string(kv.Key)] = s.entryOf(kv)
+		k := string(kv.Key)
+		if _, dup := w.current[k]; !dup {
+			w.keys = append(w.keys, k)
+		}
+		w.current[k] = s.entryOf(kv)
 	}
+	slices.Sort(w.keys) // etcd lists in key order already: cheap
 	w.deliver(true)
 	return resp.Header.Revision, nil
 }
@@ -101,12 +128,14 @@ func (w *watchState) list(ctx context.Context) (int64, error) {
 // deliver judges the current keys and calls fn when resync is set or the
 // valid leases changed since the last call.
 func (w *watchState) deliver(resync bool) {
-	entries := make([]entry, 0, len(w.current))
-	for _, e := range w.current {
-		entries = append(entries, e)
+	// No buffers kept between events: they would add every key's entry
+	// and candidate to the live heap (and twice that to the peak RSS).
+	entries := make([]entry, 0, len(w.keys))
+	for _, k := range w.keys {
+		entries = append(entries, w.current[k])
 	}
 	own := w.s.ownLease()
-	v, _ := w.s.judge(w.cfg, entries, own.Attrs, own)
+	v, _ := w.s.verdict(w.cfg, entries, own.Attrs, own, nil)
 	leases := v.Leases()
 	if !resync && slices.EqualFunc(w.last, leases, leaseEqual) {
 		return
@@ -141,9 +170,9 @@ func (w *watchState) follow(ctx context.Context, rev int64) (bool, error) {
 			key := string(ev.Kv.Key)
 			switch ev.Type {
 			case clientv3.EventTypeDelete:
-				delete(w.current, key)
+				w.del(key)
 			case clientv3.EventTypePut:
-				w.current[key] = w.s.entryOf(ev.Kv)
+				w.put(key, w.s.entryOf(ev.Kv))
 			}
 		}
 		if len(resp.Events) > 0 {

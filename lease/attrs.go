@@ -106,6 +106,9 @@ func compactRaw(b json.RawMessage) (json.RawMessage, error) {
 }
 
 func rawEqual(a, b json.RawMessage) bool {
+	if bytes.Equal(a, b) { // the common case, without compacting both
+		return true
+	}
 	ca, errA := compactRaw(a)
 	cb, errB := compactRaw(b)
 	if errA != nil || errB != nil {

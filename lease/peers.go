@@ -124,79 +124,100 @@ func shapeFamily(enabled bool, key string, network netip.Prefix, subLen int, p n
 // subnets count as this node's as well as those of Own candidates. Peers
 // is pure and keeps no state; see Warnings for logging once.
 func (c Config) Peers(cands []Candidate, own Lease) Verdict {
-	bad := make([]Ignored, len(cands)) // Rule "" means valid
+	bad := make([]mark, len(cands)) // rule "" means valid
 	ownSubnets := map[netip.Prefix]bool{}
 	for _, p := range []netip.Prefix{own.Subnet, own.IPv6Subnet} {
 		if p.IsValid() {
 			ownSubnets[p] = true
 		}
 	}
-	holders := map[netip.Prefix][]int{}
+	// The first holder of each subnet; only subnets held more than once
+	// get a list (the rare case: no slice per lease).
+	first := make(map[netip.Prefix]int, len(cands))
+	var shared map[netip.Prefix][]int
 	for i, cd := range cands {
-		bad[i].Candidate = cd
 		if r, d := c.Shape(cd.Lease); r != "" {
-			bad[i].Rule, bad[i].Detail = r, d
+			bad[i] = mark{r, d}
 			continue
 		}
-		for _, p := range subnets(cd.Lease) {
-			holders[p] = append(holders[p], i)
+		for _, p := range [2]netip.Prefix{cd.Lease.Subnet, cd.Lease.IPv6Subnet} {
+			if !p.IsValid() {
+				continue
+			}
+			if j, ok := first[p]; !ok {
+				first[p] = i
+			} else {
+				if shared == nil {
+					shared = map[netip.Prefix][]int{}
+				}
+				if _, ok := shared[p]; !ok {
+					shared[p] = []int{j}
+				}
+				shared[p] = append(shared[p], i)
+			}
 			if cd.Own {
 				ownSubnets[p] = true
 			}
 		}
 	}
 	for i, cd := range cands {
-		if bad[i].Rule != "" || cd.Own {
+		if bad[i].rule != "" || cd.Own {
 			continue
 		}
 		for _, p := range subnets(cd.Lease) {
 			if ownSubnets[p] {
-				bad[i].Rule, bad[i].Detail = RuleOwnSubnet, fmt.Sprintf("subnet %s is this node's", p)
+				bad[i] = mark{RuleOwnSubnet, fmt.Sprintf("subnet %s is this node's", p)}
 			}
 		}
 	}
-	for p, idx := range holders {
-		resolveOverlap(bad, p, idx)
+	for p, idx := range shared {
+		resolveOverlap(cands, bad, p, idx)
 	}
-	var v Verdict
+	v := Verdict{Valid: make([]Candidate, 0, len(cands))}
 	for i, b := range bad {
-		if b.Rule == "" {
+		if b.rule == "" {
 			v.Valid = append(v.Valid, cands[i])
 		} else {
-			v.Ignored = append(v.Ignored, b)
+			v.Ignored = append(v.Ignored, Ignored{Candidate: cands[i], Rule: b.rule, Detail: b.detail})
 		}
 	}
 	return v
 }
 
+// mark is Peers' verdict on one candidate: the rule it breaks, "" if none.
+type mark struct {
+	rule   Rule
+	detail string
+}
+
 // resolveOverlap marks all but the lowest-Order holder of p (all of them
 // on a tie) as overlapping, among those not already ignored.
-func resolveOverlap(bad []Ignored, p netip.Prefix, idx []int) {
+func resolveOverlap(cands []Candidate, bad []mark, p netip.Prefix, idx []int) {
 	idx = slices.DeleteFunc(slices.Clone(idx), func(i int) bool {
-		return bad[i].Rule != "" && bad[i].Rule != RuleOverlap
+		return bad[i].rule != "" && bad[i].rule != RuleOverlap
 	})
 	if len(idx) < 2 {
 		return
 	}
-	slices.SortStableFunc(idx, func(a, b int) int { return cmp.Compare(bad[a].Order, bad[b].Order) })
+	slices.SortStableFunc(idx, func(a, b int) int { return cmp.Compare(cands[a].Order, cands[b].Order) })
 	winner := -1
-	if bad[idx[0]].Order != bad[idx[1]].Order {
+	if cands[idx[0]].Order != cands[idx[1]].Order {
 		winner = idx[0]
 	}
 	for _, i := range idx {
-		if i == winner || bad[i].Rule != "" {
+		if i == winner || bad[i].rule != "" {
 			continue
 		}
 		var detail string
 		switch {
 		case winner >= 0:
-			detail = fmt.Sprintf("subnet %s is held by the older %s", p, bad[winner].Name)
+			detail = fmt.Sprintf("subnet %s is held by the older %s", p, cands[winner].Name)
 		case i == idx[0]:
-			detail = fmt.Sprintf("subnet %s is also claimed by %s, as old", p, bad[idx[1]].Name)
+			detail = fmt.Sprintf("subnet %s is also claimed by %s, as old", p, cands[idx[1]].Name)
 		default:
-			detail = fmt.Sprintf("subnet %s is also claimed by %s, as old", p, bad[idx[0]].Name)
+			detail = fmt.Sprintf("subnet %s is also claimed by %s, as old", p, cands[idx[0]].Name)
 		}
-		bad[i].Rule, bad[i].Detail = RuleOverlap, detail
+		bad[i] = mark{RuleOverlap, detail}
 	}
 }
 

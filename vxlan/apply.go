@@ -128,20 +128,25 @@ func (n *Network) applyChanges(ctx context.Context, peers []lease.Lease) error {
 	n.synced = false
 	var failed backend.PeerErrs
 	direct := n.directFunc()
-	memos := make(map[leaseKey]*peerMemo, len(peers))
+	// The memo is updated in place (no map of every peer per change): a
+	// peer seen in this call gets this generation; the others are gone.
+	// If programming fails, synced stays false and the next Apply
+	// rebuilds the memo from scratch (applyAll).
+	n.gen++
 	var sets, dels []op
 	for i, p := range peers {
 		k := keyOf(p)
 		old, had := n.memo[k]
 		if had && sameLease(old.lease, p) {
-			memos[k] = old
+			old.gen = n.gen
 			for _, e := range old.errs {
 				failed.Add(i, e)
 			}
 			continue
 		}
 		m := n.desirePeer(i, p, direct)
-		memos[k] = m
+		m.gen = n.gen
+		n.memo[k] = m
 		for _, e := range m.errs {
 			failed.Add(i, e)
 		}
@@ -152,12 +157,13 @@ func (n *Network) applyChanges(ctx context.Context, peers []lease.Lease) error {
 		sets, dels = append(sets, s...), append(dels, d...)
 	}
 	for k, old := range n.memo {
-		if _, ok := memos[k]; !ok {
+		if old.gen != n.gen {
 			_, d := diffMemo(old, &peerMemo{}, -1)
 			dels = append(dels, d...)
+			delete(n.memo, k)
 		}
 	}
-	return n.finish(ctx, began, peers, sets, dels, &failed, memos)
+	return n.finish(ctx, began, peers, sets, dels, &failed, n.memo)
 }
 
 // sameLease reports whether a peer's lease asks for the same entries.

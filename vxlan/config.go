@@ -23,6 +23,10 @@ const (
 	DefaultVNI            = 1
 	DefaultPort           = 8472
 	DefaultRepairInterval = 10 * time.Second
+	// DefaultResyncInterval is how often, by default, the periodic repair
+	// dumps and diffs every entry while the kernel is known to hold the
+	// peer set and the kernel subscriptions are open.
+	DefaultResyncInterval = 5 * time.Minute
 	// overhead4 and overhead6 are the VXLAN encapsulation overheads over an
 	// IPv4 and an IPv6 underlay (outer IP + UDP + VXLAN + inner Ethernet).
 	overhead4 = 50
@@ -60,6 +64,16 @@ type Options struct {
 	// RepairInterval is how often Network.Run re-applies the last peer set.
 	// Optional: 10s.
 	RepairInterval time.Duration
+	// ResyncInterval makes the periodic repair rare: while the kernel is
+	// known to hold the last peer set (no kernel error since the last full
+	// pass) and the kernel subscriptions that repair deletions at once are
+	// open, a RepairInterval tick dumps and diffs every entry only when
+	// ResyncInterval has passed since the last repair; otherwise every
+	// tick does (a failure is retried after RepairInterval). Entries added
+	// or changed by others, which no kernel event reports, go at that
+	// resync. Optional: DefaultResyncInterval when RepairInterval is not
+	// set either, else RepairInterval (every tick).
+	ResyncInterval time.Duration
 	// Sockets is how many raw netlink sockets program entries in parallel.
 	// Optional: 1 (the kernel serializes most of the work anyway). Without
 	// an open Env.NS, entries are written one by one through Env.Handle.
@@ -76,6 +90,12 @@ func (o Options) withDefaults() Options {
 	}
 	if o.Port == 0 {
 		o.Port = DefaultPort
+	}
+	if o.ResyncInterval <= 0 {
+		o.ResyncInterval = o.RepairInterval
+		if o.RepairInterval <= 0 {
+			o.ResyncInterval = DefaultResyncInterval
+		}
 	}
 	if o.RepairInterval <= 0 {
 		o.RepairInterval = DefaultRepairInterval

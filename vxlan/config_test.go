@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"net"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -65,6 +66,9 @@ func TestFromConfigAndRegistry(t *testing.T) {
 	assert.Equal(t, 3, opts.VNI)
 	assert.Equal(t, DefaultPort, opts.Port)
 	assert.Equal(t, DefaultRepairInterval, opts.RepairInterval)
+	assert.Equal(t, DefaultResyncInterval, opts.ResyncInterval, "the daemon's default: a rare full resync")
+	assert.Equal(t, time.Second, Options{RepairInterval: time.Second}.withDefaults().ResyncInterval, "a caller's RepairInterval alone: every tick")
+	assert.Equal(t, time.Minute, Options{RepairInterval: time.Second, ResyncInterval: time.Minute}.withDefaults().ResyncInterval)
 	_, err = r.New(lease.Config{BackendType: "vxlan", Backend: json.RawMessage(`{"Type":"vxlan","Foo":1}`)})
 	assert.ErrorContains(t, err, "Backend.Foo")
 	_, err = FromConfig(lease.Config{BackendType: "host-gw"})

@@ -8,6 +8,7 @@ import (
 	"runtime"
 	"slices"
 	"sync"
+	"sync/atomic"
 
 	"github.com/vishvananda/netlink"
 
@@ -34,10 +35,15 @@ type Network struct {
 	// peers that changed. Repairs always dump and diff everything.
 	synced bool
 	memo   map[leaseKey]*peerMemo // what each peer asked for last
+	gen    uint64                 // applyChanges' generation (peerMemo.gen)
 	socks  *sockets
 
 	devMu    sync.Mutex // guards devIndex, read by Run's event filters
 	devIndex []int      // current ifindex of each device
+
+	// watchUp says, per kernel subscription of Run, whether it is open:
+	// only then do periodic ticks skip the full pass (Options.ResyncInterval).
+	watchUp [3]atomic.Bool
 }
 
 // leaseKey identifies a peer by its subnets.
@@ -51,6 +57,7 @@ type peerMemo struct {
 	fdb, neigh []op
 	routes     []netlink.Route // normalized
 	errs       []error         // why it could not be (fully) programmed
+	gen        uint64          // the applyChanges call that last saw it
 }
 
 var _ flannel.Network = (*Network)(nil)
@@ -67,10 +74,26 @@ func newNetwork(env flannel.Env, own lease.Lease, opts Options, devs []*device) 
 		},
 		Repair:   n.applyAll, // repairs always dump and diff everything
 		Interval: opts.RepairInterval,
+		Resync:   opts.ResyncInterval,
+		Synced:   n.syncedLocked,
 		Logger:   log,
 	})
 	runtime.AddCleanup(n, (*sockets).closeAll, n.socks)
 	return n
+}
+
+// syncedLocked reports whether the kernel is known to hold the last peer
+// set and every kernel subscription is open (see Options.ResyncInterval).
+func (n *Network) syncedLocked() bool {
+	if !n.synced || !n.env.NS.IsOpen() {
+		return false
+	}
+	for i := range n.watchUp {
+		if !n.watchUp[i].Load() {
+			return false
+		}
+	}
+	return true
 }
 
 // Lease returns the lease the network was started with.

@@ -12,7 +12,8 @@ import (
 )
 
 // Run repairs drift until ctx ends: it re-applies the last peer set every
-// RepairInterval, and right away when a flannel device is deleted or set
+// RepairInterval (only every ResyncInterval while the kernel is in sync and
+// the subscriptions below are open), and right away when a flannel device is deleted or set
 // down (recreating it with its MAC and replaying every peer) or when a
 // permanent neighbour or FDB entry on a flannel device, or a route of ours,
 // is deleted (netlink subscriptions in env.NS; without an open NS only the
@@ -31,17 +32,17 @@ func (n *Network) Run(ctx context.Context) error {
 			names[d.spec.name] = true
 		}
 		watchers = append(watchers,
-			backend.NetlinkWatcher(n.log, n.env.NS, "link", nlsafe.SubscribeLinks, func(u netlink.LinkUpdate) bool {
+			backend.NetlinkHealthWatcher(n.log, n.env.NS, "link", nlsafe.SubscribeLinks, func(u netlink.LinkUpdate) bool {
 				return u.Link != nil && names[u.Link.Attrs().Name] &&
 					(u.Header.Type == unix.RTM_DELLINK || u.Link.Attrs().Flags&net.FlagUp == 0)
-			}),
-			backend.NetlinkWatcher(n.log, n.env.NS, "neighbour", nlsafe.SubscribeNeighs, func(u netlink.NeighUpdate) bool {
+			}, n.watchUp[0].Store),
+			backend.NetlinkHealthWatcher(n.log, n.env.NS, "neighbour", nlsafe.SubscribeNeighs, func(u netlink.NeighUpdate) bool {
 				// A deleted neighbour is reported NUD_FAILED, whatever it was.
 				return u.Type == unix.RTM_DELNEIGH && n.ours(u.LinkIndex, false)
-			}),
-			backend.NetlinkWatcher(n.log, n.env.NS, "route", nlsafe.SubscribeRoutes, func(u netlink.RouteUpdate) bool {
+			}, n.watchUp[1].Store),
+			backend.NetlinkHealthWatcher(n.log, n.env.NS, "route", nlsafe.SubscribeRoutes, func(u netlink.RouteUpdate) bool {
 				return u.Type == unix.RTM_DELROUTE && u.Protocol == backend.RouteProtocol && n.ours(u.LinkIndex, true)
-			}))
+			}, n.watchUp[2].Store))
 	} else {
 		n.log.Info("no namespace handle: repairing on a timer only", "interval", n.opts.RepairInterval)
 	}
