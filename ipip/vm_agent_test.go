@@ -15,6 +15,7 @@ import (
 	"github.com/flannelkit/flannel/backend"
 	"github.com/flannelkit/flannel/internal/netlab"
 	"github.com/flannelkit/flannel/internal/testenv"
+	"github.com/flannelkit/flannel/internal/vmlab"
 	"github.com/flannelkit/flannel/ipip"
 	"github.com/flannelkit/flannel/lease"
 	"github.com/flannelkit/flannel/memstore"
@@ -64,12 +65,5 @@ func TestInVMAgents(t *testing.T) {
 		pods[i], err = lab.Nodes[i].AddPod("pod", st.Lease.Subnet, st.Lease.IPv6Subnet, netlab.WithMTU(st.MTU))
 		require.NoError(t, err)
 	}
-	for i, a := range pods {
-		for j, b := range pods {
-			if i != j {
-				require.NoError(t, a.Ping(ctxT(t, 30*time.Second), b.IP), "ping %d -> %d", i, j)
-				require.NoError(t, a.TCPCheck(ctxT(t, 30*time.Second), b, b.IP), "tcp %d -> %d", i, j)
-			}
-		}
-	}
+	vmlab.CheckPairs(t, pods, 30*time.Second)
 }
