@@ -19,6 +19,7 @@ import (
 	"github.com/flannelkit/flannel/backend"
 	"github.com/flannelkit/flannel/internal/netlab"
 	"github.com/flannelkit/flannel/internal/testenv"
+	"github.com/flannelkit/flannel/internal/vmlab"
 	"github.com/flannelkit/flannel/lease"
 	"github.com/flannelkit/flannel/memstore"
 	"github.com/flannelkit/flannel/wireguard"
@@ -72,14 +73,7 @@ func TestInVMAgents(t *testing.T) {
 		pods[i], err = lab.Nodes[i].AddPod("pod", st.Lease.Subnet, st.Lease.IPv6Subnet, netlab.WithMTU(st.MTU))
 		require.NoError(t, err)
 	}
-	for i, a := range pods {
-		for j, b := range pods {
-			if i != j {
-				require.NoError(t, a.Ping(ctxT(t, 30*time.Second), b.IP), "ping %d->%d", i, j)
-				require.NoError(t, a.TCPCheck(ctxT(t, 30*time.Second), b, b.IP), "tcp %d->%d", i, j)
-			}
-		}
-	}
+	vmlab.CheckPairs(t, pods, 30*time.Second)
 	upstream := regexp.MustCompile(`^\{"PublicKey":"[A-Za-z0-9+/]{43}=","Port":51820\}$`)
 	for _, l := range store.Leases() {
 		assert.Equal(t, wireguard.Type, l.Attrs.BackendType)

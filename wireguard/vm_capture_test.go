@@ -14,12 +14,11 @@ import (
 	"testing"
 	"time"
 
-	"github.com/stretchr/testify/require"
-	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
 	"github.com/flannelkit/flannel/internal/netlab"
 	"github.com/flannelkit/flannel/internal/nlsafe"
+	"github.com/flannelkit/flannel/internal/vmlab"
 )
 
 // capture reads every frame on the wire between the nodes (all ports of
@@ -45,44 +44,17 @@ type capture struct {
 
 func startCapture(t *testing.T, lab *netlab.Lab, marker []byte, pods []netip.Prefix, ports ...uint16) *capture {
 	t.Helper()
-	seg, err := netns.GetFromName(lab.NSName("s0"))
-	require.NoError(t, err)
-	defer seg.Close()
-	var fd int
-	require.NoError(t, nlsafe.InNamespace(seg, func() error {
-		var err error
-		fd, err = unix.Socket(unix.AF_PACKET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, int(htons(unix.ETH_P_ALL)))
-		return err
-	}))
-	require.NoError(t, unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &unix.Timeval{Usec: 100000}))
 	c := &capture{marker: marker, pods: pods, ports: map[uint16]bool{}, wg: map[string]int{}, other: map[string]int{}}
 	for _, p := range ports {
 		c.ports[p] = true
 	}
-	var done atomic.Bool
-	var wg sync.WaitGroup
-	wg.Go(func() {
-		buf := make([]byte, 65536)
-		for !done.Load() {
-			n, _, err := unix.Recvfrom(fd, buf, 0)
-			if err == nil && n >= 14 {
-				c.frame(buf[:n])
-			}
+	c.stop = vmlab.Tap(t, lab, func(f []byte) {
+		if len(f) >= 14 {
+			c.frame(f)
 		}
 	})
-	var once sync.Once
-	c.stop = func() {
-		once.Do(func() {
-			done.Store(true)
-			wg.Wait()
-			unix.Close(fd)
-		})
-	}
-	t.Cleanup(c.stop)
 	return c
 }
-
-func htons(v uint16) uint16 { return v<<8 | v>>8 }
 
 // frame sorts one Ethernet frame.
 func (c *capture) frame(f []byte) {
