@@ -19,6 +19,7 @@ import (
 	"github.com/flannelkit/flannel/internal/netlab"
 	"github.com/flannelkit/flannel/internal/nlsafe"
 	"github.com/flannelkit/flannel/internal/testenv"
+	"github.com/flannelkit/flannel/internal/vmlab"
 	"github.com/flannelkit/flannel/ipsec"
 	"github.com/flannelkit/flannel/lease"
 	"github.com/flannelkit/flannel/memstore"
@@ -87,14 +88,7 @@ func TestInVMAgents(t *testing.T) {
 	for _, a := range l.agents {
 		assert.Equal(t, 1446, a.State().MTU)
 	}
-	for i, a := range pods {
-		for j, b := range pods {
-			if i != j {
-				require.NoError(t, a.Ping(ctxT(t, 20*time.Second), b.IP), "ping %d->%d", i, j)
-				require.NoError(t, a.TCPCheck(ctxT(t, 20*time.Second), b, b.IP), "tcp %d->%d", i, j)
-			}
-		}
-	}
+	vmlab.CheckPairs(t, pods, 20*time.Second)
 	for _, n := range lab.Nodes {
 		assert.Len(t, xfrmStates(t, n.Handle), 2*perPeer)
 	}
@@ -162,7 +156,7 @@ func TestInVMAgentsRekey(t *testing.T) {
 	}
 	before := data()
 	beforeSPIs := spis(t, lab.Nodes[0].Handle)
-	probe := startUDPProbe(t, pods[0], pods[1], 20*time.Millisecond)
+	probe := vmlab.StartUDPProbe(t, pods[0], pods[1], 20*time.Millisecond)
 
 	// Both nodes rekey and publish; the store holds the new keys.
 	require.Eventually(t, func() bool {
@@ -190,18 +184,18 @@ func TestInVMAgentsRekey(t *testing.T) {
 		}
 		return true
 	}, 60*time.Second, 100*time.Millisecond, "the old keys retired")
-	probe.stop()
+	probe.Stop()
 
-	t.Logf("udp probe: sent %d, answered %d", probe.sent.Load(), probe.got.Load())
-	assert.Positive(t, probe.sent.Load())
-	if !assert.Equal(t, probe.sent.Load(), probe.got.Load(), "datagrams lost during the rekey: %v", probe.missing()) {
+	t.Logf("udp probe: sent %d, answered %d", probe.Sent.Load(), probe.Got.Load())
+	assert.Positive(t, probe.Sent.Load())
+	if !assert.Equal(t, probe.Sent.Load(), probe.Got.Load(), "datagrams lost during the rekey: %v", probe.Missing()) {
 		var keyLogs []string
 		for l := range strings.Lines(logs.String()) {
 			if strings.Contains(l, "rekey") || strings.Contains(l, "key changed") || strings.Contains(l, "publish") {
 				keyLogs = append(keyLogs, l)
 			}
 		}
-		t.Logf("probe started at %s; key events:\n%s", probe.start.Format(time.RFC3339Nano), strings.Join(keyLogs, ""))
+		t.Logf("probe started at %s; key events:\n%s", probe.Start.Format(time.RFC3339Nano), strings.Join(keyLogs, ""))
 	}
 	for s := range spis(t, lab.Nodes[0].Handle) {
 		assert.False(t, beforeSPIs[s], "SPI %#x survived the rekey", s)

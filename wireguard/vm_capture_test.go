@@ -3,21 +3,17 @@ package wireguard_test
 import (
 	"bytes"
 	"encoding/binary"
-	"errors"
 	"fmt"
-	"net"
 	"net/netip"
 	"sort"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
-	"time"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/flannelkit/flannel/internal/netlab"
-	"github.com/flannelkit/flannel/internal/nlsafe"
 	"github.com/flannelkit/flannel/internal/vmlab"
 )
 
@@ -157,64 +153,4 @@ func (c *capture) wgCount(key string) int {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return c.wg[key]
-}
-
-// sendMarker sends marker over TCP from pod a to b's address dst and
-// reports whether b received it.
-func sendMarker(a, b *netlab.Pod, dst netip.Addr, marker []byte, timeout time.Duration) error {
-	network, src := "tcp4", a.IP
-	if dst.Is6() {
-		network, src = "tcp6", a.IPv6
-	}
-	var ln net.Listener
-	if err := nlsafe.InNamespace(b.NS, func() error {
-		var err error
-		ln, err = net.Listen(network, netip.AddrPortFrom(dst, 0).String())
-		return err
-	}); err != nil {
-		return err
-	}
-	defer ln.Close()
-	got := make(chan []byte, 1)
-	var wg sync.WaitGroup
-	defer wg.Wait()
-	defer ln.Close()
-	wg.Go(func() {
-		conn, err := ln.Accept()
-		if err != nil {
-			got <- nil
-			return
-		}
-		defer conn.Close()
-		conn.SetReadDeadline(time.Now().Add(timeout))
-		buf := make([]byte, len(marker))
-		if _, err := conn.Read(buf); err != nil {
-			got <- nil
-			return
-		}
-		got <- buf
-	})
-	var conn net.Conn
-	if err := nlsafe.InNamespace(a.NS, func() error {
-		d := net.Dialer{Timeout: timeout, LocalAddr: &net.TCPAddr{IP: src.AsSlice()}}
-		var err error
-		conn, err = d.Dial(network, ln.Addr().String())
-		return err
-	}); err != nil {
-		return err
-	}
-	defer conn.Close()
-	if _, err := conn.Write(marker); err != nil {
-		return err
-	}
-	select {
-	case r := <-got:
-		if !bytes.Equal(r, marker) {
-			return errors.New("marker not received")
-		}
-		return nil
-	case <-time.After(timeout):
-		ln.Close()
-		return errors.New("marker not received in time")
-	}
 }

@@ -51,7 +51,7 @@ func TestInVMMatrix(t *testing.T) {
 				for j, b := range c.nodes {
 					for _, ip := range []netip.Addr{b.pod.IP, b.pod.IPv6} {
 						if i != j && ip.IsValid() {
-							require.NoError(t, sendMarker(a.pod, b.pod, ip, marker, 20*time.Second), "marker %d->%d %s", i, j, ip)
+							require.NoError(t, vmlab.SendMarker(t, a.pod, b.pod, ip, marker, 20*time.Second), "marker %d->%d %s", i, j, ip)
 						}
 					}
 				}
