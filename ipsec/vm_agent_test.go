@@ -1,21 +1,17 @@
 package ipsec_test
 
 import (
-	"context"
 	"log/slog"
 	"net"
 	"net/netip"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
-	"go.uber.org/goleak"
 
 	flannel "github.com/flannelkit/flannel"
-	"github.com/flannelkit/flannel/backend"
 	"github.com/flannelkit/flannel/internal/netlab"
 	"github.com/flannelkit/flannel/internal/nlsafe"
 	"github.com/flannelkit/flannel/internal/testenv"
@@ -40,42 +36,15 @@ type agentLab struct {
 // their goroutines and checks for leaks.
 func startAgents(t *testing.T, nodes int, netConf string) *agentLab {
 	t.Helper()
-	ignore := goleak.IgnoreCurrent()
 	l := &agentLab{lab: netlab.NewT(t, netlab.Options{Nodes: nodes}), logs: &testenv.LogBuffer{}}
 	cfg, err := lease.ParseConfig([]byte(netConf))
 	require.NoError(t, err)
 	l.store = memstore.New(cfg, memstore.Options{})
-	log := slog.New(slog.NewJSONHandler(l.logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
-
-	ctx, cancel := context.WithCancel(t.Context())
-	var wg sync.WaitGroup
-	t.Cleanup(func() { cancel(); wg.Wait(); goleak.VerifyNone(t, ignore) })
-	l.agents = make([]*flannel.Agent, nodes)
-	for i, n := range l.lab.Nodes {
-		be, err := ipsec.FromConfig(cfg)
-		require.NoError(t, err)
-		iface, err := backend.FindInterface(n.Handle, backend.InterfaceOptions{IPv4: true})
-		require.NoError(t, err)
-		l.agents[i], err = flannel.NewAgent(flannel.AgentOptions{
-			Store: l.store, Backend: be, Iface: iface, Handle: n.Handle, NS: n.NS,
-			Logger: log.With("node", n.Name),
-		})
-		require.NoError(t, err)
-		a := l.agents[i]
-		wg.Go(func() { assert.NoError(t, a.Run(ctx)) })
-	}
-	l.pods = make([]*netlab.Pod, nodes)
-	for i, a := range l.agents {
-		select {
-		case <-a.Ready():
-		case <-time.After(60 * time.Second):
-			t.Fatalf("agent %d not ready", i)
-		}
-		require.Eventually(t, func() bool { return a.State().Peers == nodes-1 }, 60*time.Second, 50*time.Millisecond)
-		st := a.State()
-		l.pods[i], err = l.lab.Nodes[i].AddPod("pod", st.Lease.Subnet, st.Lease.IPv6Subnet, netlab.WithMTU(st.MTU))
-		require.NoError(t, err)
-	}
+	l.agents, l.pods = vmlab.StartAgents(t, vmlab.Agents{
+		Lab: l.lab, Store: l.store, Ready: 60 * time.Second,
+		Logs: l.logs, Logger: slog.New(slog.NewJSONHandler(l.logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
+		Backend: func(*netlab.Node) (flannel.Backend, error) { return ipsec.FromConfig(cfg) },
+	})
 	return l
 }
 
