@@ -69,12 +69,7 @@ func newCluster(t *testing.T, n int, opts ipip.Options) *vcluster {
 	c := &vcluster{t: t, lab: lab, cfg: cfg, opts: opts}
 	for i, nd := range lab.Nodes {
 		v := &vnode{node: nd, logs: &testenv.LogBuffer{}}
-		v.env = flannel.Env{
-			Config: cfg,
-			Iface:  flannel.ExternalInterface{Name: nd.Iface, IP: nd.IP, PublicIP: nd.IP},
-			Handle: nd.Handle, NS: nd.NS,
-			Logger: slog.New(slog.NewTextHandler(v.logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
-		}
+		v.env = vmlab.NodeEnv(nd, cfg, slog.New(slog.NewTextHandler(v.logs, &slog.HandlerOptions{Level: slog.LevelDebug})))
 		c.nodes = append(c.nodes, v)
 		c.start(i)
 		v.pod, err = nd.AddPod("pod", v.lease.Subnet, netip.Prefix{}, netlab.WithMTU(v.net.MTU()))

@@ -114,13 +114,7 @@ func newClusterFamilies(t *testing.T, n int, psk func(i int) string, opts ipsec.
 		v := &vnode{node: nd, psk: psk(i), logs: &testenv.LogBuffer{}}
 		v.opts = opts
 		v.opts.PSK = []byte(v.psk)
-		v.env = flannel.Env{
-			Config: cfg,
-			Iface:  flannel.ExternalInterface{Name: nd.Iface, IP: nd.IP, PublicIP: nd.IP, IPv6: nd.IPv6, PublicIPv6: nd.IPv6},
-			Handle: nd.Handle,
-			NS:     nd.NS,
-			Logger: slog.New(slog.NewJSONHandler(v.logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
-		}
+		v.env = vmlab.NodeEnv(nd, cfg, slog.New(slog.NewJSONHandler(v.logs, &slog.HandlerOptions{Level: slog.LevelDebug})))
 		c.nodes = append(c.nodes, v)
 		c.start(i)
 		v.pod, err = nd.AddPod("pod", v.lease.Subnet, v.lease.IPv6Subnet, netlab.WithMTU(v.net.MTU()))

@@ -142,13 +142,7 @@ func newCluster(t *testing.T, n int, f family, backendKeys string, repair time.D
 		v := &wnode{node: nd, logs: &testenv.LogBuffer{}, opts: opts}
 		v.keyFile = filepath.Join(dir, nd.Name, "wgkey")
 		v.opts.KeyFile = v.keyFile
-		v.env = flannel.Env{
-			Config: cfg,
-			Iface:  flannel.ExternalInterface{Name: nd.Iface, IP: nd.IP, PublicIP: nd.IP, IPv6: nd.IPv6, PublicIPv6: nd.IPv6},
-			Handle: nd.Handle,
-			NS:     nd.NS,
-			Logger: slog.New(slog.NewJSONHandler(v.logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
-		}
+		v.env = vmlab.NodeEnv(nd, cfg, slog.New(slog.NewJSONHandler(v.logs, &slog.HandlerOptions{Level: slog.LevelDebug})))
 		c.nodes = append(c.nodes, v)
 		c.start(i)
 		v.pod, err = nd.AddPod("pod", v.lease.Subnet, v.lease.IPv6Subnet, netlab.WithMTU(v.net.MTU()))
