@@ -52,9 +52,10 @@
 //     the manifests and their tests, and no code.
 //
 // Test harnesses sit beside the layers: internal/netlab (namespaces and
-// veth pairs), internal/etcdtest, internal/kubetest, internal/vmtest,
-// internal/cnilab, internal/testenv, internal/kubecluster, internal/image,
-// and the contract suites internal/storetest and internal/backendtest.
+// veth pairs), internal/etcdtest, internal/kubetest, internal/vmtest and
+// internal/vmlab, internal/cnilab, internal/testenv, internal/kubecluster,
+// internal/image, and the contract suites internal/storetest and
+// internal/backendtest.
 // Tests, examples and hack commands import them; a library package's
 // non-test code never does.
 package flannel

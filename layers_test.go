@@ -37,7 +37,7 @@ func layerOf(pkg string) string {
 		return "daemon"
 	case "internal/netlab", "internal/etcdtest", "internal/kubetest", "internal/vmtest",
 		"internal/cnilab", "internal/testenv", "internal/kubecluster", "internal/image",
-		"internal/storetest", "internal/backendtest", "internal/e2e", "internal/dockerhost":
+		"internal/storetest", "internal/backendtest", "internal/e2e", "internal/dockerhost", "internal/vmlab":
 		return "harness"
 	case "deploy":
 		return "main"

@@ -1,27 +1,23 @@
 package ipip_test
 
 import (
-	"context"
 	"fmt"
 	"log/slog"
 	"net/netip"
 	"slices"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/require"
 	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
 	flannel "github.com/flannelkit/flannel"
 	"github.com/flannelkit/flannel/backend"
 	"github.com/flannelkit/flannel/internal/netlab"
-	"github.com/flannelkit/flannel/internal/nlsafe"
 	"github.com/flannelkit/flannel/internal/testenv"
-	"github.com/flannelkit/flannel/internal/vmtest"
+	"github.com/flannelkit/flannel/internal/vmlab"
 	"github.com/flannelkit/flannel/ipip"
 	"github.com/flannelkit/flannel/lease"
 )
@@ -34,32 +30,16 @@ var vmModules = []string{"ipip", "veth", "bridge", "xfrm_user", "nfnetlink"}
 // TestVM runs the TestInVM* tests of this package inside a qemu VM whose
 // kernel has ipip (the host's has not): one boot for all of them.
 func TestVM(t *testing.T) {
-	if vmtest.Inside() {
-		t.Skip("already inside the VM")
-	}
-	testenv.RequireRoot(t)
-	tools, err := vmtest.Find()
-	testenv.Require(t, err == nil, fmt.Sprint(err))
-	accel, err := vmtest.AccelFromEnv()
-	require.NoError(t, err)
-	res, err := vmtest.Run(t.Context(), tools, vmtest.Options{
-		Accel: accel, Package: ".", Run: "^TestInVM", Modules: vmModules,
-		Timeout: 10 * time.Minute, Out: t.Output(), Verbose: true,
-	})
-	t.Logf("VM: accelerator %s (%s), boot %v, total %v", res.Accel, res.AccelReason, res.Boot.Round(time.Millisecond), res.Total.Round(time.Millisecond))
-	require.NoError(t, err)
-	require.True(t, res.Passed, "tests inside the VM failed (output above)")
+	res := vmlab.RunVM(t, vmlab.Boot{Run: "^TestInVM", Modules: vmModules, Timeout: 10 * time.Minute})
 	require.Contains(t, res.Output, "--- PASS: TestInVMReachability")
 	require.Contains(t, res.Output, "--- PASS: TestInVMContract")
 	require.NotContains(t, res.Output, "--- SKIP", "a test skipped inside the VM")
 }
 
-func inVM(t *testing.T) {
-	t.Helper()
-	if !vmtest.Inside() {
-		t.Skip("runs inside the VM (TestVM)")
-	}
-}
+var (
+	inVM = vmlab.InVM
+	ctxT = vmlab.Ctx
+)
 
 type vnode struct {
 	node  *netlab.Node
@@ -89,12 +69,7 @@ func newCluster(t *testing.T, n int, opts ipip.Options) *vcluster {
 	c := &vcluster{t: t, lab: lab, cfg: cfg, opts: opts}
 	for i, nd := range lab.Nodes {
 		v := &vnode{node: nd, logs: &testenv.LogBuffer{}}
-		v.env = flannel.Env{
-			Config: cfg,
-			Iface:  flannel.ExternalInterface{Name: nd.Iface, IP: nd.IP, PublicIP: nd.IP},
-			Handle: nd.Handle, NS: nd.NS,
-			Logger: slog.New(slog.NewTextHandler(v.logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
-		}
+		v.env = vmlab.NodeEnv(nd, cfg, slog.New(slog.NewTextHandler(v.logs, &slog.HandlerOptions{Level: slog.LevelDebug})))
 		c.nodes = append(c.nodes, v)
 		c.start(i)
 		v.pod, err = nd.AddPod("pod", v.lease.Subnet, netip.Prefix{}, netlab.WithMTU(v.net.MTU()))
@@ -129,12 +104,6 @@ func (c *vcluster) applyAll() {
 	}
 }
 
-func ctxT(t *testing.T, d time.Duration) context.Context {
-	ctx, cancel := context.WithTimeout(t.Context(), d)
-	t.Cleanup(cancel)
-	return ctx
-}
-
 func (c *vcluster) checkPair(a, b *vnode) {
 	t := c.t
 	t.Helper()
@@ -143,13 +112,11 @@ func (c *vcluster) checkPair(a, b *vnode) {
 }
 
 func (c *vcluster) checkAllPairs() {
-	for _, a := range c.nodes {
-		for _, b := range c.nodes {
-			if a != b {
-				c.checkPair(a, b)
-			}
-		}
+	var pods []*netlab.Pod
+	for _, v := range c.nodes {
+		pods = append(pods, v.pod)
 	}
+	vmlab.CheckPairs(c.t, pods, 30*time.Second)
 }
 
 // ours renders node v's routes of ours as "dst via gw dev <name> [onlink]".
@@ -205,39 +172,17 @@ type counter struct {
 
 func countFrames(t *testing.T, lab *netlab.Lab) *counter {
 	t.Helper()
-	seg, err := netns.GetFromName(lab.NSName("s0"))
-	require.NoError(t, err)
-	defer seg.Close()
-	var fd int
-	require.NoError(t, nlsafe.InNamespace(seg, func() error {
-		var err error
-		// ETH_P_ALL: a socket for one protocol never sees frames that a
-		// bridge port consumes.
-		fd, err = unix.Socket(unix.AF_PACKET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, int(htons(unix.ETH_P_ALL)))
-		return err
-	}))
-	require.NoError(t, unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &unix.Timeval{Usec: 100000}))
 	c := &counter{}
-	var done atomic.Bool
-	var wg sync.WaitGroup
-	wg.Go(func() {
-		buf := make([]byte, 65536)
-		for !done.Load() {
-			n, _, err := unix.Recvfrom(fd, buf, 0)
-			if err != nil || n < 14+20 || buf[12] != 0x08 || buf[13] != 0x00 {
-				continue
-			}
-			switch buf[14+9] {
-			case unix.IPPROTO_IPIP:
-				c.ipip.Add(1)
-			case unix.IPPROTO_ICMP:
-				c.icmp.Add(1)
-			}
+	c.stop = vmlab.Tap(t, lab, func(f []byte) {
+		if len(f) < 14+20 || f[12] != 0x08 || f[13] != 0x00 {
+			return
+		}
+		switch f[14+9] {
+		case unix.IPPROTO_IPIP:
+			c.ipip.Add(1)
+		case unix.IPPROTO_ICMP:
+			c.icmp.Add(1)
 		}
 	})
-	c.stop = func() { done.Store(true); wg.Wait(); unix.Close(fd) }
-	t.Cleanup(c.stop)
 	return c
 }
-
-func htons(v uint16) uint16 { return v<<8 | v>>8 }

@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"sync"
 	"syscall"
 	"testing"
@@ -27,6 +28,7 @@ import (
 	"github.com/flannelkit/flannel/internal/netlab"
 	"github.com/flannelkit/flannel/internal/nlsafe"
 	"github.com/flannelkit/flannel/internal/testenv"
+	"github.com/flannelkit/flannel/internal/vmlab"
 	"github.com/flannelkit/flannel/internal/vmtest"
 	"github.com/flannelkit/flannel/ipip"
 	"github.com/flannelkit/flannel/lease"
@@ -44,19 +46,11 @@ func TestVMUpstream(t *testing.T) {
 	if bin == "" || vmtest.Inside() {
 		t.Skip("opt-in: set " + upstreamEnv + " to a static upstream flanneld (CGO_ENABLED=0 go build in its source)")
 	}
-	testenv.RequireRoot(t)
-	tools, err := vmtest.Find()
-	testenv.Require(t, err == nil, fmt.Sprint(err))
-	accel, err := vmtest.AccelFromEnv()
-	require.NoError(t, err)
-	res, err := vmtest.Run(t.Context(), tools, vmtest.Options{
-		Accel: accel, Package: ".", Run: "^TestUpstreamInVM", Modules: append(vmModules, "br_netfilter"),
-		Timeout: 10 * time.Minute, Out: t.Output(), Verbose: true,
+	res := vmlab.RunVM(t, vmlab.Boot{
+		Run: "^TestUpstreamInVM", Modules: slices.Concat(vmModules, []string{"br_netfilter"}), Timeout: 10 * time.Minute,
 		Files:    map[string]string{"bin/upstream-flanneld": bin},
 		MemoryMB: 1536, // the upstream binary is 77 MB in the initramfs
 	})
-	require.NoError(t, err)
-	require.True(t, res.Passed, "tests inside the VM failed (output above)")
 	require.Contains(t, res.Output, "--- PASS: TestUpstreamInVM")
 }
 

@@ -7,9 +7,9 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	flannel "github.com/flannelkit/flannel"
 	"github.com/flannelkit/flannel/backend"
 	"github.com/flannelkit/flannel/internal/netlab"
+	"github.com/flannelkit/flannel/internal/vmlab"
 	"github.com/flannelkit/flannel/internal/vmtest"
 	"github.com/flannelkit/flannel/ipsec"
 	"github.com/flannelkit/flannel/lease"
@@ -32,12 +32,7 @@ func TestHostKernelWithoutESP(t *testing.T) {
 	require.NoError(t, reg.Register(ipsec.Type, ipsec.FromConfig))
 	b, err := reg.New(cfg)
 	require.NoError(t, err)
-	_, err = b.Prepare(t.Context(), flannel.Env{
-		Config: cfg,
-		Iface:  flannel.ExternalInterface{Name: n.Iface, IP: n.IP, PublicIP: n.IP},
-		Handle: n.Handle,
-		NS:     n.NS,
-	})
+	_, err = b.Prepare(t.Context(), vmlab.NodeEnv(n, cfg, nil))
 	require.ErrorIs(t, err, ipsec.ErrNoESP)
 	assert.Contains(t, err.Error(), "kernel lacks ESP")
 	assert.NotContains(t, err.Error(), clusterPSK)

@@ -1,24 +1,21 @@
 package ipsec_test
 
 import (
-	"context"
 	"log/slog"
 	"net"
 	"net/netip"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
-	"go.uber.org/goleak"
 
 	flannel "github.com/flannelkit/flannel"
-	"github.com/flannelkit/flannel/backend"
 	"github.com/flannelkit/flannel/internal/netlab"
 	"github.com/flannelkit/flannel/internal/nlsafe"
 	"github.com/flannelkit/flannel/internal/testenv"
+	"github.com/flannelkit/flannel/internal/vmlab"
 	"github.com/flannelkit/flannel/ipsec"
 	"github.com/flannelkit/flannel/lease"
 	"github.com/flannelkit/flannel/memstore"
@@ -39,42 +36,15 @@ type agentLab struct {
 // their goroutines and checks for leaks.
 func startAgents(t *testing.T, nodes int, netConf string) *agentLab {
 	t.Helper()
-	ignore := goleak.IgnoreCurrent()
 	l := &agentLab{lab: netlab.NewT(t, netlab.Options{Nodes: nodes}), logs: &testenv.LogBuffer{}}
 	cfg, err := lease.ParseConfig([]byte(netConf))
 	require.NoError(t, err)
 	l.store = memstore.New(cfg, memstore.Options{})
-	log := slog.New(slog.NewJSONHandler(l.logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
-
-	ctx, cancel := context.WithCancel(t.Context())
-	var wg sync.WaitGroup
-	t.Cleanup(func() { cancel(); wg.Wait(); goleak.VerifyNone(t, ignore) })
-	l.agents = make([]*flannel.Agent, nodes)
-	for i, n := range l.lab.Nodes {
-		be, err := ipsec.FromConfig(cfg)
-		require.NoError(t, err)
-		iface, err := backend.FindInterface(n.Handle, backend.InterfaceOptions{IPv4: true})
-		require.NoError(t, err)
-		l.agents[i], err = flannel.NewAgent(flannel.AgentOptions{
-			Store: l.store, Backend: be, Iface: iface, Handle: n.Handle, NS: n.NS,
-			Logger: log.With("node", n.Name),
-		})
-		require.NoError(t, err)
-		a := l.agents[i]
-		wg.Go(func() { assert.NoError(t, a.Run(ctx)) })
-	}
-	l.pods = make([]*netlab.Pod, nodes)
-	for i, a := range l.agents {
-		select {
-		case <-a.Ready():
-		case <-time.After(60 * time.Second):
-			t.Fatalf("agent %d not ready", i)
-		}
-		require.Eventually(t, func() bool { return a.State().Peers == nodes-1 }, 60*time.Second, 50*time.Millisecond)
-		st := a.State()
-		l.pods[i], err = l.lab.Nodes[i].AddPod("pod", st.Lease.Subnet, st.Lease.IPv6Subnet, netlab.WithMTU(st.MTU))
-		require.NoError(t, err)
-	}
+	l.agents, l.pods = vmlab.StartAgents(t, vmlab.Agents{
+		Lab: l.lab, Store: l.store, Ready: 60 * time.Second,
+		Logs: l.logs, Logger: slog.New(slog.NewJSONHandler(l.logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
+		Backend: func(*netlab.Node) (flannel.Backend, error) { return ipsec.FromConfig(cfg) },
+	})
 	return l
 }
 
@@ -87,14 +57,7 @@ func TestInVMAgents(t *testing.T) {
 	for _, a := range l.agents {
 		assert.Equal(t, 1446, a.State().MTU)
 	}
-	for i, a := range pods {
-		for j, b := range pods {
-			if i != j {
-				require.NoError(t, a.Ping(ctxT(t, 20*time.Second), b.IP), "ping %d->%d", i, j)
-				require.NoError(t, a.TCPCheck(ctxT(t, 20*time.Second), b, b.IP), "tcp %d->%d", i, j)
-			}
-		}
-	}
+	vmlab.CheckPairs(t, pods, 20*time.Second)
 	for _, n := range lab.Nodes {
 		assert.Len(t, xfrmStates(t, n.Handle), 2*perPeer)
 	}
@@ -162,7 +125,7 @@ func TestInVMAgentsRekey(t *testing.T) {
 	}
 	before := data()
 	beforeSPIs := spis(t, lab.Nodes[0].Handle)
-	probe := startUDPProbe(t, pods[0], pods[1], 20*time.Millisecond)
+	probe := vmlab.StartUDPProbe(t, pods[0], pods[1], 20*time.Millisecond)
 
 	// Both nodes rekey and publish; the store holds the new keys.
 	require.Eventually(t, func() bool {
@@ -190,18 +153,18 @@ func TestInVMAgentsRekey(t *testing.T) {
 		}
 		return true
 	}, 60*time.Second, 100*time.Millisecond, "the old keys retired")
-	probe.stop()
+	probe.Stop()
 
-	t.Logf("udp probe: sent %d, answered %d", probe.sent.Load(), probe.got.Load())
-	assert.Positive(t, probe.sent.Load())
-	if !assert.Equal(t, probe.sent.Load(), probe.got.Load(), "datagrams lost during the rekey: %v", probe.missing()) {
+	t.Logf("udp probe: sent %d, answered %d", probe.Sent.Load(), probe.Got.Load())
+	assert.Positive(t, probe.Sent.Load())
+	if !assert.Equal(t, probe.Sent.Load(), probe.Got.Load(), "datagrams lost during the rekey: %v", probe.Missing()) {
 		var keyLogs []string
 		for l := range strings.Lines(logs.String()) {
 			if strings.Contains(l, "rekey") || strings.Contains(l, "key changed") || strings.Contains(l, "publish") {
 				keyLogs = append(keyLogs, l)
 			}
 		}
-		t.Logf("probe started at %s; key events:\n%s", probe.start.Format(time.RFC3339Nano), strings.Join(keyLogs, ""))
+		t.Logf("probe started at %s; key events:\n%s", probe.Start.Format(time.RFC3339Nano), strings.Join(keyLogs, ""))
 	}
 	for s := range spis(t, lab.Nodes[0].Handle) {
 		assert.False(t, beforeSPIs[s], "SPI %#x survived the rekey", s)

@@ -16,6 +16,7 @@ import (
 
 	"github.com/flannelkit/flannel/internal/netlab"
 	"github.com/flannelkit/flannel/internal/nlsafe"
+	"github.com/flannelkit/flannel/internal/vmlab"
 	"github.com/flannelkit/flannel/ipsec"
 )
 
@@ -94,7 +95,7 @@ func injectUDP(t *testing.T, from, to *netlab.Node, src, dst netip.Addr, port in
 			return err
 		}
 		defer unix.Close(fd)
-		return unix.Sendto(fd, frame, 0, &unix.SockaddrLinklayer{Ifindex: out.Attrs().Index, Protocol: htons(unix.ETH_P_IP), Halen: 6})
+		return unix.Sendto(fd, frame, 0, &unix.SockaddrLinklayer{Ifindex: out.Attrs().Index, Protocol: vmlab.Htons(unix.ETH_P_IP), Halen: 6})
 	}))
 }
 

@@ -9,6 +9,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/flannelkit/flannel/internal/vmlab"
 	"github.com/flannelkit/flannel/ipsec"
 	"github.com/flannelkit/flannel/lease"
 )
@@ -37,7 +38,7 @@ func TestInVMRekeyOnSoftLimit(t *testing.T) {
 	c.checkAllPairs()
 	first := v1.net.(*ipsec.Network).PublicKey()
 	stop := c.runAll()
-	probe := startUDPProbe(t, c.nodes[0].pod, c.nodes[1].pod, 20*time.Millisecond)
+	probe := vmlab.StartUDPProbe(t, c.nodes[0].pod, c.nodes[1].pod, 20*time.Millisecond)
 
 	// The store's job: node 0 sees all node 1 publishes (Start published
 	// its key bound to the lease already; then every rekey: with limits
@@ -67,13 +68,13 @@ func TestInVMRekeyOnSoftLimit(t *testing.T) {
 			bytes.Equal(v1.lease.Attrs.BackendData, v1.net.Lease().Attrs.BackendData)
 	}, 2*time.Minute, 50*time.Millisecond, "an early rekey, published")
 	// Traffic keeps flowing on the new key, past the old key's hard limit.
-	probe.waitAnswers(t, 400)
-	probe.stop()
+	probe.WaitAnswers(t, 400)
+	probe.Stop()
 	close(done)
 	store.Wait()
 	stop()
-	t.Logf("udp probe: sent %d, answered %d", probe.sent.Load(), probe.got.Load())
-	assert.Equal(t, probe.sent.Load(), probe.got.Load(), "datagrams lost: %v", probe.missing())
+	t.Logf("udp probe: sent %d, answered %d", probe.Sent.Load(), probe.Got.Load())
+	assert.Equal(t, probe.Sent.Load(), probe.Got.Load(), "datagrams lost: %v", probe.Missing())
 	assert.Contains(t, v1.logs.String(), "reached its soft limit")
 	c.checkLogsFree()
 }

@@ -2,9 +2,7 @@ package ipsec_test
 
 import (
 	"context"
-	"encoding/binary"
 	"errors"
-	"fmt"
 	"math/rand/v2"
 	"net"
 	"net/netip"
@@ -23,6 +21,7 @@ import (
 	"github.com/flannelkit/flannel/internal/ipconv"
 	"github.com/flannelkit/flannel/internal/netlab"
 	"github.com/flannelkit/flannel/internal/nlsafe"
+	"github.com/flannelkit/flannel/internal/vmlab"
 	"github.com/flannelkit/flannel/ipsec"
 	"github.com/flannelkit/flannel/lease"
 )
@@ -182,129 +181,6 @@ func flattenErr(err error) []error {
 	return []error{err}
 }
 
-// udpProbe sends numbered datagrams from a to b's echo server every
-// interval until stop, and counts the answers.
-type udpProbe struct {
-	sent, got atomic.Int64
-	stop      func()
-
-	start  time.Time
-	mu     sync.Mutex
-	sentAt []time.Duration // by sequence number, since start
-	seen   map[uint64]bool
-}
-
-// missing describes the datagrams sent but never answered: sequence number
-// and when it was sent (since the probe started).
-func (p *udpProbe) missing() []string {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	var out []string
-	for seq, at := range p.sentAt {
-		if !p.seen[uint64(seq)] {
-			out = append(out, fmt.Sprintf("#%d sent at +%v", seq, at.Round(time.Millisecond)))
-		}
-	}
-	return out
-}
-
-func startUDPProbe(t *testing.T, a, b *netlab.Pod, interval time.Duration) *udpProbe {
-	t.Helper()
-	var srv, cli *net.UDPConn
-	require.NoError(t, nlsafe.InNamespace(b.NS, func() error {
-		var err error
-		srv, err = net.ListenUDP("udp4", net.UDPAddrFromAddrPort(netip.AddrPortFrom(b.IP, 0)))
-		return err
-	}))
-	require.NoError(t, nlsafe.InNamespace(a.NS, func() error {
-		var err error
-		cli, err = net.DialUDP("udp4", net.UDPAddrFromAddrPort(netip.AddrPortFrom(a.IP, 0)), srv.LocalAddr().(*net.UDPAddr))
-		return err
-	}))
-	p := &udpProbe{start: time.Now(), seen: map[uint64]bool{}}
-	var wg sync.WaitGroup
-	done := make(chan struct{})
-	wg.Go(func() { // echo
-		buf := make([]byte, 64)
-		for {
-			n, from, err := srv.ReadFromUDPAddrPort(buf)
-			if err != nil {
-				return
-			}
-			srv.WriteToUDPAddrPort(buf[:n], from)
-		}
-	})
-	wg.Go(func() { // receive answers
-		buf := make([]byte, 64)
-		for {
-			n, err := cli.Read(buf)
-			if err != nil {
-				return
-			}
-			if n >= 8 {
-				p.mu.Lock()
-				if s := binary.BigEndian.Uint64(buf); !p.seen[s] {
-					p.seen[s] = true
-					p.got.Add(1)
-				}
-				p.mu.Unlock()
-			}
-		}
-	})
-	sender := make(chan struct{})
-	wg.Go(func() { // send
-		defer close(sender)
-		tk := time.NewTicker(interval)
-		defer tk.Stop()
-		var seq uint64
-		for {
-			select {
-			case <-done:
-				return
-			case <-tk.C:
-				var b [8]byte
-				binary.BigEndian.PutUint64(b[:], seq)
-				p.mu.Lock()
-				p.sentAt = append(p.sentAt, time.Since(p.start))
-				p.mu.Unlock()
-				if _, err := cli.Write(b[:]); err != nil {
-					// Not sent: never counted as missing.
-					p.mu.Lock()
-					p.seen[seq] = true
-					p.mu.Unlock()
-				} else {
-					p.sent.Add(1)
-				}
-				seq++
-			}
-		}
-	})
-	var once sync.Once
-	p.stop = func() {
-		once.Do(func() {
-			close(done)
-			<-sender
-			// Answers in flight: TCG is slow under load, so wait for them
-			// (bounded) rather than for a fixed time.
-			for deadline := time.Now().Add(15 * time.Second); p.got.Load() < p.sent.Load() && time.Now().Before(deadline); {
-				time.Sleep(50 * time.Millisecond)
-			}
-			srv.Close()
-			cli.Close()
-			wg.Wait()
-		})
-	}
-	t.Cleanup(p.stop)
-	return p
-}
-
-// waitAnswers waits until n more datagrams than now were answered.
-func (p *udpProbe) waitAnswers(t *testing.T, n int64) {
-	t.Helper()
-	want := p.got.Load() + n
-	require.Eventually(t, func() bool { return p.got.Load() >= want }, 60*time.Second, 20*time.Millisecond, "%d more probe answers", n)
-}
-
 // rekeyRun is two running nodes with a UDP probe from pod 0 to pod 1, where
 // node 1 has rekeyed and its new attributes are not yet published.
 type rekeyRun struct {
@@ -312,7 +188,7 @@ type rekeyRun struct {
 	stop   func()
 	h1     *netlink.Handle
 	before map[int]bool // node 1's SPIs before the rekey
-	probe  *udpProbe
+	probe  *vmlab.UDPProbe
 	attrs  lease.Attrs
 }
 
@@ -328,8 +204,8 @@ func startRekey(t *testing.T, opts ipsec.Options, setup func(*vcluster)) *rekeyR
 	c.checkAllPairs()
 	r := &rekeyRun{c: c, stop: c.runAll(), h1: c.nodes[1].node.Handle}
 	r.before = spis(t, r.h1)
-	r.probe = startUDPProbe(t, c.nodes[0].pod, c.nodes[1].pod, 20*time.Millisecond)
-	r.probe.waitAnswers(t, 10)
+	r.probe = vmlab.StartUDPProbe(t, c.nodes[0].pod, c.nodes[1].pod, 20*time.Millisecond)
+	r.probe.WaitAnswers(t, 10)
 	var err error
 	r.attrs, err = c.nodes[1].net.(*ipsec.Network).Rekey(t.Context())
 	require.NoError(t, err)
@@ -352,11 +228,11 @@ func (r *rekeyRun) waitRetired(t *testing.T, within time.Duration) {
 // was answered and that no SPI of node 1 survived the rekey.
 func (r *rekeyRun) finish(t *testing.T) {
 	t.Helper()
-	r.probe.stop()
+	r.probe.Stop()
 	r.stop()
-	t.Logf("udp probe: sent %d, answered %d", r.probe.sent.Load(), r.probe.got.Load())
-	assert.Positive(t, r.probe.sent.Load())
-	assert.Equal(t, r.probe.sent.Load(), r.probe.got.Load(), "datagrams lost during the rekey: %v", r.probe.missing())
+	t.Logf("udp probe: sent %d, answered %d", r.probe.Sent.Load(), r.probe.Got.Load())
+	assert.Positive(t, r.probe.Sent.Load())
+	assert.Equal(t, r.probe.Sent.Load(), r.probe.Got.Load(), "datagrams lost during the rekey: %v", r.probe.Missing())
 	after := spis(t, r.h1)
 	assert.Len(t, after, perPeer)
 	for s := range after {
@@ -377,14 +253,14 @@ func TestInVMRekeyUnseen(t *testing.T) {
 	r := startRekey(t, ipsec.Options{Grace: grace, RepairInterval: 500 * time.Millisecond}, nil)
 	// Not published: two grace periods of probe traffic (at least; the
 	// probe sends every 20ms) pass with node 0 unaware.
-	r.probe.waitAnswers(t, int64(2*grace/(20*time.Millisecond)))
+	r.probe.WaitAnswers(t, int64(2*grace/(20*time.Millisecond)))
 	assert.Greater(t, len(spis(t, r.h1)), perPeer, "the old key is still installed while node 0 sends with it")
-	r.probe.waitAnswers(t, 10) // traffic flows while the new key is unseen
+	r.probe.WaitAnswers(t, 10) // traffic flows while the new key is unseen
 
 	// The key arrives: node 0 switches, node 1 sees it and retires the old key.
 	r.publish()
 	r.waitRetired(t, 10*grace)
-	r.probe.waitAnswers(t, 10) // and on the new key only
+	r.probe.WaitAnswers(t, 10) // and on the new key only
 	r.finish(t)
 	goleak.VerifyNone(t, ignore)
 }

@@ -2,19 +2,14 @@ package ipsec_test
 
 import (
 	"bytes"
-	"context"
 	"encoding/base64"
 	"encoding/binary"
 	"encoding/hex"
-	"errors"
 	"fmt"
 	"log/slog"
-	"net"
 	"net/netip"
 	"os/exec"
-	"path/filepath"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -22,15 +17,13 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
 	flannel "github.com/flannelkit/flannel"
-	"github.com/flannelkit/flannel/internal/cnilab"
 	"github.com/flannelkit/flannel/internal/netlab"
 	"github.com/flannelkit/flannel/internal/nlsafe"
 	"github.com/flannelkit/flannel/internal/testenv"
-	"github.com/flannelkit/flannel/internal/vmtest"
+	"github.com/flannelkit/flannel/internal/vmlab"
 	"github.com/flannelkit/flannel/ipsec"
 	"github.com/flannelkit/flannel/lease"
 )
@@ -47,45 +40,14 @@ var vmModules = []string{"esp4", "xfrm_user", "xfrm_algo", "gcm", "ghash_generic
 func TestVM(t *testing.T) {
 	// The demo's pods get their addresses through the CNI plugins, as on
 	// a real node: the reference plugins go to /opt/cni/bin in the VM.
-	plugins := map[string]string{}
-	dir := cnilab.PluginDir(t)
-	for _, p := range cnilab.ReferencePlugins() {
-		plugins["opt/cni/bin/"+p] = filepath.Join(dir, p)
-	}
-	res := runVM(t, "^(TestInVM|TestDemoInVM)", map[string]string{"cluster": "../examples/cluster"}, plugins)
+	res := vmlab.RunVM(t, vmlab.Boot{
+		Run: "^(TestInVM|TestDemoInVM)", Modules: vmModules, Timeout: 8 * time.Minute,
+		Commands: map[string]string{"cluster": "../examples/cluster"}, Files: vmlab.CNIPlugins(t),
+	})
 	require.Contains(t, res.Output, "--- PASS: TestInVMReachability")
 	require.Contains(t, res.Output, "--- PASS: TestDemoInVM")
 	// inVM skips these tests on the host only: inside the VM none may skip.
 	require.NotContains(t, res.Output, "--- SKIP", "a test skipped inside the VM")
-}
-
-func runVM(t *testing.T, run string, cmds, files map[string]string) vmtest.Result {
-	t.Helper()
-	if vmtest.Inside() {
-		t.Skip("already inside the VM")
-	}
-	testenv.RequireRoot(t)
-	tools, err := vmtest.Find()
-	testenv.Require(t, err == nil, fmt.Sprint(err))
-	accel, err := vmtest.AccelFromEnv()
-	require.NoError(t, err)
-	res, err := vmtest.Run(t.Context(), tools, vmtest.Options{
-		Accel:    accel,
-		Package:  ".",
-		Run:      run,
-		Modules:  vmModules,
-		Timeout:  8 * time.Minute,
-		Out:      t.Output(),
-		Verbose:  true,
-		Commands: cmds,
-		Files:    files,
-	})
-	t.Logf("VM: accelerator %s (%s), boot %v, total %v", res.Accel, res.AccelReason, res.Boot.Round(time.Millisecond), res.Total.Round(time.Millisecond))
-	require.NoError(t, err)
-	if !res.Passed {
-		t.Fatal("tests inside the VM failed (output above)")
-	}
-	return res
 }
 
 // perPeer is the number of ESP states per peer: one outbound and one
@@ -102,12 +64,10 @@ const (
 	peerPols   = 6
 )
 
-func inVM(t *testing.T) {
-	t.Helper()
-	if !vmtest.Inside() {
-		t.Skip("runs inside the VM (TestVM)")
-	}
-}
+var (
+	inVM = vmlab.InVM
+	ctxT = vmlab.Ctx
+)
 
 var (
 	clusterPSK = strings.Repeat("cluster-psk-0123456789-", 5)
@@ -154,13 +114,7 @@ func newClusterFamilies(t *testing.T, n int, psk func(i int) string, opts ipsec.
 		v := &vnode{node: nd, psk: psk(i), logs: &testenv.LogBuffer{}}
 		v.opts = opts
 		v.opts.PSK = []byte(v.psk)
-		v.env = flannel.Env{
-			Config: cfg,
-			Iface:  flannel.ExternalInterface{Name: nd.Iface, IP: nd.IP, PublicIP: nd.IP, IPv6: nd.IPv6, PublicIPv6: nd.IPv6},
-			Handle: nd.Handle,
-			NS:     nd.NS,
-			Logger: slog.New(slog.NewJSONHandler(v.logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
-		}
+		v.env = vmlab.NodeEnv(nd, cfg, slog.New(slog.NewJSONHandler(v.logs, &slog.HandlerOptions{Level: slog.LevelDebug})))
 		c.nodes = append(c.nodes, v)
 		c.start(i)
 		v.pod, err = nd.AddPod("pod", v.lease.Subnet, v.lease.IPv6Subnet, netlab.WithMTU(v.net.MTU()))
@@ -224,28 +178,14 @@ func (c *vcluster) applyOK() {
 	}
 }
 
-func ctxT(t *testing.T, d time.Duration) context.Context {
-	ctx, cancel := context.WithTimeout(t.Context(), d)
-	t.Cleanup(cancel)
-	return ctx
-}
-
 func (c *vcluster) checkAllPairs() {
-	t := c.t
-	for i, a := range c.nodes {
-		for j, b := range c.nodes {
-			if i == j || c.gone[i] || c.gone[j] {
-				continue
-			}
-			for _, ip := range []netip.Addr{b.pod.IP, b.pod.IPv6} {
-				if !ip.IsValid() {
-					continue
-				}
-				require.NoError(t, a.pod.Ping(ctxT(t, 20*time.Second), ip), "ping %d->%d %s", i, j, ip)
-				require.NoError(t, a.pod.TCPCheck(ctxT(t, 20*time.Second), b.pod, ip), "tcp %d->%d %s", i, j, ip)
-			}
+	pods := make([]*netlab.Pod, len(c.nodes))
+	for i, v := range c.nodes {
+		if !c.gone[i] {
+			pods[i] = v.pod
 		}
 	}
+	vmlab.CheckPairs(c.t, pods, 20*time.Second)
 }
 
 // capture counts the frames on a node's underlay interface.
@@ -269,128 +209,48 @@ type capture struct {
 // tunnel-mode ESP.)
 func startCapture(t *testing.T, lab *netlab.Lab, marker []byte) *capture {
 	t.Helper()
-	seg, err := netns.GetFromName(lab.NSName("s0"))
-	require.NoError(t, err)
-	defer seg.Close()
-	var fd int
-	err = nlsafe.InNamespace(seg, func() error {
-		var err error
-		fd, err = unix.Socket(unix.AF_PACKET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, int(htons(unix.ETH_P_ALL)))
-		return err
-	})
-	require.NoError(t, err)
-	require.NoError(t, unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &unix.Timeval{Usec: 100000}))
 	c := &capture{marker: marker}
-	var done atomic.Bool
-	var wg sync.WaitGroup
-	wg.Go(func() {
-		buf := make([]byte, 65536)
-		for !done.Load() {
-			n, _, err := unix.Recvfrom(fd, buf, 0)
-			if err != nil || n < 14+20 {
-				continue
+	c.stop = vmlab.Tap(t, lab, func(f []byte) {
+		if len(f) < 14+20 {
+			return
+		}
+		isESP := false
+		if f[12] == 0x08 && f[13] == 0x00 {
+			ip := f[14:]
+			if binary.BigEndian.Uint16(ip[6:8])&0x3fff != 0 {
+				c.frags.Add(1)
 			}
-			f := buf[:n]
-			isESP := false
-			if f[12] == 0x08 && f[13] == 0x00 {
-				ip := f[14:]
-				if binary.BigEndian.Uint16(ip[6:8])&0x3fff != 0 {
-					c.frags.Add(1)
+			switch ip[9] {
+			case unix.IPPROTO_ESP:
+				c.esp.Add(1)
+				isESP = true
+				if l := int64(binary.BigEndian.Uint16(ip[2:4])); l > c.maxESP.Load() {
+					c.maxESP.Store(l) // one reader goroutine: no race on the max
 				}
-				switch ip[9] {
-				case unix.IPPROTO_ESP:
-					c.esp.Add(1)
+			case unix.IPPROTO_UDP:
+				hl := int(ip[0]&0xf) * 4
+				if len(ip) >= hl+4 && (ip[hl+2] == 0x11 && ip[hl+3] == 0x94) {
+					c.udpESP.Add(1)
 					isESP = true
-					if l := int64(binary.BigEndian.Uint16(ip[2:4])); l > c.maxESP.Load() {
-						c.maxESP.Store(l) // one reader goroutine: no race on the max
-					}
-				case unix.IPPROTO_UDP:
-					hl := int(ip[0]&0xf) * 4
-					if len(ip) >= hl+4 && (ip[hl+2] == 0x11 && ip[hl+3] == 0x94) {
-						c.udpESP.Add(1)
-						isESP = true
-					}
-				}
-			}
-			if bytes.Contains(f, c.marker) {
-				if isESP {
-					c.markerInESP.Add(1)
-				} else if c.plain.Add(1) == 1 {
-					c.first = fmt.Sprintf("% x", f[:min(len(f), 54)])
 				}
 			}
 		}
+		if bytes.Contains(f, c.marker) {
+			if isESP {
+				c.markerInESP.Add(1)
+			} else if c.plain.Add(1) == 1 {
+				c.first = fmt.Sprintf("% x", f[:min(len(f), 54)])
+			}
+		}
 	})
-	var once sync.Once
-	c.stop = func() {
-		once.Do(func() {
-			done.Store(true)
-			wg.Wait()
-			unix.Close(fd)
-		})
-	}
-	t.Cleanup(c.stop)
 	return c
 }
 
-func htons(v uint16) uint16 { return v<<8 | v>>8 }
-
-// sendMarker sends marker over TCP from pod a to pod b and reports whether
-// b received it.
+// sendMarker sends marker over TCP from pod a to pod b (IPv4) and reports
+// whether b received it.
 func sendMarker(t *testing.T, a, b *netlab.Pod, marker []byte, timeout time.Duration) error {
 	t.Helper()
-	var ln net.Listener
-	err := nlsafe.InNamespace(b.NS, func() error {
-		var err error
-		ln, err = net.Listen("tcp4", netip.AddrPortFrom(b.IP, 0).String())
-		return err
-	})
-	require.NoError(t, err)
-	defer ln.Close()
-	got := make(chan []byte, 1)
-	var wg sync.WaitGroup
-	defer wg.Wait()
-	defer ln.Close()
-	wg.Go(func() {
-		conn, err := ln.Accept()
-		if err != nil {
-			got <- nil
-			return
-		}
-		defer conn.Close()
-		conn.SetReadDeadline(time.Now().Add(timeout))
-		buf := make([]byte, len(marker))
-		_, err = conn.Read(buf)
-		if err != nil {
-			got <- nil
-			return
-		}
-		got <- buf
-	})
-	var conn net.Conn
-	err = nlsafe.InNamespace(a.NS, func() error {
-		d := net.Dialer{Timeout: timeout, LocalAddr: &net.TCPAddr{IP: a.IP.AsSlice()}}
-		var err error
-		conn, err = d.Dial("tcp4", ln.Addr().String())
-		return err
-	})
-	if err != nil {
-		return err
-	}
-	defer conn.Close()
-	if _, err := conn.Write(marker); err != nil {
-		return err
-	}
-	select {
-	case b := <-got:
-		if !bytes.Equal(b, marker) {
-			return errors.New("marker not received")
-		}
-		return nil
-	case <-time.After(timeout):
-		ln.Close()
-		return errors.New("marker not received in time")
-	}
+	return vmlab.SendMarker(t, a, b, b.IP, marker, timeout)
 }
 
 func xfrmStates(t *testing.T, h *netlink.Handle) []netlink.XfrmState {
@@ -469,7 +329,7 @@ func TestInVMReachability(t *testing.T) {
 	assert.Equal(t, 1446, c.nodes[0].net.MTU())
 	// A full-size packet with DF fits in one ESP packet on the wire.
 	capt = startCapture(t, c.lab, marker)
-	require.NoError(t, udpEchoSized(t, c.nodes[0].pod, c.nodes[1].pod, c.nodes[0].net.MTU()-28))
+	require.NoError(t, vmlab.UDPEchoSized(t, c.nodes[0].pod, c.nodes[1].pod, c.nodes[0].net.MTU()-28, 10*time.Second))
 	capt.stop()
 	assert.Zero(t, capt.frags.Load(), "outer ESP packets were fragmented: MTU overhead too small")
 	assert.Equal(t, int64(1500), capt.maxESP.Load(), "a full-size pod packet fills the underlay MTU exactly")
@@ -491,56 +351,6 @@ func TestInVMDualStack(t *testing.T) {
 	assert.Len(t, xfrmPolicies(t, c.nodes[0].node.Handle), 2*(closedPols+peerPols))
 	assert.Positive(t, capt.esp.Load())
 	assert.Zero(t, capt.plain.Load())
-}
-
-// udpEchoSized sends one UDP datagram of size bytes with DF set from a to
-// an echo server in b and waits for it to come back.
-func udpEchoSized(t *testing.T, a, b *netlab.Pod, size int) error {
-	t.Helper()
-	var srv, cli *net.UDPConn
-	require.NoError(t, nlsafe.InNamespace(b.NS, func() error {
-		var err error
-		srv, err = net.ListenUDP("udp4", net.UDPAddrFromAddrPort(netip.AddrPortFrom(b.IP, 0)))
-		return err
-	}))
-	defer srv.Close()
-	require.NoError(t, nlsafe.InNamespace(a.NS, func() error {
-		var err error
-		cli, err = net.DialUDP("udp4", net.UDPAddrFromAddrPort(netip.AddrPortFrom(a.IP, 0)), srv.LocalAddr().(*net.UDPAddr))
-		return err
-	}))
-	defer cli.Close()
-	raw, err := cli.SyscallConn()
-	require.NoError(t, err)
-	require.NoError(t, raw.Control(func(fd uintptr) {
-		err = unix.SetsockoptInt(int(fd), unix.IPPROTO_IP, unix.IP_MTU_DISCOVER, unix.IP_PMTUDISC_DO)
-	}))
-	require.NoError(t, err)
-	var wg sync.WaitGroup
-	defer wg.Wait()
-	wg.Go(func() {
-		buf := make([]byte, 65536)
-		n, from, err := srv.ReadFromUDPAddrPort(buf)
-		if err == nil {
-			srv.WriteToUDPAddrPort(buf[:n], from)
-		}
-	})
-	payload := bytes.Repeat([]byte{0xa5}, size)
-	deadline := time.Now().Add(10 * time.Second)
-	buf := make([]byte, 65536)
-	for time.Now().Before(deadline) {
-		if _, err := cli.Write(payload); err != nil {
-			srv.Close()
-			return fmt.Errorf("send %d bytes: %w", size, err)
-		}
-		cli.SetReadDeadline(time.Now().Add(time.Second))
-		n, err := cli.Read(buf)
-		if err == nil && n == size {
-			return nil
-		}
-	}
-	srv.Close()
-	return fmt.Errorf("no echo of %d bytes", size)
 }
 
 // TestDemoInVM runs examples/cluster -backend ipsec on the VM's kernel

@@ -12,6 +12,7 @@ import (
 	"github.com/flannelkit/flannel/backend"
 	"github.com/flannelkit/flannel/internal/netlab"
 	"github.com/flannelkit/flannel/internal/nlsafe"
+	"github.com/flannelkit/flannel/internal/vmlab"
 	"github.com/flannelkit/flannel/internal/vmtest"
 	"github.com/flannelkit/flannel/lease"
 	"github.com/flannelkit/flannel/wireguard"
@@ -39,12 +40,7 @@ func TestHostKernelWithoutWireGuard(t *testing.T) {
 	require.NoError(t, reg.Register(wireguard.Type, wireguard.Constructor(wireguard.Options{KeyFile: filepath.Join(t.TempDir(), "wgkey")})))
 	b, err := reg.New(cfg)
 	require.NoError(t, err)
-	_, err = b.Prepare(t.Context(), flannel.Env{
-		Config: cfg,
-		Iface:  flannel.ExternalInterface{Name: n.Iface, IP: n.IP, PublicIP: n.IP},
-		Handle: n.Handle,
-		NS:     n.NS,
-	})
+	_, err = b.Prepare(t.Context(), vmlab.NodeEnv(n, cfg, nil))
 	require.ErrorIs(t, err, wireguard.ErrNoWireGuard)
 	assert.Contains(t, err.Error(), "kernel lacks WireGuard (module wireguard needed")
 	links, err := nlsafe.Wrap(n.Handle).LinkList()

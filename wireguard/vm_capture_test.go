@@ -3,23 +3,18 @@ package wireguard_test
 import (
 	"bytes"
 	"encoding/binary"
-	"errors"
 	"fmt"
-	"net"
 	"net/netip"
 	"sort"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
-	"time"
 
-	"github.com/stretchr/testify/require"
-	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
 	"github.com/flannelkit/flannel/internal/netlab"
-	"github.com/flannelkit/flannel/internal/nlsafe"
+	"github.com/flannelkit/flannel/internal/vmlab"
 )
 
 // capture reads every frame on the wire between the nodes (all ports of
@@ -45,44 +40,17 @@ type capture struct {
 
 func startCapture(t *testing.T, lab *netlab.Lab, marker []byte, pods []netip.Prefix, ports ...uint16) *capture {
 	t.Helper()
-	seg, err := netns.GetFromName(lab.NSName("s0"))
-	require.NoError(t, err)
-	defer seg.Close()
-	var fd int
-	require.NoError(t, nlsafe.InNamespace(seg, func() error {
-		var err error
-		fd, err = unix.Socket(unix.AF_PACKET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, int(htons(unix.ETH_P_ALL)))
-		return err
-	}))
-	require.NoError(t, unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &unix.Timeval{Usec: 100000}))
 	c := &capture{marker: marker, pods: pods, ports: map[uint16]bool{}, wg: map[string]int{}, other: map[string]int{}}
 	for _, p := range ports {
 		c.ports[p] = true
 	}
-	var done atomic.Bool
-	var wg sync.WaitGroup
-	wg.Go(func() {
-		buf := make([]byte, 65536)
-		for !done.Load() {
-			n, _, err := unix.Recvfrom(fd, buf, 0)
-			if err == nil && n >= 14 {
-				c.frame(buf[:n])
-			}
+	c.stop = vmlab.Tap(t, lab, func(f []byte) {
+		if len(f) >= 14 {
+			c.frame(f)
 		}
 	})
-	var once sync.Once
-	c.stop = func() {
-		once.Do(func() {
-			done.Store(true)
-			wg.Wait()
-			unix.Close(fd)
-		})
-	}
-	t.Cleanup(c.stop)
 	return c
 }
-
-func htons(v uint16) uint16 { return v<<8 | v>>8 }
 
 // frame sorts one Ethernet frame.
 func (c *capture) frame(f []byte) {
@@ -185,64 +153,4 @@ func (c *capture) wgCount(key string) int {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return c.wg[key]
-}
-
-// sendMarker sends marker over TCP from pod a to b's address dst and
-// reports whether b received it.
-func sendMarker(a, b *netlab.Pod, dst netip.Addr, marker []byte, timeout time.Duration) error {
-	network, src := "tcp4", a.IP
-	if dst.Is6() {
-		network, src = "tcp6", a.IPv6
-	}
-	var ln net.Listener
-	if err := nlsafe.InNamespace(b.NS, func() error {
-		var err error
-		ln, err = net.Listen(network, netip.AddrPortFrom(dst, 0).String())
-		return err
-	}); err != nil {
-		return err
-	}
-	defer ln.Close()
-	got := make(chan []byte, 1)
-	var wg sync.WaitGroup
-	defer wg.Wait()
-	defer ln.Close()
-	wg.Go(func() {
-		conn, err := ln.Accept()
-		if err != nil {
-			got <- nil
-			return
-		}
-		defer conn.Close()
-		conn.SetReadDeadline(time.Now().Add(timeout))
-		buf := make([]byte, len(marker))
-		if _, err := conn.Read(buf); err != nil {
-			got <- nil
-			return
-		}
-		got <- buf
-	})
-	var conn net.Conn
-	if err := nlsafe.InNamespace(a.NS, func() error {
-		d := net.Dialer{Timeout: timeout, LocalAddr: &net.TCPAddr{IP: src.AsSlice()}}
-		var err error
-		conn, err = d.Dial(network, ln.Addr().String())
-		return err
-	}); err != nil {
-		return err
-	}
-	defer conn.Close()
-	if _, err := conn.Write(marker); err != nil {
-		return err
-	}
-	select {
-	case r := <-got:
-		if !bytes.Equal(r, marker) {
-			return errors.New("marker not received")
-		}
-		return nil
-	case <-time.After(timeout):
-		ln.Close()
-		return errors.New("marker not received in time")
-	}
 }

@@ -1,22 +1,18 @@
 package wireguard_test
 
 import (
-	"bytes"
 	"fmt"
-	"net"
 	"net/netip"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"github.com/vishvananda/netlink"
-	"golang.org/x/sys/unix"
 
 	"github.com/flannelkit/flannel/backend"
-	"github.com/flannelkit/flannel/internal/netlab"
 	"github.com/flannelkit/flannel/internal/nlsafe"
+	"github.com/flannelkit/flannel/internal/vmlab"
 	"github.com/flannelkit/flannel/wireguard"
 )
 
@@ -55,7 +51,7 @@ func TestInVMMatrix(t *testing.T) {
 				for j, b := range c.nodes {
 					for _, ip := range []netip.Addr{b.pod.IP, b.pod.IPv6} {
 						if i != j && ip.IsValid() {
-							require.NoError(t, sendMarker(a.pod, b.pod, ip, marker, 20*time.Second), "marker %d->%d %s", i, j, ip)
+							require.NoError(t, vmlab.SendMarker(t, a.pod, b.pod, ip, marker, 20*time.Second), "marker %d->%d %s", i, j, ip)
 						}
 					}
 				}
@@ -88,7 +84,7 @@ func TestInVMMatrix(t *testing.T) {
 				// A full-size packet with DF set fits one WireGuard packet
 				// that fills the underlay MTU exactly.
 				capt = startCapture(t, c.lab, marker, clusterPods, 51820)
-				require.NoError(t, udpEchoSized(t, c.nodes[0].pod, c.nodes[1].pod, c.nodes[0].net.MTU()-28))
+				require.NoError(t, vmlab.UDPEchoSized(t, c.nodes[0].pod, c.nodes[1].pod, c.nodes[0].net.MTU()-28, 20*time.Second))
 				capt.stop()
 				assert.Equal(t, int64(1500), capt.maxWG4.Load(), "the overhead is exact")
 				checkDevice(t, c)
@@ -142,52 +138,4 @@ func checkDevice(t *testing.T, c *wcluster) {
 		return
 	}
 	t.Errorf("no peer for node 1 on node 0")
-}
-
-// udpEchoSized sends one UDP datagram of size bytes with DF set from a to
-// an echo server in b and waits for it to come back.
-func udpEchoSized(t *testing.T, a, b *netlab.Pod, size int) error {
-	t.Helper()
-	var srv, cli *net.UDPConn
-	require.NoError(t, nlsafe.InNamespace(b.NS, func() error {
-		var err error
-		srv, err = net.ListenUDP("udp4", net.UDPAddrFromAddrPort(netip.AddrPortFrom(b.IP, 0)))
-		return err
-	}))
-	defer srv.Close()
-	require.NoError(t, nlsafe.InNamespace(a.NS, func() error {
-		var err error
-		cli, err = net.DialUDP("udp4", net.UDPAddrFromAddrPort(netip.AddrPortFrom(a.IP, 0)), srv.LocalAddr().(*net.UDPAddr))
-		return err
-	}))
-	defer cli.Close()
-	raw, err := cli.SyscallConn()
-	require.NoError(t, err)
-	require.NoError(t, raw.Control(func(fd uintptr) {
-		err = unix.SetsockoptInt(int(fd), unix.IPPROTO_IP, unix.IP_MTU_DISCOVER, unix.IP_PMTUDISC_DO)
-	}))
-	require.NoError(t, err)
-	var wg sync.WaitGroup
-	defer wg.Wait()
-	wg.Go(func() {
-		buf := make([]byte, 65536)
-		n, from, err := srv.ReadFromUDPAddrPort(buf)
-		if err == nil {
-			srv.WriteToUDPAddrPort(buf[:n], from)
-		}
-	})
-	payload := bytes.Repeat([]byte{0xa5}, size)
-	buf := make([]byte, 65536)
-	for deadline := time.Now().Add(20 * time.Second); time.Now().Before(deadline); {
-		if _, err := cli.Write(payload); err != nil {
-			srv.Close()
-			return fmt.Errorf("send %d bytes: %w", size, err)
-		}
-		cli.SetReadDeadline(time.Now().Add(time.Second))
-		if n, err := cli.Read(buf); err == nil && n == size {
-			return nil
-		}
-	}
-	srv.Close()
-	return fmt.Errorf("no echo of %d bytes", size)
 }

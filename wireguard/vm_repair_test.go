@@ -3,14 +3,11 @@ package wireguard_test
 import (
 	"context"
 	"encoding/base64"
-	"encoding/binary"
 	"fmt"
 	"math/rand/v2"
-	"net"
 	"net/netip"
 	"os"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -19,8 +16,7 @@ import (
 	"go.uber.org/goleak"
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 
-	"github.com/flannelkit/flannel/internal/netlab"
-	"github.com/flannelkit/flannel/internal/nlsafe"
+	"github.com/flannelkit/flannel/internal/vmlab"
 	"github.com/flannelkit/flannel/lease"
 	"github.com/flannelkit/flannel/wireguard"
 )
@@ -42,92 +38,6 @@ func (c *wcluster) runAll() (stop func()) {
 	return stop
 }
 
-// udpProbe sends numbered datagrams from a to b's echo server every
-// interval until stop, and counts the answers.
-type udpProbe struct {
-	sent, got atomic.Int64
-	stop      func()
-}
-
-func startUDPProbe(t *testing.T, a, b *netlab.Pod, interval time.Duration) *udpProbe {
-	t.Helper()
-	var srv, cli *net.UDPConn
-	require.NoError(t, nlsafe.InNamespace(b.NS, func() error {
-		var err error
-		srv, err = net.ListenUDP("udp4", net.UDPAddrFromAddrPort(netip.AddrPortFrom(b.IP, 0)))
-		return err
-	}))
-	require.NoError(t, nlsafe.InNamespace(a.NS, func() error {
-		var err error
-		cli, err = net.DialUDP("udp4", net.UDPAddrFromAddrPort(netip.AddrPortFrom(a.IP, 0)), srv.LocalAddr().(*net.UDPAddr))
-		return err
-	}))
-	p := &udpProbe{}
-	var wg sync.WaitGroup
-	done := make(chan struct{})
-	wg.Go(func() { // echo
-		buf := make([]byte, 64)
-		for {
-			n, from, err := srv.ReadFromUDPAddrPort(buf)
-			if err != nil {
-				return
-			}
-			srv.WriteToUDPAddrPort(buf[:n], from)
-		}
-	})
-	var mu sync.Mutex
-	seen := map[uint64]bool{}
-	wg.Go(func() { // answers
-		buf := make([]byte, 64)
-		for {
-			n, err := cli.Read(buf)
-			if err != nil {
-				return
-			}
-			mu.Lock()
-			if s := binary.BigEndian.Uint64(buf); n >= 8 && !seen[s] {
-				seen[s] = true
-				p.got.Add(1)
-			}
-			mu.Unlock()
-		}
-	})
-	sender := make(chan struct{})
-	wg.Go(func() {
-		defer close(sender)
-		tk := time.NewTicker(interval)
-		defer tk.Stop()
-		for seq := uint64(0); ; seq++ {
-			select {
-			case <-done:
-				return
-			case <-tk.C:
-			}
-			var b [8]byte
-			binary.BigEndian.PutUint64(b[:], seq)
-			if _, err := cli.Write(b[:]); err == nil {
-				p.sent.Add(1)
-			}
-		}
-	})
-	var once sync.Once
-	p.stop = func() {
-		once.Do(func() {
-			close(done)
-			<-sender
-			// Answers in flight: TCG is slow, so wait for them (bounded).
-			for deadline := time.Now().Add(15 * time.Second); p.got.Load() < p.sent.Load() && time.Now().Before(deadline); {
-				time.Sleep(50 * time.Millisecond)
-			}
-			srv.Close()
-			cli.Close()
-			wg.Wait()
-		})
-	}
-	t.Cleanup(p.stop)
-	return p
-}
-
 // TestInVMRestart: an agent killed and restarted with its key file loses
 // no datagram at 100/s and publishes the same key; restarted without the
 // key file it publishes a new one, and traffic flows again once the peer
@@ -142,7 +52,7 @@ func TestInVMRestart(t *testing.T) {
 	oldKey, oldAttrs := v1.net.PublicKey(), v1.lease.Attrs
 
 	stop := c.runAll()
-	probe := startUDPProbe(t, v0.pod, v1.pod, 10*time.Millisecond)
+	probe := vmlab.StartUDPProbe(t, v0.pod, v1.pod, 10*time.Millisecond)
 	time.Sleep(500 * time.Millisecond)
 	stop() // node 1's agent dies (and node 0's Run with it): nothing is cleaned up
 	time.Sleep(300 * time.Millisecond)
@@ -152,10 +62,10 @@ func TestInVMRestart(t *testing.T) {
 	require.NoError(t, v1.net.Apply(t.Context(), c.peersOf(1)))
 	stop = c.runAll()
 	time.Sleep(500 * time.Millisecond)
-	probe.stop()
-	t.Logf("udp probe across the restart: sent %d, answered %d", probe.sent.Load(), probe.got.Load())
-	assert.Greater(t, probe.sent.Load(), int64(50))
-	assert.Equal(t, probe.sent.Load(), probe.got.Load(), "datagrams lost across the restart")
+	probe.Stop()
+	t.Logf("udp probe across the restart: sent %d, answered %d", probe.Sent.Load(), probe.Got.Load())
+	assert.Greater(t, probe.Sent.Load(), int64(50))
+	assert.Equal(t, probe.Sent.Load(), probe.Got.Load(), "datagrams lost across the restart")
 	stop()
 
 	// The key file deleted: a new key, published; node 0 picks it up.

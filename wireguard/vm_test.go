@@ -1,14 +1,12 @@
 package wireguard_test
 
 import (
-	"context"
 	"fmt"
 	"log/slog"
 	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -17,10 +15,9 @@ import (
 	"github.com/stretchr/testify/require"
 
 	flannel "github.com/flannelkit/flannel"
-	"github.com/flannelkit/flannel/internal/cnilab"
 	"github.com/flannelkit/flannel/internal/netlab"
 	"github.com/flannelkit/flannel/internal/testenv"
-	"github.com/flannelkit/flannel/internal/vmtest"
+	"github.com/flannelkit/flannel/internal/vmlab"
 	"github.com/flannelkit/flannel/lease"
 	"github.com/flannelkit/flannel/wireguard"
 )
@@ -32,7 +29,7 @@ var vmModules = []string{"wireguard", "veth", "bridge", "xfrm_user", "nfnetlink"
 // TestVM runs the TestInVM* tests of this package inside a qemu VM whose
 // kernel has WireGuard (the host's has not): one boot for all of them.
 func TestVM(t *testing.T) {
-	res := runVM(t, "^TestInVM", nil, nil)
+	res := vmlab.RunVM(t, vmlab.Boot{Run: "^TestInVM", Modules: vmModules, Timeout: vmTimeout})
 	require.Contains(t, res.Output, "--- PASS: TestInVMMatrix")
 	require.Contains(t, res.Output, "--- PASS: TestInVMContract")
 	// inVM skips these tests on the host only: inside the VM none may skip.
@@ -47,12 +44,10 @@ func TestVMDemo(t *testing.T) {
 	if os.Getenv("FLANNEL_VM_DEMO") != "1" {
 		t.Skip("opt-in: set FLANNEL_VM_DEMO=1 to build examples/cluster statically and run it with -backend wireguard in the VM")
 	}
-	plugins := map[string]string{}
-	dir := cnilab.PluginDir(t)
-	for _, p := range cnilab.ReferencePlugins() {
-		plugins["opt/cni/bin/"+p] = filepath.Join(dir, p)
-	}
-	res := runVM(t, "^TestDemoInVM", map[string]string{"cluster": "../examples/cluster"}, plugins)
+	res := vmlab.RunVM(t, vmlab.Boot{
+		Run: "^TestDemoInVM", Modules: vmModules, Timeout: vmTimeout,
+		Commands: map[string]string{"cluster": "../examples/cluster"}, Files: vmlab.CNIPlugins(t),
+	})
 	require.Contains(t, res.Output, "--- PASS: TestDemoInVM")
 }
 
@@ -66,41 +61,13 @@ func TestDemoInVM(t *testing.T) {
 	assert.Contains(t, string(out), "backend wireguard, store memory: all pairs reachable")
 }
 
-func runVM(t *testing.T, run string, cmds, files map[string]string, mods ...string) vmtest.Result {
-	t.Helper()
-	if vmtest.Inside() {
-		t.Skip("already inside the VM")
-	}
-	testenv.RequireRoot(t)
-	tools, err := vmtest.Find()
-	testenv.Require(t, err == nil, fmt.Sprint(err))
-	accel, err := vmtest.AccelFromEnv()
-	require.NoError(t, err)
-	res, err := vmtest.Run(t.Context(), tools, vmtest.Options{
-		Accel:    accel,
-		Package:  ".",
-		Run:      run,
-		Modules:  append(slices.Clone(vmModules), mods...),
-		Timeout:  15 * time.Minute,
-		Out:      t.Output(),
-		Verbose:  true,
-		Commands: cmds,
-		Files:    files,
-	})
-	t.Logf("VM: accelerator %s (%s), boot %v, total %v", res.Accel, res.AccelReason, res.Boot.Round(time.Millisecond), res.Total.Round(time.Millisecond))
-	require.NoError(t, err)
-	if !res.Passed {
-		t.Fatal("tests inside the VM failed (output above)")
-	}
-	return res
-}
+// vmTimeout bounds one VM run of this package's tests.
+const vmTimeout = 15 * time.Minute
 
-func inVM(t *testing.T) {
-	t.Helper()
-	if !vmtest.Inside() {
-		t.Skip("runs inside the VM (TestVM)")
-	}
-}
+var (
+	inVM = vmlab.InVM
+	ctxT = vmlab.Ctx
+)
 
 // family is the address families of a test cluster.
 type family struct{ v4, v6 bool }
@@ -175,13 +142,7 @@ func newCluster(t *testing.T, n int, f family, backendKeys string, repair time.D
 		v := &wnode{node: nd, logs: &testenv.LogBuffer{}, opts: opts}
 		v.keyFile = filepath.Join(dir, nd.Name, "wgkey")
 		v.opts.KeyFile = v.keyFile
-		v.env = flannel.Env{
-			Config: cfg,
-			Iface:  flannel.ExternalInterface{Name: nd.Iface, IP: nd.IP, PublicIP: nd.IP, IPv6: nd.IPv6, PublicIPv6: nd.IPv6},
-			Handle: nd.Handle,
-			NS:     nd.NS,
-			Logger: slog.New(slog.NewJSONHandler(v.logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
-		}
+		v.env = vmlab.NodeEnv(nd, cfg, slog.New(slog.NewJSONHandler(v.logs, &slog.HandlerOptions{Level: slog.LevelDebug})))
 		c.nodes = append(c.nodes, v)
 		c.start(i)
 		v.pod, err = nd.AddPod("pod", v.lease.Subnet, v.lease.IPv6Subnet, netlab.WithMTU(v.net.MTU()))
@@ -230,29 +191,15 @@ func (c *wcluster) applyOK() {
 	}
 }
 
-func ctxT(t *testing.T, d time.Duration) context.Context {
-	ctx, cancel := context.WithTimeout(t.Context(), d)
-	t.Cleanup(cancel)
-	return ctx
-}
-
 // checkAllPairs pings and TCP-checks every ordered pod pair per family.
 func (c *wcluster) checkAllPairs() {
-	t := c.t
-	for i, a := range c.nodes {
-		for j, b := range c.nodes {
-			if i == j || c.gone[i] || c.gone[j] {
-				continue
-			}
-			for _, ip := range []netip.Addr{b.pod.IP, b.pod.IPv6} {
-				if !ip.IsValid() {
-					continue
-				}
-				require.NoError(t, a.pod.Ping(ctxT(t, 30*time.Second), ip), "ping %d->%d %s", i, j, ip)
-				require.NoError(t, a.pod.TCPCheck(ctxT(t, 30*time.Second), b.pod, ip), "tcp %d->%d %s", i, j, ip)
-			}
+	pods := make([]*netlab.Pod, len(c.nodes))
+	for i, v := range c.nodes {
+		if !c.gone[i] {
+			pods[i] = v.pod
 		}
 	}
+	vmlab.CheckPairs(c.t, pods, 30*time.Second)
 }
 
 // checkLogsFree asserts that no node's log holds a private key or the PSK.

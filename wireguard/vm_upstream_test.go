@@ -13,6 +13,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -32,6 +33,7 @@ import (
 	"github.com/flannelkit/flannel/internal/netlab"
 	"github.com/flannelkit/flannel/internal/nlsafe"
 	"github.com/flannelkit/flannel/internal/testenv"
+	"github.com/flannelkit/flannel/internal/vmlab"
 	"github.com/flannelkit/flannel/wireguard"
 )
 
@@ -49,7 +51,10 @@ func TestVMUpstream(t *testing.T) {
 		t.Skip("opt-in: set " + upstreamEnv + " to a static upstream flanneld to run the mixed-cluster check in the VM")
 	}
 	// Upstream's flanneld refuses to start without br_netfilter.
-	res := runVM(t, "^TestUpstreamInVM", nil, map[string]string{"bin/flanneld-upstream": bin}, "br_netfilter")
+	res := vmlab.RunVM(t, vmlab.Boot{
+		Run: "^TestUpstreamInVM", Modules: slices.Concat(vmModules, []string{"br_netfilter"}), Timeout: vmTimeout,
+		Files: map[string]string{"bin/flanneld-upstream": bin},
+	})
 	require.Contains(t, res.Output, "--- PASS: TestUpstreamInVM")
 }
 
