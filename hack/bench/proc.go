@@ -77,13 +77,12 @@ func readProc(pid int) (procStats, error) {
 // routeWatch records when each route of ours (backend.RouteProtocol)
 // appears in a namespace, from a route subscription.
 type routeWatch struct {
-	mu      sync.Mutex
-	seen    map[netip.Prefix]time.Time
-	poke    chan struct{}
-	errs    chan error
-	done    chan struct{}
-	wg      sync.WaitGroup
-	counted int
+	mu   sync.Mutex
+	seen map[netip.Prefix]time.Time
+	poke chan struct{}
+	errs chan error
+	done chan struct{}
+	wg   sync.WaitGroup
 }
 
 func watchRoutes(ns netns.NsHandle) (*routeWatch, error) {
