@@ -81,12 +81,14 @@ func (a *Attrs) UnmarshalJSON(b []byte) error {
 	return nil
 }
 
-// Equal reports whether two attribute sets carry the same values (backend
-// data compared as compact JSON).
+// Equal reports whether two attribute sets carry the same values, backend
+// data compared as JSON values: json.Marshal escapes & < > in what it
+// writes (as upstream's does), so stored data may differ byte for byte from
+// what a backend published and still be the same.
 func (a Attrs) Equal(o Attrs) bool {
 	return a.PublicIP == o.PublicIP && a.PublicIPv6 == o.PublicIPv6 &&
 		a.BackendType == o.BackendType &&
-		rawEqual(a.BackendData, o.BackendData) && rawEqual(a.BackendV6Data, o.BackendV6Data)
+		jsonValueEqual(a.BackendData, o.BackendData) && jsonValueEqual(a.BackendV6Data, o.BackendV6Data)
 }
 
 func isNullOrEmpty(b json.RawMessage) bool {
