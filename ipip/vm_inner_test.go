@@ -39,7 +39,7 @@ func TestInVMReachability(t *testing.T) {
 
 			n0, n2 := c.nodes[0], c.nodes[2]
 			require.Equal(t, n0.node.Segment, n2.node.Segment)
-			cnt := countFrames(t, c.lab)
+			cnt := countFrames(t, c.lab, n0.node.IP, n2.node.IP, n0.pod.IP, n2.pod.IP)
 			c.checkPair(n0, n2)
 			cnt.stop()
 			if direct {

@@ -163,18 +163,26 @@ func (c *vcluster) wantOurs(v *vnode, direct bool) []string {
 	return out
 }
 
-// counter counts IPv4 frames by IP protocol on segment 0's bridge ports,
-// i.e. on the wire between node0 and node2.
+// counter counts IPv4 frames by IP protocol on segment 0's bridge ports
+// whose source and destination are both among the given addresses (the two
+// nodes and their pods), i.e. on the wire between node0 and node2. Frames of other pairs that cross segment 0 (node0 to
+// node1 through the router, and the last TCP segments of an earlier
+// check still closing) are not counted.
 type counter struct {
 	ipip, icmp atomic.Int64
 	stop       func()
 }
 
-func countFrames(t *testing.T, lab *netlab.Lab) *counter {
+func countFrames(t *testing.T, lab *netlab.Lab, among ...netip.Addr) *counter {
 	t.Helper()
 	c := &counter{}
 	c.stop = vmlab.Tap(t, lab, func(f []byte) {
 		if len(f) < 14+20 || f[12] != 0x08 || f[13] != 0x00 {
+			return
+		}
+		src, _ := netip.AddrFromSlice(f[14+12 : 14+16])
+		dst, _ := netip.AddrFromSlice(f[14+16 : 14+20])
+		if !slices.Contains(among, src) || !slices.Contains(among, dst) {
 			return
 		}
 		switch f[14+9] {
