@@ -25,8 +25,8 @@
 //   - Leaf helpers under internal/ that any layer may use: internal/retry
 //     (the one capped, jittered backoff), internal/nlsafe (the one door to
 //     the kernel: namespace-bound netlink whose dumps retry interrupted
-//     dumps, namespace switches, sysctls, subscriptions) and
-//     internal/ipconv. They import lease at most.
+//     dumps, namespace switches, sysctls, subscriptions), internal/ipconv
+//     and internal/confjson (net-conf values). They import lease at most.
 //   - flannel (this package): LeaseStore, Backend, Network, Agent,
 //     subnet.env. It imports lease and leaf helpers only: no store, no
 //     backend, no traffic rules.

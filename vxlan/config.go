@@ -12,6 +12,7 @@ import (
 	"time"
 
 	flannel "github.com/flannelkit/flannel"
+	"github.com/flannelkit/flannel/internal/confjson"
 	"github.com/flannelkit/flannel/lease"
 )
 
@@ -180,11 +181,11 @@ func ParseOptions(raw json.RawMessage) (Options, error) {
 			o.Ignored = append(o.Ignored, canon)
 			continue
 		case "VNI":
-			o.VNI, err = decodeInt(v, 1, 1<<24-1)
+			o.VNI, err = confjson.Int(v, 1, 1<<24-1)
 		case "Port":
-			o.Port, err = decodeInt(v, 1, 65535)
+			o.Port, err = confjson.Int(v, 1, 65535)
 		case "MTU":
-			o.MTU, err = decodeInt(v, 68+overhead4, 65535)
+			o.MTU, err = confjson.Int(v, 68+overhead4, 65535)
 		case "GBP":
 			err = json.Unmarshal(v, &o.GBP)
 		case "Learning":
@@ -193,41 +194,11 @@ func ParseOptions(raw json.RawMessage) (Options, error) {
 			err = json.Unmarshal(v, &o.DirectRouting)
 		}
 		if err != nil {
-			return Options{}, fmt.Errorf("%w: Backend.%s: %v", lease.ErrInvalidConfig, k, describe(err))
+			return Options{}, fmt.Errorf("%w: Backend.%s: %v", lease.ErrInvalidConfig, k, confjson.Describe(err))
 		}
 	}
 	slices.Sort(o.Ignored)
 	return o, nil
-}
-
-// describe shortens encoding/json's type errors.
-func describe(err error) error {
-	var te *json.UnmarshalTypeError
-	if errors.As(err, &te) {
-		return fmt.Errorf("a JSON %s where a %s is expected", te.Value, te.Type)
-	}
-	return err
-}
-
-func decodeInt(v json.RawMessage, lo, hi int) (int, error) {
-	d := json.NewDecoder(bytes.NewReader(v))
-	d.UseNumber()
-	var x any
-	if err := d.Decode(&x); err != nil {
-		return 0, err
-	}
-	f, ok := x.(json.Number)
-	if !ok {
-		return 0, fmt.Errorf("not a number: %s", bytes.TrimSpace(v))
-	}
-	n, err := f.Int64()
-	if err != nil {
-		return 0, fmt.Errorf("not an integer: %s", f)
-	}
-	if n < int64(lo) || n > int64(hi) {
-		return 0, fmt.Errorf("%d out of range %d..%d", n, lo, hi)
-	}
-	return int(n), nil
 }
 
 // FromConfig builds a vxlan backend from the network configuration, for a
@@ -273,7 +244,7 @@ func ParseBackendData(raw json.RawMessage) (BackendData, error) {
 	}
 	var w backendDataWire
 	if err := json.Unmarshal(raw, &w); err != nil {
-		return BackendData{}, fmt.Errorf("vxlan backend data: %v", describe(err))
+		return BackendData{}, fmt.Errorf("vxlan backend data: %v", confjson.Describe(err))
 	}
 	if w.VtepMAC == "" {
 		return BackendData{}, errors.New("vxlan backend data: no VtepMAC")

@@ -12,6 +12,7 @@ import (
 
 	flannel "github.com/flannelkit/flannel"
 	"github.com/flannelkit/flannel/backend"
+	"github.com/flannelkit/flannel/internal/confjson"
 	"github.com/flannelkit/flannel/lease"
 )
 
@@ -171,14 +172,14 @@ func ParseConfig(raw json.RawMessage) (Options, error) {
 		case "PSK":
 			o.PSK, err = decodePSK(v)
 		case "ListenPort":
-			o.ListenPort, err = decodeInt(v, 1, 65535)
+			o.ListenPort, err = confjson.Int(v, 1, 65535)
 		case "ListenPortV6":
-			o.ListenPortV6, err = decodeInt(v, 1, 65535)
+			o.ListenPortV6, err = confjson.Int(v, 1, 65535)
 		case "MTU":
-			o.MTU, err = decodeInt(v, 1280, 65535)
+			o.MTU, err = confjson.Int(v, 1280, 65535)
 		case "PersistentKeepaliveInterval":
 			var secs int
-			secs, err = decodeInt(v, 0, 65535)
+			secs, err = confjson.Int(v, 0, 65535)
 			o.PersistentKeepalive = time.Duration(secs) * time.Second
 		case "Mode":
 			var m string
@@ -218,27 +219,6 @@ func decodePSK(v json.RawMessage) ([]byte, error) {
 		return nil, errors.New("not base64 of 32 bytes (as `wg genpsk` prints)")
 	}
 	return b, nil
-}
-
-func decodeInt(v json.RawMessage, lo, hi int) (int, error) {
-	d := json.NewDecoder(bytes.NewReader(v))
-	d.UseNumber()
-	var x any
-	if err := d.Decode(&x); err != nil {
-		return 0, fmt.Errorf("not a number: %s", bytes.TrimSpace(v))
-	}
-	f, ok := x.(json.Number)
-	if !ok {
-		return 0, fmt.Errorf("not a number: %s", bytes.TrimSpace(v))
-	}
-	n, err := f.Int64()
-	if err != nil {
-		return 0, fmt.Errorf("not an integer: %s", f)
-	}
-	if n < int64(lo) || n > int64(hi) {
-		return 0, fmt.Errorf("%d out of range %d..%d", n, lo, hi)
-	}
-	return int(n), nil
 }
 
 // FromConfig builds a wireguard backend from the network configuration,
