@@ -147,6 +147,7 @@ func (r *Reconciler) Update(ctx context.Context, why string, change func()) {
 	if !r.applied {
 		return
 	}
+	r.log.Debug("repairing", "trigger", why)
 	r.lastRepair = r.now()
 	err := r.cfg.Repair(ctx, r.peers)
 	if ctx.Err() != nil {
