@@ -9,58 +9,27 @@ import (
 	"strings"
 
 	"github.com/vishvananda/netns"
+
+	"github.com/flannelkit/flannel/internal/nlsafe"
 )
 
 // netnsDir is where iproute2 (and netns.NewNamed) keep named namespaces.
 const netnsDir = "/run/netns"
 
 // newNamedNS creates the named network namespace name (visible to
-// `ip netns exec name ...`) and returns a handle to it. netns.NewNamed moves
-// the calling thread into the new namespace, so it runs on a fresh goroutine
-// with a locked thread that is moved back afterwards; if moving back fails the
-// thread stays locked and dies with its goroutine.
+// `ip netns exec name ...`) and returns a handle to it, without moving the
+// caller's thread (nlsafe.NewNamedNamespace).
 func newNamedNS(name string) (netns.NsHandle, error) {
-	type result struct {
-		h   netns.NsHandle
-		err error
-	}
-	done := make(chan result, 1)
-	go func() {
-		runtime.LockOSThread()
-		orig, err := netns.Get()
-		if err != nil {
-			runtime.UnlockOSThread()
-			done <- result{netns.None(), fmt.Errorf("get current namespace: %w", err)}
-			return
-		}
-		defer orig.Close()
-		h, err := netns.NewNamed(name)
-		if err != nil {
-			err = fmt.Errorf("create namespace %s: %w", name, err)
-		}
-		if rerr := netns.Set(orig); rerr != nil {
-			// The thread is stuck in another namespace: keep it locked so
-			// the runtime discards it when this goroutine exits.
-			if err == nil {
-				h.Close()
-				_ = netns.DeleteNamed(name)
-			}
-			done <- result{netns.None(), errors.Join(err, fmt.Errorf("restore namespace after creating %s: %w", name, rerr))}
-			return
-		}
-		runtime.UnlockOSThread()
-		done <- result{h, err}
-	}()
-	r := <-done
-	if r.err != nil {
+	h, err := nlsafe.NewNamedNamespace(name)
+	if err != nil {
 		// NewNamed may leave the placeholder file behind when the bind
 		// mount fails; never leave a dangling name.
-		if !errors.Is(r.err, os.ErrExist) {
+		if !errors.Is(err, os.ErrExist) {
 			_ = os.Remove(filepath.Join(netnsDir, name))
 		}
-		return netns.None(), r.err
+		return netns.None(), err
 	}
-	return r.h, nil
+	return h, nil
 }
 
 // deleteNamedNS removes the named namespace; a missing name is success.

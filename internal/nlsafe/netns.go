@@ -153,11 +153,26 @@ func (h Handle) GetSysctl(path string) (string, error) { return GetSysctl(h.NS()
 // NewNamespace creates a new, unnamed network namespace and returns a
 // handle to it; the namespace lives as long as a handle or a process in
 // it does, so closing the returned handle destroys it and everything in
-// it. The caller's thread never changes namespace: creating one moves the
-// creating thread into it, so that happens on a locked thread of a
-// goroutine of its own that switches back, or exits still locked (and the
-// runtime destroys the thread) when it cannot.
+// it. The caller's thread never changes namespace (see newNamespace).
 func NewNamespace() (netns.NsHandle, error) {
+	return newNamespace("new namespace", netns.New, func() {})
+}
+
+// NewNamedNamespace creates the named network namespace name under
+// /run/netns (visible to `ip netns exec name ...`) and returns a handle to
+// it. The caller's thread never changes namespace (see newNamespace).
+func NewNamedNamespace(name string) (netns.NsHandle, error) {
+	return newNamespace("create namespace "+name, func() (netns.NsHandle, error) { return netns.NewNamed(name) },
+		func() { _ = netns.DeleteNamed(name) })
+}
+
+// newNamespace runs create, which moves the creating thread into the new
+// namespace, on a locked thread of a goroutine of its own that switches
+// back afterwards (also when create failed half-way, after the unshare).
+// When it cannot switch back, the namespace is closed, undo removes what
+// create left, and the thread exits still locked, so the runtime destroys
+// it.
+func newNamespace(what string, create func() (netns.NsHandle, error), undo func()) (netns.NsHandle, error) {
 	type result struct {
 		ns  netns.NsHandle
 		err error
@@ -168,25 +183,28 @@ func NewNamespace() (netns.NsHandle, error) {
 		orig, err := netns.Get()
 		if err != nil {
 			runtime.UnlockOSThread()
-			res <- result{netns.None(), fmt.Errorf("new namespace: get current namespace: %w", err)}
+			res <- result{netns.None(), fmt.Errorf("%s: get current namespace: %w", what, err)}
 			return
 		}
 		defer orig.Close()
-		ns, err := netns.New()
+		ns, err := create()
 		if err != nil {
-			// unshare failed, so the thread is still where it was.
-			runtime.UnlockOSThread()
-			res <- result{netns.None(), fmt.Errorf("new namespace: %w", err)}
-			return
+			err = fmt.Errorf("%s: %w", what, err)
 		}
-		if err := netns.Set(orig); err != nil {
-			ns.Close()
-			res <- result{netns.None(), fmt.Errorf("new namespace: switch back: %w", err)}
+		if serr := netns.Set(orig); serr != nil {
+			if err == nil {
+				ns.Close()
+				undo()
+			}
+			res <- result{netns.None(), errors.Join(err, fmt.Errorf("%s: switch back: %w", what, serr))}
 			return // stays locked: the thread dies with this goroutine
 		}
 		runtime.UnlockOSThread()
-		res <- result{ns, nil}
+		res <- result{ns, err}
 	}()
 	r := <-res
-	return r.ns, r.err
+	if r.err != nil {
+		return netns.None(), r.err
+	}
+	return r.ns, nil
 }
