@@ -16,6 +16,7 @@ import (
 
 	flannel "github.com/flannelkit/flannel"
 	"github.com/flannelkit/flannel/internal/netlab"
+	"github.com/flannelkit/flannel/internal/testenv"
 )
 
 // Host is one Docker host: a netlab node namespace, a mount namespace held
@@ -36,8 +37,8 @@ type Host struct {
 	cgroup   string
 	joins    []string // cgroup.procs files of the host's cgroup
 	holder   *exec.Cmd
-	flanneld *proc
-	dockerd  *proc
+	flanneld *testenv.Proc
+	dockerd  *testenv.Proc
 }
 
 // boundDirs are the fixed paths that are per host: /run/flannel
@@ -80,11 +81,11 @@ func (h *Host) startHolder() error {
 	fmt.Fprintf(&b, "touch %s\nexec sleep 2147483647\n", ready)
 	cmd := exec.Command("nsenter", "--net=/run/netns/"+h.Lab.NSName, "--", "unshare", "--mount", "--propagation", "private", "--",
 		"/bin/sh", "-c", h.joinScript()+b.String())
-	p, err := startProc("holder", filepath.Join(h.Root, "holder.log"), cmd)
+	p, err := testenv.StartProc("holder", filepath.Join(h.Root, "holder.log"), cmd, false)
 	if err != nil {
 		return err
 	}
-	h.holder = p.cmd
+	h.holder = p.Cmd
 	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
 		if _, err := os.Stat(ready); err == nil {
 			// As on a fresh host, IPv4 forwarding is off until dockerd
@@ -92,8 +93,8 @@ func (h *Host) startHolder() error {
 			_, err := h.Exec(context.Background(), "/bin/sh", "-c", "echo 0 > /proc/sys/net/ipv4/ip_forward")
 			return err
 		}
-		if p.exited() || time.Now().After(deadline) {
-			return fmt.Errorf("host %s: mount namespace not set up: %s", h.Name, p.tail(10))
+		if p.Exited() || time.Now().After(deadline) {
+			return fmt.Errorf("host %s: mount namespace not set up: %s", h.Name, p.Tail(10))
 		}
 	}
 }
@@ -148,7 +149,7 @@ func (h *Host) StartFlanneld(ctx context.Context) error {
 		cmd.Env = append(cmd.Env, "NOTIFY_SOCKET="+sock)
 		ready = c.ready
 	}
-	p, err := startProc("flanneld", filepath.Join(h.Root, "flanneld.log"), cmd)
+	p, err := testenv.StartProc("flanneld", filepath.Join(h.Root, "flanneld.log"), cmd, false)
 	if err != nil {
 		return err
 	}
@@ -159,15 +160,15 @@ func (h *Host) StartFlanneld(ctx context.Context) error {
 			if err != nil {
 				return fmt.Errorf("host %s: flanneld notify socket: %w", h.Name, err)
 			}
-		case <-p.done:
-			return fmt.Errorf("host %s: flanneld exited before it was ready: %s", h.Name, p.tail(20))
+		case <-p.Done():
+			return fmt.Errorf("host %s: flanneld exited before it was ready: %s", h.Name, p.Tail(20))
 		case <-ctx.Done():
-			return fmt.Errorf("host %s: flanneld sent no READY=1 within TimeoutStartSec: %s", h.Name, p.tail(20))
+			return fmt.Errorf("host %s: flanneld sent no READY=1 within TimeoutStartSec: %s", h.Name, p.Tail(20))
 		}
 	}
 	out, err := h.command(ctx, h.postArgs()[0], h.postArgs()[1:]...).CombinedOutput()
 	if err != nil {
-		return fmt.Errorf("host %s: flanneld ExecStartPost: %w: %s\nflanneld log:\n%s", h.Name, err, out, p.tail(20))
+		return fmt.Errorf("host %s: flanneld ExecStartPost: %w: %s\nflanneld log:\n%s", h.Name, err, out, p.Tail(20))
 	}
 	return nil
 }
@@ -184,7 +185,7 @@ func (h *Host) postArgs() []string {
 // StopFlanneld signals flanneld and waits for it to exit (SIGKILL after
 // 20 s).
 func (h *Host) StopFlanneld(sig syscall.Signal) {
-	h.flanneld.stop(sig)
+	h.flanneld.Stop(sig, 20*time.Second)
 	h.flanneld = nil
 }
 
@@ -232,7 +233,7 @@ func (h *Host) StartDocker(ctx context.Context) error {
 	if err := os.WriteFile(filepath.Join(h.Root, "daemon.json"), []byte("{}\n"), 0o644); err != nil {
 		return err
 	}
-	p, err := startProc("dockerd", filepath.Join(h.Root, "dockerd.log"), h.command(context.Background(), h.c.dockerd, args...))
+	p, err := testenv.StartProc("dockerd", filepath.Join(h.Root, "dockerd.log"), h.command(context.Background(), h.c.dockerd, args...), false)
 	if err != nil {
 		return err
 	}
@@ -243,12 +244,12 @@ func (h *Host) StartDocker(ctx context.Context) error {
 		if _, err := h.Docker(ctx, "version"); err == nil {
 			break
 		}
-		if p.exited() {
-			return fmt.Errorf("host %s: dockerd exited: %s", h.Name, p.tail(20))
+		if p.Exited() {
+			return fmt.Errorf("host %s: dockerd exited: %s", h.Name, p.Tail(20))
 		}
 		select {
 		case <-ctx.Done():
-			return fmt.Errorf("host %s: dockerd API not up: %s", h.Name, p.tail(20))
+			return fmt.Errorf("host %s: dockerd API not up: %s", h.Name, p.Tail(20))
 		case <-time.After(100 * time.Millisecond):
 		}
 	}
@@ -261,7 +262,7 @@ func (h *Host) StartDocker(ctx context.Context) error {
 // StopDocker signals dockerd and waits for it (and so its containerd) to
 // exit.
 func (h *Host) StopDocker(sig syscall.Signal) {
-	h.dockerd.stop(sig)
+	h.dockerd.Stop(sig, 20*time.Second)
 	h.dockerd = nil
 }
 
@@ -289,13 +290,13 @@ func (h *Host) Run(ctx context.Context, name string, cmd ...string) (netip.Addr,
 
 // Log is the tail of a log of the host: "flanneld", "dockerd", "holder".
 func (h *Host) Log(name string, lines int) string {
-	return tailFile(filepath.Join(h.Root, name+".log"), lines)
+	return testenv.TailFile(filepath.Join(h.Root, name+".log"), lines)
 }
 
 // close removes the containers, stops dockerd and flanneld, kills what is
 // left in the host's cgroup and ends its mount namespace.
 func (h *Host) close() error {
-	if h.dockerd != nil && !h.dockerd.exited() {
+	if h.dockerd != nil && !h.dockerd.Exited() {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		if ids, err := h.Docker(ctx, "ps", "-aq"); err == nil && ids != "" {
 			_, _ = h.Docker(ctx, append([]string{"rm", "-f"}, strings.Fields(ids)...)...)

@@ -233,7 +233,7 @@ func runSweepChild(t *testing.T) {
 	h := c.Hosts[0]
 	_, err = h.Run(ctx, "c0", "sleep", "3600")
 	require.NoError(t, err)
-	pids := []string{strconv.Itoa(h.dockerd.cmd.Process.Pid), strconv.Itoa(h.flanneld.cmd.Process.Pid)}
+	pids := []string{strconv.Itoa(h.dockerd.Cmd.Process.Pid), strconv.Itoa(h.flanneld.Cmd.Process.Pid)}
 	for _, d := range hierarchies()[:1] {
 		b, err := os.ReadFile(filepath.Join(d, h.cgroup, "cgroup.procs"))
 		require.NoError(t, err)

@@ -41,6 +41,7 @@ import (
 	"github.com/flannelkit/flannel/internal/image"
 	"github.com/flannelkit/flannel/internal/kubetest"
 	"github.com/flannelkit/flannel/internal/netlab"
+	"github.com/flannelkit/flannel/internal/testenv"
 )
 
 // DNSServiceIP is the cluster DNS Service's ClusterIP.
@@ -74,7 +75,7 @@ type Cluster struct {
 
 	opts      Options
 	client    kubernetes.Interface
-	procs     []*proc
+	procs     []*testenv.Proc
 	images    []string
 	sysctls   string
 	kubeconf  string
@@ -144,7 +145,7 @@ func New(ctx context.Context, o Options) (c *Cluster, err error) {
 		return c, err
 	}
 	for i, ln := range c.Lab.Nodes {
-		n := &Node{Name: ln.Name, Lab: ln, Dir: filepath.Join(o.Dir, ln.Name), c: c, cgroupName: "kc-" + c.Lab.Name + "-" + ln.Name, procs: map[string]*proc{}}
+		n := &Node{Name: ln.Name, Lab: ln, Dir: filepath.Join(o.Dir, ln.Name), c: c, cgroupName: "kc-" + c.Lab.Name + "-" + ln.Name, procs: map[string]*testenv.Proc{}}
 		c.Nodes = append(c.Nodes, n)
 		if err := n.start(ctx); err != nil {
 			return c, fmt.Errorf("node %d: %w", i, err)
@@ -153,14 +154,14 @@ func New(ctx context.Context, o Options) (c *Cluster, err error) {
 	for _, n := range c.Nodes {
 		if err := c.waitFor(ctx, 90*time.Second, "node "+n.Name+" registered", func() (bool, error) {
 			for _, p := range c.procs {
-				if p.exited() {
-					return false, fmt.Errorf("%s exited: %s", p.name, p.tail(5))
+				if p.Exited() {
+					return false, fmt.Errorf("%s exited: %s", p.Name, p.Tail(5))
 				}
 			}
 			_, err := c.client.CoreV1().Nodes().Get(ctx, n.Name, metav1.GetOptions{})
 			return err == nil, nil
 		}); err != nil {
-			return c, fmt.Errorf("%w\nkubelet log:\n%s", err, n.procs["kubelet"].tail(30))
+			return c, fmt.Errorf("%w\nkubelet log:\n%s", err, n.procs["kubelet"].Tail(30))
 		}
 	}
 	return c, nil
@@ -196,7 +197,7 @@ func (c *Cluster) startControlPlane() error {
 		"--node-monitor-grace-period=20s",
 		"--v=1",
 	)...)
-	p, err := startProc("kube-controller-manager", filepath.Join(o.Dir, "kube-controller-manager.log"), kcm)
+	p, err := testenv.StartProc("kube-controller-manager", filepath.Join(o.Dir, "kube-controller-manager.log"), kcm, true)
 	if err != nil {
 		return err
 	}
@@ -204,7 +205,7 @@ func (c *Cluster) startControlPlane() error {
 	sched := exec.Command(filepath.Join(o.Bin, "kube-scheduler"),
 		"--kubeconfig="+c.kubeconf, "--authentication-kubeconfig="+c.kubeconf, "--authorization-kubeconfig="+c.kubeconf,
 		"--leader-elect=false", "--bind-address=127.0.0.1", "--secure-port=0", "--v=1")
-	p, err = startProc("kube-scheduler", filepath.Join(o.Dir, "kube-scheduler.log"), sched)
+	p, err = testenv.StartProc("kube-scheduler", filepath.Join(o.Dir, "kube-scheduler.log"), sched, true)
 	if err != nil {
 		return err
 	}
@@ -258,8 +259,8 @@ func (c *Cluster) buildImages() error {
 // "kube-scheduler").
 func (c *Cluster) Log(name string, lines int) string {
 	for _, p := range c.procs {
-		if p.name == name {
-			return p.tail(lines)
+		if p.Name == name {
+			return p.Tail(lines)
 		}
 	}
 	return ""
@@ -273,7 +274,7 @@ func (c *Cluster) Close() error {
 	}
 	c.Nodes = nil
 	for _, p := range c.procs {
-		p.stop(syscall.SIGTERM)
+		p.Stop(syscall.SIGTERM, 10*time.Second)
 	}
 	c.procs = nil
 	var errs []error

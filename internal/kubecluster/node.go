@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/flannelkit/flannel/internal/netlab"
+	"github.com/flannelkit/flannel/internal/testenv"
 )
 
 // Node is one Kubernetes node: a netlab node namespace, a mount namespace
@@ -31,7 +32,7 @@ type Node struct {
 	c          *Cluster
 	holder     *exec.Cmd
 	cgroupName string
-	procs      map[string]*proc
+	procs      map[string]*testenv.Proc
 }
 
 // boundDirs are the paths that are per node, as a kubelet's runtime sees
@@ -267,14 +268,14 @@ func (n *Node) start(ctx context.Context) error {
 
 // StartContainerd starts the node's containerd and waits for its socket.
 func (n *Node) StartContainerd(ctx context.Context) error {
-	p, err := startProc("containerd", filepath.Join(n.Dir, "containerd.log"), n.command(context.Background(), "containerd", "--config", filepath.Join(n.Dir, "containerd.toml")))
+	p, err := testenv.StartProc("containerd", filepath.Join(n.Dir, "containerd.log"), n.command(context.Background(), "containerd", "--config", filepath.Join(n.Dir, "containerd.toml")), true)
 	if err != nil {
 		return err
 	}
 	n.procs["containerd"] = p
 	return n.c.waitFor(ctx, 30*time.Second, "containerd on "+n.Name, func() (bool, error) {
-		if p.exited() {
-			return false, fmt.Errorf("containerd exited: %s", p.tail(20))
+		if p.Exited() {
+			return false, fmt.Errorf("containerd exited: %s", p.Tail(20))
 		}
 		_, err := n.command(ctx, "ctr", "--address", "/run/containerd/containerd.sock", "version").CombinedOutput()
 		return err == nil, nil
@@ -287,14 +288,14 @@ func (n *Node) StartKubelet() error {
 	if n.Lab.IPv6.IsValid() {
 		ips += "," + n.Lab.IPv6.String()
 	}
-	p, err := startProc("kubelet", filepath.Join(n.Dir, "kubelet.log"), n.command(context.Background(), filepath.Join(n.c.opts.Bin, "kubelet"),
+	p, err := testenv.StartProc("kubelet", filepath.Join(n.Dir, "kubelet.log"), n.command(context.Background(), filepath.Join(n.c.opts.Bin, "kubelet"),
 		"--config="+filepath.Join(n.Dir, "kubelet.yaml"),
 		"--kubeconfig="+filepath.Join(n.Dir, "kubeconfig"),
 		"--hostname-override="+n.Name,
 		"--node-ip="+ips,
 		"--root-dir=/var/lib/kubelet",
 		"--v=1",
-	))
+	), true)
 	if err != nil {
 		return err
 	}
@@ -304,8 +305,8 @@ func (n *Node) StartKubelet() error {
 
 // StartProxy starts the node's kube-proxy.
 func (n *Node) StartProxy() error {
-	p, err := startProc("kube-proxy", filepath.Join(n.Dir, "kube-proxy.log"), n.command(context.Background(), filepath.Join(n.c.opts.Bin, "kube-proxy"),
-		"--config="+filepath.Join(n.Dir, "kube-proxy.yaml"), "--v=1"))
+	p, err := testenv.StartProc("kube-proxy", filepath.Join(n.Dir, "kube-proxy.log"), n.command(context.Background(), filepath.Join(n.c.opts.Bin, "kube-proxy"),
+		"--config="+filepath.Join(n.Dir, "kube-proxy.yaml"), "--v=1"), true)
 	if err != nil {
 		return err
 	}
@@ -316,12 +317,12 @@ func (n *Node) StartProxy() error {
 // Kill stops one of the node's daemons ("containerd", "kubelet",
 // "kube-proxy") with sig; pods keep running (their shims are not
 // containerd's children).
-func (n *Node) Kill(name string, sig syscall.Signal) { n.procs[name].stop(sig) }
+func (n *Node) Kill(name string, sig syscall.Signal) { n.procs[name].Stop(sig, 10*time.Second) }
 
 // Log is the tail of one of the node's daemon logs.
 func (n *Node) Log(name string, lines int) string {
 	if p := n.procs[name]; p != nil {
-		return p.tail(lines)
+		return p.Tail(lines)
 	}
 	return ""
 }
@@ -330,7 +331,7 @@ func (n *Node) Log(name string, lines int) string {
 // containers) and removes its cgroups.
 func (n *Node) stop() {
 	for _, name := range []string{"kube-proxy", "kubelet", "containerd"} {
-		n.procs[name].stop(syscall.SIGTERM)
+		n.procs[name].Stop(syscall.SIGTERM, 10*time.Second)
 	}
 	if n.holder != nil && n.holder.Process != nil {
 		killNamespace(n.holderPID())
