@@ -14,7 +14,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -145,70 +144,9 @@ func (w *world) relay(port uint16, target string) {
 	rt, err := netns.GetFromName(w.lab.NSName("rt"))
 	require.NoError(w.t, err)
 	w.t.Cleanup(func() { rt.Close() })
-	forward(w.t, rt, netip.AddrPortFrom(netlab.RouterIP(0), port).String(), target)
-}
-
-// forward accepts TCP connections on listen inside ns and relays them to
-// target (dialled from the test's own namespace): how the node namespaces
-// reach the embedded etcd on loopback.
-func forward(t *testing.T, ns netns.NsHandle, listen, target string) {
-	var ln net.Listener
-	require.NoError(t, nlsafe.InNamespace(ns, func() error {
-		var err error
-		ln, err = net.Listen("tcp", listen)
-		return err
-	}))
-	var wg sync.WaitGroup
-	var mu sync.Mutex
-	conns := map[net.Conn]bool{}
-	track := func(c net.Conn, on bool) {
-		mu.Lock()
-		defer mu.Unlock()
-		if on {
-			conns[c] = true
-		} else {
-			delete(conns, c)
-		}
-	}
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				d, err := net.Dial("tcp", target)
-				if err != nil {
-					c.Close()
-					return
-				}
-				track(c, true)
-				track(d, true)
-				var pw sync.WaitGroup
-				pw.Add(2)
-				go func() { defer pw.Done(); io.Copy(d, c); d.(*net.TCPConn).CloseWrite() }()
-				go func() { defer pw.Done(); io.Copy(c, d); c.(*net.TCPConn).CloseWrite() }()
-				pw.Wait()
-				c.Close()
-				d.Close()
-				track(c, false)
-				track(d, false)
-			}()
-		}
-	}()
-	t.Cleanup(func() {
-		ln.Close()
-		mu.Lock()
-		for c := range conns {
-			c.Close()
-		}
-		mu.Unlock()
-		wg.Wait()
-	})
+	stop, err := netlab.Relay(rt, netip.AddrPortFrom(netlab.RouterIP(0), port).String(), target)
+	require.NoError(w.t, err)
+	w.t.Cleanup(stop)
 }
 
 func (w *world) subnetFile(i int) string { return filepath.Join(w.dir, fmt.Sprintf("node%d.env", i)) }

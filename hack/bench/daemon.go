@@ -71,7 +71,7 @@ func runDaemon(ctx context.Context, o options, exe, dir string, st *storeSetup) 
 		return res, err
 	}
 	defer rt.Close()
-	stopRelay, err := relay(rt, netip.AddrPortFrom(netlab.RouterIP(0), st.port).String(), st.target)
+	stopRelay, err := netlab.Relay(rt, netip.AddrPortFrom(netlab.RouterIP(0), st.port).String(), st.target)
 	if err != nil {
 		return res, fmt.Errorf("relay: %w", err)
 	}

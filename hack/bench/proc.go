@@ -4,8 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
-	"net"
 	"net/netip"
 	"os"
 	"strconv"
@@ -157,65 +155,4 @@ func (w *routeWatch) wait(ctx context.Context, exited <-chan error, cond func() 
 		}
 	}
 	return nil
-}
-
-// relay accepts TCP connections on listen inside ns and relays them to
-// target, dialled from this process's namespace: how a node namespace
-// reaches a store on this host's loopback. The returned func stops it and
-// joins every goroutine.
-func relay(ns netns.NsHandle, listen, target string) (func(), error) {
-	var ln net.Listener
-	if err := nlsafe.InNamespace(ns, func() error {
-		var err error
-		ln, err = net.Listen("tcp", listen)
-		return err
-	}); err != nil {
-		return nil, err
-	}
-	var wg sync.WaitGroup
-	var mu sync.Mutex
-	conns := map[net.Conn]bool{}
-	track := func(c net.Conn, on bool) {
-		mu.Lock()
-		defer mu.Unlock()
-		if on {
-			conns[c] = true
-		} else {
-			delete(conns, c)
-		}
-	}
-	wg.Go(func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			wg.Go(func() {
-				d, err := net.Dial("tcp", target)
-				if err != nil {
-					c.Close()
-					return
-				}
-				track(c, true)
-				track(d, true)
-				var pw sync.WaitGroup
-				pw.Go(func() { io.Copy(d, c); d.(*net.TCPConn).CloseWrite() })
-				pw.Go(func() { io.Copy(c, d); c.(*net.TCPConn).CloseWrite() })
-				pw.Wait()
-				c.Close()
-				d.Close()
-				track(c, false)
-				track(d, false)
-			})
-		}
-	})
-	return func() {
-		ln.Close()
-		mu.Lock()
-		for c := range conns {
-			c.Close()
-		}
-		mu.Unlock()
-		wg.Wait()
-	}, nil
 }

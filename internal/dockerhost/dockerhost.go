@@ -29,6 +29,8 @@ import (
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
+	"github.com/vishvananda/netns"
+
 	"github.com/flannelkit/flannel/internal/etcdtest"
 	"github.com/flannelkit/flannel/internal/netlab"
 )
@@ -66,7 +68,7 @@ type Cluster struct {
 	root      string
 	dockerd   string
 	dockerCLI string
-	relay     *relay
+	stopRelay func()
 	imageTar  string
 }
 
@@ -154,7 +156,12 @@ func (c *Cluster) startEtcd(ctx context.Context) error {
 		return fmt.Errorf("dockerhost: write network config: %w", err)
 	}
 	target := strings.TrimPrefix(c.Etcd.Endpoints[0], "http://")
-	c.relay, err = startRelay(c.Lab.NSName("rt"), netip.AddrPortFrom(netlab.RouterIP(0), EtcdPort).String(), target)
+	rt, err := netns.GetFromName(c.Lab.NSName("rt"))
+	if err != nil {
+		return err
+	}
+	defer rt.Close()
+	c.stopRelay, err = netlab.Relay(rt, netip.AddrPortFrom(netlab.RouterIP(0), EtcdPort).String(), target)
 	return err
 }
 
@@ -189,9 +196,9 @@ func (c *Cluster) Close() error {
 		errs = append(errs, h.close())
 	}
 	c.Hosts = nil
-	if c.relay != nil {
-		c.relay.stop()
-		c.relay = nil
+	if c.stopRelay != nil {
+		c.stopRelay()
+		c.stopRelay = nil
 	}
 	if c.Etcd != nil {
 		errs = append(errs, c.Etcd.Close())

@@ -1,4 +1,4 @@
-package dockerhost
+package netlab
 
 import (
 	"io"
@@ -6,49 +6,40 @@ import (
 	"sync"
 
 	"github.com/vishvananda/netns"
-
-	"github.com/flannelkit/flannel/internal/nlsafe"
 )
 
-// relay accepts TCP connections on an address inside a namespace and
-// relays them to a target dialled from the caller's namespace: how the
-// hosts reach the embedded etcd on loopback.
-type relay struct {
-	ln    net.Listener
-	wg    sync.WaitGroup
-	mu    sync.Mutex
-	conns map[net.Conn]bool
-}
-
-func startRelay(nsName, listen, target string) (*relay, error) {
-	ns, err := netns.GetFromName(nsName)
-	if err != nil {
-		return nil, err
-	}
-	defer ns.Close()
+// Relay accepts TCP connections on listen inside ns and relays each to
+// target, dialled from the caller's namespace: how node namespaces reach a
+// store (an embedded etcd, a kube-apiserver) on the host's loopback. The
+// returned stop closes the listener and every relayed connection and joins
+// all goroutines.
+func Relay(ns netns.NsHandle, listen, target string) (stop func(), err error) {
 	r := &relay{conns: map[net.Conn]bool{}}
-	if err := nlsafe.InNamespace(ns, func() error {
+	if err := inNS(ns, func() error {
 		var err error
 		r.ln, err = net.Listen("tcp", listen)
 		return err
 	}); err != nil {
 		return nil, err
 	}
-	r.wg.Add(1)
-	go r.accept(target)
-	return r, nil
+	r.wg.Go(func() { r.accept(target) })
+	return r.stop, nil
+}
+
+type relay struct {
+	ln    net.Listener
+	wg    sync.WaitGroup
+	mu    sync.Mutex
+	conns map[net.Conn]bool // nil once stopped
 }
 
 func (r *relay) accept(target string) {
-	defer r.wg.Done()
 	for {
 		c, err := r.ln.Accept()
 		if err != nil {
 			return
 		}
-		r.wg.Add(1)
-		go func() {
-			defer r.wg.Done()
+		r.wg.Go(func() {
 			d, err := net.Dial("tcp", target)
 			if err != nil {
 				c.Close()
@@ -58,17 +49,16 @@ func (r *relay) accept(target string) {
 				return
 			}
 			var pw sync.WaitGroup
-			pw.Add(2)
-			go func() { defer pw.Done(); _, _ = io.Copy(d, c); _ = d.(*net.TCPConn).CloseWrite() }()
-			go func() { defer pw.Done(); _, _ = io.Copy(c, d); _ = c.(*net.TCPConn).CloseWrite() }()
+			pw.Go(func() { _, _ = io.Copy(d, c); _ = d.(*net.TCPConn).CloseWrite() })
+			pw.Go(func() { _, _ = io.Copy(c, d); _ = c.(*net.TCPConn).CloseWrite() })
 			pw.Wait()
 			r.track(false, c, d)
-		}()
+		})
 	}
 }
 
 // track adds or removes (and closes) a connection pair; adding fails
-// (closing both) once the relay stops.
+// (closing both) once the relay has stopped.
 func (r *relay) track(on bool, cs ...net.Conn) bool {
 	r.mu.Lock()
 	defer r.mu.Unlock()
