@@ -7,6 +7,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH=/usr/local/go/bin:$PATH
+# Where the time goes (cold and warm runs differ mostly in the set-up).
+SECONDS=0
+took() { echo "hack/test.sh: $1 done at $((SECONDS / 60))m$((SECONDS % 60))s" >&2; }
 
 if [ "$(id -u)" -ne 0 ]; then
 	echo "hack/test.sh: needs root (network namespaces, netlink)" >&2
@@ -156,10 +159,13 @@ ln -sfn "$kas" .cache/bin/kube-apiserver
 ln -sfn "$helm" .cache/bin/helm
 ln -sfn "$golangci" .cache/bin/golangci-lint
 
+took "set-up (packages, tool builds)"
 export FLANNEL_STRICT=1
 go vet ./...
 .cache/bin/golangci-lint run ./...
+took "vet and lint"
 go test -race -count=1 -timeout 45m ./...
+took "go test"
 # Each fuzz target also fuzzes briefly (the run above tried only its seed
 # corpus): new inputs each run. A crasher fails the command and is kept in
 # the package's testdata/fuzz for the next run to replay. A fuzzing run that
@@ -182,6 +188,7 @@ grep -rl --include='*_test.go' '^func Fuzz' . | grep -v '^./tools/' | sort | whi
 		exit 1
 	done
 done
+took "fuzzing"
 go run ./examples/cluster -nodes 3
 go run ./examples/cluster -nodes 3 -ipv6
 go run ./examples/cluster -nodes 3 -ipv6 -backend host-gw -store memory
@@ -193,3 +200,4 @@ go run ./examples/cluster -kubelet -nodes 3
 go run ./hack/kubebench -nodes 5000
 # The vxlan benchmark command keeps working (figures, not a pass/fail bar).
 go run ./hack/bench -scenario bulk -peers 1000 -runs 1
+took "demos and benchmarks"
