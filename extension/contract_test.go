@@ -72,7 +72,7 @@ if [ -n "$IPV6SUBNET" ]; then ip -6 route del "$IPV6SUBNET" dev eth0 proto 201; 
 }
 
 // perNode is an extension Backend as a node's agent makes it: its state
-// directory is the node's (found by the namespace inode), so that a
+// directory is the node's (found by its namespace's name), so that a
 // restarted Network knows the peers its predecessor added.
 type perNode struct {
 	t    *testing.T
@@ -92,7 +92,7 @@ func (p *perNode) backend(env flannel.Env) *extension.Backend {
 	defer p.mu.Unlock()
 	if p.b == nil {
 		o := p.opts
-		o.StateDir = filepath.Join(p.dir, "state", nsInode(p.t, int(env.NS)))
+		o.StateDir = filepath.Join(p.dir, "state", backendtest.NodeName(p.t, env.NS))
 		p.b = extension.New(o)
 	}
 	return p.b

@@ -16,7 +16,6 @@ import (
 	"github.com/stretchr/testify/require"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
-	"golang.org/x/sys/unix"
 
 	flannel "github.com/flannelkit/flannel"
 	"github.com/flannelkit/flannel/backend"
@@ -96,12 +95,11 @@ func (f *fixtureBackend) Prepare(ctx context.Context, env flannel.Env) (lease.At
 	if !env.NS.IsOpen() {
 		env.NS = nsOfHandle(f.t, env.Handle)
 	}
-	var st unix.Stat_t
-	require.NoError(f.t, unix.Fstat(int(env.NS), &st))
+	node := backendtest.NodeName(f.t, env.NS)
 	f.mu.Lock()
 	if f.b == nil {
 		o := f.opts
-		o.KeyFile = filepath.Join(f.keys, fmt.Sprint(st.Ino), "wgkey")
+		o.KeyFile = filepath.Join(f.keys, node, "wgkey")
 		b, err := wireguard.New(o)
 		require.NoError(f.t, err)
 		f.b = b

@@ -9,6 +9,8 @@ import (
 	"context"
 	"fmt"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"sync"
 	"testing"
 	"time"
@@ -16,6 +18,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
 
 	flannel "github.com/flannelkit/flannel"
 	"github.com/flannelkit/flannel/backend"
@@ -210,4 +213,26 @@ func RunNetwork(t *testing.T, n *Node) (stop func()) {
 	}
 	t.Cleanup(stop) // on failure too, before the lab goes
 	return stop
+}
+
+// NodeName is the name under /run/netns of the namespace ns (a netlab
+// node's), for fixtures that keep a node's files (a key, a state
+// directory) across a restart of its backend. Names are unique per lab,
+// unlike a namespace's inode, which the kernel hands to a new namespace
+// once the old one is gone (a later node of another test would then find
+// the files of a dead one).
+func NodeName(t *testing.T, ns netns.NsHandle) string {
+	t.Helper()
+	var want unix.Stat_t
+	require.NoError(t, unix.Fstat(int(ns), &want))
+	entries, err := os.ReadDir("/run/netns")
+	require.NoError(t, err)
+	for _, e := range entries {
+		var st unix.Stat_t
+		if unix.Stat(filepath.Join("/run/netns", e.Name()), &st) == nil && st.Dev == want.Dev && st.Ino == want.Ino {
+			return e.Name()
+		}
+	}
+	t.Fatalf("no namespace under /run/netns is the node's (inode %d)", want.Ino)
+	return ""
 }
