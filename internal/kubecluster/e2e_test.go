@@ -232,7 +232,7 @@ func checkServicesAndResilience(t *testing.T, c *kubecluster.Cluster, pods []*co
 	require.NoError(t, n1.StartKubelet())
 	sent, recv := wait()
 	assert.Equal(t, sent, recv, "packets lost while node1's kubelet, containerd and flanneld restarted")
-	require.NoError(t, c.WaitDaemonSet(ctx, "kube-flannel", "kube-flannel-ds", 2*time.Minute))
+	require.NoError(t, c.WaitDaemonSet(ctx, "kube-flannel", "kube-flannel-ds", 4*time.Minute))
 	again, err := c.Client().CoreV1().Pods("default").Get(ctx, pods[1].Name, metav1.GetOptions{})
 	require.NoError(t, err)
 	assert.Equal(t, pods[1].Status.PodIP, again.Status.PodIP, "pod keeps its address")
@@ -257,7 +257,9 @@ func checkServicesAndResilience(t *testing.T, c *kubecluster.Cluster, pods []*co
 	ds.Spec.Template.Spec.Containers[0].Image = ref2
 	_, err = c.Client().AppsV1().DaemonSets("kube-flannel").Update(ctx, ds, metav1.UpdateOptions{})
 	require.NoError(t, err)
-	require.NoError(t, c.WaitDaemonSet(ctx, "kube-flannel", "kube-flannel-ds", 2*time.Minute))
+	// A rolling update replaces one pod at a time (init containers,
+	// flanneld, readiness): generous for a loaded 2-core machine.
+	require.NoError(t, c.WaitDaemonSet(ctx, "kube-flannel", "kube-flannel-ds", 5*time.Minute))
 	sent, recv = wait()
 	assert.Equal(t, sent, recv, "packets lost %s -> %s during the rolling update", pods[0].Name, pods[2].Name)
 	sent, recv = wait1()

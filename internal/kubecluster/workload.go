@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -170,16 +171,50 @@ func (c *Cluster) HTTPGet(ctx context.Context, ns, from, ip string, port int) (s
 
 // WaitDaemonSet waits until a DaemonSet's pods are ready on every node it
 // wants them on, at its current generation.
+// A timeout error says where the DaemonSet stood and what its pods were
+// doing.
 func (c *Cluster) WaitDaemonSet(ctx context.Context, ns, name string, d time.Duration) error {
-	return c.waitFor(ctx, d, "daemonset "+ns+"/"+name+" ready", func() (bool, error) {
+	var last string
+	err := c.waitFor(ctx, d, "daemonset "+ns+"/"+name+" ready", func() (bool, error) {
 		ds, err := c.client.AppsV1().DaemonSets(ns).Get(ctx, name, metav1.GetOptions{})
 		if err != nil {
+			last = err.Error()
 			return false, nil
 		}
 		s := ds.Status
+		last = fmt.Sprintf("generation %d observed %d, desired %d, updated %d, ready %d, available %d",
+			ds.Generation, s.ObservedGeneration, s.DesiredNumberScheduled, s.UpdatedNumberScheduled, s.NumberReady, s.NumberAvailable)
 		return s.ObservedGeneration >= ds.Generation && s.DesiredNumberScheduled == int32(len(c.Nodes)) &&
 			s.UpdatedNumberScheduled == s.DesiredNumberScheduled && s.NumberReady == s.DesiredNumberScheduled && s.NumberAvailable == s.DesiredNumberScheduled, nil
 	})
+	if err != nil {
+		return fmt.Errorf("%w (%s)\n%s", err, last, c.podStates(ctx, ns))
+	}
+	return nil
+}
+
+// podStates renders each pod of namespace ns: node, phase, and each
+// container's readiness, restarts and waiting or termination reason.
+func (c *Cluster) podStates(ctx context.Context, ns string) string {
+	pods, err := c.client.CoreV1().Pods(ns).List(ctx, metav1.ListOptions{})
+	if err != nil {
+		return "pods: " + err.Error()
+	}
+	var b strings.Builder
+	for _, p := range pods.Items {
+		fmt.Fprintf(&b, "pod %s on %s: %s", p.Name, p.Spec.NodeName, p.Status.Phase)
+		for _, cs := range append(slices.Clone(p.Status.InitContainerStatuses), p.Status.ContainerStatuses...) {
+			fmt.Fprintf(&b, "; %s ready=%t restarts=%d", cs.Name, cs.Ready, cs.RestartCount)
+			if w := cs.State.Waiting; w != nil {
+				fmt.Fprintf(&b, " waiting %s %s", w.Reason, w.Message)
+			}
+			if x := cs.State.Terminated; x != nil {
+				fmt.Fprintf(&b, " terminated %s exit %d", x.Reason, x.ExitCode)
+			}
+		}
+		b.WriteString("\n")
+	}
+	return b.String()
 }
 
 // PodLog is the tail of a container's log, read from its node's
