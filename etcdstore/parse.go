@@ -62,7 +62,7 @@ func (s *Store) entryOf(kv *mvccpb.KeyValue) entry {
 // malformed but whose subnets fit the network (the key exists, so it
 // cannot be created).
 func (s *Store) judge(cfg lease.Config, entries []entry, attrs lease.Attrs, own lease.Lease) (v lease.Verdict, taken []lease.Lease) {
-	v, malformed := s.verdict(cfg, entries, attrs, own, nil)
+	v, malformed := s.verdict(cfg, entries, attrs, own)
 	taken = v.Taken()
 	for _, m := range malformed {
 		if r, _ := cfg.Shape(m.Lease); r == "" {
@@ -73,10 +73,31 @@ func (s *Store) judge(cfg lease.Config, entries []entry, attrs lease.Attrs, own 
 }
 
 // verdict is judge without what allocation needs: the verdict and the
-// malformed entries. cands is a buffer it may reuse (the verdict does not
+// malformed entries.
+func (s *Store) verdict(cfg lease.Config, entries []entry, attrs lease.Attrs, own lease.Lease) (lease.Verdict, []lease.Ignored) {
+	cands, malformed := candidates(cfg, entries, attrs, nil)
+	if !slices.IsSortedFunc(cands, byName) {
+		slices.SortFunc(cands, byName)
+	}
+	v := cfg.Peers(cands, own)
+	s.warnIgnored(v.Ignored, malformed)
+	return v, malformed
+}
+
+// peerLeases is verdict's valid leases, for Watch, whose entries are
+// sorted by key: it fills and returns the buffer cands (the leases do not
 // alias it).
-func (s *Store) verdict(cfg lease.Config, entries []entry, attrs lease.Attrs, own lease.Lease, cands []lease.Candidate) (lease.Verdict, []lease.Ignored) {
-	cands = cands[:0]
+func (s *Store) peerLeases(cfg lease.Config, entries []entry, attrs lease.Attrs, own lease.Lease, cands []lease.Candidate) ([]lease.Lease, []lease.Candidate) {
+	cands, malformed := candidates(cfg, entries, attrs, cands)
+	leases, ignored := cfg.PeerLeases(cands, own)
+	s.warnIgnored(ignored, malformed)
+	return leases, cands
+}
+
+// candidates turns the entries that parsed into candidates (appended to
+// cands[:0], in the entries' order) and returns the others as malformed.
+func candidates(cfg lease.Config, entries []entry, attrs lease.Attrs, cands []lease.Candidate) ([]lease.Candidate, []lease.Ignored) {
+	cands = slices.Grow(cands[:0], len(entries))
 	var malformed []lease.Ignored
 	for _, e := range entries {
 		c := lease.Candidate{Name: e.key, Lease: e.l, Order: e.createRev}
@@ -87,15 +108,15 @@ func (s *Store) verdict(cfg lease.Config, entries []entry, attrs lease.Attrs, ow
 		c.Own = cfg.SameNode(attrs, e.l.Attrs)
 		cands = append(cands, c)
 	}
-	// A no-op when the caller keeps the entries in key order (Watch).
-	if !slices.IsSortedFunc(cands, byName) {
-		slices.SortFunc(cands, byName)
-	}
-	v := cfg.Peers(cands, own)
-	for _, ig := range s.warn.Fresh(append(slices.Clip(v.Ignored), malformed...)) {
+	return cands, malformed
+}
+
+// warnIgnored warns about each ignored or malformed key once per change
+// to its value.
+func (s *Store) warnIgnored(ignored, malformed []lease.Ignored) {
+	for _, ig := range s.warn.Fresh(append(slices.Clip(ignored), malformed...)) {
 		s.log.Warn("ignoring lease", "key", ig.Name, "rule", string(ig.Rule), "reason", ig.Detail)
 	}
-	return v, malformed
 }
 
 func byName(a, b lease.Candidate) int { return cmp.Compare(a.Name, b.Name) }

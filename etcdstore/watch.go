@@ -1,6 +1,7 @@
 package etcdstore
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -73,31 +74,34 @@ func (s *Store) Watch(ctx context.Context, fn func(lease.Snapshot)) error {
 
 // watchState is one listing of Watch and the events that follow it.
 type watchState struct {
-	s       *Store
-	cfg     lease.Config
-	fn      func(lease.Snapshot)
-	current map[string]entry
-	keys    []string      // the keys of current, sorted: judge gets them in order
-	last    []lease.Lease // delivered last
+	s   *Store
+	cfg lease.Config
+	fn  func(lease.Snapshot)
+	// entries are the keys under <prefix>/subnets/, sorted by key: judged
+	// in place on every change, with no map or copy of them per event.
+	entries []entry
+	cands   []lease.Candidate // deliver's buffer, reused
+	last    []lease.Lease     // delivered last
 }
 
-// put records e under key.
-func (w *watchState) put(key string, e entry) {
-	if _, ok := w.current[key]; !ok {
-		i, _ := slices.BinarySearch(w.keys, key)
-		w.keys = slices.Insert(w.keys, i, key)
+func byKey(e entry, key string) int { return cmp.Compare(e.key, key) }
+
+func byEntryKey(a, b entry) int { return cmp.Compare(a.key, b.key) }
+
+// put records e under its key.
+func (w *watchState) put(e entry) {
+	i, ok := slices.BinarySearchFunc(w.entries, e.key, byKey)
+	if ok {
+		w.entries[i] = e
+		return
 	}
-	w.current[key] = e
+	w.entries = slices.Insert(w.entries, i, e)
 }
 
 // del forgets key.
 func (w *watchState) del(key string) {
-	if _, ok := w.current[key]; !ok {
-		return
-	}
-	delete(w.current, key)
-	if i, ok := slices.BinarySearch(w.keys, key); ok {
-		w.keys = slices.Delete(w.keys, i, i+1)
+	if i, ok := slices.BinarySearchFunc(w.entries, key, byKey); ok {
+		w.entries = slices.Delete(w.entries, i, i+1)
 	}
 }
 
@@ -111,32 +115,40 @@ func (w *watchState) list(ctx context.Context) (int64, error) {
 	if err != nil {
 		return 0, fmt.Errorf("list %s: %w", s.subnetsKey, err)
 	}
-	w.current = make(map[string]entry, len(resp.Kvs))
-	w.keys = make([]string, 0, len(resp.Kvs))
+	w.entries = make([]entry, 0, len(resp.Kvs))
 	for _, kv := range resp.Kvs {
-		k := string(kv.Key)
-		if _, dup := w.current[k]; !dup {
-			w.keys = append(w.keys, k)
-		}
-		w.current[k] = s.entryOf(kv)
+		w.entries = append(w.entries, s.entryOf(kv))
 	}
-	slices.Sort(w.keys) // etcd lists in key order already: cheap
+	// etcd lists in key order already: cheap. A key listed twice keeps
+	// its last value.
+	if !slices.IsSortedFunc(w.entries, byEntryKey) {
+		slices.SortStableFunc(w.entries, byEntryKey)
+	}
+	w.entries = compactKeys(w.entries)
 	w.deliver(true)
 	return resp.Header.Revision, nil
+}
+
+// compactKeys keeps the last of each run of entries with the same key.
+func compactKeys(es []entry) []entry {
+	out := es[:0]
+	for i, e := range es {
+		if i+1 < len(es) && es[i+1].key == e.key {
+			continue
+		}
+		out = append(out, e)
+	}
+	return out
 }
 
 // deliver judges the current keys and calls fn when resync is set or the
 // valid leases changed since the last call.
 func (w *watchState) deliver(resync bool) {
-	// No buffers kept between events: they would add every key's entry
-	// and candidate to the live heap (and twice that to the peak RSS).
-	entries := make([]entry, 0, len(w.keys))
-	for _, k := range w.keys {
-		entries = append(entries, w.current[k])
-	}
 	own := w.s.ownLease()
-	v, _ := w.s.verdict(w.cfg, entries, own.Attrs, own, nil)
-	leases := v.Leases()
+	var leases []lease.Lease
+	leases, w.cands = w.s.peerLeases(w.cfg, w.entries, own.Attrs, own, w.cands)
+	// The buffer keeps no lease data alive between events: only its array.
+	clear(w.cands)
 	if !resync && slices.EqualFunc(w.last, leases, leaseEqual) {
 		return
 	}
@@ -172,7 +184,7 @@ func (w *watchState) follow(ctx context.Context, rev int64) (bool, error) {
 			case clientv3.EventTypeDelete:
 				w.del(key)
 			case clientv3.EventTypePut:
-				w.put(key, w.s.entryOf(ev.Kv))
+				w.put(w.s.entryOf(ev.Kv))
 			}
 		}
 		if len(resp.Events) > 0 {

@@ -134,15 +134,15 @@ func (s *Store) leases(objs []any, warn *lease.Warnings) []lease.Lease {
 			}
 		}
 	}
-	v := cfg.Peers(cands, lease.Lease{})
-	for _, ig := range warn.Fresh(append(slices.Clip(v.Ignored), malformed...)) {
+	leases, ignored := cfg.PeerLeases(cands, lease.Lease{})
+	for _, ig := range warn.Fresh(append(slices.Clip(ignored), malformed...)) {
 		if ig.Rule == lease.RuleMalformed {
 			s.log.Warn("skipping node with malformed flannel data", "node", ig.Name, "error", ig.Detail)
 		} else {
 			s.log.Warn("ignoring lease", "node", ig.Name, "rule", string(ig.Rule), "reason", ig.Detail)
 		}
 	}
-	return v.Leases()
+	return leases
 }
 
 // peerLengths returns cfg with the subnet lengths of own's podCIDRs.

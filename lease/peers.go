@@ -124,16 +124,54 @@ func shapeFamily(enabled bool, key string, network netip.Prefix, subLen int, p n
 // subnets count as this node's as well as those of Own candidates. Peers
 // is pure and keeps no state; see Warnings for logging once.
 func (c Config) Peers(cands []Candidate, own Lease) Verdict {
-	bad := make([]mark, len(cands)) // rule "" means valid
-	ownSubnets := map[netip.Prefix]bool{}
-	for _, p := range []netip.Prefix{own.Subnet, own.IPv6Subnet} {
-		if p.IsValid() {
-			ownSubnets[p] = true
+	bad := c.marks(cands, own)
+	v := Verdict{Valid: make([]Candidate, 0, len(cands))}
+	for i, b := range bad {
+		if b.rule == "" {
+			v.Valid = append(v.Valid, cands[i])
+		} else {
+			v.Ignored = append(v.Ignored, Ignored{Candidate: cands[i], Rule: b.rule, Detail: b.detail})
 		}
 	}
-	// The first holder of each subnet; only subnets held more than once
-	// get a list (the rare case: no slice per lease).
-	first := make(map[netip.Prefix]int, len(cands))
+	return v
+}
+
+// PeerLeases is Peers(cands, own).Leases() with the ignored candidates,
+// without the copy of every valid candidate: what a store's Watch needs
+// on every change.
+func (c Config) PeerLeases(cands []Candidate, own Lease) (leases []Lease, ignored []Ignored) {
+	bad := c.marks(cands, own)
+	n := 0
+	for _, b := range bad {
+		if b.rule == "" {
+			n++
+		}
+	}
+	leases = make([]Lease, 0, n)
+	for i, b := range bad {
+		if b.rule == "" {
+			leases = append(leases, cands[i].Lease)
+		} else {
+			ignored = append(ignored, Ignored{Candidate: cands[i], Rule: b.rule, Detail: b.detail})
+		}
+	}
+	return leases, ignored
+}
+
+// marks is Peers' verdict on each candidate, in their order.
+func (c Config) marks(cands []Candidate, own Lease) []mark {
+	bad := make([]mark, len(cands)) // rule "" means valid
+	// This node's subnets: a few, so a slice (no hashing per lease).
+	var ownSubnets []netip.Prefix
+	for _, p := range []netip.Prefix{own.Subnet, own.IPv6Subnet} {
+		if p.IsValid() {
+			ownSubnets = append(ownSubnets, p)
+		}
+	}
+	// The first holder of each subnet, by its compact key (hashing a
+	// netip.Prefix costs several times more); only subnets held more than
+	// once get a list (the rare case: no slice per lease).
+	first := make(map[subnetKey]int, len(cands))
 	var shared map[netip.Prefix][]int
 	for i, cd := range cands {
 		if r, d := c.Shape(cd.Lease); r != "" {
@@ -144,8 +182,8 @@ func (c Config) Peers(cands []Candidate, own Lease) Verdict {
 			if !p.IsValid() {
 				continue
 			}
-			if j, ok := first[p]; !ok {
-				first[p] = i
+			if j, ok := first[keyOfSubnet(p)]; !ok {
+				first[keyOfSubnet(p)] = i
 			} else {
 				if shared == nil {
 					shared = map[netip.Prefix][]int{}
@@ -155,8 +193,8 @@ func (c Config) Peers(cands []Candidate, own Lease) Verdict {
 				}
 				shared[p] = append(shared[p], i)
 			}
-			if cd.Own {
-				ownSubnets[p] = true
+			if cd.Own && !slices.Contains(ownSubnets, p) {
+				ownSubnets = append(ownSubnets, p)
 			}
 		}
 	}
@@ -164,8 +202,8 @@ func (c Config) Peers(cands []Candidate, own Lease) Verdict {
 		if bad[i].rule != "" || cd.Own {
 			continue
 		}
-		for _, p := range subnets(cd.Lease) {
-			if ownSubnets[p] {
+		for _, p := range [2]netip.Prefix{cd.Lease.Subnet, cd.Lease.IPv6Subnet} {
+			if p.IsValid() && slices.Contains(ownSubnets, p) {
 				bad[i] = mark{RuleOwnSubnet, fmt.Sprintf("subnet %s is this node's", p)}
 			}
 		}
@@ -173,15 +211,23 @@ func (c Config) Peers(cands []Candidate, own Lease) Verdict {
 	for p, idx := range shared {
 		resolveOverlap(cands, bad, p, idx)
 	}
-	v := Verdict{Valid: make([]Candidate, 0, len(cands))}
-	for i, b := range bad {
-		if b.rule == "" {
-			v.Valid = append(v.Valid, cands[i])
-		} else {
-			v.Ignored = append(v.Ignored, Ignored{Candidate: cands[i], Rule: b.rule, Detail: b.detail})
-		}
+	return bad
+}
+
+// subnetKey identifies a subnet for marks' map: its address as 16 bytes,
+// its length and whether it is IPv4 (so no IPv4-mapped IPv6 subnet can
+// collide with an IPv4 one).
+type subnetKey [18]byte
+
+func keyOfSubnet(p netip.Prefix) subnetKey {
+	var k subnetKey
+	a := p.Addr().As16()
+	copy(k[:16], a[:])
+	k[16] = byte(p.Bits())
+	if p.Addr().Is4() {
+		k[17] = 1
 	}
-	return v
+	return k
 }
 
 // mark is Peers' verdict on one candidate: the rule it breaks, "" if none.
@@ -219,15 +265,4 @@ func resolveOverlap(cands []Candidate, bad []mark, p netip.Prefix, idx []int) {
 		}
 		bad[i] = mark{RuleOverlap, detail}
 	}
-}
-
-func subnets(l Lease) []netip.Prefix {
-	var out []netip.Prefix
-	if l.Subnet.IsValid() {
-		out = append(out, l.Subnet)
-	}
-	if l.IPv6Subnet.IsValid() {
-		out = append(out, l.IPv6Subnet)
-	}
-	return out
 }

@@ -1,6 +1,7 @@
 package lease
 
 import (
+	"fmt"
 	"net/netip"
 	"testing"
 
@@ -70,6 +71,9 @@ func TestPeers(t *testing.T) {
 			}
 			assert.Equal(t, tc.ignored, ignored)
 			assert.Len(t, v.Leases(), len(valid))
+			leases, ig := tc.cfg.PeerLeases(tc.cands, tc.own)
+			assert.Equal(t, v.Leases(), leases, "PeerLeases gives Peers' valid leases")
+			assert.Equal(t, v.Ignored, ig, "and its ignored candidates")
 		})
 	}
 }
@@ -144,4 +148,28 @@ func TestIdentity(t *testing.T) {
 	assert.False(t, v4.SameNode(Attrs{}, Attrs{}), "no identity, no match")
 	assert.Equal(t, ip6, Lease{IPv6Subnet: netip.MustParsePrefix("fd00::/64"), Attrs: attrs}.Identity())
 	assert.Equal(t, ip4, Lease{Subnet: netip.MustParsePrefix("10.0.0.0/24"), Attrs: attrs}.Identity())
+}
+
+// BenchmarkPeerLeases judges N valid dual-stack-free vxlan-sized leases,
+// as a store's Watch does on every change (go test -bench PeerLeases
+// -benchmem ./lease: the allocations are the leases handed on, one mark
+// per lease and the map of subnets).
+func BenchmarkPeerLeases(b *testing.B) {
+	cfg := Config{EnableIPv4: true, Network: netip.MustParsePrefix("10.0.0.0/8")}.WithDefaults()
+	for _, n := range []int{5000, 20000} {
+		cands := make([]Candidate, n)
+		for i := range cands {
+			p := netip.PrefixFrom(netip.AddrFrom4([4]byte{10, byte(i >> 8), byte(i), 0}), 24)
+			cands[i] = Candidate{Name: fmt.Sprintf("/coreos.com/network/subnets/%s-24", p.Addr()), Order: int64(i),
+				Lease: Lease{Subnet: p, Attrs: Attrs{PublicIP: netip.AddrFrom4([4]byte{172, 16, byte(i >> 8), byte(i)}), BackendType: "vxlan"}}}
+		}
+		b.Run(fmt.Sprint(n), func(b *testing.B) {
+			b.ReportAllocs()
+			for b.Loop() {
+				if leases, _ := cfg.PeerLeases(cands, Lease{}); len(leases) != n {
+					b.Fatalf("%d valid leases, want %d", len(leases), n)
+				}
+			}
+		})
+	}
 }

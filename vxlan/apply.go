@@ -133,12 +133,15 @@ func (n *Network) applyChanges(ctx context.Context, peers []lease.Lease) error {
 	// If programming fails, synced stays false and the next Apply
 	// rebuilds the memo from scratch (applyAll).
 	n.gen++
+	prev := n.memo.order
+	book := memoBook{byKey: n.memo.byKey, order: make([]*peerMemo, 0, len(peers))}
 	var sets, dels []op
+	j := 0 // the next memo of prev to match
 	for i, p := range peers {
-		k := keyOf(p)
-		old, had := n.memo[k]
+		old, had := n.findMemo(prev, &j, p)
 		if had && sameLease(old.lease, p) {
 			old.gen = n.gen
+			book.order = append(book.order, old)
 			for _, e := range old.errs {
 				failed.Add(i, e)
 			}
@@ -146,7 +149,7 @@ func (n *Network) applyChanges(ctx context.Context, peers []lease.Lease) error {
 		}
 		m := n.desirePeer(i, p, direct)
 		m.gen = n.gen
-		n.memo[k] = m
+		book.set(m)
 		for _, e := range m.errs {
 			failed.Add(i, e)
 		}
@@ -156,14 +159,32 @@ func (n *Network) applyChanges(ctx context.Context, peers []lease.Lease) error {
 		s, d := diffMemo(old, m, i)
 		sets, dels = append(sets, s...), append(dels, d...)
 	}
-	for k, old := range n.memo {
-		if old.gen != n.gen {
+	// Every memo in the map was in prev: those not seen now are gone.
+	for _, old := range prev {
+		if old.gen != n.gen && !old.stale {
 			_, d := diffMemo(old, &peerMemo{}, -1)
 			dels = append(dels, d...)
-			delete(n.memo, k)
+			old.stale = true
+			delete(book.byKey, keyOf(old.lease))
 		}
 	}
+	n.memo = book
 	return n.finish(ctx, began, peers, sets, dels, &failed, n.memo)
+}
+
+// findMemo returns the memo recorded for p's key, looking first at prev[*j]
+// and prev[*j+1] (p is the next peer of an unchanged order, or follows a
+// peer that is gone), advancing *j past the one found; else it looks the
+// key up.
+func (n *Network) findMemo(prev []*peerMemo, j *int, p lease.Lease) (*peerMemo, bool) {
+	for step := range 2 {
+		if k := *j + step; k < len(prev) && !prev[k].stale && prev[k].lease.SameSubnets(p) {
+			*j = k + 1
+			return prev[k], true
+		}
+	}
+	m, ok := n.memo.byKey[keyOf(p)]
+	return m, ok
 }
 
 // sameLease reports whether a peer's lease asks for the same entries.
@@ -194,7 +215,7 @@ func diffMemo(old, cur *peerMemo, peer int) (sets, dels []op) {
 
 // finish programs sets, then dels, records the peers' entries and whether
 // the kernel is now known to match them, and returns the peers' errors.
-func (n *Network) finish(ctx context.Context, began time.Time, peers []lease.Lease, sets, dels []op, failed *backend.PeerErrs, memos map[leaseKey]*peerMemo) error {
+func (n *Network) finish(ctx context.Context, began time.Time, peers []lease.Lease, sets, dels []op, failed *backend.PeerErrs, memos memoBook) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}

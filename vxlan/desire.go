@@ -29,17 +29,17 @@ type routeKey struct {
 // desire computes the entries for peers, and each peer's part by lease
 // key. direct reports whether a public IP is on a directly connected
 // network of the external interface (only called with DirectRouting).
-func (n *Network) desire(peers []lease.Lease, direct func(netip.Addr) bool, failed *backend.PeerErrs) (desired, map[leaseKey]*peerMemo) {
+func (n *Network) desire(peers []lease.Lease, direct func(netip.Addr) bool, failed *backend.PeerErrs) (desired, memoBook) {
 	want := desired{fdb: map[int][]op{}, neigh: map[int][]op{}, routes: map[int][]netlink.Route{}, routePeer: make(map[routeKey]int, 2*len(peers))}
 	for _, d := range n.devs {
 		want.fdb[d.index] = make([]op, 0, len(peers))
 		want.neigh[d.index] = make([]op, 0, len(peers))
 		want.routes[d.index] = make([]netlink.Route, 0, len(peers))
 	}
-	memos := make(map[leaseKey]*peerMemo, len(peers))
+	memos := newMemoBook(len(peers))
 	for i, p := range peers {
 		m := n.desirePeer(i, p, direct)
-		memos[keyOf(p)] = m
+		memos.set(m)
 		for _, e := range m.errs {
 			failed.Add(i, e)
 		}

@@ -34,8 +34,8 @@ type Network struct {
 	// error since the last full apply): the next Apply only looks at the
 	// peers that changed. Repairs always dump and diff everything.
 	synced bool
-	memo   map[leaseKey]*peerMemo // what each peer asked for last
-	gen    uint64                 // applyChanges' generation (peerMemo.gen)
+	memo   memoBook // what each peer asked for last
+	gen    uint64   // applyChanges' generation (peerMemo.gen)
 	socks  *sockets
 
 	devMu    sync.Mutex // guards devIndex, read by Run's event filters
@@ -58,6 +58,31 @@ type peerMemo struct {
 	routes     []netlink.Route // normalized
 	errs       []error         // why it could not be (fully) programmed
 	gen        uint64          // the applyChanges call that last saw it
+	stale      bool            // replaced in or dropped from memoBook.byKey
+}
+
+// memoBook is every peer's memo, by lease key and in the order of the
+// peers of the Apply that recorded them: a store hands peers in the same
+// order each time, so applyChanges finds most memos by walking the order
+// instead of hashing every peer's key.
+type memoBook struct {
+	byKey map[leaseKey]*peerMemo
+	order []*peerMemo
+}
+
+// newMemoBook returns an empty book sized for n peers.
+func newMemoBook(n int) memoBook {
+	return memoBook{byKey: make(map[leaseKey]*peerMemo, n), order: make([]*peerMemo, 0, n)}
+}
+
+// set records m as the memo of its lease's key, after those set before.
+func (b *memoBook) set(m *peerMemo) {
+	k := keyOf(m.lease)
+	if old, ok := b.byKey[k]; ok && old != m {
+		old.stale = true
+	}
+	b.byKey[k] = m
+	b.order = append(b.order, m)
 }
 
 var _ flannel.Network = (*Network)(nil)
