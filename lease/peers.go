@@ -2,6 +2,7 @@ package lease
 
 import (
 	"cmp"
+	"encoding/binary"
 	"fmt"
 	"net/netip"
 	"slices"
@@ -168,35 +169,22 @@ func (c Config) marks(cands []Candidate, own Lease) []mark {
 			ownSubnets = append(ownSubnets, p)
 		}
 	}
-	// The first holder of each subnet, by its compact key (hashing a
-	// netip.Prefix costs several times more); only subnets held more than
-	// once get a list (the rare case: no slice per lease).
-	first := make(map[subnetKey]int, len(cands))
-	var shared map[netip.Prefix][]int
 	for i, cd := range cands {
 		if r, d := c.Shape(cd.Lease); r != "" {
 			bad[i] = mark{r, d}
 			continue
 		}
-		for _, p := range [2]netip.Prefix{cd.Lease.Subnet, cd.Lease.IPv6Subnet} {
-			if !p.IsValid() {
-				continue
-			}
-			if j, ok := first[keyOfSubnet(p)]; !ok {
-				first[keyOfSubnet(p)] = i
-			} else {
-				if shared == nil {
-					shared = map[netip.Prefix][]int{}
+		if cd.Own {
+			for _, p := range [2]netip.Prefix{cd.Lease.Subnet, cd.Lease.IPv6Subnet} {
+				if p.IsValid() && !slices.Contains(ownSubnets, p) {
+					ownSubnets = append(ownSubnets, p)
 				}
-				if _, ok := shared[p]; !ok {
-					shared[p] = []int{j}
-				}
-				shared[p] = append(shared[p], i)
-			}
-			if cd.Own && !slices.Contains(ownSubnets, p) {
-				ownSubnets = append(ownSubnets, p)
 			}
 		}
+	}
+	var shared map[netip.Prefix][]int
+	if !c.distinct(cands, bad) {
+		shared = sharedSubnets(cands, bad)
 	}
 	for i, cd := range cands {
 		if bad[i].rule != "" || cd.Own {
@@ -212,6 +200,123 @@ func (c Config) marks(cands []Candidate, own Lease) []mark {
 		resolveOverlap(cands, bad, p, idx)
 	}
 	return bad
+}
+
+// sharedSubnets returns the holders, in order, of each subnet held by more
+// than one of the candidates that fit (bad[i] empty).
+func sharedSubnets(cands []Candidate, bad []mark) map[netip.Prefix][]int {
+	// The first holder of each subnet, by its compact key (hashing a
+	// netip.Prefix costs several times more); only subnets held more than
+	// once get a list.
+	first := make(map[subnetKey]int, len(cands))
+	var shared map[netip.Prefix][]int
+	for i, cd := range cands {
+		if bad[i].rule != "" {
+			continue
+		}
+		for _, p := range [2]netip.Prefix{cd.Lease.Subnet, cd.Lease.IPv6Subnet} {
+			if !p.IsValid() {
+				continue
+			}
+			j, ok := first[keyOfSubnet(p)]
+			if !ok {
+				first[keyOfSubnet(p)] = i
+				continue
+			}
+			if shared == nil {
+				shared = map[netip.Prefix][]int{}
+			}
+			if _, ok := shared[p]; !ok {
+				shared[p] = []int{j}
+			}
+			shared[p] = append(shared[p], i)
+		}
+	}
+	return shared
+}
+
+// maxDenseSubnets bounds the bitmap distinct uses per family: a network
+// of at most this many subnets (a /16 of /24s has 256, a /8 of /24s
+// 65,536) is checked with a bitmap of 1 bit per subnet.
+const maxDenseSubnets = 1 << 18
+
+// distinct reports whether no two candidates that fit (bad[i] empty) hold
+// the same subnet, when it can tell cheaply: with one bit per possible
+// subnet of each family, and no hashing. It reports false on the first
+// subnet held twice, or when a family's network has too many subnets for a
+// bitmap; the caller then looks at the subnets one by one.
+func (c Config) distinct(cands []Candidate, bad []mark) bool {
+	var v4, v6 []uint64
+	if c.EnableIPv4 {
+		if v4 = newBitmap(c.Network, c.SubnetLen); v4 == nil {
+			return false
+		}
+	}
+	if c.EnableIPv6 {
+		if v6 = newBitmap(c.IPv6Network, c.IPv6SubnetLen); v6 == nil {
+			return false
+		}
+	}
+	for i, cd := range cands {
+		if bad[i].rule != "" {
+			continue
+		}
+		// Shape passed: each valid subnet is of an enabled family, inside
+		// its network and of its subnet length.
+		if p := cd.Lease.Subnet; p.IsValid() && !claim(v4, subnetIndex(c.Network, p)) {
+			return false
+		}
+		if p := cd.Lease.IPv6Subnet; p.IsValid() && !claim(v6, subnetIndex(c.IPv6Network, p)) {
+			return false
+		}
+	}
+	return true
+}
+
+// newBitmap returns a bitmap with a bit per subnet of length subLen in
+// network, or nil when there are more than maxDenseSubnets.
+func newBitmap(network netip.Prefix, subLen int) []uint64 {
+	width := subLen - network.Bits()
+	if !network.IsValid() || width < 0 || 1<<min(width, 62) > maxDenseSubnets {
+		return nil
+	}
+	return make([]uint64, (1<<width+63)/64)
+}
+
+// claim sets bit i and reports whether it was clear.
+func claim(bits []uint64, i uint64) bool {
+	w, m := i/64, uint64(1)<<(i%64)
+	if bits[w]&m != 0 {
+		return false
+	}
+	bits[w] |= m
+	return true
+}
+
+// subnetIndex is the number of subnet p among the subnets of its length in
+// network, which contains it: the address bits between the two lengths.
+func subnetIndex(network, p netip.Prefix) uint64 {
+	a := p.Addr().As16()
+	hi, lo := binary.BigEndian.Uint64(a[:8]), binary.BigEndian.Uint64(a[8:])
+	total := 128
+	if p.Addr().Is4() {
+		hi, lo, total = 0, lo&0xffffffff, 32
+	}
+	shift := total - p.Bits() // the host bits, dropped
+	var v uint64
+	switch {
+	case shift >= 64:
+		v = hi >> (shift - 64)
+	case shift == 0:
+		v = lo
+	default:
+		v = hi<<(64-shift) | lo>>shift
+	}
+	width := p.Bits() - network.Bits()
+	if width >= 64 {
+		return v
+	}
+	return v & (1<<width - 1)
 }
 
 // subnetKey identifies a subnet for marks' map: its address as 16 bytes,

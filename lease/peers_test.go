@@ -2,6 +2,7 @@ package lease
 
 import (
 	"fmt"
+	"math/rand/v2"
 	"net/netip"
 	"testing"
 
@@ -172,4 +173,89 @@ func BenchmarkPeerLeases(b *testing.B) {
 			}
 		})
 	}
+}
+
+// TestDistinctAgreesWithSharedSubnets: the bitmap check finds a subnet
+// held twice exactly when the map finds one, over random leases in
+// networks whose subnet bits lie in the low word, the high word, and
+// across both.
+func TestDistinctAgreesWithSharedSubnets(t *testing.T) {
+	t.Parallel()
+	nets := []struct {
+		v4, v6     string
+		len4, len6 int
+	}{
+		{"10.244.0.0/16", "fd00:10:244::/56", 24, 64},
+		{"10.0.0.0/8", "fd00::/60", 26, 72},
+		{"10.69.0.0/16", "fd00:1::/104", 28, 120},
+	}
+	rng := rand.New(rand.NewPCG(3, 4))
+	for _, nw := range nets {
+		cfg := Config{EnableIPv4: true, EnableIPv6: true, Network: netip.MustParsePrefix(nw.v4), SubnetLen: nw.len4,
+			IPv6Network: netip.MustParsePrefix(nw.v6), IPv6SubnetLen: nw.len6}
+		pick := func(network netip.Prefix, subLen, span int) netip.Prefix {
+			a := network.Addr().As16()
+			if network.Addr().Is4() {
+				a = netip.AddrFrom4(network.Addr().As4()).As16()
+			}
+			n := rng.IntN(span)
+			// Put n into the bits just above the host bits (subLen..): the
+			// subnet's number.
+			bit := subLen - 1
+			if network.Addr().Is4() {
+				bit += 96
+			}
+			for k := 0; n > 0; k, n = k+1, n>>1 {
+				if n&1 == 1 {
+					a[(bit-k)/8] |= 0x80 >> ((bit - k) % 8)
+				}
+			}
+			addr := netip.AddrFrom16(a)
+			if network.Addr().Is4() {
+				addr = addr.Unmap()
+			}
+			return netip.PrefixFrom(addr, subLen)
+		}
+		for round := range 300 {
+			span := 2 + rng.IntN(40)
+			cands := make([]Candidate, 1+rng.IntN(30))
+			for i := range cands {
+				l := Lease{Subnet: pick(cfg.Network, cfg.SubnetLen, span)}
+				if rng.IntN(2) == 0 {
+					l.IPv6Subnet = pick(cfg.IPv6Network, cfg.IPv6SubnetLen, span)
+				}
+				cands[i] = Candidate{Name: fmt.Sprint(i), Lease: l}
+			}
+			bad := make([]mark, len(cands))
+			for _, cd := range cands {
+				r, d := cfg.Shape(cd.Lease)
+				if !assert.Empty(t, r, "%s: %s", cd.Lease, d) {
+					return
+				}
+			}
+			assert.Equal(t, len(sharedSubnets(cands, bad)) == 0, cfg.distinct(cands, bad), "%s round %d: %v", nw.v4, round, cands)
+		}
+	}
+}
+
+// TestSubnetIndex: a subnet's number is the bits between the network's
+// length and the subnet's.
+func TestSubnetIndex(t *testing.T) {
+	t.Parallel()
+	pfx := netip.MustParsePrefix
+	for _, tc := range []struct {
+		network, subnet string
+		want            uint64
+	}{
+		{"10.244.0.0/16", "10.244.0.0/24", 0},
+		{"10.244.0.0/16", "10.244.255.0/24", 255},
+		{"10.0.0.0/8", "10.1.2.0/24", 258},
+		{"10.69.0.0/16", "10.69.3.16/28", 3*16 + 1},
+		{"fd00:10:244::/56", "fd00:10:244:7::/64", 7},
+		{"fd00::/60", "fd00:0:0:3:ab00::/72", 3<<8 | 0xab},
+		{"fd00:1::/104", "fd00:1::12:3400/120", 0x1234},
+	} {
+		assert.Equal(t, tc.want, subnetIndex(pfx(tc.network), pfx(tc.subnet)), tc.subnet)
+	}
+	assert.Nil(t, newBitmap(pfx("fd00::/48"), 96), "2^48 subnets: no bitmap")
 }
