@@ -75,40 +75,40 @@ func (s *Store) judge(cfg lease.Config, entries []entry, attrs lease.Attrs, own 
 // verdict is judge without what allocation needs: the verdict and the
 // malformed entries.
 func (s *Store) verdict(cfg lease.Config, entries []entry, attrs lease.Attrs, own lease.Lease) (lease.Verdict, []lease.Ignored) {
-	cands, malformed := candidates(cfg, entries, attrs, nil)
-	if !slices.IsSortedFunc(cands, byName) {
-		slices.SortFunc(cands, byName)
+	cands, malformed := candidates(cfg, entries, attrs)
+	if !slices.IsSortedFunc(cands, byCandName) {
+		slices.SortFunc(cands, byCandName)
 	}
 	v := cfg.Peers(cands, own)
 	s.warnIgnored(v.Ignored, malformed)
 	return v, malformed
 }
 
-// peerLeases is verdict's valid leases, for Watch, whose entries are
-// sorted by key: it fills and returns the buffer cands (the leases do not
-// alias it).
-func (s *Store) peerLeases(cfg lease.Config, entries []entry, attrs lease.Attrs, own lease.Lease, cands []lease.Candidate) ([]lease.Lease, []lease.Candidate) {
-	cands, malformed := candidates(cfg, entries, attrs, cands)
-	leases, ignored := cfg.PeerLeases(cands, own)
-	s.warnIgnored(ignored, malformed)
-	return leases, cands
-}
-
-// candidates turns the entries that parsed into candidates (appended to
-// cands[:0], in the entries' order) and returns the others as malformed.
-func candidates(cfg lease.Config, entries []entry, attrs lease.Attrs, cands []lease.Candidate) ([]lease.Candidate, []lease.Ignored) {
-	cands = slices.Grow(cands[:0], len(entries))
+// candidates turns the entries that parsed into candidates (in the
+// entries' order) and returns the others as malformed.
+func candidates(cfg lease.Config, entries []entry, attrs lease.Attrs) ([]lease.Candidate, []lease.Ignored) {
+	cands := make([]lease.Candidate, 0, len(entries))
 	var malformed []lease.Ignored
 	for _, e := range entries {
-		c := lease.Candidate{Name: e.key, Lease: e.l, Order: e.createRev}
+		c := candidateOf(e)
 		if !e.ok {
-			malformed = append(malformed, lease.Ignored{Candidate: c, Rule: lease.RuleMalformed, Detail: e.err.Error()})
+			malformed = append(malformed, malformedOf(e, c))
 			continue
 		}
 		c.Own = cfg.SameNode(attrs, e.l.Attrs)
 		cands = append(cands, c)
 	}
 	return cands, malformed
+}
+
+// candidateOf is e as a candidate for lease.Config.Peers (Own unset).
+func candidateOf(e entry) lease.Candidate {
+	return lease.Candidate{Name: e.key, Lease: e.l, Order: e.createRev}
+}
+
+// malformedOf is the warning's record of e, which did not parse.
+func malformedOf(e entry, c lease.Candidate) lease.Ignored {
+	return lease.Ignored{Candidate: c, Rule: lease.RuleMalformed, Detail: e.err.Error()}
 }
 
 // warnIgnored warns about each ignored or malformed key once per change
@@ -119,7 +119,7 @@ func (s *Store) warnIgnored(ignored, malformed []lease.Ignored) {
 	}
 }
 
-func byName(a, b lease.Candidate) int { return cmp.Compare(a.Name, b.Name) }
+func byCandName(a, b lease.Candidate) int { return cmp.Compare(a.Name, b.Name) }
 
 // ownLease returns the lease the last successful Acquire returned.
 func (s *Store) ownLease() lease.Lease {

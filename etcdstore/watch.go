@@ -77,31 +77,38 @@ type watchState struct {
 	s   *Store
 	cfg lease.Config
 	fn  func(lease.Snapshot)
-	// entries are the keys under <prefix>/subnets/, sorted by key: judged
-	// in place on every change, with no map or copy of them per event.
-	entries []entry
-	cands   []lease.Candidate // deliver's buffer, reused
-	last    []lease.Lease     // delivered last
+	// The keys under <prefix>/subnets/, each sorted by key: those that
+	// parsed as the candidates judged in place on every change (no map and
+	// no copy of every key per event), the others (rare) apart.
+	cands     []lease.Candidate
+	malformed []lease.Ignored
+	last      []lease.Lease // delivered last
 }
 
-func byKey(e entry, key string) int { return cmp.Compare(e.key, key) }
+func byName(a lease.Candidate, key string) int { return cmp.Compare(a.Name, key) }
 
-func byEntryKey(a, b entry) int { return cmp.Compare(a.key, b.key) }
+func byIgnoredName(a lease.Ignored, key string) int { return cmp.Compare(a.Name, key) }
 
-// put records e under its key.
+// put records e under its key, in place of what the key held.
 func (w *watchState) put(e entry) {
-	i, ok := slices.BinarySearchFunc(w.entries, e.key, byKey)
-	if ok {
-		w.entries[i] = e
+	w.del(e.key)
+	c := candidateOf(e)
+	if !e.ok {
+		i, _ := slices.BinarySearchFunc(w.malformed, e.key, byIgnoredName)
+		w.malformed = slices.Insert(w.malformed, i, malformedOf(e, c))
 		return
 	}
-	w.entries = slices.Insert(w.entries, i, e)
+	i, _ := slices.BinarySearchFunc(w.cands, e.key, byName)
+	w.cands = slices.Insert(w.cands, i, c)
 }
 
 // del forgets key.
 func (w *watchState) del(key string) {
-	if i, ok := slices.BinarySearchFunc(w.entries, key, byKey); ok {
-		w.entries = slices.Delete(w.entries, i, i+1)
+	if i, ok := slices.BinarySearchFunc(w.cands, key, byName); ok {
+		w.cands = slices.Delete(w.cands, i, i+1)
+	}
+	if i, ok := slices.BinarySearchFunc(w.malformed, key, byIgnoredName); ok {
+		w.malformed = slices.Delete(w.malformed, i, i+1)
 	}
 }
 
@@ -115,40 +122,32 @@ func (w *watchState) list(ctx context.Context) (int64, error) {
 	if err != nil {
 		return 0, fmt.Errorf("list %s: %w", s.subnetsKey, err)
 	}
-	w.entries = make([]entry, 0, len(resp.Kvs))
+	w.cands, w.malformed = make([]lease.Candidate, 0, len(resp.Kvs)), nil
 	for _, kv := range resp.Kvs {
-		w.entries = append(w.entries, s.entryOf(kv))
-	}
-	// etcd lists in key order already: cheap. A key listed twice keeps
-	// its last value.
-	if !slices.IsSortedFunc(w.entries, byEntryKey) {
-		slices.SortStableFunc(w.entries, byEntryKey)
-	}
-	w.entries = compactKeys(w.entries)
-	w.deliver(true)
-	return resp.Header.Revision, nil
-}
-
-// compactKeys keeps the last of each run of entries with the same key.
-func compactKeys(es []entry) []entry {
-	out := es[:0]
-	for i, e := range es {
-		if i+1 < len(es) && es[i+1].key == e.key {
+		e := s.entryOf(kv)
+		if n := len(w.cands); n > 0 && w.cands[n-1].Name >= e.key {
+			w.put(e) // not in key order (etcd lists in order): the slow way
 			continue
 		}
-		out = append(out, e)
+		if !e.ok {
+			w.put(e)
+			continue
+		}
+		w.cands = append(w.cands, candidateOf(e))
 	}
-	return out
+	w.deliver(true)
+	return resp.Header.Revision, nil
 }
 
 // deliver judges the current keys and calls fn when resync is set or the
 // valid leases changed since the last call.
 func (w *watchState) deliver(resync bool) {
 	own := w.s.ownLease()
-	var leases []lease.Lease
-	leases, w.cands = w.s.peerLeases(w.cfg, w.entries, own.Attrs, own, w.cands)
-	// The buffer keeps no lease data alive between events: only its array.
-	clear(w.cands)
+	for i := range w.cands { // this node's identity may have changed
+		w.cands[i].Own = w.cfg.SameNode(own.Attrs, w.cands[i].Lease.Attrs)
+	}
+	leases, ignored := w.cfg.PeerLeases(w.cands, own)
+	w.s.warnIgnored(ignored, w.malformed)
 	if !resync && slices.EqualFunc(w.last, leases, leaseEqual) {
 		return
 	}
