@@ -203,7 +203,7 @@ func diffMemo(old, cur *peerMemo, peer int) (sets, dels []op) {
 		s, d := diffNeigh(k, c, asNeighs(o))
 		sets, dels = append(sets, s...), append(dels, d...)
 	}
-	add, del := backend.DiffRoutes(cur.routes, old.routes)
+	add, del := backend.DiffRoutes(routesOf(cur.routes), routesOf(old.routes))
 	for i := range add {
 		sets = append(sets, op{kind: kindRoute, link: add[i].LinkIndex, route: &add[i], peer: peer})
 	}

@@ -7,7 +7,6 @@ import (
 	"slices"
 
 	"github.com/vishvananda/netlink"
-	"golang.org/x/sys/unix"
 
 	"github.com/flannelkit/flannel/backend"
 	"github.com/flannelkit/flannel/internal/ipconv"
@@ -50,9 +49,10 @@ func (n *Network) desire(peers []lease.Lease, direct func(netip.Addr) bool, fail
 			want.neigh[o.link] = append(want.neigh[o.link], o)
 		}
 		for _, r := range m.routes {
-			dst, _ := ipconv.PrefixFromIPNet(r.Dst)
-			want.routes[r.LinkIndex] = append(want.routes[r.LinkIndex], r)
-			want.routePeer[routeKey{r.LinkIndex, dst}] = i
+			nr := r.route()
+			dst, _ := ipconv.PrefixFromIPNet(nr.Dst)
+			want.routes[r.link] = append(want.routes[r.link], nr)
+			want.routePeer[routeKey{r.link, dst}] = i
 		}
 	}
 	return want, memos
@@ -67,14 +67,6 @@ func (n *Network) desirePeer(i int, p lease.Lease, direct func(netip.Addr) bool)
 	}
 	if (p.Subnet.IsValid() && p.Subnet == n.own.Subnet) || (p.IPv6Subnet.IsValid() && p.IPv6Subnet == n.own.IPv6Subnet) {
 		return m
-	}
-	addRoute := func(r netlink.Route) {
-		// As RouteReconciler.Normalize does, without a slice per route.
-		r.Protocol, r.Table, r.Family = backend.RouteProtocol, unix.RT_TABLE_MAIN, netlink.FAMILY_V4
-		if r.Dst.IP.To4() == nil {
-			r.Family = netlink.FAMILY_V6
-		}
-		m.routes = append(m.routes, r)
 	}
 	for _, v6 := range []bool{false, true} {
 		subnet, public, data, fam := p.Subnet, p.Attrs.PublicIP, p.Attrs.BackendData, "IPv4"
@@ -92,7 +84,7 @@ func (n *Network) desirePeer(i int, p lease.Lease, direct func(netip.Addr) bool)
 			continue
 		}
 		if n.opts.DirectRouting && direct(public) {
-			addRoute(netlink.Route{LinkIndex: n.env.Iface.Index, Dst: ipconv.IPNetFromPrefix(subnet), Gw: ipconv.IPFromAddr(public)})
+			m.routes = append(m.routes, routeSpec{link: n.env.Iface.Index, dst: subnet, gw: public})
 			continue
 		}
 		bd, err := ParseBackendData(data)
@@ -103,7 +95,7 @@ func (n *Network) desirePeer(i int, p lease.Lease, direct func(netip.Addr) bool)
 		gw := subnet.Addr()
 		m.fdb = append(m.fdb, op{kind: kindFDB, link: d.index, ip: public, mac: bd.VtepMAC, peer: i})
 		m.neigh = append(m.neigh, op{kind: kindNeigh, link: d.index, ip: gw, mac: bd.VtepMAC, peer: i})
-		addRoute(netlink.Route{LinkIndex: d.index, Dst: ipconv.IPNetFromPrefix(subnet), Gw: ipconv.IPFromAddr(gw), Flags: int(netlink.FLAG_ONLINK)})
+		m.routes = append(m.routes, routeSpec{link: d.index, dst: subnet, gw: gw, onlink: true})
 	}
 	return m
 }

@@ -11,6 +11,7 @@ import (
 	"sync/atomic"
 
 	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 
 	flannel "github.com/flannelkit/flannel"
 	"github.com/flannelkit/flannel/backend"
@@ -55,10 +56,42 @@ func keyOf(l lease.Lease) leaseKey { return leaseKey{l.Subnet, l.IPv6Subnet} }
 type peerMemo struct {
 	lease      lease.Lease
 	fdb, neigh []op
-	routes     []netlink.Route // normalized
-	errs       []error         // why it could not be (fully) programmed
-	gen        uint64          // the applyChanges call that last saw it
-	stale      bool            // replaced in or dropped from memoBook.byKey
+	routes     []routeSpec // as compact specs: a netlink.Route is 10 times the size
+	errs       []error     // why it could not be (fully) programmed
+	gen        uint64      // the applyChanges call that last saw it
+	stale      bool        // replaced in or dropped from memoBook.byKey
+}
+
+// routeSpec is one route a peer asks for: to dst via gw on link (onlink
+// through a flannel device, plain on the external interface).
+type routeSpec struct {
+	link   int
+	dst    netip.Prefix
+	gw     netip.Addr
+	onlink bool
+}
+
+// route is the spec as a netlink route, normalized as
+// RouteReconciler.Normalize does.
+func (r routeSpec) route() netlink.Route {
+	nr := netlink.Route{LinkIndex: r.link, Dst: ipconv.IPNetFromPrefix(r.dst), Gw: ipconv.IPFromAddr(r.gw),
+		Protocol: backend.RouteProtocol, Table: unix.RT_TABLE_MAIN, Family: netlink.FAMILY_V4}
+	if r.dst.Addr().Is6() {
+		nr.Family = netlink.FAMILY_V6
+	}
+	if r.onlink {
+		nr.Flags = int(netlink.FLAG_ONLINK)
+	}
+	return nr
+}
+
+// routesOf renders specs as netlink routes.
+func routesOf(specs []routeSpec) []netlink.Route {
+	out := make([]netlink.Route, len(specs))
+	for i, r := range specs {
+		out[i] = r.route()
+	}
+	return out
 }
 
 // memoBook is every peer's memo, by lease key and in the order of the
