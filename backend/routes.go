@@ -237,15 +237,23 @@ func (r *RouteReconciler) table() int {
 func (r *RouteReconciler) normalize(linkIndex int, desired []netlink.Route) []netlink.Route {
 	out := make([]netlink.Route, 0, len(desired))
 	for _, d := range desired {
-		if d.LinkIndex == 0 {
-			d.LinkIndex = linkIndex
-		}
-		d.Protocol = r.protocol()
-		d.Table = r.table()
-		d.Family = familyOf(d)
-		out = append(out, d)
+		out = append(out, r.Normalized(linkIndex, d))
 	}
 	return out
+}
+
+// Normalized is d as Reconcile compares and programs it: with linkIndex
+// when d has no link, and the reconciler's protocol, table and d's family.
+// A dataplane that diffs routes itself (backend.DiffRoutes) uses it to
+// build desired routes that match what Owned lists.
+func (r *RouteReconciler) Normalized(linkIndex int, d netlink.Route) netlink.Route {
+	if d.LinkIndex == 0 {
+		d.LinkIndex = linkIndex
+	}
+	d.Protocol = r.protocol()
+	d.Table = r.table()
+	d.Family = familyOf(d)
+	return d
 }
 
 // Owned lists the routes this reconciler owns on linkIndex (on every link

@@ -90,11 +90,11 @@ func candidates(cfg lease.Config, entries []entry, attrs lease.Attrs) ([]lease.C
 	cands := make([]lease.Candidate, 0, len(entries))
 	var malformed []lease.Ignored
 	for _, e := range entries {
-		c := candidateOf(e)
 		if !e.ok {
-			malformed = append(malformed, malformedOf(e, c))
+			malformed = append(malformed, malformedOf(e))
 			continue
 		}
+		c := candidateOf(e)
 		c.Own = cfg.SameNode(attrs, e.l.Attrs)
 		cands = append(cands, c)
 	}
@@ -107,8 +107,8 @@ func candidateOf(e entry) lease.Candidate {
 }
 
 // malformedOf is the warning's record of e, which did not parse.
-func malformedOf(e entry, c lease.Candidate) lease.Ignored {
-	return lease.Ignored{Candidate: c, Rule: lease.RuleMalformed, Detail: e.err.Error()}
+func malformedOf(e entry) lease.Ignored {
+	return lease.Ignored{Candidate: candidateOf(e), Rule: lease.RuleMalformed, Detail: e.err.Error()}
 }
 
 // warnIgnored warns about each ignored or malformed key once per change

@@ -92,14 +92,13 @@ func byIgnoredName(a lease.Ignored, key string) int { return cmp.Compare(a.Name,
 // put records e under its key, in place of what the key held.
 func (w *watchState) put(e entry) {
 	w.del(e.key)
-	c := candidateOf(e)
 	if !e.ok {
 		i, _ := slices.BinarySearchFunc(w.malformed, e.key, byIgnoredName)
-		w.malformed = slices.Insert(w.malformed, i, malformedOf(e, c))
+		w.malformed = slices.Insert(w.malformed, i, malformedOf(e))
 		return
 	}
 	i, _ := slices.BinarySearchFunc(w.cands, e.key, byName)
-	w.cands = slices.Insert(w.cands, i, c)
+	w.cands = slices.Insert(w.cands, i, candidateOf(e))
 }
 
 // del forgets key.
@@ -124,16 +123,7 @@ func (w *watchState) list(ctx context.Context) (int64, error) {
 	}
 	w.cands, w.malformed = make([]lease.Candidate, 0, len(resp.Kvs)), nil
 	for _, kv := range resp.Kvs {
-		e := s.entryOf(kv)
-		if n := len(w.cands); n > 0 && w.cands[n-1].Name >= e.key {
-			w.put(e) // not in key order (etcd lists in order): the slow way
-			continue
-		}
-		if !e.ok {
-			w.put(e)
-			continue
-		}
-		w.cands = append(w.cands, candidateOf(e))
+		w.put(s.entryOf(kv)) // etcd lists in key order: each put appends
 	}
 	w.deliver(true)
 	return resp.Header.Revision, nil

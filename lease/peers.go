@@ -2,7 +2,6 @@ package lease
 
 import (
 	"cmp"
-	"encoding/binary"
 	"fmt"
 	"net/netip"
 	"slices"
@@ -125,38 +124,35 @@ func shapeFamily(enabled bool, key string, network netip.Prefix, subLen int, p n
 // subnets count as this node's as well as those of Own candidates. Peers
 // is pure and keeps no state; see Warnings for logging once.
 func (c Config) Peers(cands []Candidate, own Lease) Verdict {
-	bad := c.marks(cands, own)
-	v := Verdict{Valid: make([]Candidate, 0, len(cands))}
-	for i, b := range bad {
-		if b.rule == "" {
-			v.Valid = append(v.Valid, cands[i])
-		} else {
-			v.Ignored = append(v.Ignored, Ignored{Candidate: cands[i], Rule: b.rule, Detail: b.detail})
-		}
-	}
-	return v
+	valid, ignored := sortOut(cands, c.marks(cands, own), func(cd Candidate) Candidate { return cd })
+	return Verdict{Valid: valid, Ignored: ignored}
 }
 
 // PeerLeases is Peers(cands, own).Leases() with the ignored candidates,
 // without the copy of every valid candidate: what a store's Watch needs
 // on every change.
 func (c Config) PeerLeases(cands []Candidate, own Lease) (leases []Lease, ignored []Ignored) {
-	bad := c.marks(cands, own)
+	return sortOut(cands, c.marks(cands, own), func(cd Candidate) Lease { return cd.Lease })
+}
+
+// sortOut splits cands by their marks: keep(cd) of each valid one, and the
+// ignored ones with their rule, both in the candidates' order.
+func sortOut[T any](cands []Candidate, bad []mark, keep func(Candidate) T) (valid []T, ignored []Ignored) {
 	n := 0
 	for _, b := range bad {
 		if b.rule == "" {
 			n++
 		}
 	}
-	leases = make([]Lease, 0, n)
+	valid = make([]T, 0, n)
 	for i, b := range bad {
 		if b.rule == "" {
-			leases = append(leases, cands[i].Lease)
+			valid = append(valid, keep(cands[i]))
 		} else {
 			ignored = append(ignored, Ignored{Candidate: cands[i], Rule: b.rule, Detail: b.detail})
 		}
 	}
-	return leases, ignored
+	return valid, ignored
 }
 
 // marks is Peers' verdict on each candidate, in their order.
@@ -205,10 +201,9 @@ func (c Config) marks(cands []Candidate, own Lease) []mark {
 // sharedSubnets returns the holders, in order, of each subnet held by more
 // than one of the candidates that fit (bad[i] empty).
 func sharedSubnets(cands []Candidate, bad []mark) map[netip.Prefix][]int {
-	// The first holder of each subnet, by its compact key (hashing a
-	// netip.Prefix costs several times more); only subnets held more than
-	// once get a list.
-	first := make(map[subnetKey]int, len(cands))
+	// The first holder of each subnet; only subnets held more than once
+	// get a list.
+	first := make(map[netip.Prefix]int, len(cands))
 	var shared map[netip.Prefix][]int
 	for i, cd := range cands {
 		if bad[i].rule != "" {
@@ -218,9 +213,9 @@ func sharedSubnets(cands []Candidate, bad []mark) map[netip.Prefix][]int {
 			if !p.IsValid() {
 				continue
 			}
-			j, ok := first[keyOfSubnet(p)]
+			j, ok := first[p]
 			if !ok {
-				first[keyOfSubnet(p)] = i
+				first[p] = i
 				continue
 			}
 			if shared == nil {
@@ -235,10 +230,10 @@ func sharedSubnets(cands []Candidate, bad []mark) map[netip.Prefix][]int {
 	return shared
 }
 
-// maxDenseSubnets bounds the bitmap distinct uses per family: a network
-// of at most this many subnets (a /16 of /24s has 256, a /8 of /24s
+// maxDenseBits bounds the bitmap distinct uses per family: a network of
+// at most 2^maxDenseBits subnets (a /16 of /24s has 256, a /8 of /24s
 // 65,536) is checked with a bitmap of 1 bit per subnet.
-const maxDenseSubnets = 1 << 18
+const maxDenseBits = 18
 
 // distinct reports whether no two candidates that fit (bad[i] empty) hold
 // the same subnet, when it can tell cheaply: with one bit per possible
@@ -246,7 +241,7 @@ const maxDenseSubnets = 1 << 18
 // subnet held twice, or when a family's network has too many subnets for a
 // bitmap; the caller then looks at the subnets one by one.
 func (c Config) distinct(cands []Candidate, bad []mark) bool {
-	var v4, v6 []uint64
+	var v4, v6 *bitmap
 	if c.EnableIPv4 {
 		if v4 = newBitmap(c.Network, c.SubnetLen); v4 == nil {
 			return false
@@ -263,76 +258,42 @@ func (c Config) distinct(cands []Candidate, bad []mark) bool {
 		}
 		// Shape passed: each valid subnet is of an enabled family, inside
 		// its network and of its subnet length.
-		if p := cd.Lease.Subnet; p.IsValid() && !claim(v4, subnetIndex(c.Network, p)) {
+		if p := cd.Lease.Subnet; p.IsValid() && !v4.claim(p) {
 			return false
 		}
-		if p := cd.Lease.IPv6Subnet; p.IsValid() && !claim(v6, subnetIndex(c.IPv6Network, p)) {
+		if p := cd.Lease.IPv6Subnet; p.IsValid() && !v6.claim(p) {
 			return false
 		}
 	}
 	return true
 }
 
-// newBitmap returns a bitmap with a bit per subnet of length subLen in
-// network, or nil when there are more than maxDenseSubnets.
-func newBitmap(network netip.Prefix, subLen int) []uint64 {
+// bitmap has a bit per subnet of its space, numbered as the allocator
+// numbers them.
+type bitmap struct {
+	sp   space
+	bits []uint64
+}
+
+// newBitmap returns a bitmap of the subnets of length subLen in network,
+// or nil when there are more than 2^maxDenseBits.
+func newBitmap(network netip.Prefix, subLen int) *bitmap {
 	width := subLen - network.Bits()
-	if !network.IsValid() || width < 0 || 1<<min(width, 62) > maxDenseSubnets {
+	if !network.IsValid() || width < 0 || width > maxDenseBits {
 		return nil
 	}
-	return make([]uint64, (1<<width+63)/64)
+	return &bitmap{sp: newSpace("", network, subLen, network.Addr(), network.Addr()), bits: make([]uint64, (1<<width+63)/64)}
 }
 
-// claim sets bit i and reports whether it was clear.
-func claim(bits []uint64, i uint64) bool {
+// claim sets subnet p's bit and reports whether it was clear.
+func (b *bitmap) claim(p netip.Prefix) bool {
+	i := b.sp.index(p.Addr())
 	w, m := i/64, uint64(1)<<(i%64)
-	if bits[w]&m != 0 {
+	if b.bits[w]&m != 0 {
 		return false
 	}
-	bits[w] |= m
+	b.bits[w] |= m
 	return true
-}
-
-// subnetIndex is the number of subnet p among the subnets of its length in
-// network, which contains it: the address bits between the two lengths.
-func subnetIndex(network, p netip.Prefix) uint64 {
-	a := p.Addr().As16()
-	hi, lo := binary.BigEndian.Uint64(a[:8]), binary.BigEndian.Uint64(a[8:])
-	total := 128
-	if p.Addr().Is4() {
-		hi, lo, total = 0, lo&0xffffffff, 32
-	}
-	shift := total - p.Bits() // the host bits, dropped
-	var v uint64
-	switch {
-	case shift >= 64:
-		v = hi >> (shift - 64)
-	case shift == 0:
-		v = lo
-	default:
-		v = hi<<(64-shift) | lo>>shift
-	}
-	width := p.Bits() - network.Bits()
-	if width >= 64 {
-		return v
-	}
-	return v & (1<<width - 1)
-}
-
-// subnetKey identifies a subnet for marks' map: its address as 16 bytes,
-// its length and whether it is IPv4 (so no IPv4-mapped IPv6 subnet can
-// collide with an IPv4 one).
-type subnetKey [18]byte
-
-func keyOfSubnet(p netip.Prefix) subnetKey {
-	var k subnetKey
-	a := p.Addr().As16()
-	copy(k[:16], a[:])
-	k[16] = byte(p.Bits())
-	if p.Addr().Is4() {
-		k[17] = 1
-	}
-	return k
 }
 
 // mark is Peers' verdict on one candidate: the rule it breaks, "" if none.

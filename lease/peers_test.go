@@ -255,7 +255,7 @@ func TestSubnetIndex(t *testing.T) {
 		{"fd00::/60", "fd00:0:0:3:ab00::/72", 3<<8 | 0xab},
 		{"fd00:1::/104", "fd00:1::12:3400/120", 0x1234},
 	} {
-		assert.Equal(t, tc.want, subnetIndex(pfx(tc.network), pfx(tc.subnet)), tc.subnet)
+		assert.Equal(t, tc.want, newBitmap(pfx(tc.network), pfx(tc.subnet).Bits()).sp.index(pfx(tc.subnet).Addr()), tc.subnet)
 	}
 	assert.Nil(t, newBitmap(pfx("fd00::/48"), 96), "2^48 subnets: no bitmap")
 }

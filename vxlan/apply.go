@@ -156,20 +156,19 @@ func (n *Network) applyChanges(ctx context.Context, peers []lease.Lease) error {
 		if !had {
 			old = &peerMemo{}
 		}
-		s, d := diffMemo(old, m, i)
+		s, d := n.diffMemo(old, m, i)
 		sets, dels = append(sets, s...), append(dels, d...)
 	}
 	// Every memo in the map was in prev: those not seen now are gone.
 	for _, old := range prev {
 		if old.gen != n.gen && !old.stale {
-			_, d := diffMemo(old, &peerMemo{}, -1)
+			_, d := n.diffMemo(old, &peerMemo{}, -1)
 			dels = append(dels, d...)
 			old.stale = true
 			delete(book.byKey, keyOf(old.lease))
 		}
 	}
-	n.memo = book
-	return n.finish(ctx, began, peers, sets, dels, &failed, n.memo)
+	return n.finish(ctx, began, peers, sets, dels, &failed, book)
 }
 
 // findMemo returns the memo recorded for p's key, looking first at prev[*j]
@@ -194,7 +193,7 @@ func sameLease(a, b lease.Lease) bool {
 
 // diffMemo returns the changes that turn a peer's old entries into its new
 // ones (sets tagged with peer).
-func diffMemo(old, cur *peerMemo, peer int) (sets, dels []op) {
+func (n *Network) diffMemo(old, cur *peerMemo, peer int) (sets, dels []op) {
 	for _, k := range []kind{kindFDB, kindNeigh} {
 		o, c := old.fdb, cur.fdb
 		if k == kindNeigh {
@@ -203,7 +202,7 @@ func diffMemo(old, cur *peerMemo, peer int) (sets, dels []op) {
 		s, d := diffNeigh(k, c, asNeighs(o))
 		sets, dels = append(sets, s...), append(dels, d...)
 	}
-	add, del := backend.DiffRoutes(routesOf(cur.routes), routesOf(old.routes))
+	add, del := backend.DiffRoutes(n.routes(cur.routes), n.routes(old.routes))
 	for i := range add {
 		sets = append(sets, op{kind: kindRoute, link: add[i].LinkIndex, route: &add[i], peer: peer})
 	}

@@ -49,7 +49,7 @@ func (n *Network) desire(peers []lease.Lease, direct func(netip.Addr) bool, fail
 			want.neigh[o.link] = append(want.neigh[o.link], o)
 		}
 		for _, r := range m.routes {
-			nr := r.route()
+			nr := n.route(r)
 			dst, _ := ipconv.PrefixFromIPNet(nr.Dst)
 			want.routes[r.link] = append(want.routes[r.link], nr)
 			want.routePeer[routeKey{r.link, dst}] = i

@@ -11,7 +11,6 @@ import (
 	"sync/atomic"
 
 	"github.com/vishvananda/netlink"
-	"golang.org/x/sys/unix"
 
 	flannel "github.com/flannelkit/flannel"
 	"github.com/flannelkit/flannel/backend"
@@ -71,25 +70,21 @@ type routeSpec struct {
 	onlink bool
 }
 
-// route is the spec as a netlink route, normalized as
-// RouteReconciler.Normalize does.
-func (r routeSpec) route() netlink.Route {
-	nr := netlink.Route{LinkIndex: r.link, Dst: ipconv.IPNetFromPrefix(r.dst), Gw: ipconv.IPFromAddr(r.gw),
-		Protocol: backend.RouteProtocol, Table: unix.RT_TABLE_MAIN, Family: netlink.FAMILY_V4}
-	if r.dst.Addr().Is6() {
-		nr.Family = netlink.FAMILY_V6
-	}
+// route renders the spec as the netlink route n's reconciler programs and
+// lists.
+func (n *Network) route(r routeSpec) netlink.Route {
+	nr := netlink.Route{LinkIndex: r.link, Dst: ipconv.IPNetFromPrefix(r.dst), Gw: ipconv.IPFromAddr(r.gw)}
 	if r.onlink {
 		nr.Flags = int(netlink.FLAG_ONLINK)
 	}
-	return nr
+	return n.rec.Normalized(r.link, nr)
 }
 
-// routesOf renders specs as netlink routes.
-func routesOf(specs []routeSpec) []netlink.Route {
+// routes renders specs as netlink routes.
+func (n *Network) routes(specs []routeSpec) []netlink.Route {
 	out := make([]netlink.Route, len(specs))
 	for i, r := range specs {
-		out[i] = r.route()
+		out[i] = n.route(r)
 	}
 	return out
 }
