@@ -83,7 +83,7 @@ func checkStoreAsServiceAccount(t *testing.T, srv *kubetest.Server, admin kubern
 	var stores []*kubestore.Store
 	var leases []lease.Lease
 	for i, name := range []string{"node-1", "node-2"} {
-		s, err := kubestore.New(sas[i], kubestore.Options{NodeName: name, Config: cfg, SetNodeNetworkUnavailable: true})
+		s, err := kubestore.New(sas[i].CoreV1().Nodes(), kubestore.Options{NodeName: name, Config: cfg, SetNodeNetworkUnavailable: true})
 		require.NoError(t, err)
 		l, err := s.Acquire(ctx, lease.Request{Attrs: lease.Attrs{
 			PublicIP:    netip.AddrFrom4([4]byte{192, 168, 1, byte(i + 1)}),

@@ -61,7 +61,7 @@ func (s *Store) Acquire(ctx context.Context, req lease.Request) (lease.Lease, er
 func (s *Store) acquireOnce(ctx context.Context, attrs lease.Attrs) (lease.Lease, error) {
 	rctx, cancel := s.reqCtx(ctx)
 	defer cancel()
-	n, err := s.client.CoreV1().Nodes().Get(rctx, s.node, metav1.GetOptions{})
+	n, err := s.nodes.Get(rctx, s.node, metav1.GetOptions{})
 	switch {
 	case apierrors.IsNotFound(err):
 		return lease.Lease{}, fmt.Errorf("node %s does not exist: %w", s.node, lease.ErrNotAssigned)
@@ -88,7 +88,7 @@ func (s *Store) acquireOnce(ctx context.Context, attrs lease.Attrs) (lease.Lease
 		if err != nil {
 			return lease.Lease{}, fmt.Errorf("node %s: annotations patch: %w", s.node, err)
 		}
-		if _, err := s.client.CoreV1().Nodes().Patch(rctx, s.node, types.MergePatchType, patch, metav1.PatchOptions{}, "status"); err != nil {
+		if _, err := s.nodes.Patch(rctx, s.node, types.MergePatchType, patch, metav1.PatchOptions{}, "status"); err != nil {
 			return lease.Lease{}, fmt.Errorf("patch annotations of node %s: %w", s.node, err)
 		}
 		s.log.Info("node annotations written", "node", s.node, "keys", len(changed))
@@ -194,7 +194,7 @@ func (s *Store) MarkReady(ctx context.Context) error {
 	}
 	rctx, cancel := s.reqCtx(ctx)
 	defer cancel()
-	if _, err := s.client.CoreV1().Nodes().Patch(rctx, s.node, types.StrategicMergePatchType, patch, metav1.PatchOptions{}, "status"); err != nil {
+	if _, err := s.nodes.Patch(rctx, s.node, types.StrategicMergePatchType, patch, metav1.PatchOptions{}, "status"); err != nil {
 		return fmt.Errorf("set NetworkUnavailable=False on node %s: %w", s.node, err)
 	}
 	return nil

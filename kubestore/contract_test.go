@@ -13,35 +13,50 @@ import (
 	"k8s.io/client-go/kubernetes"
 
 	"github.com/flannelkit/flannel"
+	"github.com/flannelkit/flannel/internal/kubeclient"
 	"github.com/flannelkit/flannel/internal/kubetest"
 	"github.com/flannelkit/flannel/internal/storetest"
 	"github.com/flannelkit/flannel/kubestore"
 	"github.com/flannelkit/flannel/lease"
 )
 
-// TestContract runs the store suite on one kube-apiserver; Nodes are
-// cluster-wide, so the subtests run one at a time and each starts with
-// no Nodes.
+// TestContract runs the store suite on one kube-apiserver, with the stores
+// talking through a clientset and through the daemon's core/v1-only
+// client; Nodes are cluster-wide, so the subtests run one at a time and
+// each starts with no Nodes.
 func TestContract(t *testing.T) {
 	srv := kubetest.NewT(t, kubetest.Options{})
 	cs := kubetest.ClientT(t, srv.AdminConfig())
-	storetest.Run(t, storetest.Factory{Sequential: true, New: func(t *testing.T, conf string) storetest.Cluster {
-		require.NoError(t, cs.CoreV1().Nodes().DeleteCollection(t.Context(), metav1.DeleteOptions{}, metav1.ListOptions{}))
-		return &kubeCluster{srv: srv, cs: cs, conf: conf, cfg: storetest.Config(t, conf)}
-	}})
+	lean, err := kubeclient.New(srv.AdminConfig())
+	require.NoError(t, err)
+	for _, tc := range []struct {
+		name  string
+		nodes kubestore.NodeClient
+	}{
+		{"clientset", cs.CoreV1().Nodes()},
+		{"kubeclient", lean.Nodes()},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			storetest.Run(t, storetest.Factory{Sequential: true, New: func(t *testing.T, conf string) storetest.Cluster {
+				require.NoError(t, cs.CoreV1().Nodes().DeleteCollection(t.Context(), metav1.DeleteOptions{}, metav1.ListOptions{}))
+				return &kubeCluster{srv: srv, cs: cs, nodes: tc.nodes, conf: conf, cfg: storetest.Config(t, conf)}
+			}})
+		})
+	}
 }
 
 type kubeCluster struct {
-	srv  *kubetest.Server
-	cs   kubernetes.Interface
-	conf string
-	cfg  lease.Config
+	srv   *kubetest.Server
+	cs    kubernetes.Interface // the fixtures' client
+	nodes kubestore.NodeClient // the stores' client
+	conf  string
+	cfg   lease.Config
 }
 
 func nodeName(i int) string { return fmt.Sprintf("node-%d", i) }
 
 func (c *kubeCluster) newStore(t *testing.T, node string, log *slog.Logger) *kubestore.Store {
-	return newStore(t, c.cs, node, c.conf, kubestore.Options{Logger: log})
+	return newStoreWith(t, c.nodes, node, c.conf, kubestore.Options{Logger: log})
 }
 
 // Store creates node i's Node with podCIDR storetest.Subnet(i) (as the
@@ -91,7 +106,7 @@ func (c *kubeCluster) Caps() storetest.Caps {
 	return storetest.Caps{
 		Unassigned: func(t *testing.T) flannel.LeaseStore {
 			createNode(t, c.cs, "unassigned", nil)
-			return newStore(t, c.cs, "unassigned", c.conf, kubestore.Options{PollInterval: 20 * time.Millisecond})
+			return newStoreWith(t, c.nodes, "unassigned", c.conf, kubestore.Options{PollInterval: 20 * time.Millisecond})
 		},
 		Gap: func(t *testing.T) {
 			c.srv.Stop()

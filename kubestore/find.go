@@ -23,7 +23,7 @@ var _ flannel.LeaseFinder = (*Store)(nil)
 func (s *Store) FindOwn(ctx context.Context, _ lease.Attrs) (lease.Lease, bool, error) {
 	rctx, cancel := s.reqCtx(ctx)
 	defer cancel()
-	n, err := s.client.CoreV1().Nodes().Get(rctx, s.node, metav1.GetOptions{})
+	n, err := s.nodes.Get(rctx, s.node, metav1.GetOptions{})
 	switch {
 	case apierrors.IsNotFound(err):
 		return lease.Lease{}, false, nil

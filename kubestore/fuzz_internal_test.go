@@ -31,7 +31,7 @@ func FuzzNodeLease(f *testing.F) {
 	if err != nil {
 		f.Fatal(err)
 	}
-	s, err := New(fake.NewClientset(), Options{NodeName: "self", Config: cfg})
+	s, err := New(fake.NewClientset().CoreV1().Nodes(), Options{NodeName: "self", Config: cfg})
 	if err != nil {
 		f.Fatal(err)
 	}

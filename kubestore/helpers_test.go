@@ -43,6 +43,11 @@ func config(t *testing.T, conf string) lease.Config {
 
 func newStore(t *testing.T, cs kubernetes.Interface, node, conf string, opts kubestore.Options) *kubestore.Store {
 	t.Helper()
+	return newStoreWith(t, cs.CoreV1().Nodes(), node, conf, opts)
+}
+
+func newStoreWith(t *testing.T, nodes kubestore.NodeClient, node, conf string, opts kubestore.Options) *kubestore.Store {
+	t.Helper()
 	opts.NodeName = node
 	opts.Config = config(t, conf)
 	if opts.PollInterval == 0 {
@@ -51,7 +56,7 @@ func newStore(t *testing.T, cs kubernetes.Interface, node, conf string, opts kub
 	if opts.RetryMin == 0 {
 		opts.RetryMin, opts.RetryMax = 50*time.Millisecond, time.Second
 	}
-	s, err := kubestore.New(cs, opts)
+	s, err := kubestore.New(nodes, opts)
 	require.NoError(t, err)
 	return s
 }

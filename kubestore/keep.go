@@ -27,7 +27,7 @@ func (s *Store) Keep(ctx context.Context, own lease.Lease) error {
 	bo := retry.Backoff{Min: s.retryMin, Max: s.retryMax}
 	for ctx.Err() == nil {
 		rctx, cancel := s.reqCtx(ctx)
-		n, err := s.client.CoreV1().Nodes().Get(rctx, s.node, metav1.GetOptions{})
+		n, err := s.nodes.Get(rctx, s.node, metav1.GetOptions{})
 		cancel()
 		switch {
 		case apierrors.IsNotFound(err):
@@ -88,7 +88,7 @@ func (s *Store) check(n *corev1.Node, own lease.Lease) error {
 // reports whether any event arrived.
 func (s *Store) followOwn(ctx context.Context, rv string, own lease.Lease) (bool, error) {
 	timeout := int64(300 + rand.IntN(300))
-	w, err := s.client.CoreV1().Nodes().Watch(ctx, metav1.ListOptions{
+	w, err := s.nodes.Watch(ctx, metav1.ListOptions{
 		FieldSelector:   fields.OneTermEqualSelector("metadata.name", s.node).String(),
 		ResourceVersion: rv,
 		TimeoutSeconds:  &timeout,

@@ -17,7 +17,7 @@ import (
 func (s *Store) StoredPublicIPs(ctx context.Context) (v4, v6 netip.Addr, err error) {
 	rctx, cancel := s.reqCtx(ctx)
 	defer cancel()
-	n, err := s.client.CoreV1().Nodes().Get(rctx, s.node, metav1.GetOptions{})
+	n, err := s.nodes.Get(rctx, s.node, metav1.GetOptions{})
 	if err != nil {
 		return v4, v6, fmt.Errorf("read node %s for its public-ip annotations: %w", s.node, err)
 	}

@@ -24,8 +24,11 @@ import (
 	"strings"
 	"time"
 
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apimachinery/pkg/util/validation"
-	"k8s.io/client-go/kubernetes"
+	"k8s.io/apimachinery/pkg/watch"
 
 	"github.com/flannelkit/flannel"
 	"github.com/flannelkit/flannel/lease"
@@ -70,9 +73,18 @@ type Options struct {
 	Logger *slog.Logger
 }
 
+// NodeClient is the part of client-go's typed Node client the store uses:
+// a clientset's CoreV1().Nodes() is one. Its calls must honour ctx.
+type NodeClient interface {
+	Get(ctx context.Context, name string, opts metav1.GetOptions) (*corev1.Node, error)
+	List(ctx context.Context, opts metav1.ListOptions) (*corev1.NodeList, error)
+	Watch(ctx context.Context, opts metav1.ListOptions) (watch.Interface, error)
+	Patch(ctx context.Context, name string, pt types.PatchType, data []byte, opts metav1.PatchOptions, subresources ...string) (*corev1.Node, error)
+}
+
 // Store is a Kubernetes lease store. It is safe for concurrent use.
 type Store struct {
-	client     kubernetes.Interface
+	nodes      NodeClient
 	node       string
 	cfg        lease.Config
 	ann        annotations
@@ -87,11 +99,12 @@ type Store struct {
 
 var _ flannel.LeaseStore = (*Store)(nil)
 
-// New returns a store using client, which the caller keeps owning. The
+// New returns a store reading and patching Nodes through nodes (for
+// example clientset.CoreV1().Nodes()), which the caller keeps owning. The
 // error names the invalid option.
-func New(client kubernetes.Interface, opts Options) (*Store, error) {
-	if client == nil {
-		return nil, errors.New("kube store: client is required")
+func New(nodes NodeClient, opts Options) (*Store, error) {
+	if nodes == nil {
+		return nil, errors.New("kube store: a Node client is required")
 	}
 	if opts.NodeName == "" {
 		return nil, errors.New("kube store: NodeName is required")
@@ -108,7 +121,7 @@ func New(client kubernetes.Interface, opts Options) (*Store, error) {
 		return nil, fmt.Errorf("kube store: %w", err)
 	}
 	s := &Store{
-		client:     client,
+		nodes:      nodes,
 		node:       opts.NodeName,
 		cfg:        opts.Config,
 		ann:        ann,

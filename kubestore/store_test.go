@@ -48,7 +48,7 @@ func TestNewOptions(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			_, err := kubestore.New(cs, tt.opts)
+			_, err := kubestore.New(cs.CoreV1().Nodes(), tt.opts)
 			if tt.wantErr == "" {
 				assert.NoError(t, err)
 				return

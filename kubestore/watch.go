@@ -40,13 +40,13 @@ func (s *Store) Watch(ctx context.Context, fn func(lease.Snapshot)) error {
 	lw := &cache.ListWatch{
 		ListWithContextFunc: func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) {
 			lists.Add(1)
-			return s.client.CoreV1().Nodes().List(ctx, o)
+			return s.nodes.List(ctx, o)
 		},
 		WatchFuncWithContext: func(ctx context.Context, o metav1.ListOptions) (watch.Interface, error) {
 			if o.SendInitialEvents != nil && *o.SendInitialEvents {
 				lists.Add(1) // a streaming list
 			}
-			return s.client.CoreV1().Nodes().Watch(ctx, o)
+			return s.nodes.Watch(ctx, o)
 		},
 	}
 	kick := make(chan struct{}, 1)

@@ -58,7 +58,7 @@ func kubeStores(ctx context.Context, cfg lease.Config, log *slog.Logger) (func(*
 		if _, err := cs.CoreV1().Nodes().Create(ctx, node, metav1.CreateOptions{}); err != nil {
 			return nil, fmt.Errorf("create Node %s: %w", name, err)
 		}
-		return kubestore.New(cs, kubestore.Options{NodeName: name, Config: cfg, SetNodeNetworkUnavailable: true, Logger: nlog})
+		return kubestore.New(cs.CoreV1().Nodes(), kubestore.Options{NodeName: name, Config: cfg, SetNodeNetworkUnavailable: true, Logger: nlog})
 	}
 	log.Info("kube-apiserver running", "url", srv.URL)
 	return newStore, closeAll, nil

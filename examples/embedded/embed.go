@@ -39,7 +39,7 @@ func runFlannel(ctx context.Context, n Node) error {
 	if err != nil {
 		return fmt.Errorf("flannel network config: %w", err)
 	}
-	store, err := kubestore.New(n.Client, kubestore.Options{NodeName: n.Name, Config: cfg, Logger: n.Logger})
+	store, err := kubestore.New(n.Client.CoreV1().Nodes(), kubestore.Options{NodeName: n.Name, Config: cfg, Logger: n.Logger})
 	if err != nil {
 		return err
 	}

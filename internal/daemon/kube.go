@@ -7,10 +7,10 @@ import (
 	"os"
 
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 
+	"github.com/flannelkit/flannel/internal/kubeclient"
 	"github.com/flannelkit/flannel/kubestore"
 	"github.com/flannelkit/flannel/lease"
 )
@@ -37,19 +37,19 @@ func newKubeStore(ctx context.Context, c Config, log *slog.Logger) (*storeSetup,
 	if err != nil {
 		return nil, fmt.Errorf("kubernetes client config: %w", err)
 	}
-	client, err := kubernetes.NewForConfig(rc)
+	client, err := kubeclient.New(rc)
 	if err != nil {
 		return nil, fmt.Errorf("kubernetes client: %w", err)
 	}
 	node := c.NodeName
 	if node == "" {
-		pod, err := client.CoreV1().Pods(c.PodNamespace).Get(ctx, c.PodName, metav1.GetOptions{})
+		pod, err := client.Pod(ctx, c.PodNamespace, c.PodName, metav1.GetOptions{})
 		if err != nil {
 			return nil, fmt.Errorf("find this node from pod %s/%s: %w", c.PodNamespace, c.PodName, err)
 		}
 		node = pod.Spec.NodeName
 	}
-	store, err := kubestore.New(client, kubestore.Options{
+	store, err := kubestore.New(client.Nodes(), kubestore.Options{
 		NodeName: node, Config: cfg, AnnotationPrefix: c.KubeAnnotationPrefix,
 		SetNodeNetworkUnavailable: c.SetNodeNetworkUnavailable,
 		Logger:                    log.With("component", "kube-store"),

@@ -52,7 +52,7 @@ func run() error {
 	if err != nil {
 		return err
 	}
-	s, err := kubestore.New(cs, kubestore.Options{NodeName: "node-00000", Config: cfg})
+	s, err := kubestore.New(cs.CoreV1().Nodes(), kubestore.Options{NodeName: "node-00000", Config: cfg})
 	if err != nil {
 		return err
 	}
