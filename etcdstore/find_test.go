@@ -20,11 +20,11 @@ func TestFindOwn(t *testing.T) {
 	ctx := t.Context()
 	s := e.store(t, nil, etcdstore.Options{})
 
-	held, err := s.Acquire(ctx, lease.Request{Attrs: attrs(1)})
-	require.NoError(t, err)
+	// The other keys are written first: Acquire then cannot pick (and the
+	// puts overwrite) one of their subnets.
 	// A lease that no longer fits the network is not found (Acquire would
 	// drop it), nor is a malformed value.
-	_, err = e.admin.Put(ctx, e.prefix+"/subnets/10.99.0.0-24", `{"PublicIP":"192.168.0.3","BackendType":"vxlan"}`)
+	_, err := e.admin.Put(ctx, e.prefix+"/subnets/10.99.0.0-24", `{"PublicIP":"192.168.0.3","BackendType":"vxlan"}`)
 	require.NoError(t, err)
 	_, err = e.admin.Put(ctx, e.prefix+"/subnets/10.244.9.0-24", `not json`)
 	require.NoError(t, err)
@@ -32,6 +32,8 @@ func TestFindOwn(t *testing.T) {
 	_, err = e.admin.Put(ctx, e.prefix+"/subnets/10.244.7.0-24", `{"PublicIP":"192.168.0.5","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"7a:1e:6c:d2:4a:05"}}`)
 	require.NoError(t, err)
 	_, err = e.admin.Put(ctx, e.prefix+"/subnets/10.244.8.0-24", `{"PublicIP":"192.168.0.5","BackendType":"vxlan"}`)
+	require.NoError(t, err)
+	held, err := s.Acquire(ctx, lease.Request{Attrs: attrs(1)})
 	require.NoError(t, err)
 	before := e.subnetKeys(t)
 

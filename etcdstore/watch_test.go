@@ -245,14 +245,15 @@ func TestWatchMalformed(t *testing.T) {
 	ctx := t.Context()
 	logs := &testenv.LogBuffer{}
 	s := e.store(t, nil, etcdstore.Options{Logger: logs.Logger()})
-	good, err := s.Acquire(ctx, lease.Request{Attrs: attrs(1)})
-	require.NoError(t, err)
+	// The malformed keys come first, so Acquire cannot pick their subnet.
 	badKey := e.prefix + "/subnets/not-a-subnet"
 	badValue := e.prefix + "/subnets/10.244.9.0-24"
 	for k, v := range map[string]string{badKey: mustJSON(t, attrs(2)), badValue: "garbage"} {
 		_, err := e.admin.Put(ctx, k, v)
 		require.NoError(t, err)
 	}
+	good, err := s.Acquire(ctx, lease.Request{Attrs: attrs(1)})
+	require.NoError(t, err)
 
 	w := storetest.Watch(t, s)
 	sn := w.WaitFor(t, "the good lease", storetest.HasKey(good.Key()))
