@@ -35,7 +35,7 @@ func (n *Network) applyAll(ctx context.Context, peers []lease.Lease) error {
 	dumped := make(chan tables, 1)
 	go func() { dumped <- n.dump(links) }()
 	var failed backend.PeerErrs
-	want, memos := n.desire(peers, n.directFunc(), &failed)
+	want, memos := n.desire(peers, n.directFunc(), &failed, n.memo)
 	tabs := <-dumped
 	if tabs.err != nil {
 		return tabs.err
@@ -134,11 +134,11 @@ func (n *Network) applyChanges(ctx context.Context, peers []lease.Lease) error {
 	// rebuilds the memo from scratch (applyAll).
 	n.gen++
 	prev := n.memo.order
-	book := memoBook{byKey: n.memo.byKey, order: make([]*peerMemo, 0, len(peers))}
+	book := memoBook{byKey: n.memo.byKey, order: make([]*peerMemo, 0, len(peers)), stamp: n.memo.stamp}
 	var sets, dels []op
 	j := 0 // the next memo of prev to match
 	for i, p := range peers {
-		old, had := n.findMemo(prev, &j, p)
+		old, had := findMemo(n.memo, &j, p)
 		if had && sameLease(old.lease, p) {
 			old.gen = n.gen
 			book.order = append(book.order, old)
@@ -171,18 +171,19 @@ func (n *Network) applyChanges(ctx context.Context, peers []lease.Lease) error {
 	return n.finish(ctx, began, peers, sets, dels, &failed, book)
 }
 
-// findMemo returns the memo recorded for p's key, looking first at prev[*j]
-// and prev[*j+1] (p is the next peer of an unchanged order, or follows a
-// peer that is gone), advancing *j past the one found; else it looks the
-// key up.
-func (n *Network) findMemo(prev []*peerMemo, j *int, p lease.Lease) (*peerMemo, bool) {
+// findMemo returns the memo book records for p's key, looking first at
+// book.order[*j] and the one after (p is the next peer of an unchanged
+// order, or follows a peer that is gone), advancing *j past the one found;
+// else it looks the key up.
+func findMemo(book memoBook, j *int, p lease.Lease) (*peerMemo, bool) {
+	prev := book.order
 	for step := range 2 {
 		if k := *j + step; k < len(prev) && !prev[k].stale && prev[k].lease.SameSubnets(p) {
 			*j = k + 1
 			return prev[k], true
 		}
 	}
-	m, ok := n.memo.byKey[keyOf(p)]
+	m, ok := book.byKey[keyOf(p)]
 	return m, ok
 }
 

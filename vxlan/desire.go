@@ -28,24 +28,40 @@ type routeKey struct {
 // desire computes the entries for peers, and each peer's part by lease
 // key. direct reports whether a public IP is on a directly connected
 // network of the external interface (only called with DirectRouting).
-func (n *Network) desire(peers []lease.Lease, direct func(netip.Addr) bool, failed *backend.PeerErrs) (desired, memoBook) {
+// A peer whose lease, DirectRouting answer and links are those of its memo
+// in prev, and that had no error, keeps that memo: a periodic full repair
+// of an unchanged peer set computes nothing again.
+func (n *Network) desire(peers []lease.Lease, direct func(netip.Addr) bool, failed *backend.PeerErrs, prev memoBook) (desired, memoBook) {
 	want := desired{fdb: map[int][]op{}, neigh: map[int][]op{}, routes: map[int][]netlink.Route{}, routePeer: make(map[routeKey]int, 2*len(peers))}
 	for _, d := range n.devs {
 		want.fdb[d.index] = make([]op, 0, len(peers))
 		want.neigh[d.index] = make([]op, 0, len(peers))
 		want.routes[d.index] = make([]netlink.Route, 0, len(peers))
 	}
-	memos := newMemoBook(len(peers))
+	stamp := n.stampLocked()
+	memos := newMemoBook(len(peers), stamp)
+	reuse := prev.byKey != nil && prev.stamp == stamp
+	j := 0 // the next memo of prev.order to match
 	for i, p := range peers {
-		m := n.desirePeer(i, p, direct)
+		var m *peerMemo
+		if reuse {
+			if old, ok := findMemo(prev, &j, p); ok && len(old.errs) == 0 && sameLease(old.lease, p) && old.direct == n.directBits(p, direct) {
+				m = old
+			}
+		}
+		if m == nil {
+			m = n.desirePeer(i, p, direct)
+		}
 		memos.set(m)
 		for _, e := range m.errs {
 			failed.Add(i, e)
 		}
 		for _, o := range m.fdb {
+			o.peer = i // a kept memo's ops name the peer's old index
 			want.fdb[o.link] = append(want.fdb[o.link], o)
 		}
 		for _, o := range m.neigh {
+			o.peer = i
 			want.neigh[o.link] = append(want.neigh[o.link], o)
 		}
 		for _, r := range m.routes {
@@ -60,7 +76,7 @@ func (n *Network) desire(peers []lease.Lease, direct func(netip.Addr) bool, fail
 
 // desirePeer computes the entries for peer i.
 func (n *Network) desirePeer(i int, p lease.Lease, direct func(netip.Addr) bool) *peerMemo {
-	m := &peerMemo{lease: p}
+	m := &peerMemo{lease: p, direct: n.directBits(p, direct)}
 	if p.Attrs.BackendType != Type {
 		n.log.Debug("skipping peer of another backend", "subnet", p.String(), "backend_type", p.Attrs.BackendType)
 		return m

@@ -20,8 +20,19 @@ func BenchmarkDesire(b *testing.B) {
 		})
 	}
 	n := newNetwork(flannel.Env{}, lease.Lease{Subnet: netip.MustParsePrefix("10.255.0.0/24")}, Options{}.withDefaults(), []*device{{spec: devSpec{name: "flannel.1"}, index: 5}})
-	for b.Loop() {
-		var failed backend.PeerErrs
-		n.desire(peers, func(netip.Addr) bool { return false }, &failed)
-	}
+	b.Run("fresh", func(b *testing.B) {
+		for b.Loop() {
+			var failed backend.PeerErrs
+			n.desire(peers, func(netip.Addr) bool { return false }, &failed, memoBook{})
+		}
+	})
+	// A periodic full repair of an unchanged peer set keeps every memo.
+	var failed backend.PeerErrs
+	_, prev := n.desire(peers, func(netip.Addr) bool { return false }, &failed, memoBook{})
+	b.Run("kept", func(b *testing.B) {
+		for b.Loop() {
+			var failed backend.PeerErrs
+			n.desire(peers, func(netip.Addr) bool { return false }, &failed, prev)
+		}
+	})
 }

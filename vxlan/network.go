@@ -59,6 +59,7 @@ type peerMemo struct {
 	errs       []error     // why it could not be (fully) programmed
 	gen        uint64      // the applyChanges call that last saw it
 	stale      bool        // replaced in or dropped from memoBook.byKey
+	direct     uint8       // with DirectRouting: directBits when computed
 }
 
 // routeSpec is one route a peer asks for: to dst via gw on link (onlink
@@ -96,11 +97,48 @@ func (n *Network) routes(specs []routeSpec) []netlink.Route {
 type memoBook struct {
 	byKey map[leaseKey]*peerMemo
 	order []*peerMemo
+	stamp memoStamp // what every memo was computed against
+}
+
+// memoStamp is what, besides its lease and DirectRouting's answer, a peer's
+// memo depends on: the own subnets and the links' indexes. A full apply
+// reuses a memo only under the same stamp.
+type memoStamp struct {
+	own   leaseKey
+	iface int
+	devs  [2]int
+}
+
+// stampLocked returns the current memoStamp (after ensureDevicesLocked).
+func (n *Network) stampLocked() memoStamp {
+	st := memoStamp{own: keyOf(n.own), iface: n.env.Iface.Index}
+	for i, d := range n.devs {
+		if i < len(st.devs) {
+			st.devs[i] = d.index
+		}
+	}
+	return st
+}
+
+// directBits is DirectRouting's answer for p's public addresses (bit 0
+// IPv4, bit 1 IPv6), 0 without DirectRouting.
+func (n *Network) directBits(p lease.Lease, direct func(netip.Addr) bool) uint8 {
+	if !n.opts.DirectRouting {
+		return 0
+	}
+	var b uint8
+	if p.Attrs.PublicIP.IsValid() && direct(p.Attrs.PublicIP) {
+		b |= 1
+	}
+	if p.Attrs.PublicIPv6.IsValid() && direct(p.Attrs.PublicIPv6) {
+		b |= 2
+	}
+	return b
 }
 
 // newMemoBook returns an empty book sized for n peers.
-func newMemoBook(n int) memoBook {
-	return memoBook{byKey: make(map[leaseKey]*peerMemo, n), order: make([]*peerMemo, 0, n)}
+func newMemoBook(n int, stamp memoStamp) memoBook {
+	return memoBook{byKey: make(map[leaseKey]*peerMemo, n), order: make([]*peerMemo, 0, n), stamp: stamp}
 }
 
 // set records m as the memo of its lease's key, after those set before.

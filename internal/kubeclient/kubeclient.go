@@ -29,8 +29,9 @@ type Client struct {
 }
 
 // New returns a client for cfg, which it does not modify. Its defaults are
-// those of client-go's typed core/v1 client (path /api, JSON, the
-// Kubernetes user agent); cfg's rate limits and timeouts apply.
+// those of client-go's typed core/v1 client (path /api, protobuf unless cfg
+// names a content type, the Kubernetes user agent); cfg's rate limits and
+// timeouts apply.
 func New(cfg *rest.Config) (*Client, error) {
 	scheme := runtime.NewScheme()
 	if err := corev1.AddToScheme(scheme); err != nil {
@@ -41,6 +42,13 @@ func New(cfg *rest.Config) (*Client, error) {
 	c.GroupVersion = &gv
 	c.APIPath = "/api"
 	c.NegotiatedSerializer = serializer.NewCodecFactory(scheme).WithoutConversion()
+	if c.ContentType == "" {
+		// Protobuf, as client-go's typed clients prefer for built-in
+		// types: a list of thousands of Nodes decodes several times faster
+		// than from JSON.
+		c.ContentType = runtime.ContentTypeProtobuf
+		c.AcceptContentTypes = runtime.ContentTypeProtobuf + "," + runtime.ContentTypeJSON
+	}
 	if c.UserAgent == "" {
 		c.UserAgent = rest.DefaultKubernetesUserAgent()
 	}

@@ -1,0 +1,68 @@
+package vxlan
+
+import (
+	"fmt"
+	"net/netip"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	flannel "github.com/flannelkit/flannel"
+	"github.com/flannelkit/flannel/backend"
+	"github.com/flannelkit/flannel/lease"
+)
+
+// TestDesireKeepsMemos: a full apply keeps the memo of a peer whose lease,
+// links and DirectRouting answer are unchanged and that had no error, and
+// computes every other one again.
+func TestDesireKeepsMemos(t *testing.T) {
+	peer := func(k int, mac string) lease.Lease {
+		return lease.Lease{
+			Subnet: netip.MustParsePrefix(fmt.Sprintf("10.1.%d.0/24", k)),
+			Attrs: lease.Attrs{BackendType: Type, PublicIP: netip.MustParseAddr(fmt.Sprintf("100.64.0.%d", k)),
+				BackendData: []byte(`{"VNI":1,"VtepMAC":"` + mac + `"}`)},
+		}
+	}
+	peers := []lease.Lease{peer(1, "0a:00:00:00:00:01"), peer(2, "0a:00:00:00:00:02"), peer(3, "bad mac")}
+	n := newNetwork(flannel.Env{}, lease.Lease{Subnet: netip.MustParsePrefix("10.1.0.0/24")}, Options{}.withDefaults(),
+		[]*device{{spec: devSpec{name: "flannel.1"}, index: 5}})
+	never := func(netip.Addr) bool { return false }
+	var failed backend.PeerErrs
+	_, first := n.desire(peers, never, &failed, memoBook{})
+	require.Len(t, first.order, 3)
+	require.NotEmpty(t, first.order[2].errs, "the bad MAC is an error")
+
+	// Peer 1 is gone (peer 2 moves to index 0) and peer 3 is unchanged
+	// but had an error.
+	var failed2 backend.PeerErrs
+	want, second := n.desire(peers[1:], never, &failed2, first)
+	assert.Same(t, first.order[1], second.order[0], "unchanged peer keeps its memo")
+	assert.NotSame(t, first.order[2], second.order[1], "a peer with an error is computed again")
+	for _, o := range want.fdb[5] {
+		assert.Equal(t, 0, o.peer, "ops carry the peer's new index")
+	}
+	assert.Equal(t, 0, want.routePeer[routeKey{5, peers[1].Subnet}])
+
+	// Changed data, a recreated device (new index) or another DirectRouting
+	// answer: computed again.
+	changed := []lease.Lease{peer(2, "0a:00:00:00:00:22")}
+	_, third := n.desire(changed, never, &failed2, second)
+	assert.NotSame(t, second.order[0], third.order[0])
+
+	_, kept := n.desire(peers[1:2], never, &failed2, second)
+	require.Same(t, second.order[0], kept.order[0])
+	n.devs[0].index = 9
+	_, fresh := n.desire(peers[1:2], never, &failed2, kept)
+	assert.NotSame(t, kept.order[0], fresh.order[0], "a recreated device's memos are computed again")
+	assert.Equal(t, 9, fresh.order[0].fdb[0].link)
+
+	n.opts.DirectRouting = true
+	_, direct := n.desire(peers[1:2], func(netip.Addr) bool { return true }, &failed2, fresh)
+	assert.NotSame(t, fresh.order[0], direct.order[0])
+	assert.Empty(t, direct.order[0].fdb, "a direct peer has no FDB entry")
+	_, again := n.desire(peers[1:2], func(netip.Addr) bool { return true }, &failed2, direct)
+	assert.Same(t, direct.order[0], again.order[0])
+	_, notDirect := n.desire(peers[1:2], never, &failed2, again)
+	assert.NotSame(t, again.order[0], notDirect.order[0], "the underlay route changed")
+}
