@@ -14,19 +14,13 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 
+	"github.com/flannelkit/flannel/internal/kubetest"
 	"github.com/flannelkit/flannel/kubestore"
 	"github.com/flannelkit/flannel/lease"
 )
 
 func TestMain(m *testing.M) {
-	goleak.VerifyTestMain(m,
-		// klog's flush daemon is started by client-go's init, once per process.
-		goleak.IgnoreTopFunction("k8s.io/klog/v2.(*flushDaemon).run.func1"),
-		// Idle keep-alive connections of client-go's shared transports.
-		goleak.IgnoreTopFunction("net/http.(*persistConn).readLoop"),
-		goleak.IgnoreTopFunction("net/http.(*persistConn).writeLoop"),
-		goleak.IgnoreTopFunction("internal/poll.runtime_pollWait"),
-	)
+	goleak.VerifyTestMain(m, kubetest.LeakOptions()...)
 }
 
 const (

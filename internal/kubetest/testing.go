@@ -3,6 +3,7 @@ package kubetest
 import (
 	"testing"
 
+	"go.uber.org/goleak"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 
@@ -45,4 +46,16 @@ func ClientT(tb testing.TB, config *rest.Config) *kubernetes.Clientset {
 		tb.Fatalf("kubetest: client: %v", err)
 	}
 	return cs
+}
+
+// LeakOptions are the goroutines goleak must ignore in a package that uses
+// client-go: klog's flush daemon (started by client-go's init, once per
+// process) and the idle keep-alive connections of its shared transports.
+func LeakOptions() []goleak.Option {
+	return []goleak.Option{
+		goleak.IgnoreTopFunction("k8s.io/klog/v2.(*flushDaemon).run.func1"),
+		goleak.IgnoreTopFunction("net/http.(*persistConn).readLoop"),
+		goleak.IgnoreTopFunction("net/http.(*persistConn).writeLoop"),
+		goleak.IgnoreTopFunction("internal/poll.runtime_pollWait"),
+	}
 }
