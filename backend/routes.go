@@ -129,6 +129,11 @@ func typeOf(r netlink.Route) int {
 	return r.Type
 }
 
+// SameRoute reports whether actual, as the kernel lists it, already is the
+// normalized desired route (RouteReconciler.Normalized): the comparison
+// DiffRoutes makes for routes of one table and destination.
+func SameRoute(desired, actual netlink.Route) bool { return sameRoute(desired, actual) }
+
 // sameRoute reports whether actual already is what desired asks for. Only
 // the attributes a reconciler sets are compared; the kernel fills others
 // (IPv6 metric, cache info) that desired leaves zero.
@@ -259,31 +264,34 @@ func (r *RouteReconciler) Normalized(linkIndex int, d netlink.Route) netlink.Rou
 // Owned lists the routes this reconciler owns on linkIndex (on every link
 // when zero), both families.
 func (r *RouteReconciler) Owned(h *netlink.Handle, linkIndex int) ([]netlink.Route, error) {
+	var out []netlink.Route
+	err := r.OwnedEach(h, linkIndex, func() { out = out[:0] }, func(rt netlink.Route) { out = append(out, rt) })
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+// OwnedEach is Owned without the list: it calls f with each owned route
+// as the dump is read. begin, when not nil, is called before each attempt
+// of the dump (an interrupted one is tried again): what f was shown
+// before is then to be dropped.
+func (r *RouteReconciler) OwnedEach(h *netlink.Handle, linkIndex int, begin func(), f func(netlink.Route)) error {
 	filter := &netlink.Route{Protocol: r.protocol(), Table: r.table(), LinkIndex: linkIndex}
 	mask := uint64(netlink.RT_FILTER_PROTOCOL | netlink.RT_FILTER_TABLE)
 	if linkIndex != 0 {
 		mask |= netlink.RT_FILTER_OIF
 	}
-	if r.Adopt != nil {
-		return r.adopted(h, filter, mask&^netlink.RT_FILTER_PROTOCOL)
+	if r.Adopt == nil {
+		return nlsafe.Wrap(h).RouteListFilteredEach(netlink.FAMILY_ALL, filter, mask, begin, f)
 	}
-	return nlsafe.Wrap(h).RouteListFiltered(netlink.FAMILY_ALL, filter, mask)
-}
-
-// adopted lists the routes matching filter (without its protocol) that
-// carry our protocol or that Adopt accepts.
-func (r *RouteReconciler) adopted(h *netlink.Handle, filter *netlink.Route, mask uint64) ([]netlink.Route, error) {
-	all, err := nlsafe.Wrap(h).RouteListFiltered(netlink.FAMILY_ALL, filter, mask)
-	if err != nil {
-		return nil, err
-	}
-	out := all[:0]
-	for _, rt := range all {
+	// Adopted routes carry no protocol of ours: list without it and keep
+	// the routes that carry ours or that Adopt accepts.
+	return nlsafe.Wrap(h).RouteListFilteredEach(netlink.FAMILY_ALL, filter, mask&^netlink.RT_FILTER_PROTOCOL, begin, func(rt netlink.Route) {
 		if rt.Protocol == r.protocol() || r.Adopt(rt) {
-			out = append(out, rt)
+			f(rt)
 		}
-	}
-	return out, nil
+	})
 }
 
 // Reconcile makes the owned routes on linkIndex equal desired: missing or

@@ -30,92 +30,108 @@ func (n *Network) applyAll(ctx context.Context, peers []lease.Lease) error {
 	for _, d := range n.devs {
 		links = append(links, d.index)
 	}
-	// Pipelined: the kernel dumps its tables while the desired entries are
-	// computed (the goroutine is always joined below).
-	dumped := make(chan tables, 1)
-	go func() { dumped <- n.dump(links) }()
 	var failed backend.PeerErrs
 	want, memos := n.desire(peers, n.directFunc(), &failed, n.memo)
-	tabs := <-dumped
-	if tabs.err != nil {
-		return tabs.err
+	// Each table is compared as the kernel's dump is read: nothing of
+	// what is in place already is kept.
+	h := nlsafe.Wrap(n.env.Handle)
+	if n.env.NS.IsOpen() {
+		h = nlsafe.New(n.env.Handle, n.env.NS)
 	}
-
 	var sets, dels []op
-	for _, d := range n.devs {
-		s, dl := diffNeigh(kindFDB, want.fdb[d.index], tabs.fdb[d.index])
-		sets, dels = append(sets, s...), append(dels, dl...)
-		s, dl = diffNeigh(kindNeigh, want.neigh[d.index], tabs.neigh[d.index])
-		sets, dels = append(sets, s...), append(dels, dl...)
-	}
-	for _, link := range links {
-		actual := tabs.routes[link]
-		// Desired routes with no actual route for their destination are
-		// added as they are; only the others go through DiffRoutes, which
-		// copies every route several times (slow with thousands of peers).
-		have := make(map[netip.Prefix]bool, len(actual))
-		for _, a := range actual {
-			if dst, ok := ipconv.PrefixFromIPNet(a.Dst); ok {
-				have[dst] = true
-			}
-		}
-		desired := want.routes[link] // normalized by desirePeer
-		var overlap []netlink.Route
-		for i := range desired {
-			dst, _ := ipconv.PrefixFromIPNet(desired[i].Dst)
-			if !have[dst] {
-				sets = append(sets, op{kind: kindRoute, link: link, route: &desired[i], peer: want.routePeer[routeKey{link, dst}]})
-				continue
-			}
-			overlap = append(overlap, desired[i])
-		}
-		add, del := backend.DiffRoutes(overlap, actual)
-		for i := range add {
-			dst, _ := ipconv.PrefixFromIPNet(add[i].Dst)
-			sets = append(sets, op{kind: kindRoute, link: link, route: &add[i], peer: want.routePeer[routeKey{link, dst}]})
-		}
-		for i := range del {
-			dels = append(dels, op{kind: kindRoute, del: true, link: link, route: &del[i], peer: -1})
-		}
-	}
-	return n.finish(ctx, began, peers, sets, dels, &failed, memos)
-}
-
-// tables is what dump read from the kernel, by link index.
-type tables struct {
-	fdb, neigh map[int][]netlink.Neigh
-	routes     map[int][]netlink.Route
-	err        error
-}
-
-// dump lists the FDB and neighbour entries of the devices and our routes on
-// links.
-func (n *Network) dump(links []int) tables {
-	h := n.env.Handle
-	t := tables{fdb: map[int][]netlink.Neigh{}, neigh: map[int][]netlink.Neigh{}, routes: map[int][]netlink.Route{}}
 	for _, d := range n.devs {
 		family := netlink.FAMILY_V4
 		if d.spec.v6 {
 			family = netlink.FAMILY_V6
 		}
-		var err error
-		if t.fdb[d.index], err = nlsafe.Wrap(h).NeighList(d.index, unix.AF_BRIDGE); err != nil {
-			t.err = fmt.Errorf("device %s: %w", d.spec.name, err)
-			return t
-		}
-		if t.neigh[d.index], err = nlsafe.Wrap(h).NeighList(d.index, family); err != nil {
-			t.err = fmt.Errorf("device %s: %w", d.spec.name, err)
-			return t
+		for _, t := range []struct {
+			k      kind
+			family int
+		}{{kindFDB, unix.AF_BRIDGE}, {kindNeigh, family}} {
+			w := want.fdb[d.index]
+			if t.k == kindNeigh {
+				w = want.neigh[d.index]
+			}
+			diff := newNeighDiff(t.k, w)
+			if err := h.NeighListEach(d.index, t.family, diff.reset, diff.see); err != nil {
+				return fmt.Errorf("device %s: %w", d.spec.name, err)
+			}
+			s, dl := diff.result()
+			sets, dels = append(sets, s...), append(dels, dl...)
 		}
 	}
 	for _, link := range links {
-		var err error
-		if t.routes[link], err = n.rec.Owned(h, link); err != nil {
-			t.err = err
-			return t
+		s, dl, err := n.diffRoutes(link, want.routes[link], want.routePeer)
+		if err != nil {
+			return err
+		}
+		sets, dels = append(sets, s...), append(dels, dl...)
+	}
+	return n.finish(ctx, began, peers, sets, dels, &failed, memos)
+}
+
+// diffRoutes compares our routes on link with desired (normalized), as the
+// kernel's dump is read: a route that is exactly a desired one is counted
+// and dropped, so that the steady state (every route in place) keeps no
+// copy of the kernel's table. Desired routes that no route of their
+// destination matched and the routes that matched none go through
+// backend.DiffRoutes: a desired route with no route of its destination at
+// all is added as it is (DiffRoutes copies every route it is given several
+// times, slow with thousands of peers).
+func (n *Network) diffRoutes(link int, desired []netlink.Route, routePeer map[routeKey]int) (sets, dels []op, err error) {
+	first := make(map[netip.Prefix]int, len(desired)) // the first desired route per destination
+	for i := range desired {
+		dst, _ := ipconv.PrefixFromIPNet(desired[i].Dst)
+		if _, dup := first[dst]; !dup {
+			first[dst] = i
 		}
 	}
-	return t
+	var matched []bool
+	var rest []netlink.Route // actual routes that are no desired route
+	err = n.rec.OwnedEach(n.env.Handle, link, func() {
+		matched, rest = make([]bool, len(desired)), rest[:0]
+	}, func(a netlink.Route) {
+		if dst, ok := ipconv.PrefixFromIPNet(a.Dst); ok {
+			if i, ok := first[dst]; ok && !matched[i] && backend.SameRoute(desired[i], a) {
+				matched[i] = true
+				return
+			}
+		}
+		rest = append(rest, a)
+	})
+	if err != nil {
+		return nil, nil, err
+	}
+	other := make(map[netip.Prefix]bool, len(rest)) // destinations of rest
+	for _, a := range rest {
+		if dst, ok := ipconv.PrefixFromIPNet(a.Dst); ok {
+			other[dst] = true
+		}
+	}
+	var overlap []netlink.Route
+	for i := range desired {
+		if matched[i] {
+			continue
+		}
+		dst, _ := ipconv.PrefixFromIPNet(desired[i].Dst)
+		if first[dst] != i { // a second desired route of one destination: DiffRoutes keeps the first
+			continue
+		}
+		if !other[dst] {
+			sets = append(sets, op{kind: kindRoute, link: link, route: &desired[i], peer: routePeer[routeKey{link, dst}]})
+			continue
+		}
+		overlap = append(overlap, desired[i])
+	}
+	add, del := backend.DiffRoutes(overlap, rest)
+	for i := range add {
+		dst, _ := ipconv.PrefixFromIPNet(add[i].Dst)
+		sets = append(sets, op{kind: kindRoute, link: link, route: &add[i], peer: routePeer[routeKey{link, dst}]})
+	}
+	for i := range del {
+		dels = append(dels, op{kind: kindRoute, del: true, link: link, route: &del[i], peer: -1})
+	}
+	return sets, dels, nil
 }
 
 // applyChanges programs peers when the kernel is known to hold what the

@@ -116,47 +116,93 @@ func (n *Network) desirePeer(i int, p lease.Lease, direct func(netip.Addr) bool)
 	return m
 }
 
+func hasKey[K comparable, V any](m map[K]V, k K) bool {
+	_, ok := m[k]
+	return ok
+}
+
 // diffNeigh returns the sets for desired entries that are missing or
 // differ, and deletes for permanent actual entries nobody wants. Entries
 // are keyed by (link, ip) for neighbours and (link, mac, ip) for FDB
 // entries. It has no side effects.
 func diffNeigh(k kind, want []op, actual []netlink.Neigh) (set, del []op) {
-	type key struct {
-		link int
-		ip   netip.Addr
-		mac  string
-	}
-	keyFor := func(link int, ip netip.Addr, mac net.HardwareAddr) key {
-		if k == kindFDB {
-			return key{link, ip, string(mac)}
-		}
-		return key{link: link, ip: ip}
-	}
-	have := make(map[key]netlink.Neigh, len(actual))
+	d := newNeighDiff(k, want)
 	for _, a := range actual {
-		if a.State&netlink.NUD_PERMANENT == 0 {
-			continue
+		d.see(a)
+	}
+	return d.result()
+}
+
+// neighDiff is diffNeigh over a dump as it is read: it is indexed by the
+// desired entries, not the actual ones, so that the steady state (every
+// entry in place) keeps no copy of the kernel's table.
+type neighDiff struct {
+	k    kind
+	want []op
+	idx  map[neighKey]int // the first desired entry per key
+	done []bool           // the desired entry is in place
+	del  []op
+}
+
+type neighKey struct {
+	link int
+	ip   netip.Addr
+	mac  [6]byte // FDB only; a vxlan device's MACs are Ethernet's
+	long string  // FDB only: a MAC of another length, as it is
+}
+
+func newNeighDiff(k kind, want []op) *neighDiff {
+	d := &neighDiff{k: k, want: want, idx: make(map[neighKey]int, len(want)), done: make([]bool, len(want))}
+	for i, w := range want {
+		if kk := d.key(w.link, w.ip, w.mac); !hasKey(d.idx, kk) {
+			d.idx[kk] = i
 		}
-		have[keyFor(a.LinkIndex, ipconv.AddrFromIP(a.IP), a.HardwareAddr)] = a
 	}
-	if len(have) == 0 { // nothing programmed yet: the common bulk case
-		return want, nil
-	}
-	wanted := make(map[key]bool, len(want))
-	for _, w := range want {
-		kk := keyFor(w.link, w.ip, w.mac)
-		wanted[kk] = true
-		if a, ok := have[kk]; ok && sameMAC(a.HardwareAddr, w.mac) {
-			continue
+	return d
+}
+
+func (d *neighDiff) key(link int, ip netip.Addr, mac net.HardwareAddr) neighKey {
+	kk := neighKey{link: link, ip: ip}
+	if d.k == kindFDB {
+		if len(mac) == 6 {
+			kk.mac = [6]byte(mac)
+		} else {
+			kk.long = string(mac)
 		}
-		set = append(set, w)
 	}
-	for kk, a := range have {
-		if wanted[kk] {
-			continue
+	return kk
+}
+
+// reset forgets what the entries seen so far said (a dump that is read
+// again).
+func (d *neighDiff) reset() {
+	clear(d.done)
+	d.del = d.del[:0]
+}
+
+// see compares one actual entry (whose slices it does not keep).
+func (d *neighDiff) see(a netlink.Neigh) {
+	if a.State&netlink.NUD_PERMANENT == 0 {
+		return
+	}
+	ip := ipconv.AddrFromIP(a.IP)
+	i, ok := d.idx[d.key(a.LinkIndex, ip, a.HardwareAddr)]
+	switch {
+	case !ok:
+		d.del = append(d.del, op{kind: d.k, del: true, link: a.LinkIndex, ip: ip, mac: slices.Clone(a.HardwareAddr), peer: -1})
+	case sameMAC(a.HardwareAddr, d.want[i].mac):
+		d.done[i] = true
+	}
+}
+
+// result is the sets and deletes for what was seen.
+func (d *neighDiff) result() (set, del []op) {
+	for _, w := range d.want {
+		if j := d.idx[d.key(w.link, w.ip, w.mac)]; !d.done[j] || !sameMAC(d.want[j].mac, w.mac) {
+			set = append(set, w)
 		}
-		del = append(del, op{kind: k, del: true, link: a.LinkIndex, ip: ipconv.AddrFromIP(a.IP), mac: a.HardwareAddr, peer: -1})
 	}
+	del = d.del
 	slices.SortFunc(del, func(a, b op) int { return a.ip.Compare(b.ip) })
 	return set, del
 }

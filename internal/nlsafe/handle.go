@@ -5,7 +5,9 @@ import (
 	"fmt"
 
 	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netlink/nl"
 	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
 )
 
 // DumpAttempts is how often a netlink dump is tried before
@@ -120,10 +122,91 @@ func (h Handle) RouteListFiltered(family int, filter *netlink.Route, filterMask 
 	})
 }
 
+// RouteListFilteredEach is RouteListFiltered without the list: it calls
+// f with each matching route as the dump is read, so that a caller that
+// keeps little of each route (a reconciler comparing thousands of them)
+// never holds them all. begin, when not nil, is called before each
+// attempt: an interrupted attempt is retried as RouteListFiltered's is,
+// and what f was shown by it is then to be dropped.
+func (h Handle) RouteListFilteredEach(family int, filter *netlink.Route, filterMask uint64, begin func(), f func(netlink.Route)) error {
+	_, err := retry(h, "routes", func() (struct{}, error) {
+		if begin != nil {
+			begin()
+		}
+		var fl netlink.Route
+		if filter != nil {
+			fl = *filter
+		}
+		return struct{}{}, h.Handle.RouteListFilteredIter(family, &fl, filterMask, func(r netlink.Route) bool {
+			f(r)
+			return true
+		})
+	})
+	return err
+}
+
 // NeighList lists the neighbour (and FDB) entries of linkIndex (every link
 // when 0) of family, retrying interrupted dumps.
 func (h Handle) NeighList(linkIndex, family int) ([]netlink.Neigh, error) {
 	return retry(h, "neighbours", func() ([]netlink.Neigh, error) { return h.Handle.NeighList(linkIndex, family) })
+}
+
+// NeighListEach is NeighList without the list: it calls f with each entry
+// as the dump is read (its IP and HardwareAddr point into the read buffer:
+// valid during the call only), so that a caller comparing thousands of
+// entries never holds them all. begin, when not nil, is called before
+// each attempt: an interrupted attempt is retried as NeighList's is, and
+// what f was shown by it is then to be dropped. A Handle from Wrap has no
+// namespace to open its own socket in: it reads the handle's list and
+// walks it, as it does when no socket can be opened in the namespace.
+func (h Handle) NeighListEach(linkIndex, family int, begin func(), f func(netlink.Neigh)) error {
+	_, err := retry(h, "neighbours", func() (struct{}, error) {
+		if begin != nil {
+			begin()
+		}
+		if h.hasNS && h.ns.IsOpen() {
+			var s *nl.NetlinkSocket
+			err := InNamespace(h.ns, func() (err error) {
+				s, err = nl.GetNetlinkSocketAt(netns.None(), netns.None(), unix.NETLINK_ROUTE)
+				return err
+			})
+			if err == nil {
+				defer s.Close()
+				return struct{}{}, neighDump(s, linkIndex, family, f)
+			}
+			// No socket of its own (a namespace that cannot be entered):
+			// the handle's socket is already in the namespace.
+		}
+		list, err := h.Handle.NeighList(linkIndex, family)
+		if err != nil {
+			return struct{}{}, err
+		}
+		for _, n := range list {
+			f(n)
+		}
+		return struct{}{}, nil
+	})
+	return err
+}
+
+// neighDump reads one neighbour dump through s, filtered as netlink's
+// NeighList filters (by link and family), and hands each entry to f as it
+// is parsed.
+func neighDump(s *nl.NetlinkSocket, linkIndex, family int, f func(netlink.Neigh)) error {
+	req := nl.NewNetlinkRequest(unix.RTM_GETNEIGH, unix.NLM_F_DUMP)
+	req.Sockets = map[int]*nl.SocketHandle{unix.NETLINK_ROUTE: {Socket: s}}
+	req.AddData(&netlink.Ndmsg{Family: uint8(family), Index: uint32(linkIndex)})
+	return req.ExecuteIter(unix.NETLINK_ROUTE, unix.RTM_NEWNEIGH, func(m []byte) bool {
+		n, err := netlink.NeighDeserialize(m)
+		switch {
+		case err != nil: // skipped, as NeighList skips it
+		case linkIndex != 0 && n.LinkIndex != linkIndex:
+		case family != 0 && n.Family != family:
+		default:
+			f(*n)
+		}
+		return true
+	})
 }
 
 // XfrmStateList lists the XFRM states of family (netlink.FAMILY_ALL for

@@ -101,9 +101,32 @@ func dumps(t *testing.T, n *netlab.Node, h nlsafe.Handle, f fixture) map[string]
 	if errs["unfiltered routes"] = err; err == nil {
 		assert.Contains(t, dsts(routes), "10.99.1.0/24")
 	}
+	// Each: begin before every attempt, so an interrupted one's routes go.
+	var each []netlink.Route
+	begins := 0
+	err = h.RouteListFilteredEach(netlink.FAMILY_ALL, &filter, netlink.RT_FILTER_PROTOCOL,
+		func() { begins++; each = each[:0] }, func(r netlink.Route) { each = append(each, r) })
+	if errs["routes each"] = err; err == nil {
+		assert.Equal(t, []string{"10.99.1.0/24"}, dsts(each))
+		assert.Positive(t, begins)
+	}
 	neighs, err := h.NeighList(f.link.Attrs().Index, netlink.FAMILY_V4)
 	if errs["neighs"] = err; err == nil {
 		assert.True(t, slices.ContainsFunc(neighs, func(x netlink.Neigh) bool { return x.IP.Equal(f.neigh.IP) }), "neighbour listed")
+	}
+	var seen []netlink.Neigh
+	err = h.NeighListEach(f.link.Attrs().Index, netlink.FAMILY_V4, func() { seen = seen[:0] }, func(x netlink.Neigh) {
+		x.IP, x.HardwareAddr = slices.Clone(x.IP), slices.Clone(x.HardwareAddr)
+		seen = append(seen, x)
+	})
+	if errs["neighs each"] = err; err == nil {
+		assert.True(t, slices.ContainsFunc(seen, func(x netlink.Neigh) bool {
+			return x.IP.Equal(f.neigh.IP) && x.HardwareAddr.String() == f.neigh.HardwareAddr.String() && x.State == netlink.NUD_PERMANENT
+		}), "neighbour walked")
+		for _, x := range seen {
+			assert.Equal(t, f.link.Attrs().Index, x.LinkIndex, "only the link's")
+			assert.Equal(t, netlink.FAMILY_V4, x.Family, "only the family's")
+		}
 	}
 	policies, err := h.XfrmPolicyList(netlink.FAMILY_ALL)
 	if errs["xfrm policies"] = err; err == nil {
@@ -149,6 +172,17 @@ func TestDumpsRetryInterrupted(t *testing.T) {
 	for what, err := range dumps(t, n, broken, f) {
 		assert.ErrorIs(t, err, netlink.ErrDumpInterrupted, what)
 		assert.ErrorContains(t, err, "5 attempts", what)
+	}
+}
+
+// TestDumpsWithoutNamespace: a Handle from Wrap lists through the netlink
+// handle alone (NeighListEach then walks the handle's list).
+func TestDumpsWithoutNamespace(t *testing.T) {
+	t.Parallel()
+	n, h := node(t)
+	f := addFixture(t, n, h)
+	for what, err := range dumps(t, n, nlsafe.Wrap(n.Handle), f) {
+		assert.NoError(t, err, what)
 	}
 }
 

@@ -1,0 +1,67 @@
+package vxlan
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"testing"
+
+	flannel "github.com/flannelkit/flannel"
+	"github.com/flannelkit/flannel/backend"
+	"github.com/flannelkit/flannel/internal/netlab"
+	"github.com/flannelkit/flannel/lease"
+	"os"
+)
+
+// BenchmarkRepair is the periodic full resync of a node that holds 5,000
+// programmed peers and whose kernel tables are in sync: a dump of every
+// route, neighbour and FDB entry and a diff against the desired set (no
+// entry is written). Needs root.
+func BenchmarkRepair(b *testing.B) {
+	if os.Geteuid() != 0 {
+		b.Skip("needs root")
+	}
+	lab, err := netlab.New(netlab.Options{Nodes: 1, IPv4: true})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer lab.Close()
+	node := lab.Nodes[0]
+	iface, err := backend.FindInterface(node.Handle, backend.InterfaceOptions{IPv4: true})
+	if err != nil {
+		b.Fatal(err)
+	}
+	bk, err := New(Options{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	ctx := context.Background()
+	env := flannel.Env{Config: lease.Config{EnableIPv4: true, BackendType: Type, Network: netip.MustParsePrefix("10.0.0.0/8"), SubnetLen: 24},
+		Iface: iface, Handle: node.Handle, NS: node.NS}
+	attrs, err := bk.Prepare(ctx, env)
+	if err != nil {
+		b.Fatal(err)
+	}
+	own := lease.Lease{Subnet: netip.MustParsePrefix("10.255.0.0/24"), Attrs: attrs}
+	nwk, err := bk.Start(ctx, own)
+	if err != nil {
+		b.Fatal(err)
+	}
+	n := nwk.(*Network)
+	defer func() { _ = bk.Cleanup(ctx, env) }()
+	peers := []lease.Lease{own}
+	for k := range 5000 {
+		peers = append(peers, lease.Lease{
+			Subnet: netip.MustParsePrefix(fmt.Sprintf("10.%d.%d.0/24", k>>8, k&255)),
+			Attrs: lease.Attrs{BackendType: Type, PublicIP: netip.MustParseAddr(fmt.Sprintf("172.30.%d.%d", 100+k>>8, k&255)),
+				BackendData: []byte(fmt.Sprintf(`{"VNI":1,"VtepMAC":"0a:00:00:00:%02x:%02x"}`, k>>8, k&255))},
+		})
+	}
+	if err := n.Apply(ctx, peers); err != nil {
+		b.Fatal(err)
+	}
+	b.ReportAllocs()
+	for b.Loop() {
+		n.r.Repair(ctx, backend.Periodic)
+	}
+}
