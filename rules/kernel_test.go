@@ -388,6 +388,59 @@ func TestRunRepairs(t *testing.T) {
 	}
 }
 
+// TestCheckSkipsUnchangedGeneration: while the namespace's nf_tables
+// generation stays, Check runs no binary (but every fullCheckEvery-th
+// time); a change by hand, which moves it, is repaired at the next Check.
+// (iptables is iptables-nft here, as hack/test.sh selects it.)
+func TestCheckSkipsUnchangedGeneration(t *testing.T) {
+	requireTools(t)
+	t.Parallel()
+	for _, mode := range modes {
+		t.Run(string(mode), func(t *testing.T) {
+			t.Parallel()
+			lab := netlab.NewT(t, netlab.Options{Nodes: 1, IPv4: true, IPv6: true})
+			n := lab.Nodes[0]
+			m := newManager(t, n, Options{Mode: mode, Masquerade: true, Forward: true})
+			ctx := t.Context()
+			require.NoError(t, m.Ensure(ctx, config(true, true), leaseOf(1, true, true)))
+			want := normalize(dump(t, n.NSName))
+			full := func() int {
+				m.mu.Lock()
+				defer m.mu.Unlock()
+				return m.gen.fullChecks
+			}
+			require.NoError(t, m.Check(ctx))
+			require.Equal(t, 1, full(), "the first check after Ensure runs the binaries")
+			for range 3 {
+				require.NoError(t, m.Check(ctx))
+			}
+			assert.Equal(t, 1, full(), "nothing changed: no binary run")
+
+			breakage := map[Mode][]string{
+				ModeNFTables: {"nft", "flush", "chain", "ip", "flannel-ipv4", "postrtg"},
+				ModeIPTables: {"iptables", "-t", "nat", "-D", "FLANNEL-POSTRTG", "2"},
+			}[mode]
+			nsRun(t, n.NSName, breakage...)
+			require.NoError(t, m.Check(ctx))
+			assert.Equal(t, 2, full(), "the generation moved: checked")
+			assert.Equal(t, want, normalize(dump(t, n.NSName)), "and repaired")
+			require.NoError(t, m.Check(ctx))
+			assert.Equal(t, 3, full(), "the repair moved it too: confirmed once")
+
+			// Unchanged for fullCheckEvery checks: the binaries run once.
+			for range fullCheckEvery {
+				require.NoError(t, m.Check(ctx))
+			}
+			assert.Equal(t, 4, full(), "a full check at least every %d", fullCheckEvery)
+
+			// A change elsewhere in the ruleset moves the generation too.
+			nsRun(t, n.NSName, "nft", "add", "table", "inet", "someone-else")
+			require.NoError(t, m.Check(ctx))
+			assert.Equal(t, 5, full())
+		})
+	}
+}
+
 // normalize drops what a rewrite changes without changing meaning: nft
 // handles and iptables-save's header, counters and timestamps.
 func normalize(s string) string {

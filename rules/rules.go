@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os/exec"
+	"strings"
 	"sync"
 	"time"
 
@@ -70,7 +71,24 @@ type Manager struct {
 	want *desired // nil before Ensure and after Cleanup
 	nft  map[knftables.Family]knftables.Interface
 	ipt  map[iptables.Protocol]*iptables.IPTables
+	gen  genState
 }
+
+// genState lets Check skip the binaries while the namespace's nf_tables
+// generation (nlsafe.NFTablesGeneration) stays where a check last found
+// every rule right: no rule of any table can have changed since.
+type genState struct {
+	ok         bool   // the rules were right at generation id
+	id         uint32 // (read before that check began)
+	skipped    int    // checks skipped in a row
+	iptNFT     *bool  // whether iptables and ip6tables go through nf_tables (nil: not asked yet)
+	fullChecks int    // checks that ran the binaries (for tests)
+}
+
+// fullCheckEvery bounds the checks skipped in a row on an unchanged
+// generation: every fullCheckEvery-th check runs the binaries whatever
+// the kernel says (one a minute at the default period).
+const fullCheckEvery = 12
 
 // desired is what Ensure asked for.
 type desired struct {
@@ -149,6 +167,7 @@ func (m *Manager) Ensure(ctx context.Context, cfg lease.Config, own lease.Lease)
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	m.want = w
+	m.gen.ok = false
 	return m.inNS(func() error {
 		var errs []error
 		other := ModeIPTables
@@ -193,7 +212,11 @@ func (m *Manager) Run(ctx context.Context) error {
 	}
 }
 
-// Check repairs the rules Ensure installed, once: Run's periodic step.
+// Check repairs the rules Ensure installed, once: Run's periodic step. It
+// runs nothing while the namespace's nf_tables generation has not moved
+// since a check found every rule right (rules of iptables-legacy, which
+// the generation does not cover, are always checked), and runs the
+// binaries at least every fullCheckEvery-th time regardless.
 func (m *Manager) Check(ctx context.Context) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -201,7 +224,15 @@ func (m *Manager) Check(ctx context.Context) error {
 	if w == nil {
 		return nil
 	}
-	return m.inNS(func() error {
+	gen, gated := m.generation(ctx, w.mode)
+	if gated && m.gen.ok && gen == m.gen.id && m.gen.skipped < fullCheckEvery-1 {
+		m.gen.skipped++
+		return nil
+	}
+	m.gen.ok, m.gen.skipped = false, 0
+	m.gen.fullChecks++
+	changedAny := false
+	err := m.inNS(func() error {
 		var errs []error
 		for _, f := range w.fams {
 			changed, err := m.ensure(ctx, w.mode, f)
@@ -209,11 +240,57 @@ func (m *Manager) Check(ctx context.Context) error {
 				errs = append(errs, err)
 			}
 			if changed {
+				changedAny = true
 				m.log.Info("traffic rules repaired", "mode", w.mode, "network", f.network, "subnet", f.subnet)
 			}
 		}
 		return errors.Join(errs...)
 	})
+	// The generation was read before the check: a change made while it
+	// ran moved it, and the next check looks again. A check that wrote
+	// moved it itself; the next one confirms the writes.
+	m.gen.ok, m.gen.id = gated && err == nil && !changedAny, gen
+	return err
+}
+
+// generation reads the namespace's nf_tables generation; gated is false
+// when it cannot tell whether mode's rules changed (the iptables binaries
+// are iptables-legacy, or the kernel did not answer).
+func (m *Manager) generation(ctx context.Context, mode Mode) (gen uint32, gated bool) {
+	if mode == ModeIPTables && !m.iptablesThroughNFT(ctx) {
+		return 0, false
+	}
+	gen, err := nlsafe.NFTablesGeneration(m.opts.NS)
+	if err != nil {
+		m.log.Debug("nftables generation unknown; checking the rules every period", "error", err)
+		return 0, false
+	}
+	return gen, true
+}
+
+// iptablesThroughNFT reports whether the iptables and ip6tables binaries
+// are iptables-nft ("-V" says "nf_tables"), asking them once.
+func (m *Manager) iptablesThroughNFT(ctx context.Context) bool {
+	if m.gen.iptNFT != nil {
+		return *m.gen.iptNFT
+	}
+	nft := true
+	err := m.inNS(func() error {
+		for _, bin := range []string{"iptables", "ip6tables"} {
+			out, err := exec.CommandContext(ctx, bin, "-V").Output()
+			if err != nil {
+				return fmt.Errorf("%s -V: %w", bin, err)
+			}
+			nft = nft && strings.Contains(string(out), "nf_tables")
+		}
+		return nil
+	})
+	if err != nil { // asked again next time
+		m.log.Debug("iptables variant unknown; checking the rules every period", "error", err)
+		return false
+	}
+	m.gen.iptNFT = &nft
+	return nft
 }
 
 // Cleanup removes every rule, chain and table of ours in both modes and
@@ -224,6 +301,7 @@ func (m *Manager) Cleanup(ctx context.Context) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	m.want = nil
+	m.gen.ok = false
 	return m.inNS(func() error {
 		var errs []error
 		for _, mode := range []Mode{ModeNFTables, ModeIPTables} {
