@@ -197,6 +197,9 @@ func (d *neighDiff) see(a netlink.Neigh) {
 
 // result is the sets and deletes for what was seen.
 func (d *neighDiff) result() (set, del []op) {
+	if len(d.del) == 0 && !slices.Contains(d.done, true) {
+		return d.want, nil // nothing programmed yet: the common bulk case
+	}
 	for _, w := range d.want {
 		if j := d.idx[d.key(w.link, w.ip, w.mac)]; !d.done[j] || !sameMAC(d.want[j].mac, w.mac) {
 			set = append(set, w)
