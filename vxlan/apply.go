@@ -79,11 +79,19 @@ func (n *Network) applyAll(ctx context.Context, peers []lease.Lease) error {
 // all is added as it is (DiffRoutes copies every route it is given several
 // times, slow with thousands of peers).
 func (n *Network) diffRoutes(link int, desired []netlink.Route, routePeer map[routeKey]int) (sets, dels []op, err error) {
-	first := make(map[netip.Prefix]int, len(desired)) // the first desired route per destination
-	for i := range desired {
-		dst, _ := ipconv.PrefixFromIPNet(desired[i].Dst)
-		if _, dup := first[dst]; !dup {
-			first[dst] = i
+	// Indexed on the first route of ours seen: a link with none (the
+	// start-up case) costs nothing.
+	var first map[netip.Prefix]int // the first desired route per destination
+	index := func() {
+		if first != nil {
+			return
+		}
+		first = make(map[netip.Prefix]int, len(desired))
+		for i := range desired {
+			dst, _ := ipconv.PrefixFromIPNet(desired[i].Dst)
+			if _, dup := first[dst]; !dup {
+				first[dst] = i
+			}
 		}
 	}
 	var matched []bool
@@ -91,6 +99,7 @@ func (n *Network) diffRoutes(link int, desired []netlink.Route, routePeer map[ro
 	err = n.rec.OwnedEach(n.env.Handle, link, func() {
 		matched, rest = make([]bool, len(desired)), rest[:0]
 	}, func(a netlink.Route) {
+		index()
 		if dst, ok := ipconv.PrefixFromIPNet(a.Dst); ok {
 			if i, ok := first[dst]; ok && !matched[i] && backend.SameRoute(desired[i], a) {
 				matched[i] = true
@@ -101,6 +110,13 @@ func (n *Network) diffRoutes(link int, desired []netlink.Route, routePeer map[ro
 	})
 	if err != nil {
 		return nil, nil, err
+	}
+	if first == nil { // no route of ours on link: every desired one is added
+		for i := range desired {
+			dst, _ := ipconv.PrefixFromIPNet(desired[i].Dst)
+			sets = append(sets, op{kind: kindRoute, link: link, route: &desired[i], peer: routePeer[routeKey{link, dst}]})
+		}
+		return sets, nil, nil
 	}
 	other := make(map[netip.Prefix]bool, len(rest)) // destinations of rest
 	for _, a := range rest {

@@ -151,14 +151,20 @@ type neighKey struct {
 	long string  // FDB only: a MAC of another length, as it is
 }
 
-func newNeighDiff(k kind, want []op) *neighDiff {
-	d := &neighDiff{k: k, want: want, idx: make(map[neighKey]int, len(want)), done: make([]bool, len(want))}
-	for i, w := range want {
+func newNeighDiff(k kind, want []op) *neighDiff { return &neighDiff{k: k, want: want} }
+
+// index builds idx and done on the first permanent entry seen: a table
+// with none (the start-up case) costs nothing.
+func (d *neighDiff) index() {
+	if d.idx != nil {
+		return
+	}
+	d.idx, d.done = make(map[neighKey]int, len(d.want)), make([]bool, len(d.want))
+	for i, w := range d.want {
 		if kk := d.key(w.link, w.ip, w.mac); !hasKey(d.idx, kk) {
 			d.idx[kk] = i
 		}
 	}
-	return d
 }
 
 func (d *neighDiff) key(link int, ip netip.Addr, mac net.HardwareAddr) neighKey {
@@ -185,6 +191,7 @@ func (d *neighDiff) see(a netlink.Neigh) {
 	if a.State&netlink.NUD_PERMANENT == 0 {
 		return
 	}
+	d.index()
 	ip := ipconv.AddrFromIP(a.IP)
 	i, ok := d.idx[d.key(a.LinkIndex, ip, a.HardwareAddr)]
 	switch {
@@ -197,7 +204,7 @@ func (d *neighDiff) see(a netlink.Neigh) {
 
 // result is the sets and deletes for what was seen.
 func (d *neighDiff) result() (set, del []op) {
-	if len(d.del) == 0 && !slices.Contains(d.done, true) {
+	if d.idx == nil || (len(d.del) == 0 && !slices.Contains(d.done, true)) {
 		return d.want, nil // nothing programmed yet: the common bulk case
 	}
 	for _, w := range d.want {
