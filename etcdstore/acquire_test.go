@@ -315,9 +315,11 @@ func TestAcquireReclaim(t *testing.T) {
 	// A dual-stack lease in an IPv4-only network is replaced, and its IPv4
 	// subnet, asked for as previous, is reused (a subnet attrs(2) was not
 	// given).
+	// (One that neither attrs(1) nor attrs(2) holds: both picked theirs
+	// at random.)
 	v4 := netip.MustParsePrefix("10.244.200.0/24")
-	if got.Subnet == v4 {
-		v4 = netip.MustParsePrefix("10.244.201.0/24")
+	for k := byte(201); v4 == first.Subnet || v4 == got.Subnet; k++ {
+		v4 = netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 244, k, 0}), 24)
 	}
 	dual := e.prefix + "/subnets/" + strings.Replace(v4.String(), "/", "-", 1) + "&fd00:1::-64"
 	_, err = e.admin.Put(ctx, dual, `{"PublicIP":"192.168.0.4","PublicIPv6":"fd00::4"}`, clientv3.WithLease(g.ID))
