@@ -1,7 +1,10 @@
 package netlab
 
 import (
+	"fmt"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -151,4 +154,22 @@ func TestEchoID(t *testing.T) {
 	assert.Equal(t, 0xabcd, echoID(v6, true))
 	v6[6] = 17
 	assert.Equal(t, -1, echoID(v6, true))
+}
+
+// TestDeleteNamedNSNotMounted: a name under /run/netns that is no mount
+// any more (another process's delete between its unmount and its unlink)
+// is removed and counts as deleted.
+func TestDeleteNamedNSNotMounted(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root (/run/netns)")
+	}
+	require.NoError(t, os.MkdirAll(netnsDir, 0o755))
+	name := fmt.Sprintf("fltest%x-node0", os.Getpid())
+	path := filepath.Join(netnsDir, name)
+	require.NoError(t, os.WriteFile(path, nil, 0o444))
+	t.Cleanup(func() { os.Remove(path) })
+	require.NoError(t, deleteNamedNS(name))
+	_, err := os.Stat(path)
+	assert.ErrorIs(t, err, os.ErrNotExist)
+	require.NoError(t, deleteNamedNS(name), "already gone")
 }
