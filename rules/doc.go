@@ -12,7 +12,11 @@
 // namespace (nlsafe.InNamespace): the binaries must be installed.
 //
 // A Manager ensures the rules for a network and lease, repairs them
-// periodically, and removes what it owns, never other tables or chains.
+// periodically, and removes what it owns, never other tables or chains. A
+// periodic check costs one netlink request while the namespace's nf_tables
+// generation shows that no rule changed since the last check found them
+// right (iptables-nft included; iptables-legacy is always checked), and
+// runs the binaries at least every 12th period regardless.
 // Choosing one mode removes the other mode's leftovers.
 //
 // It is not a firewall: it adds no rule beyond what flannel needs.

@@ -193,9 +193,9 @@ func (m *Manager) Ensure(ctx context.Context, cfg lease.Config, own lease.Lease)
 	})
 }
 
-// Run checks the rules every ResyncPeriod and rewrites those that drifted
-// (a rule deleted or changed by hand, a flushed table) until ctx ends, then
-// returns nil. Before Ensure, and after Cleanup, it checks nothing. Failures
+// Run checks the rules every ResyncPeriod (see Check) and rewrites those
+// that drifted (a rule deleted or changed by hand, a flushed table) until
+// ctx ends, then returns nil. Before Ensure, and after Cleanup, it checks nothing. Failures
 // are logged and retried at the next period.
 func (m *Manager) Run(ctx context.Context) error {
 	t := time.NewTicker(m.opts.ResyncPeriod)
