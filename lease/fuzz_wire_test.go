@@ -2,8 +2,13 @@ package lease
 
 import (
 	"encoding/json"
+	"regexp"
+	"slices"
 	"testing"
 )
+
+// keyRE is the lease key's grammar, the oracle of splitKey.
+var keyRE = regexp.MustCompile(`^(\d+\.\d+\.\d+\.\d+)-(\d+)(?:&([a-fA-F\d:]+)-(\d+))?$`)
 
 // FuzzParseKey: ParseKey never panics; a key it accepts names masked
 // prefixes of the right families, and Key writes it back so that it parses
@@ -12,10 +17,16 @@ func FuzzParseKey(f *testing.F) {
 	for _, s := range []string{
 		"10.244.3.0-24", "10.244.3.0-24&fd00:10:244:3::-64", "0.0.0.0-0&FD00::-64",
 		"0.0.0.0-0", "10.244.3.1-24", "10.244.3.0-33", "172.0.0.0-8", "1.2.3.4-08&::-0", "",
+		"1.2.3-24", "1.2.3.4.5-24", "1..3.4-24", "1.2.3.4-", "1.2.3.4-24&", "1.2.3.4-24&::-", "1.2.3.4-24&-64",
+		"1.2.3.4-24&fd00::-64-1", "1.2.3.4-24&fd00::-64&::-1", "1.2.3.4-2a", "1.2.3.4-24&fd00::1%eth0-128", "١.2.3.4-24",
 	} {
 		f.Add(s)
 	}
 	f.Fuzz(func(t *testing.T, key string) {
+		a4, l4, a6, l6, ok := splitKey(key)
+		if m := keyRE.FindStringSubmatch(key); (m != nil) != ok || (ok && !slices.Equal(m[1:], []string{a4, l4, a6, l6})) {
+			t.Fatalf("%q: splitKey says %q %q %q %q %v, the grammar %q", key, a4, l4, a6, l6, ok, m)
+		}
 		v4, v6, err := ParseKey(key)
 		if err != nil {
 			return

@@ -4,8 +4,8 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/netip"
-	"regexp"
 	"strconv"
+	"strings"
 	"time"
 )
 
@@ -62,24 +62,67 @@ func (l Lease) SameSubnets(o Lease) bool {
 	return l.Subnet == o.Subnet && l.IPv6Subnet == o.IPv6Subnet
 }
 
-var keyRE = regexp.MustCompile(`^(\d+\.\d+\.\d+\.\d+)-(\d+)(?:&([a-fA-F\d:]+)-(\d+))?$`)
+// splitKey splits a lease key "<a.b.c.d>-<len>[&<ipv6>-<len>]" into its
+// parts, checking each part's characters: digits and three dots, digits,
+// hex digits and colons, digits. It is a regular expression written out,
+// since it runs for every key of every listing.
+func splitKey(key string) (a4, l4, a6, l6 string, ok bool) {
+	v4, v6, has6 := strings.Cut(key, "&")
+	a4, l4, ok = strings.Cut(v4, "-")
+	if !ok || !dotted4(a4) || !digits(l4) {
+		return "", "", "", "", false
+	}
+	if !has6 {
+		return a4, l4, "", "", true
+	}
+	i := strings.LastIndexByte(v6, '-')
+	if i < 0 {
+		return "", "", "", "", false
+	}
+	a6, l6 = v6[:i], v6[i+1:]
+	if a6 == "" || strings.IndexFunc(a6, func(r rune) bool { return !isHex(r) && r != ':' }) >= 0 || !digits(l6) {
+		return "", "", "", "", false
+	}
+	return a4, l4, a6, l6, true
+}
+
+// dotted4 reports whether s is four non-empty runs of digits joined by dots.
+func dotted4(s string) bool {
+	for range 3 {
+		part, rest, ok := strings.Cut(s, ".")
+		if !ok || !digits(part) {
+			return false
+		}
+		s = rest
+	}
+	return digits(s)
+}
+
+// digits reports whether s is one or more ASCII digits.
+func digits(s string) bool {
+	return s != "" && strings.IndexFunc(s, func(r rune) bool { return r < '0' || r > '9' }) < 0
+}
+
+func isHex(r rune) bool {
+	return (r >= '0' && r <= '9') || (r >= 'a' && r <= 'f') || (r >= 'A' && r <= 'F')
+}
 
 // ParseKey parses a lease key as written by Key (and by upstream flannel).
 // The IPv4 part "0.0.0.0-0" means no IPv4 subnet.
 func ParseKey(key string) (v4, v6 netip.Prefix, err error) {
-	m := keyRE.FindStringSubmatch(key)
-	if m == nil {
+	a4, l4, a6, l6, ok := splitKey(key)
+	if !ok {
 		return v4, v6, fmt.Errorf("lease key %q: want <ipv4>-<len>[&<ipv6>-<len>]", key)
 	}
-	v4, err = parsePrefixParts(m[1], m[2], 32)
+	v4, err = parsePrefixParts(a4, l4, 32)
 	if err != nil {
 		return netip.Prefix{}, netip.Prefix{}, fmt.Errorf("lease key %q: %w", key, err)
 	}
 	if v4.Bits() == 0 && v4.Addr().IsUnspecified() {
 		v4 = netip.Prefix{}
 	}
-	if m[3] != "" {
-		v6, err = parsePrefixParts(m[3], m[4], 128)
+	if a6 != "" {
+		v6, err = parsePrefixParts(a6, l6, 128)
 		if err != nil {
 			return netip.Prefix{}, netip.Prefix{}, fmt.Errorf("lease key %q: %w", key, err)
 		}

@@ -432,3 +432,14 @@ func TestConfigErrorUnwrap(t *testing.T) {
 	assert.ErrorIs(t, e, ErrInvalidConfig)
 	assert.Equal(t, "invalid network config: document: x", (&ConfigError{Reason: "document: x"}).Error())
 }
+
+// BenchmarkParseKey parses a dual-stack key, as every etcd listing does
+// for every key.
+func BenchmarkParseKey(b *testing.B) {
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, _, err := ParseKey("10.244.3.0-24&fd00:10:244:3::-64"); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
