@@ -8,14 +8,22 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
+	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
+	"github.com/flannelkit/flannel/internal/retry"
 	"github.com/flannelkit/flannel/lease"
 )
 
 // errRace means a compare-and-swap lost against another writer.
 var errRace = errors.New("lost a race with another writer")
+
+// raceRetryMin and raceRetryMax bound the pause after a lost race.
+const (
+	raceRetryMin = 4 * time.Millisecond
+	raceRetryMax = 128 * time.Millisecond
+)
 
 // errRelist asks Acquire to list again after reclaim deleted keys.
 var errRelist = errors.New("own keys deleted; list again")
@@ -32,9 +40,11 @@ var errRelist = errors.New("own keys deleted; list again")
 //   - req.Previous when it fits and nobody holds it;
 //   - a random free subnet.
 //
-// New keys are created with a compare-and-swap (the key must not exist) and
-// an etcd lease of the store's TTL; a lost race retries with a fresh view,
-// up to Options.MaxAttempts times. Reservations of other nodes are never
+// New keys are created with a compare-and-swap (the key must not exist; in
+// a dual-stack network also no key created since the listing, as a new key
+// may share the IPv4 or the IPv6 subnet with another) and an etcd lease of
+// the store's TTL; a lost race retries with a fresh view after a short
+// jittered pause, up to Options.MaxAttempts times. Reservations of other nodes are never
 // taken. A full network yields an error wrapping lease.ErrNoFreeSubnet.
 // Only valid leases count as taken (lease.Config.Peers: a key such as
 // 0.0.0.0-1 or 172.0.0.0-8 is ignored, with one warning per change); a key
@@ -57,6 +67,9 @@ func (s *Store) Acquire(ctx context.Context, req lease.Request) (lease.Lease, er
 	// One etcd lease serves every attempt; it is revoked if unused.
 	g := &grantOnce{s: s, ctx: ctx, id: id}
 	defer g.done()
+	// Nodes starting together lose races to each other; a short jittered
+	// pause keeps them from retrying in lockstep.
+	pause := &retry.Backoff{Min: raceRetryMin, Max: raceRetryMax, Rand: s.randN}
 	for attempt := 1; ; attempt++ {
 		if attempt > s.maxAttempts {
 			return lease.Lease{}, fmt.Errorf("acquire lease for %s: gave up after %d attempts: %w", id, s.maxAttempts, errRace)
@@ -64,7 +77,11 @@ func (s *Store) Acquire(ctx context.Context, req lease.Request) (lease.Lease, er
 		l, err := s.attempt(ctx, cfg, req, id, value, g)
 		switch {
 		case errors.Is(err, errRace):
-			s.log.Debug("lost a race for a key; retrying", "public_ip", id, "attempt", attempt, "error", err)
+			d := pause.Next()
+			s.log.Debug("lost a race for a key; retrying", "public_ip", id, "attempt", attempt, "in", d, "error", err)
+			if err := retry.Sleep(ctx, d); err != nil {
+				return lease.Lease{}, fmt.Errorf("acquire lease for %s: %w", id, err)
+			}
 			continue
 		case errors.Is(err, errRelist):
 			// Stale own keys were deleted: their subnets may be free now.
@@ -80,7 +97,7 @@ func (s *Store) Acquire(ctx context.Context, req lease.Request) (lease.Lease, er
 // attempt is one try of Acquire on a fresh listing: reclaim, else create
 // a key for Previous or a free subnet with a compare-and-swap.
 func (s *Store) attempt(ctx context.Context, cfg lease.Config, req lease.Request, id netip.Addr, value []byte, g *grantOnce) (lease.Lease, error) {
-	entries, err := s.list(ctx)
+	entries, rev, err := s.list(ctx)
 	if err != nil {
 		return lease.Lease{}, fmt.Errorf("acquire lease for %s: %w", id, err)
 	}
@@ -107,16 +124,27 @@ func (s *Store) attempt(ctx context.Context, cfg lease.Config, req lease.Request
 		return lease.Lease{}, err
 	}
 	key := s.LeaseKey(got)
+	guards := []clientv3.Cmp{clientv3.Compare(clientv3.CreateRevision(key), "=", 0)}
+	if cfg.EnableIPv4 && cfg.EnableIPv6 {
+		// A dual-stack key names both subnets, so a key that does not exist
+		// yet may still share one of them with a key created since the
+		// listing (two nodes picking the same IPv6 subnet at random beside
+		// different IPv4 ones). Require that no key under subnets/ was
+		// created since: a range compare holds only if every key in the
+		// range satisfies it. Updates and renewals of existing keys keep
+		// their create revision and do not conflict.
+		guards = append(guards, clientv3.Compare(clientv3.CreateRevision(s.subnetsKey), "<", rev+1).WithPrefix())
+	}
 	rctx, cancel := s.reqCtx(ctx)
 	txn, err := s.client.Txn(rctx).
-		If(clientv3.Compare(clientv3.CreateRevision(key), "=", 0)).
+		If(guards...).
 		Then(clientv3.OpPut(key, string(value), clientv3.WithLease(lid))).Commit()
 	cancel()
 	if err != nil {
 		return lease.Lease{}, fmt.Errorf("acquire lease for %s: create %s: %w", id, key, err)
 	}
 	if !txn.Succeeded {
-		return lease.Lease{}, fmt.Errorf("subnet %s taken concurrently: %w", key, errRace)
+		return lease.Lease{}, fmt.Errorf("subnet %s, or a key sharing one of its subnets, created concurrently: %w", key, errRace)
 	}
 	g.used = true
 	got.Attrs = req.Attrs
@@ -268,7 +296,7 @@ func (s *Store) FindOwn(ctx context.Context, attrs lease.Attrs) (lease.Lease, bo
 	if !id.IsValid() {
 		return lease.Lease{}, false, nil
 	}
-	entries, err := s.list(ctx)
+	entries, _, err := s.list(ctx)
 	if err != nil {
 		return lease.Lease{}, false, fmt.Errorf("find lease of %s: %w", id, err)
 	}
@@ -294,17 +322,17 @@ func (s *Store) deleteIfUnchanged(ctx context.Context, e entry) error {
 }
 
 // list reads every key under <prefix>/subnets/, malformed ones included
-// (ok false; judge warns about them).
-func (s *Store) list(ctx context.Context) ([]entry, error) {
+// (ok false; judge warns about them), and the etcd revision it read at.
+func (s *Store) list(ctx context.Context) ([]entry, int64, error) {
 	rctx, cancel := s.reqCtx(ctx)
 	defer cancel()
 	resp, err := s.client.Get(rctx, s.subnetsKey, clientv3.WithPrefix())
 	if err != nil {
-		return nil, fmt.Errorf("list %s: %w", s.subnetsKey, err)
+		return nil, 0, fmt.Errorf("list %s: %w", s.subnetsKey, err)
 	}
 	out := make([]entry, 0, len(resp.Kvs))
 	for _, kv := range resp.Kvs {
 		out = append(out, s.entryOf(kv))
 	}
-	return out, nil
+	return out, resp.Header.Revision, nil
 }

@@ -206,6 +206,10 @@ func TestAcquireConcurrent(t *testing.T) {
 		{name: "room for all", conf: netConf, free: 255},
 		// A /24 of /28s: 16 subnets, the first one excluded by SubnetMin.
 		{name: "room for 15", conf: `{"Network":"10.5.0.0/24","SubnetLen":28}`, free: 15},
+		// Dual-stack keys name both subnets: two keys that differ can still
+		// share the IPv6 one. 255 IPv4 subnets but only 15 IPv6 ones.
+		{name: "dual-stack room for 15", conf: `{"Network":"10.6.0.0/16","EnableIPv6":true,` +
+			`"IPv6Network":"fd00:6::/60","IPv6SubnetLen":64}`, free: 15},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -239,12 +243,20 @@ func TestAcquireConcurrent(t *testing.T) {
 				}
 				ok++
 				require.NoError(t, cfg.CheckLease(leases[i]), "agent %d lease inside SubnetMin..SubnetMax", i)
-				if j, dup := seen[leases[i].Subnet]; dup {
-					t.Fatalf("agents %d and %d both got %s", j, i, leases[i].Subnet)
+				for _, p := range []netip.Prefix{leases[i].Subnet, leases[i].IPv6Subnet} {
+					if !p.IsValid() {
+						continue
+					}
+					if j, dup := seen[p]; dup {
+						t.Fatalf("agents %d and %d both got %s", j, i, p)
+					}
+					seen[p] = i
 				}
-				seen[leases[i].Subnet] = i
 			}
 			assert.Equal(t, want, ok, "agents with a lease")
+			if cfg.EnableIPv6 {
+				assert.Len(t, seen, 2*want, "subnets handed out")
+			}
 			assert.Len(t, e.subnetKeysUnder(t, prefix), want, "keys in etcd")
 			for s := range seen {
 				for o := range seen {
