@@ -67,3 +67,49 @@ func TestPeerWarnedOncePerChange(t *testing.T) {
 	_, _ = a.logApplyError(fail(changed), 1, w)
 	assert.Equal(t, 3, count(), "it recovered and failed again")
 }
+
+// TestPeersDropsOwnAndConflicts: the node's own lease is dropped silently,
+// a lease sharing one of its subnets with a warning; without either the
+// peer set is handed on without a copy.
+func TestPeersDropsOwnAndConflicts(t *testing.T) {
+	t.Parallel()
+	mk := func(v4, v6 string) lease.Lease {
+		var l lease.Lease
+		if v4 != "" {
+			l.Subnet = netip.MustParsePrefix(v4)
+		}
+		if v6 != "" {
+			l.IPv6Subnet = netip.MustParsePrefix(v6)
+		}
+		return l
+	}
+	own := mk("10.244.1.0/24", "fd00:1::/64")
+	p2, p3 := mk("10.244.2.0/24", "fd00:2::/64"), mk("10.244.3.0/24", "fd00:3::/64")
+	shares6 := mk("10.244.4.0/24", "fd00:1::/64")
+	shares4 := mk("10.244.1.0/24", "fd00:5::/64")
+	tests := []struct {
+		name  string
+		all   []lease.Lease
+		want  []lease.Lease
+		warns int
+	}{
+		{name: "none", all: nil, want: nil},
+		{name: "peers only", all: []lease.Lease{p2, p3}, want: []lease.Lease{p2, p3}},
+		{name: "own first", all: []lease.Lease{own, p2, p3}, want: []lease.Lease{p2, p3}},
+		{name: "own last", all: []lease.Lease{p2, p3, own}, want: []lease.Lease{p2, p3}},
+		{name: "conflicts", all: []lease.Lease{p2, shares6, own, p3, shares4}, want: []lease.Lease{p2, p3}, warns: 2},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			var buf testenv.LogBuffer
+			a := &Agent{log: slog.New(slog.NewTextHandler(&buf, nil))}
+			got := a.peers(own, tc.all)
+			assert.Equal(t, tc.want, got)
+			assert.Equal(t, tc.warns, strings.Count(buf.String(), "level=WARN"), buf.String())
+			if len(got) > 0 && len(got) == len(tc.all) {
+				assert.Same(t, &tc.all[0], &got[0], "handed on without a copy")
+			}
+		})
+	}
+}

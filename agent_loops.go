@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"sync/atomic"
 	"time"
 
@@ -146,20 +147,31 @@ func (p *applier) next(ctx context.Context) (applied, alive bool) {
 // peers returns every lease but own. A lease sharing only one of own's
 // subnets is a conflict (two nodes claim one subnet); it is dropped too,
 // with a warning, since routing our own subnet away would cut our pods off.
+// The stores already leave both out (lease.Config.Peers), so all is
+// returned as is unless one of them is there: no copy of the peer set per
+// change.
 func (a *Agent) peers(own lease.Lease, all []lease.Lease) []lease.Lease {
-	out := make([]lease.Lease, 0, len(all))
-	for _, l := range all {
-		same4 := own.Subnet.IsValid() && l.Subnet == own.Subnet
-		same6 := own.IPv6Subnet.IsValid() && l.IPv6Subnet == own.IPv6Subnet
+	first := slices.IndexFunc(all, func(l lease.Lease) bool { return claimsOwn(own, l) })
+	if first < 0 {
+		return all
+	}
+	out := make([]lease.Lease, first, len(all)-1)
+	copy(out, all[:first])
+	for _, l := range all[first:] {
 		switch {
-		case l.SameSubnets(own):
-		case same4 || same6:
-			a.log.Warn("ignoring peer lease that shares this node's subnet", "peer", l, "own", own)
-		default:
+		case !claimsOwn(own, l):
 			out = append(out, l)
+		case !l.SameSubnets(own):
+			a.log.Warn("ignoring peer lease that shares this node's subnet", "peer", l, "own", own)
 		}
 	}
 	return out
+}
+
+// claimsOwn reports whether l holds one of own's subnets.
+func claimsOwn(own, l lease.Lease) bool {
+	return (own.Subnet.IsValid() && l.Subnet == own.Subnet) ||
+		(own.IPv6Subnet.IsValid() && l.IPv6Subnet == own.IPv6Subnet)
 }
 
 // logApplyError logs err and reports whether it consists only of

@@ -101,7 +101,9 @@ type Network interface {
 	// level-triggered and may be called repeatedly with the same peers; it
 	// changes nothing then. A peer that cannot be programmed yields a
 	// *PeerError in the returned error (errors.Join) without stopping the
-	// others.
+	// others. peers is read-only: the Agent may hand on the store's
+	// snapshot without a copy, and a backend may keep it until the next
+	// Apply.
 	Apply(ctx context.Context, peers []lease.Lease) error
 	// Run repairs drift (periodically and on kernel events) until ctx ends,
 	// and returns nil then.
