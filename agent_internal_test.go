@@ -92,12 +92,17 @@ func TestPeersDropsOwnAndConflicts(t *testing.T) {
 		all   []lease.Lease
 		want  []lease.Lease
 		warns int
+		// uncopied: the index of all that the result starts at when it is
+		// handed on without a copy; -1 for a copy (or nothing).
+		uncopied int
 	}{
-		{name: "none", all: nil, want: nil},
+		{name: "none", all: nil, want: nil, uncopied: -1},
 		{name: "peers only", all: []lease.Lease{p2, p3}, want: []lease.Lease{p2, p3}},
-		{name: "own first", all: []lease.Lease{own, p2, p3}, want: []lease.Lease{p2, p3}},
-		{name: "own last", all: []lease.Lease{p2, p3, own}, want: []lease.Lease{p2, p3}},
-		{name: "conflicts", all: []lease.Lease{p2, shares6, own, p3, shares4}, want: []lease.Lease{p2, p3}, warns: 2},
+		{name: "own first", all: []lease.Lease{own, p2, p3}, want: []lease.Lease{p2, p3}, uncopied: 1},
+		{name: "own last", all: []lease.Lease{p2, p3, own}, want: []lease.Lease{p2, p3}, uncopied: 0},
+		{name: "own in the middle", all: []lease.Lease{p2, own, p3}, want: []lease.Lease{p2, p3}, uncopied: -1},
+		{name: "own first, a conflict after", all: []lease.Lease{own, p2, shares6}, want: []lease.Lease{p2}, warns: 1, uncopied: -1},
+		{name: "conflicts", all: []lease.Lease{p2, shares6, own, p3, shares4}, want: []lease.Lease{p2, p3}, warns: 2, uncopied: -1},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -107,8 +112,11 @@ func TestPeersDropsOwnAndConflicts(t *testing.T) {
 			got := a.peers(own, tc.all)
 			assert.Equal(t, tc.want, got)
 			assert.Equal(t, tc.warns, strings.Count(buf.String(), "level=WARN"), buf.String())
-			if len(got) > 0 && len(got) == len(tc.all) {
-				assert.Same(t, &tc.all[0], &got[0], "handed on without a copy")
+			if tc.uncopied >= 0 {
+				assert.Same(t, &tc.all[tc.uncopied], &got[0], "handed on without a copy")
+				assert.Len(t, got[:cap(got)], len(got), "no room to append over own")
+			} else if len(got) > 0 {
+				assert.NotSame(t, &tc.all[0], &got[0], "a copy")
 			}
 		})
 	}

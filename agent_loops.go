@@ -147,13 +147,19 @@ func (p *applier) next(ctx context.Context) (applied, alive bool) {
 // peers returns every lease but own. A lease sharing only one of own's
 // subnets is a conflict (two nodes claim one subnet); it is dropped too,
 // with a warning, since routing our own subnet away would cut our pods off.
-// The stores already leave both out (lease.Config.Peers), so all is
-// returned as is unless one of them is there: no copy of the peer set per
-// change.
+// The stores leave conflicts out already (lease.Config.Peers) and the etcd
+// store delivers own last (lease.OwnLast), so the peer set is handed on
+// without a copy when own is last, first or absent.
 func (a *Agent) peers(own lease.Lease, all []lease.Lease) []lease.Lease {
-	first := slices.IndexFunc(all, func(l lease.Lease) bool { return claimsOwn(own, l) })
-	if first < 0 {
+	claims := func(l lease.Lease) bool { return claimsOwn(own, l) }
+	first := slices.IndexFunc(all, claims)
+	switch {
+	case first < 0:
 		return all
+	case first == len(all)-1 && all[first].SameSubnets(own):
+		return all[:first:first]
+	case first == 0 && all[0].SameSubnets(own) && !slices.ContainsFunc(all[1:], claims):
+		return all[1:]
 	}
 	out := make([]lease.Lease, first, len(all)-1)
 	copy(out, all[:first])

@@ -130,9 +130,20 @@ func (c Config) Peers(cands []Candidate, own Lease) Verdict {
 
 // PeerLeases is Peers(cands, own).Leases() with the ignored candidates,
 // without the copy of every valid candidate: what a store's Watch needs
-// on every change.
+// on every change. The leases are in the candidates' order but for own's
+// (same subnets), which comes last: a consumer that leaves it out (the
+// Agent) takes the rest as it is instead of copying it.
 func (c Config) PeerLeases(cands []Candidate, own Lease) (leases []Lease, ignored []Ignored) {
-	return sortOut(cands, c.marks(cands, own), func(cd Candidate) Lease { return cd.Lease })
+	leases, ignored = sortOut(cands, c.marks(cands, own), func(cd Candidate) Lease { return cd.Lease })
+	if !own.Subnet.IsValid() && !own.IPv6Subnet.IsValid() {
+		return leases, ignored
+	}
+	if i := slices.IndexFunc(leases, own.SameSubnets); i >= 0 && i < len(leases)-1 {
+		l := leases[i]
+		copy(leases[i:], leases[i+1:])
+		leases[len(leases)-1] = l
+	}
+	return leases, ignored
 }
 
 // sortOut splits cands by their marks: keep(cd) of each valid one, and the

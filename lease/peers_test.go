@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"net/netip"
+	"slices"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -52,6 +53,9 @@ func TestPeers(t *testing.T) {
 		{name: "own subnet from the own lease alone", cfg: v4, own: Lease{Subnet: pfx("10.69.1.0/24")},
 			cands: []Candidate{cand("thief", "10.69.1.0/24", 1), cand("b", "10.69.2.0/24", 2)},
 			valid: []string{"b"}, ignored: map[string]Rule{"thief": RuleOwnSubnet}},
+		{name: "own lease among peers", cfg: v4, own: Lease{Subnet: pfx("10.69.2.0/24")},
+			cands: []Candidate{cand("a", "10.69.1.0/24", 1), own(cand("me", "10.69.2.0/24", 2)), cand("c", "10.69.3.0/24", 3)},
+			valid: []string{"a", "me", "c"}},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -73,7 +77,11 @@ func TestPeers(t *testing.T) {
 			assert.Equal(t, tc.ignored, ignored)
 			assert.Len(t, v.Leases(), len(valid))
 			leases, ig := tc.cfg.PeerLeases(tc.cands, tc.own)
-			assert.Equal(t, v.Leases(), leases, "PeerLeases gives Peers' valid leases")
+			want := v.Leases() // own's moved last
+			if i := slices.IndexFunc(want, tc.own.SameSubnets); tc.own.Subnet.IsValid() && i >= 0 {
+				want = append(slices.Delete(want, i, i+1), tc.own)
+			}
+			assert.Equal(t, want, leases, "PeerLeases gives Peers' valid leases, own's last")
 			assert.Equal(t, v.Ignored, ig, "and its ignored candidates")
 		})
 	}

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"math"
 	"net/netip"
@@ -99,8 +100,9 @@ func runDaemon(ctx context.Context, o options, exe, dir string, st *storeSetup) 
 	if err := cmd.Start(); err != nil {
 		return res, err
 	}
+	// Closed after the exit status: every wait after the first sees it.
 	exited := make(chan error, 1)
-	go func() { exited <- cmd.Wait() }()
+	go func() { exited <- cmd.Wait(); close(exited) }()
 	defer func() {
 		_ = cmd.Process.Signal(syscall.SIGTERM)
 		select {
@@ -128,9 +130,17 @@ func runDaemon(ctx context.Context, o options, exe, dir string, st *storeSetup) 
 	if err := idle(ctx, o, pid, &res); err != nil {
 		return res, err
 	}
-	if os.Getenv("FLANNELD_MEMPROFILE") != "" { // a heap profile of the settled daemon
+	memprof := os.Getenv("FLANNELD_MEMPROFILE")
+	if memprof != "" { // a heap profile of the settled daemon
 		_ = cmd.Process.Signal(syscall.SIGUSR1)
 		time.Sleep(time.Second)
+		if o.scenario == "join" { // and one after the joins: pprof -base
+			_ = os.Rename(memprof, memprof+".settled")
+			defer func() {
+				_ = cmd.Process.Signal(syscall.SIGUSR1)
+				time.Sleep(time.Second)
+			}()
+		}
 	}
 	if o.scenario == "join" && o.idle <= 0 {
 		time.Sleep(idleSettle) // the joins meet a settled daemon
@@ -140,6 +150,9 @@ func runDaemon(ctx context.Context, o options, exe, dir string, st *storeSetup) 
 			break
 		}
 		p, err := st.put(ctx, st.peers+k)
+		if errors.Is(err, errTaken) {
+			continue
+		}
 		if err != nil {
 			return res, err
 		}

@@ -37,7 +37,8 @@
 // MISS. join -store etcd adds -joins leases one at a time through etcd
 // puts to the running daemon and reports the put-returned -> route p50 and
 // p99. FLANNELD_MEMPROFILE=path in the environment makes the daemon write
-// a heap profile of itself after the idle period; FLANNELD_CPUPROFILE one
+// a heap profile of itself after the idle period (a join run: that one as
+// path.settled, and path after the joins, for pprof -base); FLANNELD_CPUPROFILE one
 // of its CPU over the run.
 package main
 

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/netip"
 	"os"
@@ -88,12 +89,23 @@ func etcdSetup(ctx context.Context, o options) (*storeSetup, error) {
 		target: host, port: port, peers: o.peers, close: closeAll,
 		args: []string{fmt.Sprintf("--etcd-endpoints=http://%s", netip.AddrPortFrom(netlab.RouterIP(0), port))},
 		put: func(ctx context.Context, k int) (netip.Prefix, error) {
-			p := ps[k]
-			_, err := c.Put(ctx, etcdKey(p.subnet), etcdValue(p), clientv3.WithLease(grant.ID))
+			// Only free subnets join: the daemon's own random one may be
+			// among the synthetic peers', and overwriting it would take
+			// its lease away.
+			p, key := ps[k], etcdKey(ps[k].subnet)
+			txn, err := c.Txn(ctx).If(clientv3.Compare(clientv3.CreateRevision(key), "=", 0)).
+				Then(clientv3.OpPut(key, etcdValue(p), clientv3.WithLease(grant.ID))).Commit()
+			if err == nil && !txn.Succeeded {
+				err = errTaken
+			}
 			return p.subnet, err
 		},
 	}, nil
 }
+
+// errTaken: the join's subnet is held already (by the daemon); it is
+// skipped.
+var errTaken = errors.New("subnet taken")
 
 // kubeSetup starts a kube-apiserver holding o.peers realistic Nodes
 // (kubetest.CreateRealisticNodes) and the daemon's own Node, and writes
