@@ -120,6 +120,7 @@ func (s *Store) leases(objs []any, warn *lease.Warnings) []lease.Lease {
 	cands := make([]lease.Candidate, 0, len(nodes))
 	var malformed []lease.Ignored
 	cfg := s.cfg
+	var own lease.Lease // this Node's: PeerLeases puts it last (no copy in the Agent)
 	for _, n := range nodes {
 		l, err := s.nodeLease(n, false)
 		c := lease.Candidate{Name: n.Name, Lease: l, Order: n.CreationTimestamp.Unix(), Own: n.Name == s.node}
@@ -130,11 +131,11 @@ func (s *Store) leases(objs []any, warn *lease.Warnings) []lease.Lease {
 		default:
 			cands = append(cands, c)
 			if c.Own {
-				cfg = peerLengths(cfg, l)
+				cfg, own = peerLengths(cfg, l), l
 			}
 		}
 	}
-	leases, ignored := cfg.PeerLeases(cands, lease.Lease{})
+	leases, ignored := cfg.PeerLeases(cands, own)
 	for _, ig := range warn.Fresh(append(slices.Clip(ignored), malformed...)) {
 		if ig.Rule == lease.RuleMalformed {
 			s.log.Warn("skipping node with malformed flannel data", "node", ig.Name, "error", ig.Detail)
