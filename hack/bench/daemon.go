@@ -42,14 +42,19 @@ type daemonResult struct {
 	joins            []time.Duration
 }
 
-// buildFlanneld builds examples/flanneld into dir, unless o.flanneld names
-// a binary to run instead.
+// buildFlanneld builds examples/flanneld into dir as the release image
+// does, unless o.flanneld names a binary to run instead.
 func buildFlanneld(o options, dir string) (string, error) {
 	if o.flanneld != "" {
 		return o.flanneld, nil
 	}
 	exe := filepath.Join(dir, "flanneld")
-	cmd := exec.Command("go", "build", "-o", exe, "github.com/flannelkit/flannel/examples/flanneld")
+	// As deploy/Dockerfile builds the image's binary: static and stripped,
+	// so that the figures are those of what ships (a cgo build also maps
+	// libc and the loader: about 1.5 MB more RSS).
+	cmd := exec.Command("go", "build", "-trimpath", "-buildvcs=false", "-ldflags=-s -w",
+		"-o", exe, "github.com/flannelkit/flannel/examples/flanneld")
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
 	if err := cmd.Run(); err != nil {
 		return "", fmt.Errorf("build flanneld: %w", err)
