@@ -101,7 +101,7 @@ func (s *Store) attempt(ctx context.Context, cfg lease.Config, req lease.Request
 	if err != nil {
 		return lease.Lease{}, fmt.Errorf("acquire lease for %s: %w", id, err)
 	}
-	l, err := s.reclaim(ctx, cfg, req, entries, value, g)
+	l, err := s.reclaim(ctx, cfg, req, listing{entries: entries, rev: rev}, value, g)
 	switch {
 	case errors.Is(err, errRace) || errors.Is(err, errRelist):
 		return lease.Lease{}, err
@@ -147,6 +147,8 @@ func (s *Store) attempt(ctx context.Context, cfg lease.Config, req lease.Request
 		return lease.Lease{}, fmt.Errorf("subnet %s, or a key sharing one of its subnets, created concurrently: %w", key, errRace)
 	}
 	g.used = true
+	s.prime(listing{entries: entries, rev: rev}, entry{key: key, l: lease.Lease{Subnet: got.Subnet, IPv6Subnet: got.IPv6Subnet, Attrs: req.Attrs},
+		ok: true, modRev: txn.Header.Revision, createRev: txn.Header.Revision, leaseID: lid})
 	got.Attrs = req.Attrs
 	got.Expiration = s.now().Add(s.ttl)
 	how := "new subnet"
@@ -187,9 +189,9 @@ func (g *grantOnce) done() {
 // reclaim looks for the node's own keys. It returns the reclaimed lease, or
 // a zero lease when the node has none that fits; own keys that do not fit
 // the config (and duplicates) are deleted, reservations never.
-func (s *Store) reclaim(ctx context.Context, cfg lease.Config, req lease.Request, entries []entry, value []byte,
+func (s *Store) reclaim(ctx context.Context, cfg lease.Config, req lease.Request, list listing, value []byte,
 	g *grantOnce) (lease.Lease, error) {
-	own := ownEntries(cfg, req.Attrs, req.Previous, entries)
+	own := ownEntries(cfg, req.Attrs, req.Previous, list.entries)
 	if len(own) == 0 {
 		return lease.Lease{}, nil
 	}
@@ -225,9 +227,10 @@ func (s *Store) reclaim(ctx context.Context, cfg lease.Config, req lease.Request
 	}
 
 	put := clientv3.OpPut(chosen.key, string(value))
+	lid := clientv3.NoLease
 	if !chosen.reservation() {
-		lid, err := g.get()
-		if err != nil {
+		var err error
+		if lid, err = g.get(); err != nil {
 			return lease.Lease{}, err
 		}
 		put = clientv3.OpPut(chosen.key, string(value), clientv3.WithLease(lid))
@@ -244,6 +247,7 @@ func (s *Store) reclaim(ctx context.Context, cfg lease.Config, req lease.Request
 		return lease.Lease{}, fmt.Errorf("own key %s changed while reclaiming it: %w", chosen.key, errRace)
 	}
 	l := lease.Lease{Subnet: chosen.l.Subnet, IPv6Subnet: chosen.l.IPv6Subnet, Attrs: req.Attrs}
+	s.prime(list, entry{key: chosen.key, l: l, ok: true, modRev: txn.Header.Revision, createRev: chosen.createRev, leaseID: lid})
 	if chosen.reservation() {
 		s.log.Info("using reservation", "key", chosen.key, "public_ip", cfg.Identity(req.Attrs))
 		return l, nil
@@ -321,6 +325,39 @@ func (s *Store) deleteIfUnchanged(ctx context.Context, e entry) error {
 	return nil
 }
 
+// prime keeps the listing a successful Acquire worked on, with own (the
+// key it wrote) in place, for the next Watch, which starts from it and
+// follows the events after the listing's revision instead of listing every
+// key again: a node starting lists once. The write of own is among those
+// events and changes nothing then, so the first snapshot already has the
+// node's lease and a second one does not follow for it.
+func (s *Store) prime(l listing, own entry) {
+	i, found := slices.BinarySearchFunc(l.entries, own.key, func(e entry, key string) int { return cmp.Compare(e.key, key) })
+	if found {
+		l.entries[i] = own
+	} else {
+		l.entries = slices.Insert(l.entries, i, own)
+	}
+	s.primedMu.Lock()
+	defer s.primedMu.Unlock()
+	s.primed = l
+}
+
+// takePrimed returns the listing prime kept, once.
+func (s *Store) takePrimed() (listing, bool) {
+	s.primedMu.Lock()
+	defer s.primedMu.Unlock()
+	p := s.primed
+	s.primed = listing{}
+	return p, p.rev != 0
+}
+
+// listing is every key under <prefix>/subnets/ at etcd revision rev.
+type listing struct {
+	entries []entry
+	rev     int64
+}
+
 // list reads every key under <prefix>/subnets/, malformed ones included
 // (ok false; judge warns about them), and the etcd revision it read at.
 func (s *Store) list(ctx context.Context) ([]entry, int64, error) {
@@ -330,7 +367,7 @@ func (s *Store) list(ctx context.Context) ([]entry, int64, error) {
 	if err != nil {
 		return nil, 0, fmt.Errorf("list %s: %w", s.subnetsKey, err)
 	}
-	out := make([]entry, 0, len(resp.Kvs))
+	out := make([]entry, 0, len(resp.Kvs)+1) // prime may add the node's key
 	for _, kv := range resp.Kvs {
 		out = append(out, s.entryOf(kv))
 	}

@@ -96,6 +96,11 @@ type Store struct {
 	own   lease.Lease
 	warn  lease.Warnings
 
+	// primed is the listing of the last successful Acquire, until a Watch
+	// starts from it (prime).
+	primedMu sync.Mutex
+	primed   listing
+
 	// grantedTTL is the TTL etcd actually granted last time (it raises
 	// TTLs below its minimum); Keep compares an etcd lease's TTL to it.
 	grantedTTL atomic.Int64

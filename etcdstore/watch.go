@@ -4,7 +4,6 @@ import (
 	"cmp"
 	"context"
 	"errors"
-	"fmt"
 	"slices"
 
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
@@ -17,8 +16,10 @@ import (
 // Watch calls fn with the set of valid leases under <prefix>/subnets/
 // (lease.Config.Peers: keys outside the network, of another length,
 // overlapping an older key, or claiming this node's subnet are left out):
-// a snapshot listed from etcd first (Resync true), then one after every
-// change to that set, until ctx ends; it then returns nil. It watches from
+// a snapshot listed from etcd first (Resync true; the first Watch after an
+// Acquire starts from the listing Acquire worked on, so that a starting
+// node lists once), then one after every change to that set, until ctx
+// ends; it then returns nil. It watches from
 // the listed revision with a leader required, so a partitioned member
 // cannot hold it on stale data. When the watch breaks (etcd down, no
 // leader, revision compacted) it reads the config and lists again with
@@ -111,22 +112,24 @@ func (w *watchState) del(key string) {
 	}
 }
 
-// list lists the keys, delivers the first snapshot (Resync) and returns
-// the revision of the listing.
+// list lists the keys (or takes the listing the last Acquire kept),
+// delivers the first snapshot (Resync) and returns the revision of the
+// listing.
 func (w *watchState) list(ctx context.Context) (int64, error) {
-	s := w.s
-	rctx, cancel := s.reqCtx(ctx)
-	defer cancel()
-	resp, err := s.client.Get(rctx, s.subnetsKey, clientv3.WithPrefix())
-	if err != nil {
-		return 0, fmt.Errorf("list %s: %w", s.subnetsKey, err)
+	l, ok := w.s.takePrimed()
+	if !ok {
+		entries, rev, err := w.s.list(ctx)
+		if err != nil {
+			return 0, err
+		}
+		l = listing{entries: entries, rev: rev}
 	}
-	w.cands, w.malformed = make([]lease.Candidate, 0, len(resp.Kvs)), nil
-	for _, kv := range resp.Kvs {
-		w.put(s.entryOf(kv)) // etcd lists in key order: each put appends
+	w.cands, w.malformed = make([]lease.Candidate, 0, len(l.entries)), nil
+	for _, e := range l.entries {
+		w.put(e) // etcd lists in key order: each put appends
 	}
 	w.deliver(true)
-	return resp.Header.Revision, nil
+	return l.rev, nil
 }
 
 // deliver judges the current keys and calls fn when resync is set or the

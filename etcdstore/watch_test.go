@@ -277,3 +277,40 @@ func TestWatchMalformed(t *testing.T) {
 		require.NotEqual(t, "10.244.9.0/24", l.Subnet.String())
 	}
 }
+
+// The first Watch after an Acquire starts from Acquire's listing and
+// catches up from its revision: what changed in between arrives as events,
+// not as a second listing. A later Watch lists afresh.
+func TestWatchStartsFromAcquire(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, etcdtest.Options{})
+	e.putConfig(t, netConf)
+	ctx := t.Context()
+	s := e.store(t, nil, etcdstore.Options{})
+	gone, err := e.store(t, nil, etcdstore.Options{}).Acquire(ctx, lease.Request{Attrs: attrs(2)})
+	require.NoError(t, err)
+	own, err := s.Acquire(ctx, lease.Request{Attrs: attrs(1)})
+	require.NoError(t, err)
+
+	// After Acquire listed: a peer joins, another leaves.
+	joined, err := e.store(t, nil, etcdstore.Options{}).Acquire(ctx, lease.Request{Attrs: attrs(3)})
+	require.NoError(t, err)
+	_, err = e.admin.Delete(ctx, s.LeaseKey(gone))
+	require.NoError(t, err)
+
+	w := storetest.Watch(t, s)
+	// The node's own lease comes last (lease.Config.PeerLeases).
+	want := []string{joined.Key(), own.Key()}
+	now := func(sn lease.Snapshot) bool { return slices.Equal(storetest.Keys(sn), want) }
+	w.WaitFor(t, "the peer that joined, not the one that left", now)
+	all := w.All()
+	require.GreaterOrEqual(t, len(all), 2, "one snapshot: Watch listed again instead of starting from Acquire's listing")
+	assert.True(t, all[0].Resync)
+	assert.Equal(t, []string{gone.Key(), own.Key()}, storetest.Keys(all[0]), "the first snapshot is Acquire's listing with the key it wrote")
+	w.Stop(t)
+
+	again := storetest.Watch(t, s)
+	sn := again.WaitFor(t, "a fresh listing", func(lease.Snapshot) bool { return true })
+	assert.True(t, sn.Resync)
+	assert.Equal(t, want, storetest.Keys(sn), "a second Watch lists afresh")
+}
