@@ -68,7 +68,7 @@ func (s *Store) acquireOnce(ctx context.Context, attrs lease.Attrs) (lease.Lease
 	case err != nil:
 		return lease.Lease{}, &lookupError{node: s.node, err: err}
 	}
-	v4, v6, err := s.podCIDRs(n)
+	v4, v6, err := s.podCIDRs(fieldsOf(n))
 	if err != nil {
 		return lease.Lease{}, err
 	}

@@ -30,7 +30,7 @@ func (s *Store) FindOwn(ctx context.Context, _ lease.Attrs) (lease.Lease, bool, 
 	case err != nil:
 		return lease.Lease{}, false, fmt.Errorf("get node %s: %w", s.node, err)
 	}
-	l, err := s.nodeLease(n, true)
+	l, err := s.nodeLease(fieldsOf(n), true)
 	switch {
 	case errors.Is(err, errNotPeer):
 		return lease.Lease{}, false, nil

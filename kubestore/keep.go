@@ -72,7 +72,7 @@ func (s *Store) Keep(ctx context.Context, own lease.Lease) error {
 
 // check returns ErrLeaseLost when n's podCIDRs differ from own.
 func (s *Store) check(n *corev1.Node, own lease.Lease) error {
-	v4, v6, err := s.podCIDRs(n)
+	v4, v6, err := s.podCIDRs(fieldsOf(n))
 	if err != nil {
 		return fmt.Errorf("node %s: %w: %w", s.node, lease.ErrLeaseLost, err)
 	}

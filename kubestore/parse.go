@@ -11,42 +11,55 @@ import (
 	"github.com/flannelkit/flannel/lease"
 )
 
+// nodeFields are the parts of a Node its lease is made of: of a
+// *corev1.Node (fieldsOf) or of the Watch cache's peerNode.
+type nodeFields struct {
+	name        string
+	annotations map[string]string
+	podCIDR     string
+	podCIDRs    []string
+}
+
+func fieldsOf(n *corev1.Node) nodeFields {
+	return nodeFields{name: n.Name, annotations: n.Annotations, podCIDR: n.Spec.PodCIDR, podCIDRs: n.Spec.PodCIDRs}
+}
+
 // podCIDRs returns the node's subnets of the enabled families, from
 // spec.podCIDRs (spec.podCIDR when that is empty). It returns an error
 // wrapping lease.ErrNotAssigned when the node has none yet, and a plain
 // error when a CIDR is malformed, lies outside the network or an enabled
 // family is missing.
-func (s *Store) podCIDRs(n *corev1.Node) (v4, v6 netip.Prefix, err error) {
+func (s *Store) podCIDRs(n nodeFields) (v4, v6 netip.Prefix, err error) {
 	v4, v6, err = s.parseCIDRs(n)
 	if err != nil {
 		return netip.Prefix{}, netip.Prefix{}, err
 	}
 	if err := checkNetwork("Network", s.cfg.Network, v4); err != nil {
-		return netip.Prefix{}, netip.Prefix{}, fmt.Errorf("node %s: %w", n.Name, err)
+		return netip.Prefix{}, netip.Prefix{}, fmt.Errorf("node %s: %w", n.name, err)
 	}
 	if err := checkNetwork("IPv6Network", s.cfg.IPv6Network, v6); err != nil {
-		return netip.Prefix{}, netip.Prefix{}, fmt.Errorf("node %s: %w", n.Name, err)
+		return netip.Prefix{}, netip.Prefix{}, fmt.Errorf("node %s: %w", n.name, err)
 	}
 	return v4, v6, nil
 }
 
 // parseCIDRs is podCIDRs without the network check: Watch leaves that to
 // the valid-peer rule (lease.Config.Peers).
-func (s *Store) parseCIDRs(n *corev1.Node) (v4, v6 netip.Prefix, err error) {
-	cidrs := n.Spec.PodCIDRs
-	if len(cidrs) == 0 && n.Spec.PodCIDR != "" {
-		cidrs = []string{n.Spec.PodCIDR}
+func (s *Store) parseCIDRs(n nodeFields) (v4, v6 netip.Prefix, err error) {
+	cidrs := n.podCIDRs
+	if len(cidrs) == 0 && n.podCIDR != "" {
+		cidrs = []string{n.podCIDR}
 	}
 	if len(cidrs) == 0 {
-		return v4, v6, fmt.Errorf("node %s has no podCIDR: %w", n.Name, lease.ErrNotAssigned)
+		return v4, v6, fmt.Errorf("node %s has no podCIDR: %w", n.name, lease.ErrNotAssigned)
 	}
 	for _, c := range cidrs {
 		p, err := netip.ParsePrefix(c)
 		if err != nil {
-			return netip.Prefix{}, netip.Prefix{}, fmt.Errorf("node %s: podCIDR %q: %w", n.Name, c, err)
+			return netip.Prefix{}, netip.Prefix{}, fmt.Errorf("node %s: podCIDR %q: %w", n.name, c, err)
 		}
 		if p.Masked() != p {
-			return netip.Prefix{}, netip.Prefix{}, fmt.Errorf("node %s: podCIDR %s has host bits set", n.Name, p)
+			return netip.Prefix{}, netip.Prefix{}, fmt.Errorf("node %s: podCIDR %s has host bits set", n.name, p)
 		}
 		if p.Addr().Is4() {
 			v4 = p
@@ -55,10 +68,10 @@ func (s *Store) parseCIDRs(n *corev1.Node) (v4, v6 netip.Prefix, err error) {
 		}
 	}
 	if s.cfg.EnableIPv4 && !v4.IsValid() {
-		return netip.Prefix{}, netip.Prefix{}, fmt.Errorf("node %s: no IPv4 podCIDR although IPv4 is enabled", n.Name)
+		return netip.Prefix{}, netip.Prefix{}, fmt.Errorf("node %s: no IPv4 podCIDR although IPv4 is enabled", n.name)
 	}
 	if s.cfg.EnableIPv6 && !v6.IsValid() {
-		return netip.Prefix{}, netip.Prefix{}, fmt.Errorf("node %s: no IPv6 podCIDR although IPv6 is enabled", n.Name)
+		return netip.Prefix{}, netip.Prefix{}, fmt.Errorf("node %s: no IPv6 podCIDR although IPv6 is enabled", n.name)
 	}
 	if !s.cfg.EnableIPv4 {
 		v4 = netip.Prefix{}
@@ -91,8 +104,8 @@ var errNotPeer = errors.New("not a flannel node")
 // naming the annotation for malformed ones. With strict, a podCIDR
 // outside the network is an error too (Watch leaves that to
 // lease.Config.Peers).
-func (s *Store) nodeLease(n *corev1.Node, strict bool) (lease.Lease, error) {
-	a := n.Annotations
+func (s *Store) nodeLease(n nodeFields, strict bool) (lease.Lease, error) {
+	a := n.annotations
 	if a[s.ann.subnetKubeManaged] != "true" {
 		return lease.Lease{}, errNotPeer
 	}
@@ -128,10 +141,10 @@ func (s *Store) nodeLease(n *corev1.Node, strict bool) (lease.Lease, error) {
 	return l, nil
 }
 
-func (s *Store) annotationAddr(n *corev1.Node, key string, is4 bool) (netip.Addr, error) {
-	v, ok := n.Annotations[key]
+func (s *Store) annotationAddr(n nodeFields, key string, is4 bool) (netip.Addr, error) {
+	v, ok := n.annotations[key]
 	if !ok {
-		return netip.Addr{}, fmt.Errorf("node %s: annotation %s is missing", n.Name, key)
+		return netip.Addr{}, fmt.Errorf("node %s: annotation %s is missing", n.name, key)
 	}
 	a, err := netip.ParseAddr(v)
 	if err != nil || a.Is4() != is4 || a.Is4In6() {
@@ -139,18 +152,18 @@ func (s *Store) annotationAddr(n *corev1.Node, key string, is4 bool) (netip.Addr
 		if is4 {
 			fam = "IPv4"
 		}
-		return netip.Addr{}, fmt.Errorf("node %s: annotation %s=%q is not an %s address", n.Name, key, v, fam)
+		return netip.Addr{}, fmt.Errorf("node %s: annotation %s=%q is not an %s address", n.name, key, v, fam)
 	}
 	return a, nil
 }
 
-func (s *Store) annotationJSON(n *corev1.Node, key string) (json.RawMessage, error) {
-	v, ok := n.Annotations[key]
+func (s *Store) annotationJSON(n nodeFields, key string) (json.RawMessage, error) {
+	v, ok := n.annotations[key]
 	if !ok || v == "" || v == "null" {
 		return nil, nil
 	}
 	if !json.Valid([]byte(v)) {
-		return nil, fmt.Errorf("node %s: annotation %s is not valid JSON", n.Name, key)
+		return nil, fmt.Errorf("node %s: annotation %s is not valid JSON", n.name, key)
 	}
 	return json.RawMessage(v), nil
 }

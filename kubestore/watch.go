@@ -110,19 +110,19 @@ func (s *Store) Watch(ctx context.Context, fn func(lease.Snapshot)) error {
 // (creationTimestamp has whole seconds: two created in the same second
 // are both ignored); another Node never takes this Node's podCIDR.
 func (s *Store) leases(objs []any, warn *lease.Warnings) []lease.Lease {
-	nodes := make([]*corev1.Node, 0, len(objs))
+	nodes := make([]*peerNode, 0, len(objs))
 	for _, o := range objs {
-		if n, ok := o.(*corev1.Node); ok {
+		if n, ok := o.(*peerNode); ok {
 			nodes = append(nodes, n)
 		}
 	}
-	slices.SortFunc(nodes, func(a, b *corev1.Node) int { return strings.Compare(a.Name, b.Name) })
+	slices.SortFunc(nodes, func(a, b *peerNode) int { return strings.Compare(a.Name, b.Name) })
 	cands := make([]lease.Candidate, 0, len(nodes))
 	var malformed []lease.Ignored
 	cfg := s.cfg
 	var own lease.Lease // this Node's: PeerLeases puts it last (no copy in the Agent)
 	for _, n := range nodes {
-		l, err := s.nodeLease(n, false)
+		l, err := s.nodeLease(n.fields(), false)
 		c := lease.Candidate{Name: n.Name, Lease: l, Order: n.CreationTimestamp.Unix(), Own: n.Name == s.node}
 		switch {
 		case errors.Is(err, errNotPeer):
@@ -161,21 +161,37 @@ func leaseEqual(a, b lease.Lease) bool {
 	return a.SameSubnets(b) && a.Attrs.Equal(b.Attrs)
 }
 
+// peerNode is what the informer's cache keeps of a Node: the metadata
+// the cache and nodeLease read (name, UID, resourceVersion,
+// creationTimestamp, the flannel annotations) and the podCIDRs, at a
+// third of a *corev1.Node's size (whose status is inline) for every Node
+// of the cluster. The embedded ObjectMeta makes it a metav1.Object, which
+// is all the cache's key function and the informer need.
+type peerNode struct {
+	metav1.ObjectMeta
+	podCIDR  string
+	podCIDRs []string
+}
+
+func (n *peerNode) fields() nodeFields {
+	return nodeFields{name: n.Name, annotations: n.Annotations, podCIDR: n.podCIDR, podCIDRs: n.podCIDRs}
+}
+
 // strip is the informer's transform: it keeps only what nodeLease reads, so
 // that the cache does not hold node status (images, conditions, addresses).
 func (s *Store) strip(obj any) (any, error) {
 	n, ok := obj.(*corev1.Node)
 	if !ok {
-		return obj, nil
+		return obj, nil // a tombstone, or a peerNode already
 	}
-	out := &corev1.Node{
+	out := &peerNode{
 		ObjectMeta: metav1.ObjectMeta{
 			Name:              n.Name,
 			UID:               n.UID,
 			ResourceVersion:   n.ResourceVersion,
 			CreationTimestamp: n.CreationTimestamp,
 		},
-		Spec: corev1.NodeSpec{PodCIDR: n.Spec.PodCIDR, PodCIDRs: n.Spec.PodCIDRs},
+		podCIDR: n.Spec.PodCIDR, podCIDRs: n.Spec.PodCIDRs,
 	}
 	for k, v := range n.Annotations {
 		if s.ann.ours(k) {
