@@ -101,13 +101,14 @@ func (s *Store) attempt(ctx context.Context, cfg lease.Config, req lease.Request
 	if err != nil {
 		return lease.Lease{}, fmt.Errorf("acquire lease for %s: %w", id, err)
 	}
-	l, err := s.reclaim(ctx, cfg, req, listing{entries: entries, rev: rev}, value, g)
+	l, wrote, err := s.reclaim(ctx, cfg, req, entries, value, g)
 	switch {
 	case errors.Is(err, errRace) || errors.Is(err, errRelist):
 		return lease.Lease{}, err
 	case err != nil:
 		return lease.Lease{}, fmt.Errorf("acquire lease for %s: %w", id, err)
 	case l.Subnet.IsValid() || l.IPv6Subnet.IsValid():
+		s.prime(listing{entries: entries, rev: rev, wrote: wrote})
 		return l, nil
 	}
 
@@ -147,8 +148,8 @@ func (s *Store) attempt(ctx context.Context, cfg lease.Config, req lease.Request
 		return lease.Lease{}, fmt.Errorf("subnet %s, or a key sharing one of its subnets, created concurrently: %w", key, errRace)
 	}
 	g.used = true
-	s.prime(listing{entries: entries, rev: rev}, entry{key: key, l: lease.Lease{Subnet: got.Subnet, IPv6Subnet: got.IPv6Subnet, Attrs: req.Attrs},
-		ok: true, modRev: txn.Header.Revision, createRev: txn.Header.Revision, leaseID: lid})
+	s.prime(listing{entries: entries, rev: rev, wrote: entry{key: key, l: lease.Lease{Subnet: got.Subnet, IPv6Subnet: got.IPv6Subnet, Attrs: req.Attrs},
+		ok: true, modRev: txn.Header.Revision, createRev: txn.Header.Revision, leaseID: lid}})
 	got.Attrs = req.Attrs
 	got.Expiration = s.now().Add(s.ttl)
 	how := "new subnet"
@@ -186,14 +187,15 @@ func (g *grantOnce) done() {
 	}
 }
 
-// reclaim looks for the node's own keys. It returns the reclaimed lease, or
-// a zero lease when the node has none that fits; own keys that do not fit
-// the config (and duplicates) are deleted, reservations never.
-func (s *Store) reclaim(ctx context.Context, cfg lease.Config, req lease.Request, list listing, value []byte,
-	g *grantOnce) (lease.Lease, error) {
-	own := ownEntries(cfg, req.Attrs, req.Previous, list.entries)
+// reclaim looks for the node's own keys. It returns the reclaimed lease
+// and the key as it wrote it, or a zero lease when the node has none that
+// fits; own keys that do not fit the config (and duplicates) are deleted,
+// reservations never.
+func (s *Store) reclaim(ctx context.Context, cfg lease.Config, req lease.Request, entries []entry, value []byte,
+	g *grantOnce) (lease.Lease, entry, error) {
+	own := ownEntries(cfg, req.Attrs, req.Previous, entries)
 	if len(own) == 0 {
-		return lease.Lease{}, nil
+		return lease.Lease{}, entry{}, nil
 	}
 	var chosen *entry
 	deleted := false
@@ -213,7 +215,7 @@ func (s *Store) reclaim(ctx context.Context, cfg lease.Config, req lease.Request
 				why = err.Error()
 			}
 			if derr := s.deleteIfUnchanged(ctx, *e); derr != nil {
-				return lease.Lease{}, derr
+				return lease.Lease{}, entry{}, derr
 			}
 			deleted = true
 			s.log.Info("deleted own lease", "key", e.key, "reason", why)
@@ -221,9 +223,9 @@ func (s *Store) reclaim(ctx context.Context, cfg lease.Config, req lease.Request
 	}
 	if chosen == nil {
 		if deleted {
-			return lease.Lease{}, errRelist
+			return lease.Lease{}, entry{}, errRelist
 		}
-		return lease.Lease{}, nil
+		return lease.Lease{}, entry{}, nil
 	}
 
 	put := clientv3.OpPut(chosen.key, string(value))
@@ -231,7 +233,7 @@ func (s *Store) reclaim(ctx context.Context, cfg lease.Config, req lease.Request
 	if !chosen.reservation() {
 		var err error
 		if lid, err = g.get(); err != nil {
-			return lease.Lease{}, err
+			return lease.Lease{}, entry{}, err
 		}
 		put = clientv3.OpPut(chosen.key, string(value), clientv3.WithLease(lid))
 	}
@@ -241,23 +243,23 @@ func (s *Store) reclaim(ctx context.Context, cfg lease.Config, req lease.Request
 		If(clientv3.Compare(clientv3.ModRevision(chosen.key), "=", chosen.modRev)).
 		Then(put).Commit()
 	if err != nil {
-		return lease.Lease{}, fmt.Errorf("update %s: %w", chosen.key, err)
+		return lease.Lease{}, entry{}, fmt.Errorf("update %s: %w", chosen.key, err)
 	}
 	if !txn.Succeeded {
-		return lease.Lease{}, fmt.Errorf("own key %s changed while reclaiming it: %w", chosen.key, errRace)
+		return lease.Lease{}, entry{}, fmt.Errorf("own key %s changed while reclaiming it: %w", chosen.key, errRace)
 	}
 	l := lease.Lease{Subnet: chosen.l.Subnet, IPv6Subnet: chosen.l.IPv6Subnet, Attrs: req.Attrs}
-	s.prime(list, entry{key: chosen.key, l: l, ok: true, modRev: txn.Header.Revision, createRev: chosen.createRev, leaseID: lid})
+	wrote := entry{key: chosen.key, l: l, ok: true, modRev: txn.Header.Revision, createRev: chosen.createRev, leaseID: lid}
 	if chosen.reservation() {
 		s.log.Info("using reservation", "key", chosen.key, "public_ip", cfg.Identity(req.Attrs))
-		return l, nil
+		return l, wrote, nil
 	}
 	g.used = true
 	// The key moved to the new etcd lease; the old one holds nothing now.
 	s.revoke(ctx, chosen.leaseID)
 	l.Expiration = s.now().Add(s.ttl)
 	s.log.Info("lease reclaimed", "key", chosen.key, "public_ip", cfg.Identity(req.Attrs))
-	return l, nil
+	return l, wrote, nil
 }
 
 // ownEntries returns the entries the node with attrs published (same
@@ -325,19 +327,13 @@ func (s *Store) deleteIfUnchanged(ctx context.Context, e entry) error {
 	return nil
 }
 
-// prime keeps the listing a successful Acquire worked on, with own (the
-// key it wrote) in place, for the next Watch, which starts from it and
-// follows the events after the listing's revision instead of listing every
-// key again: a node starting lists once. The write of own is among those
-// events and changes nothing then, so the first snapshot already has the
-// node's lease and a second one does not follow for it.
-func (s *Store) prime(l listing, own entry) {
-	i, found := slices.BinarySearchFunc(l.entries, own.key, func(e entry, key string) int { return cmp.Compare(e.key, key) })
-	if found {
-		l.entries[i] = own
-	} else {
-		l.entries = slices.Insert(l.entries, i, own)
-	}
+// prime keeps the listing a successful Acquire worked on, and the key it
+// wrote, for the next Watch, which starts from them and follows the events
+// after the listing's revision instead of listing every key again: a node
+// starting lists once. The write is among those events and changes nothing
+// then, so the first snapshot already has the node's lease and a second
+// one does not follow for it.
+func (s *Store) prime(l listing) {
 	s.primedMu.Lock()
 	defer s.primedMu.Unlock()
 	s.primed = l
@@ -352,10 +348,12 @@ func (s *Store) takePrimed() (listing, bool) {
 	return p, p.rev != 0
 }
 
-// listing is every key under <prefix>/subnets/ at etcd revision rev.
+// listing is every key under <prefix>/subnets/ at etcd revision rev and,
+// when its key is set, the key Acquire wrote after it.
 type listing struct {
 	entries []entry
 	rev     int64
+	wrote   entry
 }
 
 // list reads every key under <prefix>/subnets/, malformed ones included
@@ -367,7 +365,7 @@ func (s *Store) list(ctx context.Context) ([]entry, int64, error) {
 	if err != nil {
 		return nil, 0, fmt.Errorf("list %s: %w", s.subnetsKey, err)
 	}
-	out := make([]entry, 0, len(resp.Kvs)+1) // prime may add the node's key
+	out := make([]entry, 0, len(resp.Kvs))
 	for _, kv := range resp.Kvs {
 		out = append(out, s.entryOf(kv))
 	}

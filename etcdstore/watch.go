@@ -128,6 +128,9 @@ func (w *watchState) list(ctx context.Context) (int64, error) {
 	for _, e := range l.entries {
 		w.put(e) // etcd lists in key order: each put appends
 	}
+	if l.wrote.key != "" {
+		w.put(l.wrote)
+	}
 	w.deliver(true)
 	return l.rev, nil
 }
