@@ -31,14 +31,17 @@ func (n *Network) applyAll(ctx context.Context, peers []lease.Lease) error {
 		links = append(links, d.index)
 	}
 	var failed backend.PeerErrs
-	want, memos := n.desire(peers, n.directFunc(), &failed, n.memo)
+	memos := n.desire(peers, n.directFunc(), &failed, n.memo)
 	// Each table is compared as the kernel's dump is read: nothing of
-	// what is in place already is kept.
+	// what is in place already is kept. Its sets are programmed before
+	// the next table is built (FDB, neighbours, then routes: make before
+	// break); deletes wait until every set is in place.
 	h := nlsafe.Wrap(n.env.Handle)
 	if n.env.NS.IsOpen() {
 		h = nlsafe.New(n.env.Handle, n.env.NS)
 	}
-	var sets, dels []op
+	prog := progress{failed: &failed, kernelOK: true}
+	var dels []op
 	for _, d := range n.devs {
 		family := netlink.FAMILY_V4
 		if d.spec.v6 {
@@ -48,37 +51,39 @@ func (n *Network) applyAll(ctx context.Context, peers []lease.Lease) error {
 			k      kind
 			family int
 		}{{kindFDB, unix.AF_BRIDGE}, {kindNeigh, family}} {
-			w := want.fdb[d.index]
-			if t.k == kindNeigh {
-				w = want.neigh[d.index]
-			}
-			diff := newNeighDiff(t.k, w)
+			diff := newNeighDiff(t.k, memos.table(t.k, d.index))
 			if err := h.NeighListEach(d.index, t.family, diff.reset, diff.see); err != nil {
 				return fmt.Errorf("device %s: %w", d.spec.name, err)
 			}
 			s, dl := diff.result()
-			sets, dels = append(sets, s...), append(dels, dl...)
+			if err := n.write(ctx, &prog, s); err != nil {
+				return err
+			}
+			dels = append(dels, dl...)
 		}
 	}
 	for _, link := range links {
-		s, dl, err := n.diffRoutes(link, want.routes[link], want.routePeer)
+		s, dl, err := n.diffRoutes(link, memos.table(kindRoute, link))
 		if err != nil {
 			return err
 		}
-		sets, dels = append(sets, s...), append(dels, dl...)
+		if err := n.write(ctx, &prog, s); err != nil {
+			return err
+		}
+		dels = append(dels, dl...)
 	}
-	return n.finish(ctx, began, peers, sets, dels, &failed, memos)
+	return n.finish(ctx, began, peers, &prog, dels, memos)
 }
 
-// diffRoutes compares our routes on link with desired (normalized), as the
-// kernel's dump is read: a route that is exactly a desired one is counted
-// and dropped, so that the steady state (every route in place) keeps no
-// copy of the kernel's table. Desired routes that no route of their
-// destination matched and the routes that matched none go through
-// backend.DiffRoutes: a desired route with no route of its destination at
-// all is added as it is (DiffRoutes copies every route it is given several
-// times, slow with thousands of peers).
-func (n *Network) diffRoutes(link int, desired []netlink.Route, routePeer map[routeKey]int) (sets, dels []op, err error) {
+// diffRoutes compares our routes on link with desired (route sets with
+// their specs), as the kernel's dump is read: a route that is exactly a
+// desired one is counted and dropped, so that the steady state (every
+// route in place) keeps no copy of the kernel's table. Desired routes that
+// no route of their destination matched and the routes that matched none
+// go through backend.DiffRoutes: a desired route with no route of its
+// destination at all is added as it is (DiffRoutes copies every route it
+// is given several times, slow with thousands of peers).
+func (n *Network) diffRoutes(link int, desired []op) (sets, dels []op, err error) {
 	// Indexed on the first route of ours seen: a link with none (the
 	// start-up case) costs nothing.
 	var first map[netip.Prefix]int // the first desired route per destination
@@ -88,8 +93,7 @@ func (n *Network) diffRoutes(link int, desired []netlink.Route, routePeer map[ro
 		}
 		first = make(map[netip.Prefix]int, len(desired))
 		for i := range desired {
-			dst, _ := ipconv.PrefixFromIPNet(desired[i].Dst)
-			if _, dup := first[dst]; !dup {
+			if dst := desired[i].memo.subnet(desired[i].v6); !hasKey(first, dst) {
 				first[dst] = i
 			}
 		}
@@ -101,9 +105,12 @@ func (n *Network) diffRoutes(link int, desired []netlink.Route, routePeer map[ro
 	}, func(a netlink.Route) {
 		index()
 		if dst, ok := ipconv.PrefixFromIPNet(a.Dst); ok {
-			if i, ok := first[dst]; ok && !matched[i] && backend.SameRoute(desired[i], a) {
-				matched[i] = true
-				return
+			if i, ok := first[dst]; ok && !matched[i] {
+				s := desired[i].memo.spec(desired[i].v6)
+				if backend.SameRoute(s.attrs(ipconv.IPFromAddr(s.gw)), a) {
+					matched[i] = true
+					return
+				}
 			}
 		}
 		rest = append(rest, a)
@@ -112,11 +119,7 @@ func (n *Network) diffRoutes(link int, desired []netlink.Route, routePeer map[ro
 		return nil, nil, err
 	}
 	if first == nil { // no route of ours on link: every desired one is added
-		for i := range desired {
-			dst, _ := ipconv.PrefixFromIPNet(desired[i].Dst)
-			sets = append(sets, op{kind: kindRoute, link: link, route: &desired[i], peer: routePeer[routeKey{link, dst}]})
-		}
-		return sets, nil, nil
+		return desired, nil, nil
 	}
 	other := make(map[netip.Prefix]bool, len(rest)) // destinations of rest
 	for _, a := range rest {
@@ -125,24 +128,26 @@ func (n *Network) diffRoutes(link int, desired []netlink.Route, routePeer map[ro
 		}
 	}
 	var overlap []netlink.Route
-	for i := range desired {
+	overlapPeer := map[netip.Prefix]int{}
+	for i, o := range desired {
 		if matched[i] {
 			continue
 		}
-		dst, _ := ipconv.PrefixFromIPNet(desired[i].Dst)
+		dst := o.memo.subnet(o.v6)
 		if first[dst] != i { // a second desired route of one destination: DiffRoutes keeps the first
 			continue
 		}
 		if !other[dst] {
-			sets = append(sets, op{kind: kindRoute, link: link, route: &desired[i], peer: routePeer[routeKey{link, dst}]})
+			sets = append(sets, o)
 			continue
 		}
-		overlap = append(overlap, desired[i])
+		overlap = append(overlap, n.route(o.memo.spec(o.v6)))
+		overlapPeer[dst] = o.peer
 	}
 	add, del := backend.DiffRoutes(overlap, rest)
 	for i := range add {
 		dst, _ := ipconv.PrefixFromIPNet(add[i].Dst)
-		sets = append(sets, op{kind: kindRoute, link: link, route: &add[i], peer: routePeer[routeKey{link, dst}]})
+		sets = append(sets, op{kind: kindRoute, link: link, route: &add[i], peer: overlapPeer[dst]})
 	}
 	for i := range del {
 		dels = append(dels, op{kind: kindRoute, del: true, link: link, route: &del[i], peer: -1})
@@ -171,7 +176,7 @@ func (n *Network) applyChanges(ctx context.Context, peers []lease.Lease) error {
 	j := 0 // the next memo of prev to match
 	for i, p := range peers {
 		old, had := findMemo(n.memo, &j, p)
-		if had && sameLease(old.lease, p) {
+		if had && old.same(p) {
 			old.gen = n.gen
 			book.order = append(book.order, old)
 			for _, e := range old.errs {
@@ -179,7 +184,7 @@ func (n *Network) applyChanges(ctx context.Context, peers []lease.Lease) error {
 			}
 			continue
 		}
-		m := n.desirePeer(i, p, direct)
+		m := n.desirePeer(p, direct)
 		m.gen = n.gen
 		book.set(m)
 		for _, e := range m.errs {
@@ -197,10 +202,14 @@ func (n *Network) applyChanges(ctx context.Context, peers []lease.Lease) error {
 			_, d := n.diffMemo(old, &peerMemo{}, -1)
 			dels = append(dels, d...)
 			old.stale = true
-			delete(book.byKey, keyOf(old.lease))
+			delete(book.byKey, old.key)
 		}
 	}
-	return n.finish(ctx, began, peers, sets, dels, &failed, book)
+	prog := progress{failed: &failed, kernelOK: true}
+	if err := n.write(ctx, &prog, sets); err != nil {
+		return err
+	}
+	return n.finish(ctx, began, peers, &prog, dels, book)
 }
 
 // findMemo returns the memo book records for p's key, looking first at
@@ -210,7 +219,7 @@ func (n *Network) applyChanges(ctx context.Context, peers []lease.Lease) error {
 func findMemo(book memoBook, j *int, p lease.Lease) (*peerMemo, bool) {
 	prev := book.order
 	for step := range 2 {
-		if k := *j + step; k < len(prev) && !prev[k].stale && prev[k].lease.SameSubnets(p) {
+		if k := *j + step; k < len(prev) && !prev[k].stale && prev[k].key == keyOf(p) {
 			*j = k + 1
 			return prev[k], true
 		}
@@ -219,23 +228,14 @@ func findMemo(book memoBook, j *int, p lease.Lease) (*peerMemo, bool) {
 	return m, ok
 }
 
-// sameLease reports whether a peer's lease asks for the same entries.
-func sameLease(a, b lease.Lease) bool {
-	return a.SameSubnets(b) && a.Attrs.Equal(b.Attrs)
-}
-
 // diffMemo returns the changes that turn a peer's old entries into its new
 // ones (sets tagged with peer).
 func (n *Network) diffMemo(old, cur *peerMemo, peer int) (sets, dels []op) {
 	for _, k := range []kind{kindFDB, kindNeigh} {
-		o, c := old.fdb, cur.fdb
-		if k == kindNeigh {
-			o, c = old.neigh, cur.neigh
-		}
-		s, d := diffNeigh(k, c, asNeighs(o))
+		s, d := diffNeigh(k, cur.ops(k, peer), asNeighs(old.ops(k, -1)))
 		sets, dels = append(sets, s...), append(dels, d...)
 	}
-	add, del := backend.DiffRoutes(n.routes(cur.routes), n.routes(old.routes))
+	add, del := backend.DiffRoutes(n.routes(cur.specs()), n.routes(old.specs()))
 	for i := range add {
 		sets = append(sets, op{kind: kindRoute, link: add[i].LinkIndex, route: &add[i], peer: peer})
 	}
@@ -245,37 +245,53 @@ func (n *Network) diffMemo(old, cur *peerMemo, peer int) (sets, dels []op) {
 	return sets, dels
 }
 
-// finish programs sets, then dels, records the peers' entries and whether
-// the kernel is now known to match them, and returns the peers' errors.
-func (n *Network) finish(ctx context.Context, began time.Time, peers []lease.Lease, sets, dels []op, failed *backend.PeerErrs, memos memoBook) error {
+// progress is what the writes of one Apply did.
+type progress struct {
+	failed   *backend.PeerErrs // the peers' errors
+	rest     []error           // errors of deletes (no peer's)
+	kernelOK bool              // no kernel error
+	ops      int
+	took     time.Duration
+}
+
+// write programs ops (unless ctx is done) and records their errors in p.
+func (n *Network) write(ctx context.Context, p *progress, ops []op) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	// Make before break: sets (FDB, neighbours, routes) before deletes
-	// (routes first, so no route points at a vanished neighbour).
-	slices.SortStableFunc(dels, func(a, b op) int { return int(b.kind) - int(a.kind) })
-	ops := append(sets, dels...)
 	start := time.Now()
-	errs := n.program(ops)
-	kernelOK := true
-	var rest []error
-	for i, e := range errs {
+	for i, e := range n.program(ops) {
 		if e == nil {
 			continue
 		}
-		kernelOK = false
+		p.kernelOK = false
 		e = fmt.Errorf("%s: %w", ops[i], e)
-		if p := ops[i].peer; p >= 0 {
-			failed.Add(p, e)
+		if peer := ops[i].peer; peer >= 0 {
+			p.failed.Add(peer, e)
 		} else {
-			rest = append(rest, e)
+			p.rest = append(p.rest, e)
 		}
 	}
-	n.log.Debug("programmed", "sets", len(sets), "deletes", len(dels), "diff_took", start.Sub(began), "program_took", time.Since(start))
+	p.ops += len(ops)
+	p.took += time.Since(start)
+	return nil
+}
+
+// finish programs dels after the sets p records, records the peers'
+// entries and whether the kernel is now known to match them, and returns
+// the peers' errors.
+func (n *Network) finish(ctx context.Context, began time.Time, peers []lease.Lease, p *progress, dels []op, memos memoBook) error {
+	// Routes first, so no route points at a vanished neighbour.
+	slices.SortStableFunc(dels, func(a, b op) int { return int(b.kind) - int(a.kind) })
+	sets := p.ops
+	if err := n.write(ctx, p, dels); err != nil {
+		return err
+	}
+	n.log.Debug("programmed", "sets", sets, "deletes", len(dels), "diff_took", time.Since(began)-p.took, "program_took", p.took)
 	// Peers skipped for bad data have nothing in the kernel, as their memo
 	// says; only kernel errors leave the state unknown.
-	n.synced, n.memo = kernelOK, memos
-	return errors.Join(append(failed.Errors(peers), rest...)...)
+	n.synced, n.memo = p.kernelOK, memos
+	return errors.Join(append(p.failed.Errors(peers), p.rest...)...)
 }
 
 // asNeighs renders desired neighbour or FDB ops as a dump would show them.

@@ -31,11 +31,22 @@ const (
 type op struct {
 	kind  kind
 	del   bool
+	v6    bool // a memo's route: its IPv6 one
 	link  int
 	ip    netip.Addr       // neighbour: the peer subnet address; FDB: the peer public IP
 	mac   net.HardwareAddr // neighbour and FDB
-	route *netlink.Route   // routes (normalized: protocol, table, family)
+	route *netlink.Route   // route deletes and DiffRoutes' replaces (normalized: protocol, table, family)
+	memo  *peerMemo        // other route sets: the peer whose route this is, rendered as it is written
 	peer  int              // index into the peer set; -1 for stale entries
+}
+
+// netlinkRoute is the route o changes.
+func (o op) netlinkRoute() netlink.Route {
+	if o.memo != nil {
+		s := o.memo.spec(o.v6)
+		return s.netlink()
+	}
+	return *o.route
 }
 
 func (o op) String() string {
@@ -52,7 +63,7 @@ func (o op) String() string {
 	if !o.del {
 		verb = "replace"
 	}
-	return fmt.Sprintf("%s route %s", verb, backend.FormatRoute(*o.route))
+	return fmt.Sprintf("%s route %s", verb, backend.FormatRoute(o.netlinkRoute()))
 }
 
 // appendMsg appends o as one netlink request with sequence number seq.
@@ -110,31 +121,55 @@ func appendNeigh(b []byte, o op) []byte {
 }
 
 func appendRoute(b []byte, o op) []byte {
-	r := o.route
-	dst, _ := ipconv.PrefixFromIPNet(r.Dst)
+	var m routeMsg
+	if o.memo != nil {
+		s := o.memo.spec(o.v6)
+		m = routeMsg{dst: s.dst, gw: s.gw, link: s.link, table: int(s.table), proto: s.proto}
+		if s.onlink {
+			m.flags = int(netlink.FLAG_ONLINK)
+		}
+	} else {
+		r := o.route
+		m.dst, _ = ipconv.PrefixFromIPNet(r.Dst)
+		m.gw = ipconv.AddrFromIP(r.Gw)
+		m.link, m.table, m.proto, m.scope, m.flags, m.priority = r.LinkIndex, r.Table, uint8(r.Protocol), uint8(r.Scope), r.Flags, r.Priority
+	}
+	return m.append(b, o.del)
+}
+
+// routeMsg is the body of an rtnetlink route request.
+type routeMsg struct {
+	dst             netip.Prefix
+	gw              netip.Addr
+	link, table     int
+	proto, scope    uint8
+	flags, priority int
+}
+
+func (m routeMsg) append(b []byte, del bool) []byte {
 	family := uint8(unix.AF_INET)
-	if dst.Addr().Is6() {
+	if m.dst.Addr().Is6() {
 		family = unix.AF_INET6
 	}
 	typ := uint8(unix.RTN_UNICAST)
-	if o.del {
+	if del {
 		typ = unix.RTN_UNSPEC
 	}
-	table := r.Table
+	table := m.table
 	if table == 0 {
 		table = unix.RT_TABLE_MAIN
 	}
-	b = append(b, family, uint8(dst.Bits()), 0, 0, uint8(table), uint8(r.Protocol), uint8(r.Scope), typ)
-	b = binary.NativeEndian.AppendUint32(b, uint32(r.Flags))
-	b = appendAttr(b, unix.RTA_DST, dst.Addr().AsSlice())
-	if gw := ipconv.AddrFromIP(r.Gw); gw.IsValid() {
-		b = appendAttr(b, unix.RTA_GATEWAY, gw.AsSlice())
+	b = append(b, family, uint8(m.dst.Bits()), 0, 0, uint8(table), m.proto, m.scope, typ)
+	b = binary.NativeEndian.AppendUint32(b, uint32(m.flags))
+	b = appendAttr(b, unix.RTA_DST, m.dst.Addr().AsSlice())
+	if m.gw.IsValid() {
+		b = appendAttr(b, unix.RTA_GATEWAY, m.gw.AsSlice())
 	}
-	if r.LinkIndex != 0 {
-		b = appendAttr(b, unix.RTA_OIF, binary.NativeEndian.AppendUint32(nil, uint32(r.LinkIndex)))
+	if m.link != 0 {
+		b = appendAttr(b, unix.RTA_OIF, binary.NativeEndian.AppendUint32(nil, uint32(m.link)))
 	}
-	if r.Priority != 0 {
-		b = appendAttr(b, unix.RTA_PRIORITY, binary.NativeEndian.AppendUint32(nil, uint32(r.Priority)))
+	if m.priority != 0 {
+		b = appendAttr(b, unix.RTA_PRIORITY, binary.NativeEndian.AppendUint32(nil, uint32(m.priority)))
 	}
 	return b
 }
@@ -312,7 +347,7 @@ func viaHandle(h *netlink.Handle, o op) error {
 	var err error
 	switch o.kind {
 	case kindRoute:
-		r := *o.route
+		r := o.netlinkRoute()
 		if o.del {
 			err = h.RouteDel(&r)
 		} else {

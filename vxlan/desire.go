@@ -13,31 +13,13 @@ import (
 	"github.com/flannelkit/flannel/lease"
 )
 
-// desired is the kernel state a peer set asks for, by link index.
-type desired struct {
-	fdb, neigh map[int][]op
-	routes     map[int][]netlink.Route
-	routePeer  map[routeKey]int
-}
-
-type routeKey struct {
-	link int
-	dst  netip.Prefix
-}
-
-// desire computes the entries for peers, and each peer's part by lease
-// key. direct reports whether a public IP is on a directly connected
+// desire computes each peer's memo, by lease key and in the order of
+// peers. direct reports whether a public IP is on a directly connected
 // network of the external interface (only called with DirectRouting).
 // A peer whose lease, DirectRouting answer and links are those of its memo
 // in prev, and that had no error, keeps that memo: a periodic full repair
 // of an unchanged peer set computes nothing again.
-func (n *Network) desire(peers []lease.Lease, direct func(netip.Addr) bool, failed *backend.PeerErrs, prev memoBook) (desired, memoBook) {
-	want := desired{fdb: map[int][]op{}, neigh: map[int][]op{}, routes: map[int][]netlink.Route{}, routePeer: make(map[routeKey]int, 2*len(peers))}
-	for _, d := range n.devs {
-		want.fdb[d.index] = make([]op, 0, len(peers))
-		want.neigh[d.index] = make([]op, 0, len(peers))
-		want.routes[d.index] = make([]netlink.Route, 0, len(peers))
-	}
+func (n *Network) desire(peers []lease.Lease, direct func(netip.Addr) bool, failed *backend.PeerErrs, prev memoBook) memoBook {
 	stamp := n.stampLocked()
 	memos := newMemoBook(len(peers), stamp)
 	reuse := prev.byKey != nil && prev.stamp == stamp
@@ -45,38 +27,43 @@ func (n *Network) desire(peers []lease.Lease, direct func(netip.Addr) bool, fail
 	for i, p := range peers {
 		var m *peerMemo
 		if reuse {
-			if old, ok := findMemo(prev, &j, p); ok && len(old.errs) == 0 && sameLease(old.lease, p) && old.direct == n.directBits(p, direct) {
+			if old, ok := findMemo(prev, &j, p); ok && len(old.errs) == 0 && old.same(p) && old.direct == n.directBits(p, direct) {
 				m = old
 			}
 		}
 		if m == nil {
-			m = n.desirePeer(i, p, direct)
+			m = n.desirePeer(p, direct)
 		}
 		memos.set(m)
 		for _, e := range m.errs {
 			failed.Add(i, e)
 		}
-		for _, o := range m.fdb {
-			o.peer = i // a kept memo's ops name the peer's old index
-			want.fdb[o.link] = append(want.fdb[o.link], o)
-		}
-		for _, o := range m.neigh {
-			o.peer = i
-			want.neigh[o.link] = append(want.neigh[o.link], o)
-		}
-		for _, r := range m.routes {
-			nr := n.route(r)
-			dst, _ := ipconv.PrefixFromIPNet(nr.Dst)
-			want.routes[r.link] = append(want.routes[r.link], nr)
-			want.routePeer[routeKey{r.link, dst}] = i
-		}
 	}
-	return want, memos
+	return memos
 }
 
-// desirePeer computes the entries for peer i.
-func (n *Network) desirePeer(i int, p lease.Lease, direct func(netip.Addr) bool) *peerMemo {
-	m := &peerMemo{lease: p, direct: n.directBits(p, direct)}
+// table returns the entries of kind k on link that the peers of b ask
+// for, as sets tagged with each peer's index. One table at a time is
+// built, diffed and programmed: at most one copy of one table is live.
+func (b memoBook) table(k kind, link int) []op {
+	var out []op
+	for i, m := range b.order {
+		m.each(i, func(o op) {
+			if o.kind == k && o.link == link {
+				if out == nil {
+					out = make([]op, 0, len(b.order)-i)
+				}
+				out = append(out, o)
+			}
+		})
+	}
+	return out
+}
+
+// desirePeer computes the entries for a peer.
+func (n *Network) desirePeer(p lease.Lease, direct func(netip.Addr) bool) *peerMemo {
+	norm := n.rec.Normalized(0, netlink.Route{})
+	m := &peerMemo{key: keyOf(p), attrs: p.Attrs, direct: n.directBits(p, direct), proto: uint8(norm.Protocol), table: uint8(norm.Table)}
 	if p.Attrs.BackendType != Type {
 		n.log.Debug("skipping peer of another backend", "subnet", p.String(), "backend_type", p.Attrs.BackendType)
 		return m
@@ -84,7 +71,7 @@ func (n *Network) desirePeer(i int, p lease.Lease, direct func(netip.Addr) bool)
 	if (p.Subnet.IsValid() && p.Subnet == n.own.Subnet) || (p.IPv6Subnet.IsValid() && p.IPv6Subnet == n.own.IPv6Subnet) {
 		return m
 	}
-	for _, v6 := range []bool{false, true} {
+	for f, v6 := range []bool{false, true} {
 		subnet, public, data, fam := p.Subnet, p.Attrs.PublicIP, p.Attrs.BackendData, "IPv4"
 		ownSubnet := n.own.Subnet
 		if v6 {
@@ -100,7 +87,7 @@ func (n *Network) desirePeer(i int, p lease.Lease, direct func(netip.Addr) bool)
 			continue
 		}
 		if n.opts.DirectRouting && direct(public) {
-			m.routes = append(m.routes, routeSpec{link: n.env.Iface.Index, dst: subnet, gw: public})
+			m.fam[f] = famMemo{mode: famDirect, link: int32(n.env.Iface.Index)}
 			continue
 		}
 		bd, err := ParseBackendData(data)
@@ -108,10 +95,7 @@ func (n *Network) desirePeer(i int, p lease.Lease, direct func(netip.Addr) bool)
 			m.errs = append(m.errs, fmt.Errorf("subnet %s: %w", subnet, err))
 			continue
 		}
-		gw := subnet.Addr()
-		m.fdb = append(m.fdb, op{kind: kindFDB, link: d.index, ip: public, mac: bd.VtepMAC, peer: i})
-		m.neigh = append(m.neigh, op{kind: kindNeigh, link: d.index, ip: gw, mac: bd.VtepMAC, peer: i})
-		m.routes = append(m.routes, routeSpec{link: d.index, dst: subnet, gw: gw, onlink: true})
+		m.fam[f] = famMemo{mode: famOverlay, mac: [6]byte(bd.VtepMAC), link: int32(d.index)}
 	}
 	return m
 }

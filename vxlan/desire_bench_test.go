@@ -28,7 +28,7 @@ func BenchmarkDesire(b *testing.B) {
 	})
 	// A periodic full repair of an unchanged peer set keeps every memo.
 	var failed backend.PeerErrs
-	_, prev := n.desire(peers, func(netip.Addr) bool { return false }, &failed, memoBook{})
+	prev := n.desire(peers, func(netip.Addr) bool { return false }, &failed, memoBook{})
 	b.Run("kept", func(b *testing.B) {
 		for b.Loop() {
 			var failed backend.PeerErrs

@@ -29,40 +29,44 @@ func TestDesireKeepsMemos(t *testing.T) {
 		[]*device{{spec: devSpec{name: "flannel.1"}, index: 5}})
 	never := func(netip.Addr) bool { return false }
 	var failed backend.PeerErrs
-	_, first := n.desire(peers, never, &failed, memoBook{})
+	first := n.desire(peers, never, &failed, memoBook{})
 	require.Len(t, first.order, 3)
 	require.NotEmpty(t, first.order[2].errs, "the bad MAC is an error")
 
 	// Peer 1 is gone (peer 2 moves to index 0) and peer 3 is unchanged
 	// but had an error.
 	var failed2 backend.PeerErrs
-	want, second := n.desire(peers[1:], never, &failed2, first)
+	second := n.desire(peers[1:], never, &failed2, first)
 	assert.Same(t, first.order[1], second.order[0], "unchanged peer keeps its memo")
 	assert.NotSame(t, first.order[2], second.order[1], "a peer with an error is computed again")
-	for _, o := range want.fdb[5] {
+	for _, o := range second.table(kindFDB, 5) {
 		assert.Equal(t, 0, o.peer, "ops carry the peer's new index")
 	}
-	assert.Equal(t, 0, want.routePeer[routeKey{5, peers[1].Subnet}])
+	routes := second.table(kindRoute, 5)
+	require.Len(t, routes, 1)
+	assert.Equal(t, 0, routes[0].peer)
+	assert.Same(t, second.order[0], routes[0].memo, "a route set points at its peer's memo")
 
 	// Changed data, a recreated device (new index) or another DirectRouting
 	// answer: computed again.
 	changed := []lease.Lease{peer(2, "0a:00:00:00:00:22")}
-	_, third := n.desire(changed, never, &failed2, second)
+	third := n.desire(changed, never, &failed2, second)
 	assert.NotSame(t, second.order[0], third.order[0])
 
-	_, kept := n.desire(peers[1:2], never, &failed2, second)
+	kept := n.desire(peers[1:2], never, &failed2, second)
 	require.Same(t, second.order[0], kept.order[0])
 	n.devs[0].index = 9
-	_, fresh := n.desire(peers[1:2], never, &failed2, kept)
+	fresh := n.desire(peers[1:2], never, &failed2, kept)
 	assert.NotSame(t, kept.order[0], fresh.order[0], "a recreated device's memos are computed again")
-	assert.Equal(t, 9, fresh.order[0].fdb[0].link)
+	assert.Equal(t, int32(9), fresh.order[0].fam[0].link)
 
 	n.opts.DirectRouting = true
-	_, direct := n.desire(peers[1:2], func(netip.Addr) bool { return true }, &failed2, fresh)
+	direct := n.desire(peers[1:2], func(netip.Addr) bool { return true }, &failed2, fresh)
 	assert.NotSame(t, fresh.order[0], direct.order[0])
-	assert.Empty(t, direct.order[0].fdb, "a direct peer has no FDB entry")
-	_, again := n.desire(peers[1:2], func(netip.Addr) bool { return true }, &failed2, direct)
+	assert.Empty(t, direct.order[0].ops(kindFDB, 0), "a direct peer has no FDB entry")
+	assert.Equal(t, famDirect, direct.order[0].fam[0].mode)
+	again := n.desire(peers[1:2], func(netip.Addr) bool { return true }, &failed2, direct)
 	assert.Same(t, direct.order[0], again.order[0])
-	_, notDirect := n.desire(peers[1:2], never, &failed2, again)
+	notDirect := n.desire(peers[1:2], never, &failed2, again)
 	assert.NotSame(t, again.order[0], notDirect.order[0], "the underlay route changed")
 }

@@ -51,35 +51,138 @@ type leaseKey struct{ v4, v6 netip.Prefix }
 
 func keyOf(l lease.Lease) leaseKey { return leaseKey{l.Subnet, l.IPv6Subnet} }
 
-// peerMemo is what one peer asks of the kernel.
+// peerMemo is what one peer asks of the kernel: per family, how it is
+// reached and its VTEP's MAC, from which its entries are derived as they
+// are needed (each, spec). 240 bytes and one
+// allocation per peer: kept for every peer between Applies.
 type peerMemo struct {
-	lease      lease.Lease
-	fdb, neigh []op
-	routes     []routeSpec // as compact specs: a netlink.Route is 10 times the size
-	errs       []error     // why it could not be (fully) programmed
-	gen        uint64      // the applyChanges call that last saw it
-	stale      bool        // replaced in or dropped from memoBook.byKey
-	direct     uint8       // with DirectRouting: directBits when computed
+	key    leaseKey
+	attrs  lease.Attrs
+	errs   []error // why it could not be (fully) programmed
+	gen    uint64  // the applyChanges call that last saw it
+	fam    [2]famMemo
+	proto  uint8 // the routes' rtm_protocol and rtm_table
+	table  uint8
+	stale  bool  // replaced in or dropped from memoBook.byKey
+	direct uint8 // with DirectRouting: directBits when computed
+}
+
+// famMemo is one family's part of a peer's memo.
+type famMemo struct {
+	mode reach
+	mac  [6]byte // famOverlay: the peer's VTEP MAC
+	link int32   // the flannel device (famOverlay) or the external interface (famDirect)
+}
+
+// reach is how a peer's subnet of one family is reached.
+type reach uint8
+
+const (
+	famNone    reach = iota // not at all (no such subnet, or an error)
+	famOverlay              // through the vxlan device: FDB entry, neighbour and onlink route
+	famDirect               // DirectRouting: a route via its public address
+)
+
+// same reports whether p asks for the entries m was computed from.
+func (m *peerMemo) same(p lease.Lease) bool { return m.key == keyOf(p) && m.attrs.Equal(p.Attrs) }
+
+func (m *peerMemo) subnet(v6 bool) netip.Prefix {
+	if v6 {
+		return m.key.v6
+	}
+	return m.key.v4
+}
+
+func (m *peerMemo) public(v6 bool) netip.Addr {
+	if v6 {
+		return m.attrs.PublicIPv6
+	}
+	return m.attrs.PublicIP
+}
+
+// each calls f with each of m's entries, as sets tagged with peer: per
+// family its FDB entry, neighbour and route.
+func (m *peerMemo) each(peer int, f func(op)) {
+	for i := range m.fam {
+		e, v6 := &m.fam[i], i == 1
+		if e.mode == famOverlay {
+			f(op{kind: kindFDB, link: int(e.link), ip: m.public(v6), mac: e.mac[:], peer: peer})
+			f(op{kind: kindNeigh, link: int(e.link), ip: m.subnet(v6).Addr(), mac: e.mac[:], peer: peer})
+		}
+		if e.mode != famNone {
+			f(op{kind: kindRoute, link: int(e.link), memo: m, v6: v6, peer: peer})
+		}
+	}
+}
+
+// ops returns m's entries of kind k, as sets tagged with peer.
+func (m *peerMemo) ops(k kind, peer int) []op {
+	var out []op
+	m.each(peer, func(o op) {
+		if o.kind == k {
+			out = append(out, o)
+		}
+	})
+	return out
+}
+
+// specs returns m's routes.
+func (m *peerMemo) specs() []routeSpec {
+	var out []routeSpec
+	for _, o := range m.ops(kindRoute, 0) {
+		out = append(out, m.spec(o.v6))
+	}
+	return out
+}
+
+// spec is m's route for one family.
+func (m *peerMemo) spec(v6 bool) routeSpec {
+	e := &m.fam[0]
+	if v6 {
+		e = &m.fam[1]
+	}
+	dst := m.subnet(v6)
+	r := routeSpec{link: int(e.link), dst: dst, gw: dst.Addr(), onlink: true, proto: m.proto, table: m.table}
+	if e.mode == famDirect {
+		r.gw, r.onlink = m.public(v6), false
+	}
+	return r
 }
 
 // routeSpec is one route a peer asks for: to dst via gw on link (onlink
-// through a flannel device, plain on the external interface).
+// through a flannel device, plain on the external interface), in the
+// reconciler's table with its protocol.
 type routeSpec struct {
-	link   int
-	dst    netip.Prefix
-	gw     netip.Addr
-	onlink bool
+	link         int
+	dst          netip.Prefix
+	gw           netip.Addr
+	onlink       bool
+	proto, table uint8 // as rtm_protocol and rtm_table
+}
+
+// netlink renders the spec as the normalized route it stands for.
+func (r *routeSpec) netlink() netlink.Route {
+	nr := r.attrs(ipconv.IPFromAddr(r.gw))
+	nr.Dst = ipconv.IPNetFromPrefix(r.dst)
+	return nr
+}
+
+// attrs is the route without its destination (which SameRoute does not
+// compare), with gw as its gateway.
+func (r *routeSpec) attrs(gw net.IP) netlink.Route {
+	nr := netlink.Route{LinkIndex: r.link, Gw: gw, Protocol: netlink.RouteProtocol(r.proto), Table: int(r.table), Family: netlink.FAMILY_V4}
+	if r.dst.Addr().Is6() {
+		nr.Family = netlink.FAMILY_V6
+	}
+	if r.onlink {
+		nr.Flags = int(netlink.FLAG_ONLINK)
+	}
+	return nr
 }
 
 // route renders the spec as the netlink route n's reconciler programs and
 // lists.
-func (n *Network) route(r routeSpec) netlink.Route {
-	nr := netlink.Route{LinkIndex: r.link, Dst: ipconv.IPNetFromPrefix(r.dst), Gw: ipconv.IPFromAddr(r.gw)}
-	if r.onlink {
-		nr.Flags = int(netlink.FLAG_ONLINK)
-	}
-	return n.rec.Normalized(r.link, nr)
-}
+func (n *Network) route(r routeSpec) netlink.Route { return n.rec.Normalized(r.link, r.netlink()) }
 
 // routes renders specs as netlink routes.
 func (n *Network) routes(specs []routeSpec) []netlink.Route {
@@ -143,7 +246,7 @@ func newMemoBook(n int, stamp memoStamp) memoBook {
 
 // set records m as the memo of its lease's key, after those set before.
 func (b *memoBook) set(m *peerMemo) {
-	k := keyOf(m.lease)
+	k := m.key
 	if old, ok := b.byKey[k]; ok && old != m {
 		old.stale = true
 	}
