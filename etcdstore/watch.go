@@ -131,8 +131,12 @@ func (w *watchState) list(ctx context.Context) (int64, error) {
 	if l.wrote.key != "" {
 		w.put(l.wrote)
 	}
+	// The listing is garbage once its keys are candidates: not kept
+	// through the first (largest) Apply that deliver hands on.
+	rev := l.rev
+	l = listing{}
 	w.deliver(true)
-	return l.rev, nil
+	return rev, nil
 }
 
 // deliver judges the current keys and calls fn when resync is set or the

@@ -202,7 +202,7 @@ func (n *Network) applyChanges(ctx context.Context, peers []lease.Lease) error {
 			_, d := n.diffMemo(old, &peerMemo{}, -1)
 			dels = append(dels, d...)
 			old.stale = true
-			delete(book.byKey, old.key)
+			book.byKey.remove(old.key)
 		}
 	}
 	prog := progress{failed: &failed, kernelOK: true}
@@ -224,8 +224,10 @@ func findMemo(book memoBook, j *int, p lease.Lease) (*peerMemo, bool) {
 			return prev[k], true
 		}
 	}
-	m, ok := book.byKey[keyOf(p)]
-	return m, ok
+	if book.byKey == nil {
+		return nil, false
+	}
+	return book.byKey.get(keyOf(p))
 }
 
 // diffMemo returns the changes that turn a peer's old entries into its new

@@ -70,3 +70,48 @@ func TestDesireKeepsMemos(t *testing.T) {
 	notDirect := n.desire(peers[1:2], never, &failed2, again)
 	assert.NotSame(t, again.order[0], notDirect.order[0], "the underlay route changed")
 }
+
+// TestMemoIndexClash: a key whose hash slot another key holds lives in
+// clash, and updates and removals find it there.
+func TestMemoIndexClash(t *testing.T) {
+	key := func(k int) leaseKey { return leaseKey{v4: netip.MustParsePrefix(fmt.Sprintf("10.1.%d.0/24", k))} }
+	memo := func(k int) *peerMemo { return &peerMemo{key: key(k)} }
+	x := newMemoIndex(4)
+	m1, m2 := memo(1), memo(2)
+	x.put(m1)
+	x.put(m2)
+	for _, m := range []*peerMemo{m1, m2} {
+		got, ok := x.get(m.key)
+		require.True(t, ok)
+		assert.Same(t, m, got)
+	}
+	_, ok := x.get(key(3))
+	assert.False(t, ok)
+
+	// Key 3's slot is taken by memo 1, as by a hash collision.
+	h3 := x.hash(key(3))
+	x.byHash[h3] = m1
+	m3 := memo(3)
+	x.put(m3)
+	assert.Same(t, m1, x.byHash[h3], "the slot's holder stays")
+	got, ok := x.get(key(3))
+	require.True(t, ok)
+	assert.Same(t, m3, got)
+	m3b := memo(3)
+	x.put(m3b)
+	got, _ = x.get(key(3))
+	assert.Same(t, m3b, got, "an update in clash replaces the memo")
+	x.remove(key(3))
+	_, ok = x.get(key(3))
+	assert.False(t, ok)
+	assert.Same(t, m1, x.byHash[h3], "removing a key in clash leaves the slot's holder")
+
+	// The holder goes: key 3 moves to its slot and leaves clash.
+	x.put(m3)
+	delete(x.byHash, h3)
+	x.put(m3b)
+	assert.Empty(t, x.clash)
+	x.remove(key(3))
+	_, ok = x.get(key(3))
+	assert.False(t, ok, "no stale memo is left in clash")
+}

@@ -2,6 +2,7 @@ package vxlan
 
 import (
 	"context"
+	"hash/maphash"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -198,9 +199,57 @@ func (n *Network) routes(specs []routeSpec) []netlink.Route {
 // order each time, so applyChanges finds most memos by walking the order
 // instead of hashing every peer's key.
 type memoBook struct {
-	byKey map[leaseKey]*peerMemo
+	byKey *memoIndex // shared by the books applyChanges derives from one another
 	order []*peerMemo
 	stamp memoStamp // what every memo was computed against
+}
+
+// memoIndex finds memos by lease key: a map by a hash of the key (a slot
+// is 16 bytes; with the 64-byte key it would be 72, 3 MB at 20,000
+// peers), and the rare memo whose hash another key already has in clash.
+type memoIndex struct {
+	seed   maphash.Seed
+	byHash map[uint64]*peerMemo
+	clash  map[leaseKey]*peerMemo
+}
+
+func newMemoIndex(n int) *memoIndex {
+	return &memoIndex{seed: maphash.MakeSeed(), byHash: make(map[uint64]*peerMemo, n), clash: map[leaseKey]*peerMemo{}}
+}
+
+func (x *memoIndex) hash(k leaseKey) uint64 {
+	// Plain memory (no pointers, no padding): hashed as bytes.
+	type flat struct {
+		v4, v6 [16]byte
+		b4, b6 int16
+	}
+	return maphash.Comparable(x.seed, flat{k.v4.Addr().As16(), k.v6.Addr().As16(), int16(k.v4.Bits()), int16(k.v6.Bits())})
+}
+
+func (x *memoIndex) get(k leaseKey) (*peerMemo, bool) {
+	if m := x.byHash[x.hash(k)]; m != nil && m.key == k {
+		return m, true
+	}
+	m, ok := x.clash[k]
+	return m, ok
+}
+
+func (x *memoIndex) put(m *peerMemo) {
+	h := x.hash(m.key)
+	if cur := x.byHash[h]; cur == nil || cur.key == m.key {
+		x.byHash[h] = m
+		delete(x.clash, m.key)
+		return
+	}
+	x.clash[m.key] = m
+}
+
+func (x *memoIndex) remove(k leaseKey) {
+	h := x.hash(k)
+	if m := x.byHash[h]; m != nil && m.key == k {
+		delete(x.byHash, h)
+	}
+	delete(x.clash, k)
 }
 
 // memoStamp is what, besides its lease and DirectRouting's answer, a peer's
@@ -241,16 +290,15 @@ func (n *Network) directBits(p lease.Lease, direct func(netip.Addr) bool) uint8 
 
 // newMemoBook returns an empty book sized for n peers.
 func newMemoBook(n int, stamp memoStamp) memoBook {
-	return memoBook{byKey: make(map[leaseKey]*peerMemo, n), order: make([]*peerMemo, 0, n), stamp: stamp}
+	return memoBook{byKey: newMemoIndex(n), order: make([]*peerMemo, 0, n), stamp: stamp}
 }
 
 // set records m as the memo of its lease's key, after those set before.
 func (b *memoBook) set(m *peerMemo) {
-	k := m.key
-	if old, ok := b.byKey[k]; ok && old != m {
+	if old, ok := b.byKey.get(m.key); ok && old != m {
 		old.stale = true
 	}
-	b.byKey[k] = m
+	b.byKey.put(m)
 	b.order = append(b.order, m)
 }
 
