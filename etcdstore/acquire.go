@@ -10,6 +10,7 @@ import (
 	"slices"
 	"time"
 
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/flannelkit/flannel/internal/retry"
@@ -358,16 +359,51 @@ type listing struct {
 
 // list reads every key under <prefix>/subnets/, malformed ones included
 // (ok false; judge warns about them), and the etcd revision it read at.
+// It reads listPage keys per request, every page at the revision of the
+// first: one consistent listing, without the whole range decoded at once
+// beside the entries made from it (at 20,000 keys that was 10 MB more at
+// the node's busiest moment). A revision compacted meanwhile starts it
+// over.
 func (s *Store) list(ctx context.Context) ([]entry, int64, error) {
-	rctx, cancel := s.reqCtx(ctx)
-	defer cancel()
-	resp, err := s.client.Get(rctx, s.subnetsKey, clientv3.WithPrefix())
-	if err != nil {
-		return nil, 0, fmt.Errorf("list %s: %w", s.subnetsKey, err)
+	for try := 0; ; try++ {
+		out, rev, err := s.listAt(ctx)
+		if errors.Is(err, rpctypes.ErrCompacted) && try < 3 {
+			continue
+		}
+		if err != nil {
+			return nil, 0, fmt.Errorf("list %s: %w", s.subnetsKey, err)
+		}
+		return out, rev, nil
 	}
-	out := make([]entry, 0, len(resp.Kvs))
-	for _, kv := range resp.Kvs {
-		out = append(out, s.entryOf(kv))
+}
+
+func (s *Store) listAt(ctx context.Context) ([]entry, int64, error) {
+	var out []entry
+	var rev int64
+	from, end := s.subnetsKey, clientv3.GetPrefixRangeEnd(s.subnetsKey)
+	for {
+		opts := []clientv3.OpOption{clientv3.WithRange(end), clientv3.WithLimit(int64(s.listPage))}
+		if rev != 0 {
+			opts = append(opts, clientv3.WithRev(rev))
+		}
+		rctx, cancel := s.reqCtx(ctx)
+		resp, err := s.client.Get(rctx, from, opts...)
+		cancel()
+		if err != nil {
+			return nil, 0, err
+		}
+		if rev == 0 {
+			rev, out = resp.Header.Revision, make([]entry, 0, resp.Count)
+		}
+		for _, kv := range resp.Kvs {
+			out = append(out, s.entryOf(kv))
+		}
+		if !resp.More || len(resp.Kvs) == 0 {
+			return out, rev, nil
+		}
+		from = string(resp.Kvs[len(resp.Kvs)-1].Key) + "\x00"
+		if s.afterPage != nil {
+			s.afterPage()
+		}
 	}
-	return out, resp.Header.Revision, nil
 }

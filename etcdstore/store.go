@@ -36,6 +36,10 @@ const (
 	DefaultRequestTimeout = 10 * time.Second
 )
 
+// defaultListPage is how many keys a listing reads per request: about
+// 250 KB of flannel leases, well under etcd's 1.5 MiB request limit.
+const defaultListPage = 1000
+
 // Options configure a Store. Every field is optional.
 type Options struct {
 	// Prefix is the etcd key prefix of the network. Default DefaultPrefix.
@@ -96,6 +100,11 @@ type Store struct {
 	own   lease.Lease
 	warn  lease.Warnings
 
+	// listPage is how many keys list reads per request (defaultListPage);
+	// afterPage, when set (tests), runs between its requests.
+	listPage  int
+	afterPage func()
+
 	// primed is the listing of the last successful Acquire, until a Watch
 	// starts from it (prime).
 	primedMu sync.Mutex
@@ -141,6 +150,7 @@ func New(client *clientv3.Client, opts Options) (*Store, error) {
 		now:         opts.Now,
 		onRenew:     opts.OnRenew,
 		rng:         opts.Rand,
+		listPage:    defaultListPage,
 	}
 	if s.ttl == 0 {
 		s.ttl = DefaultTTL

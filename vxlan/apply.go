@@ -41,6 +41,7 @@ func (n *Network) applyAll(ctx context.Context, peers []lease.Lease) error {
 		h = nlsafe.New(n.env.Handle, n.env.NS)
 	}
 	prog := progress{failed: &failed, kernelOK: true}
+	write := func(ops []op) error { return n.write(ctx, &prog, ops) }
 	var dels []op
 	for _, d := range n.devs {
 		family := netlink.FAMILY_V4
@@ -51,23 +52,31 @@ func (n *Network) applyAll(ctx context.Context, peers []lease.Lease) error {
 			k      kind
 			family int
 		}{{kindFDB, unix.AF_BRIDGE}, {kindNeigh, family}} {
-			diff := newNeighDiff(t.k, memos.table(t.k, d.index))
+			diff := newLazyNeighDiff(t.k, func() []op { return memos.table(t.k, d.index) })
 			if err := h.NeighListEach(d.index, t.family, diff.reset, diff.see); err != nil {
 				return fmt.Errorf("device %s: %w", d.spec.name, err)
 			}
+			if diff.none() { // the start-up case: no copy of the table at all
+				if err := memos.chunks(t.k, d.index, n.chunk, write); err != nil {
+					return err
+				}
+				continue
+			}
 			s, dl := diff.result()
-			if err := n.write(ctx, &prog, s); err != nil {
+			if err := write(s); err != nil {
 				return err
 			}
 			dels = append(dels, dl...)
 		}
 	}
 	for _, link := range links {
-		s, dl, err := n.diffRoutes(link, memos.table(kindRoute, link))
-		if err != nil {
-			return err
+		s, dl, none, err := n.diffRoutes(link, func() []op { return memos.table(kindRoute, link) })
+		if err == nil && none {
+			err = memos.chunks(kindRoute, link, n.chunk, write)
+		} else if err == nil {
+			err = write(s)
 		}
-		if err := n.write(ctx, &prog, s); err != nil {
+		if err != nil {
 			return err
 		}
 		dels = append(dels, dl...)
@@ -83,25 +92,30 @@ func (n *Network) applyAll(ctx context.Context, peers []lease.Lease) error {
 // go through backend.DiffRoutes: a desired route with no route of its
 // destination at all is added as it is (DiffRoutes copies every route it
 // is given several times, slow with thousands of peers).
-func (n *Network) diffRoutes(link int, desired []op) (sets, dels []op, err error) {
-	// Indexed on the first route of ours seen: a link with none (the
-	// start-up case) costs nothing.
+func (n *Network) diffRoutes(link int, build func() []op) (sets, dels []op, none bool, err error) {
+	// Built and indexed on the first route of ours seen: a link with none
+	// (the start-up case) costs nothing, and its sets are left to the
+	// caller (none).
+	var desired []op
 	var first map[netip.Prefix]int // the first desired route per destination
+	var matched []bool
 	index := func() {
 		if first != nil {
 			return
 		}
+		desired = build()
 		first = make(map[netip.Prefix]int, len(desired))
 		for i := range desired {
 			if dst := desired[i].memo.subnet(desired[i].v6); !hasKey(first, dst) {
 				first[dst] = i
 			}
 		}
+		matched = make([]bool, len(desired))
 	}
-	var matched []bool
 	var rest []netlink.Route // actual routes that are no desired route
 	err = n.rec.OwnedEach(n.env.Handle, link, func() {
-		matched, rest = make([]bool, len(desired)), rest[:0]
+		clear(matched)
+		rest = rest[:0]
 	}, func(a netlink.Route) {
 		index()
 		if dst, ok := ipconv.PrefixFromIPNet(a.Dst); ok {
@@ -116,10 +130,10 @@ func (n *Network) diffRoutes(link int, desired []op) (sets, dels []op, err error
 		rest = append(rest, a)
 	})
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, false, err
 	}
 	if first == nil { // no route of ours on link: every desired one is added
-		return desired, nil, nil
+		return nil, nil, true, nil
 	}
 	other := make(map[netip.Prefix]bool, len(rest)) // destinations of rest
 	for _, a := range rest {
@@ -152,8 +166,12 @@ func (n *Network) diffRoutes(link int, desired []op) (sets, dels []op, err error
 	for i := range del {
 		dels = append(dels, op{kind: kindRoute, del: true, link: link, route: &del[i], peer: -1})
 	}
-	return sets, dels, nil
+	return sets, dels, false, nil
 }
+
+// chunkOps is how many sets of a table applyAll builds at a time when the
+// kernel has none of them yet (Network.chunk).
+const chunkOps = 4096
 
 // applyChanges programs peers when the kernel is known to hold what the
 // last Apply asked for: only peers that are new, changed or gone are

@@ -42,6 +42,31 @@ func (n *Network) desire(peers []lease.Lease, direct func(netip.Addr) bool, fail
 	return memos
 }
 
+// chunks calls f with the entries of kind k on link, as table has them, in
+// slices of at most size entries (one backing array, reused: f must not
+// keep it).
+func (b memoBook) chunks(k kind, link, size int, f func([]op) error) error {
+	buf := make([]op, 0, min(size, len(b.order)))
+	var err error
+	for i, m := range b.order {
+		m.each(i, func(o op) {
+			if err != nil || o.kind != k || o.link != link {
+				return
+			}
+			if buf = append(buf, o); len(buf) == size {
+				err, buf = f(buf), buf[:0]
+			}
+		})
+		if err != nil {
+			return err
+		}
+	}
+	if len(buf) > 0 {
+		return f(buf)
+	}
+	return nil
+}
+
 // table returns the entries of kind k on link that the peers of b ask
 // for, as sets tagged with each peer's index. One table at a time is
 // built, diffed and programmed: at most one copy of one table is live.
@@ -121,11 +146,12 @@ func diffNeigh(k kind, want []op, actual []netlink.Neigh) (set, del []op) {
 // desired entries, not the actual ones, so that the steady state (every
 // entry in place) keeps no copy of the kernel's table.
 type neighDiff struct {
-	k    kind
-	want []op
-	idx  map[neighKey]int // the first desired entry per key
-	done []bool           // the desired entry is in place
-	del  []op
+	k     kind
+	build func() []op // want, built on the first permanent entry seen
+	want  []op
+	idx   map[neighKey]int // the first desired entry per key
+	done  []bool           // the desired entry is in place
+	del   []op
 }
 
 type neighKey struct {
@@ -135,7 +161,17 @@ type neighKey struct {
 	long string  // FDB only: a MAC of another length, as it is
 }
 
-func newNeighDiff(k kind, want []op) *neighDiff { return &neighDiff{k: k, want: want} }
+func newNeighDiff(k kind, want []op) *neighDiff {
+	return &neighDiff{k: k, build: func() []op { return want }}
+}
+
+// newLazyNeighDiff is a neighDiff whose desired entries are built only if
+// the dump has a permanent entry: see none.
+func newLazyNeighDiff(k kind, build func() []op) *neighDiff { return &neighDiff{k: k, build: build} }
+
+// none reports whether the dump had no permanent entry: every desired
+// entry is a set, and want was not built.
+func (d *neighDiff) none() bool { return d.idx == nil }
 
 // index builds idx and done on the first permanent entry seen: a table
 // with none (the start-up case) costs nothing.
@@ -143,6 +179,7 @@ func (d *neighDiff) index() {
 	if d.idx != nil {
 		return
 	}
+	d.want = d.build()
 	d.idx, d.done = make(map[neighKey]int, len(d.want)), make([]bool, len(d.want))
 	for i, w := range d.want {
 		if kk := d.key(w.link, w.ip, w.mac); !hasKey(d.idx, kk) {
@@ -188,8 +225,11 @@ func (d *neighDiff) see(a netlink.Neigh) {
 
 // result is the sets and deletes for what was seen.
 func (d *neighDiff) result() (set, del []op) {
-	if d.idx == nil || (len(d.del) == 0 && !slices.Contains(d.done, true)) {
-		return d.want, nil // nothing programmed yet: the common bulk case
+	if d.idx == nil {
+		return d.build(), nil // nothing programmed yet: the common bulk case
+	}
+	if len(d.del) == 0 && !slices.Contains(d.done, true) {
+		return d.want, nil
 	}
 	for _, w := range d.want {
 		if j := d.idx[d.key(w.link, w.ip, w.mac)]; !d.done[j] || !sameMAC(d.want[j].mac, w.mac) {

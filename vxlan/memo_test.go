@@ -115,3 +115,33 @@ func TestMemoIndexClash(t *testing.T) {
 	_, ok = x.get(key(3))
 	assert.False(t, ok, "no stale memo is left in clash")
 }
+
+// TestMemoBookChunks: chunks hands on a table's entries in order, in
+// slices of at most the size asked for, and stops at the first error.
+func TestMemoBookChunks(t *testing.T) {
+	book := newMemoBook(5, memoStamp{})
+	for k := range 5 {
+		m := &peerMemo{key: leaseKey{v4: netip.MustParsePrefix(fmt.Sprintf("10.1.%d.0/24", k))}}
+		m.fam[0] = famMemo{mode: famOverlay, mac: [6]byte{0x0a, 0, 0, 0, 0, byte(k)}, link: 5}
+		book.set(m)
+	}
+	want := book.table(kindNeigh, 5)
+	require.Len(t, want, 5)
+	var got []op
+	var sizes []int
+	require.NoError(t, book.chunks(kindNeigh, 5, 2, func(c []op) error {
+		sizes = append(sizes, len(c))
+		got = append(got, c...)
+		return nil
+	}))
+	assert.Equal(t, []int{2, 2, 1}, sizes)
+	assert.Equal(t, want, got)
+	for i, o := range got {
+		assert.Equal(t, i, o.peer)
+	}
+	calls := 0
+	err := book.chunks(kindNeigh, 5, 2, func([]op) error { calls++; return assert.AnError })
+	assert.ErrorIs(t, err, assert.AnError)
+	assert.Equal(t, 1, calls)
+	assert.NoError(t, book.chunks(kindFDB, 7, 2, func([]op) error { t.Fatal("no entries on link 7"); return nil }))
+}

@@ -36,6 +36,7 @@ type Network struct {
 	// peers that changed. Repairs always dump and diff everything.
 	synced bool
 	memo   memoBook // what each peer asked for last
+	chunk  int      // chunkOps; smaller in tests
 	gen    uint64   // applyChanges' generation (peerMemo.gen)
 	socks  *sockets
 
@@ -306,7 +307,7 @@ var _ flannel.Network = (*Network)(nil)
 
 func newNetwork(env flannel.Env, own lease.Lease, opts Options, devs []*device) *Network {
 	log := backend.Logger(env.Logger).With("backend", Type, "iface", env.Iface.Name)
-	n := &Network{env: env, own: own, opts: opts, log: log, rec: backend.RouteReconciler{Logger: log}, devs: devs, socks: &sockets{}}
+	n := &Network{env: env, own: own, opts: opts, log: log, rec: backend.RouteReconciler{Logger: log}, devs: devs, socks: &sockets{}, chunk: chunkOps}
 	n.r = backend.NewReconciler(backend.ReconcilerConfig{
 		Apply: func(ctx context.Context, peers []lease.Lease) error {
 			if n.synced {

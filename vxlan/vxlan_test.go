@@ -53,6 +53,21 @@ func TestPodConnectivity(t *testing.T) {
 	}
 }
 
+// TestApplyInChunks: on a kernel with none of its entries yet, a full
+// apply programs each table in chunks built from the memos; with chunks of
+// one entry every entry still arrives, in both families, and pods talk.
+func TestApplyInChunks(t *testing.T) {
+	c := newCluster(t, netlab.Options{Nodes: 3, IPv4: true, IPv6: true}, Options{})
+	for _, n := range c.Nodes {
+		nw(n).chunk = 1
+	}
+	c.ApplyAll(t)
+	for _, n := range c.Nodes {
+		assert.Equal(t, want(c, n, nil, c.Nodes...), state(t, n), "entries on %s", n.Node.Name)
+	}
+	c.CheckAll(t)
+}
+
 // TestContract runs the dataplane contract suite. Its damage: a peer's
 // neighbour, FDB entry and route deleted, a device set down, both devices
 // deleted.
