@@ -36,7 +36,7 @@ func (n *Network) Run(ctx context.Context) error {
 				return u.Link != nil && names[u.Link.Attrs().Name] &&
 					(u.Header.Type == unix.RTM_DELLINK || u.Link.Attrs().Flags&net.FlagUp == 0)
 			}, n.watchUp[0].Store),
-			backend.NetlinkHealthWatcher(n.log, n.env.NS, "neighbour", nlsafe.SubscribeNeighs, func(u netlink.NeighUpdate) bool {
+			backend.NetlinkHealthWatcher(n.log, n.env.NS, "neighbour", nlsafe.SubscribeNeighDeletes, func(u netlink.NeighUpdate) bool {
 				// A deleted neighbour is reported NUD_FAILED, whatever it was.
 				return u.Type == unix.RTM_DELNEIGH && n.ours(u.LinkIndex, false)
 			}, n.watchUp[1].Store),

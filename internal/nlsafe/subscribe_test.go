@@ -11,6 +11,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netlink/nl"
 	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
 
 	"github.com/flannelkit/flannel/internal/ipconv"
 	"github.com/flannelkit/flannel/internal/nlsafe"
@@ -74,7 +75,7 @@ func TestSubscribeRoutesAndNeighs(t *testing.T) {
 	link, err := h.LinkByName(n.Iface)
 	require.NoError(t, err)
 	rch, rdone := subscribe(t, h, nlsafe.SubscribeRoutes)
-	nch, ndone := subscribe(t, h, nlsafe.SubscribeNeighs)
+	nch, ndone := subscribe(t, h, nlsafe.SubscribeNeighDeletes)
 
 	dst := netip.MustParsePrefix("10.98.0.0/24")
 	require.NoError(t, h.RouteAdd(&netlink.Route{LinkIndex: link.Attrs().Index, Dst: ipconv.IPNetFromPrefix(dst)}))
@@ -85,7 +86,16 @@ func TestSubscribeRoutesAndNeighs(t *testing.T) {
 	ip := net.IPv4(172, 30, 0, 98).To4()
 	require.NoError(t, h.NeighSet(&netlink.Neigh{LinkIndex: link.Attrs().Index, Family: netlink.FAMILY_V4,
 		State: netlink.NUD_PERMANENT, IP: ip, HardwareAddr: net.HardwareAddr{0x02, 0, 0, 0, 0, 0x98}}))
-	waitFor(t, nch, ndone, func(u netlink.NeighUpdate) bool { return u.IP.Equal(ip) })
+	other := net.IPv4(172, 30, 0, 99).To4()
+	require.NoError(t, h.NeighSet(&netlink.Neigh{LinkIndex: link.Attrs().Index, Family: netlink.FAMILY_V4,
+		State: netlink.NUD_PERMANENT, IP: other, HardwareAddr: net.HardwareAddr{0x02, 0, 0, 0, 0, 0x99}}))
+	require.NoError(t, h.NeighDel(&netlink.Neigh{LinkIndex: link.Attrs().Index, Family: netlink.FAMILY_V4, IP: ip}))
+	// Only deletions come: the first update is the delete of ip, not
+	// either addition.
+	var first netlink.NeighUpdate
+	waitFor(t, nch, ndone, func(u netlink.NeighUpdate) bool { first = u; return true })
+	assert.Equal(t, uint16(unix.RTM_DELNEIGH), first.Type)
+	assert.True(t, first.IP.Equal(ip), "got %s", first.IP)
 }
 
 func TestSubscribeXfrm(t *testing.T) {
