@@ -21,7 +21,8 @@ const (
 // updates on ch until done is closed, then closes ch. onErr receives the
 // errors the subscription reports while it runs. The vishvananda/netlink
 // subscriptions fit through small adapters: internal/nlsafe's
-// SubscribeLinks, SubscribeNeighs, SubscribeRoutes and SubscribeXfrm.
+// SubscribeLinks, SubscribeNeighDeletes, SubscribeRoutes, SubscribeRouteDeletes
+// and SubscribeXfrm.
 type Subscribe[T any] func(ch chan T, done chan struct{}, ns netns.NsHandle, onErr func(error)) error
 
 // watch keeps a subscription open in ns until ctx ends and calls

@@ -21,7 +21,7 @@ import (
 func (n *Network) Run(ctx context.Context) error {
 	var watchers []backend.Watcher
 	if n.env.NS.IsOpen() {
-		watchers = append(watchers, backend.NetlinkWatcher(n.log, n.env.NS, "route", nlsafe.SubscribeRoutes, func(u netlink.RouteUpdate) bool {
+		watchers = append(watchers, backend.NetlinkWatcher(n.log, n.env.NS, "route", nlsafe.SubscribeRouteDeletes, func(u netlink.RouteUpdate) bool {
 			return u.Type == unix.RTM_DELROUTE && u.Route.Protocol == backend.RouteProtocol && u.Route.LinkIndex == n.env.Iface.Index
 		}))
 	} else {

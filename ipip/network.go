@@ -83,7 +83,7 @@ func (n *Network) watchers() []backend.Watcher {
 			return u.Link != nil && u.Link.Attrs().Name == DeviceName &&
 				(u.Header.Type == unix.RTM_DELLINK || u.Link.Attrs().Flags&net.FlagUp == 0)
 		}),
-		backend.NetlinkWatcher(n.log, n.env.NS, "route", nlsafe.SubscribeRoutes, func(u netlink.RouteUpdate) bool {
+		backend.NetlinkWatcher(n.log, n.env.NS, "route", nlsafe.SubscribeRouteDeletes, func(u netlink.RouteUpdate) bool {
 			return u.Type == unix.RTM_DELROUTE && u.Protocol == backend.RouteProtocol &&
 				(u.LinkIndex == n.env.Iface.Index || int64(u.LinkIndex) == n.dev.Load())
 		}),

@@ -40,7 +40,7 @@ func (n *Network) Run(ctx context.Context) error {
 				// A deleted neighbour is reported NUD_FAILED, whatever it was.
 				return u.Type == unix.RTM_DELNEIGH && n.ours(u.LinkIndex, false)
 			}, n.watchUp[1].Store),
-			backend.NetlinkHealthWatcher(n.log, n.env.NS, "route", nlsafe.SubscribeRoutes, func(u netlink.RouteUpdate) bool {
+			backend.NetlinkHealthWatcher(n.log, n.env.NS, "route", nlsafe.SubscribeRouteDeletes, func(u netlink.RouteUpdate) bool {
 				return u.Type == unix.RTM_DELROUTE && u.Protocol == backend.RouteProtocol && n.ours(u.LinkIndex, true)
 			}, n.watchUp[2].Store))
 	} else {

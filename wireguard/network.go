@@ -112,7 +112,7 @@ func (n *Network) watchers() []backend.Watcher {
 			return u.Link != nil && names[u.Link.Attrs().Name] &&
 				(u.Header.Type == unix.RTM_DELLINK || u.Link.Attrs().Flags&net.FlagUp == 0)
 		}),
-		backend.NetlinkWatcher(n.log, n.env.NS, "route", nlsafe.SubscribeRoutes, func(u netlink.RouteUpdate) bool {
+		backend.NetlinkWatcher(n.log, n.env.NS, "route", nlsafe.SubscribeRouteDeletes, func(u netlink.RouteUpdate) bool {
 			return u.Type == unix.RTM_DELROUTE && u.Protocol == backend.RouteProtocol && n.ours(u.LinkIndex)
 		}),
 	}

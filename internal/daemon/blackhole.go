@@ -109,7 +109,7 @@ func (b *blackholes) repair(_ context.Context, why string) {
 func (b *blackholes) start(ctx context.Context) (stop func()) {
 	ctx, cancel := context.WithCancel(ctx)
 	done := make(chan struct{})
-	deleted := backend.NetlinkWatcher(b.log, b.ns, "route", nlsafe.SubscribeRoutes, func(u netlink.RouteUpdate) bool {
+	deleted := backend.NetlinkWatcher(b.log, b.ns, "route", nlsafe.SubscribeRouteDeletes, func(u netlink.RouteUpdate) bool {
 		return u.Type == unix.RTM_DELROUTE && u.Route.Type == unix.RTN_BLACKHOLE
 	})
 	go func() {

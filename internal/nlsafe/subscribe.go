@@ -1,8 +1,11 @@
 package nlsafe
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
+	"net"
+	"syscall"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netlink/nl"
@@ -48,9 +51,67 @@ func SubscribeLinks(ch chan netlink.LinkUpdate, done chan struct{}, ns netns.NsH
 // decoded into a netlink.Neigh and thrown away, 15 MB of garbage while
 // 20,000 peers are programmed.
 func SubscribeNeighDeletes(ch chan netlink.NeighUpdate, done chan struct{}, ns netns.NsHandle, onErr func(error)) error {
-	s, err := nl.SubscribeAt(SubscribeNamespace(ns), netns.None(), unix.NETLINK_ROUTE, unix.RTNLGRP_NEIGH)
+	return subscribeDeletes("neighbour", unix.RTNLGRP_NEIGH, unix.RTM_DELNEIGH, ch, done, ns, onErr,
+		func(m syscall.NetlinkMessage) (netlink.NeighUpdate, error) {
+			n, err := netlink.NeighDeserialize(m.Data)
+			if err != nil {
+				return netlink.NeighUpdate{}, err
+			}
+			return netlink.NeighUpdate{Type: m.Header.Type, Neigh: *n}, nil
+		})
+}
+
+// SubscribeRouteDeletes subscribes to the IPv4 and IPv6 route deletions of
+// ns, likewise without decoding the other notifications. vishvananda/netlink
+// does not export its route decoder, so a deletion carries what the
+// repair watchers look at: the header's family, table, protocol, scope and
+// type, and the destination, gateway, output link and metric.
+func SubscribeRouteDeletes(ch chan netlink.RouteUpdate, done chan struct{}, ns netns.NsHandle, onErr func(error)) error {
+	return subscribeDeletes("route", unix.RTNLGRP_IPV4_ROUTE, unix.RTM_DELROUTE, ch, done, ns, onErr, routeDeletion, unix.RTNLGRP_IPV6_ROUTE)
+}
+
+func routeDeletion(m syscall.NetlinkMessage) (netlink.RouteUpdate, error) {
+	if len(m.Data) < unix.SizeofRtMsg {
+		return netlink.RouteUpdate{}, fmt.Errorf("route message of %d bytes", len(m.Data))
+	}
+	h := nl.DeserializeRtMsg(m.Data)
+	attrs, err := nl.ParseRouteAttr(m.Data[unix.SizeofRtMsg:])
 	if err != nil {
-		return fmt.Errorf("neighbour notifications: %w", err)
+		return netlink.RouteUpdate{}, err
+	}
+	r := netlink.Route{Family: int(h.Family), Table: int(h.Table), Protocol: netlink.RouteProtocol(h.Protocol),
+		Scope: netlink.Scope(h.Scope), Type: int(h.Type), Flags: int(h.Flags), Tos: int(h.Tos)}
+	u32 := func(b []byte) int {
+		if len(b) < 4 {
+			return 0
+		}
+		return int(binary.NativeEndian.Uint32(b))
+	}
+	for _, a := range attrs {
+		switch a.Attr.Type {
+		case unix.RTA_DST:
+			r.Dst = &net.IPNet{IP: net.IP(a.Value), Mask: net.CIDRMask(int(h.Dst_len), 8*len(a.Value))}
+		case unix.RTA_GATEWAY:
+			r.Gw = net.IP(a.Value)
+		case unix.RTA_OIF:
+			r.LinkIndex = u32(a.Value)
+		case unix.RTA_PRIORITY:
+			r.Priority = u32(a.Value)
+		case unix.RTA_TABLE:
+			r.Table = u32(a.Value)
+		}
+	}
+	return netlink.RouteUpdate{Type: m.Header.Type, NlFlags: m.Header.Flags, Route: r}, nil
+}
+
+// subscribeDeletes delivers the notifications of type del of the groups of
+// ns, decoded by parse, and drops the others unread. A notification that
+// does not decode is reported to onErr and skipped.
+func subscribeDeletes[T any](what string, group uint, del uint16, ch chan T, done chan struct{}, ns netns.NsHandle, onErr func(error),
+	parse func(syscall.NetlinkMessage) (T, error), more ...uint) error {
+	s, err := nl.SubscribeAt(SubscribeNamespace(ns), netns.None(), unix.NETLINK_ROUTE, append([]uint{group}, more...)...)
+	if err != nil {
+		return fmt.Errorf("%s notifications: %w", what, err)
 	}
 	if s.SetReceiveBufferSize(SubscribeBuffer, true) != nil {
 		_ = s.SetReceiveBufferSize(SubscribeBuffer, false) // capped at rmem_max
@@ -71,16 +132,16 @@ func SubscribeNeighDeletes(ch chan netlink.NeighUpdate, done chan struct{}, ns n
 				continue
 			}
 			for _, m := range msgs {
-				if m.Header.Type != unix.RTM_DELNEIGH {
+				if m.Header.Type != del {
 					continue
 				}
-				n, err := netlink.NeighDeserialize(m.Data)
+				u, err := parse(m)
 				if err != nil {
-					onErr(fmt.Errorf("neighbour notification: %w", err))
+					onErr(fmt.Errorf("%s notification: %w", what, err))
 					continue
 				}
 				select {
-				case ch <- netlink.NeighUpdate{Type: m.Header.Type, Neigh: *n}:
+				case ch <- u:
 				case <-done:
 					return
 				}

@@ -98,6 +98,38 @@ func TestSubscribeRoutesAndNeighs(t *testing.T) {
 	assert.True(t, first.IP.Equal(ip), "got %s", first.IP)
 }
 
+// TestSubscribeRouteDeletes: only deletions come, decoded with what the
+// repair watchers look at.
+func TestSubscribeRouteDeletes(t *testing.T) {
+	t.Parallel()
+	n, h := node(t)
+	link, err := h.LinkByName(n.Iface)
+	require.NoError(t, err)
+	ch, done := subscribe(t, h, nlsafe.SubscribeRouteDeletes)
+	gone := &netlink.Route{LinkIndex: link.Attrs().Index, Dst: ipconv.IPNetFromPrefix(netip.MustParsePrefix("10.97.0.0/24")),
+		Gw: net.IPv4(192, 0, 2, 1).To4(), Flags: int(netlink.FLAG_ONLINK), Protocol: 77, Priority: 5, Table: 100}
+	require.NoError(t, h.RouteAdd(&netlink.Route{LinkIndex: link.Attrs().Index, Dst: ipconv.IPNetFromPrefix(netip.MustParsePrefix("10.97.1.0/24"))}))
+	require.NoError(t, h.RouteAdd(gone))
+	require.NoError(t, h.RouteDel(gone))
+	v6 := &netlink.Route{Dst: ipconv.IPNetFromPrefix(netip.MustParsePrefix("fd00:97::/64")), Type: unix.RTN_BLACKHOLE}
+	require.NoError(t, h.RouteAdd(v6))
+	require.NoError(t, h.RouteDel(v6))
+	var got []netlink.RouteUpdate
+	waitFor(t, ch, done, func(u netlink.RouteUpdate) bool { got = append(got, u); return len(got) == 2 })
+	require.Len(t, got, 2)
+	u := got[0]
+	assert.Equal(t, uint16(unix.RTM_DELROUTE), u.Type, "the additions are not delivered")
+	assert.Equal(t, "10.97.0.0/24", u.Dst.String())
+	assert.True(t, u.Gw.Equal(gone.Gw))
+	assert.Equal(t, link.Attrs().Index, u.LinkIndex)
+	assert.Equal(t, netlink.RouteProtocol(77), u.Protocol)
+	assert.Equal(t, 5, u.Priority)
+	assert.Equal(t, 100, u.Table)
+	assert.Equal(t, netlink.FAMILY_V4, u.Family)
+	assert.Equal(t, "fd00:97::/64", got[1].Dst.String())
+	assert.Equal(t, unix.RTN_BLACKHOLE, got[1].Route.Type)
+}
+
 func TestSubscribeXfrm(t *testing.T) {
 	t.Parallel()
 	_, h := node(t)
