@@ -1,8 +1,9 @@
 // Package nlsafe is the module's one door to the kernel's networking
 // state: a netlink handle bound to a network namespace (Handle) whose dump
 // calls retry interrupted dumps, netlink subscriptions opened in a given
-// namespace with a large receive buffer (SubscribeLinks, SubscribeNeighs,
-// SubscribeRoutes, SubscribeXfrm), and running code on a locked thread
+// namespace with a large receive buffer (SubscribeLinks, SubscribeRoutes,
+// SubscribeXfrm, and SubscribeNeighDeletes and SubscribeRouteDeletes, which
+// drop every other notification unread), and running code on a locked thread
 // inside a namespace for what has no handle (InNamespace, SetSysctl,
 // GetSysctl), and creating a namespace without moving the caller's thread
 // (NewNamespace).
