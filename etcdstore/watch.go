@@ -124,7 +124,9 @@ func (w *watchState) list(ctx context.Context) (int64, error) {
 		}
 		l = listing{entries: entries, rev: rev}
 	}
-	w.cands, w.malformed = make([]lease.Candidate, 0, len(l.entries)), nil
+	// Room for the key Acquire wrote too: growing the slice for it would
+	// copy every candidate.
+	w.cands, w.malformed = make([]lease.Candidate, 0, len(l.entries)+1), nil
 	for _, e := range l.entries {
 		w.put(e) // etcd lists in key order: each put appends
 	}
