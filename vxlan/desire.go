@@ -42,53 +42,55 @@ func (n *Network) desire(peers []lease.Lease, direct func(netip.Addr) bool, fail
 	return memos
 }
 
-// chunks calls f with the entries of kind k on link, as table has them, in
-// slices of at most size entries (one backing array, reused: f must not
-// keep it).
-func (b memoBook) chunks(k kind, link, size int, f func([]op) error) error {
-	buf := make([]op, 0, min(size, len(b.order)))
-	var err error
-	for i, m := range b.order {
-		m.each(i, func(o op) {
-			if err != nil || o.kind != k || o.link != link {
-				return
-			}
-			if buf = append(buf, o); len(buf) == size {
-				err, buf = f(buf), buf[:0]
-			}
-		})
-		if err != nil {
-			return err
-		}
-	}
-	if len(buf) > 0 {
-		return f(buf)
-	}
-	return nil
-}
-
-// table returns the entries of kind k on link that the peers of b ask
-// for, as sets tagged with each peer's index. One table at a time is
-// built, diffed and programmed: at most one copy of one table is live.
-func (b memoBook) table(k kind, link int) []op {
-	var out []op
+// entries calls f with the entries of kind k on link that the peers of b
+// ask for, in order, as sets tagged with each peer's index.
+func (b memoBook) entries(k kind, link int, f func(op)) {
 	for i, m := range b.order {
 		m.each(i, func(o op) {
 			if o.kind == k && o.link == link {
-				if out == nil {
-					out = make([]op, 0, len(b.order)-i)
-				}
-				out = append(out, o)
+				f(o)
 			}
 		})
 	}
+}
+
+// chunks calls f with the entries of kind k on link, in slices of at most
+// size entries (one backing array, reused: f must not keep it), and stops
+// at f's first error.
+func (b memoBook) chunks(k kind, link, size int, f func([]op) error) error {
+	buf := make([]op, 0, min(size, len(b.order)))
+	var err error
+	b.entries(k, link, func(o op) {
+		if err != nil {
+			return
+		}
+		if buf = append(buf, o); len(buf) == size {
+			err, buf = f(buf), buf[:0]
+		}
+	})
+	if err == nil && len(buf) > 0 {
+		err = f(buf)
+	}
+	return err
+}
+
+// table returns the entries of kind k on link, all at once. One table at a
+// time is built, diffed and programmed: at most one copy of one table is
+// live.
+func (b memoBook) table(k kind, link int) []op {
+	var out []op
+	b.entries(k, link, func(o op) {
+		if out == nil {
+			out = make([]op, 0, len(b.order))
+		}
+		out = append(out, o)
+	})
 	return out
 }
 
 // desirePeer computes the entries for a peer.
 func (n *Network) desirePeer(p lease.Lease, direct func(netip.Addr) bool) *peerMemo {
-	norm := n.rec.Normalized(0, netlink.Route{})
-	m := &peerMemo{key: keyOf(p), attrs: p.Attrs, direct: n.directBits(p, direct), proto: uint8(norm.Protocol), table: uint8(norm.Table)}
+	m := &peerMemo{key: keyOf(p), attrs: p.Attrs, direct: n.directBits(p, direct), proto: n.routeProto, table: n.routeTable}
 	if p.Attrs.BackendType != Type {
 		n.log.Debug("skipping peer of another backend", "subnet", p.String(), "backend_type", p.Attrs.BackendType)
 		return m

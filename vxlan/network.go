@@ -37,8 +37,10 @@ type Network struct {
 	synced bool
 	memo   memoBook // what each peer asked for last
 	chunk  int      // chunkOps; smaller in tests
-	gen    uint64   // applyChanges' generation (peerMemo.gen)
-	socks  *sockets
+
+	routeProto, routeTable uint8  // rec's protocol and table, as memos keep them
+	gen                    uint64 // applyChanges' generation (peerMemo.gen)
+	socks                  *sockets
 
 	devMu    sync.Mutex // guards devIndex, read by Run's event filters
 	devIndex []int      // current ifindex of each device
@@ -308,6 +310,8 @@ var _ flannel.Network = (*Network)(nil)
 func newNetwork(env flannel.Env, own lease.Lease, opts Options, devs []*device) *Network {
 	log := backend.Logger(env.Logger).With("backend", Type, "iface", env.Iface.Name)
 	n := &Network{env: env, own: own, opts: opts, log: log, rec: backend.RouteReconciler{Logger: log}, devs: devs, socks: &sockets{}, chunk: chunkOps}
+	norm := n.rec.Normalized(0, netlink.Route{})
+	n.routeProto, n.routeTable = uint8(norm.Protocol), uint8(norm.Table)
 	n.r = backend.NewReconciler(backend.ReconcilerConfig{
 		Apply: func(ctx context.Context, peers []lease.Lease) error {
 			if n.synced {

@@ -51,14 +51,14 @@ func SubscribeLinks(ch chan netlink.LinkUpdate, done chan struct{}, ns netns.NsH
 // decoded into a netlink.Neigh and thrown away, 15 MB of garbage while
 // 20,000 peers are programmed.
 func SubscribeNeighDeletes(ch chan netlink.NeighUpdate, done chan struct{}, ns netns.NsHandle, onErr func(error)) error {
-	return subscribeDeletes("neighbour", unix.RTNLGRP_NEIGH, unix.RTM_DELNEIGH, ch, done, ns, onErr,
-		func(m syscall.NetlinkMessage) (netlink.NeighUpdate, error) {
+	return subscribeRaw("neighbour", unix.NETLINK_ROUTE, []uint{unix.RTNLGRP_NEIGH}, ch, done, ns, onErr,
+		deletions(unix.RTM_DELNEIGH, func(m syscall.NetlinkMessage) (netlink.NeighUpdate, error) {
 			n, err := netlink.NeighDeserialize(m.Data)
 			if err != nil {
 				return netlink.NeighUpdate{}, err
 			}
 			return netlink.NeighUpdate{Type: m.Header.Type, Neigh: *n}, nil
-		})
+		}))
 }
 
 // SubscribeRouteDeletes subscribes to the IPv4 and IPv6 route deletions of
@@ -67,7 +67,8 @@ func SubscribeNeighDeletes(ch chan netlink.NeighUpdate, done chan struct{}, ns n
 // repair watchers look at: the header's family, table, protocol, scope and
 // type, and the destination, gateway, output link and metric.
 func SubscribeRouteDeletes(ch chan netlink.RouteUpdate, done chan struct{}, ns netns.NsHandle, onErr func(error)) error {
-	return subscribeDeletes("route", unix.RTNLGRP_IPV4_ROUTE, unix.RTM_DELROUTE, ch, done, ns, onErr, routeDeletion, unix.RTNLGRP_IPV6_ROUTE)
+	return subscribeRaw("route", unix.NETLINK_ROUTE, []uint{unix.RTNLGRP_IPV4_ROUTE, unix.RTNLGRP_IPV6_ROUTE}, ch, done, ns, onErr,
+		deletions(unix.RTM_DELROUTE, routeDeletion))
 }
 
 func routeDeletion(m syscall.NetlinkMessage) (netlink.RouteUpdate, error) {
@@ -104,12 +105,26 @@ func routeDeletion(m syscall.NetlinkMessage) (netlink.RouteUpdate, error) {
 	return netlink.RouteUpdate{Type: m.Header.Type, NlFlags: m.Header.Flags, Route: r}, nil
 }
 
-// subscribeDeletes delivers the notifications of type del of the groups of
-// ns, decoded by parse, and drops the others unread. A notification that
+// deletions is a subscribeRaw decoder that keeps the messages of type del,
+// decoded by parse, and drops the others unread.
+func deletions[T any](del uint16, parse func(syscall.NetlinkMessage) (T, error)) func(syscall.NetlinkMessage) (T, bool, error) {
+	return func(m syscall.NetlinkMessage) (T, bool, error) {
+		if m.Header.Type != del {
+			var zero T
+			return zero, false, nil
+		}
+		u, err := parse(m)
+		return u, err == nil, err
+	}
+}
+
+// subscribeRaw delivers the notifications of groups of the netlink
+// protocol in ns that decode keeps, through a socket of vishvananda/netlink's
+// nl package (for what its subscriptions cannot do). A notification that
 // does not decode is reported to onErr and skipped.
-func subscribeDeletes[T any](what string, group uint, del uint16, ch chan T, done chan struct{}, ns netns.NsHandle, onErr func(error),
-	parse func(syscall.NetlinkMessage) (T, error), more ...uint) error {
-	s, err := nl.SubscribeAt(SubscribeNamespace(ns), netns.None(), unix.NETLINK_ROUTE, append([]uint{group}, more...)...)
+func subscribeRaw[T any](what string, protocol int, groups []uint, ch chan T, done chan struct{}, ns netns.NsHandle, onErr func(error),
+	decode func(syscall.NetlinkMessage) (T, bool, error)) error {
+	s, err := nl.SubscribeAt(SubscribeNamespace(ns), netns.None(), protocol, groups...)
 	if err != nil {
 		return fmt.Errorf("%s notifications: %w", what, err)
 	}
@@ -132,12 +147,12 @@ func subscribeDeletes[T any](what string, group uint, del uint16, ch chan T, don
 				continue
 			}
 			for _, m := range msgs {
-				if m.Header.Type != del {
-					continue
-				}
-				u, err := parse(m)
+				u, keep, err := decode(m)
 				if err != nil {
 					onErr(fmt.Errorf("%s notification: %w", what, err))
+					continue
+				}
+				if !keep {
 					continue
 				}
 				select {
@@ -164,39 +179,12 @@ func SubscribeRoutes(ch chan netlink.RouteUpdate, done chan struct{}, ns netns.N
 // SubscribeXfrm subscribes to the XFRM notifications of ns about states
 // and policies (added, deleted, flushed, expired) and delivers each
 // message's type. vishvananda/netlink's XfrmMonitor only reports expiries
-// and cannot enter a namespace, hence a socket of its nl package. When the
-// kernel refuses the larger buffer the default one stays.
+// and cannot enter a namespace, hence a socket of its nl package.
 func SubscribeXfrm(ch chan nl.XfrmMsgType, done chan struct{}, ns netns.NsHandle, onErr func(error)) error {
-	s, err := nl.SubscribeAt(SubscribeNamespace(ns), netns.None(), unix.NETLINK_XFRM,
-		nl.XFRMNLGRP_SA, nl.XFRMNLGRP_POLICY, nl.XFRMNLGRP_EXPIRE)
-	if err != nil {
-		return fmt.Errorf("xfrm notifications: %w", err)
-	}
-	// A reconcile of many peers deletes thousands of states at once.
-	_ = s.SetReceiveBufferSize(SubscribeBuffer, true)
-	go func() {
-		<-done
-		s.Close() // ends the blocked Receive below
-	}()
-	go func() {
-		defer close(ch)
-		for {
-			msgs, from, err := s.Receive()
-			if err != nil {
-				onErr(err)
-				return
-			}
-			if from.Pid != nl.PidKernel {
-				continue
-			}
-			for _, m := range msgs {
-				select {
-				case ch <- nl.XfrmMsgType(m.Header.Type):
-				case <-done:
-					return
-				}
-			}
-		}
-	}()
-	return nil
+	// A reconcile of many peers deletes thousands of states at once: the
+	// large buffer matters here too.
+	return subscribeRaw("xfrm", unix.NETLINK_XFRM, []uint{nl.XFRMNLGRP_SA, nl.XFRMNLGRP_POLICY, nl.XFRMNLGRP_EXPIRE}, ch, done, ns, onErr,
+		func(m syscall.NetlinkMessage) (nl.XfrmMsgType, bool, error) {
+			return nl.XfrmMsgType(m.Header.Type), true, nil
+		})
 }
