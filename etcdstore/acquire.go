@@ -75,7 +75,7 @@ func (s *Store) Acquire(ctx context.Context, req lease.Request) (lease.Lease, er
 		if attempt > s.maxAttempts {
 			return lease.Lease{}, fmt.Errorf("acquire lease for %s: gave up after %d attempts: %w", id, s.maxAttempts, errRace)
 		}
-		l, err := s.attempt(ctx, cfg, req, id, value, g)
+		l, err := s.attempt(ctx, cfg, req, id, value, g, attempt == 1)
 		switch {
 		case errors.Is(err, errRace):
 			d := pause.Next()
@@ -95,26 +95,41 @@ func (s *Store) Acquire(ctx context.Context, req lease.Request) (lease.Lease, er
 	}
 }
 
-// attempt is one try of Acquire on a fresh listing: reclaim, else create
-// a key for Previous or a free subnet with a compare-and-swap.
-func (s *Store) attempt(ctx context.Context, cfg lease.Config, req lease.Request, id netip.Addr, value []byte, g *grantOnce) (lease.Lease, error) {
-	entries, rev, err := s.list(ctx)
+// attempt is one try of Acquire on a fresh listing (on the first, the one
+// FindOwn kept, if any): reclaim, else create a key for Previous or a free
+// subnet with a compare-and-swap.
+func (s *Store) attempt(ctx context.Context, cfg lease.Config, req lease.Request, id netip.Addr, value []byte, g *grantOnce,
+	first bool) (lease.Lease, error) {
+	var entries []entry
+	var rev int64
+	ok := false
+	if first {
+		entries, rev, ok = s.takeFound()
+	}
+	if !ok {
+		var err error
+		if entries, rev, err = s.list(ctx); err != nil {
+			return lease.Lease{}, fmt.Errorf("acquire lease for %s: %w", id, err)
+		}
+	}
+	l, wrote, err := s.reclaim(ctx, cfg, req, entries, value, g)
+	if errors.Is(err, errRace) || errors.Is(err, errRelist) {
+		return lease.Lease{}, err
+	}
 	if err != nil {
 		return lease.Lease{}, fmt.Errorf("acquire lease for %s: %w", id, err)
 	}
-	l, wrote, err := s.reclaim(ctx, cfg, req, entries, value, g)
-	switch {
-	case errors.Is(err, errRace) || errors.Is(err, errRelist):
-		return lease.Lease{}, err
-	case err != nil:
-		return lease.Lease{}, fmt.Errorf("acquire lease for %s: %w", id, err)
-	case l.Subnet.IsValid() || l.IPv6Subnet.IsValid():
-		s.prime(listing{entries: entries, rev: rev, wrote: wrote})
+	// From here on the keys are needed as candidates only: judged for
+	// allocation, then kept for the next Watch. The entries are garbage
+	// from here (their last use).
+	cands, malformed := candidates(cfg, entries, req.Attrs)
+	if l.Subnet.IsValid() || l.IPv6Subnet.IsValid() {
+		s.prime(listing{cands: cands, malformed: malformed, rev: rev, wrote: wrote})
 		return l, nil
 	}
 
 	// Nothing of ours: allocate among the valid leases, honouring Previous.
-	_, taken := s.judge(cfg, entries, req.Attrs, s.ownLease())
+	taken := s.taken(cfg, cands, malformed, s.ownLease())
 	s.rngMu.Lock()
 	got, err := cfg.Allocate(taken, req.Previous, s.rng)
 	s.rngMu.Unlock()
@@ -149,7 +164,7 @@ func (s *Store) attempt(ctx context.Context, cfg lease.Config, req lease.Request
 		return lease.Lease{}, fmt.Errorf("subnet %s, or a key sharing one of its subnets, created concurrently: %w", key, errRace)
 	}
 	g.used = true
-	s.prime(listing{entries: entries, rev: rev, wrote: entry{key: key, l: lease.Lease{Subnet: got.Subnet, IPv6Subnet: got.IPv6Subnet, Attrs: req.Attrs},
+	s.prime(listing{cands: cands, malformed: malformed, rev: rev, wrote: entry{key: key, l: lease.Lease{Subnet: got.Subnet, IPv6Subnet: got.IPv6Subnet, Attrs: req.Attrs},
 		ok: true, modRev: txn.Header.Revision, createRev: txn.Header.Revision, leaseID: lid}})
 	got.Attrs = req.Attrs
 	got.Expiration = s.now().Add(s.ttl)
@@ -293,7 +308,10 @@ func ownEntries(cfg lease.Config, attrs lease.Attrs, previous lease.Lease, entri
 // (found by its identifying public IP: the first own key that fits the
 // network config, reservations first), with the attributes stored in it,
 // and false when there is none. It changes nothing; Expiration is left
-// zero.
+// zero. The next Acquire's first attempt starts from FindOwn's listing
+// instead of listing every key again (a starting node calls both, a
+// moment apart): a listing that went stale meanwhile only loses a
+// compare-and-swap, and the retry lists afresh.
 func (s *Store) FindOwn(ctx context.Context, attrs lease.Attrs) (lease.Lease, bool, error) {
 	cfg, err := s.Config(ctx)
 	if err != nil {
@@ -303,10 +321,11 @@ func (s *Store) FindOwn(ctx context.Context, attrs lease.Attrs) (lease.Lease, bo
 	if !id.IsValid() {
 		return lease.Lease{}, false, nil
 	}
-	entries, _, err := s.list(ctx)
+	entries, rev, err := s.list(ctx)
 	if err != nil {
 		return lease.Lease{}, false, fmt.Errorf("find lease of %s: %w", id, err)
 	}
+	s.keepFound(rawListing{entries: entries, rev: rev})
 	for _, e := range ownEntries(cfg, attrs, lease.Lease{}, entries) {
 		if cfg.CheckLease(e.l) == nil {
 			return e.l, true, nil
@@ -349,12 +368,37 @@ func (s *Store) takePrimed() (listing, bool) {
 	return p, p.rev != 0
 }
 
-// listing is every key under <prefix>/subnets/ at etcd revision rev and,
-// when its key is set, the key Acquire wrote after it.
-type listing struct {
+// keepFound keeps FindOwn's listing for the next Acquire.
+func (s *Store) keepFound(l rawListing) {
+	s.primedMu.Lock()
+	defer s.primedMu.Unlock()
+	s.found = l
+}
+
+// takeFound returns the listing keepFound kept, once.
+func (s *Store) takeFound() ([]entry, int64, bool) {
+	s.primedMu.Lock()
+	defer s.primedMu.Unlock()
+	f := s.found
+	s.found = rawListing{}
+	return f.entries, f.rev, f.rev != 0
+}
+
+// rawListing is every key under <prefix>/subnets/ at etcd revision rev,
+// as list returns them.
+type rawListing struct {
 	entries []entry
 	rev     int64
-	wrote   entry
+}
+
+// listing is every key under <prefix>/subnets/ at etcd revision rev, as
+// candidates (see candidates) and malformed keys, and, when its key is set,
+// the key Acquire wrote after it.
+type listing struct {
+	cands     []lease.Candidate
+	malformed []lease.Ignored
+	rev       int64
+	wrote     entry
 }
 
 // list reads every key under <prefix>/subnets/, malformed ones included

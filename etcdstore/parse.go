@@ -55,39 +55,31 @@ func (s *Store) entryOf(kv *mvccpb.KeyValue) entry {
 		createRev: kv.CreateRevision, leaseID: clientv3.LeaseID(kv.Lease)}
 }
 
-// judge applies the valid-peer rule (lease.Config.Peers) to entries for
-// the node with attrs holding own (either may be zero), and warns about
-// each ignored or malformed key once per change to its value. taken is
-// what allocation must count: the verdict's Taken plus keys whose value is
-// malformed but whose subnets fit the network (the key exists, so it
-// cannot be created).
-func (s *Store) judge(cfg lease.Config, entries []entry, attrs lease.Attrs, own lease.Lease) (v lease.Verdict, taken []lease.Lease) {
-	v, malformed := s.verdict(cfg, entries, attrs, own)
-	taken = v.Taken()
+// taken judges cands (sorted by key, Own set) for the node holding own
+// (lease.Config.PeerLeases; own may be zero), warns about each ignored or
+// malformed key once per change to its value, and returns what allocation
+// must count: the valid leases, those ignored only for holding a subnet
+// another holds (lease.Taken), and the malformed keys whose subnets fit the
+// network (the key exists, so it cannot be created). No copy of the
+// candidates is made: at 5,000 keys a starting node's busiest moment.
+func (s *Store) taken(cfg lease.Config, cands []lease.Candidate, malformed []lease.Ignored, own lease.Lease) []lease.Lease {
+	leases, ignored := cfg.PeerLeases(cands, own)
+	s.warnIgnored(ignored, malformed)
+	taken := lease.Taken(leases, ignored)
 	for _, m := range malformed {
 		if r, _ := cfg.Shape(m.Lease); r == "" {
 			taken = append(taken, m.Lease)
 		}
 	}
-	return v, taken
+	return taken
 }
 
-// verdict is judge without what allocation needs: the verdict and the
-// malformed entries.
-func (s *Store) verdict(cfg lease.Config, entries []entry, attrs lease.Attrs, own lease.Lease) (lease.Verdict, []lease.Ignored) {
-	cands, malformed := candidates(cfg, entries, attrs)
-	if !slices.IsSortedFunc(cands, byCandName) {
-		slices.SortFunc(cands, byCandName)
-	}
-	v := cfg.Peers(cands, own)
-	s.warnIgnored(v.Ignored, malformed)
-	return v, malformed
-}
-
-// candidates turns the entries that parsed into candidates (in the
-// entries' order) and returns the others as malformed.
+// candidates turns the entries that parsed into candidates, sorted by key
+// (etcd lists in key order), with Own set for the node with attrs, and
+// returns the others as malformed. The slice has room for one more: the
+// key Acquire writes, which Watch inserts.
 func candidates(cfg lease.Config, entries []entry, attrs lease.Attrs) ([]lease.Candidate, []lease.Ignored) {
-	cands := make([]lease.Candidate, 0, len(entries))
+	cands := make([]lease.Candidate, 0, len(entries)+1)
 	var malformed []lease.Ignored
 	for _, e := range entries {
 		if !e.ok {
@@ -97,6 +89,13 @@ func candidates(cfg lease.Config, entries []entry, attrs lease.Attrs) ([]lease.C
 		c := candidateOf(e)
 		c.Own = cfg.SameNode(attrs, e.l.Attrs)
 		cands = append(cands, c)
+	}
+	if !slices.IsSortedFunc(cands, byCandName) {
+		slices.SortFunc(cands, byCandName)
+	}
+	byIgnored := func(a, b lease.Ignored) int { return cmp.Compare(a.Name, b.Name) }
+	if !slices.IsSortedFunc(malformed, byIgnored) {
+		slices.SortFunc(malformed, byIgnored)
 	}
 	return cands, malformed
 }

@@ -106,9 +106,11 @@ type Store struct {
 	afterPage func()
 
 	// primed is the listing of the last successful Acquire, until a Watch
-	// starts from it (prime).
+	// starts from it (prime); found is FindOwn's, until the next Acquire
+	// starts from it (takeFound).
 	primedMu sync.Mutex
 	primed   listing
+	found    rawListing
 
 	// grantedTTL is the TTL etcd actually granted last time (it raises
 	// TTLs below its minimum); Keep compares an etcd lease's TTL to it.

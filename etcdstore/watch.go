@@ -122,19 +122,15 @@ func (w *watchState) list(ctx context.Context) (int64, error) {
 		if err != nil {
 			return 0, err
 		}
-		l = listing{entries: entries, rev: rev}
+		l.cands, l.malformed = candidates(w.cfg, entries, lease.Attrs{}) // deliver sets Own
+		l.rev = rev
 	}
-	// Room for the key Acquire wrote too: growing the slice for it would
-	// copy every candidate.
-	w.cands, w.malformed = make([]lease.Candidate, 0, len(l.entries)+1), nil
-	for _, e := range l.entries {
-		w.put(e) // etcd lists in key order: each put appends
-	}
+	// The listing's keys become the watch's: no copy of every candidate
+	// (candidates left room for the key Acquire wrote).
+	w.cands, w.malformed = l.cands, l.malformed
 	if l.wrote.key != "" {
 		w.put(l.wrote)
 	}
-	// The listing is garbage once its keys are candidates: not kept
-	// through the first (largest) Apply that deliver hands on.
 	rev := l.rev
 	l = listing{}
 	w.deliver(true)

@@ -67,13 +67,19 @@ func (v Verdict) Leases() []Lease {
 // would fail). Leases outside the network or of another length are not
 // counted, so hostile keys such as 0.0.0.0/1 cannot exhaust the network.
 func (v Verdict) Taken() []Lease {
-	out := v.Leases()
-	for _, ig := range v.Ignored {
+	return Taken(v.Leases(), v.Ignored)
+}
+
+// Taken is Verdict.Taken for PeerLeases' results: valid with the subnets
+// of the ignored leases that allocation must still count appended (valid's
+// array is reused, so the caller gives it up).
+func Taken(valid []Lease, ignored []Ignored) []Lease {
+	for _, ig := range ignored {
 		if ig.Rule == RuleOverlap || ig.Rule == RuleOwnSubnet {
-			out = append(out, ig.Lease)
+			valid = append(valid, ig.Lease)
 		}
 	}
-	return out
+	return valid
 }
 
 // Shape checks the rules of one lease on its own: every subnet it has is
