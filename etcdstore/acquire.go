@@ -122,7 +122,7 @@ func (s *Store) attempt(ctx context.Context, cfg lease.Config, req lease.Request
 	// From here on the keys are needed as candidates only: judged for
 	// allocation, then kept for the next Watch. The entries are garbage
 	// from here (their last use).
-	cands, malformed := candidates(cfg, entries, req.Attrs)
+	cands, malformed := s.candidates(cfg, entries, req.Attrs)
 	if l.Subnet.IsValid() || l.IPv6Subnet.IsValid() {
 		s.prime(listing{cands: cands, malformed: malformed, rev: rev, wrote: wrote})
 		return l, nil

@@ -78,15 +78,15 @@ func (s *Store) taken(cfg lease.Config, cands []lease.Candidate, malformed []lea
 // (etcd lists in key order), with Own set for the node with attrs, and
 // returns the others as malformed. The slice has room for one more: the
 // key Acquire writes, which Watch inserts.
-func candidates(cfg lease.Config, entries []entry, attrs lease.Attrs) ([]lease.Candidate, []lease.Ignored) {
+func (s *Store) candidates(cfg lease.Config, entries []entry, attrs lease.Attrs) ([]lease.Candidate, []lease.Ignored) {
 	cands := make([]lease.Candidate, 0, len(entries)+1)
 	var malformed []lease.Ignored
 	for _, e := range entries {
 		if !e.ok {
-			malformed = append(malformed, malformedOf(e))
+			malformed = append(malformed, s.malformedOf(e))
 			continue
 		}
-		c := candidateOf(e)
+		c := s.candidateOf(e)
 		c.Own = cfg.SameNode(attrs, e.l.Attrs)
 		cands = append(cands, c)
 	}
@@ -100,21 +100,27 @@ func candidates(cfg lease.Config, entries []entry, attrs lease.Attrs) ([]lease.C
 	return cands, malformed
 }
 
-// candidateOf is e as a candidate for lease.Config.Peers (Own unset).
-func candidateOf(e entry) lease.Candidate {
-	return lease.Candidate{Name: e.key, Lease: e.l, Order: e.createRev}
+// candidateOf is e as a candidate for lease.Config.Peers (Own unset). Its
+// Name is the key under <prefix>/subnets/ ("10.244.3.0-24"), a string of
+// its own: 16 bytes per key kept instead of the whole key's 48.
+func (s *Store) candidateOf(e entry) lease.Candidate {
+	return lease.Candidate{Name: strings.Clone(s.name(e.key)), Lease: e.l, Order: e.createRev}
 }
 
+// name is key under <prefix>/subnets/, as candidates are named (sharing
+// key's bytes). Removing a common prefix keeps the keys' order.
+func (s *Store) name(key string) string { return strings.TrimPrefix(key, s.subnetsKey) }
+
 // malformedOf is the warning's record of e, which did not parse.
-func malformedOf(e entry) lease.Ignored {
-	return lease.Ignored{Candidate: candidateOf(e), Rule: lease.RuleMalformed, Detail: e.err.Error()}
+func (s *Store) malformedOf(e entry) lease.Ignored {
+	return lease.Ignored{Candidate: s.candidateOf(e), Rule: lease.RuleMalformed, Detail: e.err.Error()}
 }
 
 // warnIgnored warns about each ignored or malformed key once per change
 // to its value.
 func (s *Store) warnIgnored(ignored, malformed []lease.Ignored) {
 	for _, ig := range s.warn.Fresh(append(slices.Clip(ignored), malformed...)) {
-		s.log.Warn("ignoring lease", "key", ig.Name, "rule", string(ig.Rule), "reason", ig.Detail)
+		s.log.Warn("ignoring lease", "key", s.subnetsKey+ig.Name, "rule", string(ig.Rule), "reason", ig.Detail)
 	}
 }
 

@@ -93,21 +93,23 @@ func byIgnoredName(a lease.Ignored, key string) int { return cmp.Compare(a.Name,
 // put records e under its key, in place of what the key held.
 func (w *watchState) put(e entry) {
 	w.del(e.key)
+	name := w.s.name(e.key)
 	if !e.ok {
-		i, _ := slices.BinarySearchFunc(w.malformed, e.key, byIgnoredName)
-		w.malformed = slices.Insert(w.malformed, i, malformedOf(e))
+		i, _ := slices.BinarySearchFunc(w.malformed, name, byIgnoredName)
+		w.malformed = slices.Insert(w.malformed, i, w.s.malformedOf(e))
 		return
 	}
-	i, _ := slices.BinarySearchFunc(w.cands, e.key, byName)
-	w.cands = slices.Insert(w.cands, i, candidateOf(e))
+	i, _ := slices.BinarySearchFunc(w.cands, name, byName)
+	w.cands = slices.Insert(w.cands, i, w.s.candidateOf(e))
 }
 
 // del forgets key.
 func (w *watchState) del(key string) {
-	if i, ok := slices.BinarySearchFunc(w.cands, key, byName); ok {
+	name := w.s.name(key)
+	if i, ok := slices.BinarySearchFunc(w.cands, name, byName); ok {
 		w.cands = slices.Delete(w.cands, i, i+1)
 	}
-	if i, ok := slices.BinarySearchFunc(w.malformed, key, byIgnoredName); ok {
+	if i, ok := slices.BinarySearchFunc(w.malformed, name, byIgnoredName); ok {
 		w.malformed = slices.Delete(w.malformed, i, i+1)
 	}
 }
@@ -122,7 +124,7 @@ func (w *watchState) list(ctx context.Context) (int64, error) {
 		if err != nil {
 			return 0, err
 		}
-		l.cands, l.malformed = candidates(w.cfg, entries, lease.Attrs{}) // deliver sets Own
+		l.cands, l.malformed = w.s.candidates(w.cfg, entries, lease.Attrs{}) // deliver sets Own
 		l.rev = rev
 	}
 	// The listing's keys become the watch's: no copy of every candidate

@@ -74,7 +74,7 @@ func TestDesireKeepsMemos(t *testing.T) {
 // TestMemoIndexClash: a key whose hash slot another key holds lives in
 // clash, and updates and removals find it there.
 func TestMemoIndexClash(t *testing.T) {
-	key := func(k int) leaseKey { return leaseKey{v4: netip.MustParsePrefix(fmt.Sprintf("10.1.%d.0/24", k))} }
+	key := func(k int) leaseKey { return keyOf(lease.Lease{Subnet: netip.MustParsePrefix(fmt.Sprintf("10.1.%d.0/24", k))}) }
 	memo := func(k int) *peerMemo { return &peerMemo{key: key(k)} }
 	x := newMemoIndex(4)
 	m1, m2 := memo(1), memo(2)
@@ -121,7 +121,7 @@ func TestMemoIndexClash(t *testing.T) {
 func TestMemoBookChunks(t *testing.T) {
 	book := newMemoBook(5, memoStamp{})
 	for k := range 5 {
-		m := &peerMemo{key: leaseKey{v4: netip.MustParsePrefix(fmt.Sprintf("10.1.%d.0/24", k))}}
+		m := &peerMemo{key: keyOf(lease.Lease{Subnet: netip.MustParsePrefix(fmt.Sprintf("10.1.%d.0/24", k))})}
 		m.fam[0] = famMemo{mode: famOverlay, mac: [6]byte{0x0a, 0, 0, 0, 0, byte(k)}, link: 5}
 		book.set(m)
 	}
@@ -144,4 +144,26 @@ func TestMemoBookChunks(t *testing.T) {
 	assert.ErrorIs(t, err, assert.AnError)
 	assert.Equal(t, 1, calls)
 	assert.NoError(t, book.chunks(kindFDB, 7, 2, func([]op) error { t.Fatal("no entries on link 7"); return nil }))
+}
+
+// TestLeaseKey: a lease's key gives back its subnets, tells the families
+// apart, and is equal only for the same subnets.
+func TestLeaseKey(t *testing.T) {
+	p := netip.MustParsePrefix
+	for _, l := range []lease.Lease{
+		{Subnet: p("10.244.3.0/24")},
+		{IPv6Subnet: p("fd00:10:244:3::/64")},
+		{Subnet: p("10.244.3.0/24"), IPv6Subnet: p("fd00:10:244:3::/64")},
+		{Subnet: p("0.0.0.0/0")},
+		{},
+	} {
+		k := keyOf(l)
+		assert.Equal(t, l.Subnet, k.prefix(false), "%v", l)
+		assert.Equal(t, l.IPv6Subnet, k.prefix(true), "%v", l)
+	}
+	assert.NotEqual(t, keyOf(lease.Lease{Subnet: p("10.244.3.0/24")}), keyOf(lease.Lease{Subnet: p("10.244.3.0/25")}))
+	assert.NotEqual(t, keyOf(lease.Lease{Subnet: p("0.0.0.0/0")}), keyOf(lease.Lease{}), "a /0 is a subnet")
+	assert.NotEqual(t, keyOf(lease.Lease{Subnet: p("10.244.3.0/24")}),
+		keyOf(lease.Lease{Subnet: p("10.244.3.0/24"), IPv6Subnet: p("fd00::/64")}))
+	assert.Equal(t, keyOf(lease.Lease{Subnet: p("10.244.3.0/24")}), keyOf(lease.Lease{Subnet: p("10.244.3.0/24")}))
 }

@@ -50,25 +50,58 @@ type Network struct {
 	watchUp [3]atomic.Bool
 }
 
-// leaseKey identifies a peer by its subnets.
-type leaseKey struct{ v4, v6 netip.Prefix }
+// leaseKey identifies a peer by its subnets: 34 bytes of plain memory,
+// hashed as they are (two netip.Prefix are 64 bytes, a zone pointer
+// each).
+type leaseKey struct {
+	v4, v6 [16]byte // the subnets' addresses (As16)
+	b4, b6 uint8    // their lengths; noSubnet when the lease has none
+}
 
-func keyOf(l lease.Lease) leaseKey { return leaseKey{l.Subnet, l.IPv6Subnet} }
+// noSubnet is leaseKey's length of a family the lease has no subnet of.
+const noSubnet = 0xff
+
+func keyOf(l lease.Lease) leaseKey {
+	k := leaseKey{b4: noSubnet, b6: noSubnet}
+	if p := l.Subnet; p.IsValid() {
+		k.v4, k.b4 = p.Addr().As16(), uint8(p.Bits())
+	}
+	if p := l.IPv6Subnet; p.IsValid() {
+		k.v6, k.b6 = p.Addr().As16(), uint8(p.Bits())
+	}
+	return k
+}
+
+// prefix is the key's subnet of one family (invalid when it has none).
+func (k leaseKey) prefix(v6 bool) netip.Prefix {
+	a, b := k.v4, k.b4
+	if v6 {
+		a, b = k.v6, k.b6
+	}
+	if b == noSubnet {
+		return netip.Prefix{}
+	}
+	addr := netip.AddrFrom16(a)
+	if !v6 {
+		addr = addr.Unmap()
+	}
+	return netip.PrefixFrom(addr, int(b))
+}
 
 // peerMemo is what one peer asks of the kernel: per family, how it is
 // reached and its VTEP's MAC, from which its entries are derived as they
-// are needed (each, spec). 240 bytes and one
-// allocation per peer: kept for every peer between Applies.
+// are needed (each, spec). 208 bytes and one allocation per peer: kept
+// for every peer between Applies.
 type peerMemo struct {
 	key    leaseKey
-	attrs  lease.Attrs
-	errs   []error // why it could not be (fully) programmed
-	gen    uint64  // the applyChanges call that last saw it
-	fam    [2]famMemo
 	proto  uint8 // the routes' rtm_protocol and rtm_table
 	table  uint8
 	stale  bool  // replaced in or dropped from memoBook.byKey
 	direct uint8 // with DirectRouting: directBits when computed
+	fam    [2]famMemo
+	attrs  lease.Attrs
+	errs   []error // why it could not be (fully) programmed
+	gen    uint64  // the applyChanges call that last saw it
 }
 
 // famMemo is one family's part of a peer's memo.
@@ -90,12 +123,7 @@ const (
 // same reports whether p asks for the entries m was computed from.
 func (m *peerMemo) same(p lease.Lease) bool { return m.key == keyOf(p) && m.attrs.Equal(p.Attrs) }
 
-func (m *peerMemo) subnet(v6 bool) netip.Prefix {
-	if v6 {
-		return m.key.v6
-	}
-	return m.key.v4
-}
+func (m *peerMemo) subnet(v6 bool) netip.Prefix { return m.key.prefix(v6) }
 
 func (m *peerMemo) public(v6 bool) netip.Addr {
 	if v6 {
@@ -221,12 +249,7 @@ func newMemoIndex(n int) *memoIndex {
 }
 
 func (x *memoIndex) hash(k leaseKey) uint64 {
-	// Plain memory (no pointers, no padding): hashed as bytes.
-	type flat struct {
-		v4, v6 [16]byte
-		b4, b6 int16
-	}
-	return maphash.Comparable(x.seed, flat{k.v4.Addr().As16(), k.v6.Addr().As16(), int16(k.v4.Bits()), int16(k.v6.Bits())})
+	return maphash.Comparable(x.seed, k) // plain memory: hashed as bytes
 }
 
 func (x *memoIndex) get(k leaseKey) (*peerMemo, bool) {
