@@ -74,7 +74,9 @@ func TestDesireKeepsMemos(t *testing.T) {
 // TestMemoIndexClash: a key whose hash slot another key holds lives in
 // clash, and updates and removals find it there.
 func TestMemoIndexClash(t *testing.T) {
-	key := func(k int) leaseKey { return keyOf(lease.Lease{Subnet: netip.MustParsePrefix(fmt.Sprintf("10.1.%d.0/24", k))}) }
+	key := func(k int) leaseKey {
+		return keyOf(lease.Lease{Subnet: netip.MustParsePrefix(fmt.Sprintf("10.1.%d.0/24", k))})
+	}
 	memo := func(k int) *peerMemo { return &peerMemo{key: key(k)} }
 	x := newMemoIndex(4)
 	m1, m2 := memo(1), memo(2)
