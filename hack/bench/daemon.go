@@ -277,9 +277,10 @@ func report(o options, r daemonResult, limit float64) {
 		perMin = float64(r.final.cpu-r.idleStart.cpu) / float64(time.Millisecond) / r.idle.Minutes()
 	}
 	growth := r.final.rssMB - r.idleStart.rssMB
-	fmt.Printf("scenario=%s store=%s peers=%d programmed_s=%.3f limit_s=%.3f ratio=%.2f peak_rss_mb=%.1f rss_programmed_mb=%.1f (anon %.1f file %.1f) idle_s=%.0f steady_rss_mb=%.1f rss_growth_mb=%+.1f idle_cpu_ms_per_min=%.0f",
+	fmt.Printf("scenario=%s store=%s peers=%d programmed_s=%.3f limit_s=%.3f ratio=%.2f peak_rss_mb=%.1f rss_programmed_mb=%.1f (anon %.1f file %.1f) idle_s=%.0f steady_rss_mb=%.1f rss_growth_mb=%+.1f (anon %+.1f file %+.1f) idle_cpu_ms_per_min=%.0f",
 		o.scenario, o.store, o.peers, r.programmed.Seconds(), limit, r.programmed.Seconds()/limit,
-		r.final.hwmMB, r.atProgrammed.rssMB, r.atProgrammed.anonMB, r.atProgrammed.fileMB, r.idle.Seconds(), r.steadyRSS, growth, perMin)
+		r.final.hwmMB, r.atProgrammed.rssMB, r.atProgrammed.anonMB, r.atProgrammed.fileMB, r.idle.Seconds(), r.steadyRSS, growth,
+		r.final.anonMB-r.idleStart.anonMB, r.final.fileMB-r.idleStart.fileMB, perMin)
 	if len(r.joins) > 0 {
 		fmt.Printf(" joins=%d join_p50_ms=%.2f join_p99_ms=%.2f join_max_ms=%.2f",
 			len(r.joins), ms(percentile(r.joins, 0.5)), ms(percentile(r.joins, 0.99)), ms(percentile(r.joins, 1)))
