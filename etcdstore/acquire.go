@@ -310,8 +310,8 @@ func ownEntries(cfg lease.Config, attrs lease.Attrs, previous lease.Lease, entri
 // and false when there is none. It changes nothing; Expiration is left
 // zero. The next Acquire's first attempt starts from FindOwn's listing
 // instead of listing every key again (a starting node calls both, a
-// moment apart): a listing that went stale meanwhile only loses a
-// compare-and-swap, and the retry lists afresh.
+// moment apart; not after foundMaxAge): a listing that went stale
+// meanwhile only loses a compare-and-swap, and the retry lists afresh.
 func (s *Store) FindOwn(ctx context.Context, attrs lease.Attrs) (lease.Lease, bool, error) {
 	cfg, err := s.Config(ctx)
 	if err != nil {
@@ -325,7 +325,7 @@ func (s *Store) FindOwn(ctx context.Context, attrs lease.Attrs) (lease.Lease, bo
 	if err != nil {
 		return lease.Lease{}, false, fmt.Errorf("find lease of %s: %w", id, err)
 	}
-	s.keepFound(rawListing{entries: entries, rev: rev})
+	s.keepFound(entries, rev)
 	for _, e := range ownEntries(cfg, attrs, lease.Lease{}, entries) {
 		if cfg.CheckLease(e.l) == nil {
 			return e.l, true, nil
@@ -368,27 +368,38 @@ func (s *Store) takePrimed() (listing, bool) {
 	return p, p.rev != 0
 }
 
+// foundMaxAge bounds how old a listing FindOwn kept may be for Acquire to
+// start from it: a starting node calls the two a moment apart (the
+// backend's Prepare between them), and an older listing would widen the
+// window in which, say, a reservation made meanwhile goes unseen.
+const foundMaxAge = 10 * time.Second
+
 // keepFound keeps FindOwn's listing for the next Acquire.
-func (s *Store) keepFound(l rawListing) {
+func (s *Store) keepFound(entries []entry, rev int64) {
 	s.primedMu.Lock()
 	defer s.primedMu.Unlock()
-	s.found = l
+	s.found = rawListing{entries: entries, rev: rev, at: s.now()}
 }
 
-// takeFound returns the listing keepFound kept, once.
+// takeFound returns the listing keepFound kept, once, unless it is older
+// than foundMaxAge.
 func (s *Store) takeFound() ([]entry, int64, bool) {
 	s.primedMu.Lock()
 	defer s.primedMu.Unlock()
 	f := s.found
 	s.found = rawListing{}
-	return f.entries, f.rev, f.rev != 0
+	if f.rev == 0 || s.now().Sub(f.at) > foundMaxAge {
+		return nil, 0, false
+	}
+	return f.entries, f.rev, true
 }
 
 // rawListing is every key under <prefix>/subnets/ at etcd revision rev,
-// as list returns them.
+// as list returns them, listed at at.
 type rawListing struct {
 	entries []entry
 	rev     int64
+	at      time.Time
 }
 
 // listing is every key under <prefix>/subnets/ at etcd revision rev, as

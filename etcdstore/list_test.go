@@ -5,6 +5,7 @@ import (
 	"slices"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -133,4 +134,18 @@ func TestFindOwnListingReused(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, mine.Subnet, got.Subnet)
 	assert.Len(t, e.subnetKeys(t), 4)
+
+	// A listing older than foundMaxAge is not used: Acquire lists again.
+	var clock atomic.Int64
+	clock.Store(time.Now().UnixNano())
+	old := e.store(t, nil, etcdstore.Options{Now: func() time.Time { return time.Unix(0, clock.Load()) }})
+	pages.Store(0)
+	etcdstore.SetListPage(old, 1, func() { pages.Add(1) })
+	_, _, err = old.FindOwn(ctx, attrs(2))
+	require.NoError(t, err)
+	require.Equal(t, int32(3), pages.Load(), "four keys: three calls between pages")
+	clock.Add(int64(11 * time.Second))
+	_, err = old.Acquire(ctx, lease.Request{Attrs: attrs(2)})
+	require.NoError(t, err)
+	assert.Equal(t, int32(6), pages.Load(), "a listing 11 s old is listed again")
 }
