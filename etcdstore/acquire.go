@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
+	"sync"
 	"time"
 
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
@@ -353,18 +354,11 @@ func (s *Store) deleteIfUnchanged(ctx context.Context, e entry) error {
 // starting lists once. The write is among those events and changes nothing
 // then, so the first snapshot already has the node's lease and a second
 // one does not follow for it.
-func (s *Store) prime(l listing) {
-	s.primedMu.Lock()
-	defer s.primedMu.Unlock()
-	s.primed = l
-}
+func (s *Store) prime(l listing) { s.primed.put(l) }
 
 // takePrimed returns the listing prime kept, once.
 func (s *Store) takePrimed() (listing, bool) {
-	s.primedMu.Lock()
-	defer s.primedMu.Unlock()
-	p := s.primed
-	s.primed = listing{}
+	p := s.primed.take()
 	return p, p.rev != 0
 }
 
@@ -376,22 +370,39 @@ const foundMaxAge = 10 * time.Second
 
 // keepFound keeps FindOwn's listing for the next Acquire.
 func (s *Store) keepFound(entries []entry, rev int64) {
-	s.primedMu.Lock()
-	defer s.primedMu.Unlock()
-	s.found = rawListing{entries: entries, rev: rev, at: s.now()}
+	s.found.put(rawListing{entries: entries, rev: rev, at: s.now()})
 }
 
 // takeFound returns the listing keepFound kept, once, unless it is older
 // than foundMaxAge.
 func (s *Store) takeFound() ([]entry, int64, bool) {
-	s.primedMu.Lock()
-	defer s.primedMu.Unlock()
-	f := s.found
-	s.found = rawListing{}
+	f := s.found.take()
 	if f.rev == 0 || s.now().Sub(f.at) > foundMaxAge {
 		return nil, 0, false
 	}
 	return f.entries, f.rev, true
+}
+
+// handoff holds one value from one call to the next that takes it.
+type handoff[T any] struct {
+	mu sync.Mutex
+	v  T
+}
+
+func (h *handoff[T]) put(v T) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.v = v
+}
+
+// take returns the value put last and forgets it (the zero value if none).
+func (h *handoff[T]) take() T {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	v := h.v
+	var zero T
+	h.v = zero
+	return v
 }
 
 // rawListing is every key under <prefix>/subnets/ at etcd revision rev,

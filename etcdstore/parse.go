@@ -93,9 +93,8 @@ func (s *Store) candidates(cfg lease.Config, entries []entry, attrs lease.Attrs)
 	if !slices.IsSortedFunc(cands, byCandName) {
 		slices.SortFunc(cands, byCandName)
 	}
-	byIgnored := func(a, b lease.Ignored) int { return cmp.Compare(a.Name, b.Name) }
-	if !slices.IsSortedFunc(malformed, byIgnored) {
-		slices.SortFunc(malformed, byIgnored)
+	if !slices.IsSortedFunc(malformed, byIgnoredNames) {
+		slices.SortFunc(malformed, byIgnoredNames)
 	}
 	return cands, malformed
 }
@@ -125,6 +124,8 @@ func (s *Store) warnIgnored(ignored, malformed []lease.Ignored) {
 }
 
 func byCandName(a, b lease.Candidate) int { return cmp.Compare(a.Name, b.Name) }
+
+func byIgnoredNames(a, b lease.Ignored) int { return cmp.Compare(a.Name, b.Name) }
 
 // ownLease returns the lease the last successful Acquire returned.
 func (s *Store) ownLease() lease.Lease {

@@ -108,9 +108,8 @@ type Store struct {
 	// primed is the listing of the last successful Acquire, until a Watch
 	// starts from it (prime); found is FindOwn's, until the next Acquire
 	// starts from it (takeFound).
-	primedMu sync.Mutex
-	primed   listing
-	found    rawListing
+	primed handoff[listing]
+	found  handoff[rawListing]
 
 	// grantedTTL is the TTL etcd actually granted last time (it raises
 	// TTLs below its minimum); Keep compares an etcd lease's TTL to it.
