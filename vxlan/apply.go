@@ -52,6 +52,16 @@ func (n *Network) applyAll(ctx context.Context, peers []lease.Lease) error {
 			k      kind
 			family int
 		}{{kindFDB, unix.AF_BRIDGE}, {kindNeigh, family}} {
+			switch n.check(memos, t.k, d.index, d.spec.v6) {
+			case tableInPlace:
+				prog.inPlace++
+				continue
+			case tableEmpty:
+				if err := memos.chunks(t.k, d.index, n.chunk, write); err != nil {
+					return err
+				}
+				continue
+			}
 			diff := newLazyNeighDiff(t.k, func() []op { return memos.table(t.k, d.index) })
 			if err := h.NeighListEach(d.index, t.family, diff.reset, diff.see); err != nil {
 				return fmt.Errorf("device %s: %w", d.spec.name, err)
@@ -70,6 +80,16 @@ func (n *Network) applyAll(ctx context.Context, peers []lease.Lease) error {
 		}
 	}
 	for _, link := range links {
+		switch n.check(memos, kindRoute, link, false) {
+		case tableInPlace:
+			prog.inPlace++
+			continue
+		case tableEmpty:
+			if err := memos.chunks(kindRoute, link, n.chunk, write); err != nil {
+				return err
+			}
+			continue
+		}
 		s, dl, none, err := n.diffRoutes(link, func() []op { return memos.table(kindRoute, link) })
 		if err == nil && none {
 			err = memos.chunks(kindRoute, link, n.chunk, write)
@@ -270,6 +290,7 @@ type progress struct {
 	failed   *backend.PeerErrs // the peers' errors
 	rest     []error           // errors of deletes (no peer's)
 	kernelOK bool              // no kernel error
+	inPlace  int               // tables check vouched for (applyAll)
 	ops      int
 	took     time.Duration
 }
@@ -307,7 +328,7 @@ func (n *Network) finish(ctx context.Context, began time.Time, peers []lease.Lea
 	if err := n.write(ctx, p, dels); err != nil {
 		return err
 	}
-	n.log.Debug("programmed", "sets", sets, "deletes", len(dels), "diff_took", time.Since(began)-p.took, "program_took", p.took)
+	n.log.Debug("programmed", "sets", sets, "deletes", len(dels), "tables_in_place", p.inPlace, "diff_took", time.Since(began)-p.took, "program_took", p.took)
 	// Peers skipped for bad data have nothing in the kernel, as their memo
 	// says; only kernel errors leave the state unknown.
 	n.synced, n.memo = p.kernelOK, memos

@@ -21,8 +21,11 @@ import (
 // of an unchanged peer set computes nothing again.
 func (n *Network) desire(peers []lease.Lease, direct func(netip.Addr) bool, failed *backend.PeerErrs, prev memoBook) memoBook {
 	stamp := n.stampLocked()
-	memos := newMemoBook(len(peers), stamp)
 	reuse := prev.byKey != nil && prev.stamp == stamp
+	if reuse && n.unchanged(prev, peers, direct) {
+		return prev // the periodic resync: not even a new book
+	}
+	memos := newMemoBook(len(peers), stamp)
 	j := 0 // the next memo of prev.order to match
 	for i, p := range peers {
 		var m *peerMemo
@@ -42,6 +45,22 @@ func (n *Network) desire(peers []lease.Lease, direct func(netip.Addr) bool, fail
 	return memos
 }
 
+// unchanged reports whether book already is what desire would build for
+// peers: the same peers in the same order, none of them changed or with
+// an error (a peer with one is computed again).
+func (n *Network) unchanged(book memoBook, peers []lease.Lease, direct func(netip.Addr) bool) bool {
+	if len(peers) != len(book.order) {
+		return false
+	}
+	for i, p := range peers {
+		m := book.order[i]
+		if m.stale || len(m.errs) > 0 || !m.same(p) || m.direct != n.directBits(p, direct) {
+			return false
+		}
+	}
+	return true
+}
+
 // entries calls f with the entries of kind k on link that the peers of b
 // ask for, in order, as sets tagged with each peer's index.
 func (b memoBook) entries(k kind, link int, f func(op)) {
@@ -58,11 +77,14 @@ func (b memoBook) entries(k kind, link int, f func(op)) {
 // size entries (one backing array, reused: f must not keep it), and stops
 // at f's first error.
 func (b memoBook) chunks(k kind, link, size int, f func([]op) error) error {
-	buf := make([]op, 0, min(size, len(b.order)))
+	var buf []op // allocated on the first entry: a link may have none
 	var err error
 	b.entries(k, link, func(o op) {
 		if err != nil {
 			return
+		}
+		if buf == nil {
+			buf = make([]op, 0, min(size, len(b.order)))
 		}
 		if buf = append(buf, o); len(buf) == size {
 			err, buf = f(buf), buf[:0]
