@@ -213,8 +213,8 @@ func (n *Network) applyChanges(ctx context.Context, peers []lease.Lease) error {
 	var sets, dels []op
 	j := 0 // the next memo of prev to match
 	for i, p := range peers {
-		old, had := findMemo(n.memo, &j, p)
-		if had && old.same(p) {
+		old, had := findMemo(n.memo, &j, keyOf(p))
+		if had && old.attrs.Equal(p.Attrs) { // found by its key: the same lease
 			old.gen = n.gen
 			book.order = append(book.order, old)
 			for _, e := range old.errs {
@@ -250,22 +250,22 @@ func (n *Network) applyChanges(ctx context.Context, peers []lease.Lease) error {
 	return n.finish(ctx, began, peers, &prog, dels, book)
 }
 
-// findMemo returns the memo book records for p's key, looking first at
-// book.order[*j] and the one after (p is the next peer of an unchanged
-// order, or follows a peer that is gone), advancing *j past the one found;
+// findMemo returns the memo book records for key k, looking first at
+// book.order[*j] and the one after (the next peer of an unchanged order, or
+// one that follows a peer that is gone), advancing *j past the one found;
 // else it looks the key up.
-func findMemo(book memoBook, j *int, p lease.Lease) (*peerMemo, bool) {
+func findMemo(book memoBook, j *int, k leaseKey) (*peerMemo, bool) {
 	prev := book.order
 	for step := range 2 {
-		if k := *j + step; k < len(prev) && !prev[k].stale && prev[k].key == keyOf(p) {
-			*j = k + 1
-			return prev[k], true
+		if i := *j + step; i < len(prev) && !prev[i].stale && prev[i].key == k {
+			*j = i + 1
+			return prev[i], true
 		}
 	}
 	if book.byKey == nil {
 		return nil, false
 	}
-	return book.byKey.get(keyOf(p))
+	return book.byKey.get(k)
 }
 
 // diffMemo returns the changes that turn a peer's old entries into its new

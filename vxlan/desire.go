@@ -30,7 +30,7 @@ func (n *Network) desire(peers []lease.Lease, direct func(netip.Addr) bool, fail
 	for i, p := range peers {
 		var m *peerMemo
 		if reuse {
-			if old, ok := findMemo(prev, &j, p); ok && len(old.errs) == 0 && old.same(p) && old.direct == n.directBits(p, direct) {
+			if old, ok := findMemo(prev, &j, keyOf(p)); ok && len(old.errs) == 0 && old.attrs.Equal(p.Attrs) && old.direct == n.directBits(p, direct) {
 				m = old
 			}
 		}
