@@ -87,8 +87,12 @@ type genState struct {
 
 // fullCheckEvery bounds the checks skipped in a row on an unchanged
 // generation: every fullCheckEvery-th check runs the binaries whatever
-// the kernel says (one a minute at the default period).
-const fullCheckEvery = 12
+// the kernel says, one every five minutes at the default period (as often
+// as vxlan's full resync). The generation moves with every change to the
+// namespace's ruleset, so this is a safety net, not the way changes are
+// found; each run of the binaries costs a few forks and about 100 KB of
+// garbage, which was most of an idle daemon's allocation at one a minute.
+const fullCheckEvery = 60
 
 // desired is what Ensure asked for.
 type desired struct {

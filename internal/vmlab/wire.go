@@ -20,8 +20,9 @@ import (
 
 // Tap hands every frame on the wire between the lab's nodes (all ports of
 // segment 0's bridge, through an AF_PACKET socket in its namespace) to
-// frame, from one goroutine, until the returned stop is called (also at
-// t's cleanup; stop may be called more than once). A capture on a node's
+// frame, one call at a time, until the returned stop is called (also at
+// t's cleanup; stop may be called more than once); stop hands over the
+// frames still queued before it returns. A capture on a node's
 // own interface would also see the inner packets a tunnel re-injects
 // there after decapsulation.
 func Tap(t *testing.T, lab *netlab.Lab, frame func(f []byte)) (stop func()) {
@@ -54,6 +55,17 @@ func Tap(t *testing.T, lab *netlab.Lab, frame func(f []byte)) (stop func()) {
 		once.Do(func() {
 			done.Store(true)
 			wg.Wait()
+			// Frames the reader had not got to yet (a loaded machine
+			// schedules it late) are counted too: what was on the wire
+			// before stop is in the socket's queue.
+			buf := make([]byte, 65536)
+			for {
+				n, _, err := unix.Recvfrom(fd, buf, unix.MSG_DONTWAIT)
+				if err != nil || n <= 0 {
+					break
+				}
+				frame(buf[:n])
+			}
 			unix.Close(fd)
 		})
 	}
