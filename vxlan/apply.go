@@ -52,56 +52,57 @@ func (n *Network) applyAll(ctx context.Context, peers []lease.Lease) error {
 			k      kind
 			family int
 		}{{kindFDB, unix.AF_BRIDGE}, {kindNeigh, family}} {
-			switch n.check(memos, t.k, d.index, d.spec.v6) {
-			case tableInPlace:
-				prog.inPlace++
-				continue
-			case tableEmpty:
-				if err := memos.chunks(t.k, d.index, n.chunk, write); err != nil {
-					return err
+			dl, err := n.syncTable(memos, t.k, d.index, d.spec.v6, &prog, write, func() (sets, dels []op, none bool, err error) {
+				diff := newLazyNeighDiff(t.k, func() []op { return memos.table(t.k, d.index) })
+				if err := h.NeighListEach(d.index, t.family, diff.reset, diff.see); err != nil {
+					return nil, nil, false, fmt.Errorf("device %s: %w", d.spec.name, err)
 				}
-				continue
-			}
-			diff := newLazyNeighDiff(t.k, func() []op { return memos.table(t.k, d.index) })
-			if err := h.NeighListEach(d.index, t.family, diff.reset, diff.see); err != nil {
-				return fmt.Errorf("device %s: %w", d.spec.name, err)
-			}
-			if diff.none() { // the start-up case: no copy of the table at all
-				if err := memos.chunks(t.k, d.index, n.chunk, write); err != nil {
-					return err
+				if diff.none() { // the start-up case: no copy of the table at all
+					return nil, nil, true, nil
 				}
-				continue
-			}
-			s, dl := diff.result()
-			if err := write(s); err != nil {
+				sets, dels = diff.result()
+				return sets, dels, false, nil
+			})
+			if err != nil {
 				return err
 			}
 			dels = append(dels, dl...)
 		}
 	}
 	for _, link := range links {
-		switch n.check(memos, kindRoute, link, false) {
-		case tableInPlace:
-			prog.inPlace++
-			continue
-		case tableEmpty:
-			if err := memos.chunks(kindRoute, link, n.chunk, write); err != nil {
-				return err
-			}
-			continue
-		}
-		s, dl, none, err := n.diffRoutes(link, func() []op { return memos.table(kindRoute, link) })
-		if err == nil && none {
-			err = memos.chunks(kindRoute, link, n.chunk, write)
-		} else if err == nil {
-			err = write(s)
-		}
+		dl, err := n.syncTable(memos, kindRoute, link, false, &prog, write, func() ([]op, []op, bool, error) {
+			return n.diffRoutes(link, func() []op { return memos.table(kindRoute, link) })
+		})
 		if err != nil {
 			return err
 		}
 		dels = append(dels, dl...)
 	}
 	return n.finish(ctx, began, peers, &prog, dels, memos)
+}
+
+// syncTable brings table k of link to what memos ask for: nothing when
+// check vouches for it, every set (in chunks) when it holds no entry of
+// ours, else the sets diff finds (none: no entry of ours either). It
+// writes the sets and returns the deletes, which wait for every table's
+// sets.
+func (n *Network) syncTable(memos memoBook, k kind, link int, v6 bool, prog *progress, write func([]op) error,
+	diff func() (sets, dels []op, none bool, err error)) ([]op, error) {
+	switch n.check(memos, k, link, v6) {
+	case tableInPlace:
+		prog.inPlace++
+		return nil, nil
+	case tableEmpty:
+		return nil, memos.chunks(k, link, n.chunk, write)
+	}
+	sets, dels, none, err := diff()
+	switch {
+	case err != nil:
+		return nil, err
+	case none:
+		return nil, memos.chunks(k, link, n.chunk, write)
+	}
+	return dels, write(sets)
 }
 
 // diffRoutes compares our routes on link with desired (route sets with

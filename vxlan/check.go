@@ -134,30 +134,32 @@ func (n *Network) check(book memoBook, k kind, link int, v6 bool) tableState {
 		family = unix.AF_INET6
 	}
 	var x *tableIndex // built on the first entry of ours: none at start-up
-	index := func() bool {
+	ours, differs := false, false
+	// see looks up an entry of ours with key; inPlace compares the rest
+	// of it with the slot that asks for it.
+	see := func(mine bool, key entryKey, inPlace func(s int32) bool) {
+		if !mine || differs {
+			return
+		}
+		ours = true
 		if x == nil {
 			var ok bool
 			if x, ok = newTableIndex(book, k, link); !ok {
-				return false
+				differs = true
+				return
 			}
 		}
-		return true
+		s, ok := x.see(key)
+		if differs = !ok || !inPlace(s); !differs {
+			x.found++
+		}
 	}
-	ours, differs := false, false
 	var err error
 	if k == kindRoute {
 		var req [unix.SizeofRtMsg]byte // every family
 		err = w.dump(unix.RTM_GETROUTE, req[:], func(typ uint16, m []byte) {
 			r, mine := n.parseRoute(typ, m, link)
-			if !mine || differs {
-				return
-			}
-			if ours = true; !index() {
-				differs = true
-				return
-			}
-			s, ok := x.see(r.key)
-			differs = !ok || !n.routeInPlace(x, s, r)
+			see(mine, r.key, func(s int32) bool { return routeInPlace(x, s, r) })
 		})
 	} else {
 		if k == kindFDB {
@@ -166,27 +168,14 @@ func (n *Network) check(book memoBook, k kind, link int, v6 bool) tableState {
 		req := neighDumpReq(family, link)
 		err = w.dump(unix.RTM_GETNEIGH, req[:], func(typ uint16, m []byte) {
 			e, mine := parseNeigh(typ, m, link, family)
-			if !mine || differs {
-				return
-			}
-			if ours = true; !index() {
-				differs = true
-				return
-			}
 			key := entryKey{addr: e.ip}
 			if k == kindFDB {
 				key.mac = e.mac
 			}
-			s, ok := x.see(key)
-			if !ok || !e.mac6 {
-				differs = true
-				return
-			}
-			if m, _ := x.memo(s); m.fam[s&1].mac != e.mac {
-				differs = true
-				return
-			}
-			x.found++
+			see(mine, key, func(s int32) bool {
+				m, _ := x.memo(s)
+				return e.mac6 && m.fam[s&1].mac == e.mac
+			})
 		})
 	}
 	switch {
@@ -205,25 +194,19 @@ func (n *Network) check(book memoBook, k kind, link int, v6 bool) tableState {
 	return tableDiffers
 }
 
-// dumper is the first raw writer, opened when there is none yet, or nil
-// without a namespace to open one in.
+// dumper is the first raw writer (opened when there is none yet), or nil
+// when none can be opened.
 func (n *Network) dumper() *writer {
-	if !n.env.NS.IsOpen() {
+	ws, err := n.writers(1)
+	if err != nil {
 		return nil
 	}
-	if len(n.socks.ws) == 0 {
-		w, err := newWriter(n.env.NS)
-		if err != nil {
-			return nil
-		}
-		n.socks.ws = append(n.socks.ws, w)
-	}
-	return n.socks.ws[0]
+	return ws[0]
 }
 
 // routeInPlace reports whether actual route r is what slot s asks for, by
 // the attributes backend.SameRoute compares.
-func (n *Network) routeInPlace(x *tableIndex, s int32, r rawRoute) bool {
+func routeInPlace(x *tableIndex, s int32, r rawRoute) bool {
 	m, v6 := x.memo(s)
 	spec := m.spec(v6)
 	// The metric is unset: IPv6 reads it as the kernel's default, 1024.
@@ -234,7 +217,6 @@ func (n *Network) routeInPlace(x *tableIndex, s int32, r rawRoute) bool {
 		r.typ != unix.RTN_UNICAST || r.proto != spec.proto {
 		return false
 	}
-	x.found++
 	return true
 }
 
@@ -343,13 +325,11 @@ func parseNeigh(typ uint16, m []byte, link int, family uint8) (e rawNeigh, mine 
 
 // addrOf is a 4- or 16-byte address (family, when not zero, says which).
 func addrOf(family uint8, v []byte) (netip.Addr, bool) {
-	switch {
-	case len(v) == 4 && family != unix.AF_INET6:
-		return netip.AddrFrom4([4]byte(v)), true
-	case len(v) == 16 && family != unix.AF_INET:
-		return netip.AddrFrom16([16]byte(v)), true
+	a, ok := netip.AddrFromSlice(v)
+	if !ok || (family == unix.AF_INET && !a.Is4()) || (family == unix.AF_INET6 && !a.Is6()) {
+		return netip.Addr{}, false
 	}
-	return netip.Addr{}, false
+	return a, true
 }
 
 func u32(v []byte) uint32 {

@@ -2,6 +2,7 @@ package vxlan
 
 import (
 	"context"
+	"errors"
 	"hash/maphash"
 	"log/slog"
 	"net"
@@ -484,18 +485,30 @@ func (n *Network) program(ops []op) []error {
 	if !n.env.NS.IsOpen() {
 		return program(nil, n.env.Handle, ops)
 	}
-	k := min(n.opts.Sockets, max(1, len(ops)/256))
+	ws, err := n.writers(min(n.opts.Sockets, max(1, len(ops)/256)))
+	if err != nil {
+		n.log.Warn("raw netlink socket unavailable; programming through the handle", "err", err)
+		return program(nil, n.env.Handle, ops)
+	}
+	errs := program(ws, n.env.Handle, ops)
+	n.socks.dropBroken()
+	return errs
+}
+
+// writers returns k raw writers in the node namespace, opening those
+// missing; without a namespace handle there are none.
+func (n *Network) writers(k int) ([]*writer, error) {
+	if !n.env.NS.IsOpen() {
+		return nil, errors.New("no namespace handle to open raw netlink sockets in")
+	}
 	for len(n.socks.ws) < k {
 		w, err := newWriter(n.env.NS)
 		if err != nil {
-			n.log.Warn("raw netlink socket unavailable; programming through the handle", "err", err)
-			return program(nil, n.env.Handle, ops)
+			return nil, err
 		}
 		n.socks.ws = append(n.socks.ws, w)
 	}
-	errs := program(n.socks.ws[:k], n.env.Handle, ops)
-	n.socks.dropBroken()
-	return errs
+	return n.socks.ws[:k], nil
 }
 
 // sockets are the raw netlink writers a Network keeps between Applies
