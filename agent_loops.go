@@ -147,9 +147,9 @@ func (p *applier) next(ctx context.Context) (applied, alive bool) {
 // peers returns every lease but own. A lease sharing only one of own's
 // subnets is a conflict (two nodes claim one subnet); it is dropped too,
 // with a warning, since routing our own subnet away would cut our pods off.
-// The stores leave conflicts out already (lease.Config.Peers) and the etcd
-// store delivers own last (lease.OwnLast), so the peer set is handed on
-// without a copy when own is last, first or absent.
+// The stores leave conflicts out already (lease.Config.Peers) and deliver
+// own first (lease.Config.PeerLeases, lease.Feed), so the peer set is
+// handed on without a copy when own is first, last or absent.
 func (a *Agent) peers(own lease.Lease, all []lease.Lease) []lease.Lease {
 	claims := func(l lease.Lease) bool { return claimsOwn(own, l) }
 	first := slices.IndexFunc(all, claims)

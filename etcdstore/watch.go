@@ -83,17 +83,27 @@ type watchState struct {
 	// no copy of every key per event), the others (rare) apart.
 	cands     []lease.Candidate
 	malformed []lease.Ignored
-	last      []lease.Lease // delivered last
+	// feed builds the snapshots from cands: a change that only adds keys
+	// copies none of the leases delivered before.
+	feed lease.Feed
 }
 
 func byName(a lease.Candidate, key string) int { return cmp.Compare(a.Name, key) }
 
 func byIgnoredName(a lease.Ignored, key string) int { return cmp.Compare(a.Name, key) }
 
-// put records e under its key, in place of what the key held.
+// put records e under its key, in place of what the key held. A put that
+// changes nothing a snapshot shows (a renewal: a new TTL lease, the same
+// value) keeps the candidate the key had, and with it what feed knows.
 func (w *watchState) put(e entry) {
-	w.del(e.key)
 	name := w.s.name(e.key)
+	if e.ok {
+		if i, ok := slices.BinarySearchFunc(w.cands, name, byName); ok &&
+			w.cands[i].Order == e.createRev && leaseEqual(w.cands[i].Lease, e.l) {
+			return
+		}
+	}
+	w.del(e.key)
 	if !e.ok {
 		i, _ := slices.BinarySearchFunc(w.malformed, name, byIgnoredName)
 		w.malformed = slices.Insert(w.malformed, i, w.s.malformedOf(e))
@@ -146,12 +156,11 @@ func (w *watchState) deliver(resync bool) {
 	for i := range w.cands { // this node's identity may have changed
 		w.cands[i].Own = w.cfg.SameNode(own.Attrs, w.cands[i].Lease.Attrs)
 	}
-	leases, ignored := w.cfg.PeerLeases(w.cands, own)
+	leases, ignored, changed := w.feed.Next(w.cfg, w.cands, own)
 	w.s.warnIgnored(ignored, w.malformed)
-	if !resync && slices.EqualFunc(w.last, leases, leaseEqual) {
+	if !resync && !changed {
 		return
 	}
-	w.last = leases
 	w.fn(lease.Snapshot{Leases: leases, Resync: resync})
 }
 

@@ -299,14 +299,14 @@ func TestWatchStartsFromAcquire(t *testing.T) {
 	require.NoError(t, err)
 
 	w := storetest.Watch(t, s)
-	// The node's own lease comes last (lease.Config.PeerLeases).
-	want := []string{joined.Key(), own.Key()}
+	// The node's own lease comes first (lease.Feed).
+	want := []string{own.Key(), joined.Key()}
 	now := func(sn lease.Snapshot) bool { return slices.Equal(storetest.Keys(sn), want) }
 	w.WaitFor(t, "the peer that joined, not the one that left", now)
 	all := w.All()
 	require.GreaterOrEqual(t, len(all), 2, "one snapshot: Watch listed again instead of starting from Acquire's listing")
 	assert.True(t, all[0].Resync)
-	assert.Equal(t, []string{gone.Key(), own.Key()}, storetest.Keys(all[0]), "the first snapshot is Acquire's listing with the key it wrote")
+	assert.Equal(t, []string{own.Key(), gone.Key()}, storetest.Keys(all[0]), "the first snapshot is Acquire's listing with the key it wrote")
 	w.Stop(t)
 
 	again := storetest.Watch(t, s)

@@ -120,7 +120,7 @@ func (s *Store) leases(objs []any, warn *lease.Warnings) []lease.Lease {
 	cands := make([]lease.Candidate, 0, len(nodes))
 	var malformed []lease.Ignored
 	cfg := s.cfg
-	var own lease.Lease // this Node's: PeerLeases puts it last (no copy in the Agent)
+	var own lease.Lease // this Node's: PeerLeases puts it first (no copy in the Agent)
 	for _, n := range nodes {
 		l, err := s.nodeLease(n.fields(), false)
 		c := lease.Candidate{Name: n.Name, Lease: l, Order: n.CreationTimestamp.Unix(), Own: n.Name == s.node}

@@ -33,6 +33,8 @@ type Candidate struct {
 	// Own marks a lease this node published (same identity, or for
 	// Kubernetes its own Node).
 	Own bool
+	// fed: Feed delivered this candidate's lease (see Feed).
+	fed bool
 }
 
 // Ignored is a candidate that is not a valid peer, with the rule it breaks.
@@ -137,17 +139,18 @@ func (c Config) Peers(cands []Candidate, own Lease) Verdict {
 // PeerLeases is Peers(cands, own).Leases() with the ignored candidates,
 // without the copy of every valid candidate: what a store's Watch needs
 // on every change. The leases are in the candidates' order but for own's
-// (same subnets), which comes last: a consumer that leaves it out (the
-// Agent) takes the rest as it is instead of copying it.
+// (same subnets), which comes first: a consumer that leaves it out (the
+// Agent) takes the rest as it is instead of copying it. Feed does the
+// same for a store that keeps its candidates, without a copy per change.
 func (c Config) PeerLeases(cands []Candidate, own Lease) (leases []Lease, ignored []Ignored) {
 	leases, ignored = sortOut(cands, c.marks(cands, own), func(cd Candidate) Lease { return cd.Lease })
 	if !own.Subnet.IsValid() && !own.IPv6Subnet.IsValid() {
 		return leases, ignored
 	}
-	if i := slices.IndexFunc(leases, own.SameSubnets); i >= 0 && i < len(leases)-1 {
+	if i := slices.IndexFunc(leases, own.SameSubnets); i > 0 {
 		l := leases[i]
-		copy(leases[i:], leases[i+1:])
-		leases[len(leases)-1] = l
+		copy(leases[1:i+1], leases[:i])
+		leases[0] = l
 	}
 	return leases, ignored
 }
@@ -174,7 +177,24 @@ func sortOut[T any](cands []Candidate, bad []mark, keep func(Candidate) T) (vali
 
 // marks is Peers' verdict on each candidate, in their order.
 func (c Config) marks(cands []Candidate, own Lease) []mark {
-	bad := make([]mark, len(cands)) // rule "" means valid
+	return c.marksInto(&verdictBufs{}, cands, own)
+}
+
+// verdictBufs are the arrays a verdict needs, which a Feed keeps from one
+// call to the next: the marks and the bitmaps of distinct.
+type verdictBufs struct {
+	marks  []mark
+	v4, v6 []uint64
+}
+
+// marksInto is marks in b's arrays (grown when too small); the marks stay
+// in b.marks until the next call.
+func (c Config) marksInto(b *verdictBufs, cands []Candidate, own Lease) []mark {
+	if cap(b.marks) < len(cands) {
+		b.marks = make([]mark, len(cands))
+	}
+	bad := b.marks[:len(cands)] // rule "" means valid
+	clear(bad)
 	// This node's subnets: a few, so a slice (no hashing per lease).
 	var ownSubnets []netip.Prefix
 	for _, p := range []netip.Prefix{own.Subnet, own.IPv6Subnet} {
@@ -196,7 +216,7 @@ func (c Config) marks(cands []Candidate, own Lease) []mark {
 		}
 	}
 	var shared map[netip.Prefix][]int
-	if !c.distinct(cands, bad) {
+	if !c.distinct(cands, bad, b) {
 		shared = sharedSubnets(cands, bad)
 	}
 	for i, cd := range cands {
@@ -257,17 +277,13 @@ const maxDenseBits = 18
 // subnet of each family, and no hashing. It reports false on the first
 // subnet held twice, or when a family's network has too many subnets for a
 // bitmap; the caller then looks at the subnets one by one.
-func (c Config) distinct(cands []Candidate, bad []mark) bool {
-	var v4, v6 *bitmap
-	if c.EnableIPv4 {
-		if v4 = newBitmap(c.Network, c.SubnetLen); v4 == nil {
-			return false
-		}
+func (c Config) distinct(cands []Candidate, bad []mark, b *verdictBufs) bool {
+	var v4, v6 bitmap
+	if c.EnableIPv4 && !v4.reset(c.Network, c.SubnetLen, &b.v4) {
+		return false
 	}
-	if c.EnableIPv6 {
-		if v6 = newBitmap(c.IPv6Network, c.IPv6SubnetLen); v6 == nil {
-			return false
-		}
+	if c.EnableIPv6 && !v6.reset(c.IPv6Network, c.IPv6SubnetLen, &b.v6) {
+		return false
 	}
 	for i, cd := range cands {
 		if bad[i].rule != "" {
@@ -292,14 +308,22 @@ type bitmap struct {
 	bits []uint64
 }
 
-// newBitmap returns a bitmap of the subnets of length subLen in network,
-// or nil when there are more than 2^maxDenseBits.
-func newBitmap(network netip.Prefix, subLen int) *bitmap {
+// reset makes b a clear bitmap of the subnets of length subLen in
+// network, in *words' array (grown when too small), and reports false
+// when there are more than 2^maxDenseBits.
+func (b *bitmap) reset(network netip.Prefix, subLen int, words *[]uint64) bool {
 	width := subLen - network.Bits()
 	if !network.IsValid() || width < 0 || width > maxDenseBits {
-		return nil
+		return false
 	}
-	return &bitmap{sp: newSpace("", network, subLen, network.Addr(), network.Addr()), bits: make([]uint64, (1<<width+63)/64)}
+	n := (1<<width + 63) / 64
+	if cap(*words) < n {
+		*words = make([]uint64, n)
+	}
+	b.sp = newSpace("", network, subLen, network.Addr(), network.Addr())
+	b.bits = (*words)[:n]
+	clear(b.bits)
+	return true
 }
 
 // claim sets subnet p's bit and reports whether it was clear.

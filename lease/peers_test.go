@@ -8,6 +8,7 @@ import (
 	"testing"
 
 	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
 )
 
 func TestPeers(t *testing.T) {
@@ -77,11 +78,12 @@ func TestPeers(t *testing.T) {
 			assert.Equal(t, tc.ignored, ignored)
 			assert.Len(t, v.Leases(), len(valid))
 			leases, ig := tc.cfg.PeerLeases(tc.cands, tc.own)
-			want := v.Leases() // own's moved last
+			want := v.Leases() // own's moved first
 			if i := slices.IndexFunc(want, tc.own.SameSubnets); tc.own.Subnet.IsValid() && i >= 0 {
-				want = append(slices.Delete(want, i, i+1), tc.own)
+				first := want[i]
+				want = append([]Lease{first}, slices.Delete(want, i, i+1)...)
 			}
-			assert.Equal(t, want, leases, "PeerLeases gives Peers' valid leases, own's last")
+			assert.Equal(t, want, leases, "PeerLeases gives Peers' valid leases, own's first")
 			assert.Equal(t, v.Ignored, ig, "and its ignored candidates")
 		})
 	}
@@ -224,6 +226,7 @@ func TestDistinctAgreesWithSharedSubnets(t *testing.T) {
 			}
 			return netip.PrefixFrom(addr, subLen)
 		}
+		bufs := &verdictBufs{} // reused: each round starts from clear bitmaps
 		for round := range 300 {
 			span := 2 + rng.IntN(40)
 			cands := make([]Candidate, 1+rng.IntN(30))
@@ -241,7 +244,7 @@ func TestDistinctAgreesWithSharedSubnets(t *testing.T) {
 					return
 				}
 			}
-			assert.Equal(t, len(sharedSubnets(cands, bad)) == 0, cfg.distinct(cands, bad), "%s round %d: %v", nw.v4, round, cands)
+			assert.Equal(t, len(sharedSubnets(cands, bad)) == 0, cfg.distinct(cands, bad, bufs), "%s round %d: %v", nw.v4, round, cands)
 		}
 	}
 }
@@ -263,7 +266,12 @@ func TestSubnetIndex(t *testing.T) {
 		{"fd00::/60", "fd00:0:0:3:ab00::/72", 3<<8 | 0xab},
 		{"fd00:1::/104", "fd00:1::12:3400/120", 0x1234},
 	} {
-		assert.Equal(t, tc.want, newBitmap(pfx(tc.network), pfx(tc.subnet).Bits()).sp.index(pfx(tc.subnet).Addr()), tc.subnet)
+		var b bitmap
+		var words []uint64
+		require.True(t, b.reset(pfx(tc.network), pfx(tc.subnet).Bits(), &words), tc.subnet)
+		assert.Equal(t, tc.want, b.sp.index(pfx(tc.subnet).Addr()), tc.subnet)
 	}
-	assert.Nil(t, newBitmap(pfx("fd00::/48"), 96), "2^48 subnets: no bitmap")
+	var b bitmap
+	var words []uint64
+	assert.False(t, b.reset(pfx("fd00::/48"), 96, &words), "2^48 subnets: no bitmap")
 }

@@ -3,6 +3,7 @@ package storetest
 import (
 	"context"
 	"fmt"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -17,13 +18,16 @@ type Watchable interface {
 }
 
 // Watcher runs a store's Watch in the background and records the
-// snapshots. It checks two parts of the contract on the way: fn is never
-// called from two goroutines at once, and Watch returns nil on cancel.
+// snapshots. It checks three parts of the contract on the way: fn is never
+// called from two goroutines at once, Watch returns nil on cancel, and a
+// snapshot's leases are never written after it was handed out (a store
+// may share them between snapshots; see lease.Feed).
 // Waits are bounded by the test's deadline (go test -timeout), not by a
 // timeout of their own.
 type Watcher struct {
 	mu     sync.Mutex
 	snaps  []lease.Snapshot
+	copies [][]lease.Lease // of each snapshot's leases when it came
 	wake   chan struct{}
 	inFn   atomic.Int32
 	overlp atomic.Bool
@@ -46,6 +50,7 @@ func Watch(t testing.TB, s Watchable) *Watcher {
 			defer w.inFn.Add(-1)
 			w.mu.Lock()
 			w.snaps = append(w.snaps, sn)
+			w.copies = append(w.copies, slices.Clone(sn.Leases))
 			w.mu.Unlock()
 			select {
 			case w.wake <- struct{}{}:
@@ -69,7 +74,18 @@ func (w *Watcher) Stop(t testing.TB) {
 		if w.overlp.Load() {
 			t.Error("Watch called fn from two goroutines at once")
 		}
+		w.mu.Lock()
+		defer w.mu.Unlock()
+		for i, sn := range w.snaps {
+			if !slices.EqualFunc(sn.Leases, w.copies[i], sameLease) {
+				t.Errorf("snapshot %d changed after Watch handed it out: now %v, was %v", i, sn.Leases, w.copies[i])
+			}
+		}
 	})
+}
+
+func sameLease(a, b lease.Lease) bool {
+	return a.SameSubnets(b) && a.Attrs.Equal(b.Attrs) && a.Expiration.Equal(b.Expiration)
 }
 
 // All returns the snapshots seen so far.
