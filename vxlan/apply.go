@@ -210,7 +210,12 @@ func (n *Network) applyChanges(ctx context.Context, peers []lease.Lease) error {
 	// rebuilds the memo from scratch (applyAll).
 	n.gen++
 	prev := n.memo.order
-	book := memoBook{byKey: n.memo.byKey, order: make([]*peerMemo, 0, len(peers)), stamp: n.memo.stamp}
+	order := n.spare[:0]
+	if cap(order) < len(peers) {
+		order = make([]*peerMemo, 0, len(peers)+len(peers)/8)
+	}
+	n.spare = nil
+	book := memoBook{byKey: n.memo.byKey, order: order, stamp: n.memo.stamp}
 	var sets, dels []op
 	j := 0 // the next memo of prev to match
 	for i, p := range peers {
@@ -332,6 +337,10 @@ func (n *Network) finish(ctx context.Context, began time.Time, peers []lease.Lea
 	n.log.Debug("programmed", "sets", sets, "deletes", len(dels), "tables_in_place", p.inPlace, "diff_took", time.Since(began)-p.took, "program_took", p.took)
 	// Peers skipped for bad data have nothing in the kernel, as their memo
 	// says; only kernel errors leave the state unknown.
+	if old := n.memo.order; len(old) > 0 && (len(memos.order) == 0 || &old[0] != &memos.order[0]) {
+		clear(old[:cap(old)]) // keeps no gone peer's memo alive
+		n.spare = old[:0]
+	}
 	n.synced, n.memo = p.kernelOK, memos
 	return errors.Join(append(p.failed.Errors(peers), p.rest...)...)
 }

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 
@@ -263,4 +264,45 @@ func TestCheckAllocates(t *testing.T) {
 	}
 	require.Len(t, lines, 1)
 	assert.Contains(t, lines[0], "sets=0 deletes=0 tables_in_place=3 ", "FDB, neighbours and routes of flannel.1")
+}
+
+// TestJoinReusesOrder: the incremental path (a peer joining, then leaving)
+// builds each memo book's order in the array of the book before the last,
+// so a join at N peers allocates no array of N (BenchmarkJoin has the
+// bytes), and the array it gives up keeps no memo alive.
+func TestJoinReusesOrder(t *testing.T) {
+	c := newCluster(t, netlab.Options{Nodes: 1}, Options{})
+	n0 := c.Nodes[0]
+	n := nw(n0)
+	peers := []lease.Lease{n0.Lease}
+	for k := range 50 {
+		peers = append(peers, lease.Lease{
+			Subnet: netip.MustParsePrefix(fmt.Sprintf("10.%d.%d.0/24", 100+k>>8, k&255)),
+			Attrs: lease.Attrs{BackendType: Type, PublicIP: netip.MustParseAddr(fmt.Sprintf("172.30.%d.%d", 100+k>>8, k&255)),
+				BackendData: fmt.Appendf(nil, `{"VNI":1,"VtepMAC":"0a:00:00:00:%02x:%02x"}`, k>>8, k&255)},
+		})
+	}
+	ctx := context.Background()
+	require.NoError(t, n.Apply(ctx, peers))
+	joined := append(slices.Clip(peers), lease.Lease{
+		Subnet: netip.MustParsePrefix("10.200.0.0/24"),
+		Attrs: lease.Attrs{BackendType: Type, PublicIP: netip.MustParseAddr("172.30.200.1"),
+			BackendData: []byte(`{"VNI":1,"VtepMAC":"0a:00:00:00:c8:01"}`)},
+	})
+	var slots []**peerMemo // the first slot of each book's order array
+	for i := range 4 {
+		want := peers
+		if i%2 == 0 {
+			want = joined
+		}
+		require.NoError(t, n.Apply(ctx, want))
+		require.NotEmpty(t, n.memo.order)
+		slots = append(slots, &n.memo.order[0])
+		require.NotNil(t, n.spare, "apply %d gave up the array of the book before", i)
+		assert.Empty(t, n.spare, "and emptied it")
+		assert.Nil(t, n.spare[:cap(n.spare)][0], "a given-up array holds no memo")
+	}
+	assert.NotSame(t, slots[0], slots[1], "a book is not built in the array it replaces")
+	assert.Same(t, slots[0], slots[2], "the join reused the array of the book before the last")
+	assert.Same(t, slots[1], slots[3])
 }

@@ -37,6 +37,9 @@ type Network struct {
 	// peers that changed. Repairs always dump and diff everything.
 	synced bool
 	memo   memoBook // what each peer asked for last
+	// spare is the order array of the book memo replaced (cleared), for
+	// applyChanges' next book: a join allocates no array of every peer.
+	spare []*peerMemo
 	chunk  int      // chunkOps; smaller in tests
 
 	routeProto, routeTable uint8  // rec's protocol and table, as memos keep them

@@ -18,6 +18,35 @@ import (
 // route, neighbour and FDB entry, each checked against the memos (no
 // entry is written, nothing is diffed). Needs root.
 func BenchmarkRepair(b *testing.B) {
+	n, _ := benchNode(b, 5000)
+	b.ReportAllocs()
+	for b.Loop() {
+		n.r.Repair(context.Background(), backend.Periodic)
+	}
+}
+
+// BenchmarkJoin is a peer joining a node that holds 5,000 programmed
+// peers, then leaving: two Applies of the incremental path, each
+// programming one peer's route, neighbour and FDB entry. What they
+// allocate does not grow with the peers. Needs root.
+func BenchmarkJoin(b *testing.B) {
+	n, peers := benchNode(b, 5000)
+	joined := append(peers, benchPeer(6000))
+	ctx := context.Background()
+	b.ReportAllocs()
+	for b.Loop() {
+		if err := n.Apply(ctx, joined); err != nil {
+			b.Fatal(err)
+		}
+		if err := n.Apply(ctx, peers); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// benchNode starts vxlan on a one-node lab and applies size peers (and
+// its own lease, first).
+func benchNode(b *testing.B, size int) (*Network, []lease.Lease) {
 	if os.Geteuid() != 0 {
 		b.Skip("needs root")
 	}
@@ -25,7 +54,7 @@ func BenchmarkRepair(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	defer lab.Close()
+	b.Cleanup(func() { lab.Close() })
 	node := lab.Nodes[0]
 	iface, err := backend.FindInterface(node.Handle, backend.InterfaceOptions{IPv4: true})
 	if err != nil {
@@ -47,21 +76,22 @@ func BenchmarkRepair(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
+	b.Cleanup(func() { _ = bk.Cleanup(ctx, env) })
 	n := nwk.(*Network)
-	defer func() { _ = bk.Cleanup(ctx, env) }()
 	peers := []lease.Lease{own}
-	for k := range 5000 {
-		peers = append(peers, lease.Lease{
-			Subnet: netip.MustParsePrefix(fmt.Sprintf("10.%d.%d.0/24", k>>8, k&255)),
-			Attrs: lease.Attrs{BackendType: Type, PublicIP: netip.MustParseAddr(fmt.Sprintf("172.30.%d.%d", 100+k>>8, k&255)),
-				BackendData: []byte(fmt.Sprintf(`{"VNI":1,"VtepMAC":"0a:00:00:00:%02x:%02x"}`, k>>8, k&255))},
-		})
+	for k := range size {
+		peers = append(peers, benchPeer(k))
 	}
 	if err := n.Apply(ctx, peers); err != nil {
 		b.Fatal(err)
 	}
-	b.ReportAllocs()
-	for b.Loop() {
-		n.r.Repair(ctx, backend.Periodic)
+	return n, peers
+}
+
+func benchPeer(k int) lease.Lease {
+	return lease.Lease{
+		Subnet: netip.MustParsePrefix(fmt.Sprintf("10.%d.%d.0/24", k>>8, k&255)),
+		Attrs: lease.Attrs{BackendType: Type, PublicIP: netip.MustParseAddr(fmt.Sprintf("172.30.%d.%d", 100+k>>8, k&255)),
+			BackendData: []byte(fmt.Sprintf(`{"VNI":1,"VtepMAC":"0a:00:00:00:%02x:%02x"}`, k>>8, k&255))},
 	}
 }
