@@ -40,7 +40,7 @@ type Network struct {
 	// spare is the order array of the book memo replaced (cleared), for
 	// applyChanges' next book: a join allocates no array of every peer.
 	spare []*peerMemo
-	chunk  int      // chunkOps; smaller in tests
+	chunk int // chunkOps; smaller in tests
 
 	routeProto, routeTable uint8  // rec's protocol and table, as memos keep them
 	gen                    uint64 // applyChanges' generation (peerMemo.gen)
