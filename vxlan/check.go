@@ -76,10 +76,11 @@ func (x *tableIndex) key(s int32) entryKey {
 
 // newTableIndex indexes the entries of kind k on link that book asks for
 // (a link is one family's device, or the external interface of both
-// families' direct routes). ok is false when two of them share a key:
-// only the diff knows which one wins.
-func newTableIndex(book memoBook, k kind, link int) (x *tableIndex, ok bool) {
-	x = &tableIndex{k: k, order: book.order}
+// families' direct routes), in x's arrays: a resync of tables in place
+// allocates no index. ok is false when two of them share a key: only the
+// diff knows which one wins.
+func newTableIndex(x *tableIndex, book memoBook, k kind, link int) (ok bool) {
+	*x = tableIndex{k: k, order: book.order, slots: x.slots[:0], seen: x.seen[:0]}
 	want := func(e *famMemo) bool {
 		return int(e.link) == link && (e.mode == famOverlay || (k == kindRoute && e.mode == famDirect))
 	}
@@ -91,7 +92,7 @@ func newTableIndex(book memoBook, k kind, link int) (x *tableIndex, ok bool) {
 			}
 		}
 	}
-	x.slots = make([]int32, 0, n)
+	x.slots = slices.Grow(x.slots, n)
 	for i, m := range book.order {
 		for f := range m.fam {
 			if want(&m.fam[f]) {
@@ -102,11 +103,12 @@ func newTableIndex(book memoBook, k kind, link int) (x *tableIndex, ok bool) {
 	slices.SortFunc(x.slots, func(a, b int32) int { return x.key(a).compare(x.key(b)) })
 	for i := 1; i < len(x.slots); i++ {
 		if x.key(x.slots[i-1]) == x.key(x.slots[i]) {
-			return nil, false
+			return false
 		}
 	}
-	x.seen = make([]bool, len(x.slots))
-	return x, true
+	x.seen = slices.Grow(x.seen, len(x.slots))[:len(x.slots)]
+	clear(x.seen)
+	return true
 }
 
 // see looks up the actual entry with key k: it returns the slot that asks
@@ -133,7 +135,7 @@ func (n *Network) check(book memoBook, k kind, link int, v6 bool) tableState {
 	if v6 {
 		family = unix.AF_INET6
 	}
-	var x *tableIndex // built on the first entry of ours: none at start-up
+	var x *tableIndex // n.index, built on the first entry of ours: none at start-up
 	ours, differs := false, false
 	// see looks up an entry of ours with key; inPlace compares the rest
 	// of it with the slot that asks for it.
@@ -143,8 +145,7 @@ func (n *Network) check(book memoBook, k kind, link int, v6 bool) tableState {
 		}
 		ours = true
 		if x == nil {
-			var ok bool
-			if x, ok = newTableIndex(book, k, link); !ok {
+			if x = &n.index; !newTableIndex(x, book, k, link) {
 				differs = true
 				return
 			}
@@ -177,6 +178,9 @@ func (n *Network) check(book memoBook, k kind, link int, v6 bool) tableState {
 				return e.mac6 && m.fam[s&1].mac == e.mac
 			})
 		})
+	}
+	if x != nil {
+		x.order = nil // the index keeps its arrays, not the book
 	}
 	switch {
 	case err != nil:

@@ -40,7 +40,8 @@ type Network struct {
 	// spare is the order array of the book memo replaced (cleared), for
 	// applyChanges' next book: a join allocates no array of every peer.
 	spare []*peerMemo
-	chunk int // chunkOps; smaller in tests
+	index tableIndex // check's, kept for its arrays
+	chunk int        // chunkOps; smaller in tests
 
 	routeProto, routeTable uint8  // rec's protocol and table, as memos keep them
 	gen                    uint64 // applyChanges' generation (peerMemo.gen)
