@@ -37,7 +37,8 @@ type LeaseStore interface {
 	Keep(ctx context.Context, own lease.Lease) error
 	// Watch calls fn with the full set of leases: first, after every gap,
 	// and after every change. It returns nil when ctx ends. fn is called
-	// from one goroutine at a time.
+	// from one goroutine at a time. A snapshot's leases are never written
+	// after fn got them, and fn must not write them (lease.Snapshot).
 	Watch(ctx context.Context, fn func(lease.Snapshot)) error
 }
 

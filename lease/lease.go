@@ -158,6 +158,10 @@ func parsePrefixParts(addr, bits string, maxBits int) (netip.Prefix, error) {
 // every change; each one replaces the previous, so a consumer that applies
 // the latest snapshot is always level-triggered.
 type Snapshot struct {
+	// Leases are read-only: a store may share their array between
+	// snapshots (lease.Feed), so a consumer that wants to change them
+	// copies them. Keeping them is safe; a store never writes a lease it
+	// delivered.
 	Leases []Lease
 	// Resync is true for the first snapshot and for one delivered after a
 	// gap in the watch, when changes may have been missed.
