@@ -2,6 +2,7 @@ package rules
 
 import (
 	"fmt"
+	"slices"
 	"strings"
 
 	"github.com/coreos/go-iptables/iptables"
@@ -60,6 +61,7 @@ func (m *Manager) iptEnsure(f family) (bool, error) {
 	changed := false
 	for _, c := range m.iptChains(ipt, f) {
 		if !c.want {
+			delete(m.iptSeen, iptKey{v6: f.v6(), table: c.table, chain: c.chain})
 			removed, err := iptRemoveChain(ipt, c)
 			if err != nil {
 				return changed, err
@@ -67,7 +69,7 @@ func (m *Manager) iptEnsure(f family) (bool, error) {
 			changed = changed || removed
 			continue
 		}
-		ok, err := iptMatches(ipt, c)
+		ok, err := m.iptMatches(ipt, f.v6(), c)
 		if err != nil {
 			return changed, err
 		}
@@ -98,8 +100,32 @@ func (m *Manager) iptEnsure(f family) (bool, error) {
 	return changed, nil
 }
 
+// iptKey names one chain of one family.
+type iptKey struct {
+	v6           bool
+	table, chain string
+}
+
+// iptListing is a chain's listing (iptables -S) as read by the check that
+// last found it holding exactly rules.
+type iptListing struct {
+	rules [][]string
+	lines []string
+}
+
 // iptMatches reports whether chain c exists and holds exactly its rules.
-func iptMatches(ipt *iptables.IPTables, c iptChain) (bool, error) {
+// While the chain lists as it did when a check last found it right (and
+// its rules are the same), that listing is the answer: one run of the
+// binary instead of one per rule. Otherwise each rule is checked, and a
+// chain found right is remembered.
+func (m *Manager) iptMatches(ipt *iptables.IPTables, v6 bool, c iptChain) (bool, error) {
+	k := iptKey{v6: v6, table: c.table, chain: c.chain}
+	if seen, ok := m.iptSeen[k]; ok && slices.EqualFunc(seen.rules, c.rules, slices.Equal) {
+		if lines, err := ipt.List(c.table, c.chain); err == nil && slices.Equal(lines, seen.lines) {
+			return true, nil
+		}
+	}
+	delete(m.iptSeen, k)
 	ok, err := ipt.ChainExists(c.table, c.chain)
 	if err != nil || !ok {
 		return false, err
@@ -126,6 +152,7 @@ func iptMatches(ipt *iptables.IPTables, c iptChain) (bool, error) {
 			return false, nil
 		}
 	}
+	m.iptSeen[k] = iptListing{rules: c.rules, lines: lines}
 	return true, nil
 }
 
@@ -166,6 +193,7 @@ func (m *Manager) iptRemove(v6 bool) error {
 		return err
 	}
 	for _, c := range m.iptChains(ipt, family{}) {
+		delete(m.iptSeen, iptKey{v6: v6, table: c.table, chain: c.chain})
 		if _, err := iptRemoveChain(ipt, c); err != nil {
 			return err
 		}

@@ -372,6 +372,9 @@ func TestRunRepairs(t *testing.T) {
 					{"iptables", "-t", "nat", "-D", "FLANNEL-POSTRTG", "2"},
 					{"ip6tables", "-t", "filter", "-D", "FORWARD", "-m", "comment", "--comment", "flanneld forward", "-j", "FLANNEL-FWD"},
 					{"iptables", "-t", "filter", "-A", "FLANNEL-FWD", "-s", "192.0.2.0/24", "-j", "ACCEPT"},
+					// As many rules as ours, one of them another: the
+					// listing a check remembered no longer matches.
+					{"iptables", "-t", "nat", "-R", "FLANNEL-POSTRTG", "1", "-s", "192.0.2.0/24", "-j", "RETURN"},
 				},
 			}
 			for _, b := range breakages[mode] {
@@ -383,6 +386,15 @@ func TestRunRepairs(t *testing.T) {
 				require.Eventually(t, func() bool {
 					return repairs.n.Load() > before && normalize(dump(t, n.NSName)) == normalize(want)
 				}, 20*time.Second, 100*time.Millisecond, "after %v", b)
+			}
+			if mode == ModeIPTables {
+				// Every chain of ours is remembered as found right, so a
+				// check of an unchanged chain lists it once.
+				require.Eventually(t, func() bool {
+					m.mu.Lock()
+					defer m.mu.Unlock()
+					return len(m.iptSeen) == 4
+				}, 20*time.Second, 100*time.Millisecond, "nat and filter chains of both families")
 			}
 		})
 	}

@@ -71,7 +71,9 @@ type Manager struct {
 	want *desired // nil before Ensure and after Cleanup
 	nft  map[knftables.Family]knftables.Interface
 	ipt  map[iptables.Protocol]*iptables.IPTables
-	gen  genState
+	// iptSeen: our chains as last found right (iptMatches).
+	iptSeen map[iptKey]iptListing
+	gen     genState
 }
 
 // genState lets Check skip the binaries while the namespace's nf_tables
@@ -122,10 +124,11 @@ func New(opts Options) (*Manager, error) {
 		log = slog.New(slog.DiscardHandler)
 	}
 	return &Manager{
-		opts: opts,
-		log:  log,
-		nft:  map[knftables.Family]knftables.Interface{},
-		ipt:  map[iptables.Protocol]*iptables.IPTables{},
+		opts:    opts,
+		log:     log,
+		nft:     map[knftables.Family]knftables.Interface{},
+		ipt:     map[iptables.Protocol]*iptables.IPTables{},
+		iptSeen: map[iptKey]iptListing{},
 	}, nil
 }
 

@@ -221,7 +221,14 @@ func newWriter(ns netns.NsHandle) (*writer, error) {
 		_ = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUF, 8<<20)
 	}
 	_ = unix.SetsockoptInt(fd, unix.SOL_NETLINK, unix.NETLINK_CAP_ACK, 1)
-	return &writer{fd: fd, rbuf: make([]byte, 1<<16)}, nil
+	// Touched now, while the node programs its peers: acknowledgements use
+	// a page of it, and the first dump of a resync, minutes into an idle
+	// node's life, would otherwise fault in the rest.
+	rbuf := make([]byte, 1<<16)
+	for i := 0; i < len(rbuf); i += 4096 {
+		rbuf[i] = 0
+	}
+	return &writer{fd: fd, rbuf: rbuf}, nil
 }
 
 func (w *writer) Close() error { return unix.Close(w.fd) }
