@@ -37,6 +37,7 @@ type daemonResult struct {
 	programmed       time.Duration
 	atProgrammed     procStats
 	idleStart, final procStats
+	halfway          procStats // the sample halfway through idle
 	idle             time.Duration
 	steadyRSS        float64
 	joins            []time.Duration
@@ -203,6 +204,9 @@ func idle(ctx context.Context, o options, pid int, res *daemonResult) error {
 		}
 		sum, n = sum+s.rssMB, n+1
 		res.final = s
+		if time.Since(t0) < o.idle/2 {
+			res.halfway = s
+		}
 	}
 	res.idle = time.Since(t0)
 	res.steadyRSS = sum / float64(n)
@@ -281,6 +285,12 @@ func report(o options, r daemonResult, limit float64) {
 		o.scenario, o.store, o.peers, r.programmed.Seconds(), limit, r.programmed.Seconds()/limit,
 		r.final.hwmMB, r.atProgrammed.rssMB, r.atProgrammed.anonMB, r.atProgrammed.fileMB, r.idle.Seconds(), r.steadyRSS, growth,
 		r.final.anonMB-r.idleStart.anonMB, r.final.fileMB-r.idleStart.fileMB, perMin)
+	if r.idle > 0 {
+		// The second half alone: a warm-up early in idle (the first
+		// resync, the heap regrowing after the daemon's FreeOSMemory at
+		// ready) shows in rss_growth_mb only; a creep shows in both.
+		fmt.Printf(" rss_growth_2nd_half_mb=%+.1f", r.final.rssMB-r.halfway.rssMB)
+	}
 	if len(r.joins) > 0 {
 		fmt.Printf(" joins=%d join_p50_ms=%.2f join_p99_ms=%.2f join_max_ms=%.2f",
 			len(r.joins), ms(percentile(r.joins, 0.5)), ms(percentile(r.joins, 0.99)), ms(percentile(r.joins, 1)))
