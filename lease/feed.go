@@ -17,8 +17,8 @@ package lease
 // the leases as read-only, as Watch's contract says.
 //
 // Feed remembers what it delivered in the candidates (an unexported
-// mark, carried with a Candidate when the store moves or copies it). The
-// zero Feed is ready to use; it is not safe for concurrent use.
+// mark, carried with a Candidate when the store moves it in its slice).
+// The zero Feed is ready to use; it is not safe for concurrent use.
 type Feed struct {
 	bufs verdictBufs // Next's verdict, kept for its arrays
 	all  []Lease     // all[:n] were delivered; the last view is all[:n:n]
@@ -33,10 +33,10 @@ type Feed struct {
 // changed is false only when they are those of the previous call (the
 // same candidates, valid as before); it is true for every change, and for
 // the rare change that leaves equal leases (a subnet's holder replaced by
-// an equal lease under another key). Own's lease (same subnets as own, when own is not zero) comes
-// first; then the others: in the candidates' order after a change that
-// started a new array, with the leases each later change added after them
-// in the candidates' order.
+// an equal lease under another key). Own's lease (same subnets as own,
+// when own is not zero) comes first; then the others: in the candidates'
+// order after a change that started a new array, with the leases each
+// later change added after them in the candidates' order.
 func (f *Feed) Next(c Config, cands []Candidate, own Lease) (leases []Lease, ignored []Ignored, changed bool) {
 	marks := c.marksInto(&f.bufs, cands, own)
 	hasOwn := own.Subnet.IsValid() || own.IPv6Subnet.IsValid()
