@@ -287,8 +287,8 @@ func report(o options, r daemonResult, limit float64) {
 		r.final.anonMB-r.idleStart.anonMB, r.final.fileMB-r.idleStart.fileMB, perMin)
 	if r.idle > 0 {
 		// The second half alone: a warm-up early in idle (the first
-		// resync, the heap regrowing after the daemon's FreeOSMemory at
-		// ready) shows in rss_growth_mb only; a creep shows in both.
+		// resync faulting in pages) shows in rss_growth_mb only; a creep
+		// shows in both.
 		fmt.Printf(" rss_growth_2nd_half_mb=%+.1f", r.final.rssMB-r.halfway.rssMB)
 	}
 	if len(r.joins) > 0 {
