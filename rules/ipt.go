@@ -61,8 +61,7 @@ func (m *Manager) iptEnsure(f family) (bool, error) {
 	changed := false
 	for _, c := range m.iptChains(ipt, f) {
 		if !c.want {
-			delete(m.iptSeen, iptKey{v6: f.v6(), table: c.table, chain: c.chain})
-			removed, err := iptRemoveChain(ipt, c)
+			removed, err := m.iptRemoveChain(ipt, f.v6(), c)
 			if err != nil {
 				return changed, err
 			}
@@ -158,7 +157,8 @@ func (m *Manager) iptMatches(ipt *iptables.IPTables, v6 bool, c iptChain) (bool,
 
 // iptRemoveChain deletes every jump to c and c itself. It reports whether
 // anything was there.
-func iptRemoveChain(ipt *iptables.IPTables, c iptChain) (bool, error) {
+func (m *Manager) iptRemoveChain(ipt *iptables.IPTables, v6 bool, c iptChain) (bool, error) {
+	delete(m.iptSeen, iptKey{v6: v6, table: c.table, chain: c.chain})
 	// A jump to a missing chain cannot exist (iptables refuses it, and
 	// fails on checking for it).
 	ok, err := ipt.ChainExists(c.table, c.chain)
@@ -193,8 +193,7 @@ func (m *Manager) iptRemove(v6 bool) error {
 		return err
 	}
 	for _, c := range m.iptChains(ipt, family{}) {
-		delete(m.iptSeen, iptKey{v6: v6, table: c.table, chain: c.chain})
-		if _, err := iptRemoveChain(ipt, c); err != nil {
+		if _, err := m.iptRemoveChain(ipt, v6, c); err != nil {
 			return err
 		}
 	}

@@ -2,7 +2,6 @@ package vxlan
 
 import (
 	"context"
-	"fmt"
 	"net"
 	"net/netip"
 	"slices"
@@ -236,11 +235,7 @@ func TestCheckAllocates(t *testing.T) {
 	n := nw(n0)
 	peers := []lease.Lease{n0.Lease}
 	for k := range 600 {
-		peers = append(peers, lease.Lease{
-			Subnet: netip.MustParsePrefix(fmt.Sprintf("10.%d.%d.0/24", 100+k>>8, k&255)),
-			Attrs: lease.Attrs{BackendType: Type, PublicIP: netip.MustParseAddr(fmt.Sprintf("172.30.%d.%d", 100+k>>8, k&255)),
-				BackendData: fmt.Appendf(nil, `{"VNI":1,"VtepMAC":"0a:00:00:00:%02x:%02x"}`, k>>8, k&255)},
-		})
+		peers = append(peers, benchPeer(100<<8+k)) // 10.100.0.0/24 on
 	}
 	require.NoError(t, n.Apply(context.Background(), peers))
 	for _, tb := range tables(n) {
@@ -276,11 +271,7 @@ func TestJoinReusesOrder(t *testing.T) {
 	n := nw(n0)
 	peers := []lease.Lease{n0.Lease}
 	for k := range 50 {
-		peers = append(peers, lease.Lease{
-			Subnet: netip.MustParsePrefix(fmt.Sprintf("10.%d.%d.0/24", 100+k>>8, k&255)),
-			Attrs: lease.Attrs{BackendType: Type, PublicIP: netip.MustParseAddr(fmt.Sprintf("172.30.%d.%d", 100+k>>8, k&255)),
-				BackendData: fmt.Appendf(nil, `{"VNI":1,"VtepMAC":"0a:00:00:00:%02x:%02x"}`, k>>8, k&255)},
-		})
+		peers = append(peers, benchPeer(100<<8+k)) // 10.100.0.0/24 on
 	}
 	ctx := context.Background()
 	require.NoError(t, n.Apply(ctx, peers))

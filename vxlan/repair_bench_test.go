@@ -88,6 +88,8 @@ func benchNode(b *testing.B, size int) (*Network, []lease.Lease) {
 	return n, peers
 }
 
+// benchPeer is synthetic peer k (k below 39,936): subnet 10.<k/256>.<k%256>.0/24,
+// with a public IP and VTEP MAC of its own.
 func benchPeer(k int) lease.Lease {
 	return lease.Lease{
 		Subnet: netip.MustParsePrefix(fmt.Sprintf("10.%d.%d.0/24", k>>8, k&255)),
